@@ -1,0 +1,90 @@
+#include "bioquant/kernels/cpu/ops.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "bioquant/model/config.h"
+
+namespace bioquant {
+
+void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* o = out + r * n;
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float scale = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
+    for (int64_t i = 0; i < n; ++i) o[i] = xr[i] * scale * w[i];
+  }
+}
+
+void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    // As HF computes it: base ** (2i / dim) in float32.
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(rotary_dim);
+    inv_freq[i] = 1.0f / std::pow(p.theta, exponent);
+  }
+  if (p.type == RopeType::Linear) {
+    for (int64_t i = 0; i < half; ++i) inv_freq[i] /= p.factor;
+  } else if (p.type == RopeType::Llama3) {
+    // Wavelength bands: long wavelengths are slowed by `factor`, short ones kept, the middle blended.
+    const double old_ctx = static_cast<double>(p.original_max_positions);
+    const double low_freq_wavelen = old_ctx / p.low_freq_factor;
+    const double high_freq_wavelen = old_ctx / p.high_freq_factor;
+    for (int64_t i = 0; i < half; ++i) {
+      const double f = inv_freq[i];
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > low_freq_wavelen) {
+        inv_freq[i] = static_cast<float>(f / p.factor);
+      } else if (wavelen >= high_freq_wavelen) {
+        const double smooth = (old_ctx / wavelen - p.low_freq_factor) / (p.high_freq_factor - p.low_freq_factor);
+        inv_freq[i] = static_cast<float>((1.0 - smooth) * f / p.factor + smooth * f);
+      }
+    }
+  }
+}
+
+void rope_rotate(float* head, int64_t rotary_dim, const float* cos, const float* sin) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = head[i];
+    const float x2 = head[i + half];
+    head[i] = x1 * cos[i] - x2 * sin[i];
+    head[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+void silu_mul(float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+}
+
+void gelu_tanh_mul(float* a, const float* b, int64_t n) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = a[i];
+    a[i] = 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x))) * b[i];
+  }
+}
+
+void softcap(float* x, int64_t n, float cap) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::tanh(x[i] / cap) * cap;
+}
+
+void softmax(float* x, int64_t n) {
+  const float m = *std::max_element(x, x + n);
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    sum += x[i];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void add_bias(float* y, const float* bias, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) y[r * n + i] += bias[i];
+}
+
+}  // namespace bioquant

@@ -1,0 +1,156 @@
+#include "bioquant/model/model.h"
+
+#include <cmath>
+
+#include "bioquant/core/error.h"
+#include "bioquant/core/half.h"
+#include "bioquant/io/hf_config.h"
+
+namespace bioquant {
+namespace {
+
+// Checks presence, shape and dtype of the tensors a config calls for.
+class Binder {
+ public:
+  Binder(const ModelConfig& config, const TensorSource& source) : config_(config), source_(source) {}
+
+  const TensorView& require(const std::string& name, const std::vector<int64_t>& shape) const {
+    const TensorView* v = source_.find(name);
+    check(v != nullptr, "missing tensor '" + name + "' (required by " + config_.model_type + " config)");
+    check(v->shape == shape, "tensor '" + name + "' has shape " + shape_string(v->shape) + ", config expects " +
+                                 shape_string(shape));
+    return *v;
+  }
+
+  Matrix matrix(const std::string& name, int64_t rows, int64_t cols) const {
+    const TensorView& v = require(name, {rows, cols});
+    check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
+          "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
+    return Matrix{v.dtype, rows, cols, v.data};
+  }
+
+  std::vector<float> vector(const std::string& name, int64_t size, float offset = 0.0f) const {
+    const TensorView& v = require(name, {size});
+    check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
+          "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
+    std::vector<float> out(static_cast<size_t>(size));
+    Matrix{v.dtype, 1, size, v.data}.row_to_f32(0, out.data());
+    for (float& x : out) x += offset;
+    return out;
+  }
+
+  std::vector<float> norm(const std::string& name, int64_t size) const {
+    // Gemma stores w and scales by (1 + w); folding the 1 in here keeps the decoder uniform.
+    return vector(name, size, config_.norm_unit_offset ? 1.0f : 0.0f);
+  }
+
+  bool has(const std::string& name) const { return source_.find(name) != nullptr; }
+
+ private:
+  const ModelConfig& config_;
+  const TensorSource& source_;
+};
+
+LayerWeights bind_layer(const ModelConfig& c, const Binder& b, int64_t i) {
+  const std::string p = "model.layers." + std::to_string(i) + ".";
+  LayerWeights l;
+  const int64_t h = c.hidden, q = c.q_dim(), kv = c.kv_dim(), ff = c.intermediate;
+  if (c.fused_qkv) {
+    const Matrix qkv = b.matrix(p + "self_attn.qkv_proj.weight", q + 2 * kv, h);
+    l.wq = qkv.row_slice(0, q);
+    l.wk = qkv.row_slice(q, kv);
+    l.wv = qkv.row_slice(q + kv, kv);
+  } else {
+    l.wq = b.matrix(p + "self_attn.q_proj.weight", q, h);
+    l.wk = b.matrix(p + "self_attn.k_proj.weight", kv, h);
+    l.wv = b.matrix(p + "self_attn.v_proj.weight", kv, h);
+  }
+  l.wo = b.matrix(p + "self_attn.o_proj.weight", h, q);
+  if (c.attn_qkv_bias) {
+    l.bq = b.vector(p + "self_attn.q_proj.bias", q);
+    l.bk = b.vector(p + "self_attn.k_proj.bias", kv);
+    l.bv = b.vector(p + "self_attn.v_proj.bias", kv);
+  }
+  if (c.attn_out_bias) l.bo = b.vector(p + "self_attn.o_proj.bias", h);
+  if (c.fused_gate_up) {
+    const Matrix gate_up = b.matrix(p + "mlp.gate_up_proj.weight", 2 * ff, h);
+    l.w_gate = gate_up.row_slice(0, ff);
+    l.w_up = gate_up.row_slice(ff, ff);
+  } else {
+    l.w_gate = b.matrix(p + "mlp.gate_proj.weight", ff, h);
+    l.w_up = b.matrix(p + "mlp.up_proj.weight", ff, h);
+  }
+  l.w_down = b.matrix(p + "mlp.down_proj.weight", h, ff);
+  if (c.mlp_bias) {
+    l.b_gate = b.vector(p + "mlp.gate_proj.bias", ff);
+    l.b_up = b.vector(p + "mlp.up_proj.bias", ff);
+    l.b_down = b.vector(p + "mlp.down_proj.bias", h);
+  }
+  l.attn_norm = b.norm(p + "input_layernorm.weight", h);
+  if (c.sandwich_norms) {
+    l.attn_post_norm = b.norm(p + "post_attention_layernorm.weight", h);
+    l.ffn_norm = b.norm(p + "pre_feedforward_layernorm.weight", h);
+    l.ffn_post_norm = b.norm(p + "post_feedforward_layernorm.weight", h);
+  } else {
+    l.ffn_norm = b.norm(p + "post_attention_layernorm.weight", h);
+  }
+  if (c.qk_norm) {
+    l.q_norm = b.norm(p + "self_attn.q_norm.weight", c.head_dim);
+    l.k_norm = b.norm(p + "self_attn.k_norm.weight", c.head_dim);
+  }
+  return l;
+}
+
+}  // namespace
+
+ModelConfig load_model_config(const std::string& dir) {
+  const std::string config_path = dir + "/config.json";
+  check(file_exists(config_path), dir + ": no config.json (not a Hugging Face model directory)");
+  ModelConfig config = parse_hf_config(read_text_file(config_path), config_path);
+  const std::string gen_path = dir + "/generation_config.json";
+  if (file_exists(gen_path)) merge_generation_config(read_text_file(gen_path), gen_path, config);
+  return config;
+}
+
+std::unique_ptr<Model> Model::load(const std::string& dir) {
+  ModelConfig config = load_model_config(dir);
+  return from_source(std::move(config), std::make_unique<SafetensorsModelFiles>(dir));
+}
+
+std::unique_ptr<Model> Model::from_source(ModelConfig config, std::unique_ptr<TensorSource> source) {
+  auto m = std::unique_ptr<Model>(new Model());
+  m->config_ = std::move(config);
+  m->source_ = std::move(source);
+  const ModelConfig& c = m->config_;
+  const Binder b(c, *m->source_);
+  m->weights_.embed = b.matrix("model.embed_tokens.weight", c.vocab, c.hidden);
+  if (c.tie_embeddings || !b.has("lm_head.weight")) {
+    check(c.tie_embeddings, "missing tensor 'lm_head.weight' (config does not tie embeddings)");
+    m->weights_.output = m->weights_.embed;
+  } else {
+    m->weights_.output = b.matrix("lm_head.weight", c.vocab, c.hidden);
+  }
+  m->weights_.final_norm = b.norm("model.norm.weight", c.hidden);
+  for (int64_t i = 0; i < c.n_layers; ++i) m->weights_.layers.push_back(bind_layer(c, b, i));
+  return m;
+}
+
+size_t Model::matrix_bytes() const {
+  size_t total = weights_.output.nbytes();
+  for (const LayerWeights& l : weights_.layers) {
+    for (const Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) total += m->nbytes();
+  }
+  return total;
+}
+
+std::string Model::weight_dtype() const {
+  const DType first = weights_.output.dtype;
+  for (const LayerWeights& l : weights_.layers) {
+    for (const Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+      if (m->dtype != first) return "mixed";
+    }
+  }
+  return dtype_name(first);
+}
+
+}  // namespace bioquant

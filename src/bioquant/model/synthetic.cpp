@@ -1,0 +1,131 @@
+#include "bioquant/model/synthetic.h"
+
+#include <cmath>
+
+#include "bioquant/core/error.h"
+#include "bioquant/core/half.h"
+
+namespace bioquant {
+namespace {
+
+struct Shape {
+  const char* name;
+  const char* family;
+  int64_t hidden, layers, heads, kv_heads, ffn, vocab;
+  float rope_theta;
+  bool llama3_rope;
+  bool tied;
+};
+
+const Shape kShapes[] = {
+    {"tiny", "llama", 128, 2, 4, 2, 256, 512, 10000.0f, false, false},
+    {"llama-1b", "llama", 2048, 16, 32, 8, 5632, 32000, 10000.0f, false, false},
+    {"llama3-8b", "llama", 4096, 32, 32, 8, 14336, 128256, 500000.0f, true, false},
+    {"llama3-70b", "llama", 8192, 80, 64, 8, 28672, 128256, 500000.0f, true, false},
+    {"qwen2.5-7b", "qwen2", 3584, 28, 28, 4, 18944, 152064, 1000000.0f, false, false},
+};
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+void fill_random(uint8_t* data, DType dtype, int64_t n, float amplitude, uint64_t seed, ThreadPool& pool) {
+  constexpr int64_t kChunk = 1 << 20;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  pool.parallel_for(static_cast<size_t>(n_chunks), [&](size_t chunk) {
+    uint64_t state = seed ^ (0x632be59bd9b4e019ull * (chunk + 1));
+    const int64_t begin = static_cast<int64_t>(chunk) * kChunk;
+    const int64_t end = std::min(n, begin + kChunk);
+    for (int64_t i = begin; i < end; ++i) {
+      const float u = static_cast<float>(splitmix64(state) >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+      const float v = (2.0f * u - 1.0f) * amplitude;
+      switch (dtype) {
+        case DType::F32: reinterpret_cast<float*>(data)[i] = v; break;
+        case DType::BF16: reinterpret_cast<uint16_t*>(data)[i] = f32_to_bf16(v); break;
+        case DType::F16: reinterpret_cast<uint16_t*>(data)[i] = f32_to_f16(v); break;
+        default: break;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+const std::vector<std::string>& synthetic_names() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    for (const Shape& s : kShapes) v.push_back(s.name);
+    return v;
+  }();
+  return names;
+}
+
+ModelConfig synthetic_config(const std::string& name) {
+  for (const Shape& s : kShapes) {
+    if (name != s.name) continue;
+    ModelConfig c;
+    apply_family_traits(s.family, c);
+    c.hidden = s.hidden;
+    c.n_layers = s.layers;
+    c.n_heads = s.heads;
+    c.n_kv_heads = s.kv_heads;
+    c.head_dim = s.hidden / s.heads;
+    c.intermediate = s.ffn;
+    c.vocab = s.vocab;
+    c.max_positions = 8192;
+    c.norm_eps = 1e-5f;
+    c.tie_embeddings = s.tied;
+    c.rope.theta = s.rope_theta;
+    if (s.llama3_rope) c.rope.type = RopeType::Llama3;
+    c.layer_sliding.assign(static_cast<size_t>(c.n_layers), false);
+    c.bos_ids = {1};
+    c.eos_ids = {2};
+    return c;
+  }
+  std::string list;
+  for (const auto& n : synthetic_names()) list += (list.empty() ? "" : ", ") + n;
+  throw Error("unknown synthetic model '" + name + "' (known: " + list + ")");
+}
+
+std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, uint64_t seed, ThreadPool& pool) {
+  check(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
+        "synthetic models are built in f32, f16 or bf16");
+  auto tensors = std::make_unique<MemoryTensors>();
+  const float amplitude = 0.02f * std::sqrt(3.0f);  // U(-a, a) has std a / sqrt(3)
+  uint64_t tensor_seed = seed;
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
+    uint8_t* data = tensors->add(name, dtype, {rows, cols});
+    fill_random(data, dtype, rows * cols, amplitude, splitmix64(tensor_seed), pool);
+  };
+  auto vector = [&](const std::string& name, int64_t size, float value) {
+    float* data = reinterpret_cast<float*>(tensors->add(name, DType::F32, {size}));
+    std::fill(data, data + size, value);
+  };
+  const float norm_one = c.norm_unit_offset ? 0.0f : 1.0f;
+  matrix("model.embed_tokens.weight", c.vocab, c.hidden);
+  if (!c.tie_embeddings) matrix("lm_head.weight", c.vocab, c.hidden);
+  vector("model.norm.weight", c.hidden, norm_one);
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    matrix(p + "self_attn.q_proj.weight", c.q_dim(), c.hidden);
+    matrix(p + "self_attn.k_proj.weight", c.kv_dim(), c.hidden);
+    matrix(p + "self_attn.v_proj.weight", c.kv_dim(), c.hidden);
+    matrix(p + "self_attn.o_proj.weight", c.hidden, c.q_dim());
+    matrix(p + "mlp.gate_proj.weight", c.intermediate, c.hidden);
+    matrix(p + "mlp.up_proj.weight", c.intermediate, c.hidden);
+    matrix(p + "mlp.down_proj.weight", c.hidden, c.intermediate);
+    vector(p + "input_layernorm.weight", c.hidden, norm_one);
+    vector(p + "post_attention_layernorm.weight", c.hidden, norm_one);
+    if (c.attn_qkv_bias) {
+      vector(p + "self_attn.q_proj.bias", c.q_dim(), 0.0f);
+      vector(p + "self_attn.k_proj.bias", c.kv_dim(), 0.0f);
+      vector(p + "self_attn.v_proj.bias", c.kv_dim(), 0.0f);
+    }
+  }
+  return Model::from_source(c, std::move(tensors));
+}
+
+}  // namespace bioquant

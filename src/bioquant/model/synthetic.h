@@ -1,0 +1,21 @@
+// Real-size model shapes with random weights built in memory, so speed and memory can be
+// measured without a checkpoint (`bioquant bench --synthetic llama-1b`).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bioquant/core/dtype.h"
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/model/model.h"
+
+namespace bioquant {
+
+// Named shapes: llama-1b, llama3-8b, llama3-70b, qwen2.5-7b, tiny. Throws Error listing them.
+ModelConfig synthetic_config(const std::string& name);
+const std::vector<std::string>& synthetic_names();
+
+// Weights ~ U(-a, a) with a chosen for std 0.02, norms 1; deterministic for a seed.
+std::unique_ptr<Model> make_synthetic_model(const ModelConfig& config, DType dtype, uint64_t seed, ThreadPool& pool);
+
+}  // namespace bioquant

@@ -1,0 +1,393 @@
+#include "cli/commands.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "bioquant/core/error.h"
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/engine/generator.h"
+#include "bioquant/kernels/cpu/cpu_kernels.h"
+#include "bioquant/model/decoder.h"
+#include "bioquant/model/synthetic.h"
+
+namespace bioquant::cli {
+
+using nlohmann::json;
+
+namespace {
+
+struct Common {
+  std::string model;
+  int threads = 0;
+  std::string device = "cpu";
+};
+
+void add_model_flags(CLI::App& app, Common& c, bool required = true) {
+  auto* opt = app.add_option("--model", c.model, "Hugging Face model directory (config.json + safetensors)");
+  if (required) opt->required();
+  app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--device", c.device, "cpu (this build has no CUDA backend)");
+}
+
+void check_device(const std::string& device) {
+  check(device == "cpu", "device '" + device + "' is not available: this build runs on the CPU only (use --device cpu)");
+}
+
+std::vector<int32_t> parse_token_list(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    item.erase(0, item.find_first_not_of(" \t"));
+    item.erase(item.find_last_not_of(" \t") + 1);
+    check(!item.empty(), "--tokens: empty entry in '" + text + "' (expected ids like 1,2,3)");
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    check(used == item.size(), "--tokens: '" + item + "' is not an integer token id");
+    check(v >= 0 && v <= INT32_MAX, "--tokens: token id " + item + " out of range");
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  check(!ids.empty(), "--tokens: no token ids given");
+  return ids;
+}
+
+const char* rope_type_name(RopeType t) {
+  switch (t) {
+    case RopeType::Default: return "default";
+    case RopeType::Linear: return "linear";
+    case RopeType::Llama3: return "llama3";
+  }
+  return "?";
+}
+
+json config_json(const ModelConfig& c) {
+  json layer_types = json::array();
+  for (bool s : c.layer_sliding) layer_types.push_back(s ? "sliding" : "full");
+  return {{"model_type", c.model_type},
+          {"hidden_size", c.hidden},
+          {"intermediate_size", c.intermediate},
+          {"num_layers", c.n_layers},
+          {"num_heads", c.n_heads},
+          {"num_kv_heads", c.n_kv_heads},
+          {"head_dim", c.head_dim},
+          {"vocab_size", c.vocab},
+          {"max_position_embeddings", c.max_positions},
+          {"rms_norm_eps", c.norm_eps},
+          {"tie_word_embeddings", c.tie_embeddings},
+          {"rope", {{"theta", c.rope.theta}, {"type", rope_type_name(c.rope.type)}, {"factor", c.rope.factor},
+                    {"rotary_dim", c.rotary_dim()}}},
+          {"sliding_window", c.sliding_window},
+          {"layer_types", layer_types},
+          {"attn_logit_softcapping", c.attn_softcap},
+          {"final_logit_softcapping", c.final_softcap},
+          {"attention_scale", c.attention_scale()},
+          {"bos_token_ids", c.bos_ids},
+          {"eos_token_ids", c.eos_ids},
+          {"parameters", c.parameter_count()}};
+}
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return buf;
+}
+
+}  // namespace
+
+Run add_info(CLI::App& app) {
+  auto opts = std::make_shared<Common>();
+  auto as_json = std::make_shared<bool>(false);
+  auto ctx = std::make_shared<int64_t>(4096);
+  add_model_flags(app, *opts);
+  app.add_option("--ctx", *ctx, "context length for the KV-cache estimate")->check(CLI::PositiveNumber);
+  app.add_flag("--json", *as_json, "print one JSON object");
+  return [=]() {
+    auto model = Model::load(opts->model);
+    const ModelConfig& c = model->config();
+    const double params = static_cast<double>(c.parameter_count());
+    const double kv_per_token = 2.0 * static_cast<double>(c.n_layers * c.kv_dim()) * sizeof(float);
+    json out = config_json(c);
+    out["path"] = opts->model;
+    out["weight_dtype"] = model->weight_dtype();
+    out["weight_bytes"] = model->total_weight_bytes();
+    out["memory_bytes"] = {{"weights_f32", params * 4}, {"weights_bf16", params * 2}, {"weights_f16", params * 2},
+                           {"kv_cache_per_token_f32", kv_per_token}, {"kv_cache_at_ctx", kv_per_token * (*ctx)},
+                           {"ctx", *ctx}};
+    if (*as_json) {
+      std::printf("%s\n", out.dump().c_str());
+      return 0;
+    }
+    std::printf("model        %s\n", opts->model.c_str());
+    std::printf("architecture %s, %lld layers, hidden %lld, ffn %lld, heads %lld/%lld (head_dim %lld), vocab %lld\n",
+                c.model_type.c_str(), (long long)c.n_layers, (long long)c.hidden, (long long)c.intermediate,
+                (long long)c.n_heads, (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.vocab);
+    std::printf("parameters   %.0f (%.3f B)\n", params, params / 1e9);
+    std::printf("weights      %s, %s on disk\n", model->weight_dtype().c_str(),
+                gib(static_cast<double>(model->total_weight_bytes())).c_str());
+    std::printf("rope         %s, theta %g, rotary dim %lld\n", rope_type_name(c.rope.type), c.rope.theta,
+                (long long)c.rotary_dim());
+    if (c.sliding_window > 0) std::printf("sliding      window %lld\n", (long long)c.sliding_window);
+    std::printf("memory       f32 %s, bf16/f16 %s; KV cache (f32) %s at %lld tokens\n", gib(params * 4).c_str(),
+                gib(params * 2).c_str(), gib(kv_per_token * (*ctx)).c_str(), (long long)*ctx);
+    return 0;
+  };
+}
+
+Run add_logits(CLI::App& app) {
+  auto opts = std::make_shared<Common>();
+  auto tokens = std::make_shared<std::string>();
+  auto last = std::make_shared<int64_t>(1);
+  add_model_flags(app, *opts);
+  app.add_option("--tokens", *tokens, "comma-separated token ids, e.g. 1,2,3")->required();
+  app.add_option("--last", *last, "print logits of the last K positions (default 1)")->check(CLI::NonNegativeNumber);
+  return [=]() {
+    check_device(opts->device);
+    const std::vector<int32_t> ids = parse_token_list(*tokens);
+    auto model = Model::load(opts->model);
+    const ModelConfig& c = model->config();
+    check(*last <= static_cast<int64_t>(ids.size()),
+          "--last " + std::to_string(*last) + " exceeds the " + std::to_string(ids.size()) + " positions given");
+    ThreadPool pool(opts->threads);
+    Decoder decoder(*model, pool);
+    KVCache cache(c, static_cast<int64_t>(ids.size()));
+    const int64_t n = static_cast<int64_t>(ids.size());
+    std::vector<float> logits(static_cast<size_t>(n * c.vocab));
+    decoder.forward(ids.data(), n, cache, n, logits.data());
+    json out;
+    out["n_vocab"] = c.vocab;
+    json argmax_list = json::array();
+    for (int64_t t = 0; t < n; ++t) argmax_list.push_back(argmax(logits.data() + t * c.vocab, c.vocab));
+    out["argmax"] = argmax_list;
+    json rows = json::array();
+    for (int64_t t = n - *last; t < n; ++t) {
+      rows.push_back(std::vector<float>(logits.begin() + t * c.vocab, logits.begin() + (t + 1) * c.vocab));
+    }
+    out["logits"] = rows;
+    std::printf("%s\n", out.dump().c_str());
+    return 0;
+  };
+}
+
+Run add_generate(CLI::App& app) {
+  auto opts = std::make_shared<Common>();
+  auto prompt = std::make_shared<std::string>();
+  auto tokens = std::make_shared<std::string>();
+  auto gen = std::make_shared<GenerateOptions>();
+  auto as_json = std::make_shared<bool>(false);
+  auto chat = std::make_shared<bool>(false);
+  auto ignore_eos = std::make_shared<bool>(false);
+  add_model_flags(app, *opts);
+  auto* p = app.add_option("--prompt", *prompt, "prompt text (needs the model's tokenizer)");
+  auto* t = app.add_option("--tokens", *tokens, "prompt as comma-separated token ids");
+  p->excludes(t);
+  app.add_flag("--chat", *chat, "wrap the prompt in the model's chat template");
+  app.add_option("--max-new-tokens", gen->max_new_tokens, "tokens to generate (default 64)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--temperature", gen->sampling.temperature, "0 = greedy (default)")->check(CLI::NonNegativeNumber);
+  app.add_option("--top-k", gen->sampling.top_k, "sample among the k most likely (0 = off)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--top-p", gen->sampling.top_p, "nucleus sampling mass (1 = off)")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--seed", gen->sampling.seed, "sampling seed (default 0)");
+  app.add_flag("--ignore-eos", *ignore_eos, "keep generating past EOS tokens");
+  app.add_flag("--json", *as_json, "print {\"tokens\": [...], \"text\": \"...\"}");
+  return [=]() {
+    check_device(opts->device);
+    check(!prompt->empty() || !tokens->empty(), "give --prompt TEXT or --tokens IDS");
+    check(prompt->empty() && !*chat,
+          "--prompt and --chat need a tokenizer, which this build cannot read yet; pass the prompt as --tokens IDS");
+    const std::vector<int32_t> ids = parse_token_list(*tokens);
+    auto model = Model::load(opts->model);
+    ThreadPool pool(opts->threads);
+    Decoder decoder(*model, pool);
+    GenerateOptions options = *gen;
+    options.stop_at_eos = !*ignore_eos;
+    const GenerateResult r = generate(decoder, ids, options);
+    const double tg = r.decode_seconds > 0 ? static_cast<double>(r.tokens.size() > 0 ? r.tokens.size() - 1 : 0) / r.decode_seconds : 0;
+    std::fprintf(stderr, "prompt %zu tokens in %.3f s (%.1f tok/s), generated %zu tokens (%.1f tok/s), stop: %s\n",
+                 ids.size(), r.prompt_seconds, static_cast<double>(ids.size()) / std::max(r.prompt_seconds, 1e-9),
+                 r.tokens.size(), tg, r.stop_reason.c_str());
+    if (*as_json) {
+      // No tokenizer is read yet, so there is no text to give: an empty string, never invented text.
+      json out = {{"tokens", r.tokens}, {"text", ""}, {"stop_reason", r.stop_reason}};
+      std::printf("%s\n", out.dump().c_str());
+    } else {
+      std::string line;
+      for (int32_t id : r.tokens) line += (line.empty() ? "" : " ") + std::to_string(id);
+      std::printf("%s\n", line.c_str());
+    }
+    return 0;
+  };
+}
+
+namespace {
+
+struct Stats {
+  double mean = 0, sd = 0;
+};
+
+Stats stats(const std::vector<double>& v) {
+  Stats s;
+  if (v.empty()) return s;
+  for (double x : v) s.mean += x;
+  s.mean /= static_cast<double>(v.size());
+  if (v.size() > 1) {
+    for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
+    s.sd = std::sqrt(s.sd / static_cast<double>(v.size() - 1));
+  }
+  return s;
+}
+
+// Best-of-3 streaming read of a buffer far larger than the caches, with the bench's threads.
+double measure_read_bandwidth(ThreadPool& pool) {
+  const int64_t n = int64_t{256} << 20;  // 1 GiB of floats
+  std::vector<float> buffer(static_cast<size_t>(n), 1.0f);
+  const CpuKernels& k = cpu_kernels();
+  const int64_t chunk = int64_t{1} << 20;
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    std::vector<double> partial(static_cast<size_t>(n / chunk));
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.parallel_for(partial.size(), [&](size_t i) { partial[i] = k.sum_read(buffer.data() + i * chunk, chunk); });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double total = 0;
+    for (double x : partial) total += x;
+    check(total == static_cast<double>(n), "bandwidth probe: wrong sum");
+    best = std::max(best, static_cast<double>(n) * sizeof(float) / s / 1e9);
+  }
+  return best;
+}
+
+}  // namespace
+
+Run add_bench(CLI::App& app) {
+  auto opts = std::make_shared<Common>();
+  auto synthetic = std::make_shared<std::string>();
+  auto dtype = std::make_shared<std::string>("bf16");
+  auto n_prompt = std::make_shared<int64_t>(512);
+  auto n_gen = std::make_shared<int64_t>(128);
+  auto reps = std::make_shared<int>(3);
+  auto as_json = std::make_shared<bool>(false);
+  auto no_bandwidth = std::make_shared<bool>(false);
+  add_model_flags(app, *opts, false);
+  auto* syn = app.add_option("--synthetic", *synthetic, "random-weight model of a named shape (llama-1b, llama3-8b, ...)");
+  app.get_option("--model")->excludes(syn);
+  app.add_option("--dtype", *dtype, "weight dtype of a synthetic model: bf16 (default), f16, f32")
+      ->check(CLI::IsMember({"bf16", "f16", "f32"}));
+  app.add_option("-p,--n-prompt", *n_prompt, "prompt tokens (default 512; 0 skips)")->check(CLI::NonNegativeNumber);
+  app.add_option("-n,--n-gen", *n_gen, "generated tokens (default 128; 0 skips)")->check(CLI::NonNegativeNumber);
+  app.add_option("-r,--repetitions", *reps, "repetitions (default 3)")->check(CLI::PositiveNumber);
+  app.add_flag("--json", *as_json, "print one JSON object");
+  app.add_flag("--no-bandwidth", *no_bandwidth, "skip the memory-bandwidth probe");
+  return [=]() {
+    check_device(opts->device);
+    check(!opts->model.empty() || !synthetic->empty(), "give --model PATH or --synthetic NAME");
+    ThreadPool pool(opts->threads);
+    std::unique_ptr<Model> model;
+    std::string name;
+    if (!synthetic->empty()) {
+      const ModelConfig config = synthetic_config(*synthetic);
+      const DType dt = *dtype == "f32" ? DType::F32 : *dtype == "f16" ? DType::F16 : DType::BF16;
+      std::fprintf(stderr, "building synthetic %s (%s, %.2f B parameters)...\n", synthetic->c_str(), dtype->c_str(),
+                   static_cast<double>(config.parameter_count()) / 1e9);
+      model = make_synthetic_model(config, dt, 1234, pool);
+      name = "synthetic:" + *synthetic;
+    } else {
+      model = Model::load(opts->model);
+      name = opts->model;
+    }
+    const ModelConfig& c = model->config();
+    Decoder decoder(*model, pool);
+    KVCache cache(c, std::max<int64_t>(*n_prompt, *n_gen) + 1);
+    std::mt19937 rng(42);
+    std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab - 1));
+    std::vector<float> logits(static_cast<size_t>(c.vocab));
+    using Clock = std::chrono::steady_clock;
+
+    auto run_pp = [&]() {
+      std::vector<int32_t> ids(static_cast<size_t>(*n_prompt));
+      for (auto& id : ids) id = token(rng);
+      cache.clear();
+      const auto t0 = Clock::now();
+      decoder.forward(ids.data(), *n_prompt, cache, 1, logits.data());
+      return static_cast<double>(*n_prompt) / std::chrono::duration<double>(Clock::now() - t0).count();
+    };
+    auto run_tg = [&]() {
+      cache.clear();
+      const auto t0 = Clock::now();
+      for (int64_t i = 0; i < *n_gen; ++i) {
+        const int32_t id = token(rng);
+        decoder.forward(&id, 1, cache, 1, logits.data());
+      }
+      return static_cast<double>(*n_gen) / std::chrono::duration<double>(Clock::now() - t0).count();
+    };
+    std::vector<double> pp, tg;
+    if (*n_prompt > 0) {
+      run_pp();  // warm-up
+      for (int r = 0; r < *reps; ++r) {
+        pp.push_back(run_pp());
+        std::fprintf(stderr, "pp%lld rep %d/%d: %.2f tok/s\n", (long long)*n_prompt, r + 1, *reps, pp.back());
+      }
+    }
+    if (*n_gen > 0) {
+      run_tg();
+      for (int r = 0; r < *reps; ++r) {
+        tg.push_back(run_tg());
+        std::fprintf(stderr, "tg%lld rep %d/%d: %.2f tok/s\n", (long long)*n_gen, r + 1, *reps, tg.back());
+      }
+    }
+    const Stats pps = stats(pp), tgs = stats(tg);
+    const double matrix_gb = static_cast<double>(model->matrix_bytes()) / 1e9;
+    const double tg_gbps = tgs.mean * matrix_gb;
+    const double membw = *no_bandwidth ? 0.0 : measure_read_bandwidth(pool);
+    json out = {{"model", name},
+                {"model_type", c.model_type},
+                {"parameters", c.parameter_count()},
+                {"weight_dtype", model->weight_dtype()},
+                {"weight_bytes_per_token", model->matrix_bytes()},
+                {"threads", pool.size()},
+                {"isa", cpu_kernels().isa},
+                {"n_prompt", *n_prompt},
+                {"n_gen", *n_gen},
+                {"repetitions", *reps},
+                {"pp_tokens_per_s", pps.mean},
+                {"pp_sd", pps.sd},
+                {"tg_tokens_per_s", tgs.mean},
+                {"tg_sd", tgs.sd},
+                {"tg_weight_read_gb_s", tg_gbps}};
+    if (membw > 0) {
+      out["stream_read_gb_s"] = membw;
+      out["tg_bandwidth_fraction"] = tg_gbps / membw;
+    }
+    if (*as_json) {
+      std::printf("%s\n", out.dump().c_str());
+      return 0;
+    }
+    std::printf("| model | params | weights | threads | isa | test | t/s |\n|---|---|---|---|---|---|---|\n");
+    const double billions = static_cast<double>(c.parameter_count()) / 1e9;
+    if (*n_prompt > 0)
+      std::printf("| %s | %.2f B | %s | %d | %s | pp%lld | %.2f ± %.2f |\n", name.c_str(), billions,
+                  model->weight_dtype().c_str(), pool.size(), cpu_kernels().isa, (long long)*n_prompt, pps.mean, pps.sd);
+    if (*n_gen > 0)
+      std::printf("| %s | %.2f B | %s | %d | %s | tg%lld | %.2f ± %.2f |\n", name.c_str(), billions,
+                  model->weight_dtype().c_str(), pool.size(), cpu_kernels().isa, (long long)*n_gen, tgs.mean, tgs.sd);
+    if (*n_gen > 0) {
+      std::printf("tg weight reads: %.2f GB/s", tg_gbps);
+      if (membw > 0) std::printf(" = %.0f%% of the %.2f GB/s streaming-read bandwidth", 100.0 * tg_gbps / membw, membw);
+      std::printf("\n");
+    }
+    return 0;
+  };
+}
+
+}  // namespace bioquant::cli

@@ -1,0 +1,16 @@
+// The `bioquant` subcommands. Each registers its flags on the CLI11 app and returns the
+// function that runs it; the functions throw bioquant::Error for user-facing failures.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace bioquant::cli {
+
+using Run = std::function<int()>;
+
+Run add_info(CLI::App& app);
+Run add_logits(CLI::App& app);
+Run add_generate(CLI::App& app);
+Run add_bench(CLI::App& app);
+
+}  // namespace bioquant::cli

@@ -1,0 +1,111 @@
+// Every SIMD kernel set against the scalar reference, on ragged shapes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "bioquant/core/half.h"
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/kernels/cpu/cpu_kernels.h"
+#include "bioquant/kernels/cpu/matmul.h"
+
+namespace bioquant {
+namespace {
+
+std::vector<uint8_t> random_weights(DType dtype, int64_t rows, int64_t cols, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint8_t> bytes(static_cast<size_t>(rows * cols) * dtype_size(dtype));
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const float v = normal(rng);
+    if (dtype == DType::F32) reinterpret_cast<float*>(bytes.data())[i] = v;
+    if (dtype == DType::BF16) reinterpret_cast<uint16_t*>(bytes.data())[i] = f32_to_bf16(v);
+    if (dtype == DType::F16) reinterpret_cast<uint16_t*>(bytes.data())[i] = f32_to_f16(v);
+  }
+  return bytes;
+}
+
+GemmFn pick(const CpuKernels& k, DType dtype) {
+  return dtype == DType::F32 ? k.gemm_f32 : dtype == DType::BF16 ? k.gemm_bf16 : k.gemm_f16;
+}
+
+TEST(Kernels, EveryIsaMatchesScalarGemmOnRaggedShapes) {
+  std::mt19937 rng(7);
+  const auto sets = available_cpu_kernels();
+  ASSERT_EQ(std::string(sets.front()->isa), "scalar");
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 37, 5}, {3, 64, 16}, {5, 100, 33}, {7, 129, 70}, {70, 48, 9}, {2, 2048, 4}};
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+    for (const auto& s : shapes) {
+      const int64_t n = s[0], k = s[1], rows = s[2];
+      const auto w = random_weights(dtype, rows, k, rng);
+      std::vector<float> x(static_cast<size_t>(n * k));
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      for (float& v : x) v = normal(rng);
+      std::vector<float> ref(static_cast<size_t>(n * rows));
+      const size_t rb = static_cast<size_t>(k) * dtype_size(dtype);
+      pick(scalar_kernels(), dtype)(x.data(), k, n, w.data(), rb, k, 0, rows, ref.data(), rows);
+      for (const CpuKernels* set : sets) {
+        std::vector<float> y(ref.size(), -1.0f);
+        // Two row ranges, as the thread split would do.
+        pick(*set, dtype)(x.data(), k, n, w.data(), rb, k, 0, rows / 2, y.data(), rows);
+        pick(*set, dtype)(x.data(), k, n, w.data(), rb, k, rows / 2, rows, y.data(), rows);
+        for (size_t i = 0; i < y.size(); ++i) {
+          ASSERT_NEAR(y[i], ref[i], 1e-4f * std::sqrt(static_cast<float>(k)) * (1.0f + std::fabs(ref[i])))
+              << set->isa << " dtype " << dtype_name(dtype) << " n=" << n << " k=" << k << " rows=" << rows << " i=" << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(Kernels, DotAndAxpyMatchScalar) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t n : {1, 7, 16, 31, 64, 129}) {
+    std::vector<float> a(n), b(n);
+    for (auto& v : a) v = normal(rng);
+    for (auto& v : b) v = normal(rng);
+    const float ref = scalar_kernels().dot(a.data(), b.data(), n);
+    for (const CpuKernels* set : available_cpu_kernels()) {
+      EXPECT_NEAR(set->dot(a.data(), b.data(), n), ref, 1e-4f * n) << set->isa;
+      std::vector<float> y = b, y_ref = b;
+      set->axpy(0.5f, a.data(), y.data(), n);
+      scalar_kernels().axpy(0.5f, a.data(), y_ref.data(), n);
+      for (int64_t i = 0; i < n; ++i) EXPECT_FLOAT_EQ(y[i], y_ref[i]) << set->isa;
+    }
+  }
+}
+
+TEST(Kernels, ThreadedMatmulEqualsSingleThread) {
+  std::mt19937 rng(11);
+  const int64_t n = 9, k = 96, rows = 333;
+  const auto w = random_weights(DType::BF16, rows, k, rng);
+  std::vector<float> x(static_cast<size_t>(n * k));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : x) v = normal(rng);
+  const Matrix m{DType::BF16, rows, k, w.data()};
+  std::vector<float> y1(static_cast<size_t>(n * rows)), y4(y1.size());
+  ThreadPool one(1), four(4);
+  matmul(x.data(), n, m, y1.data(), one);
+  matmul(x.data(), n, m, y4.data(), four);
+  EXPECT_EQ(y1, y4);  // the split changes which thread computes a row, never the arithmetic
+}
+
+TEST(Half, RoundTripsAndRoundsToNearestEven) {
+  EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(bf16_to_f32(0x3f80), 1.0f);
+  EXPECT_EQ(f32_to_bf16(1.00390625f), 0x3f80);  // exactly halfway: ties to even
+  EXPECT_EQ(f32_to_bf16(1.01171875f), 0x3f82);  // halfway above odd: rounds up
+  EXPECT_EQ(f32_to_f16(1.0f), 0x3c00);
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);
+  EXPECT_EQ(f32_to_f16(70000.0f), 0x7c00);
+  EXPECT_EQ(f32_to_f16(-2.0f), 0xc000);
+  EXPECT_EQ(f32_to_f16(5.960464477539063e-08f), 0x0001);  // smallest subnormal
+  EXPECT_EQ(f16_to_f32(0x0001), 5.960464477539063e-08f);
+  EXPECT_EQ(f16_to_f32(0x3555), 0.333251953125f);
+  for (uint32_t h = 0; h < 0x7c00; ++h) {  // every finite non-negative half survives a round trip
+    ASSERT_EQ(f32_to_f16(f16_to_f32(static_cast<uint16_t>(h))), h);
+  }
+}
+
+}  // namespace
+}  // namespace bioquant
