@@ -1,6 +1,8 @@
 #include "bioquant/io/safetensors.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <fstream>
 #include <set>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -87,6 +89,42 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(std::make_uniq
   for (size_t i = 1; i < spans.size(); ++i) {
     check(spans[i].begin >= spans[i - 1].end,
           path + ": tensors '" + spans[i - 1].name + "' and '" + spans[i].name + "' overlap");
+  }
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorView>& tensors) {
+  std::vector<const TensorView*> order;
+  for (const TensorView& t : tensors) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](const TensorView* a, const TensorView* b) { return a->name < b->name; });
+  json header = json::object();
+  uint64_t offset = 0;
+  for (const TensorView* t : order) {
+    check(!header.contains(t->name), "write_safetensors: tensor '" + t->name + "' given twice");
+    check(t->nbytes == static_cast<size_t>(t->numel()) * dtype_size(t->dtype),
+          "write_safetensors: tensor '" + t->name + "' size does not match its shape");
+    header[t->name] = {{"dtype", dtype_name(t->dtype)}, {"shape", t->shape}, {"data_offsets", {offset, offset + t->nbytes}}};
+    offset += t->nbytes;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // pad so the data buffer starts 8-byte aligned
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    check(static_cast<bool>(out), tmp + ": cannot create");
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
+    out.write(reinterpret_cast<const char*>(len), 8);
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    for (const TensorView* t : order) out.write(reinterpret_cast<const char*>(t->data), static_cast<std::streamsize>(t->nbytes));
+    out.flush();
+    if (!out) {
+      std::remove(tmp.c_str());
+      throw Error(tmp + ": write failed");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(path + ": cannot rename the written file into place");
   }
 }
 

@@ -4,6 +4,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "bioquant/core/dtype.h"
 #include "bioquant/core/mapped_file.h"
@@ -22,5 +23,9 @@ class SafetensorsFile {
   std::unique_ptr<MappedFile> file_;
   std::map<std::string, TensorView> tensors_;
 };
+
+// Writes tensors as a safetensors file (header keys sorted, data in that order, 8-byte aligned
+// header). Written to a temporary file then renamed, so `path` is never left half-written.
+void write_safetensors(const std::string& path, const std::vector<TensorView>& tensors);
 
 }  // namespace bioquant

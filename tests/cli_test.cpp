@@ -1,0 +1,127 @@
+// The CLI contract: JSON shapes, and one-line `error:` messages with a non-zero exit for bad input.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "test_util.h"
+
+namespace bioquant {
+namespace {
+
+using nlohmann::json;
+using test::run_cli;
+using test::TempDir;
+
+// Exactly one line on stderr, starting "error:", containing `needle`; non-zero exit; nothing on stdout.
+void expect_clean_error(const test::CliResult& r, const std::string& needle) {
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_LT(r.exit_code, 128) << "crashed";
+  EXPECT_EQ(r.err.rfind("error: ", 0), 0u) << r.err;
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "not one line: " << r.err;
+  EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
+TEST(Cli, EverySubcommandHasHelp) {
+  for (const char* sub : {"info", "logits", "generate", "bench"}) {
+    const auto r = run_cli({sub, "--help"});
+    EXPECT_EQ(r.exit_code, 0) << sub;
+    EXPECT_NE(r.out.find("--model"), std::string::npos) << sub;
+  }
+  const auto top = run_cli({"--help"});
+  EXPECT_EQ(top.exit_code, 0);
+  EXPECT_NE(top.out.find("generate"), std::string::npos);
+}
+
+TEST(Cli, LogitsAndGenerateFollowTheContract) {
+  TempDir dir;
+  test::write_tiny_llama(dir.path());
+  const auto r = run_cli({"logits", "--model", dir.path(), "--tokens", "1,5,9,20", "--last", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json j = json::parse(r.out);
+  EXPECT_EQ(j["n_vocab"], 64);
+  ASSERT_EQ(j["argmax"].size(), 4u);
+  ASSERT_EQ(j["logits"].size(), 2u);
+  ASSERT_EQ(j["logits"][1].size(), 64u);
+  // argmax of the last position agrees with the last logits row.
+  const auto& last = j["logits"][1];
+  size_t best = 0;
+  for (size_t i = 1; i < last.size(); ++i)
+    if (last[i].get<float>() > last[best].get<float>()) best = i;
+  EXPECT_EQ(j["argmax"][3].get<size_t>(), best);
+
+  const auto g = run_cli({"generate", "--model", dir.path(), "--tokens", "1,5,9,20", "--max-new-tokens", "6",
+                          "--ignore-eos", "--json"});
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  const json gj = json::parse(g.out);
+  ASSERT_EQ(gj["tokens"].size(), 6u);
+  EXPECT_TRUE(gj["text"].is_string());
+  // Greedy generation's first token is the argmax after the prompt.
+  EXPECT_EQ(gj["tokens"][0], j["argmax"][3]);
+
+  // Seeded sampling is reproducible.
+  const std::vector<std::string> sample = {"generate", "--model", dir.path(), "--tokens", "1,5", "--max-new-tokens",
+                                           "8", "--ignore-eos", "--temperature", "1.5", "--top-k", "20",
+                                           "--top-p", "0.9", "--seed", "7", "--json"};
+  EXPECT_EQ(run_cli(sample).out, run_cli(sample).out);
+}
+
+TEST(Cli, BadInputGivesOneLineErrors) {
+  TempDir empty;
+  expect_clean_error(run_cli({"info", "--model", empty.path()}), "no config.json");
+
+  TempDir unknown;
+  test::write_tiny_llama(unknown.path());
+  std::string config = test::tiny_llama_config_json();
+  config.replace(config.find("\"model_type\": \"llama\""), 21, "\"model_type\": \"mamba\"");
+  test::write_file(unknown.file("config.json"), config);
+  expect_clean_error(run_cli({"info", "--model", unknown.path()}), "unsupported model_type 'mamba'");
+
+  TempDir truncated;
+  test::write_tiny_llama(truncated.path());
+  const std::string full = test::read_file(truncated.file("model.safetensors"));
+  test::write_file(truncated.file("model.safetensors"), full.substr(0, full.size() / 2));
+  expect_clean_error(run_cli({"logits", "--model", truncated.path(), "--tokens", "1"}), "past the end");
+
+  TempDir header_past_end;
+  test::write_tiny_llama(header_past_end.path());
+  test::write_file(header_past_end.file("model.safetensors"), full.substr(0, 100));
+  expect_clean_error(run_cli({"logits", "--model", header_past_end.path(), "--tokens", "1"}), "truncated");
+
+  TempDir wrong_shape;
+  test::write_tiny_llama(wrong_shape.path(), "", "model.layers.1.mlp.up_proj.weight");
+  expect_clean_error(run_cli({"logits", "--model", wrong_shape.path(), "--tokens", "1"}),
+                     "tensor 'model.layers.1.mlp.up_proj.weight' has shape [3, 3], config expects [64, 32]");
+
+  TempDir missing;
+  test::write_tiny_llama(missing.path(), "model.layers.0.self_attn.k_proj.weight");
+  expect_clean_error(run_cli({"logits", "--model", missing.path(), "--tokens", "1"}),
+                     "missing tensor 'model.layers.0.self_attn.k_proj.weight'");
+
+  TempDir good;
+  test::write_tiny_llama(good.path());
+  expect_clean_error(run_cli({"logits", "--model", good.path(), "--tokens", "1,64"}), "token id 64 is outside the vocabulary");
+  expect_clean_error(run_cli({"generate", "--model", good.path(), "--tokens", "1,2,x"}), "not an integer");
+  expect_clean_error(run_cli({"logits", "--model", good.path(), "--tokens", "1", "--bogus"}), "--bogus");
+  expect_clean_error(run_cli({"logits", "--model", good.path(), "--tokens", "1", "--device", "cuda"}), "CPU only");
+  expect_clean_error(run_cli({"bench", "--synthetic", "gpt-9"}), "unknown synthetic model 'gpt-9'");
+
+  TempDir bad_json;
+  test::write_tiny_llama(bad_json.path());
+  test::write_file(bad_json.file("config.json"), "{\"model_type\": ");
+  expect_clean_error(run_cli({"info", "--model", bad_json.path()}), "not valid JSON");
+}
+
+TEST(Cli, BenchRunsOnASyntheticShape) {
+  const auto r = run_cli({"bench", "--synthetic", "tiny", "-p", "16", "-n", "4", "-r", "1", "--threads", "1",
+                          "--no-bandwidth", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json j = json::parse(r.out);
+  EXPECT_GT(j["pp_tokens_per_s"].get<double>(), 0.0);
+  EXPECT_GT(j["tg_tokens_per_s"].get<double>(), 0.0);
+  EXPECT_EQ(j["threads"], 1);
+}
+
+}  // namespace
+}  // namespace bioquant

@@ -1,0 +1,186 @@
+// safetensors and config.json: valid files load, every malformed one is rejected with a message.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "bioquant/core/error.h"
+#include "bioquant/io/hf_config.h"
+#include "bioquant/io/safetensors.h"
+#include "bioquant/kernels/cpu/ops.h"
+#include "test_util.h"
+
+namespace bioquant {
+namespace {
+
+using test::TempDir;
+
+// 8-byte length + header text + data bytes.
+std::string raw_safetensors(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>(static_cast<uint64_t>(header.size()) >> (8 * i));
+  return out + header + data;
+}
+
+std::string error_of(const std::string& path) {
+  try {
+    SafetensorsFile f(path);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Safetensors, WriteThenReadRoundTrips) {
+  TempDir dir;
+  const float a[6] = {1, 2, 3, 4, 5, 6};
+  const uint16_t b[2] = {0x3f80, 0xc000};
+  TensorView ta{"a", DType::F32, {2, 3}, reinterpret_cast<const uint8_t*>(a), sizeof a};
+  TensorView tb{"b", DType::BF16, {2}, reinterpret_cast<const uint8_t*>(b), sizeof b};
+  write_safetensors(dir.file("m.safetensors"), {tb, ta});
+  SafetensorsFile f(dir.file("m.safetensors"));
+  ASSERT_EQ(f.tensors().size(), 2u);
+  const TensorView* va = f.find("a");
+  ASSERT_NE(va, nullptr);
+  EXPECT_EQ(va->shape, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(std::memcmp(va->data, a, sizeof a), 0);
+  EXPECT_EQ(f.find("b")->dtype, DType::BF16);
+  EXPECT_EQ(f.find("c"), nullptr);
+}
+
+TEST(Safetensors, RejectsMalformedFiles) {
+  TempDir dir;
+  const std::string p = dir.file("x.safetensors");
+  const std::string good_header = R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  struct Case {
+    const char* what;
+    std::string bytes;
+    const char* expect;
+  } cases[] = {
+      {"empty file", "", "truncated"},
+      {"header longer than file", raw_safetensors(good_header, "").substr(0, 20), "truncated"},
+      {"data past the end", raw_safetensors(good_header, std::string(4, '\0')), "past the end"},
+      {"not JSON", raw_safetensors("{nope", ""), "not valid JSON"},
+      {"size vs shape", raw_safetensors(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0')),
+       "do not match shape"},
+      {"unknown dtype", raw_safetensors(R"({"w":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}})", std::string(8, '\0')),
+       "unknown dtype"},
+      {"overlap", raw_safetensors(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"v":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                                  std::string(8, '\0')),
+       "overlap"},
+      {"duplicate name", raw_safetensors(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+                                         std::string(8, '\0')),
+       "listed twice"},
+      {"negative offsets", raw_safetensors(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[-8,0]}})", std::string(8, '\0')),
+       "data_offsets"},
+  };
+  for (const Case& c : cases) {
+    test::write_file(p, c.bytes);
+    const std::string err = error_of(p);
+    EXPECT_NE(err.find(c.expect), std::string::npos) << c.what << ": got '" << err << "'";
+    EXPECT_EQ(err.find('\n'), std::string::npos) << c.what;
+  }
+  EXPECT_NE(error_of(dir.file("missing.safetensors")).find("cannot open"), std::string::npos);
+}
+
+TEST(HfConfig, ReadsBothRopeSpellingsTheSame) {
+  const std::string v4 = R"({"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+    "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":512,"rope_theta":500000.0,
+    "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+    "original_max_position_embeddings":32},"eos_token_id":[2,3]})";
+  const std::string v5 = R"({"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+    "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":512,
+    "rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+    "high_freq_factor":4.0,"original_max_position_embeddings":32},"eos_token_id":2})";
+  for (const std::string* text : {&v4, &v5}) {
+    const ModelConfig c = parse_hf_config(*text, "config.json");
+    EXPECT_EQ(c.head_dim, 16);
+    EXPECT_EQ(c.rope.type, RopeType::Llama3);
+    EXPECT_FLOAT_EQ(c.rope.theta, 500000.0f);
+    EXPECT_FLOAT_EQ(c.rope.factor, 8.0f);
+    EXPECT_EQ(c.rope.original_max_positions, 32);
+    EXPECT_EQ(c.eos_ids.front(), 2);
+  }
+  // The older `type` key of rope_scaling.
+  std::string old = v4;
+  old.replace(old.find("\"rope_type\""), 11, "\"type\"");
+  EXPECT_EQ(parse_hf_config(old, "c").rope.type, RopeType::Llama3);
+}
+
+TEST(HfConfig, Llama3InverseFrequenciesFollowTheThreeBands) {
+  RopeParams p;
+  p.theta = 500000.0f;
+  p.type = RopeType::Llama3;
+  p.factor = 8.0f;
+  p.low_freq_factor = 1.0f;
+  p.high_freq_factor = 4.0f;
+  p.original_max_positions = 32;
+  float got[8];
+  rope_inv_freq(p, 16, got);
+  for (int i = 0; i < 8; ++i) {
+    const double f = 1.0 / std::pow(500000.0, 2.0 * i / 16.0);
+    const double wavelen = 2 * M_PI / f;
+    double want = f;  // high frequencies (wavelength < 32 / 4) unchanged
+    if (wavelen > 32.0) {
+      want = f / 8.0;  // low frequencies slowed by the factor
+    } else if (wavelen >= 8.0) {
+      const double smooth = (32.0 / wavelen - 1.0) / 3.0;
+      want = (1 - smooth) * f / 8.0 + smooth * f;
+    }
+    EXPECT_NEAR(got[i], want, 1e-6 * want) << "pair " << i;
+  }
+}
+
+TEST(HfConfig, FamilyTraitsAndLayerTypes) {
+  const ModelConfig g = parse_hf_config(R"({"model_type":"gemma2","hidden_size":64,"intermediate_size":128,
+    "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"vocab_size":512,
+    "query_pre_attn_scalar":24,"attn_logit_softcapping":2.0,"final_logit_softcapping":5.0,"sliding_window":8})",
+                                        "g");
+  EXPECT_TRUE(g.norm_unit_offset && g.sandwich_norms && g.embed_scale);
+  EXPECT_TRUE(g.tie_embeddings);  // Gemma's default
+  EXPECT_EQ(g.layer_sliding, (std::vector<bool>{true, false, true}));
+  EXPECT_FLOAT_EQ(g.attention_scale(), 1.0f / std::sqrt(24.0f));
+  const ModelConfig m = parse_hf_config(R"({"model_type":"mistral","hidden_size":64,"intermediate_size":128,
+    "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":512,"sliding_window":16,
+    "layer_types":["full_attention","sliding_attention"]})",
+                                        "m");
+  EXPECT_EQ(m.n_kv_heads, 4);
+  EXPECT_EQ(m.layer_sliding, (std::vector<bool>{false, true}));
+  const ModelConfig q = parse_hf_config(R"({"model_type":"qwen2","hidden_size":64,"intermediate_size":128,
+    "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":512,"sliding_window":16,"use_sliding_window":false})",
+                                        "q");
+  EXPECT_TRUE(q.attn_qkv_bias);
+  EXPECT_EQ(q.layer_sliding, (std::vector<bool>{false, false}));
+  const ModelConfig p = parse_hf_config(R"({"model_type":"phi3","hidden_size":64,"intermediate_size":128,
+    "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":512,"partial_rotary_factor":0.5})",
+                                        "p");
+  EXPECT_TRUE(p.fused_qkv && p.fused_gate_up);
+  EXPECT_EQ(p.rotary_dim(), 8);
+}
+
+TEST(HfConfig, RejectsBadConfigs) {
+  auto error_of = [](const std::string& text) -> std::string {
+    try {
+      parse_hf_config(text, "config.json");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(error_of("{").find("not valid JSON"), std::string::npos);
+  EXPECT_NE(error_of("[]").find("JSON object"), std::string::npos);
+  EXPECT_NE(error_of(R"({"hidden_size":1})").find("model_type"), std::string::npos);
+  EXPECT_NE(error_of(R"({"model_type":"gpt_neox"})").find("unsupported model_type 'gpt_neox'"), std::string::npos);
+  EXPECT_NE(error_of(R"({"model_type":"llama","hidden_size":64})").find("missing 'intermediate_size'"), std::string::npos);
+  EXPECT_NE(error_of(R"({"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+    "num_attention_heads":4,"vocab_size":512,"rope_scaling":{"rope_type":"yarn","factor":4}})")
+                .find("unsupported RoPE type 'yarn'"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+    "num_attention_heads":4,"num_key_value_heads":3,"vocab_size":512})")
+                .find("multiple"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace bioquant

@@ -1,0 +1,120 @@
+#include "test_util.h"
+
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+
+#include "bioquant/io/safetensors.h"
+
+namespace bioquant::test {
+
+TempDir::TempDir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string templ = std::string(base ? base : "/tmp") + "/bioquant-test-XXXXXX";
+  if (::mkdtemp(templ.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+  path_ = templ;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+void write_file(const std::string& path, const std::string& content) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << content;
+  if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void copy_file(const std::string& from, const std::string& to) { write_file(to, read_file(from)); }
+
+std::string tiny_llama_config_json() {
+  return R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+  "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+  "vocab_size": 64, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "max_position_embeddings": 128,
+  "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"})";
+}
+
+void write_tiny_llama(const std::string& dir, const std::string& skip, const std::string& reshape) {
+  write_file(dir + "/config.json", tiny_llama_config_json());
+  struct Spec {
+    std::string name;
+    std::vector<int64_t> shape;
+  };
+  std::vector<Spec> specs{{"model.embed_tokens.weight", {64, 32}}, {"lm_head.weight", {64, 32}}, {"model.norm.weight", {32}}};
+  for (int i = 0; i < 2; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    specs.push_back({p + "self_attn.q_proj.weight", {32, 32}});
+    specs.push_back({p + "self_attn.k_proj.weight", {16, 32}});
+    specs.push_back({p + "self_attn.v_proj.weight", {16, 32}});
+    specs.push_back({p + "self_attn.o_proj.weight", {32, 32}});
+    specs.push_back({p + "mlp.gate_proj.weight", {64, 32}});
+    specs.push_back({p + "mlp.up_proj.weight", {64, 32}});
+    specs.push_back({p + "mlp.down_proj.weight", {32, 64}});
+    specs.push_back({p + "input_layernorm.weight", {32}});
+    specs.push_back({p + "post_attention_layernorm.weight", {32}});
+  }
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 0.1f);
+  std::vector<std::vector<float>> storage;
+  std::vector<TensorView> views;
+  for (Spec& s : specs) {
+    if (s.name == skip) continue;
+    if (s.name == reshape) s.shape = {3, 3};
+    int64_t n = 1;
+    for (int64_t d : s.shape) n *= d;
+    storage.emplace_back(static_cast<size_t>(n));
+    for (float& v : storage.back()) v = (s.shape.size() == 1 ? 1.0f : 0.0f) + normal(rng);
+    TensorView v;
+    v.name = s.name;
+    v.dtype = DType::F32;
+    v.shape = s.shape;
+    v.data = reinterpret_cast<const uint8_t*>(storage.back().data());
+    v.nbytes = static_cast<size_t>(n) * 4;
+    views.push_back(v);
+  }
+  write_safetensors(dir + "/model.safetensors", views);
+}
+
+CliResult run_cli(const std::vector<std::string>& args) {
+  TempDir tmp;
+  std::string cmd = "'" + std::string(BIOQUANT_CLI) + "'";
+  for (const std::string& a : args) {
+    std::string quoted = "'";
+    for (char c : a) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    cmd += " " + quoted + "'";
+  }
+  cmd += " > '" + tmp.file("out") + "' 2> '" + tmp.file("err") + "' < /dev/null";
+  const int status = std::system(cmd.c_str());
+  CliResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  r.out = read_file(tmp.file("out"));
+  r.err = read_file(tmp.file("err"));
+  return r;
+}
+
+std::string fixtures_dir() { return BIOQUANT_FIXTURES; }
+
+std::string shared_dir() {
+  const std::string candidate = std::string(BIOQUANT_FIXTURES) + "/../../../shared";
+  struct stat st {};
+  return ::stat(candidate.c_str(), &st) == 0 ? candidate : "";
+}
+
+}  // namespace bioquant::test

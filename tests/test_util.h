@@ -1,0 +1,46 @@
+// Shared helpers for the tests: temporary directories, tiny model directories, running the CLI.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bioquant/model/config.h"
+
+namespace bioquant::test {
+
+// A fresh directory under $TMPDIR, removed with everything in it when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+void write_file(const std::string& path, const std::string& content);
+std::string read_file(const std::string& path);
+void copy_file(const std::string& from, const std::string& to);
+
+// config.json text of a tiny llama (hidden 32, 2 layers, 4/2 heads, ffn 64, vocab 64).
+std::string tiny_llama_config_json();
+// Writes config.json + model.safetensors of that tiny llama with random f32 weights.
+// `skip` leaves one tensor out; `reshape` gives one tensor the shape [3, 3].
+void write_tiny_llama(const std::string& dir, const std::string& skip = "", const std::string& reshape = "");
+
+struct CliResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+// Runs the built `bioquant` binary with the given arguments (shell-quoted here).
+CliResult run_cli(const std::vector<std::string>& args);
+
+std::string fixtures_dir();  // tests/fixtures in the source tree
+std::string shared_dir();    // ../shared beside the checkout ("" when absent)
+
+}  // namespace bioquant::test
