@@ -1,0 +1,118 @@
+// Logits and greedy continuations against HF transformers references (tests/fixtures/models,
+// made by tools/make_model_fixtures.py). Tolerance: max|logit - ref| <= 1e-3 * max(1, max|ref|),
+// argmax identical at every position, greedy continuation identical.
+//
+// BF16 and F16 copies use the SAME tolerance: their references were computed by HF from the
+// same rounded weights upcast to f32, which is exactly what this engine does (16-bit storage,
+// f32 compute), so only summation order separates the two.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "bioquant/core/error.h"
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/kernels/cpu/cpu_kernels.h"
+#include "bioquant/engine/generator.h"
+#include "bioquant/engine/sampler.h"
+#include "bioquant/model/decoder.h"
+#include "test_util.h"
+
+namespace bioquant {
+namespace {
+
+using nlohmann::json;
+
+std::string models_dir() { return test::fixtures_dir() + "/models"; }
+
+std::vector<float> read_logits(const std::string& path) {
+  const std::string bytes = test::read_file(path);
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+  return out;
+}
+
+// Checks one model directory against one reference (variant's reference.json + dtype key).
+void check_parity(const std::string& model_dir, const std::string& variant, const std::string& dtype) {
+  try {
+    cpu_kernels();  // BIOQUANT_CPU_ISA may name a path this CPU lacks
+  } catch (const Error& e) {
+    GTEST_SKIP() << e.what();
+  }
+  const json ref = json::parse(test::read_file(models_dir() + "/" + variant + "/reference.json"));
+  const std::vector<int32_t> tokens = ref["tokens"].get<std::vector<int32_t>>();
+  const std::vector<int32_t> want_argmax = ref[dtype]["argmax"].get<std::vector<int32_t>>();
+  const std::vector<int32_t> want_greedy = ref[dtype]["greedy"].get<std::vector<int32_t>>();
+  const std::vector<float> want = read_logits(models_dir() + "/" + variant + "/logits_" + dtype + ".bin");
+
+  auto model = Model::load(model_dir);
+  const int64_t vocab = model->config().vocab;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  ASSERT_EQ(want.size(), static_cast<size_t>(n * vocab));
+  ThreadPool pool(2);
+  Decoder decoder(*model, pool);
+  KVCache cache(model->config(), n);
+  std::vector<float> got(static_cast<size_t>(n * vocab));
+  decoder.forward(tokens.data(), n, cache, n, got.data());
+
+  for (int64_t t = 0; t < n; ++t) {
+    const float* g = got.data() + t * vocab;
+    const float* w = want.data() + t * vocab;
+    float max_ref = 0.0f, max_err = 0.0f;
+    for (int64_t i = 0; i < vocab; ++i) {
+      max_ref = std::max(max_ref, std::fabs(w[i]));
+      max_err = std::max(max_err, std::fabs(g[i] - w[i]));
+    }
+    EXPECT_LE(max_err, 1e-3f * std::max(1.0f, max_ref)) << model_dir << " position " << t;
+    EXPECT_EQ(argmax(g, vocab), want_argmax[static_cast<size_t>(t)]) << model_dir << " position " << t;
+  }
+
+  // Greedy continuation through the KV cache, one token at a time.
+  GenerateOptions options;
+  options.max_new_tokens = static_cast<int64_t>(want_greedy.size());
+  options.stop_at_eos = false;
+  const GenerateResult r = generate(decoder, tokens, options);
+  EXPECT_EQ(r.tokens, want_greedy) << model_dir;
+}
+
+class Parity : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(Parity, MatchesTransformers) {
+  const auto& [variant, dtype] = GetParam();
+  check_parity(models_dir() + "/" + variant + "/" + dtype, variant, dtype);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Parity,
+                         ::testing::Combine(::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3",
+                                                              "gemma2", "phi3"),
+                                            ::testing::Values("f32", "bf16", "f16")),
+                         [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
+
+TEST(ParityVariants, ShardedCheckpoint) {
+  check_parity(models_dir() + "/llama-sharded", "llama", "f32");
+}
+
+// The same weights with config.json in the other transformers spelling (4.x rope_theta /
+// rope_scaling instead of 5.x rope_parameters).
+class ParityOtherSpelling : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ParityOtherSpelling, MatchesTransformers) {
+  const std::string variant = GetParam();
+  test::TempDir dir;
+  const std::string src = models_dir() + "/" + variant;
+  const std::string alt = test::read_file(src + "/config_v4.json");
+  ASSERT_EQ(alt.find("rope_parameters"), std::string::npos);
+  ASSERT_NE(test::read_file(src + "/f32/config.json").find("rope_parameters"), std::string::npos);
+  test::write_file(dir.file("config.json"), alt);
+  test::copy_file(src + "/f32/model.safetensors", dir.file("model.safetensors"));
+  check_parity(dir.path(), variant, "f32");
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, ParityOtherSpelling,
+                         ::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"));
+
+}  // namespace
+}  // namespace bioquant
