@@ -1,4 +1,5 @@
-// GEMV/GEMM throughput of every kernel set on a 1B-model-sized projection (2048 x 5632).
+// GEMV throughput on a 128 MiB bf16 matrix (far past the caches, like decode) and GEMM on a
+// 1B-model-sized projection (2048 x 5632, 64 tokens), for every kernel set.
 #include <benchmark/benchmark.h>
 
 #include <vector>
@@ -16,7 +17,7 @@ void BM_GemmBf16(benchmark::State& state) {
     return;
   }
   const bioquant::CpuKernels& k = *sets[which];
-  const int64_t rows = 5632, cols = 2048, tokens = state.range(1);
+  const int64_t rows = state.range(1) == 1 ? 16384 : 5632, cols = state.range(1) == 1 ? 4096 : 2048, tokens = state.range(1);
   std::vector<uint16_t> w(static_cast<size_t>(rows * cols), bioquant::f32_to_bf16(0.01f));
   std::vector<float> x(static_cast<size_t>(tokens * cols), 1.0f), y(static_cast<size_t>(tokens * rows));
   for (auto _ : state) {

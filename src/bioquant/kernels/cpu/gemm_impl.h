@@ -67,6 +67,12 @@ void gemm(const float* x, int64_t ldx, int64_t n_tokens, const uint8_t* w, size_
           int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
   constexpr int MR = V::kTileRows;
   constexpr int NR = V::kTileTokens;
+  if (n_tokens == 1) {  // decode: more rows in flight per pass over x
+    int64_t o = row_begin;
+    for (; o + 8 <= row_end; o += 8) gemm_tile<W, 8, 1>(x, ldx, w + o * row_bytes, row_bytes, k, y + o, ldy);
+    for (; o < row_end; ++o) gemm_tile<W, 1, 1>(x, ldx, w + o * row_bytes, row_bytes, k, y + o, ldy);
+    return;
+  }
   for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenChunk) {
     const int64_t t1 = t0 + kTokenChunk < n_tokens ? t0 + kTokenChunk : n_tokens;
     int64_t o = row_begin;
