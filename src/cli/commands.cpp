@@ -15,6 +15,7 @@
 #include "bioquant/kernels/cpu/cpu_kernels.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/model/synthetic.h"
+#include "bioquant/tokenizer/tokenizer.h"
 
 namespace bioquant::cli {
 
@@ -140,6 +141,28 @@ Run add_info(CLI::App& app) {
     if (c.sliding_window > 0) std::printf("sliding      window %lld\n", (long long)c.sliding_window);
     std::printf("memory       f32 %s, bf16/f16 %s; KV cache (f32) %s at %lld tokens\n", gib(params * 4).c_str(),
                 gib(params * 2).c_str(), gib(kv_per_token * (*ctx)).c_str(), (long long)*ctx);
+    return 0;
+  };
+}
+
+Run add_tokenize(CLI::App& app) {
+  auto path = std::make_shared<std::string>();
+  auto text = std::make_shared<std::string>();
+  auto no_special = std::make_shared<bool>(false);
+  auto as_json = std::make_shared<bool>(false);
+  app.add_option("--model", *path, "model directory, .gguf file, tokenizer.json or tokenizer.model")->required();
+  app.add_option("--text", *text, "text to tokenize")->required();
+  app.add_flag("--no-special", *no_special, "add no BOS/EOS and treat special-token text as plain text");
+  app.add_flag("--json", *as_json, "print {\"ids\": [...]}");
+  return [=]() {
+    auto tok = load_tokenizer(*path);
+    const std::vector<int32_t> ids = tok->encode(*text, !*no_special);
+    if (*as_json) {
+      std::printf("%s\n", json{{"ids", ids}}.dump().c_str());
+      return 0;
+    }
+    for (int32_t id : ids) std::printf("%6d  %s\n", id, json(tok->token_text(id)).dump().c_str());
+    std::printf("%zu tokens (%s)\n", ids.size(), tok->kind().c_str());
     return 0;
   };
 }

@@ -9,6 +9,7 @@ namespace bioquant::cli {
 using Run = std::function<int()>;
 
 Run add_info(CLI::App& app);
+Run add_tokenize(CLI::App& app);
 Run add_logits(CLI::App& app);
 Run add_generate(CLI::App& app);
 Run add_bench(CLI::App& app);

@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
     commands[sub] = f(*sub);
   };
   add("info", "Architecture, sizes, dtype and memory of a model", bioquant::cli::add_info);
+  add("tokenize", "Text to token ids with the model's own tokenizer", bioquant::cli::add_tokenize);
   add("logits", "Print the logits of a token sequence as JSON", bioquant::cli::add_logits);
   add("generate", "Generate tokens from a prompt (greedy by default)", bioquant::cli::add_generate);
   add("bench", "Prompt-processing and generation speed, llama-bench style", bioquant::cli::add_bench);
