@@ -326,10 +326,10 @@ struct Tokenizer::Impl {
 Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
 Tokenizer::~Tokenizer() = default;
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) const {
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special, bool parse_special) const {
   std::vector<int32_t> ids;
   if (add_special) ids = impl_->prefix_ids;
-  for (const Impl::Segment& s : impl_->split_added(text, add_special)) {
+  for (const Impl::Segment& s : impl_->split_added(text, parse_special)) {
     if (s.id >= 0) {
       ids.push_back(s.id);
     } else {

@@ -31,7 +31,12 @@ class Tokenizer {
 
   // add_special: add BOS/EOS as the tokenizer declares and recognise special-token text.
   // false: add nothing, and special-token text is tokenised as ordinary text.
-  std::vector<int32_t> encode(std::string_view text, bool add_special = true) const;
+  std::vector<int32_t> encode(std::string_view text, bool add_special = true) const {
+    return encode(text, add_special, add_special);
+  }
+  // The two halves apart: add BOS/EOS, and recognise special-token text (a chat template's
+  // output is encoded with add_special=false, parse_special=true, as transformers does).
+  std::vector<int32_t> encode(std::string_view text, bool add_special, bool parse_special) const;
   // Valid UTF-8 (invalid byte sequences become U+FFFD). skip_special drops special tokens.
   std::string decode(const std::vector<int32_t>& ids, bool skip_special = false) const;
 

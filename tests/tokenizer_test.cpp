@@ -1,0 +1,122 @@
+// Tokenizer units: a hand-built BPE, streaming decode, and clean errors for bad files.
+#include <gtest/gtest.h>
+
+#include "bioquant/core/error.h"
+#include "bioquant/tokenizer/tokenizer.h"
+#include "bioquant/tokenizer/unicode.h"
+#include "test_util.h"
+
+namespace bioquant {
+namespace {
+
+using test::TempDir;
+
+// A byte-level BPE small enough to work out by hand.
+const char* kTinyTokenizerJson = R"({
+  "version": "1.0",
+  "added_tokens": [{"id": 9, "content": "<s>", "special": true, "lstrip": false, "rstrip": false,
+                    "single_word": false, "normalized": false}],
+  "normalizer": null,
+  "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+  "post_processor": {"type": "TemplateProcessing",
+    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [9], "tokens": ["<s>"]}}},
+  "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+  "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+    "vocab": {"a": 0, "b": 1, "c": 2, "Ġ": 3, "ab": 4, "abc": 5, "Ġa": 6, "bc": 7, "Ġab": 8},
+    "merges": ["a b", "Ġ a", "ab c", "Ġa b", "b c"]}
+})";
+
+TEST(Tokenizer, HandWorkedByteLevelBpe) {
+  TempDir dir;
+  test::write_file(dir.file("tokenizer.json"), kTinyTokenizerJson);
+  auto tok = load_tokenizer(dir.path());
+  // "abc ab bc": pieces "abc", " ab", " bc" (GPT-2 regex); " " maps to "Ġ".
+  //   abc: a b -> ab (rank 0), ab c -> abc (rank 2)            => [5]
+  //   Ġab: "a b" (rank 0) beats "Ġ a" (rank 1) -> Ġ + ab; no "Ġ ab" merge => [3, 4]
+  //   Ġbc: only "b c" applies (rank 4)                                  => [3, 7]
+  //   "Ġa" alone: "Ġ a" (rank 1)                                        => [6]
+  EXPECT_EQ(tok->encode("abc ab bc", false), (std::vector<int32_t>{5, 3, 4, 3, 7}));
+  EXPECT_EQ(tok->encode("abc ab bc", true), (std::vector<int32_t>{9, 5, 3, 4, 3, 7}));
+  EXPECT_EQ(tok->encode("c a", false), (std::vector<int32_t>{2, 6}));
+  // "<s>" is special text: split out with special handling, plain characters without.
+  EXPECT_EQ(tok->encode("a<s>b", true), (std::vector<int32_t>{9, 0, 9, 1}));
+  EXPECT_EQ(tok->decode({5, 3, 4, 3, 7}), "abc ab bc");
+  EXPECT_EQ(tok->decode({8}), " ab");
+  EXPECT_EQ(tok->decode({9, 5}, true), "abc");
+  EXPECT_EQ(tok->vocab_size(), 10);
+}
+
+TEST(Tokenizer, StreamingNeverEmitsHalfACharacter) {
+  if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
+  auto tok = load_tokenizer(test::shared_dir() + "/tokenizers/llama3/tokenizer.model");
+  const std::string text = "µg ≥ 5 °C, TNF-α 🧬🧪 中文 done";
+  const auto ids = tok->encode(text, false);
+  StreamDecoder stream(*tok);
+  std::string joined;
+  for (int32_t id : ids) {
+    const std::string piece = stream.push(id);
+    EXPECT_EQ(unicode::complete_utf8_prefix(piece), piece.size()) << "half a character emitted";
+    EXPECT_EQ(unicode::to_valid_utf8(piece), piece);
+    joined += piece;
+  }
+  joined += stream.finish();
+  EXPECT_EQ(joined, text);
+}
+
+std::string error_of(const std::string& path) {
+  try {
+    load_tokenizer(path);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Tokenizer, CorruptOrUnsupportedFilesGiveErrors) {
+  TempDir dir;
+  test::write_file(dir.file("bad.json"), "{\"model\": ");
+  EXPECT_NE(error_of(dir.file("bad.json")).find("not valid JSON"), std::string::npos);
+  test::write_file(dir.file("wp.json"), R"({"model": {"type": "WordPiece", "vocab": {}}})");
+  EXPECT_NE(error_of(dir.file("wp.json")).find("unsupported tokenizer model 'WordPiece'"), std::string::npos);
+  std::string json = kTinyTokenizerJson;
+  json.replace(json.find("\"b c\"]"), 6, "\"b q\"]");
+  test::write_file(dir.file("merge.json"), json);
+  EXPECT_NE(error_of(dir.file("merge.json")).find("not in the vocabulary"), std::string::npos);
+  test::write_file(dir.file("garbage.model"), std::string("\x0a\x05\xff\xff\x01\x02", 6));
+  EXPECT_NE(error_of(dir.file("garbage.model")).find("not a valid SentencePiece model"), std::string::npos);
+  test::write_file(dir.file("tiktoken.model"), "IQ== 0\nIg== 1\n!!!! 2\n");
+  EXPECT_NE(error_of(dir.file("tiktoken.model")).find("bad base64"), std::string::npos);
+  test::write_file(dir.file("x.gguf"), "GGUF\x03");
+  EXPECT_NE(error_of(dir.file("x.gguf")).find("truncated GGUF"), std::string::npos);
+  test::write_file(dir.file("y.gguf"), "GGML0000000000000000000000");
+  EXPECT_NE(error_of(dir.file("y.gguf")).find("bad magic"), std::string::npos);
+  EXPECT_NE(error_of(dir.file("missing")).find("no such file"), std::string::npos);
+  EXPECT_NE(error_of(dir.path()).find("no tokenizer.json"), std::string::npos);
+  if (!test::shared_dir().empty()) {
+    // A vocabulary GGUF cut short.
+    const std::string full = test::read_file(test::shared_dir() + "/tokenizers/gguf-vocab/ggml-vocab-gpt-2.gguf");
+    test::write_file(dir.file("cut.gguf"), full.substr(0, full.size() / 3));
+    EXPECT_NE(error_of(dir.file("cut.gguf")).find("truncated GGUF"), std::string::npos);
+  }
+  for (const char* f : {"bad.json", "wp.json", "garbage.model", "x.gguf"}) {
+    const auto r = test::run_cli({"tokenize", "--model", dir.file(f), "--text", "hi"});
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_EQ(r.err.rfind("error: ", 0), 0u) << r.err;
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
+  }
+}
+
+TEST(Tokenizer, CliTokenizeJson) {
+  TempDir dir;
+  test::write_file(dir.file("tokenizer.json"), kTinyTokenizerJson);
+  const auto r = test::run_cli({"tokenize", "--model", dir.path(), "--text", "abc ab bc", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "{\"ids\":[9,5,3,4,3,7]}\n");
+  const auto plain = test::run_cli({"tokenize", "--model", dir.path(), "--text", "abc ab bc", "--no-special", "--json"});
+  EXPECT_EQ(plain.out, "{\"ids\":[5,3,4,3,7]}\n");
+}
+
+}  // namespace
+}  // namespace bioquant
