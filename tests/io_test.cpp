@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "bioquant/core/error.h"
+#include "bioquant/io/gguf.h"
 #include "bioquant/io/hf_config.h"
 #include "bioquant/io/safetensors.h"
 #include "bioquant/kernels/cpu/ops.h"
@@ -180,6 +181,69 @@ TEST(HfConfig, RejectsBadConfigs) {
     "num_attention_heads":4,"num_key_value_heads":3,"vocab_size":512})")
                 .find("multiple"),
             std::string::npos);
+}
+
+}  // namespace
+}  // namespace bioquant
+
+namespace bioquant {
+namespace {
+
+TEST(Gguf, WriteThenReadRoundTrips) {
+  test::TempDir dir;
+  const float w[64] = {1.0f, -2.0f, 3.5f};
+  std::vector<std::pair<std::string, GgufWriteValue>> md = {
+      {"general.architecture", {GgufValueType::STRING, GgufValueType::U8, "llama"}},
+      {"llama.block_count", {GgufValueType::U32, GgufValueType::U8, 2}},
+      {"tokenizer.ggml.tokens", {GgufValueType::ARRAY, GgufValueType::STRING, nlohmann::json::array({"a", "b"})}},
+      {"tokenizer.ggml.scores", {GgufValueType::ARRAY, GgufValueType::F32, nlohmann::json::array({0.5, -1.0})}},
+      {"x.flag", {GgufValueType::BOOL, GgufValueType::U8, true}}};
+  std::vector<GgufWriteTensor> tensors = {{"w", {32, 2}, 0, reinterpret_cast<const uint8_t*>(w), sizeof w},
+                                          {"v", {3}, 0, reinterpret_cast<const uint8_t*>(w), 12}};
+  write_gguf(dir.file("m.gguf"), md, tensors);
+  GgufFile g(dir.file("m.gguf"));
+  EXPECT_EQ(g.version(), 3u);
+  EXPECT_EQ(g.get_string("general.architecture"), "llama");
+  EXPECT_EQ(g.get_int("llama.block_count"), 2);
+  EXPECT_EQ(g.type_of("llama.block_count"), GgufValueType::U32);
+  EXPECT_EQ(g.metadata()["tokenizer.ggml.tokens"][1], "b");
+  EXPECT_FLOAT_EQ(g.metadata()["tokenizer.ggml.scores"][0].get<float>(), 0.5f);
+  EXPECT_EQ(g.metadata()["x.flag"], true);
+  ASSERT_EQ(g.tensors().size(), 2u);
+  const GgufTensorInfo* t = g.find_tensor("w");
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->dims, (std::vector<uint64_t>{32, 2}));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(t->data) % 32, reinterpret_cast<uintptr_t>(g.find_tensor("v")->data) % 32);
+  EXPECT_EQ(std::memcmp(t->data, w, sizeof w), 0);
+  EXPECT_EQ(std::memcmp(g.find_tensor("v")->data, w, 12), 0);
+}
+
+TEST(Gguf, ReadsTheSharedTinyModelAndRejectsDamage) {
+  if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
+  const std::string path = test::shared_dir() + "/models/llama-2-tiny-random-gguf/llama-2-tiny-random.gguf";
+  GgufFile g(path);
+  EXPECT_EQ(g.get_string("general.architecture"), "llama");
+  EXPECT_EQ(g.tensors().size(), 12u);
+  EXPECT_EQ(g.get_int("llama.embedding_length"), 8);
+  EXPECT_EQ(g.metadata()["tokenizer.ggml.tokens"].size(), 32000u);
+  test::TempDir dir;
+  const std::string full = test::read_file(path);
+  auto error_of = [](const std::string& p) -> std::string {
+    try {
+      GgufFile f(p);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  test::write_file(dir.file("cut.gguf"), full.substr(0, full.size() - 100));
+  EXPECT_NE(error_of(dir.file("cut.gguf")).find("past the end"), std::string::npos);
+  test::write_file(dir.file("head.gguf"), full.substr(0, 1000));
+  EXPECT_NE(error_of(dir.file("head.gguf")).find("truncated GGUF"), std::string::npos);
+  std::string bad_version = full;
+  bad_version[4] = 9;
+  test::write_file(dir.file("v.gguf"), bad_version);
+  EXPECT_NE(error_of(dir.file("v.gguf")).find("unsupported GGUF version 9"), std::string::npos);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "bioquant/io/gguf.h"
 
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 
 #include "bioquant/core/error.h"
 
@@ -182,6 +184,120 @@ int64_t GgufFile::get_int(const std::string& key) const {
   check(metadata_.contains(key) && metadata_[key].is_number_integer(),
         path() + ": metadata '" + key + "' missing or not an integer");
   return metadata_[key].get<int64_t>();
+}
+
+}  // namespace bioquant
+
+namespace bioquant {
+
+namespace {
+
+class Writer {
+ public:
+  explicit Writer(std::ofstream& out) : out_(out) {}
+  template <class T>
+  void put(T v) {
+    out_.write(reinterpret_cast<const char*>(&v), sizeof v);
+    pos_ += sizeof v;
+  }
+  void string(const std::string& s) {
+    put<uint64_t>(s.size());
+    out_.write(s.data(), static_cast<std::streamsize>(s.size()));
+    pos_ += s.size();
+  }
+  void bytes(const uint8_t* p, size_t n) {
+    out_.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
+    pos_ += n;
+  }
+  void pad_to(size_t alignment) {
+    static const char zeros[64] = {};
+    const size_t pad = (alignment - pos_ % alignment) % alignment;
+    out_.write(zeros, static_cast<std::streamsize>(pad));
+    pos_ += pad;
+  }
+  size_t pos() const { return pos_; }
+
+ private:
+  std::ofstream& out_;
+  size_t pos_ = 0;
+};
+
+void write_scalar(Writer& w, GgufValueType t, const json& v, const std::string& key) {
+  switch (t) {
+    case GgufValueType::U8: w.put<uint8_t>(v.get<uint8_t>()); return;
+    case GgufValueType::I8: w.put<int8_t>(v.get<int8_t>()); return;
+    case GgufValueType::U16: w.put<uint16_t>(v.get<uint16_t>()); return;
+    case GgufValueType::I16: w.put<int16_t>(v.get<int16_t>()); return;
+    case GgufValueType::U32: w.put<uint32_t>(v.get<uint32_t>()); return;
+    case GgufValueType::I32: w.put<int32_t>(v.get<int32_t>()); return;
+    case GgufValueType::F32: w.put<float>(v.get<float>()); return;
+    case GgufValueType::BOOL: w.put<uint8_t>(v.get<bool>() ? 1 : 0); return;
+    case GgufValueType::STRING: w.string(v.get<std::string>()); return;
+    case GgufValueType::U64: w.put<uint64_t>(v.get<uint64_t>()); return;
+    case GgufValueType::I64: w.put<int64_t>(v.get<int64_t>()); return;
+    case GgufValueType::F64: w.put<double>(v.get<double>()); return;
+    case GgufValueType::ARRAY: break;
+  }
+  throw Error("write_gguf: '" + key + "': nested arrays are not supported");
+}
+
+}  // namespace
+
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufWriteValue>>& metadata,
+                const std::vector<GgufWriteTensor>& tensors) {
+  constexpr size_t kAlignment = 32;
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    check(static_cast<bool>(out), tmp + ": cannot create");
+    Writer w(out);
+    w.bytes(reinterpret_cast<const uint8_t*>("GGUF"), 4);
+    w.put<uint32_t>(3);
+    w.put<uint64_t>(tensors.size());
+    w.put<uint64_t>(metadata.size());
+    for (const auto& [key, value] : metadata) {
+      w.string(key);
+      w.put<uint32_t>(static_cast<uint32_t>(value.type));
+      if (value.type == GgufValueType::ARRAY) {
+        check(value.value.is_array(), "write_gguf: '" + key + "' is not an array");
+        w.put<uint32_t>(static_cast<uint32_t>(value.element_type));
+        w.put<uint64_t>(value.value.size());
+        for (const json& e : value.value) write_scalar(w, value.element_type, e, key);
+      } else {
+        write_scalar(w, value.type, value.value, key);
+      }
+    }
+    uint64_t offset = 0;
+    for (const GgufWriteTensor& t : tensors) {
+      int64_t be = 0, bb = 0;
+      check(ggml_type_layout(t.ggml_type, &be, &bb), "write_gguf: tensor '" + t.name + "' has unknown ggml type");
+      uint64_t numel = 1;
+      for (uint64_t d : t.dims) numel *= d;
+      check(!t.dims.empty() && t.dims[0] % static_cast<uint64_t>(be) == 0 &&
+                numel / static_cast<uint64_t>(be) * static_cast<uint64_t>(bb) == t.nbytes,
+            "write_gguf: tensor '" + t.name + "' size does not match its dims and type");
+      w.string(t.name);
+      w.put<uint32_t>(static_cast<uint32_t>(t.dims.size()));
+      for (uint64_t d : t.dims) w.put<uint64_t>(d);
+      w.put<uint32_t>(t.ggml_type);
+      w.put<uint64_t>(offset);
+      offset += (t.nbytes + kAlignment - 1) / kAlignment * kAlignment;
+    }
+    w.pad_to(kAlignment);
+    for (const GgufWriteTensor& t : tensors) {
+      w.bytes(t.data, t.nbytes);
+      w.pad_to(kAlignment);
+    }
+    out.flush();
+    if (!out) {
+      std::remove(tmp.c_str());
+      throw Error(tmp + ": write failed");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(path + ": cannot rename the written file into place");
+  }
 }
 
 }  // namespace bioquant

@@ -54,4 +54,23 @@ class GgufFile {
   std::vector<GgufTensorInfo> tensors_;
 };
 
+// What write_gguf stores: metadata values with their GGUF types, and tensors.
+struct GgufWriteValue {
+  GgufValueType type;                       // ARRAY: elements of `element_type`
+  GgufValueType element_type = GgufValueType::U8;
+  nlohmann::json value;
+};
+struct GgufWriteTensor {
+  std::string name;
+  std::vector<uint64_t> dims;  // fastest-varying first
+  uint32_t ggml_type = 0;
+  const uint8_t* data = nullptr;
+  size_t nbytes = 0;
+};
+
+// Writes a GGUF v3 file (alignment 32) through a temporary file renamed into place, so `path`
+// is never left half-written. Metadata keys are written in the given order.
+void write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufWriteValue>>& metadata,
+                const std::vector<GgufWriteTensor>& tensors);
+
 }  // namespace bioquant
