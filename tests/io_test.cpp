@@ -248,3 +248,24 @@ TEST(Gguf, ReadsTheSharedTinyModelAndRejectsDamage) {
 
 }  // namespace
 }  // namespace bioquant
+
+namespace bioquant {
+namespace {
+
+TEST(Gguf, SharedTinyLlamaModelLoadsAndRuns) {
+  if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
+  const std::string path = test::shared_dir() + "/models/llama-2-tiny-random-gguf/llama-2-tiny-random.gguf";
+  const auto r = test::run_cli({"logits", "--model", path, "--tokens", "1,15043,3186", "--last", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["n_vocab"], 32000);
+  ASSERT_EQ(j["logits"][0].size(), 32000u);
+  for (const auto& v : j["logits"][0]) ASSERT_TRUE(std::isfinite(v.get<float>()));
+  // The embedded vocabulary tokenizes like the Llama 2 SentencePiece model it carries.
+  const auto t = test::run_cli({"tokenize", "--model", path, "--text", "Hello world", "--json"});
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  EXPECT_EQ(t.out, "{\"ids\":[1,15043,3186]}\n");
+}
+
+}  // namespace
+}  // namespace bioquant

@@ -20,6 +20,7 @@ struct TensorView {
   std::vector<int64_t> shape;
   const uint8_t* data = nullptr;
   size_t nbytes = 0;
+  int32_t ggml_type = -1;  // GGUF block-quantized data (dtype is then U8 raw bytes); -1 otherwise
 
   int64_t numel() const;
 };

@@ -18,6 +18,7 @@ struct RopeParams {
   float high_freq_factor = 4.0f;         // llama3
   int64_t original_max_positions = 8192; // llama3
   float partial_rotary_factor = 1.0f;    // fraction of head_dim that is rotated (phi3/phi4-mini)
+  std::vector<float> freq_factors;       // GGUF rope_freqs: inv_freq[i] /= freq_factors[i] (instead of `type`)
 };
 
 struct ModelConfig {

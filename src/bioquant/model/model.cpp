@@ -4,6 +4,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
+#include "bioquant/io/gguf_model.h"
 #include "bioquant/io/hf_config.h"
 
 namespace bioquant {
@@ -113,6 +114,12 @@ ModelConfig load_model_config(const std::string& dir) {
 }
 
 std::unique_ptr<Model> Model::load(const std::string& dir) {
+  if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0) {
+    auto gguf = std::make_shared<const GgufFile>(dir);
+    ModelConfig config = config_from_gguf(*gguf);
+    auto source = std::make_unique<GgufTensorSource>(gguf, config);
+    return from_source(std::move(config), std::move(source));
+  }
   ModelConfig config = load_model_config(dir);
   return from_source(std::move(config), std::make_unique<SafetensorsModelFiles>(dir));
 }

@@ -25,6 +25,10 @@ void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq) {
     const float exponent = static_cast<float>(2 * i) / static_cast<float>(rotary_dim);
     inv_freq[i] = 1.0f / std::pow(p.theta, exponent);
   }
+  if (!p.freq_factors.empty()) {  // llama.cpp stores llama3-style scaling as explicit factors
+    for (int64_t i = 0; i < half && i < static_cast<int64_t>(p.freq_factors.size()); ++i) inv_freq[i] /= p.freq_factors[static_cast<size_t>(i)];
+    return;
+  }
   if (p.type == RopeType::Linear) {
     for (int64_t i = 0; i < half; ++i) inv_freq[i] /= p.factor;
   } else if (p.type == RopeType::Llama3) {
