@@ -1329,7 +1329,6 @@ def build(shared, out_dir):
         golden_check("llama-spm", ref, report)
         return ref
 
-    run("gguf-llama-spm", gguf_llama_spm)
 
     # llama2 -> transformers (used by phi-3 and llama2-converted)
     routes = []
@@ -1354,6 +1353,8 @@ def build(shared, out_dir):
         if chosen:
             log(f"  chosen transformers route: {chosen[0]} ({chosen[3]} mismatches vs sentencepiece)")
 
+    llama_hf_base = {}
+
     def gguf_phi3():
         from tokenizers import AddedToken, Tokenizer
         import transformers
@@ -1373,6 +1374,13 @@ def build(shared, out_dir):
             raise RuntimeError("phi-3 GGUF base vocab differs from llama2")
         desc = chosen[0]
         base_json = chosen[1].backend_tokenizer.to_str()
+        # The GGUF records how the real Phi-3 tokenizer.json declared its first pieces: control (3) =
+        # special, user-defined (4) = a non-special added token (Phi-3's </s> is "special": false).
+        bj = json.loads(base_json)
+        for t in bj.get("added_tokens", []):
+            if t["id"] < len(g["token_type"]) and g["token_type"][t["id"]] == 4:
+                t["special"] = False
+        base_json = json.dumps(bj)
 
         def with_added(tok):
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in adds])
@@ -1398,6 +1406,7 @@ def build(shared, out_dir):
         j2["model"]["vocab"] = vocab
         j2["model"]["merges"] = [list(m) for m in merges]
         cands["legacy-score-merges"] = with_added(Tokenizer.from_str(json.dumps(j2)))
+        base_jsons = {"transformers": base_json, "legacy": json.dumps(j), "legacy-score-merges": json.dumps(j2)}
         report["gguf-phi-3"]["merges_first"] = {"transformers": j["model"]["merges"][:8], "score": merges[:8],
                                                 "n_transformers": len(j["model"]["merges"]), "n_score": len(merges)}
         want = llama2.enc_plain(texts)
@@ -1412,6 +1421,8 @@ def build(shared, out_dir):
         report["gguf-phi-3"]["candidates"] = score
         pick = min(score, key=lambda k: (score[k][0], k != "legacy-score-merges"))
         tok = cands[pick]
+        llama_hf_base["json"] = base_jsons[pick]
+        llama_hf_base["pick"] = pick
         log(f"  phi-3: picked candidate {pick} {score[pick]}")
         add_bos = bool(g["add_bos_token"]) if g["add_bos_token"] is not None else True
         bos = g["bos_token_id"]
@@ -1449,6 +1460,34 @@ def build(shared, out_dir):
     ph = run("gguf-phi-3", gguf_phi3)
     if ph is not None:
         golden_check("phi-3", ph, report)
+
+    def gguf_llama_spm_hf():
+        # As for phi-3: a GGUF vocabulary comes from an HF model whose tokenizer declares <unk>, <s>, </s>
+        # as special added tokens, so `special` mode recognises them in text (HF / llama.cpp parse_special
+        # semantics); `plain` mode stays sentencepiece.
+        from tokenizers import Tokenizer
+        ref = gguf_llama_spm()
+        if not llama_hf_base:
+            raise RuntimeError("phi-3's HF Llama layout was not built")
+        tok = Tokenizer.from_str(llama_hf_base["json"])
+        g = ggufs["llama-spm"]
+        add_bos = bool(g["add_bos_token"]) if g["add_bos_token"] is not None else True
+        bos = g["bos_token_id"]
+        sp_plain = ref.enc_plain
+        hf_plain = compare_lists("llama-spm HF layout vs sentencepiece (plain)", texts,
+                                 hf_tokenizer_encode(tok, texts, False, True), sp_plain(texts))
+        report["gguf-llama-spm"]["hf_plain_mismatch_vs_spm"] = len(hf_plain)
+        ref.enc_special = lambda ts: [([bos] if add_bos else []) + x for x in hf_tokenizer_encode(tok, ts, False, False)]
+        ref.modes = {"special": (f"[bos_id={bos}] + " if add_bos else "") +
+                     "HF tokenizer (the phi-3 fixture's Llama-2 layout '" + llama_hf_base["pick"] +
+                     "', without phi-3's extra tokens).encode(text, add_special_tokens=False): <unk>, <s>, </s> are "
+                     "special added tokens recognised in the text (HF / llama.cpp parse_special semantics); no EOS",
+                     "plain": ref.modes["plain"]}
+        ref.reference += ("; special mode from the HF Llama-2 tokenizer.json layout (as phi-3), so <s> text is "
+                          "the BOS token")
+        return ref
+
+    run("gguf-llama-spm", gguf_llama_spm_hf)
 
     def gguf_gpt2():
         from tokenizers import pre_tokenizers

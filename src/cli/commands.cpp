@@ -10,11 +10,13 @@
 #include <sstream>
 
 #include "bioquant/core/error.h"
+#include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/engine/generator.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/model/synthetic.h"
+#include "bioquant/tokenizer/chat_template.h"
 #include "bioquant/tokenizer/tokenizer.h"
 
 namespace bioquant::cli {
@@ -148,14 +150,60 @@ Run add_info(CLI::App& app) {
 Run add_tokenize(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   auto text = std::make_shared<std::string>();
+  auto file = std::make_shared<std::string>();
   auto no_special = std::make_shared<bool>(false);
   auto as_json = std::make_shared<bool>(false);
+  auto bench = std::make_shared<bool>(false);
   app.add_option("--model", *path, "model directory, .gguf file, tokenizer.json or tokenizer.model")->required();
-  app.add_option("--text", *text, "text to tokenize")->required();
+  auto* t = app.add_option("--text", *text, "text to tokenize");
+  auto* f = app.add_option("--file", *file, "JSON lines, each a string or {\"text\": ...}: prints {\"ids\": [...]} per line");
+  t->excludes(f);
   app.add_flag("--no-special", *no_special, "add no BOS/EOS and treat special-token text as plain text");
   app.add_flag("--json", *as_json, "print {\"ids\": [...]}");
+  app.add_flag("--bench", *bench, "with --file: time single-thread encoding of all lines (best of 5) instead of printing ids");
   return [=]() {
+    check(t->count() > 0 || !file->empty(), "give --text TEXT or --file FILE");
     auto tok = load_tokenizer(*path);
+    if (!file->empty()) {
+      std::vector<std::string> texts;
+      const std::string content = read_text_file(*file);
+      size_t pos = 0, line_no = 0;
+      while (pos < content.size()) {
+        size_t nl = content.find('\n', pos);
+        if (nl == std::string::npos) nl = content.size();
+        const std::string line = content.substr(pos, nl - pos);
+        pos = nl + 1;
+        ++line_no;
+        if (line.empty()) continue;
+        json j;
+        try {
+          j = json::parse(line);
+        } catch (const json::exception&) {
+          throw Error(*file + ": line " + std::to_string(line_no) + " is not valid JSON");
+        }
+        if (j.is_object() && j.contains("text")) j = j["text"];
+        check(j.is_string(), *file + ": line " + std::to_string(line_no) + " is not a string or {\"text\": string}");
+        texts.push_back(j.get<std::string>());
+      }
+      if (*bench) {
+        size_t bytes = 0, n_tokens = 0;
+        for (const auto& s : texts) bytes += s.size();
+        double best = 1e30;
+        for (int rep = 0; rep < 5; ++rep) {
+          n_tokens = 0;
+          const auto t0 = std::chrono::steady_clock::now();
+          for (const auto& s : texts) n_tokens += tok->encode(s, !*no_special).size();
+          best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        json out = {{"texts", texts.size()}, {"bytes", bytes}, {"tokens", n_tokens}, {"seconds", best},
+                    {"mb_per_s", static_cast<double>(bytes) / best / 1e6}, {"tokens_per_s", static_cast<double>(n_tokens) / best},
+                    {"threads", 1}, {"tokenizer", tok->kind()}};
+        std::printf("%s\n", out.dump().c_str());
+        return 0;
+      }
+      for (const auto& s : texts) std::printf("%s\n", json{{"ids", tok->encode(s, !*no_special)}}.dump().c_str());
+      return 0;
+    }
     const std::vector<int32_t> ids = tok->encode(*text, !*no_special);
     if (*as_json) {
       std::printf("%s\n", json{{"ids", ids}}.dump().c_str());
@@ -224,27 +272,63 @@ Run add_generate(CLI::App& app) {
   app.add_option("--seed", gen->sampling.seed, "sampling seed (default 0)");
   app.add_flag("--ignore-eos", *ignore_eos, "keep generating past EOS tokens");
   app.add_flag("--json", *as_json, "print {\"tokens\": [...], \"text\": \"...\"}");
+  auto show_prompt = std::make_shared<bool>(false);
+  app.add_flag("--show-prompt", *show_prompt, "print the rendered prompt (after the chat template) to stderr");
   return [=]() {
     check_device(opts->device);
     check(!prompt->empty() || !tokens->empty(), "give --prompt TEXT or --tokens IDS");
-    check(prompt->empty() && !*chat,
-          "--prompt and --chat need a tokenizer, which this build cannot read yet; pass the prompt as --tokens IDS");
-    const std::vector<int32_t> ids = parse_token_list(*tokens);
+    check(!*chat || !prompt->empty(), "--chat needs --prompt TEXT");
     auto model = Model::load(opts->model);
+    // The tokenizer is needed for text in or out; a model directory without one still runs on ids.
+    std::unique_ptr<Tokenizer> tok;
+    if (!prompt->empty()) {
+      tok = load_tokenizer(opts->model);
+    } else {
+      try {
+        tok = load_tokenizer(opts->model);
+      } catch (const Error&) {
+      }
+    }
+    std::vector<int32_t> ids;
+    if (!prompt->empty()) {
+      if (*chat) {
+        check(!tok->chat_template().empty(), opts->model + ": the tokenizer ships no chat template; drop --chat");
+        const ChatTemplate tmpl(tok->chat_template());
+        const std::string rendered = tmpl.render({{"user", *prompt}}, true, tok->bos_token(), tok->eos_token());
+        if (*show_prompt) std::fprintf(stderr, "%s\n", rendered.c_str());
+        // As transformers does: the template writes BOS itself, so nothing is added, but the
+        // special-token text it wrote is recognised.
+        ids = tok->encode(rendered, /*add_special=*/false, /*parse_special=*/true);
+      } else {
+        ids = tok->encode(*prompt, true);
+      }
+    } else {
+      ids = parse_token_list(*tokens);
+    }
+    check(!ids.empty(), "the prompt encodes to no tokens");
     ThreadPool pool(opts->threads);
     Decoder decoder(*model, pool);
     GenerateOptions options = *gen;
     options.stop_at_eos = !*ignore_eos;
-    const GenerateResult r = generate(decoder, ids, options);
+    std::unique_ptr<StreamDecoder> stream;
+    const bool stream_text = tok && !*as_json;
+    if (stream_text) stream = std::make_unique<StreamDecoder>(*tok, true);
+    const GenerateResult r = generate(decoder, ids, options, [&](int32_t id) {
+      if (stream) {
+        std::fputs(stream->push(id).c_str(), stdout);
+        std::fflush(stdout);
+      }
+    });
     const double tg = r.decode_seconds > 0 ? static_cast<double>(r.tokens.size() > 0 ? r.tokens.size() - 1 : 0) / r.decode_seconds : 0;
+    if (stream) std::printf("%s\n", stream->finish().c_str());
     std::fprintf(stderr, "prompt %zu tokens in %.3f s (%.1f tok/s), generated %zu tokens (%.1f tok/s), stop: %s\n",
                  ids.size(), r.prompt_seconds, static_cast<double>(ids.size()) / std::max(r.prompt_seconds, 1e-9),
                  r.tokens.size(), tg, r.stop_reason.c_str());
     if (*as_json) {
-      // No tokenizer is read yet, so there is no text to give: an empty string, never invented text.
-      json out = {{"tokens", r.tokens}, {"text", ""}, {"stop_reason", r.stop_reason}};
+      // Without a tokenizer there is no text to give: an empty string, never invented text.
+      json out = {{"tokens", r.tokens}, {"text", tok ? tok->decode(r.tokens, true) : ""}, {"stop_reason", r.stop_reason}};
       std::printf("%s\n", out.dump().c_str());
-    } else {
+    } else if (!stream) {
       std::string line;
       for (int32_t id : r.tokens) line += (line.empty() ? "" : " ") + std::to_string(id);
       std::printf("%s\n", line.c_str());

@@ -61,14 +61,18 @@ void RegexSplitter::split(std::string_view text, std::vector<std::string_view>& 
   } else {
     pcre2_match_data* md = pcre2_match_data_create_from_pattern(impl_->code, nullptr);
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
-    // Invalid UTF-8 (possible after byte fallback inputs) must not reach PCRE2 unchecked.
-    const uint32_t options = 0;
+    // PCRE2 validates the whole subject on every call unless told not to: check it once, on the
+    // first call, then skip the check (otherwise splitting is quadratic in the text length).
+    uint32_t options = 0;
     while (pos <= text.size()) {
       const int rc = pcre2_match(impl_->code, subject, text.size(), pos, options, md, nullptr);
+      options = PCRE2_NO_UTF_CHECK;
       if (rc < 0) {
         if (rc == PCRE2_ERROR_NOMATCH) break;
         pcre2_match_data_free(md);
-        throw Error("tokenizer: text is not valid UTF-8 or regex matching failed (code " + std::to_string(rc) + ")");
+        throw Error(rc <= PCRE2_ERROR_UTF8_ERR1 && rc >= PCRE2_ERROR_UTF8_ERR21
+                        ? "tokenizer: text is not valid UTF-8"
+                        : "tokenizer: regex matching failed (PCRE2 code " + std::to_string(rc) + ")");
       }
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       const size_t b = ov[0], e = ov[1];

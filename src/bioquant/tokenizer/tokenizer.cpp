@@ -79,6 +79,7 @@ struct DecoderStep {
 struct Tokenizer::Impl {
   std::vector<AddedToken> added;                              // longest first
   std::unordered_map<int32_t, size_t> added_by_id;            // id -> index in `added`
+  std::vector<size_t> added_by_first_byte[256];               // candidates per first byte, longest first
   std::vector<NormalizerStep> normalizers;
   std::vector<PreTokenizerStep> pre_tokenizers;
   std::unique_ptr<BpeModel> bpe;
@@ -91,7 +92,11 @@ struct Tokenizer::Impl {
     std::stable_sort(added.begin(), added.end(),
                      [](const AddedToken& x, const AddedToken& y) { return x.content.size() > y.content.size(); });
     added_by_id.clear();
-    for (size_t i = 0; i < added.size(); ++i) added_by_id[added[i].id] = i;
+    for (auto& v : added_by_first_byte) v.clear();
+    for (size_t i = 0; i < added.size(); ++i) {
+      added_by_id[added[i].id] = i;
+      if (!added[i].content.empty()) added_by_first_byte[static_cast<uint8_t>(added[i].content[0])].push_back(i);
+    }
     for (const AddedToken& t : added) vocab_size = std::max<int64_t>(vocab_size, t.id + 1);
   }
 
@@ -108,7 +113,8 @@ struct Tokenizer::Impl {
     auto is_word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
     while (i < text.size()) {
       const AddedToken* hit = nullptr;
-      for (const AddedToken& t : added) {
+      for (size_t k : added_by_first_byte[static_cast<uint8_t>(text[i])]) {
+        const AddedToken& t = added[k];
         if (!with_special && t.special) continue;
         if (t.content.empty() || text.compare(i, t.content.size(), t.content) != 0) continue;
         if (t.single_word && ((i > 0 && is_word(text[i - 1])) ||
@@ -799,7 +805,7 @@ std::unique_ptr<Tokenizer::Impl> impl_from_gpt2_files(const std::string& dir) {
   }
   auto impl = std::make_unique<Tokenizer::Impl>();
   // The GPT-2 file format does not name its split pattern: a Llama-3-sized vocabulary (>= 128000)
-  // is taken to be Llama 3's (as Llama 3.2 ships in this format), anything else GPT-2's.
+  // is taken to be Llama 3's (Llama 3.2 is shipped in this format), anything else GPT-2's.
   const bool llama3 = vocab.size() >= 128000;
   impl->bpe = std::make_unique<BpeModel>(std::move(vocab));
   impl->bpe->set_merges(merges);
@@ -813,14 +819,7 @@ std::unique_ptr<Tokenizer::Impl> impl_from_gpt2_files(const std::string& dir) {
   bytes.kind = PreTokenizerStep::ByteLevel;
   impl->pre_tokenizers.push_back(bytes);
   impl->decoders.push_back(DecoderStep{DecoderStep::ByteLevel, "", "", 0, 0, true});
-  if (llama3) {
-    const auto names = llama3_special_tokens();
-    for (size_t i = 0; i < names.size(); ++i) {
-      const int32_t existing = impl->bpe->find(names[i]);
-      impl->added.push_back({names[i], existing >= 0 ? existing : static_cast<int32_t>(128000 + i), true});
-    }
-    impl->prefix_ids = {impl->added.front().id};
-  }
+  // The GPT-2 file format carries no special tokens, so none are added or recognised.
   impl->finish_added();
   return impl;
 }
@@ -904,11 +903,14 @@ std::unique_ptr<Tokenizer> tokenizer_from_gguf(const GgufFile& g) {
   auto impl = std::make_unique<Tokenizer::Impl>();
   impl->bpe = std::make_unique<BpeModel>(vocab);
   impl->vocab_size = static_cast<int64_t>(vocab.size());
-  // token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+  // token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. GGUF files come
+  // from HF models, whose tokenizers declare unknown and control tokens (<unk>, <s>, chat markers) as
+  // special added tokens, recognised in text with special handling as HF and llama.cpp do;
+  // user-defined ones are non-special added tokens, matched in any mode.
   for (size_t i = 0; i < vocab.size(); ++i) {
     const int32_t type = types[i];
     if (type != 1) impl->bpe->exclude_from_merges(static_cast<int32_t>(i));
-    if (type == 3 || type == 4) impl->added.push_back({vocab[i], static_cast<int32_t>(i), type == 3});
+    if (type == 2 || type == 3 || type == 4) impl->added.push_back({vocab[i], static_cast<int32_t>(i), type != 4});
   }
   if (model == "llama") {
     check(md.contains("tokenizer.ggml.scores") && md["tokenizer.ggml.scores"].size() == vocab.size(),
@@ -919,13 +921,11 @@ std::unique_ptr<Tokenizer> tokenizer_from_gguf(const GgufFile& g) {
     impl->bpe->set_byte_fallback(true);
     for (size_t i = 0; i < vocab.size(); ++i)
       if (types[i] == 2) impl->bpe->set_unk(static_cast<int32_t>(i), false);
-    // SentencePiece normalisation: spaces become "▁" and the text gets one leading "▁".
+    // SentencePiece normalisation: spaces become "▁" and each text segment gets one leading "▁"
+    // (add_dummy_prefix), even when it already starts with a space, as sentencepiece does.
     const bool prefix = md.value("tokenizer.ggml.add_space_prefix", true);
-    PreTokenizerStep meta{};
-    meta.kind = PreTokenizerStep::Metaspace;
-    meta.prepend = prefix ? PreTokenizerStep::First : PreTokenizerStep::Never;
-    meta.split = false;
-    impl->pre_tokenizers.push_back(meta);
+    if (prefix) impl->normalizers.push_back({NormalizerStep::Prepend, kSpace, ""});
+    impl->normalizers.push_back({NormalizerStep::Replace, " ", kSpace});
     impl->decoders.push_back(DecoderStep{DecoderStep::Replace, kSpace, " ", 0, 0, true});
     impl->decoders.push_back(DecoderStep{DecoderStep::ByteFallback, "", "", 0, 0, true});
     impl->decoders.push_back(DecoderStep{DecoderStep::Fuse, "", "", 0, 0, true});
