@@ -2,6 +2,7 @@
 // against the scalar reference on ragged shapes, for every format.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -28,10 +29,8 @@ const Format kFormats[] = {{QuantType::Q8_0, false}, {QuantType::Q4_0, false}, {
 
 std::string label(const Format& f) { return std::string(quant_traits(f.type).name) + (f.double_quant ? "+dq" : ""); }
 
-bool integer_path(QuantType t) {
-  return t == QuantType::Q8_0 || t == QuantType::Q4_0 || t == QuantType::Q4_K || t == QuantType::Q5_K ||
-         t == QuantType::Q6_K || t == QuantType::INT8;
-}
+bool integer_path(QuantType t) { return t != QuantType::F32 && t != QuantType::F16 && t != QuantType::BF16; }
+bool bnb4(QuantType t) { return t == QuantType::NF4 || t == QuantType::FP4; }
 
 struct Matrix {
   std::vector<uint8_t> bytes;
@@ -71,7 +70,8 @@ TEST(QuantKernels, ReferenceMatchesDequantizedWeightsWithinActivationRounding) {
   // The reference computes sum_k W_k xq_k exactly (integers) up to float scaling, where xq_k is the
   // activation rounded to its block's grid: |xq_k - x_k| <= d_b/2. So
   // |y_ref - sum_k W_k x_k| <= sum_k |W_k| d_b(k)/2, plus float rounding (1e-5 relative).
-  // nf4/fp4 use f32 activations: only float rounding.
+  // nf4/fp4 take the codebook in Q1.14: each weight is off by at most absmax 2^-15, adding
+  // sum_k absmax_(k/64) 2^-15 (|x_k| + d_b(k)/2).
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const Format& f : kFormats) {
@@ -91,6 +91,11 @@ TEST(QuantKernels, ReferenceMatchesDequantizedWeightsWithinActivationRounding) {
           exact += wk * xk;
           mag += std::fabs(wk * xk);
           if (integer_path(f.type)) bound += std::fabs(wk) * half[k];
+          if (bnb4(f.type)) {
+            double absmax = 0.0;  // the +-1 code of the block's largest weight makes max |W| the stored absmax
+            for (int64_t i = k / 64 * 64; i < k / 64 * 64 + 64; ++i) absmax = std::max(absmax, std::fabs(double(m.deq[o * cols + i])));
+            bound += absmax / 32768.0 * (std::fabs(xk) + half[k]);
+          }
         }
         EXPECT_NEAR(y[t * rows + o], exact, bound + 1e-5 * mag + 1e-6) << label(f) << " t=" << t << " o=" << o;
       }

@@ -1,6 +1,8 @@
 // Tokenizer units: a hand-built BPE, streaming decode, and clean errors for bad files.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include "bioquant/core/error.h"
 #include "bioquant/tokenizer/tokenizer.h"
 #include "bioquant/tokenizer/unicode.h"
@@ -116,6 +118,32 @@ TEST(Tokenizer, CliTokenizeJson) {
   EXPECT_EQ(r.out, "{\"ids\":[9,5,3,4,3,7]}\n");
   const auto plain = test::run_cli({"tokenize", "--model", dir.path(), "--text", "abc ab bc", "--no-special", "--json"});
   EXPECT_EQ(plain.out, "{\"ids\":[5,3,4,3,7]}\n");
+}
+
+}  // namespace
+}  // namespace bioquant
+
+namespace bioquant {
+namespace {
+
+TEST(Tokenizer, GenerateWithPromptAndChatTemplate) {
+  TempDir dir;
+  test::write_tiny_llama(dir.path());  // vocab 64 covers the tiny tokenizer's 10 ids
+  test::write_file(dir.file("tokenizer.json"), kTinyTokenizerJson);
+  test::write_file(dir.file("tokenizer_config.json"),
+                   R"({"bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] | trim }} {% endfor %}{% if add_generation_prompt %}c{% endif %}"})");
+  const auto r = test::run_cli({"generate", "--model", dir.path(), "--prompt", "  ab ", "--chat", "--show-prompt",
+                                "--max-new-tokens", "3", "--ignore-eos", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err.rfind("<s>ab c\n", 0), 0u) << r.err;  // the rendered template comes first on stderr
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["tokens"].size(), 3u);
+  auto tok = load_tokenizer(dir.path());
+  EXPECT_EQ(j["text"], tok->decode(j["tokens"].get<std::vector<int32_t>>(), true));
+  // The rendered "<s>" became the BOS id and nothing was added twice.
+  EXPECT_EQ(tok->encode("<s>ab c", false, true), (std::vector<int32_t>{9, 4, 3, 2}));
+  const auto plain = test::run_cli({"generate", "--model", dir.path(), "--prompt", "ab", "--max-new-tokens", "2"});
+  EXPECT_EQ(plain.exit_code, 0) << plain.err;
 }
 
 }  // namespace

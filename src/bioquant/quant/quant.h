@@ -58,13 +58,14 @@ struct WeightView {
 // The fast kernel for this CPU (honours BIOQUANT_CPU_ISA like cpu_kernels()). Not threaded: the
 // caller splits rows.
 //
-// Numerics. q8_0, q4_0, q4_k, q5_k, q6_k and int8 run on integers: each call first quantizes the
-// activations of every token to int8 in blocks of 32 (d = absmax/127, q = round-half-even(x/d)
-// computed as x * (1/d); the last block of an int8 row may be shorter), then takes exact integer
-// dot products per weight block and scales them in f32. This is llama.cpp's scheme (q8_0
-// activations) and costs about 1/254 of each activation block's absmax per element. nf4 and fp4
-// use the f32 activations unchanged (16-entry codebook lookup, f32 FMA). f32/f16/bf16 forward to
-// cpu_kernels(). Every ISA computes the same quantities; only float summation order differs.
+// Numerics. Every quantized format runs on integers: each call first quantizes the activations of
+// every token to int8 in blocks of 32 (d = absmax/127, q = round-half-even(x/d) computed as
+// x * (1/d); the last block of an int8 row may be shorter), then takes exact integer dot products
+// per weight block and scales them in f32. This is llama.cpp's scheme (q8_0 activations) and costs
+// at most 1/254 of each activation block's absmax per element. nf4/fp4 multiply the int8
+// activations by their codebook in Q1.14 (round(codebook * 2^14), within 2^-15 of the f32
+// codebook). f32/f16/bf16 forward to cpu_kernels() (f32 activations). Every ISA computes the same
+// integers; only the f32 summation order differs.
 void quant_gemm(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
                 int64_t row_end, float* y, int64_t ldy);
 // The same through the scalar reference kernel (the oracle of the SIMD kernels).

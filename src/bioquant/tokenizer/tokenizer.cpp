@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
@@ -834,6 +835,71 @@ std::unique_ptr<Tokenizer::Impl> impl_from_sentencepiece(const std::string& path
   return impl;
 }
 
+// SentencePiece BPE from pieces + scores (GGUF "llama" vocabularies, llama2.c tokenizer.bin):
+// merges by piece score, byte fallback, "▁" for spaces and one leading "▁" per text segment.
+void setup_sentencepiece_bpe(Tokenizer::Impl& impl, const std::vector<float>& scores, const std::vector<int32_t>& types,
+                             bool add_space_prefix) {
+  impl.bpe->set_scores(scores);
+  impl.bpe->set_byte_fallback(true);
+  for (size_t i = 0; i < types.size(); ++i)
+    if (types[i] == 2) impl.bpe->set_unk(static_cast<int32_t>(i), false);
+  if (add_space_prefix) impl.normalizers.push_back({NormalizerStep::Prepend, kSpace, ""});
+  impl.normalizers.push_back({NormalizerStep::Replace, " ", kSpace});
+  impl.decoders.push_back(DecoderStep{DecoderStep::Replace, kSpace, " ", 0, 0, true});
+  impl.decoders.push_back(DecoderStep{DecoderStep::ByteFallback, "", "", 0, 0, true});
+  impl.decoders.push_back(DecoderStep{DecoderStep::Fuse, "", "", 0, 0, true});
+  if (add_space_prefix) impl.decoders.push_back(DecoderStep{DecoderStep::Strip, " ", "", 1, 0, true});
+}
+
+// llama2.c's tokenizer.bin: i32 max_token_length, then per token f32 score, i32 length, bytes.
+// The export wrote "▁" as " " and <s>/</s> as "\n<s>\n"/"\n</s>\n"; ids 0, 1, 2 are unk, bos, eos.
+std::unique_ptr<Tokenizer::Impl> impl_from_llama2c(const std::string& path) {
+  const std::string data = read_text_file(path);
+  check(data.size() >= 4, path + ": truncated llama2.c tokenizer");
+  size_t pos = 4;
+  std::vector<std::string> vocab;
+  std::vector<float> scores;
+  std::vector<int32_t> types;
+  while (pos < data.size()) {
+    check(data.size() - pos >= 8, path + ": truncated llama2.c tokenizer (token " + std::to_string(vocab.size()) + ")");
+    float score;
+    int32_t len;
+    std::memcpy(&score, data.data() + pos, 4);
+    std::memcpy(&len, data.data() + pos + 4, 4);
+    pos += 8;
+    check(len >= 0 && static_cast<size_t>(len) <= data.size() - pos, path + ": token " + std::to_string(vocab.size()) + " runs past the end");
+    std::string piece = data.substr(pos, static_cast<size_t>(len));
+    pos += static_cast<size_t>(len);
+    const size_t id = vocab.size();
+    int32_t type = 1;
+    if (id == 0) {
+      piece = "<unk>", type = 2;
+    } else if (id == 1) {
+      piece = "<s>", type = 3;
+    } else if (id == 2) {
+      piece = "</s>", type = 3;
+    } else if (piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>') {
+      type = 6;
+    } else {
+      replace_all(piece, " ", kSpace);
+    }
+    vocab.push_back(piece);
+    scores.push_back(score);
+    types.push_back(type);
+  }
+  check(vocab.size() > 3, path + ": not a llama2.c tokenizer (no tokens)");
+  auto impl = std::make_unique<Tokenizer::Impl>();
+  impl->bpe = std::make_unique<BpeModel>(vocab);
+  for (size_t i = 0; i < types.size(); ++i)
+    if (types[i] != 1) impl->bpe->exclude_from_merges(static_cast<int32_t>(i));
+  impl->vocab_size = static_cast<int64_t>(vocab.size());
+  // llama2.c matches no special-token text, like sentencepiece itself.
+  setup_sentencepiece_bpe(*impl, scores, types, true);
+  impl->prefix_ids = {1};
+  impl->finish_added();
+  return impl;
+}
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
@@ -854,6 +920,15 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   }
   check(is_file(file), file + ": no such file");
   if (ends_with(file, ".gguf")) return tokenizer_from_gguf(GgufFile(file));
+  if (ends_with(file, ".bin")) {
+    tok->impl_ = impl_from_llama2c(file);
+    tok->kind_ = "llama2.c tokenizer.bin (SentencePiece BPE)";
+    tok->bos_id_ = 1;
+    tok->eos_id_ = 2;
+    tok->bos_token_ = "<s>";
+    tok->eos_token_ = "</s>";
+    return tok;
+  }
   if (ends_with(file, "encoder.json")) {
     tok->impl_ = impl_from_gpt2_files(dir);
     tok->kind_ = "GPT-2 files (encoder.json + vocab.bpe)";
@@ -917,19 +992,7 @@ std::unique_ptr<Tokenizer> tokenizer_from_gguf(const GgufFile& g) {
           where + ": tokenizer.ggml.scores missing or of the wrong length");
     std::vector<float> scores;
     for (const json& s : md["tokenizer.ggml.scores"]) scores.push_back(s.get<float>());
-    impl->bpe->set_scores(scores);
-    impl->bpe->set_byte_fallback(true);
-    for (size_t i = 0; i < vocab.size(); ++i)
-      if (types[i] == 2) impl->bpe->set_unk(static_cast<int32_t>(i), false);
-    // SentencePiece normalisation: spaces become "▁" and each text segment gets one leading "▁"
-    // (add_dummy_prefix), even when it already starts with a space, as sentencepiece does.
-    const bool prefix = md.value("tokenizer.ggml.add_space_prefix", true);
-    if (prefix) impl->normalizers.push_back({NormalizerStep::Prepend, kSpace, ""});
-    impl->normalizers.push_back({NormalizerStep::Replace, " ", kSpace});
-    impl->decoders.push_back(DecoderStep{DecoderStep::Replace, kSpace, " ", 0, 0, true});
-    impl->decoders.push_back(DecoderStep{DecoderStep::ByteFallback, "", "", 0, 0, true});
-    impl->decoders.push_back(DecoderStep{DecoderStep::Fuse, "", "", 0, 0, true});
-    if (prefix) impl->decoders.push_back(DecoderStep{DecoderStep::Strip, " ", "", 1, 0, true});
+    setup_sentencepiece_bpe(*impl, scores, types, md.value("tokenizer.ggml.add_space_prefix", true));
     tok->kind_ = "GGUF vocabulary (SentencePiece BPE)";
   } else if (model == "gpt2") {
     check(md.contains("tokenizer.ggml.merges") && md["tokenizer.ggml.merges"].is_array(), where + ": no tokenizer.ggml.merges");

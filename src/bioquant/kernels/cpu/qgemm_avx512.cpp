@@ -43,7 +43,15 @@ struct Ctx {
   const float* c;    // [t * nlanes] correction per lane (bias formats), else null
   const float* ds;   // [t * nblk] d_x * sum per block of 32 (K-quant mins)
   const float* csum; // [t] sum of C over lanes (int8)
-  const float* xp;   // [t * cols] permuted f32 activations (nf4/fp4)
+  // nf4/fp4: int16 activations per 64 columns [32 odd columns | 32 even columns] (the low and the
+  // high nibbles of the 32 code bytes).
+  const int16_t* x16;  // [t * cols_pad]
+  // q4_0: per 128 columns (4 blocks) [16 first + ... | 16 last of each block] = the low and the high
+  // nibbles of the 4 blocks' qs; lanes per unit: E and C (16 each, 4 per block).
+  const int8_t* qxu;   // [t * units * 128]
+  const float* eu;     // [t * units * 16]
+  const float* cu;     // [t * units * 16]
+  int64_t units;
 };
 
 // Per-row scales written by the row preparation: S lanes (16 per 64 columns; nf4/fp4: the scaled
@@ -361,70 +369,171 @@ float int_decode_row(const Ctx& c, const uint8_t* row) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// nf4 / fp4 tile (f32): per 64-block, 4 vectors of weights from the scaled codebook.
+// nf4 / fp4 (integer): 32 code bytes -> 32 words (vpmovzxbw); the low nibbles index the odd
+// columns, the high nibbles the even ones; vpermw looks both up in the Q1.14 codebook; vpmaddwd +
+// vpdpwssd against the int16 activations give 16 int32 lanes (8 per activation block of 32).
 
+inline __m512i bnb_book16(QuantType t) {
+  alignas(64) int16_t tab[32] = {};
+  bnb_codebook_i16(t, tab);
+  return _mm512_load_si512(tab);
+}
+
+// Absmax of blocks b0..b0+15 (clamped to nb), double quant decoded, into out[16].
+inline void bnb_absmax16(const uint8_t* row, int64_t nb, int64_t b0, bool dq, float* out) {
+  const int64_t n = imin(16, nb - b0);
+  if (!dq) {
+    for (int64_t i = 0; i < n; ++i) out[i] = load_f32(row + 36 * (b0 + i));
+    return;
+  }
+  const int64_t ngroups = (nb + kBnbNested - 1) / kBnbNested;
+  const uint8_t* codes = row + 4 + 4 * ngroups + 33 * b0;
+  const float offset = load_f32(row);
+  const float nested = load_f32(row + 4 + 4 * (b0 / kBnbNested));  // 16 | 256: one group per chunk
+  const float* map = bnb_dynamic_map();
+  for (int64_t i = 0; i < n; ++i) out[i] = map[codes[33 * i]] * nested + offset;
+}
+
+// Dot products of the 64 columns of block b: int32 lanes 0-7 for the first 32 columns, 8-15 for the last.
+inline __m512i bnb_block_dot(const __m512i book, const uint8_t* q, const int16_t* x16) {
+  const __m512i z = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  const __m512i wlo = _mm512_permutexvar_epi16(_mm512_and_si512(z, _mm512_set1_epi16(0x0F)), book);
+  const __m512i whi = _mm512_permutexvar_epi16(_mm512_srli_epi16(z, 4), book);
+  return _mm512_dpwssd_epi32(_mm512_madd_epi16(wlo, _mm512_loadu_si512(x16)), whi, _mm512_loadu_si512(x16 + 32));
+}
+
+float bnb_decode_row(const Ctx& c, const uint8_t* row, const __m512i book) {
+  const int64_t nb = c.cols / 64;
+  const bool dq = c.w->double_quant;
+  const int64_t stride = dq ? 33 : 36;
+  const uint8_t* codes = bnb_block_codes(row, nb, 0, dq);
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  alignas(64) float absmax[16];
+  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+    bnb_absmax16(row, nb, b0, dq, absmax);
+    const int64_t b1 = imin(nb, b0 + 16);
+    int64_t b = b0;
+    for (; b + 2 <= b1; b += 2) {
+      const __m512 f0 = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * b, c.x16 + 64 * b));
+      const __m512 f1 = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * (b + 1), c.x16 + 64 * (b + 1)));
+      a0 = _mm512_fmadd_ps(f0, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * b), _mm512_set1_ps(absmax[b - b0])), a0);
+      a1 = _mm512_fmadd_ps(f1, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * (b + 1)), _mm512_set1_ps(absmax[b + 1 - b0])), a1);
+    }
+    if (b < b1) {
+      const __m512 f0 = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * b, c.x16 + 64 * b));
+      a0 = _mm512_fmadd_ps(f0, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * b), _mm512_set1_ps(absmax[b - b0])), a0);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * kBnbCodeScale;
+}
+
+// MR rows x NR tokens.
 template <int MR, int NR>
-void bnb_tile(const Ctx& c, const uint8_t* const* codes, const RowPrep* rp, int64_t t0, float* y, int64_t ldy) {
+void bnb_tile(const Ctx& c, const uint8_t* const* codes, const float* const* absmax, int64_t t0, float* y, int64_t ldy,
+              const __m512i book) {
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int t = 0; t < NR; ++t) acc[r][t] = _mm512_setzero_ps();
   const int64_t nb = c.cols / 64;
   const int64_t stride = c.w->double_quant ? 33 : 36;
   for (int64_t b = 0; b < nb; ++b) {
-    __m512 wv[MR][4];
+    __m512i wlo[MR], whi[MR];
     for (int r = 0; r < MR; ++r) {
-      const __m512 cb = _mm512_loadu_ps(rp[r].s + 16 * b);
-      const uint8_t* q = codes[r] + stride * b;
-      const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-      const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-      wv[r][0] = _mm512_permutexvar_ps(i0, cb);
-      wv[r][1] = _mm512_permutexvar_ps(_mm512_srli_epi32(i0, 4), cb);
-      wv[r][2] = _mm512_permutexvar_ps(i1, cb);
-      wv[r][3] = _mm512_permutexvar_ps(_mm512_srli_epi32(i1, 4), cb);
+      const __m512i z = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[r] + stride * b)));
+      wlo[r] = _mm512_permutexvar_epi16(_mm512_and_si512(z, _mm512_set1_epi16(0x0F)), book);
+      whi[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(z, 4), book);
     }
     for (int t = 0; t < NR; ++t) {
-      const float* xp = c.xp + (t0 + t) * c.cols + 64 * b;
-      for (int v = 0; v < 4; ++v) {
-        const __m512 xv = _mm512_loadu_ps(xp + 16 * v);
-        for (int r = 0; r < MR; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r][v], xv, acc[r][t]);
+      const int16_t* x16 = c.x16 + (t0 + t) * c.cols_pad + 64 * b;
+      const __m512 ev = _mm512_loadu_ps(c.e + (t0 + t) * c.nlanes + 16 * b);
+      const __m512i xo = _mm512_loadu_si512(x16), xe = _mm512_loadu_si512(x16 + 32);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_madd_epi16(wlo[r], xo), whi[r], xe));
+        acc[r][t] = _mm512_fmadd_ps(f, _mm512_mul_ps(ev, _mm512_set1_ps(absmax[r][b])), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NR; ++t) y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(acc[r][t]) * kBnbCodeScale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// q4_0 in units of 4 blocks (128 columns, 72 bytes): the 4 x 16 qs bytes in one vector, low
+// nibbles against the first 16 columns of each block, high nibbles against the last 16, chained
+// into the same 16 int32 lanes (4 per block); the 4 fp16 scales picked out of the unit with vpermw.
+
+inline __m512 q4_0_unit_scale(const uint8_t* p) {
+  const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 27, 27, 27, 18, 18, 18, 18, 9, 9,
+                                       9, 9, 0, 0, 0, 0);
+  const __m512i d = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(p));
+  return _mm512_cvtph_ps(_mm512_castsi512_si256(d));
+}
+
+inline void q4_0_unit_levels(const uint8_t* p, __m512i& lo, __m512i& hi) {
+  __m512i z = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2)));
+  z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 20)), 1);
+  z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 38)), 2);
+  z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 56)), 3);
+  lo = _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+  hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), _mm512_set1_epi8(0x0F));
+}
+
+// The row's unit u, or a zero-padded copy of its last (short) unit.
+inline const uint8_t* q4_0_unit_ptr(const uint8_t* row, int64_t nb, int64_t u, uint8_t* tail) {
+  if (4 * u + 4 <= nb) return row + 72 * u;
+  std::memset(tail, 0, 72);
+  std::memcpy(tail, row + 72 * u, static_cast<size_t>(18 * (nb - 4 * u)));
+  return tail;
+}
+
+float q4_0_decode_row(const Ctx& c, const uint8_t* row) {
+  const int64_t nb = c.cols / 32;
+  alignas(64) uint8_t tail[128];
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t u = 0; u < c.units; ++u) {
+    const uint8_t* p = q4_0_unit_ptr(row, nb, u, tail);
+    __m512i lo, hi;
+    q4_0_unit_levels(p, lo, hi);
+    const int8_t* x = c.qxu + 128 * u;
+    const __m512i dp = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x)), hi, _mm512_loadu_si512(x + 64));
+    const __m512 t = _mm512_fmadd_ps(_mm512_loadu_ps(c.eu + 16 * u), _mm512_cvtepi32_ps(dp), _mm512_loadu_ps(c.cu + 16 * u));
+    if (u & 1) a1 = _mm512_fmadd_ps(q4_0_unit_scale(p), t, a1);
+    else a0 = _mm512_fmadd_ps(q4_0_unit_scale(p), t, a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+template <int MR, int NR>
+void q4_0_tile(const Ctx& c, const uint8_t* const* rows, int64_t t0, float* y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NR; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t nb = c.cols / 32;
+  const __m512i zero = _mm512_setzero_si512();
+  alignas(64) uint8_t tail[MR][128];
+  alignas(64) float scale[MR][16];
+  for (int64_t u = 0; u < c.units; ++u) {
+    __m512i lo[MR], hi[MR];
+    for (int r = 0; r < MR; ++r) {
+      const uint8_t* p = q4_0_unit_ptr(rows[r], nb, u, tail[r]);
+      q4_0_unit_levels(p, lo[r], hi[r]);
+      _mm512_store_ps(scale[r], q4_0_unit_scale(p));
+    }
+    for (int t = 0; t < NR; ++t) {
+      const int64_t tt = t0 + t;
+      const int8_t* x = c.qxu + (tt * c.units + u) * 128;
+      const __m512i xl = _mm512_loadu_si512(x), xh = _mm512_loadu_si512(x + 64);
+      const __m512 ev = _mm512_loadu_ps(c.eu + (tt * c.units + u) * 16);
+      const __m512 cv = _mm512_loadu_ps(c.cu + (tt * c.units + u) * 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m512i dp = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], xl), hi[r], xh);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps(scale[r]), _mm512_fmadd_ps(ev, _mm512_cvtepi32_ps(dp), cv), acc[r][t]);
       }
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int t = 0; t < NR; ++t) y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
-}
-
-static int kPF = std::getenv("QPF") ? std::atoi(std::getenv("QPF")) : 512;
-// Decode (one token), one row at a time: four accumulators, one per 16-column vector of a block.
-float bnb_decode_row(const Ctx& c, const uint8_t* row) {
-  const __m512 book = _mm512_loadu_ps(c.w->type == QuantType::NF4 ? nf4_codebook() : fp4_codebook());
-  const int64_t nb = c.cols / 64;
-  const bool dq = c.w->double_quant;
-  const int64_t stride = dq ? 33 : 36;
-  const uint8_t* codes = bnb_block_codes(row, nb, 0, dq);
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m512 cb = _mm512_mul_ps(book, _mm512_set1_ps(bnb_block_absmax(row, nb, b, dq)));
-    const uint8_t* q = codes + stride * b;
-    _mm_prefetch(reinterpret_cast<const char*>(q) + kPF, _MM_HINT_T0);
-    const float* xp = c.xp + 64 * b;
-    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0, cb), _mm512_loadu_ps(xp), a0);
-    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(i0, 4), cb), _mm512_loadu_ps(xp + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1, cb), _mm512_loadu_ps(xp + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(i1, 4), cb), _mm512_loadu_ps(xp + 48), a3);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
-void bnb_prep_row(const Ctx& c, const uint8_t* row, float* s) {
-  const float* book = c.w->type == QuantType::NF4 ? nf4_codebook() : fp4_codebook();
-  const __m512 cb = _mm512_loadu_ps(book);
-  const int64_t nb = c.cols / 64;
-  for (int64_t b = 0; b < nb; ++b) {
-    _mm512_storeu_ps(s + 16 * b, _mm512_mul_ps(cb, _mm512_set1_ps(bnb_block_absmax(row, nb, b, c.w->double_quant))));
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,43 +588,82 @@ void run_int(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float
   }
 }
 
-void run_bnb(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
-  const WeightView& w = *c.w;
-  if (n_tokens == 1) {
-    for (int64_t o = row_begin; o < row_end; ++o) y[o] = bnb_decode_row(c, w.data + static_cast<size_t>(o) * w.row_bytes);
-    return;
-  }
-  constexpr int MR = 4;
-  const int64_t nb = c.cols / 64;
-  const size_t s_floats = static_cast<size_t>(16 * nb);
-  float* scratch = static_cast<float*>(detail::qgemm_scratch(7, MR * (s_floats + 16) * sizeof(float)));
+// Row tiles over token chunks, shared by the nf4/fp4 and q4_0 drivers: tile(rows, mr, t, nr).
+template <class Tile4x4, class Tile4x1, class Tile1x4, class Tile1x1>
+void run_tiles(int64_t n_tokens, int64_t row_begin, int64_t row_end, Tile4x4&& t44, Tile4x1&& t41, Tile1x4&& t14,
+               Tile1x1&& t11) {
   for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenChunk) {
     const int64_t t1 = imin(n_tokens, t0 + kTokenChunk);
-    for (int64_t o = row_begin; o < row_end; o += MR) {
-      const int mr = static_cast<int>(imin(MR, row_end - o));
-      const uint8_t* codes[MR];
-      RowPrep rp[MR];
-      for (int r = 0; r < mr; ++r) {
-        const uint8_t* row = w.data + static_cast<size_t>(o + r) * w.row_bytes;
-        codes[r] = bnb_block_codes(row, nb, 0, w.double_quant);
-        float* s = scratch + r * (s_floats + 16);
-        rp[r] = RowPrep{s, nullptr, 0.0f};
-        bnb_prep_row(c, row, s);
-      }
-      float* yo = y + o;
-      if (mr == MR) {
+    for (int64_t o = row_begin; o < row_end; o += 4) {
+      if (o + 4 <= row_end) {
         int64_t t = t0;
-        for (; t + 2 <= t1; t += 2) bnb_tile<MR, 2>(c, codes, rp, t, yo, ldy);
-        for (; t < t1; ++t) bnb_tile<MR, 1>(c, codes, rp, t, yo, ldy);
+        for (; t + 4 <= t1; t += 4) t44(o, t);
+        for (; t < t1; ++t) t41(o, t);
       } else {
-        for (int r = 0; r < mr; ++r) {
+        for (int64_t r = o; r < row_end; ++r) {
           int64_t t = t0;
-          for (; t + 4 <= t1; t += 4) bnb_tile<1, 4>(c, codes + r, rp + r, t, yo + r, ldy);
-          for (; t < t1; ++t) bnb_tile<1, 1>(c, codes + r, rp + r, t, yo + r, ldy);
+          for (; t + 4 <= t1; t += 4) t14(r, t);
+          for (; t < t1; ++t) t11(r, t);
         }
       }
     }
   }
+}
+
+void run_bnb(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
+  const WeightView& w = *c.w;
+  const __m512i book = bnb_book16(w.type);
+  const auto row_ptr = [&](int64_t o) { return w.data + static_cast<size_t>(o) * w.row_bytes; };
+  if (n_tokens == 1) {
+    for (int64_t o = row_begin; o < row_end; ++o) y[o] = bnb_decode_row(c, row_ptr(o), book);
+    return;
+  }
+  const int64_t nb = c.cols / 64;
+  float* absmax_buf = static_cast<float*>(detail::qgemm_scratch(7, static_cast<size_t>(4 * (nb + 16)) * sizeof(float)));
+  int64_t prepared = -1;  // first row of the 4 whose absmax are in absmax_buf
+  const auto prepare = [&](int64_t o, int mr) {
+    if (prepared == o) return;
+    for (int r = 0; r < mr; ++r) {
+      for (int64_t b0 = 0; b0 < nb; b0 += 16) bnb_absmax16(row_ptr(o + r), nb, b0, w.double_quant, absmax_buf + r * (nb + 16) + b0);
+    }
+    prepared = o;
+  };
+  const auto tile = [&](auto mr_c, auto nr_c, int64_t o, int64_t t) {
+    constexpr int MR = decltype(mr_c)::value, NR = decltype(nr_c)::value;
+    prepare(o, MR);
+    const uint8_t* codes[MR];
+    const float* absmax[MR];
+    for (int r = 0; r < MR; ++r) {
+      codes[r] = bnb_block_codes(row_ptr(o + r), nb, 0, w.double_quant);
+      absmax[r] = absmax_buf + r * (nb + 16);
+    }
+    bnb_tile<MR, NR>(c, codes, absmax, t, y + o, ldy, book);
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I4 = std::integral_constant<int, 4>;
+  run_tiles(n_tokens, row_begin, row_end, [&](int64_t o, int64_t t) { tile(I4{}, I4{}, o, t); },
+            [&](int64_t o, int64_t t) { tile(I4{}, I1{}, o, t); }, [&](int64_t o, int64_t t) { tile(I1{}, I4{}, o, t); },
+            [&](int64_t o, int64_t t) { tile(I1{}, I1{}, o, t); });
+}
+
+void run_q4_0(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
+  const WeightView& w = *c.w;
+  const auto row_ptr = [&](int64_t o) { return w.data + static_cast<size_t>(o) * w.row_bytes; };
+  if (n_tokens == 1) {
+    for (int64_t o = row_begin; o < row_end; ++o) y[o] = q4_0_decode_row(c, row_ptr(o));
+    return;
+  }
+  const auto tile = [&](auto mr_c, auto nr_c, int64_t o, int64_t t) {
+    constexpr int MR = decltype(mr_c)::value, NR = decltype(nr_c)::value;
+    const uint8_t* rows[MR];
+    for (int r = 0; r < MR; ++r) rows[r] = row_ptr(o + r);
+    q4_0_tile<MR, NR>(c, rows, t, y + o, ldy);
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I4 = std::integral_constant<int, 4>;
+  run_tiles(n_tokens, row_begin, row_end, [&](int64_t o, int64_t t) { tile(I4{}, I4{}, o, t); },
+            [&](int64_t o, int64_t t) { tile(I4{}, I1{}, o, t); }, [&](int64_t o, int64_t t) { tile(I1{}, I4{}, o, t); },
+            [&](int64_t o, int64_t t) { tile(I1{}, I1{}, o, t); });
 }
 
 // Lane arrays of the quantized activations: E (block scale per 4 quants), C (bias correction),
@@ -559,21 +707,56 @@ void build_lanes(Ctx& c, QuantType type) {
   c.csum = csum;
 }
 
-// nf4/fp4 activations permuted per 32 columns: the 16 odd columns (low nibbles) then the 16 even ones.
-void permute_activations(Ctx& c, const float* x, int64_t ldx, int64_t n) {
-  float* xp = static_cast<float*>(detail::qgemm_scratch(0, static_cast<size_t>(n * c.cols) * sizeof(float)));
-  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = x + t * ldx;
-    float* pt = xp + t * c.cols;
-    for (int64_t h = 0; h < c.cols; h += 32) {
-      const __m512 lo = _mm512_loadu_ps(xt + h), hi = _mm512_loadu_ps(xt + h + 16);
-      _mm512_storeu_ps(pt + h, _mm512_permutex2var_ps(lo, odd, hi));
-      _mm512_storeu_ps(pt + h + 16, _mm512_permutex2var_ps(lo, even, hi));
+// nf4/fp4: int16 activations per 64 columns, [odd columns | even columns].
+void build_bnb_activations(Ctx& c) {
+  const ActQ& a = c.a;
+  int16_t* x16 = static_cast<int16_t*>(detail::qgemm_scratch(5, static_cast<size_t>(a.n_tokens * c.cols_pad) * sizeof(int16_t)));
+  for (int64_t t = 0; t < a.n_tokens; ++t) {
+    const int8_t* q = a.qt(t);
+    int16_t* out = x16 + t * c.cols_pad;
+    for (int64_t b = 0; b < c.cols_pad / 64; ++b) {
+      for (int k = 0; k < 32; ++k) {
+        out[64 * b + k] = q[64 * b + 2 * k + 1];
+        out[64 * b + 32 + k] = q[64 * b + 2 * k];
+      }
     }
   }
-  c.xp = xp;
+  c.x16 = x16;
+}
+
+// q4_0: units of 4 blocks.
+void build_q4_0_activations(Ctx& c) {
+  const ActQ& a = c.a;
+  c.units = (c.cols / 32 + 3) / 4;
+  const int64_t n = a.n_tokens, units = c.units;
+  int8_t* qxu = static_cast<int8_t*>(detail::qgemm_scratch(5, static_cast<size_t>(n * units * 128)));
+  float* eu = static_cast<float*>(detail::qgemm_scratch(6, static_cast<size_t>(n * units * 32) * sizeof(float)));
+  float* cu = eu + n * units * 16;
+  for (int64_t t = 0; t < n; ++t) {
+    const int8_t* q = a.qt(t);
+    for (int64_t u = 0; u < units; ++u) {
+      int8_t* x = qxu + (t * units + u) * 128;
+      float* e = eu + (t * units + u) * 16;
+      float* cc = cu + (t * units + u) * 16;
+      for (int k = 0; k < 4; ++k) {
+        const int64_t b = 4 * u + k;
+        const bool live = b < a.nblk;
+        for (int i = 0; i < 16; ++i) {
+          x[16 * k + i] = live ? q[32 * b + i] : 0;
+          x[64 + 16 * k + i] = live ? q[32 * b + 16 + i] : 0;
+        }
+        const float d = live ? a.dt(t)[b] : 0.0f;
+        const float corr = live ? -8.0f * d * static_cast<float>(a.st(t)[b]) / 4.0f : 0.0f;
+        for (int i = 0; i < 4; ++i) {
+          e[4 * k + i] = d;
+          cc[4 * k + i] = corr;
+        }
+      }
+    }
+  }
+  c.qxu = qxu;
+  c.eu = eu;
+  c.cu = cu;
 }
 
 }  // namespace
@@ -588,16 +771,18 @@ void qgemm_avx512(const float* x, int64_t ldx, int64_t n_tokens, const WeightVie
   c.cols_pad = round_up(w.cols, 64);
   c.groups = c.cols_pad / 64;
   c.nlanes = c.cols_pad / 4;
-  if (w.type == QuantType::NF4 || w.type == QuantType::FP4) {
-    permute_activations(c, x, ldx, n_tokens);
-    run_bnb(c, n_tokens, row_begin, row_end, y, ldy);
-    return;
-  }
   c.a = quantize_activations(x, ldx, n_tokens, w.cols);
   build_lanes(c, w.type);
+  if (w.type == QuantType::NF4 || w.type == QuantType::FP4) {
+    build_bnb_activations(c);
+    return run_bnb(c, n_tokens, row_begin, row_end, y, ldy);
+  }
+  if (w.type == QuantType::Q4_0) {
+    build_q4_0_activations(c);
+    return run_q4_0(c, n_tokens, row_begin, row_end, y, ldy);
+  }
   switch (w.type) {
     case QuantType::Q8_0: return run_int<FmtQ8_0>(c, n_tokens, row_begin, row_end, y, ldy);
-    case QuantType::Q4_0: return run_int<FmtQ4_0>(c, n_tokens, row_begin, row_end, y, ldy);
     case QuantType::Q4_K: return run_int<FmtQ4_K>(c, n_tokens, row_begin, row_end, y, ldy);
     case QuantType::Q5_K: return run_int<FmtQ5_K>(c, n_tokens, row_begin, row_end, y, ldy);
     case QuantType::Q6_K: return run_int<FmtQ6_K>(c, n_tokens, row_begin, row_end, y, ldy);

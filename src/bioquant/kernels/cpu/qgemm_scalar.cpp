@@ -5,7 +5,7 @@
 //   q4_k  y = sum_j dx_j (d sc_j sum_i q_i qx_i - dmin m_j sum_i qx_i)   (j: sub-blocks of 32; q5_k alike)
 //   q6_k  y = sum_k dx_(k/2) d sc_k sum_i (q_i - 32) qx_i               (k: sub-blocks of 16)
 //   int8  y = absmax/127 sum_b dx_b sum_i q_i qx_i
-//   nf4/fp4 y = sum_i (codebook[c_i] absmax_(i/64)) x_i                  (f32 activations)
+//   nf4/fp4 y = sum_b absmax_b 2^-14 sum_j dx_j sum_i cb16[c_i] qx_i         (cb16: codebook in Q1.14)
 // where qx, dx are the activations quantized per 32 (qgemm_impl.h) and integer sums are exact.
 #include <cstdint>
 #include <cstring>
@@ -57,7 +57,7 @@ int32_t idot(const int32_t* a, const int8_t* b, int n) {
   return s;
 }
 
-float dot_row(const WeightView& w, const uint8_t* row, const ActQ& a, int64_t t, const float* xt) {
+float dot_row(const WeightView& w, const uint8_t* row, const ActQ& a, int64_t t) {
   const int64_t cols = w.cols;
   const int8_t* qx = a.qt(t);
   const float* dx = a.dt(t);
@@ -138,14 +138,19 @@ float dot_row(const WeightView& w, const uint8_t* row, const ActQ& a, int64_t t,
     }
     case QuantType::NF4:
     case QuantType::FP4: {
-      const float* cb = w.type == QuantType::NF4 ? nf4_codebook() : fp4_codebook();
+      int16_t cb[16];
+      bnb_codebook_i16(w.type, cb);
       const int64_t nb = cols / 64;
       for (int64_t b = 0; b < nb; ++b) {
         const float absmax = bnb_block_absmax(row, nb, b, w.double_quant);
         const uint8_t* c = bnb_block_codes(row, nb, b, w.double_quant);
-        for (int k = 0; k < 32; ++k) {
-          acc += cb[c[k] >> 4] * absmax * xt[64 * b + 2 * k];
-          acc += cb[c[k] & 0xF] * absmax * xt[64 * b + 2 * k + 1];
+        for (int h = 0; h < 2; ++h) {  // the two activation blocks of 32
+          int32_t s = 0;
+          for (int k = 16 * h; k < 16 * h + 16; ++k) {
+            s += cb[c[k] >> 4] * qx[64 * b + 2 * k];
+            s += cb[c[k] & 0xF] * qx[64 * b + 2 * k + 1];
+          }
+          acc += absmax * kBnbCodeScale * dx[2 * b + h] * static_cast<float>(s);
         }
       }
       return acc;
@@ -160,12 +165,10 @@ namespace detail {
 
 void qgemm_scalar(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
                   int64_t row_end, float* y, int64_t ldy) {
-  const bool bnb4 = w.type == QuantType::NF4 || w.type == QuantType::FP4;
-  ActQ a;
-  if (!bnb4) a = quantize_activations(x, ldx, n_tokens, w.cols);
+  const ActQ a = quantize_activations(x, ldx, n_tokens, w.cols);
   for (int64_t t = 0; t < n_tokens; ++t) {
     for (int64_t o = row_begin; o < row_end; ++o) {
-      y[t * ldy + o] = dot_row(w, w.data + static_cast<size_t>(o) * w.row_bytes, a, t, x + t * ldx);
+      y[t * ldy + o] = dot_row(w, w.data + static_cast<size_t>(o) * w.row_bytes, a, t);
     }
   }
 }
