@@ -379,21 +379,6 @@ inline __m512i bnb_book16(QuantType t) {
   return _mm512_load_si512(tab);
 }
 
-// Absmax of blocks b0..b0+15 (clamped to nb), double quant decoded, into out[16].
-inline void bnb_absmax16(const uint8_t* row, int64_t nb, int64_t b0, bool dq, float* out) {
-  const int64_t n = imin(16, nb - b0);
-  if (!dq) {
-    for (int64_t i = 0; i < n; ++i) out[i] = load_f32(row + 36 * (b0 + i));
-    return;
-  }
-  const int64_t ngroups = (nb + kBnbNested - 1) / kBnbNested;
-  const uint8_t* codes = row + 4 + 4 * ngroups + 33 * b0;
-  const float offset = load_f32(row);
-  const float nested = load_f32(row + 4 + 4 * (b0 / kBnbNested));  // 16 | 256: one group per chunk
-  const float* map = bnb_dynamic_map();
-  for (int64_t i = 0; i < n; ++i) out[i] = map[codes[33 * i]] * nested + offset;
-}
-
 // Dot products of the 64 columns of block b: int32 lanes 0-7 for the first 32 columns, 8-15 for the last.
 inline __m512i bnb_block_dot(const __m512i book, const uint8_t* q, const int16_t* x16) {
   const __m512i z = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));

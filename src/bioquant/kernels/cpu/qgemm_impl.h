@@ -105,6 +105,21 @@ inline void bnb_codebook_i16(QuantType t, int16_t* out) {
   for (int i = 0; i < 16; ++i) out[i] = static_cast<int16_t>(q_round(cb[i] * 16384.0f));
 }
 
+// Absmax of blocks b0..b0+15 (clamped to nb), double quant decoded, into out[16].
+inline void bnb_absmax16(const uint8_t* row, int64_t nb, int64_t b0, bool dq, float* out) {
+  const int64_t n = imin(16, nb - b0);
+  if (!dq) {
+    for (int64_t i = 0; i < n; ++i) out[i] = load_f32(row + 36 * (b0 + i));
+    return;
+  }
+  const int64_t ngroups = (nb + kBnbNested - 1) / kBnbNested;
+  const uint8_t* codes = row + 4 + 4 * ngroups + 33 * b0;
+  const float offset = load_f32(row);
+  const float nested = load_f32(row + 4 + 4 * (b0 / kBnbNested));  // 16 | 256: one group per chunk
+  const float* map = bnb_dynamic_map();
+  for (int64_t i = 0; i < n; ++i) out[i] = map[codes[33 * i]] * nested + offset;
+}
+
 // Pointer to the 32 code bytes of nf4/fp4 block b.
 inline const uint8_t* bnb_block_codes(const uint8_t* row, int64_t nb, int64_t b, bool double_quant) {
   if (!double_quant) return row + 36 * b + 4;
