@@ -82,7 +82,7 @@ TEST(Kernels, ThreadedMatmulEqualsSingleThread) {
   std::vector<float> x(static_cast<size_t>(n * k));
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (float& v : x) v = normal(rng);
-  const Matrix m{DType::BF16, rows, k, w.data()};
+  const Matrix m = Matrix::plain(DType::BF16, rows, k, w.data());
   std::vector<float> y1(static_cast<size_t>(n * rows)), y4(y1.size());
   ThreadPool one(1), four(4);
   matmul(x.data(), n, m, y1.data(), one);

@@ -4,17 +4,21 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 
 #include "bioquant/core/error.h"
+#include "bioquant/core/memory.h"
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/engine/generator.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
 #include "bioquant/model/decoder.h"
+#include "bioquant/model/quantize.h"
 #include "bioquant/model/synthetic.h"
 #include "bioquant/tokenizer/chat_template.h"
 #include "bioquant/tokenizer/tokenizer.h"
@@ -29,13 +33,48 @@ struct Common {
   std::string model;
   int threads = 0;
   std::string device = "cpu";
+  std::string quant;
+  bool double_quant = false;
+  std::string quant_policy = "default";
 };
 
 void add_model_flags(CLI::App& app, Common& c, bool required = true) {
-  auto* opt = app.add_option("--model", c.model, "Hugging Face model directory (config.json + safetensors)");
+  auto* opt = app.add_option("--model", c.model, "Hugging Face model directory or GGUF file");
   if (required) opt->required();
   app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--device", c.device, "cpu (this build has no CUDA backend)");
+  app.add_option("--quant", c.quant, "quantize on load: " + quant_names_list());
+  app.add_flag("--double-quant", c.double_quant, "nf4/fp4: quantize the block scales too (~4.13 bits/weight)");
+  app.add_option("--quant-policy", c.quant_policy,
+                 "default (bitsandbytes: linear layers only; GGUF types: + embedding, output q6_k), all, linear");
+}
+
+std::optional<QuantRecipe> recipe_of(const Common& c) {
+  if (c.quant.empty()) {
+    check(!c.double_quant, "--double-quant needs --quant nf4 or fp4");
+    return std::nullopt;
+  }
+  return parse_quant_recipe(c.quant, c.double_quant, c.quant_policy);
+}
+
+void report_fallbacks(const std::vector<TensorPlan>& plan) {
+  for (const TensorPlan& p : plan)
+    if (!p.note.empty()) std::fprintf(stderr, "note: %s: %s\n", p.name.c_str(), p.note.c_str());
+}
+
+// Loads a model and quantizes it on load when --quant is given.
+std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool) {
+  auto model = Model::load(c.model);
+  if (const auto recipe = recipe_of(c)) {
+    const auto plan = plan_quantization(*model, *recipe);
+    report_fallbacks(plan);
+    quantize_model(*model, plan, pool);
+  }
+  return model;
+}
+
+void report_peak_memory() {
+  std::fprintf(stderr, "peak memory (RSS): %.1f MiB\n", static_cast<double>(peak_rss_bytes()) / (1024.0 * 1024.0));
 }
 
 void check_device(const std::string& device) {
@@ -115,18 +154,61 @@ Run add_info(CLI::App& app) {
   add_model_flags(app, *opts);
   app.add_option("--ctx", *ctx, "context length for the KV-cache estimate")->check(CLI::PositiveNumber);
   app.add_flag("--json", *as_json, "print one JSON object");
+  auto batch = std::make_shared<int64_t>(512);
+  app.add_option("--batch", *batch, "tokens per forward pass for the activation estimate (default 512)")
+      ->check(CLI::PositiveNumber);
   return [=]() {
     auto model = Model::load(opts->model);
     const ModelConfig& c = model->config();
     const double params = static_cast<double>(c.parameter_count());
     const double kv_per_token = 2.0 * static_cast<double>(c.n_layers * c.kv_dim()) * sizeof(float);
+    // Weights as they would be held: the plan of --quant (nothing is quantized here), else as stored.
+    std::vector<TensorPlan> plan;
+    if (const auto recipe = recipe_of(*opts)) {
+      plan = plan_quantization(*model, *recipe);
+    } else {
+      for (const auto& [name, m] : model->named_matrices())
+        plan.push_back({name, m->rows, m->cols, m->type, m->type, m->double_quant, ""});
+    }
+    std::map<std::string, std::pair<double, double>> by_format;  // name -> (bytes, parameters)
+    double matrix_bytes = 0, matrix_params = 0;
+    for (const TensorPlan& p : plan) {
+      const std::string f = std::string(quant_traits(p.to).name) + (p.double_quant ? "+dq" : "");
+      by_format[f].first += static_cast<double>(p.bytes());
+      by_format[f].second += static_cast<double>(p.rows * p.cols);
+      matrix_bytes += static_cast<double>(p.bytes());
+      matrix_params += static_cast<double>(p.rows * p.cols);
+    }
+    const double small_bytes = static_cast<double>(model->weight_bytes());
+    double stored_matrix_bytes = 0;
+    for (const auto& [name, m] : model->named_matrices()) stored_matrix_bytes += static_cast<double>(m->nbytes());
+    const double vector_bytes = small_bytes - stored_matrix_bytes;  // norms and biases, f32
+    const double n = static_cast<double>(*batch);
+    const double activation_bytes =
+        4.0 * (n * (2.0 * c.hidden + 2.0 * c.q_dim() + 2.0 * c.kv_dim() + 2.0 * c.intermediate + c.rotary_dim()) +
+               c.vocab + static_cast<double>(*ctx) * ThreadPool::hardware_threads());
+    json formats = json::object();
+    for (const auto& [f, bp] : by_format)
+      formats[f] = {{"bytes", bp.first}, {"parameters", bp.second}, {"bits_per_weight", 8.0 * bp.first / bp.second}};
+    json fallbacks = json::array();
+    for (const TensorPlan& p : plan)
+      if (!p.note.empty()) fallbacks.push_back({{"tensor", p.name}, {"note", p.note}});
     json out = config_json(c);
     out["path"] = opts->model;
     out["weight_dtype"] = model->weight_dtype();
-    out["weight_bytes"] = model->total_weight_bytes();
-    out["memory_bytes"] = {{"weights_f32", params * 4}, {"weights_bf16", params * 2}, {"weights_f16", params * 2},
-                           {"kv_cache_per_token_f32", kv_per_token}, {"kv_cache_at_ctx", kv_per_token * (*ctx)},
-                           {"ctx", *ctx}};
+    out["quant"] = opts->quant.empty() ? json(nullptr) : json(opts->quant);
+    out["memory_bytes"] = {{"weights", matrix_bytes + vector_bytes}, {"weights_by_format", formats},
+                           {"norms_and_biases_f32", vector_bytes}, {"kv_cache_at_ctx", kv_per_token * (*ctx)},
+                           {"kv_cache_per_token", kv_per_token}, {"ctx", *ctx}, {"activations", activation_bytes},
+                           {"batch", *batch},
+                           {"total_estimate", matrix_bytes + vector_bytes + kv_per_token * (*ctx) + activation_bytes}};
+    out["fallbacks"] = fallbacks;
+    std::string tokenizer = "none";
+    try {
+      tokenizer = load_tokenizer(opts->model)->kind();
+    } catch (const Error&) {
+    }
+    out["tokenizer"] = tokenizer;
     if (*as_json) {
       std::printf("%s\n", out.dump().c_str());
       return 0;
@@ -136,13 +218,22 @@ Run add_info(CLI::App& app) {
                 c.model_type.c_str(), (long long)c.n_layers, (long long)c.hidden, (long long)c.intermediate,
                 (long long)c.n_heads, (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.vocab);
     std::printf("parameters   %.0f (%.3f B)\n", params, params / 1e9);
-    std::printf("weights      %s, %s on disk\n", model->weight_dtype().c_str(),
-                gib(static_cast<double>(model->total_weight_bytes())).c_str());
+    std::printf("tokenizer    %s\n", tokenizer.c_str());
     std::printf("rope         %s, theta %g, rotary dim %lld\n", rope_type_name(c.rope.type), c.rope.theta,
                 (long long)c.rotary_dim());
     if (c.sliding_window > 0) std::printf("sliding      window %lld\n", (long long)c.sliding_window);
-    std::printf("memory       f32 %s, bf16/f16 %s; KV cache (f32) %s at %lld tokens\n", gib(params * 4).c_str(),
-                gib(params * 2).c_str(), gib(kv_per_token * (*ctx)).c_str(), (long long)*ctx);
+    std::printf("memory%s (estimate; runs report their measured peak):\n",
+                opts->quant.empty() ? "" : (" at --quant " + opts->quant).c_str());
+    for (const auto& [f, bp] : by_format)
+      std::printf("  weights %-8s %s  (%.0f parameters, %.3f bits/weight)\n", f.c_str(), gib(bp.first).c_str(), bp.second,
+                  8.0 * bp.first / bp.second);
+    std::printf("  norms/biases     %s\n", gib(vector_bytes).c_str());
+    std::printf("  KV cache (f32)   %s at %lld tokens\n", gib(kv_per_token * (*ctx)).c_str(), (long long)*ctx);
+    std::printf("  activations      %s for %lld-token passes\n", gib(activation_bytes).c_str(), (long long)*batch);
+    std::printf("  total            %s (+ the program itself, ~10 MiB)\n",
+                gib(matrix_bytes + vector_bytes + kv_per_token * (*ctx) + activation_bytes).c_str());
+    for (const TensorPlan& p : plan)
+      if (!p.note.empty()) std::printf("fallback     %s: %s\n", p.name.c_str(), p.note.c_str());
     return 0;
   };
 }
@@ -225,11 +316,11 @@ Run add_logits(CLI::App& app) {
   return [=]() {
     check_device(opts->device);
     const std::vector<int32_t> ids = parse_token_list(*tokens);
-    auto model = Model::load(opts->model);
+    ThreadPool pool(opts->threads);
+    auto model = open_model(*opts, pool);
     const ModelConfig& c = model->config();
     check(*last <= static_cast<int64_t>(ids.size()),
           "--last " + std::to_string(*last) + " exceeds the " + std::to_string(ids.size()) + " positions given");
-    ThreadPool pool(opts->threads);
     Decoder decoder(*model, pool);
     KVCache cache(c, static_cast<int64_t>(ids.size()));
     const int64_t n = static_cast<int64_t>(ids.size());
@@ -246,6 +337,7 @@ Run add_logits(CLI::App& app) {
     }
     out["logits"] = rows;
     std::printf("%s\n", out.dump().c_str());
+    report_peak_memory();
     return 0;
   };
 }
@@ -278,7 +370,8 @@ Run add_generate(CLI::App& app) {
     check_device(opts->device);
     check(!prompt->empty() || !tokens->empty(), "give --prompt TEXT or --tokens IDS");
     check(!*chat || !prompt->empty(), "--chat needs --prompt TEXT");
-    auto model = Model::load(opts->model);
+    ThreadPool pool(opts->threads);
+    auto model = open_model(*opts, pool);
     // The tokenizer is needed for text in or out; a model directory without one still runs on ids.
     std::unique_ptr<Tokenizer> tok;
     if (!prompt->empty()) {
@@ -306,7 +399,6 @@ Run add_generate(CLI::App& app) {
       ids = parse_token_list(*tokens);
     }
     check(!ids.empty(), "the prompt encodes to no tokens");
-    ThreadPool pool(opts->threads);
     Decoder decoder(*model, pool);
     GenerateOptions options = *gen;
     options.stop_at_eos = !*ignore_eos;
@@ -324,6 +416,7 @@ Run add_generate(CLI::App& app) {
     std::fprintf(stderr, "prompt %zu tokens in %.3f s (%.1f tok/s), generated %zu tokens (%.1f tok/s), stop: %s\n",
                  ids.size(), r.prompt_seconds, static_cast<double>(ids.size()) / std::max(r.prompt_seconds, 1e-9),
                  r.tokens.size(), tg, r.stop_reason.c_str());
+    report_peak_memory();
     if (*as_json) {
       // Without a tokenizer there is no text to give: an empty string, never invented text.
       json out = {{"tokens", r.tokens}, {"text", tok ? tok->decode(r.tokens, true) : ""}, {"stop_reason", r.stop_reason}};
@@ -407,10 +500,11 @@ Run add_bench(CLI::App& app) {
       const DType dt = *dtype == "f32" ? DType::F32 : *dtype == "f16" ? DType::F16 : DType::BF16;
       std::fprintf(stderr, "building synthetic %s (%s, %.2f B parameters)...\n", synthetic->c_str(), dtype->c_str(),
                    static_cast<double>(config.parameter_count()) / 1e9);
-      model = make_synthetic_model(config, dt, 1234, pool);
+      const auto recipe = recipe_of(*opts);
+      model = make_synthetic_model(config, dt, 1234, pool, recipe ? &*recipe : nullptr);
       name = "synthetic:" + *synthetic;
     } else {
-      model = Model::load(opts->model);
+      model = open_model(*opts, pool);
       name = opts->model;
     }
     const ModelConfig& c = model->config();
@@ -471,7 +565,10 @@ Run add_bench(CLI::App& app) {
                 {"pp_sd", pps.sd},
                 {"tg_tokens_per_s", tgs.mean},
                 {"tg_sd", tgs.sd},
-                {"tg_weight_read_gb_s", tg_gbps}};
+                {"tg_weight_read_gb_s", tg_gbps},
+                {"quant", opts->quant.empty() ? json(nullptr) : json(opts->quant)},
+                {"weight_bytes", model->weight_bytes()},
+                {"peak_rss_bytes", peak_rss_bytes()}};
     if (membw > 0) {
       out["stream_read_gb_s"] = membw;
       out["tg_bandwidth_fraction"] = tg_gbps / membw;
@@ -480,6 +577,7 @@ Run add_bench(CLI::App& app) {
       std::printf("%s\n", out.dump().c_str());
       return 0;
     }
+    report_peak_memory();
     std::printf("| model | params | weights | threads | isa | test | t/s |\n|---|---|---|---|---|---|---|\n");
     const double billions = static_cast<double>(c.parameter_count()) / 1e9;
     if (*n_prompt > 0)

@@ -24,6 +24,10 @@ class MappedFile {
   size_t size_ = 0;
 };
 
+// Tells the OS that the whole pages inside [data, data + nbytes) of a read-only mapping are not
+// needed any more (they are re-read from the file if touched again).
+void release_mapped_range(const uint8_t* data, size_t nbytes);
+
 // Reads a whole (small) file into a string; throws Error naming the path when unreadable.
 std::string read_text_file(const std::string& path);
 

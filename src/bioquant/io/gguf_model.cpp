@@ -176,6 +176,12 @@ const TensorView* GgufTensorSource::find(const std::string& name) const {
   return it == views_.end() ? nullptr : &it->second;
 }
 
+void GgufTensorSource::release(const uint8_t* data, size_t nbytes) const {
+  for (const auto& owned : owned_)
+    if (data == owned.get()) return;  // a permuted copy, not the mapping
+  release_mapped_range(data, nbytes);
+}
+
 size_t GgufTensorSource::mapped_bytes() const {
   size_t total = 0;
   for (const auto& [name, v] : views_) total += v.nbytes;

@@ -21,6 +21,7 @@ class GgufTensorSource : public TensorSource {
   GgufTensorSource(std::shared_ptr<const GgufFile> gguf, const ModelConfig& config);
   const TensorView* find(const std::string& name) const override;
   size_t mapped_bytes() const override;
+  void release(const uint8_t* data, size_t nbytes) const override;
 
  private:
   std::shared_ptr<const GgufFile> gguf_;

@@ -1,6 +1,10 @@
 #include "bioquant/io/tensor_source.h"
 
+#include <sys/mman.h>
 #include <sys/stat.h>
+
+#include <algorithm>
+#include <new>
 
 #include <nlohmann/json.hpp>
 #include <set>
@@ -60,28 +64,58 @@ size_t SafetensorsModelFiles::mapped_bytes() const {
   return total;
 }
 
+void SafetensorsModelFiles::release(const uint8_t* data, size_t nbytes) const { release_mapped_range(data, nbytes); }
+
+MemoryTensors::~MemoryTensors() {
+  for (auto& [name, e] : tensors_) {
+    if (e.mapped) {
+      ::munmap(e.bytes, e.capacity);
+    } else {
+      delete[] e.bytes;
+    }
+  }
+}
+
 uint8_t* MemoryTensors::add(const std::string& name, DType dtype, std::vector<int64_t> shape) {
-  TensorView view;
-  view.name = name;
-  view.dtype = dtype;
-  view.shape = std::move(shape);
-  view.nbytes = static_cast<size_t>(view.numel()) * dtype_size(dtype);
-  auto bytes = std::make_unique<uint8_t[]>(view.nbytes);  // value-initialised: zeros
-  view.data = bytes.get();
-  uint8_t* out = bytes.get();
-  tensors_[name] = {std::move(view), std::move(bytes)};
+  check(!tensors_.count(name), "tensor '" + name + "' added twice");
+  Entry e;
+  e.view.name = name;
+  e.view.dtype = dtype;
+  e.view.shape = std::move(shape);
+  e.view.nbytes = static_cast<size_t>(e.view.numel()) * dtype_size(dtype);
+  e.capacity = std::max<size_t>(e.view.nbytes, 1);
+  if (e.capacity >= (size_t{1} << 20)) {
+    void* p = ::mmap(nullptr, e.capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    e.bytes = static_cast<uint8_t*>(p);
+    e.mapped = true;
+  } else {
+    e.bytes = new uint8_t[e.capacity]();
+  }
+  e.view.data = e.bytes;
+  uint8_t* out = e.bytes;
+  tensors_.emplace(name, std::move(e));
   return out;
 }
 
 const TensorView* MemoryTensors::find(const std::string& name) const {
   auto it = tensors_.find(name);
-  return it == tensors_.end() ? nullptr : &it->second.first;
+  return it == tensors_.end() ? nullptr : &it->second.view;
 }
 
 size_t MemoryTensors::mapped_bytes() const {
   size_t total = 0;
-  for (const auto& [name, entry] : tensors_) total += entry.first.nbytes;
+  for (const auto& [name, e] : tensors_) total += e.view.nbytes;
   return total;
+}
+
+void MemoryTensors::release(const uint8_t* data, size_t nbytes) const {
+  for (const auto& [name, e] : tensors_) {
+    if (e.mapped && data >= e.bytes && data + nbytes <= e.bytes + e.capacity) {
+      release_mapped_range(data, nbytes);  // anonymous pages read back as zeros afterwards
+      return;
+    }
+  }
 }
 
 }  // namespace bioquant

@@ -27,7 +27,7 @@ class Binder {
     const TensorView& v = require(name, {rows, cols});
     check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
           "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
-    return Matrix{v.dtype, rows, cols, v.data};
+    return Matrix::plain(v.dtype, rows, cols, v.data);
   }
 
   std::vector<float> vector(const std::string& name, int64_t size, float offset = 0.0f) const {
@@ -35,7 +35,7 @@ class Binder {
     check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
           "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
     std::vector<float> out(static_cast<size_t>(size));
-    Matrix{v.dtype, 1, size, v.data}.row_to_f32(0, out.data());
+    Matrix::plain(v.dtype, 1, size, v.data).row_to_f32(0, out.data());
     for (float& x : out) x += offset;
     return out;
   }
@@ -150,14 +150,49 @@ size_t Model::matrix_bytes() const {
   return total;
 }
 
+std::vector<std::pair<std::string, Matrix*>> Model::named_matrices() {
+  std::vector<std::pair<std::string, Matrix*>> out;
+  out.emplace_back("embedding", &weights_.embed);
+  if (weights_.output.data != weights_.embed.data || weights_.output.type != weights_.embed.type)
+    out.emplace_back("output", &weights_.output);
+  static const char* const kNames[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+  for (size_t i = 0; i < weights_.layers.size(); ++i) {
+    LayerWeights& l = weights_.layers[i];
+    Matrix* ms[] = {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down};
+    for (int k = 0; k < 7; ++k) out.emplace_back("layers." + std::to_string(i) + "." + kNames[k], ms[k]);
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, const Matrix*>> Model::named_matrices() const {
+  std::vector<std::pair<std::string, const Matrix*>> out;
+  for (auto& [name, m] : const_cast<Model*>(this)->named_matrices()) out.emplace_back(name, m);
+  return out;
+}
+
+size_t Model::weight_bytes() const {
+  size_t total = 0;
+  for (const auto& [name, m] : named_matrices()) total += m->nbytes();
+  auto vec = [](const std::vector<float>& v) { return v.size() * sizeof(float); };
+  total += vec(weights_.final_norm);
+  for (const LayerWeights& l : weights_.layers) {
+    for (const auto* v : {&l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate, &l.b_up, &l.b_down, &l.attn_norm, &l.attn_post_norm,
+                          &l.ffn_norm, &l.ffn_post_norm, &l.q_norm, &l.k_norm})
+      total += vec(*v);
+  }
+  return total;
+}
+
+void Model::release_source_bytes(const uint8_t* data, size_t nbytes) const { source_->release(data, nbytes); }
+
 std::string Model::weight_dtype() const {
-  const DType first = weights_.output.dtype;
+  const QuantType first = weights_.layers.empty() ? weights_.output.type : weights_.layers[0].wq.type;
   for (const LayerWeights& l : weights_.layers) {
     for (const Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
-      if (m->dtype != first) return "mixed";
+      if (m->type != first) return "mixed";
     }
   }
-  return dtype_name(first);
+  return quant_traits(first).name;
 }
 
 }  // namespace bioquant

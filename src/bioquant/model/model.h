@@ -37,15 +37,29 @@ class Model {
   const ModelWeights& weights() const { return weights_; }
   // Bytes of the large matrices read per decoded token (all layers + output projection).
   size_t matrix_bytes() const;
-  // Bytes of every tensor the model holds (mapped or owned).
-  size_t total_weight_bytes() const { return source_->mapped_bytes(); }
-  // The storage dtype of the large matrices ("mixed" if they differ).
+  // Bytes of all weights as held for inference (matrices in their formats + f32 norms/biases).
+  size_t weight_bytes() const;
+  // The storage format of the layers' matrices ("mixed" if they differ).
   std::string weight_dtype() const;
+
+  // Every weight matrix with a stable name ("embedding", "output", "layers.N.attn_q", ...). A tied
+  // output is listed once, as "embedding", unless it has been given storage of its own.
+  std::vector<std::pair<std::string, Matrix*>> named_matrices();
+  std::vector<std::pair<std::string, const Matrix*>> named_matrices() const;
+  // After the embedding changed storage: a tied output follows it.
+  void retie_output() {
+    if (config_.tie_embeddings) weights_.output = weights_.embed;
+  }
+  // Takes ownership of storage that a Matrix of this model now points into.
+  void adopt(std::unique_ptr<uint8_t[]> storage) { owned_.push_back(std::move(storage)); }
+  // Lets the OS drop pages of a mapped source tensor that is no longer used (no-op for owned data).
+  void release_source_bytes(const uint8_t* data, size_t nbytes) const;
 
  private:
   ModelConfig config_;
   std::unique_ptr<TensorSource> source_;
   ModelWeights weights_;
+  std::vector<std::unique_ptr<uint8_t[]>> owned_;  // quantized copies
 };
 
 // Reads config.json (+ generation_config.json) of a model directory.

@@ -4,6 +4,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
+#include "bioquant/model/quantize.h"
 
 namespace bioquant {
 namespace {
@@ -90,16 +91,13 @@ ModelConfig synthetic_config(const std::string& name) {
   throw Error("unknown synthetic model '" + name + "' (known: " + list + ")");
 }
 
-std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, uint64_t seed, ThreadPool& pool) {
+std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, uint64_t seed, ThreadPool& pool,
+                                            const QuantRecipe* recipe) {
   check(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
         "synthetic models are built in f32, f16 or bf16");
   auto tensors = std::make_unique<MemoryTensors>();
-  const float amplitude = 0.02f * std::sqrt(3.0f);  // U(-a, a) has std a / sqrt(3)
-  uint64_t tensor_seed = seed;
-  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
-    uint8_t* data = tensors->add(name, dtype, {rows, cols});
-    fill_random(data, dtype, rows * cols, amplitude, splitmix64(tensor_seed), pool);
-  };
+  // Matrices are allocated untouched (no memory yet); they are filled one at a time below.
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) { tensors->add(name, dtype, {rows, cols}); };
   auto vector = [&](const std::string& name, int64_t size, float value) {
     float* data = reinterpret_cast<float*>(tensors->add(name, DType::F32, {size}));
     std::fill(data, data + size, value);
@@ -125,7 +123,20 @@ std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, u
       vector(p + "self_attn.v_proj.bias", c.kv_dim(), 0.0f);
     }
   }
-  return Model::from_source(c, std::move(tensors));
+  auto model = Model::from_source(c, std::move(tensors));
+  std::vector<TensorPlan> plan;
+  if (recipe != nullptr) plan = plan_quantization(*model, *recipe);
+  const float amplitude = 0.02f * std::sqrt(3.0f);  // U(-a, a) has std a / sqrt(3)
+  auto matrices = model->named_matrices();
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    Matrix& m = *matrices[i].second;
+    uint8_t* data = const_cast<uint8_t*>(m.data);  // this model owns the (still unwritten) storage
+    uint64_t tensor_seed = seed + i;
+    fill_random(data, dtype, m.rows * m.cols, amplitude, splitmix64(tensor_seed), pool);
+    // Quantize each matrix as soon as it exists, so the 16-bit model is never whole in memory.
+    if (recipe != nullptr) quantize_matrix(*model, m, plan[i], pool, true);
+  }
+  return model;
 }
 
 }  // namespace bioquant

@@ -15,7 +15,11 @@ namespace bioquant {
 ModelConfig synthetic_config(const std::string& name);
 const std::vector<std::string>& synthetic_names();
 
-// Weights ~ U(-a, a) with a chosen for std 0.02, norms 1; deterministic for a seed.
-std::unique_ptr<Model> make_synthetic_model(const ModelConfig& config, DType dtype, uint64_t seed, ThreadPool& pool);
+struct QuantRecipe;
+
+// Weights ~ U(-a, a) with a chosen for std 0.02, norms 1; deterministic for a seed. With a recipe,
+// each matrix is quantized as soon as it is made, so peak memory is that of the quantized model.
+std::unique_ptr<Model> make_synthetic_model(const ModelConfig& config, DType dtype, uint64_t seed, ThreadPool& pool,
+                                            const QuantRecipe* recipe = nullptr);
 
 }  // namespace bioquant

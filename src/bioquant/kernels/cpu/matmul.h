@@ -5,18 +5,25 @@
 
 #include "bioquant/core/dtype.h"
 #include "bioquant/core/thread_pool.h"
+#include "bioquant/quant/quant.h"
 
 namespace bioquant {
 
-// A non-owning row-major weight matrix [rows, cols] in a storage dtype (F32, F16 or BF16).
+// A non-owning weight matrix [rows, cols] in any stored format (plain f32/f16/bf16 or a quantized
+// format of quant/quant.h); rows are self-contained and row_bytes() apart.
 struct Matrix {
-  DType dtype = DType::F32;
+  QuantType type = QuantType::F32;
   int64_t rows = 0;
   int64_t cols = 0;
   const uint8_t* data = nullptr;
+  bool double_quant = false;  // nf4/fp4
 
-  size_t row_bytes() const { return static_cast<size_t>(cols) * dtype_size(dtype); }
+  // A plain matrix of a file dtype (F32, F16, BF16); throws Error for other dtypes.
+  static Matrix plain(DType dtype, int64_t rows, int64_t cols, const uint8_t* data);
+
+  size_t row_bytes() const { return quant_row_bytes(type, cols, double_quant); }
   size_t nbytes() const { return static_cast<size_t>(rows) * row_bytes(); }
+  const char* type_name() const { return quant_traits(type).name; }
   // Rows [begin, begin + count) as a matrix of their own (fused projections are split this way).
   Matrix row_slice(int64_t begin, int64_t count) const;
   // Row r converted to f32.
