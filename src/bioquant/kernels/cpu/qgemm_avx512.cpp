@@ -1,22 +1,22 @@
 // AVX-512 (F/BW/VL/DQ + VNNI) quantized matmul. Compiled with those flags only; chosen at run time.
 //
-// Integer formats (q8_0, q4_0, q4_k, q5_k, q6_k, int8): the activations are quantized once per
-// call (qgemm_impl.h); a 64-byte vector of weight levels made unsigned (nibbles as they are, q8_0
-// and int8 biased by 128) meets 64 int8 activations in one vpdpbusd, giving 16 int32 lanes of 4
-// products each. Each lane is scaled in f32 by the activation block scale (E) and the weight
-// (sub-)block scale (S); the bias and the K-quant mins come back through the activation sums:
+// The activations are quantized once per call (qgemm_impl.h). A 64-byte vector of weight levels
+// made unsigned (nibbles as they are, q8_0 and int8 biased by 128) meets 64 int8 activations in
+// one vpdpbusd, giving 16 int32 lanes of 4 products each. Each lane is scaled in f32 by the
+// activation block scale (E) and the weight (sub-)block scale (S); the bias and the K-quant mins
+// come back through the activation sums:
 //   lane value = S * (E * dot + C),   C = -bias * d_x * (sum of the lane's activation block) / lanes
 // and for q4_k/q5_k one 8-wide FMA per super-block adds -dmin m_j * d_x,j * sum_j.
-// nf4/fp4: f32 activations, permuted once per call so that the 32 code bytes of a block expand
-// with two vpmovzxbd (low nibbles then high nibbles) into indices for vpermps on the block's
-// 16-entry codebook scaled by its absmax.
+// q4_0 goes 4 blocks (128 columns) at a time: both nibble halves chain into the same lanes.
+// nf4/fp4: vpermw looks the 64 codes of a block up in the Q1.14 codebook; vpmaddwd + vpdpwssd
+// against int16 activations (odd columns, then even ones) give the lanes of its two 32-blocks.
 //
-// Rows are decoded once per tile of MR rows and reused for NR tokens (register tiles of MR x NR
-// accumulators); decode (one token) runs 4 rows at a time.
+// Decode (one token) streams one row at a time: on the machine this was tuned on (AMD EPYC,
+// Zen 4 class) interleaving the streams of several rows cost up to a third of the bandwidth.
+// Prefill decodes each row once per register tile and reuses it for several tokens.
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -122,30 +122,6 @@ struct FmtQ8_0 {
   static __m512 scale(const Ctx& c, const uint8_t* row, const Super&, int64_t g) {
     const float d1 = 64 * g + 32 < c.cols ? f16(load_u16(row + 68 * g + 34)) : 0.0f;
     return bcast_lanes8(f16(load_u16(row + 68 * g)), d1);
-  }
-};
-
-struct FmtQ4_0 {
-  static constexpr bool kBias = true, kMins = false;
-  static constexpr float kBiasValue = 8.0f;
-  static void prep_row(const Ctx& c, const uint8_t* row, float* s, float*, float*) {
-    const int64_t nb = c.cols / 32;
-    for (int64_t b = 0; b < nb; ++b) _mm256_storeu_ps(s + 8 * b, _mm256_set1_ps(f16(load_u16(row + 18 * b))));
-    for (int64_t b = nb; b < c.cols_pad / 32; ++b) _mm256_storeu_ps(s + 8 * b, _mm256_setzero_ps());
-  }
-  static __m512i weights(const Ctx& c, const uint8_t* row, int64_t g) {
-    const uint8_t* p = row + 36 * g;
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
-    const __m128i b = 64 * g + 32 < c.cols ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 20)) : _mm_setzero_si128();
-    const __m256i ab = _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
-    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(ab), _mm256_srli_epi16(ab, 4), 1);  // a, b, a>>4, b>>4
-    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));                                    // a, a>>4, b, b>>4
-    return _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
-  }
-  static void begin(const Ctx&, const uint8_t*, int64_t, Super&) {}
-  static __m512 scale(const Ctx& c, const uint8_t* row, const Super&, int64_t g) {
-    const float d1 = 64 * g + 32 < c.cols ? f16(load_u16(row + 36 * g + 18)) : 0.0f;
-    return bcast_lanes8(f16(load_u16(row + 36 * g)), d1);
   }
 };
 
@@ -387,27 +363,28 @@ inline __m512i bnb_block_dot(const __m512i book, const uint8_t* q, const int16_t
   return _mm512_dpwssd_epi32(_mm512_madd_epi16(wlo, _mm512_loadu_si512(x16)), whi, _mm512_loadu_si512(x16 + 32));
 }
 
+template <bool kDq>
 float bnb_decode_row(const Ctx& c, const uint8_t* row, const __m512i book) {
   const int64_t nb = c.cols / 64;
-  const bool dq = c.w->double_quant;
-  const int64_t stride = dq ? 33 : 36;
-  const uint8_t* codes = bnb_block_codes(row, nb, 0, dq);
+  constexpr int64_t stride = kDq ? 33 : 36;
+  const uint8_t* codes = bnb_block_codes(row, nb, 0, kDq);
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   alignas(64) float absmax[16];
+  // Block absmax: read in the loop (plain), or decoded 16 blocks ahead (double quant).
+  const auto block = [&](int64_t b, __m512 acc) {
+    const float am = kDq ? absmax[b % 16] : load_f32(row + 36 * b);
+    const __m512 f = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * b, c.x16 + 64 * b));
+    return _mm512_fmadd_ps(f, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * b), _mm512_set1_ps(am)), acc);
+  };
   for (int64_t b0 = 0; b0 < nb; b0 += 16) {
-    bnb_absmax16(row, nb, b0, dq, absmax);
+    if constexpr (kDq) bnb_absmax16(row, nb, b0, true, absmax);
     const int64_t b1 = imin(nb, b0 + 16);
     int64_t b = b0;
     for (; b + 2 <= b1; b += 2) {
-      const __m512 f0 = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * b, c.x16 + 64 * b));
-      const __m512 f1 = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * (b + 1), c.x16 + 64 * (b + 1)));
-      a0 = _mm512_fmadd_ps(f0, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * b), _mm512_set1_ps(absmax[b - b0])), a0);
-      a1 = _mm512_fmadd_ps(f1, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * (b + 1)), _mm512_set1_ps(absmax[b + 1 - b0])), a1);
+      a0 = block(b, a0);
+      a1 = block(b + 1, a1);
     }
-    if (b < b1) {
-      const __m512 f0 = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * b, c.x16 + 64 * b));
-      a0 = _mm512_fmadd_ps(f0, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * b), _mm512_set1_ps(absmax[b - b0])), a0);
-    }
+    if (b < b1) a0 = block(b, a0);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * kBnbCodeScale;
 }
@@ -524,12 +501,14 @@ void q4_0_tile(const Ctx& c, const uint8_t* const* rows, int64_t t0, float* y, i
 // ---------------------------------------------------------------------------------------------
 // Drivers.
 
-constexpr int64_t kTokenChunk = 32;  // activations of a chunk stay in L2 while all rows pass
+constexpr int64_t kTokenChunk = 36;  // activations of a chunk stay in L2 while all rows pass
+// Prefill register tiles, rows x tokens (accumulators + decoded rows + one token's activations
+// must fit the 32 vector registers; shapes picked by measurement per kernel).
 
 template <class F>
 void run_int(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
   const WeightView& w = *c.w;
-  constexpr int MR = 4;
+  constexpr int MR = 4, NR = 3;
   const size_t s_floats = static_cast<size_t>(c.nlanes), m_floats = static_cast<size_t>(c.cols_pad / 32);
   float* scratch = static_cast<float*>(detail::qgemm_scratch(7, MR * (s_floats + m_floats + 16) * sizeof(float)));
   if (n_tokens == 1) {
@@ -542,10 +521,6 @@ void run_int(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float
       const int mr = static_cast<int>(imin(MR, row_end - o));
       const uint8_t* rows[MR];
       RowPrep rp[MR];
-      if (o + 2 * MR <= row_end) {
-        const char* next = reinterpret_cast<const char*>(w.data + static_cast<size_t>(o + MR) * w.row_bytes);
-        for (size_t off = 0; off < MR * w.row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T1);
-      }
       for (int r = 0; r < mr; ++r) {
         rows[r] = w.data + static_cast<size_t>(o + r) * w.row_bytes;
         float* s = scratch + r * (s_floats + m_floats + 16);
@@ -559,13 +534,13 @@ void run_int(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float
           int_tile<F, MR, 1>(c, rows, rp, t0, yo, ldy);
         } else {
           int64_t t = t0;
-          for (; t + 4 <= t1; t += 4) int_tile<F, MR, 4>(c, rows, rp, t, yo, ldy);
+          for (; t + NR <= t1; t += NR) int_tile<F, MR, NR>(c, rows, rp, t, yo, ldy);
           for (; t < t1; ++t) int_tile<F, MR, 1>(c, rows, rp, t, yo, ldy);
         }
       } else {
         for (int r = 0; r < mr; ++r) {
           int64_t t = t0;
-          for (; t + 4 <= t1; t += 4) int_tile<F, 1, 4>(c, rows + r, rp + r, t, yo + r, ldy);
+          for (; t + NR <= t1; t += NR) int_tile<F, 1, NR>(c, rows + r, rp + r, t, yo + r, ldy);
           for (; t < t1; ++t) int_tile<F, 1, 1>(c, rows + r, rp + r, t, yo + r, ldy);
         }
       }
@@ -573,38 +548,45 @@ void run_int(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float
   }
 }
 
-// Row tiles over token chunks, shared by the nf4/fp4 and q4_0 drivers: tile(rows, mr, t, nr).
-template <class Tile4x4, class Tile4x1, class Tile1x4, class Tile1x1>
-void run_tiles(int64_t n_tokens, int64_t row_begin, int64_t row_end, Tile4x4&& t44, Tile4x1&& t41, Tile1x4&& t14,
-               Tile1x1&& t11) {
+// Row tiles over token chunks, shared by the nf4/fp4 and q4_0 drivers: tile(mr, nr, row, token)
+// with mr in {kTileRows, 1} and nr in {kTileTokens, 1} as integral constants.
+template <int kTileRows, int kTileTokens, class Tile>
+void run_tiles(int64_t n_tokens, int64_t row_begin, int64_t row_end, Tile&& tile) {
+  using R = std::integral_constant<int, kTileRows>;
+  using T = std::integral_constant<int, kTileTokens>;
+  using One = std::integral_constant<int, 1>;
   for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenChunk) {
     const int64_t t1 = imin(n_tokens, t0 + kTokenChunk);
-    for (int64_t o = row_begin; o < row_end; o += 4) {
-      if (o + 4 <= row_end) {
+    for (int64_t o = row_begin; o < row_end; o += kTileRows) {
+      if (o + kTileRows <= row_end) {
         int64_t t = t0;
-        for (; t + 4 <= t1; t += 4) t44(o, t);
-        for (; t < t1; ++t) t41(o, t);
+        for (; t + kTileTokens <= t1; t += kTileTokens) tile(R{}, T{}, o, t);
+        for (; t < t1; ++t) tile(R{}, One{}, o, t);
       } else {
         for (int64_t r = o; r < row_end; ++r) {
           int64_t t = t0;
-          for (; t + 4 <= t1; t += 4) t14(r, t);
-          for (; t < t1; ++t) t11(r, t);
+          for (; t + kTileTokens <= t1; t += kTileTokens) tile(One{}, T{}, r, t);
+          for (; t < t1; ++t) tile(One{}, One{}, r, t);
         }
       }
     }
   }
 }
 
+constexpr int kBnbTileRows = 3, kBnbTileTokens = 4;
+
 void run_bnb(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
   const WeightView& w = *c.w;
   const __m512i book = bnb_book16(w.type);
   const auto row_ptr = [&](int64_t o) { return w.data + static_cast<size_t>(o) * w.row_bytes; };
   if (n_tokens == 1) {
-    for (int64_t o = row_begin; o < row_end; ++o) y[o] = bnb_decode_row(c, row_ptr(o), book);
+    for (int64_t o = row_begin; o < row_end; ++o) {
+      y[o] = w.double_quant ? bnb_decode_row<true>(c, row_ptr(o), book) : bnb_decode_row<false>(c, row_ptr(o), book);
+    }
     return;
   }
   const int64_t nb = c.cols / 64;
-  float* absmax_buf = static_cast<float*>(detail::qgemm_scratch(7, static_cast<size_t>(4 * (nb + 16)) * sizeof(float)));
+  float* absmax_buf = static_cast<float*>(detail::qgemm_scratch(7, static_cast<size_t>(kBnbTileRows * (nb + 16)) * sizeof(float)));
   int64_t prepared = -1;  // first row of the 4 whose absmax are in absmax_buf
   const auto prepare = [&](int64_t o, int mr) {
     if (prepared == o) return;
@@ -624,11 +606,7 @@ void run_bnb(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float
     }
     bnb_tile<MR, NR>(c, codes, absmax, t, y + o, ldy, book);
   };
-  using I1 = std::integral_constant<int, 1>;
-  using I4 = std::integral_constant<int, 4>;
-  run_tiles(n_tokens, row_begin, row_end, [&](int64_t o, int64_t t) { tile(I4{}, I4{}, o, t); },
-            [&](int64_t o, int64_t t) { tile(I4{}, I1{}, o, t); }, [&](int64_t o, int64_t t) { tile(I1{}, I4{}, o, t); },
-            [&](int64_t o, int64_t t) { tile(I1{}, I1{}, o, t); });
+  run_tiles<kBnbTileRows, kBnbTileTokens>(n_tokens, row_begin, row_end, tile);
 }
 
 void run_q4_0(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float* y, int64_t ldy) {
@@ -644,11 +622,7 @@ void run_q4_0(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, floa
     for (int r = 0; r < MR; ++r) rows[r] = row_ptr(o + r);
     q4_0_tile<MR, NR>(c, rows, t, y + o, ldy);
   };
-  using I1 = std::integral_constant<int, 1>;
-  using I4 = std::integral_constant<int, 4>;
-  run_tiles(n_tokens, row_begin, row_end, [&](int64_t o, int64_t t) { tile(I4{}, I4{}, o, t); },
-            [&](int64_t o, int64_t t) { tile(I4{}, I1{}, o, t); }, [&](int64_t o, int64_t t) { tile(I1{}, I4{}, o, t); },
-            [&](int64_t o, int64_t t) { tile(I1{}, I1{}, o, t); });
+  run_tiles<2, 6>(n_tokens, row_begin, row_end, tile);
 }
 
 // Lane arrays of the quantized activations: E (block scale per 4 quants), C (bias correction),
