@@ -112,7 +112,7 @@ float fit_scale_min(int n, int nmax, const float* x, const float* weights, uint8
     const int l = nearest_int(iscale * (x[i] - min));
     L[i] = static_cast<uint8_t>(clampi(l, 0, nmax));
     const float diff = scale * L[i] + min - x[i];
-    best_error += weights[i] * diff * diff;
+    best_error += weights[i] * (diff * diff);
   }
   uint8_t Laux[32];
   for (int is = 0; is <= nstep; ++is) {
@@ -137,7 +137,7 @@ float fit_scale_min(int n, int nmax, const float* x, const float* weights, uint8
       float err = 0;
       for (int i = 0; i < n; ++i) {
         const float diff = this_scale * Laux[i] + this_min - x[i];
-        err += weights[i] * diff * diff;
+        err += weights[i] * (diff * diff);
       }
       if (err < best_error) {
         for (int i = 0; i < n; ++i) L[i] = Laux[i];
