@@ -16,6 +16,8 @@
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/engine/generator.h"
+#include "bioquant/io/gguf_export.h"
+#include "bioquant/io/gguf.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/model/quantize.h"
@@ -426,6 +428,44 @@ Run add_generate(CLI::App& app) {
       for (int32_t id : r.tokens) line += (line.empty() ? "" : " ") + std::to_string(id);
       std::printf("%s\n", line.c_str());
     }
+    return 0;
+  };
+}
+
+Run add_quantize(CLI::App& app) {
+  auto opts = std::make_shared<Common>();
+  auto out_path = std::make_shared<std::string>();
+  auto type = std::make_shared<std::string>();
+  auto name = std::make_shared<std::string>();
+  app.add_option("--model", opts->model, "Hugging Face model directory or GGUF file")->required();
+  app.add_option("--type", *type, "format: " + quant_names_list())->required();
+  app.add_option("--out", *out_path, "output .gguf file (written to a temporary file, then renamed)")->required();
+  app.add_flag("--double-quant", opts->double_quant, "nf4/fp4: quantize the block scales too");
+  app.add_option("--quant-policy", opts->quant_policy, "default, all or linear (see bioquant info --help)");
+  app.add_option("--name", *name, "general.name to record (default: the model path)");
+  app.add_option("--threads", opts->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  return [=]() {
+    check(out_path->size() > 5 && out_path->compare(out_path->size() - 5, 5, ".gguf") == 0, "--out must name a .gguf file");
+    Common c = *opts;
+    c.quant = *type;
+    ThreadPool pool(c.threads);
+    auto model = Model::load(c.model);
+    const auto recipe = *recipe_of(c);
+    const auto plan = plan_quantization(*model, recipe);
+    report_fallbacks(plan);
+    quantize_model(*model, plan, pool);
+    std::unique_ptr<Tokenizer> tok;
+    try {
+      tok = load_tokenizer(c.model);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "note: no tokenizer embedded (%s)\n", e.what());
+    }
+    if (tok && tok->gguf_metadata().empty())
+      std::fprintf(stderr, "note: the %s tokenizer has no GGUF description; none embedded\n", tok->kind().c_str());
+    write_model_gguf(*model, *out_path, name->empty() ? c.model : *name, tok.get());
+    std::fprintf(stderr, "wrote %s: %s, %.3f GiB of weights\n", out_path->c_str(), model->weight_dtype().c_str(),
+                 static_cast<double>(model->weight_bytes()) / (1024.0 * 1024.0 * 1024.0));
+    report_peak_memory();
     return 0;
   };
 }

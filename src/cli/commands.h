@@ -13,5 +13,6 @@ Run add_tokenize(CLI::App& app);
 Run add_logits(CLI::App& app);
 Run add_generate(CLI::App& app);
 Run add_bench(CLI::App& app);
+Run add_quantize(CLI::App& app);
 
 }  // namespace bioquant::cli

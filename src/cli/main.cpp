@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   add("tokenize", "Text to token ids with the model's own tokenizer", bioquant::cli::add_tokenize);
   add("logits", "Print the logits of a token sequence as JSON", bioquant::cli::add_logits);
   add("generate", "Generate tokens from a prompt (greedy by default)", bioquant::cli::add_generate);
+  add("quantize", "Quantize a model and write it as a GGUF file", bioquant::cli::add_quantize);
   add("bench", "Prompt-processing and generation speed, llama-bench style", bioquant::cli::add_bench);
   try {
     app.parse(argc, argv);

@@ -21,6 +21,7 @@ struct TensorView {
   const uint8_t* data = nullptr;
   size_t nbytes = 0;
   int32_t ggml_type = -1;  // GGUF block-quantized data (dtype is then U8 raw bytes); -1 otherwise
+  std::string format;      // quantized storage ("q4_k", "nf4+dq", ...; rows self-contained); "" = plain dtype
 
   int64_t numel() const;
 };

@@ -1,5 +1,6 @@
 #include "bioquant/io/gguf_model.h"
 
+#include <cctype>
 #include <cmath>
 #include <cstring>
 
@@ -85,6 +86,7 @@ ModelConfig config_from_gguf(const GgufFile& g) {
     for (int64_t i = 0; i < c.n_layers; ++i) c.layer_sliding[static_cast<size_t>(i)] = i % 2 == 0;
     // llama.cpp: Gemma 2 27B (46 blocks) scales queries by (hidden/heads)^-0.5, the others by head_dim^-0.5.
     c.query_scale = 1.0f / std::sqrt(static_cast<float>(c.n_layers == 46 ? c.hidden / c.n_heads : c.head_dim));
+    if (g.has("bioquant.query_scale")) c.query_scale = get_float_or(g, "bioquant.query_scale", c.query_scale);
     // The converter stored the norms as (1 + w) already: they are plain scales here.
     c.norm_unit_offset = false;
   }
@@ -120,6 +122,17 @@ GgufTensorSource::GgufTensorSource(std::shared_ptr<const GgufFile> gguf, const M
     } else {
       v.dtype = DType::U8;
       v.ggml_type = static_cast<int32_t>(t.ggml_type);
+      v.format = ggml_type_name(t.ggml_type);
+      for (char& ch : v.format) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    }
+    // BioQuant's own formats (int8, nf4, fp4) travel as I8 byte rows with their name in metadata.
+    const std::string fmt_key = "bioquant.format." + t.name;
+    if (gguf_->has(fmt_key)) {
+      check(t.ggml_type == 24 && t.dims.size() == 2, gguf_->path() + ": " + t.name + " must be an I8 byte matrix");
+      v.format = gguf_->get_string(fmt_key);
+      const std::string cols_key = "bioquant.cols." + t.name;
+      v.shape = {static_cast<int64_t>(t.dims[1]), gguf_->get_int(cols_key)};
+      v.dtype = DType::U8;
     }
     views_[hf_name] = v;
   };

@@ -25,6 +25,15 @@ class Binder {
 
   Matrix matrix(const std::string& name, int64_t rows, int64_t cols) const {
     const TensorView& v = require(name, {rows, cols});
+    if (!v.format.empty()) {  // quantized storage (GGUF files)
+      const bool dq = v.format.size() > 3 && v.format.compare(v.format.size() - 3, 3, "+dq") == 0;
+      const auto type = parse_quant_type(dq ? v.format.substr(0, v.format.size() - 3) : v.format);
+      check(type.has_value(), "tensor '" + name + "' has unsupported format '" + v.format + "'");
+      Matrix m{*type, rows, cols, v.data, dq};
+      check(v.nbytes == m.nbytes(), "tensor '" + name + "' holds " + std::to_string(v.nbytes) + " bytes, " + v.format +
+                                        " rows of " + std::to_string(cols) + " need " + std::to_string(m.nbytes()));
+      return m;
+    }
     check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
           "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
     return Matrix::plain(v.dtype, rows, cols, v.data);

@@ -94,7 +94,9 @@ std::vector<TensorPlan> plan_quantization(const Model& model, const QuantRecipe&
       const size_t dot = name.find('.', 7);
       const int64_t layer = std::stoll(name.substr(7, dot - 7));
       const std::string role = name.substr(dot + 1);
-      if ((role == "attn_v" || role == "ffn_down") && more_bits_layer(layer, n_layers)) want = QuantType::Q6_K;
+      // (phi3's v rows live in one fused qkv tensor with q and k, so they keep its format.)
+      const bool fused_v = role == "attn_v" && model.config().fused_qkv;
+      if ((role == "attn_v" || role == "ffn_down") && !fused_v && more_bits_layer(layer, n_layers)) want = QuantType::Q6_K;
     }
     p.double_quant = r.double_quant && (want == QuantType::NF4 || want == QuantType::FP4);
     p.to = fallback(want, p.cols, m->type, p.note);

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <map>
 #include <queue>
+#include <tuple>
 
 #include "bioquant/core/error.h"
 #include "bioquant/tokenizer/unicode.h"
@@ -23,6 +24,18 @@ BpeModel::BpeModel(std::vector<std::string> vocab) : vocab_(std::move(vocab)), e
 int32_t BpeModel::find(std::string_view token) const {
   auto it = ids_.find(std::string(token));
   return it == ids_.end() ? -1 : it->second;
+}
+
+std::vector<std::pair<std::string, std::string>> BpeModel::merges_in_order() const {
+  std::vector<std::tuple<int64_t, int32_t, int32_t>> order;
+  order.reserve(pairs_.size());
+  for (const auto& [key, info] : pairs_)
+    order.emplace_back(info.rank, static_cast<int32_t>(key >> 32), static_cast<int32_t>(key & 0xffffffffu));
+  std::sort(order.begin(), order.end());
+  std::vector<std::pair<std::string, std::string>> out;
+  out.reserve(order.size());
+  for (const auto& [rank, a, b] : order) out.emplace_back(vocab_[static_cast<size_t>(a)], vocab_[static_cast<size_t>(b)]);
+  return out;
 }
 
 void BpeModel::exclude_from_merges(int32_t id) {

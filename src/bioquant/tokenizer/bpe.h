@@ -40,6 +40,8 @@ class BpeModel {
   void encode(std::string_view word, std::vector<int32_t>& out) const;
 
   const std::vector<std::string>& vocab() const { return vocab_; }
+  // Every merge as (left, right) token text, in priority order (for writing GGUF / tokenizer.json).
+  std::vector<std::pair<std::string, std::string>> merges_in_order() const;
   int32_t find(std::string_view token) const;  // -1 if absent
   int32_t byte_token(uint8_t b) const { return byte_tokens_[b]; }  // <0xAB> piece, -1 if absent
 

@@ -23,7 +23,7 @@ struct RegexSplitter::Impl {
 };
 
 RegexSplitter::RegexSplitter(const std::string& pattern, bool literal, SplitBehavior behavior, bool invert)
-    : impl_(std::make_unique<Impl>()), behavior_(behavior), invert_(invert) {
+    : pattern_(pattern), impl_(std::make_unique<Impl>()), behavior_(behavior), invert_(invert) {
   if (literal) {
     check(!pattern.empty(), "tokenizer: empty split string");
     impl_->literal = pattern;

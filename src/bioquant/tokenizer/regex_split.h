@@ -20,8 +20,10 @@ class RegexSplitter {
 
   // Appends the pieces of `text` to `out` (empty pieces are dropped, as HF does).
   void split(std::string_view text, std::vector<std::string_view>& out) const;
+  const std::string& pattern() const { return pattern_; }
 
  private:
+  std::string pattern_;
   struct Impl;
   std::unique_ptr<Impl> impl_;
   SplitBehavior behavior_;

@@ -381,6 +381,63 @@ bool Tokenizer::is_special(int32_t id) const {
   return impl_->spm && id >= 0 && id < impl_->spm->GetPieceSize() && impl_->spm->IsControl(id);
 }
 
+std::vector<std::pair<std::string, GgufWriteValue>> Tokenizer::gguf_metadata() const {
+  using T = GgufValueType;
+  std::vector<std::pair<std::string, GgufWriteValue>> md;
+  json tokens = json::array(), types = json::array(), scores = json::array();
+  if (impl_->spm) {
+    const auto& sp = *impl_->spm;
+    for (int i = 0; i < sp.GetPieceSize(); ++i) {
+      tokens.push_back(sp.IdToPiece(i));
+      scores.push_back(sp.GetScore(i));
+      types.push_back(sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : sp.IsUnused(i) ? 5 : sp.IsByte(i) ? 6 : 1);
+    }
+    md.push_back({"tokenizer.ggml.model", {T::STRING, T::U8, "llama"}});
+    md.push_back({"tokenizer.ggml.tokens", {T::ARRAY, T::STRING, tokens}});
+    md.push_back({"tokenizer.ggml.scores", {T::ARRAY, T::F32, scores}});
+    md.push_back({"tokenizer.ggml.token_type", {T::ARRAY, T::I32, types}});
+  } else if (impl_->bpe) {
+    bool byte_level = false;
+    std::string pre = "default";
+    for (const PreTokenizerStep& p : impl_->pre_tokenizers) {
+      if (p.kind == PreTokenizerStep::ByteLevel) byte_level = true;
+      if (p.regex && p.regex->pattern() == kLlama3Pattern) pre = "llama-bpe";
+      if (p.regex && p.regex->pattern() == kQwen2Pattern) pre = "qwen2";
+      if (p.regex && p.regex->pattern() == kGpt2Pattern) pre = "gpt-2";
+    }
+    if (!byte_level) return md;  // SentencePiece-style tokenizer.json: no scores to describe it with
+    std::vector<std::string> vocab = impl_->bpe->vocab();
+    std::vector<int> type(vocab.size(), 1);
+    for (const AddedToken& a : impl_->added) {
+      if (static_cast<size_t>(a.id) >= vocab.size()) {
+        vocab.resize(static_cast<size_t>(a.id) + 1);
+        type.resize(vocab.size(), 1);
+      }
+      vocab[static_cast<size_t>(a.id)] = a.content;
+      type[static_cast<size_t>(a.id)] = a.special ? 3 : 4;
+    }
+    for (size_t i = 0; i < vocab.size(); ++i) {
+      tokens.push_back(vocab[i]);
+      types.push_back(type[i]);
+    }
+    json merges = json::array();
+    for (const auto& [a, b] : impl_->bpe->merges_in_order()) merges.push_back(a + " " + b);
+    md.push_back({"tokenizer.ggml.model", {T::STRING, T::U8, "gpt2"}});
+    md.push_back({"tokenizer.ggml.pre", {T::STRING, T::U8, pre}});
+    md.push_back({"tokenizer.ggml.tokens", {T::ARRAY, T::STRING, tokens}});
+    md.push_back({"tokenizer.ggml.token_type", {T::ARRAY, T::I32, types}});
+    md.push_back({"tokenizer.ggml.merges", {T::ARRAY, T::STRING, merges}});
+  } else {
+    return md;
+  }
+  md.push_back({"tokenizer.ggml.add_bos_token", {T::BOOL, T::U8, !impl_->prefix_ids.empty()}});
+  md.push_back({"tokenizer.ggml.add_eos_token", {T::BOOL, T::U8, !impl_->suffix_ids.empty()}});
+  if (bos_id_) md.push_back({"tokenizer.ggml.bos_token_id", {T::U32, T::U8, *bos_id_}});
+  if (eos_id_) md.push_back({"tokenizer.ggml.eos_token_id", {T::U32, T::U8, *eos_id_}});
+  if (!chat_template_.empty()) md.push_back({"tokenizer.chat_template", {T::STRING, T::U8, chat_template_}});
+  return md;
+}
+
 std::string StreamDecoder::push(int32_t id) {
   ids_.push_back(id);
   const std::string text = tokenizer_.decode(ids_, skip_special_);

@@ -15,6 +15,7 @@
 namespace bioquant {
 
 class GgufFile;
+struct GgufWriteValue;
 
 struct AddedToken {
   std::string content;
@@ -49,6 +50,10 @@ class Tokenizer {
   const std::string& kind() const { return kind_; }        // e.g. "tokenizer.json/BPE byte-level"
   const std::string& chat_template() const { return chat_template_; }  // "" when none shipped
   const std::string& bos_token() const { return bos_token_; }
+  // tokenizer.ggml.* keys describing this tokenizer for a GGUF file: SentencePiece models as
+  // "llama" (pieces, scores, types), byte-level BPE as "gpt2" (tokens, types, merges, pre-tokenizer
+  // name). Empty when the tokenizer has no GGUF description (the file is then written without one).
+  std::vector<std::pair<std::string, GgufWriteValue>> gguf_metadata() const;
   const std::string& eos_token() const { return eos_token_; }
 
   struct Impl;

@@ -1,0 +1,116 @@
+// Quantization of whole models: GGUF files written by `quantize` reload with exactly the logits
+// of quantizing on load; the plan honours the policy and reports fallbacks; weight bytes are honest.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "bioquant/core/error.h"
+#include "bioquant/model/model.h"
+#include "bioquant/model/quantize.h"
+#include "bioquant/model/synthetic.h"
+#include "test_util.h"
+
+namespace bioquant {
+namespace {
+
+using nlohmann::json;
+
+std::string fixture_tokens() {
+  const json ref = json::parse(test::read_file(test::fixtures_dir() + "/models/llama/reference.json"));
+  std::string s;
+  for (const auto& t : ref["tokens"]) {
+    if (!s.empty()) s.push_back(',');
+    s.append(std::to_string(t.get<int>()));
+  }
+  return s;
+}
+
+class GgufRoundTrip : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(GgufRoundTrip, ReloadsWithTheLogitsOfQuantizeOnLoad) {
+  const auto& [variant, type] = GetParam();
+  test::TempDir dir;
+  const std::string model = test::fixtures_dir() + "/models/" + variant + "/f32";
+  const std::string out = dir.file("m.gguf");
+  std::vector<std::string> q = {"quantize", "--model", model, "--type", type, "--out", out};
+  if (type == "nf4") q.push_back("--double-quant");
+  const auto w = test::run_cli(q);
+  ASSERT_EQ(w.exit_code, 0) << w.err;
+  const std::string tokens = fixture_tokens();
+  const auto from_file = test::run_cli({"logits", "--model", out, "--tokens", tokens, "--last", "3"});
+  std::vector<std::string> on_load = {"logits", "--model", model, "--tokens", tokens, "--last", "3", "--quant", type};
+  if (type == "nf4") on_load.push_back("--double-quant");
+  const auto direct = test::run_cli(on_load);
+  ASSERT_EQ(from_file.exit_code, 0) << from_file.err;
+  ASSERT_EQ(direct.exit_code, 0) << direct.err;
+  EXPECT_EQ(from_file.out, direct.out);  // bit-identical logits
+  if (type == "f32") {  // and the f32 file still matches HF transformers
+    const json got = json::parse(from_file.out);
+    const json ref = json::parse(test::read_file(test::fixtures_dir() + "/models/" + variant + "/reference.json"));
+    EXPECT_EQ(got["argmax"], ref["f32"]["argmax"]);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, GgufRoundTrip,
+                         ::testing::Combine(::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"),
+                                            ::testing::Values("f32", "q8_0", "q4_k_m", "int8", "nf4")),
+                         [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
+
+TEST(QuantPlan, PolicyAndFallbacks) {
+  ThreadPool pool(1);
+  const ModelConfig c = synthetic_config("tiny");  // hidden 128: rows of 128 do not fill 256-blocks
+  auto model = make_synthetic_model(c, DType::BF16, 1, pool);
+  const auto nf4 = plan_quantization(*model, parse_quant_recipe("nf4"));
+  for (const TensorPlan& p : nf4) {
+    if (p.name == "embedding" || p.name == "output") {
+      EXPECT_EQ(p.to, QuantType::BF16) << p.name;  // bitsandbytes leaves them alone
+    } else {
+      EXPECT_EQ(p.to, QuantType::NF4) << p.name;
+    }
+  }
+  const auto q4k = plan_quantization(*model, parse_quant_recipe("q4_k"));
+  for (const TensorPlan& p : q4k) {
+    if (p.cols == 256) {  // ffn_down rows (ffn 256) fill the blocks
+      EXPECT_EQ(p.to, QuantType::Q4_K) << p.name;
+      EXPECT_TRUE(p.note.empty());
+      continue;
+    }
+    EXPECT_EQ(p.to, p.name == "output" ? QuantType::Q8_0 : QuantType::Q4_0) << p.name;  // fallbacks
+    EXPECT_FALSE(p.note.empty());
+  }
+  const auto all = plan_quantization(*model, parse_quant_recipe("nf4", true, "all"));
+  for (const TensorPlan& p : all) EXPECT_EQ(p.to, QuantType::NF4) << p.name;
+  EXPECT_THROW(parse_quant_recipe("q3_k"), Error);
+  EXPECT_THROW(parse_quant_recipe("q8_0", true), Error);
+}
+
+TEST(QuantPlan, Q4KMMixFollowsLlamaCpp) {
+  ThreadPool pool(1);
+  ModelConfig c = synthetic_config("tiny");
+  c.hidden = 256;
+  c.head_dim = 64;
+  c.intermediate = 512;
+  c.n_layers = 16;
+  c.layer_sliding.assign(16, false);
+  auto model = make_synthetic_model(c, DType::BF16, 1, pool);
+  const auto plan = plan_quantization(*model, parse_quant_recipe("q4_k_m"));
+  // use_more_bits: layers < 2, >= 14, and (i - 2) % 3 == 2 -> 4, 7, 10, 13.
+  const std::vector<int> more = {0, 1, 4, 7, 10, 13, 14, 15};
+  for (const TensorPlan& p : plan) {
+    if (p.name == "output") {
+      EXPECT_EQ(p.to, QuantType::Q6_K);
+      continue;
+    }
+    if (p.name == "embedding") {
+      EXPECT_EQ(p.to, QuantType::Q4_K);
+      continue;
+    }
+    const int layer = std::stoi(p.name.substr(7));
+    const bool bumped = (p.name.find("attn_v") != std::string::npos || p.name.find("ffn_down") != std::string::npos) &&
+                        std::find(more.begin(), more.end(), layer) != more.end();
+    EXPECT_EQ(p.to, bumped ? QuantType::Q6_K : QuantType::Q4_K) << p.name;
+  }
+}
+
+}  // namespace
+}  // namespace bioquant
