@@ -15,6 +15,7 @@
 #include "bioquant/core/memory.h"
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
+#include "bioquant/engine/fidelity.h"
 #include "bioquant/engine/generator.h"
 #include "bioquant/io/gguf_export.h"
 #include "bioquant/io/gguf.h"
@@ -465,6 +466,98 @@ Run add_quantize(CLI::App& app) {
     write_model_gguf(*model, *out_path, name->empty() ? c.model : *name, tok.get());
     std::fprintf(stderr, "wrote %s: %s, %.3f GiB of weights\n", out_path->c_str(), model->weight_dtype().c_str(),
                  static_cast<double>(model->weight_bytes()) / (1024.0 * 1024.0 * 1024.0));
+    report_peak_memory();
+    return 0;
+  };
+}
+
+Run add_kld(CLI::App& app) {
+  auto base = std::make_shared<Common>();
+  auto other = std::make_shared<std::string>();
+  auto text = std::make_shared<std::string>();
+  auto chunk = std::make_shared<int64_t>(512);
+  auto max_tokens = std::make_shared<int64_t>(8192);
+  auto as_json = std::make_shared<bool>(false);
+  app.add_option("--base", base->model, "the reference model (directory or GGUF)")->required();
+  auto* m = app.add_option("--model", *other, "the model to compare (default: the base, quantized with --quant)");
+  auto* q = app.add_option("--quant", base->quant, "quantize the compared model on load: " + quant_names_list());
+  app.add_flag("--double-quant", base->double_quant, "nf4/fp4: quantize the block scales too");
+  app.add_option("--quant-policy", base->quant_policy, "default, all or linear");
+  app.add_option("--text", *text, "text file (plain text, or JSON lines of strings / {\"text\"})")->required();
+  app.add_option("--ctx", *chunk, "tokens per chunk (default 512; each starts with BOS)")->check(CLI::Range(2, 1 << 20));
+  app.add_option("--max-tokens", *max_tokens, "compare at most this many tokens (default 8192)")->check(CLI::PositiveNumber);
+  app.add_option("--threads", base->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_flag("--json", *as_json, "print one JSON object");
+  (void)m;
+  (void)q;
+  return [=]() {
+    check(!other->empty() || !base->quant.empty(), "give --model PATH2 or --quant Q");
+    ThreadPool pool(base->threads);
+    Common plain = *base;
+    plain.quant.clear();
+    plain.double_quant = false;
+    auto reference = open_model(plain, pool);
+    Common compared = *base;
+    if (!other->empty()) compared.model = *other;
+    auto model = open_model(compared, pool);
+    auto tok = load_tokenizer(base->model);
+    // Plain text, or JSON lines of documents joined by blank lines.
+    std::string content = read_text_file(*text);
+    if (!content.empty() && (content[0] == '"' || content[0] == '{')) {
+      std::string joined;
+      size_t pos = 0;
+      while (pos < content.size()) {
+        size_t nl = content.find('\n', pos);
+        if (nl == std::string::npos) nl = content.size();
+        const std::string line = content.substr(pos, nl - pos);
+        pos = nl + 1;
+        if (line.empty()) continue;
+        json j;
+        try {
+          j = json::parse(line);
+        } catch (const json::exception&) {
+          throw Error(*text + ": not valid JSON lines");
+        }
+        if (j.is_object() && j.contains("text")) j = j["text"];
+        check(j.is_string(), *text + ": each line must be a string or {\"text\": string}");
+        joined += (joined.empty() ? "" : "\n\n") + j.get<std::string>();
+      }
+      content = joined;
+    }
+    std::vector<int32_t> ids = tok->encode(content, false);
+    if (static_cast<int64_t>(ids.size()) > *max_tokens) ids.resize(static_cast<size_t>(*max_tokens));
+    Decoder d_ref(*reference, pool), d_model(*model, pool);
+    const auto t0 = std::chrono::steady_clock::now();
+    const FidelityStats s = compare_models(d_ref, d_model, ids, *chunk, tok->bos_id() ? *tok->bos_id() : -1,
+                                           [](int64_t done, int64_t total) {
+                                             std::fprintf(stderr, "\rkld: %lld/%lld tokens", (long long)done, (long long)total);
+                                           });
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "\n");
+    json out = {{"base", base->model},
+                {"model", other->empty() ? base->model : *other},
+                {"quant", base->quant.empty() ? json(nullptr) : json(base->quant)},
+                {"double_quant", base->double_quant},
+                {"text", *text},
+                {"tokens", ids.size()},
+                {"positions", s.positions},
+                {"kld_mean", s.kld_mean},
+                {"kld_median", s.kld_median},
+                {"kld_p99", s.kld_p99},
+                {"kld_max", s.kld_max},
+                {"same_top_rate", s.same_top_rate},
+                {"ppl_base", s.ppl_base},
+                {"ppl_model", s.ppl_model},
+                {"weight_bytes_base", reference->weight_bytes()},
+                {"weight_bytes_model", model->weight_bytes()},
+                {"seconds", secs}};
+    if (*as_json) {
+      std::printf("%s\n", out.dump().c_str());
+    } else {
+      std::printf("positions %lld | KLD mean %.6f median %.6f p99 %.6f max %.6f | same top %.2f%% | PPL base %.4f model %.4f\n",
+                  (long long)s.positions, s.kld_mean, s.kld_median, s.kld_p99, s.kld_max, 100.0 * s.same_top_rate,
+                  s.ppl_base, s.ppl_model);
+    }
     report_peak_memory();
     return 0;
   };

@@ -14,5 +14,6 @@ Run add_logits(CLI::App& app);
 Run add_generate(CLI::App& app);
 Run add_bench(CLI::App& app);
 Run add_quantize(CLI::App& app);
+Run add_kld(CLI::App& app);
 
 }  // namespace bioquant::cli

@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   add("logits", "Print the logits of a token sequence as JSON", bioquant::cli::add_logits);
   add("generate", "Generate tokens from a prompt (greedy by default)", bioquant::cli::add_generate);
   add("quantize", "Quantize a model and write it as a GGUF file", bioquant::cli::add_quantize);
+  add("kld", "KL divergence, same-top-token rate and perplexity of a model against a base", bioquant::cli::add_kld);
   add("bench", "Prompt-processing and generation speed, llama-bench style", bioquant::cli::add_bench);
   try {
     app.parse(argc, argv);
