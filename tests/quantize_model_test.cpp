@@ -114,3 +114,58 @@ TEST(QuantPlan, Q4KMMixFollowsLlamaCpp) {
 
 }  // namespace
 }  // namespace bioquant
+
+namespace bioquant {
+namespace {
+
+// The bits per weight formats.md gives (q4_k_m aside), against what the model actually holds.
+TEST(QuantMemory, WeightBytesMatchBitsPerWeight) {
+  ThreadPool pool(2);
+  ModelConfig c = synthetic_config("tiny");
+  c.hidden = 2048;
+  c.head_dim = 64;
+  c.n_heads = 32;
+  c.n_kv_heads = 8;
+  c.intermediate = 5632;
+  c.n_layers = 1;
+  c.vocab = 1024;
+  c.layer_sliding.assign(1, false);
+  const struct {
+    const char* name;
+    bool dq;
+    double bpw;
+  } formats[] = {{"bf16", false, 16.0},  {"q8_0", false, 8.5}, {"q4_0", false, 4.5}, {"q4_k", false, 4.5},
+                 {"q5_k", false, 5.5},   {"q6_k", false, 6.5625}, {"int8", false, 8.0}, {"nf4", false, 4.5},
+                 {"fp4", false, 4.5},    {"nf4", true, 4.127}};
+  for (const auto& f : formats) {
+    const QuantRecipe r = parse_quant_recipe(f.name, f.dq, "all");
+    auto model = make_synthetic_model(c, DType::BF16, 3, pool, &r);
+    double params = 0, bytes = 0;
+    for (const auto& [name, m] : model->named_matrices()) {
+      params += static_cast<double>(m->rows * m->cols);
+      bytes += static_cast<double>(m->nbytes());
+      EXPECT_EQ(std::string(m->type_name()), f.name) << name;
+    }
+    const double expected = params * f.bpw / 8.0;
+    EXPECT_NEAR(bytes / expected, 1.0, 0.01) << f.name << (f.dq ? "+dq" : "") << ": " << 8.0 * bytes / params << " bits/weight";
+  }
+}
+
+// Peak resident memory of a whole run, measured by the process itself (bench reports VmHWM).
+TEST(QuantMemory, Nf4PeakRssOfA1BModelIsAThirdOfBf16) {
+  auto run = [](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"bench", "--synthetic", "llama-1b", "-p", "8", "-n", "2", "-r", "1", "--no-bandwidth", "--json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto r = test::run_cli(args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return nlohmann::json::parse(r.out);
+  };
+  const auto bf16 = run({});
+  const auto nf4 = run({"--quant", "nf4", "--quant-policy", "all"});
+  const double ratio = nf4["peak_rss_bytes"].get<double>() / bf16["peak_rss_bytes"].get<double>();
+  RecordProperty("nf4_over_bf16_peak_rss", std::to_string(ratio));
+  EXPECT_LE(ratio, 0.35) << "nf4 " << nf4["peak_rss_bytes"] << " vs bf16 " << bf16["peak_rss_bytes"];
+}
+
+}  // namespace
+}  // namespace bioquant
