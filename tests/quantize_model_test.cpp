@@ -2,6 +2,7 @@
 // of quantizing on load; the plan honours the policy and reports fallbacks; weight bytes are honest.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "bioquant/core/error.h"
@@ -165,6 +166,48 @@ TEST(QuantMemory, Nf4PeakRssOfA1BModelIsAThirdOfBf16) {
   const double ratio = nf4["peak_rss_bytes"].get<double>() / bf16["peak_rss_bytes"].get<double>();
   RecordProperty("nf4_over_bf16_peak_rss", std::to_string(ratio));
   EXPECT_LE(ratio, 0.35) << "nf4 " << nf4["peak_rss_bytes"] << " vs bf16 " << bf16["peak_rss_bytes"];
+}
+
+}  // namespace
+}  // namespace bioquant
+
+namespace bioquant {
+namespace {
+
+// Fidelity on a real trained model (models/biomed-tiny: every matrix dimension a multiple of 256)
+// over biomedical abstracts: KL divergence against the unquantized model orders the formats.
+TEST(QuantFidelity, KlDivergenceOrdersTheFormats) {
+  if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
+  test::TempDir dir;
+  std::string text;
+  const std::string hoc = test::read_file(test::shared_dir() + "/bionlp/HoC/sample200.tsv");
+  size_t pos = hoc.find('\n') + 1;
+  for (int i = 0; i < 60 && pos < hoc.size(); ++i) {
+    size_t nl = hoc.find('\n', pos);
+    if (nl == std::string::npos) nl = hoc.size();
+    const std::string line = hoc.substr(pos, nl - pos);
+    pos = nl + 1;
+    const size_t a = line.find('\t'), b = line.find('\t', a + 1);
+    if (a != std::string::npos && b != std::string::npos) text += line.substr(a + 1, b - a - 1) + "\n\n";
+  }
+  test::write_file(dir.file("abstracts.txt"), text);
+  const std::string model = test::fixtures_dir() + "/../../models/biomed-tiny";
+  std::map<std::string, nlohmann::json> r;
+  for (const char* q : {"q8_0", "q6_k", "q5_k", "q4_k", "int8", "nf4"}) {
+    const auto out = test::run_cli({"kld", "--base", model, "--quant", q, "--text", dir.file("abstracts.txt"),
+                                    "--max-tokens", "2048", "--json"});
+    ASSERT_EQ(out.exit_code, 0) << out.err;
+    r[q] = nlohmann::json::parse(out.out);
+    ASSERT_GE(r[q]["positions"].get<int>(), 2000);
+  }
+  auto kld = [&](const char* q) { return r[q]["kld_mean"].get<double>(); };
+  EXPECT_LT(kld("q8_0"), kld("q6_k"));
+  EXPECT_LT(kld("q6_k"), kld("q5_k"));
+  EXPECT_LT(kld("q5_k"), kld("q4_k"));
+  EXPECT_LT(kld("int8"), kld("nf4"));
+  EXPECT_GE(r["q8_0"]["same_top_rate"].get<double>(), 0.95);
+  EXPECT_GE(r["int8"]["same_top_rate"].get<double>(), 0.95);
+  for (auto& [q, j] : r) RecordProperty("kld_" + q, std::to_string(j["kld_mean"].get<double>()));
 }
 
 }  // namespace
