@@ -19,6 +19,7 @@
 #include "bioquant/engine/generator.h"
 #include "bioquant/engine/sampler.h"
 #include "bioquant/model/decoder.h"
+#include "bioquant/tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace bioquant {
@@ -113,6 +114,36 @@ TEST_P(ParityOtherSpelling, MatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ParityOtherSpelling,
                          ::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"));
+
+}  // namespace
+}  // namespace bioquant
+
+namespace bioquant {
+namespace {
+
+// The shipped trained model (models/biomed-tiny): tokenizer ids, per-position argmax and the greedy
+// continuation as HF transformers computed them (reference.json made at training time).
+TEST(ParityVariants, ShippedBiomedTinyModel) {
+  const std::string dir = test::fixtures_dir() + "/../../models/biomed-tiny";
+  const json ref = json::parse(test::read_file(dir + "/reference.json"));
+  auto tok = load_tokenizer(dir);
+  const std::vector<int32_t> ids = tok->encode(ref["prompt"].get<std::string>(), true);
+  ASSERT_EQ(ids, ref["token_ids"].get<std::vector<int32_t>>());
+  auto model = Model::load(dir);
+  ThreadPool pool(2);
+  Decoder decoder(*model, pool);
+  KVCache cache(model->config(), static_cast<int64_t>(ids.size()));
+  const int64_t n = static_cast<int64_t>(ids.size()), vocab = model->config().vocab;
+  std::vector<float> logits(static_cast<size_t>(n * vocab));
+  decoder.forward(ids.data(), n, cache, n, logits.data());
+  std::vector<int32_t> am;
+  for (int64_t t = 0; t < n; ++t) am.push_back(argmax(logits.data() + t * vocab, vocab));
+  EXPECT_EQ(am, ref["argmax_per_position"].get<std::vector<int32_t>>());
+  GenerateOptions options;
+  options.max_new_tokens = static_cast<int64_t>(ref["greedy_new_tokens"].size());
+  options.stop_at_eos = false;
+  EXPECT_EQ(generate(decoder, ids, options).tokens, ref["greedy_new_tokens"].get<std::vector<int32_t>>());
+}
 
 }  // namespace
 }  // namespace bioquant
