@@ -140,9 +140,9 @@ TEST(ParityVariants, ShippedBiomedTinyModel) {
   for (int64_t t = 0; t < n; ++t) am.push_back(argmax(logits.data() + t * vocab, vocab));
   EXPECT_EQ(am, ref["argmax_per_position"].get<std::vector<int32_t>>());
   GenerateOptions options;
-  options.max_new_tokens = static_cast<int64_t>(ref["greedy_new_tokens"].size());
+  options.max_new_tokens = static_cast<int64_t>(ref["greedy_ids"].size());
   options.stop_at_eos = false;
-  EXPECT_EQ(generate(decoder, ids, options).tokens, ref["greedy_new_tokens"].get<std::vector<int32_t>>());
+  EXPECT_EQ(generate(decoder, ids, options).tokens, ref["greedy_ids"].get<std::vector<int32_t>>());
 }
 
 }  // namespace
