@@ -4,6 +4,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
+#include "bioquant/io/bnb_checkpoint.h"
 #include "bioquant/io/gguf_model.h"
 #include "bioquant/io/hf_config.h"
 
@@ -13,7 +14,8 @@ namespace {
 // Checks presence, shape and dtype of the tensors a config calls for.
 class Binder {
  public:
-  Binder(const ModelConfig& config, const TensorSource& source) : config_(config), source_(source) {}
+  Binder(const ModelConfig& config, const TensorSource& source, Model* owner)
+      : config_(config), source_(source), owner_(owner) {}
 
   const TensorView& require(const std::string& name, const std::vector<int64_t>& shape) const {
     const TensorView* v = source_.find(name);
@@ -24,6 +26,11 @@ class Binder {
   }
 
   Matrix matrix(const std::string& name, int64_t rows, int64_t cols) const {
+    if (auto bnb = convert_bnb_weight(source_, name, rows, cols)) {  // pre-quantized bitsandbytes layer
+      const Matrix m{bnb->type, rows, cols, bnb->bytes.get(), bnb->double_quant};
+      owner_->adopt(std::move(bnb->bytes));
+      return m;
+    }
     const TensorView& v = require(name, {rows, cols});
     if (!v.format.empty()) {  // quantized storage (GGUF files)
       const bool dq = v.format.size() > 3 && v.format.compare(v.format.size() - 3, 3, "+dq") == 0;
@@ -59,6 +66,7 @@ class Binder {
  private:
   const ModelConfig& config_;
   const TensorSource& source_;
+  Model* owner_;  // keeps converted weights alive
 };
 
 LayerWeights bind_layer(const ModelConfig& c, const Binder& b, int64_t i) {
@@ -138,7 +146,7 @@ std::unique_ptr<Model> Model::from_source(ModelConfig config, std::unique_ptr<Te
   m->config_ = std::move(config);
   m->source_ = std::move(source);
   const ModelConfig& c = m->config_;
-  const Binder b(c, *m->source_);
+  const Binder b(c, *m->source_, m.get());
   m->weights_.embed = b.matrix("model.embed_tokens.weight", c.vocab, c.hidden);
   if (c.tie_embeddings || !b.has("lm_head.weight")) {
     check(c.tie_embeddings, "missing tensor 'lm_head.weight' (config does not tie embeddings)");
