@@ -4,6 +4,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "bioquant/core/atomic_file.h"
 #include "bioquant/core/error.h"
 
 namespace bioquant {
@@ -194,7 +195,7 @@ namespace {
 
 class Writer {
  public:
-  explicit Writer(std::ofstream& out) : out_(out) {}
+  explicit Writer(std::ostream& out) : out_(out) {}
   template <class T>
   void put(T v) {
     out_.write(reinterpret_cast<const char*>(&v), sizeof v);
@@ -218,7 +219,7 @@ class Writer {
   size_t pos() const { return pos_; }
 
  private:
-  std::ofstream& out_;
+  std::ostream& out_;
   size_t pos_ = 0;
 };
 
@@ -246,10 +247,7 @@ void write_scalar(Writer& w, GgufValueType t, const json& v, const std::string& 
 void write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufWriteValue>>& metadata,
                 const std::vector<GgufWriteTensor>& tensors) {
   constexpr size_t kAlignment = 32;
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    check(static_cast<bool>(out), tmp + ": cannot create");
+  write_file_atomically(path, [&](std::ostream& out) {
     Writer w(out);
     w.bytes(reinterpret_cast<const uint8_t*>("GGUF"), 4);
     w.put<uint32_t>(3);
@@ -288,16 +286,7 @@ void write_gguf(const std::string& path, const std::vector<std::pair<std::string
       w.bytes(t.data, t.nbytes);
       w.pad_to(kAlignment);
     }
-    out.flush();
-    if (!out) {
-      std::remove(tmp.c_str());
-      throw Error(tmp + ": write failed");
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw Error(path + ": cannot rename the written file into place");
-  }
+  });
 }
 
 }  // namespace bioquant

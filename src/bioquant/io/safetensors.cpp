@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "bioquant/core/atomic_file.h"
 #include "bioquant/core/error.h"
 
 namespace bioquant {
@@ -107,25 +108,13 @@ void write_safetensors(const std::string& path, const std::vector<TensorView>& t
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // pad so the data buffer starts 8-byte aligned
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    check(static_cast<bool>(out), tmp + ": cannot create");
+  write_file_atomically(path, [&](std::ostream& out) {
     uint8_t len[8];
     for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
     out.write(reinterpret_cast<const char*>(len), 8);
     out.write(text.data(), static_cast<std::streamsize>(text.size()));
     for (const TensorView* t : order) out.write(reinterpret_cast<const char*>(t->data), static_cast<std::streamsize>(t->nbytes));
-    out.flush();
-    if (!out) {
-      std::remove(tmp.c_str());
-      throw Error(tmp + ": write failed");
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw Error(path + ": cannot rename the written file into place");
-  }
+  });
 }
 
 const TensorView* SafetensorsFile::find(const std::string& name) const {
