@@ -184,6 +184,33 @@ TEST(QuantKernels, LargeRowsMatchReference) {
   }
 }
 
+TEST(QuantKernels, DoubleQuantRowsWithSeveralNestedGroups) {
+  // 320 blocks of 64: nested absmax groups of 256 and 64 blocks.
+  std::mt19937 rng(29);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (QuantType t : {QuantType::NF4, QuantType::FP4}) {
+    const Format f{t, true};
+    const int64_t rows = 5, cols = 320 * 64;
+    const Matrix m = make_matrix(f, rows, cols, rng);
+    for (int64_t n : {1, 7}) {
+      std::vector<float> x(static_cast<size_t>(n * cols));
+      for (float& v : x) v = normal(rng);
+      std::vector<float> ref(static_cast<size_t>(n * rows)), y(ref.size());
+      quant_gemm_reference(x.data(), cols, n, m.view, 0, rows, ref.data(), rows);
+      for (const char* isa : {"avx2", "avx512"}) {
+        if (!quant_gemm_isa(isa, x.data(), cols, n, m.view, 0, rows, y.data(), rows)) continue;
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t o = 0; o < rows; ++o) {
+            double mag = 0.0;
+            for (int64_t k = 0; k < cols; ++k) mag += std::fabs(m.deq[o * cols + k] * x[t * cols + k]);
+            ASSERT_NEAR(y[t * rows + o], ref[t * rows + o], 1e-4 * mag + 1e-5) << isa << " " << label(f) << " n=" << n;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(QuantKernels, PlainTypesForwardToCpuKernels) {
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);

@@ -54,8 +54,8 @@ struct Ctx {
   int64_t units;
 };
 
-// Per-row scales written by the row preparation: S lanes (16 per 64 columns; nf4/fp4: the scaled
-// codebook of each 64-block), K-quant negated mins (8 per super-block), int8 scale.
+// Per-row scales written by the prefill row preparation: S lanes (16 per 64 columns), K-quant
+// negated mins (8 per super-block), int8 scale (absmax / 127).
 struct RowPrep {
   const float* s;
   const float* m;
@@ -67,10 +67,9 @@ inline __m512 bcast_lanes8(float a, float b) {
 }
 
 // Scales a decode pass keeps per row: K-quant super-block scales (ws: 8 or 16 lanes) and negated
-// mins (wm, lanes 0-7, rest 0); int8 row scale.
+// mins (wm, lanes 0-7, rest 0).
 struct Super {
   __m512 ws, wm;
-  float scale;
 };
 
 // Sub-block scale lanes within a 64-column group: pairs (q4_k/q5_k, 32-column sub-blocks, 8 lanes
@@ -101,11 +100,11 @@ inline void kquant_super(const uint8_t* blk, Super& st) {
 
 // ---------------------------------------------------------------------------------------------
 // Formats. Each provides: kBias (C lanes used), kMins (K-quant min term), weights(row, g) -> the 64
-// unsigned levels of group g (columns 64g..64g+63), and prep_row(row, s, m, &scale).
+// unsigned levels of group g (columns 64g..64g+63), scale(row, super, g) -> their 16 lane scales
+// (decode), begin(row, sb, super) per super-block, and prep_row(row, s, m, &scale) (prefill).
 
 struct FmtQ8_0 {
   static constexpr bool kBias = true, kMins = false;
-  static constexpr float kBiasValue = 128.0f;
   static void prep_row(const Ctx& c, const uint8_t* row, float* s, float*, float*) {
     const int64_t nb = c.cols / 32;
     for (int64_t b = 0; b < nb; ++b) _mm256_storeu_ps(s + 8 * b, _mm256_set1_ps(f16(load_u16(row + 34 * b))));
@@ -145,7 +144,6 @@ inline void prep_kquant_scales(const uint8_t* blk, float* s, float* m, int64_t s
 
 struct FmtQ4_K {
   static constexpr bool kBias = false, kMins = true;
-  static constexpr float kBiasValue = 0.0f;
   static void prep_row(const Ctx& c, const uint8_t* row, float* s, float* m, float*) {
     for (int64_t sb = 0; sb < c.cols / 256; ++sb) prep_kquant_scales(row + 144 * sb, s, m, sb);
   }
@@ -162,7 +160,6 @@ struct FmtQ4_K {
 
 struct FmtQ5_K {
   static constexpr bool kBias = false, kMins = true;
-  static constexpr float kBiasValue = 0.0f;
   static void prep_row(const Ctx& c, const uint8_t* row, float* s, float* m, float*) {
     for (int64_t sb = 0; sb < c.cols / 256; ++sb) prep_kquant_scales(row + 176 * sb, s, m, sb);
   }
@@ -187,7 +184,6 @@ struct FmtQ5_K {
 
 struct FmtQ6_K {
   static constexpr bool kBias = true, kMins = false;
-  static constexpr float kBiasValue = 32.0f;
   static void prep_row(const Ctx& c, const uint8_t* row, float* s, float*, float*) {
     for (int64_t sb = 0; sb < c.cols / 256; ++sb) {
       const uint8_t* blk = row + 210 * sb;
@@ -226,7 +222,6 @@ struct FmtQ6_K {
 
 struct FmtInt8 {
   static constexpr bool kBias = true, kMins = false;
-  static constexpr float kBiasValue = 128.0f;
   static void prep_row(const Ctx&, const uint8_t* row, float*, float*, float* scale) { *scale = load_f32(row) / 127.0f; }
   static __m512i weights(const Ctx& c, const uint8_t* row, int64_t g) {
     const int64_t left = c.cols - 64 * g;
