@@ -109,3 +109,48 @@ TEST(Half, RoundTripsAndRoundsToNearestEven) {
 
 }  // namespace
 }  // namespace bioquant
+
+namespace bioquant {
+namespace {
+
+// LLM.int8's decomposition: a huge activation in one feature ruins the int8 activation scale of its
+// block; taking that feature out (f32) and the rest through int8 restores the accuracy.
+TEST(Kernels, Int8OutlierDecompositionKeepsAccuracy) {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t rows = 40, cols = 256, tokens = 3;
+  std::vector<float> wf(static_cast<size_t>(rows * cols));
+  for (float& v : wf) v = normal(rng) * 0.05f;
+  const size_t rb = quant_row_bytes(QuantType::INT8, cols);
+  std::vector<uint8_t> wq(rb * static_cast<size_t>(rows));
+  std::vector<float> deq(wf.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    quantize_row(QuantType::INT8, wf.data() + r * cols, cols, wq.data() + r * rb);
+    dequantize_row(QuantType::INT8, wq.data() + r * rb, cols, deq.data() + r * cols);
+  }
+  std::vector<float> x(static_cast<size_t>(tokens * cols));
+  for (float& v : x) v = normal(rng) * 0.3f;
+  x[17] = 60.0f;               // token 0, feature 17: an outlier
+  x[cols + 200] = -45.0f;      // token 1, feature 200
+  Matrix m{QuantType::INT8, rows, cols, wq.data(), false};
+  ThreadPool pool(2);
+  auto max_err = [&](float threshold) {
+    m.outlier_threshold = threshold;
+    std::vector<float> y(static_cast<size_t>(tokens * rows));
+    matmul(x.data(), tokens, m, y.data(), pool);
+    double worst = 0;
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t o = 0; o < rows; ++o) {
+        double exact = 0;
+        for (int64_t k = 0; k < cols; ++k) exact += static_cast<double>(x[t * cols + k]) * deq[o * cols + k];
+        worst = std::max(worst, std::fabs(exact - y[t * rows + o]));
+      }
+    return worst;
+  };
+  const double without = max_err(0.0f), with = max_err(6.0f);
+  EXPECT_LT(with, 0.01);           // only the inlier activations' int8 rounding remains
+  EXPECT_GT(without, 5.0 * with);  // the outliers' block scale costs far more
+}
+
+}  // namespace
+}  // namespace bioquant

@@ -39,6 +39,7 @@ struct Common {
   std::string quant;
   bool double_quant = false;
   std::string quant_policy = "default";
+  float int8_threshold = 0.0f;
 };
 
 void add_model_flags(CLI::App& app, Common& c, bool required = true) {
@@ -50,6 +51,9 @@ void add_model_flags(CLI::App& app, Common& c, bool required = true) {
   app.add_flag("--double-quant", c.double_quant, "nf4/fp4: quantize the block scales too (~4.13 bits/weight)");
   app.add_option("--quant-policy", c.quant_policy,
                  "default (bitsandbytes: linear layers only; GGUF types: + embedding, output q6_k), all, linear");
+  app.add_option("--int8-threshold", c.int8_threshold,
+                 "int8: LLM.int8 outlier threshold, features at or above it run in f32 (0 = off; bitsandbytes: 6)")
+      ->check(CLI::NonNegativeNumber);
 }
 
 std::optional<QuantRecipe> recipe_of(const Common& c) {
@@ -57,7 +61,10 @@ std::optional<QuantRecipe> recipe_of(const Common& c) {
     check(!c.double_quant, "--double-quant needs --quant nf4 or fp4");
     return std::nullopt;
   }
-  return parse_quant_recipe(c.quant, c.double_quant, c.quant_policy);
+  QuantRecipe r = parse_quant_recipe(c.quant, c.double_quant, c.quant_policy);
+  check(c.int8_threshold == 0.0f || r.base == QuantType::INT8, "--int8-threshold applies to --quant int8 only");
+  r.int8_threshold = c.int8_threshold;
+  return r;
 }
 
 void report_fallbacks(const std::vector<TensorPlan>& plan) {
@@ -171,7 +178,7 @@ Run add_info(CLI::App& app) {
       plan = plan_quantization(*model, *recipe);
     } else {
       for (const auto& [name, m] : model->named_matrices())
-        plan.push_back({name, m->rows, m->cols, m->type, m->type, m->double_quant, ""});
+        plan.push_back({name, m->rows, m->cols, m->type, m->type, m->double_quant, m->outlier_threshold, ""});
     }
     std::map<std::string, std::pair<double, double>> by_format;  // name -> (bytes, parameters)
     double matrix_bytes = 0, matrix_params = 0;

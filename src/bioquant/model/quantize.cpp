@@ -101,12 +101,14 @@ std::vector<TensorPlan> plan_quantization(const Model& model, const QuantRecipe&
     p.double_quant = r.double_quant && (want == QuantType::NF4 || want == QuantType::FP4);
     p.to = fallback(want, p.cols, m->type, p.note);
     if (p.to != want) p.double_quant = false;
+    if (p.to == QuantType::INT8) p.outlier_threshold = r.int8_threshold;
     plan.push_back(p);
   }
   return plan;
 }
 
 void quantize_matrix(Model& model, Matrix& m, const TensorPlan& p, ThreadPool& pool, bool release_source) {
+  m.outlier_threshold = p.outlier_threshold;
   if (p.to == m.type && p.double_quant == m.double_quant) return;
   const size_t row_bytes = quant_row_bytes(p.to, m.cols, p.double_quant);
   auto storage = std::make_unique<uint8_t[]>(row_bytes * static_cast<size_t>(m.rows));

@@ -34,6 +34,7 @@ struct QuantRecipe {
   bool double_quant = false;   // nf4/fp4
   bool q4_k_m = false;
   QuantPolicy policy = QuantPolicy::Default;
+  float int8_threshold = 0.0f;  // int8: LLM.int8 outlier threshold (0 = off; bitsandbytes uses 6.0)
 };
 
 // Parses a quant type name or recipe ("q4_k_m"); throws Error listing the valid names.
@@ -47,6 +48,7 @@ struct TensorPlan {
   QuantType from = QuantType::F32;
   QuantType to = QuantType::F32;
   bool double_quant = false;
+  float outlier_threshold = 0.0f;  // int8 only
   std::string note;     // why `to` differs from the recipe's format ("" when it doesn't)
 
   size_t bytes() const { return static_cast<size_t>(rows) * quant_row_bytes(to, cols, double_quant); }

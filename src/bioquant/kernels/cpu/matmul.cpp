@@ -1,6 +1,9 @@
 #include "bioquant/kernels/cpu/matmul.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
@@ -43,7 +46,51 @@ void Matrix::row_to_f32(int64_t r, float* out) const {
   }
 }
 
+namespace {
+
+// Input features (columns of x) whose magnitude reaches `threshold` in any token.
+std::vector<int64_t> outlier_columns(const float* x, int64_t n_tokens, int64_t cols, float threshold) {
+  std::vector<int64_t> out;
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      if (std::fabs(x[t * cols + c]) >= threshold) {
+        out.push_back(c);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadPool& pool) {
+  if (w.type == QuantType::INT8 && w.outlier_threshold > 0.0f) {
+    const std::vector<int64_t> outliers = outlier_columns(x, n_tokens, w.cols, w.outlier_threshold);
+    if (!outliers.empty()) {
+      // LLM.int8: the outlier features are taken out of the int8 product and added back in f32.
+      std::vector<float> inliers(x, x + n_tokens * w.cols);
+      for (int64_t t = 0; t < n_tokens; ++t)
+        for (int64_t c : outliers) inliers[static_cast<size_t>(t * w.cols + c)] = 0.0f;
+      Matrix plain_int8 = w;
+      plain_int8.outlier_threshold = 0.0f;
+      matmul(inliers.data(), n_tokens, plain_int8, y, pool);
+      const size_t rb = w.row_bytes();
+      pool.parallel_for(static_cast<size_t>(w.rows), [&](size_t o) {
+        const uint8_t* row = w.data + o * rb;
+        float absmax;
+        std::memcpy(&absmax, row, sizeof absmax);
+        const int8_t* q = reinterpret_cast<const int8_t*>(row + sizeof absmax);
+        const float scale = absmax / 127.0f;
+        for (int64_t t = 0; t < n_tokens; ++t) {
+          float sum = 0.0f;
+          for (int64_t c : outliers) sum += x[t * w.cols + c] * (static_cast<float>(q[c]) * scale);
+          y[static_cast<size_t>(t) * static_cast<size_t>(w.rows) + o] += sum;
+        }
+      });
+      return;
+    }
+  }
   const CpuKernels& k = cpu_kernels();
   GemmFn fn = nullptr;  // plain formats: the f32-activation kernels; quantized ones: quant_gemm
   switch (w.type) {

@@ -17,6 +17,10 @@ struct Matrix {
   int64_t cols = 0;
   const uint8_t* data = nullptr;
   bool double_quant = false;  // nf4/fp4
+  // int8 only, LLM.int8's mixed-precision decomposition (0 = off): input features whose activation
+  // magnitude reaches this in any token are multiplied in f32 with the dequantized weight column;
+  // the rest go through the int8 kernel. bitsandbytes' default threshold is 6.0.
+  float outlier_threshold = 0.0f;
 
   // A plain matrix of a file dtype (F32, F16, BF16); throws Error for other dtypes.
   static Matrix plain(DType dtype, int64_t rows, int64_t cols, const uint8_t* data);
