@@ -99,8 +99,9 @@ void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadP
     case QuantType::F16: fn = k.gemm_f16; break;
     default: break;
   }
-  // Split output rows into a few chunks per thread (multiples of 16 so SIMD tiles stay whole).
-  const int64_t n_chunks_wanted = static_cast<int64_t>(pool.size()) * 4;
+  // Split output rows into a few chunks per thread (multiples of 16 so SIMD tiles stay whole). The
+  // quantized kernels prepare (quantize) the activations once per call, so they get one chunk per thread.
+  const int64_t n_chunks_wanted = static_cast<int64_t>(pool.size()) * (fn != nullptr ? 4 : 1);
   int64_t chunk = (w.rows + n_chunks_wanted - 1) / n_chunks_wanted;
   chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
   const int64_t n_chunks = (w.rows + chunk - 1) / chunk;
