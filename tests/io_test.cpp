@@ -36,8 +36,8 @@ TEST(Safetensors, WriteThenReadRoundTrips) {
   TempDir dir;
   const float a[6] = {1, 2, 3, 4, 5, 6};
   const uint16_t b[2] = {0x3f80, 0xc000};
-  TensorView ta{"a", DType::F32, {2, 3}, reinterpret_cast<const uint8_t*>(a), sizeof a};
-  TensorView tb{"b", DType::BF16, {2}, reinterpret_cast<const uint8_t*>(b), sizeof b};
+  TensorView ta{"a", DType::F32, {2, 3}, reinterpret_cast<const uint8_t*>(a), sizeof a, -1, ""};
+  TensorView tb{"b", DType::BF16, {2}, reinterpret_cast<const uint8_t*>(b), sizeof b, -1, ""};
   write_safetensors(dir.file("m.safetensors"), {tb, ta});
   SafetensorsFile f(dir.file("m.safetensors"));
   ASSERT_EQ(f.tensors().size(), 2u);
