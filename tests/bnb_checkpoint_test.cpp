@@ -213,7 +213,7 @@ struct Tensor {
 
 Tensor f32_tensor(const std::vector<float>& v) {
   Tensor t{DType::F32, {static_cast<int64_t>(v.size())}, std::vector<uint8_t>(v.size() * 4)};
-  std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
+  if (!v.empty()) std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
   return t;
 }
 
@@ -228,11 +228,13 @@ std::unique_ptr<MemoryTensors> copy_fixture(const std::string& variant,
   auto out = std::make_unique<MemoryTensors>();
   for (const auto& [name, v] : f.tensors()) {
     if (changes.count(name)) continue;
-    std::memcpy(out->add(name, v.dtype, v.shape), v.data, v.nbytes);
+    uint8_t* dst = out->add(name, v.dtype, v.shape);
+    if (v.nbytes > 0) std::memcpy(dst, v.data, v.nbytes);
   }
   for (const auto& [name, t] : changes) {
     if (!t) continue;
-    std::memcpy(out->add(name, t->dtype, t->shape), t->bytes.data(), t->bytes.size());
+    uint8_t* dst = out->add(name, t->dtype, t->shape);
+    if (!t->bytes.empty()) std::memcpy(dst, t->bytes.data(), t->bytes.size());
   }
   return out;
 }

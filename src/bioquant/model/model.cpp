@@ -1,6 +1,7 @@
 #include "bioquant/model/model.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
@@ -43,7 +44,18 @@ class Binder {
     }
     check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
           "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
-    return Matrix::plain(v.dtype, rows, cols, v.data);
+    return Matrix::plain(v.dtype, rows, cols, aligned(v));
+  }
+
+  // safetensors does not promise aligned tensor data: misaligned elements are copied once, so every
+  // kernel can load whole elements.
+  const uint8_t* aligned(const TensorView& v) const {
+    if (reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0) return v.data;
+    auto copy = std::make_unique<uint8_t[]>(v.nbytes);
+    std::memcpy(copy.get(), v.data, v.nbytes);
+    const uint8_t* p = copy.get();
+    owner_->adopt(std::move(copy));
+    return p;
   }
 
   std::vector<float> vector(const std::string& name, int64_t size, float offset = 0.0f) const {
@@ -51,7 +63,7 @@ class Binder {
     check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
           "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
     std::vector<float> out(static_cast<size_t>(size));
-    Matrix::plain(v.dtype, 1, size, v.data).row_to_f32(0, out.data());
+    Matrix::plain(v.dtype, 1, size, aligned(v)).row_to_f32(0, out.data());
     for (float& x : out) x += offset;
     return out;
   }
