@@ -422,7 +422,10 @@ Run add_generate(CLI::App& app) {
       }
     });
     const double tg = r.decode_seconds > 0 ? static_cast<double>(r.tokens.size() > 0 ? r.tokens.size() - 1 : 0) / r.decode_seconds : 0;
-    if (stream) std::printf("%s\n", stream->finish().c_str());
+    if (stream) {
+      std::printf("%s\n", stream->finish().c_str());
+      std::fflush(stdout);  // the statistics below go to stderr: keep the text before them
+    }
     std::fprintf(stderr, "prompt %zu tokens in %.3f s (%.1f tok/s), generated %zu tokens (%.1f tok/s), stop: %s\n",
                  ids.size(), r.prompt_seconds, static_cast<double>(ids.size()) / std::max(r.prompt_seconds, 1e-9),
                  r.tokens.size(), tg, r.stop_reason.c_str());
