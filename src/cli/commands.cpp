@@ -114,6 +114,31 @@ std::vector<int32_t> parse_token_list(const std::string& text) {
   return ids;
 }
 
+// JSON lines, each a string or {"text": string}; blank lines are skipped.
+std::vector<std::string> read_json_lines_texts(const std::string& path) {
+  const std::string content = read_text_file(path);
+  std::vector<std::string> texts;
+  size_t pos = 0, line_no = 0;
+  while (pos < content.size()) {
+    size_t nl = content.find('\n', pos);
+    if (nl == std::string::npos) nl = content.size();
+    const std::string line = content.substr(pos, nl - pos);
+    pos = nl + 1;
+    ++line_no;
+    if (line.empty()) continue;
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const json::exception&) {
+      throw Error(path + ": line " + std::to_string(line_no) + " is not valid JSON");
+    }
+    if (j.is_object() && j.contains("text")) j = j["text"];
+    check(j.is_string(), path + ": line " + std::to_string(line_no) + " is not a string or {\"text\": string}");
+    texts.push_back(j.get<std::string>());
+  }
+  return texts;
+}
+
 const char* rope_type_name(RopeType t) {
   switch (t) {
     case RopeType::Default: return "default";
@@ -266,26 +291,7 @@ Run add_tokenize(CLI::App& app) {
     check(t->count() > 0 || !file->empty(), "give --text TEXT or --file FILE");
     auto tok = load_tokenizer(*path);
     if (!file->empty()) {
-      std::vector<std::string> texts;
-      const std::string content = read_text_file(*file);
-      size_t pos = 0, line_no = 0;
-      while (pos < content.size()) {
-        size_t nl = content.find('\n', pos);
-        if (nl == std::string::npos) nl = content.size();
-        const std::string line = content.substr(pos, nl - pos);
-        pos = nl + 1;
-        ++line_no;
-        if (line.empty()) continue;
-        json j;
-        try {
-          j = json::parse(line);
-        } catch (const json::exception&) {
-          throw Error(*file + ": line " + std::to_string(line_no) + " is not valid JSON");
-        }
-        if (j.is_object() && j.contains("text")) j = j["text"];
-        check(j.is_string(), *file + ": line " + std::to_string(line_no) + " is not a string or {\"text\": string}");
-        texts.push_back(j.get<std::string>());
-      }
+      const std::vector<std::string> texts = read_json_lines_texts(*file);
       if (*bench) {
         size_t bytes = 0, n_tokens = 0;
         for (const auto& s : texts) bytes += s.size();
@@ -515,23 +521,7 @@ Run add_kld(CLI::App& app) {
     std::string content = read_text_file(*text);
     if (!content.empty() && (content[0] == '"' || content[0] == '{')) {
       std::string joined;
-      size_t pos = 0;
-      while (pos < content.size()) {
-        size_t nl = content.find('\n', pos);
-        if (nl == std::string::npos) nl = content.size();
-        const std::string line = content.substr(pos, nl - pos);
-        pos = nl + 1;
-        if (line.empty()) continue;
-        json j;
-        try {
-          j = json::parse(line);
-        } catch (const json::exception&) {
-          throw Error(*text + ": not valid JSON lines");
-        }
-        if (j.is_object() && j.contains("text")) j = j["text"];
-        check(j.is_string(), *text + ": each line must be a string or {\"text\": string}");
-        joined += (joined.empty() ? "" : "\n\n") + j.get<std::string>();
-      }
+      for (const std::string& doc : read_json_lines_texts(*text)) joined += (joined.empty() ? "" : "\n\n") + doc;
       content = joined;
     }
     std::vector<int32_t> ids = tok->encode(content, false);
