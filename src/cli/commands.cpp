@@ -1,4 +1,5 @@
 #include "cli/commands.h"
+#include "cli/common.h"
 
 #include <algorithm>
 #include <chrono>
@@ -30,19 +31,8 @@ namespace bioquant::cli {
 
 using nlohmann::json;
 
-namespace {
 
-struct Common {
-  std::string model;
-  int threads = 0;
-  std::string device = "cpu";
-  std::string quant;
-  bool double_quant = false;
-  std::string quant_policy = "default";
-  float int8_threshold = 0.0f;
-};
-
-void add_model_flags(CLI::App& app, Common& c, bool required = true) {
+void add_model_flags(CLI::App& app, Common& c, bool required) {
   auto* opt = app.add_option("--model", c.model, "Hugging Face model directory or GGUF file");
   if (required) opt->required();
   app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
@@ -90,6 +80,8 @@ void report_peak_memory() {
 void check_device(const std::string& device) {
   check(device == "cpu", "device '" + device + "' is not available: this build runs on the CPU only (use --device cpu)");
 }
+
+namespace {
 
 std::vector<int32_t> parse_token_list(const std::string& text) {
   std::vector<int32_t> ids;

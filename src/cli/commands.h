@@ -15,5 +15,9 @@ Run add_generate(CLI::App& app);
 Run add_bench(CLI::App& app);
 Run add_quantize(CLI::App& app);
 Run add_kld(CLI::App& app);
+Run add_eval(CLI::App& app);
+Run add_score(CLI::App& app);
+Run add_compare_runs(CLI::App& app);
+Run add_tasks(CLI::App& app);
 
 }  // namespace bioquant::cli

@@ -35,6 +35,10 @@ int main(int argc, char** argv) {
   add("generate", "Generate tokens from a prompt (greedy by default)", bioquant::cli::add_generate);
   add("quantize", "Quantize a model and write it as a GGUF file", bioquant::cli::add_quantize);
   add("kld", "KL divergence, same-top-token rate and perplexity of a model against a base", bioquant::cli::add_kld);
+  add("tasks", "List the benchmark tasks (built in and from --task-file)", bioquant::cli::add_tasks);
+  add("eval", "Evaluate a model on the BioNLP benchmarks (resumable)", bioquant::cli::add_eval);
+  add("score", "Score raw outputs produced elsewhere, exactly as eval does", bioquant::cli::add_score);
+  add("compare-runs", "Paired comparison of two eval runs: score difference, CI, flips", bioquant::cli::add_compare_runs);
   add("bench", "Prompt-processing and generation speed, llama-bench style", bioquant::cli::add_bench);
   try {
     app.parse(argc, argv);

@@ -17,6 +17,8 @@ class KVCache {
   int64_t capacity() const { return capacity_; }
   int64_t size() const { return size_; }  // positions filled so far
   void clear() { size_ = 0; }
+  // Forgets every position from n on (prefix reuse: keep a shared prompt, drop what followed it).
+  void truncate(int64_t n) { size_ = n < size_ ? (n < 0 ? 0 : n) : size_; }
   size_t bytes() const { return (k_.size() + v_.size()) * sizeof(float); }
 
   float* k(int64_t layer, int64_t pos) { return k_.data() + (layer * capacity_ + pos) * kv_dim_; }

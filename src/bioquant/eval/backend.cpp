@@ -1,0 +1,217 @@
+#include "bioquant/eval/backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+
+#include "bioquant/core/error.h"
+#include "bioquant/engine/sampler.h"
+#include "bioquant/tokenizer/chat_template.h"
+#include "bioquant/tokenizer/tokenizer.h"
+
+namespace bioquant::eval {
+
+ScoringMode parse_scoring_mode(const std::string& name) {
+  if (name == "generate") return ScoringMode::generate;
+  if (name == "constrained") return ScoringMode::constrained;
+  if (name == "loglik") return ScoringMode::loglik;
+  throw Error("unknown scoring mode \"" + name + "\" (expected generate, constrained or loglik)");
+}
+
+const char* scoring_mode_name(ScoringMode mode) {
+  switch (mode) {
+    case ScoringMode::generate: return "generate";
+    case ScoringMode::constrained: return "constrained";
+    case ScoringMode::loglik: return "loglik";
+  }
+  return "?";
+}
+
+std::string Backend::choose(const std::string&, const std::vector<AnswerSegment>&, ScoringMode mode) {
+  throw Error(describe() + " only generates text; scoring mode " + scoring_mode_name(mode) +
+              " needs a local model (--model)");
+}
+
+LocalBackend::LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template)
+    : model_(model), tokenizer_(tokenizer), decoder_(model, pool) {
+  chat_ = use_chat_template && !tokenizer.chat_template().empty();
+  chat_template_ = tokenizer.chat_template();
+  logits_.resize(static_cast<size_t>(model.config().vocab));
+}
+
+LocalBackend::~LocalBackend() = default;
+
+std::string LocalBackend::describe() const {
+  return std::string("local model (") + (chat_ ? "chat template" : "plain prompt") + ")";
+}
+
+std::vector<int32_t> LocalBackend::encode_prompt(const std::string& prompt) const {
+  if (!chat_) return tokenizer_.encode(prompt, /*add_special=*/true);
+  const ChatTemplate tmpl(chat_template_);
+  const std::string rendered = tmpl.render({{"user", prompt}}, true, tokenizer_.bos_token(), tokenizer_.eos_token());
+  // As transformers does: the template writes BOS itself; special-token text in it is recognised.
+  return tokenizer_.encode(rendered, /*add_special=*/false, /*parse_special=*/true);
+}
+
+bool LocalBackend::is_eos(int32_t id) const {
+  const auto& eos = model_.config().eos_ids;
+  return std::find(eos.begin(), eos.end(), id) != eos.end() || (tokenizer_.eos_id() && *tokenizer_.eos_id() == id);
+}
+
+void LocalBackend::ensure_capacity(int64_t tokens) {
+  const int64_t trained = model_.config().max_positions;
+  if (!warned_context_ && trained > 0 && tokens > trained) {
+    std::fprintf(stderr, "warning: a prompt plus its answer needs %lld positions, more than the model's %lld; "
+                 "answers past that point are unreliable\n", static_cast<long long>(tokens),
+                 static_cast<long long>(trained));
+    warned_context_ = true;
+  }
+  if (cache_ && cache_->capacity() >= tokens) return;
+  // Grow geometrically; the sequence held so far is recomputed into the new cache (rare).
+  int64_t capacity = std::max<int64_t>(tokens, 512);
+  if (cache_) capacity = std::max(capacity, cache_->capacity() * 2);
+  cache_ = std::make_unique<KVCache>(model_.config(), capacity);
+  if (!sequence_.empty())
+    decoder_.forward(sequence_.data(), static_cast<int64_t>(sequence_.size()), *cache_, 1, logits_.data());
+}
+
+void LocalBackend::start(const std::vector<int32_t>& prompt) {
+  check(!prompt.empty(), "the prompt encodes to no tokens");
+  if (!cache_ || cache_->capacity() < static_cast<int64_t>(prompt.size()) + 1) sequence_.clear();
+  ensure_capacity(static_cast<int64_t>(prompt.size()) + 1);
+  // Longest common prefix with what the cache holds, keeping at least the last prompt token to run
+  // (its logits are the first answer token's distribution).
+  size_t common = 0;
+  const size_t limit = std::min(sequence_.size(), prompt.size() - 1);
+  while (common < limit && sequence_[common] == prompt[common]) ++common;
+  cache_->truncate(static_cast<int64_t>(common));
+  sequence_.resize(common);
+  counters_.prompts += 1;
+  counters_.prompt_tokens_reused += static_cast<int64_t>(common);
+  counters_.prompt_tokens_computed += static_cast<int64_t>(prompt.size() - common);
+  const std::vector<int32_t> rest(prompt.begin() + static_cast<std::ptrdiff_t>(common), prompt.end());
+  decoder_.forward(rest.data(), static_cast<int64_t>(rest.size()), *cache_, 1, logits_.data());
+  sequence_.insert(sequence_.end(), rest.begin(), rest.end());
+}
+
+void LocalBackend::feed(const std::vector<int32_t>& ids) {
+  if (ids.empty()) return;
+  ensure_capacity(static_cast<int64_t>(sequence_.size() + ids.size()) + 1);
+  check(cache_->size() == static_cast<int64_t>(sequence_.size()), "internal: KV cache out of step");
+  decoder_.forward(ids.data(), static_cast<int64_t>(ids.size()), *cache_, 1, logits_.data());
+  sequence_.insert(sequence_.end(), ids.begin(), ids.end());
+}
+
+std::string LocalBackend::generate(const std::string& prompt, int max_new_tokens) {
+  start(encode_prompt(prompt));
+  std::vector<int32_t> out;
+  for (int i = 0; i < max_new_tokens; ++i) {
+    const int32_t next = argmax(logits_.data(), model_.config().vocab);
+    if (is_eos(next)) break;
+    out.push_back(next);
+    counters_.generated_tokens += 1;
+    if (i + 1 < max_new_tokens) feed({next});
+  }
+  return tokenizer_.decode(out, /*skip_special=*/true);
+}
+
+namespace {
+
+double log_softmax_at(const std::vector<float>& logits, int32_t id) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (float v : logits) max = std::max(max, v);
+  double sum = 0;
+  for (float v : logits) sum += std::exp(static_cast<double>(v - max));
+  return static_cast<double>(logits[static_cast<size_t>(id)] - max) - std::log(sum);
+}
+
+}  // namespace
+
+std::string LocalBackend::choose(const std::string& prompt, const std::vector<AnswerSegment>& plan, ScoringMode mode) {
+  check(mode != ScoringMode::generate, "internal: choose() with scoring mode generate");
+  start(encode_prompt(prompt));
+  std::string answer;
+  for (const AnswerSegment& seg : plan) {
+    if (seg.choices.empty()) {
+      const auto ids = tokenizer_.encode(seg.fixed, false, false);
+      feed(ids);
+      counters_.generated_tokens += static_cast<int64_t>(ids.size());
+      answer += seg.fixed;
+      continue;
+    }
+    std::vector<std::vector<int32_t>> cand;
+    for (const auto& c : seg.choices) {
+      cand.push_back(tokenizer_.encode(c, false, false));
+      check(!cand.back().empty(), "internal: an answer choice encodes to no tokens");
+    }
+    size_t chosen = 0;
+    if (mode == ScoringMode::loglik) {
+      // Sum of log-probabilities of each choice's tokens after the shared context (unnormalised by
+      // length, as lm-evaluation-harness's acc). The context is rerun from the cache per choice.
+      size_t longest = 0;
+      for (const auto& c : cand) longest = std::max(longest, c.size());
+      ensure_capacity(static_cast<int64_t>(sequence_.size() + longest) + 1);
+      const size_t base = sequence_.size();
+      const std::vector<float> first = logits_;
+      double best = -std::numeric_limits<double>::infinity();
+      for (size_t c = 0; c < cand.size(); ++c) {
+        double lp = log_softmax_at(first, cand[c][0]);
+        std::vector<float> all(static_cast<size_t>(model_.config().vocab) * cand[c].size());
+        if (cand[c].size() > 1) {
+          const int64_t n = static_cast<int64_t>(cand[c].size());
+          decoder_.forward(cand[c].data(), n, *cache_, n, all.data());
+          cache_->truncate(static_cast<int64_t>(base));
+          for (size_t t = 1; t < cand[c].size(); ++t) {
+            std::vector<float> row(all.begin() + static_cast<std::ptrdiff_t>((t - 1) * logits_.size()),
+                                   all.begin() + static_cast<std::ptrdiff_t>(t * logits_.size()));
+            lp += log_softmax_at(row, cand[c][t]);
+          }
+        }
+        if (lp > best) best = lp, chosen = c;
+      }
+      logits_ = first;
+      feed(cand[chosen]);
+    } else {
+      // Greedy over the token trie of the choices: at each step only tokens that continue a still
+      // possible choice compete. A choice that is complete while longer ones continue wins when the
+      // model prefers ending (EOS) over every continuing token.
+      std::vector<size_t> alive(cand.size());
+      for (size_t c = 0; c < cand.size(); ++c) alive[c] = c;
+      size_t step = 0;
+      while (true) {
+        std::vector<size_t> complete;
+        for (size_t c : alive)
+          if (cand[c].size() == step) complete.push_back(c);
+        if (complete.size() == alive.size()) {
+          chosen = complete.front();
+          break;
+        }
+        int32_t best_id = -1;
+        float best_logit = -std::numeric_limits<float>::infinity();
+        for (size_t c : alive)
+          if (cand[c].size() > step && logits_[static_cast<size_t>(cand[c][step])] > best_logit)
+            best_logit = logits_[static_cast<size_t>(cand[c][step])], best_id = cand[c][step];
+        if (!complete.empty()) {
+          float end_logit = -std::numeric_limits<float>::infinity();
+          for (int32_t e : model_.config().eos_ids) end_logit = std::max(end_logit, logits_[static_cast<size_t>(e)]);
+          if (end_logit >= best_logit) {
+            chosen = complete.front();
+            break;
+          }
+        }
+        std::vector<size_t> next;
+        for (size_t c : alive)
+          if (cand[c].size() > step && cand[c][step] == best_id) next.push_back(c);
+        alive = std::move(next);
+        feed({best_id});
+        ++step;
+      }
+    }
+    counters_.generated_tokens += static_cast<int64_t>(cand[chosen].size());
+    answer += seg.choices[chosen];
+  }
+  return answer;
+}
+
+}  // namespace bioquant::eval

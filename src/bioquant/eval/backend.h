@@ -1,0 +1,89 @@
+// Where answers come from: a model run here (LocalBackend) or any OpenAI-compatible server
+// (OpenAIBackend). The runner asks for free text (the study's mode) or, locally, for an answer
+// assembled from fixed text and choices (constrained decoding, log-likelihood choice).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/model/decoder.h"
+
+namespace bioquant {
+class Tokenizer;
+}
+
+namespace bioquant::eval {
+
+enum class ScoringMode { generate, constrained, loglik };
+ScoringMode parse_scoring_mode(const std::string& name);  // generate | constrained | loglik
+const char* scoring_mode_name(ScoringMode mode);
+
+// Part of an answer: fixed text the model is fed, or a choice among strings.
+struct AnswerSegment {
+  std::string fixed;                 // used when choices is empty
+  std::vector<std::string> choices;  // non-empty: one of them is chosen
+};
+
+struct BackendCounters {
+  int64_t prompts = 0;
+  int64_t prompt_tokens_computed = 0;  // prompt tokens run through the model
+  int64_t prompt_tokens_reused = 0;    // prompt tokens whose KV cache was reused from the previous prompt
+  int64_t generated_tokens = 0;        // tokens produced or scored after the prompt
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string describe() const = 0;
+  // Free-text answer to `prompt` (the user's message; a chat template, if any, is applied here).
+  virtual std::string generate(const std::string& prompt, int max_new_tokens) = 0;
+  // Whether choose() works (local models only).
+  virtual bool can_choose() const { return false; }
+  // The answer text built segment by segment: fixed text is fed as is; at a choice, `constrained`
+  // decodes greedily with the next token restricted to those that continue some choice (a token
+  // trie), `loglik` picks the choice of highest total log-probability. Earlier choices condition
+  // later ones.
+  virtual std::string choose(const std::string& prompt, const std::vector<AnswerSegment>& plan, ScoringMode mode);
+
+  const BackendCounters& counters() const { return counters_; }
+
+ protected:
+  BackendCounters counters_;
+};
+
+// A model in this process. Consecutive prompts reuse the KV cache of their longest common token
+// prefix (the instruction and few-shot examples shared by every example are computed once).
+class LocalBackend : public Backend {
+ public:
+  // use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
+  LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template);
+  ~LocalBackend() override;
+
+  std::string describe() const override;
+  std::string generate(const std::string& prompt, int max_new_tokens) override;
+  bool can_choose() const override { return true; }
+  std::string choose(const std::string& prompt, const std::vector<AnswerSegment>& plan, ScoringMode mode) override;
+
+  bool applies_chat_template() const { return chat_; }
+  std::vector<int32_t> encode_prompt(const std::string& prompt) const;
+
+ private:
+  void start(const std::vector<int32_t>& prompt);  // prefill with prefix reuse; logits_ = next-token logits
+  void feed(const std::vector<int32_t>& ids);       // extend the sequence
+  void ensure_capacity(int64_t tokens);
+  bool is_eos(int32_t id) const;
+
+  const Model& model_;
+  const Tokenizer& tokenizer_;
+  Decoder decoder_;
+  bool chat_ = false;
+  std::string chat_template_;
+  std::unique_ptr<KVCache> cache_;
+  std::vector<int32_t> sequence_;  // tokens in the cache, in order
+  std::vector<float> logits_;      // next-token logits after sequence_
+  bool warned_context_ = false;
+};
+
+}  // namespace bioquant::eval

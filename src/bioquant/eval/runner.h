@@ -1,0 +1,53 @@
+// `bioquant eval`: runs tasks against a backend, resumably. Per task it writes
+// OUT/samples/<task>.jsonl (one line per example: id, prompt, raw output, parsed answer, gold,
+// correct), merges the task's summary into OUT/results.json, and records a row in the SQLite
+// results database.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bioquant/eval/backend.h"
+#include "bioquant/eval/prompts.h"
+#include "bioquant/eval/scoring.h"
+#include "bioquant/eval/task.h"
+
+namespace bioquant::eval {
+
+struct EvalOptions {
+  std::vector<const TaskSpec*> tasks;
+  std::optional<std::string> data_dir;   // else $BIOQUANT_DATA, else ../shared/bionlp
+  std::string split;                     // "" = each task's default split
+  PromptMethod method = PromptMethod::zero_shot;
+  int shots = 5;                         // few-shot examples
+  uint64_t seed = 1234;                  // few-shot draw (recorded, part of the config hash)
+  ScoringMode scoring = ScoringMode::generate;
+  bool chen2023 = false;                 // prompt_chen2023.txt from the data directory
+  bool chat = false;                     // prompts go through a chat template (as the backend applies it)
+  int64_t limit = 0;                     // first N examples of the split (0 = all); not in the config hash
+  int max_new_tokens = 0;                // 0 = the task's budget (chain of thought: + 384)
+  std::string out_dir = "bioquant-eval";
+  std::string db_path = "bioquant.sqlite";  // "" = no database
+  ScoreOptions score;
+  bool progress = true;                  // progress lines on stderr
+  // Recorded with the run (identity of what was evaluated).
+  std::string version, model, model_hash, quant, backend, device;
+  int threads = 0;
+  int64_t weight_bytes = 0;
+};
+
+// Runs every task; returns the content written to OUT/results.json.
+nlohmann::json run_eval(const EvalOptions& options, Backend& backend);
+
+// A fast content fingerprint of a model directory or file (SHA-256 over config/tokenizer files
+// whole, and each weight file's size, first and last MiB): changes when the model does, without
+// reading gigabytes.
+std::string model_fingerprint(const std::string& path);
+
+// The answer plan for constrained / loglik scoring (empty for NER: free text only).
+std::vector<AnswerSegment> answer_plan(const TaskSpec& task, const Example& ex);
+
+}  // namespace bioquant::eval

@@ -1,0 +1,32 @@
+// What the model-running subcommands share: the model flags, opening (and quantizing) a model,
+// device checks and the peak-memory line.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/model/model.h"
+#include "bioquant/model/quantize.h"
+
+namespace bioquant::cli {
+
+struct Common {
+  std::string model;
+  int threads = 0;
+  std::string device = "cpu";
+  std::string quant;
+  bool double_quant = false;
+  std::string quant_policy = "default";
+  float int8_threshold = 0.0f;
+};
+
+void add_model_flags(CLI::App& app, Common& c, bool required = true);
+std::optional<QuantRecipe> recipe_of(const Common& c);
+// Loads a model and quantizes it on load when --quant is given (fallbacks reported on stderr).
+std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool);
+void report_peak_memory();
+void check_device(const std::string& device);
+
+}  // namespace bioquant::cli
