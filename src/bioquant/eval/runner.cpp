@@ -247,6 +247,10 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     const std::string data_dir = resolve_data_dir(o.data_dir, task);
     const std::string split = o.split.empty() ? task.default_split : o.split;
     std::vector<Example> examples = read_split(task, data_dir, split);
+    // Few-shot examples never come from the evaluated split (LitCovid draws them from test rows
+    // outside sample200), whatever --limit is, so a larger limit resumes with the same shots.
+    std::set<std::string> split_ids;
+    for (const auto& ex : examples) split_ids.insert(ex.id);
     if (o.limit > 0 && static_cast<size_t>(o.limit) < examples.size()) examples.resize(static_cast<size_t>(o.limit));
     std::set<std::string> ids;
     for (const auto& ex : examples) ids.insert(ex.id);
@@ -272,7 +276,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
       check(!fewshot_split.empty(), "task " + task.name + " names no split to draw few-shot examples from");
       const std::vector<Example> pool =
           fewshot_split == split ? read_split(task, data_dir, split) : read_split(task, data_dir, fewshot_split);
-      shots = choose_fewshot(pool, o.shots, o.seed, ids);
+      shots = choose_fewshot(pool, o.shots, o.seed, split_ids);
     }
     const bool cot = o.method == PromptMethod::cot;
     int max_new = o.max_new_tokens > 0 ? o.max_new_tokens : task.max_new_tokens + (cot ? 384 : 0);
