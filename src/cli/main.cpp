@@ -2,6 +2,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
+#include <algorithm>
 #include <map>
 #include <string>
 
@@ -20,6 +21,19 @@ std::string one_line(std::string s) {
 
 }  // namespace
 
+namespace bioquant::cli {
+
+std::vector<RegisteredCommand>& registered_commands() {
+  static std::vector<RegisteredCommand> commands;
+  return commands;
+}
+
+CommandRegistration::CommandRegistration(int order, const char* name, const char* about, Run (*add)(CLI::App&)) {
+  registered_commands().push_back({order, name, about, add});
+}
+
+}  // namespace bioquant::cli
+
 int main(int argc, char** argv) {
   CLI::App app{"BioQuant: run quantized LLMs locally and measure what quantization costs on biomedical NLP"};
   app.set_version_flag("--version", std::string(BIOQUANT_VERSION));
@@ -29,17 +43,24 @@ int main(int argc, char** argv) {
     CLI::App* sub = app.add_subcommand(name, about);
     commands[sub] = f(*sub);
   };
-  add("info", "Architecture, sizes, dtype and memory of a model", bioquant::cli::add_info);
-  add("tokenize", "Text to token ids with the model's own tokenizer", bioquant::cli::add_tokenize);
-  add("logits", "Print the logits of a token sequence as JSON", bioquant::cli::add_logits);
-  add("generate", "Generate tokens from a prompt (greedy by default)", bioquant::cli::add_generate);
-  add("quantize", "Quantize a model and write it as a GGUF file", bioquant::cli::add_quantize);
-  add("kld", "KL divergence, same-top-token rate and perplexity of a model against a base", bioquant::cli::add_kld);
-  add("tasks", "List the benchmark tasks (built in and from --task-file)", bioquant::cli::add_tasks);
-  add("eval", "Evaluate a model on the BioNLP benchmarks (resumable)", bioquant::cli::add_eval);
-  add("score", "Score raw outputs produced elsewhere, exactly as eval does", bioquant::cli::add_score);
-  add("compare-runs", "Paired comparison of two eval runs: score difference, CI, flips", bioquant::cli::add_compare_runs);
-  add("bench", "Prompt-processing and generation speed, llama-bench style", bioquant::cli::add_bench);
+  using bioquant::cli::RegisteredCommand;
+  std::vector<RegisteredCommand> all = {
+      {10, "info", "Architecture, sizes, dtype and memory of a model", bioquant::cli::add_info},
+      {20, "tokenize", "Text to token ids with the model's own tokenizer", bioquant::cli::add_tokenize},
+      {30, "logits", "Print the logits of a token sequence as JSON", bioquant::cli::add_logits},
+      {40, "generate", "Generate tokens from a prompt (greedy by default)", bioquant::cli::add_generate},
+      {50, "quantize", "Quantize a model and write it as a GGUF file", bioquant::cli::add_quantize},
+      {60, "kld", "KL divergence, same-top-token rate and perplexity of a model against a base", bioquant::cli::add_kld},
+      {70, "tasks", "List the benchmark tasks (built in and from --task-file)", bioquant::cli::add_tasks},
+      {80, "eval", "Evaluate a model on the BioNLP benchmarks (resumable)", bioquant::cli::add_eval},
+      {90, "score", "Score raw outputs produced elsewhere, exactly as eval does", bioquant::cli::add_score},
+      {95, "compare-runs", "Paired comparison of two eval runs: score difference, CI, flips",
+       bioquant::cli::add_compare_runs},
+      {100, "bench", "Prompt-processing and generation speed, llama-bench style", bioquant::cli::add_bench},
+  };
+  for (const auto& r : bioquant::cli::registered_commands()) all.push_back(r);
+  std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.order < b.order; });
+  for (const auto& r : all) add(r.name, r.about, r.add);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
