@@ -11,7 +11,9 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/mapped_file.h"
+#include "bioquant/eval/backend.h"
 #include "bioquant/eval/openai_backend.h"
+#include "bioquant/eval/prompts.h"
 #include "bioquant/eval/runner.h"
 #include "bioquant/eval/scoring.h"
 #include "bioquant/eval/stats.h"
@@ -390,6 +392,91 @@ Run add_compare_runs(CLI::App& app) {
   };
 }
 
+// Prompts (and gold answers) exactly as eval renders and tokenizes them: for inspection, and as the
+// training data of the demo model (tools/train_demo_model.py).
+Run add_prompts(CLI::App& app) {
+  struct Flags {
+    std::string task, data_dir, split, method = "zero-shot", model;
+    std::vector<std::string> task_files;
+    int shots = 5;
+    uint64_t seed = 1234;
+    int64_t limit = 0;
+    bool answers = false, exclude_evaluated = false, ids = false, no_chat = false;
+  };
+  auto f = std::make_shared<Flags>();
+  app.add_option("--task", f->task, "task name")->required();
+  app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
+  app.add_option("--data-dir", f->data_dir, "benchmark data (default: $BIOQUANT_DATA, else ../shared/bionlp)");
+  app.add_option("--split", f->split, "split (default: the task's)");
+  app.add_option("--method", f->method, "zero-shot (default), few-shot or cot");
+  app.add_option("--shots", f->shots, "few-shot examples (default 5)")->check(CLI::Range(1, 64));
+  app.add_option("--seed", f->seed, "seed of the few-shot draw (default 1234)");
+  app.add_option("--limit", f->limit, "first N examples (0 = all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--model", f->model, "model whose tokenizer and chat template to apply (needed for --ids)");
+  app.add_flag("--no-chat-template", f->no_chat, "do not apply the model's chat template");
+  app.add_flag("--answers", f->answers, "add the gold answer in the study's output format");
+  app.add_flag("--ids", f->ids, "add prompt_ids (and answer_ids + EOS) as eval feeds them to the model");
+  app.add_flag("--exclude-evaluated", f->exclude_evaluated,
+               "drop examples whose input also occurs in an evaluated split (sample200, test*, the default)");
+  return [=]() {
+    load_task_files(f->task_files);
+    const TaskSpec& task = find_task(f->task);
+    const std::string dir = resolve_data_dir(f->data_dir.empty() ? std::nullopt : std::optional(f->data_dir), task);
+    const std::string split = f->split.empty() ? task.default_split : f->split;
+    std::vector<Example> examples = read_split(task, dir, split);
+    std::set<std::string> evaluated_ids, evaluated_keys;
+    if (f->exclude_evaluated) {
+      const auto splits = evaluated_splits(task);
+      check(std::find(splits.begin(), splits.end(), split) == splits.end(),
+            "--exclude-evaluated: split " + split + " is itself evaluated");
+      for (const auto& s : splits)
+        for (const auto& ex : read_split(task, dir, s)) {
+          evaluated_ids.insert(ex.id);
+          evaluated_keys.insert(example_key(ex));
+        }
+    }
+    PromptOptions po;
+    po.method = parse_prompt_method(f->method);
+    std::vector<Example> shots;
+    if (po.method == PromptMethod::few_shot) {
+      const std::string fs_split = task.split(split).fewshot;
+      check(!fs_split.empty(), "task " + task.name + " names no few-shot split");
+      std::set<std::string> exclude;
+      for (const auto& ex : examples) exclude.insert(ex.id);
+      shots = choose_fewshot(read_split(task, dir, fs_split), f->shots, f->seed, exclude);
+    }
+    std::unique_ptr<Tokenizer> tok;
+    if (!f->model.empty()) tok = load_tokenizer(f->model);
+    check(!f->ids || tok, "--ids needs --model PATH (its tokenizer)");
+    po.chat = tok && !f->no_chat && !tok->chat_template().empty();
+    int64_t written = 0, dropped = 0;
+    for (const auto& ex : examples) {
+      if (f->limit > 0 && written >= f->limit) break;
+      // Ids identify examples across splits only where the file has its own (positions do not).
+      const bool own_ids = !task.column("id").empty();
+      if (f->exclude_evaluated && (evaluated_keys.count(example_key(ex)) || (own_ids && evaluated_ids.count(ex.id)))) {
+        ++dropped;
+        continue;
+      }
+      json line = {{"task", task.name}, {"split", split}, {"id", ex.id}, {"prompt", build_prompt(task, po, shots, ex)}};
+      if (f->answers || f->ids) line["answer"] = render_gold_answer(task, ex);
+      if (f->ids) {
+        line["prompt_ids"] = encode_prompt_text(*tok, line["prompt"].get<std::string>(), po.chat);
+        std::vector<int32_t> answer = tok->encode(line["answer"].get<std::string>(), false, false);
+        check(tok->eos_id().has_value(), f->model + ": the tokenizer has no EOS token");
+        answer.push_back(*tok->eos_id());
+        line["answer_ids"] = answer;
+      }
+      std::printf("%s\n", line.dump().c_str());
+      ++written;
+    }
+    if (f->exclude_evaluated)
+      std::fprintf(stderr, "%s/%s: %lld examples, %lld dropped (input also in an evaluated split)\n", task.name.c_str(),
+                   split.c_str(), static_cast<long long>(written), static_cast<long long>(dropped));
+    return 0;
+  };
+}
+
 Run add_tasks(CLI::App& app) {
   auto files = std::make_shared<std::vector<std::string>>();
   auto as_json = std::make_shared<bool>(false);
@@ -423,5 +510,7 @@ Run add_tasks(CLI::App& app) {
     return 0;
   };
 }
+
+static const CommandRegistration register_prompts(75, "prompts", "Print prompts (and gold answers / token ids) exactly as eval renders them", add_prompts);
 
 }  // namespace bioquant::cli

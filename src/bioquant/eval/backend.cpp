@@ -46,12 +46,16 @@ std::string LocalBackend::describe() const {
   return std::string("local model (") + (chat_ ? "chat template" : "plain prompt") + ")";
 }
 
-std::vector<int32_t> LocalBackend::encode_prompt(const std::string& prompt) const {
-  if (!chat_) return tokenizer_.encode(prompt, /*add_special=*/true);
-  const ChatTemplate tmpl(chat_template_);
-  const std::string rendered = tmpl.render({{"user", prompt}}, true, tokenizer_.bos_token(), tokenizer_.eos_token());
+std::vector<int32_t> encode_prompt_text(const Tokenizer& tokenizer, const std::string& prompt, bool chat) {
+  if (!chat || tokenizer.chat_template().empty()) return tokenizer.encode(prompt, /*add_special=*/true);
+  const ChatTemplate tmpl(tokenizer.chat_template());
+  const std::string rendered = tmpl.render({{"user", prompt}}, true, tokenizer.bos_token(), tokenizer.eos_token());
   // As transformers does: the template writes BOS itself; special-token text in it is recognised.
-  return tokenizer_.encode(rendered, /*add_special=*/false, /*parse_special=*/true);
+  return tokenizer.encode(rendered, /*add_special=*/false, /*parse_special=*/true);
+}
+
+std::vector<int32_t> LocalBackend::encode_prompt(const std::string& prompt) const {
+  return encode_prompt_text(tokenizer_, prompt, chat_);
 }
 
 bool LocalBackend::is_eos(int32_t id) const {

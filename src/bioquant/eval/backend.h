@@ -53,6 +53,11 @@ class Backend {
   BackendCounters counters_;
 };
 
+// A prompt as the local backend feeds it: wrapped in the tokenizer's chat template as a single user
+// turn with the generation prompt (when `chat` and the tokenizer has a template), else encoded with
+// the tokenizer's BOS/EOS rules. Servers and training-data tools use this to match eval exactly.
+std::vector<int32_t> encode_prompt_text(const Tokenizer& tokenizer, const std::string& prompt, bool chat);
+
 // A model in this process. Consecutive prompts reuse the KV cache of their longest common token
 // prefix (the instruction and few-shot examples shared by every example are computed once).
 class LocalBackend : public Backend {

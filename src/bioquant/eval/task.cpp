@@ -159,7 +159,7 @@ void make_ids_unique(std::vector<Example>& examples) {
   std::map<std::string, int> seen;
   for (auto& ex : examples) {
     const int n = ++seen[ex.id];
-    if (n > 1) ex.id += "#" + std::to_string(n);
+    if (n > 1) ex.id.append("#").append(std::to_string(n));
   }
 }
 
@@ -520,6 +520,33 @@ std::vector<Example> read_split(const TaskSpec& task, const std::string& data_di
   check(!out.empty(), path + ": no examples");
   make_ids_unique(out);
   return out;
+}
+
+std::vector<std::string> evaluated_splits(const TaskSpec& task) {
+  std::vector<std::string> out;
+  // Test splits count when the default evaluation is a test split (MedQA: test and test_5options
+  // hold the same questions); where the default is sample200, the other test rows are not evaluated
+  // (LitCovid draws few-shot examples from them).
+  const bool test_default = task.default_split.rfind("test", 0) == 0;
+  for (const auto& s : task.splits)
+    if (s.name == task.default_split || s.name == "sample200" || (test_default && s.name.rfind("test", 0) == 0))
+      out.push_back(s.name);
+  return out;
+}
+
+std::string example_key(const Example& ex) {
+  std::string key;
+  bool space = false;
+  for (char c : ex.text) {
+    if (std::isspace(static_cast<unsigned char>(c))) {
+      space = !key.empty();
+      continue;
+    }
+    if (space) key += ' ';
+    space = false;
+    key += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+  return key;
 }
 
 std::vector<std::string> parse_python_string_list(const std::string& text) {

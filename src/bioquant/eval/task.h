@@ -80,6 +80,13 @@ std::string resolve_data_dir(const std::optional<std::string>& explicit_dir, con
 // Reads one split. Errors (missing file, malformed row, unknown label) are one line with file:line.
 std::vector<Example> read_split(const TaskSpec& task, const std::string& data_dir, const std::string& split);
 
+// The splits BioQuant evaluates by default: the default split, sample200, and every "test*" split
+// when the default is a test split (MedQA's test and test_5options). Training data for a model that will be evaluated here
+// must come from none of them (and share no input text with them: see example_key).
+std::vector<std::string> evaluated_splits(const TaskSpec& task);
+// An example's input text, lower-cased with whitespace runs collapsed: equal keys = the same input.
+std::string example_key(const Example& ex);
+
 // Python-style list of string literals, as PubMedQA's CONTEXTS column ("['a', \"b\"]").
 std::vector<std::string> parse_python_string_list(const std::string& text);
 
