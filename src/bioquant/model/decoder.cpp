@@ -22,16 +22,18 @@ Decoder::Decoder(const Model& model, ThreadPool& pool) : model_(model), pool_(po
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data());
 }
 
-void Decoder::attention(int64_t layer, const float* q, int64_t n, int64_t pos0, KVCache& cache, float* out) {
+void Decoder::attention(int64_t layer, const float* q, const std::vector<Row>& rows, float* out) {
   const ModelConfig& c = model_.config();
   const int64_t d = c.head_dim, group = c.n_heads / c.n_kv_heads;
   const int64_t window = c.layer_sliding[static_cast<size_t>(layer)] ? c.sliding_window : 0;
   const float scale = c.attention_scale();
   const CpuKernels& k = cpu_kernels();
-  // One task per (head, query position).
+  const int64_t n = static_cast<int64_t>(rows.size());
+  // One task per (head, row); a row attends over its own sequence's cache.
   pool_.parallel_for(static_cast<size_t>(c.n_heads * n), [&](size_t task) {
     const int64_t h = static_cast<int64_t>(task) / n, t = static_cast<int64_t>(task) % n;
-    const int64_t pos = pos0 + t, g = h / group;
+    KVCache& cache = *rows[static_cast<size_t>(t)].cache;
+    const int64_t pos = rows[static_cast<size_t>(t)].pos, g = h / group;
     // A sliding layer sees the `window` most recent positions, itself included.
     const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
     const int64_t len = pos - first + 1;
@@ -48,17 +50,38 @@ void Decoder::attention(int64_t layer, const float* q, int64_t n, int64_t pos0, 
 }
 
 void Decoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits) {
+  const DecodeSegment segment{tokens, n, &cache, n_logits, logits};
+  forward_batch(std::span<const DecodeSegment>(&segment, 1));
+}
+
+void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   const ModelConfig& c = model_.config();
   const ModelWeights& w = model_.weights();
-  check(n > 0, "forward: no tokens");
-  check(n_logits >= 0 && n_logits <= n, "forward: n_logits out of range");
-  const int64_t pos0 = cache.size();
-  check(pos0 + n <= cache.capacity(), "context full: " + std::to_string(pos0 + n) + " positions exceed the KV cache of " +
-                                          std::to_string(cache.capacity()));
-  for (int64_t t = 0; t < n; ++t) {
-    check(tokens[t] >= 0 && tokens[t] < c.vocab,
-          "token id " + std::to_string(tokens[t]) + " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+  check(!segments.empty(), "forward: no sequences");
+  int64_t n = 0, n_out = 0;  // stacked rows, rows that get logits
+  for (size_t si = 0; si < segments.size(); ++si) {
+    const DecodeSegment& sg = segments[si];
+    check(sg.n > 0, "forward: no tokens");
+    check(sg.n_logits >= 0 && sg.n_logits <= sg.n, "forward: n_logits out of range");
+    check(sg.cache != nullptr, "forward: no KV cache");
+    for (size_t sj = 0; sj < si; ++sj) check(segments[sj].cache != sg.cache, "forward: two sequences share a KV cache");
+    const int64_t pos0 = sg.cache->size();
+    check(pos0 + sg.n <= sg.cache->capacity(), "context full: " + std::to_string(pos0 + sg.n) +
+                                                   " positions exceed the KV cache of " +
+                                                   std::to_string(sg.cache->capacity()));
+    for (int64_t t = 0; t < sg.n; ++t) {
+      check(sg.tokens[t] >= 0 && sg.tokens[t] < c.vocab, "token id " + std::to_string(sg.tokens[t]) +
+                                                             " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+    }
+    n += sg.n;
+    n_out += sg.n_logits;
   }
+  // Row r of the stack: its sequence's cache and position.
+  std::vector<Row> rows;
+  rows.reserve(static_cast<size_t>(n));
+  for (const DecodeSegment& sg : segments)
+    for (int64_t t = 0; t < sg.n; ++t) rows.push_back({sg.cache, sg.cache->size() + t});
+
   const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate, d = c.head_dim;
   std::vector<float> x(static_cast<size_t>(n * hd)), h(x.size()), q(static_cast<size_t>(n * qd)),
       attn(q.size()), kbuf(static_cast<size_t>(n * kvd)), vbuf(kbuf.size()), gate(static_cast<size_t>(n * ff)),
@@ -66,18 +89,23 @@ void Decoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t 
 
   // Embeddings (Gemma scales them by sqrt(hidden), rounded as the compute dtype f32).
   const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
-  for (int64_t t = 0; t < n; ++t) {
-    w.embed.row_to_f32(tokens[t], x.data() + t * hd);
-    if (c.embed_scale)
-      for (int64_t i = 0; i < hd; ++i) x[t * hd + i] *= embed_scale;
+  {
+    int64_t t = 0;
+    for (const DecodeSegment& sg : segments) {
+      for (int64_t i = 0; i < sg.n; ++i, ++t) {
+        w.embed.row_to_f32(sg.tokens[i], x.data() + t * hd);
+        if (c.embed_scale)
+          for (int64_t j = 0; j < hd; ++j) x[t * hd + j] *= embed_scale;
+      }
+    }
   }
 
-  // cos/sin per position of this batch.
+  // cos/sin per row (each at its own sequence's position).
   const int64_t half = c.rotary_dim() / 2;
   std::vector<float> cos_tab(static_cast<size_t>(n * half)), sin_tab(cos_tab.size());
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t i = 0; i < half; ++i) {
-      const float angle = static_cast<float>(pos0 + t) * inv_freq_[i];
+      const float angle = static_cast<float>(rows[static_cast<size_t>(t)].pos) * inv_freq_[i];
       cos_tab[t * half + i] = std::cos(angle);
       sin_tab[t * half + i] = std::sin(angle);
     }
@@ -103,10 +131,11 @@ void Decoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t 
       const float* sn = sin_tab.data() + t * half;
       for (int64_t hh = 0; hh < c.n_heads; ++hh) rope_rotate(q.data() + t * qd + hh * d, c.rotary_dim(), cs, sn);
       for (int64_t hh = 0; hh < c.n_kv_heads; ++hh) rope_rotate(kbuf.data() + t * kvd + hh * d, c.rotary_dim(), cs, sn);
-      std::copy_n(kbuf.data() + t * kvd, kvd, cache.k(li, pos0 + t));
-      std::copy_n(vbuf.data() + t * kvd, kvd, cache.v(li, pos0 + t));
+      const Row& row = rows[static_cast<size_t>(t)];
+      std::copy_n(kbuf.data() + t * kvd, kvd, row.cache->k(li, row.pos));
+      std::copy_n(vbuf.data() + t * kvd, kvd, row.cache->v(li, row.pos));
     }
-    attention(li, q.data(), n, pos0, cache, attn.data());
+    attention(li, q.data(), rows, attn.data());
     matmul(attn.data(), n, l.wo, h.data(), pool_);
     if (!l.bo.empty()) add_bias(h.data(), l.bo.data(), n, hd);
     if (c.sandwich_norms) rms_norm(h.data(), l.attn_post_norm.data(), c.norm_eps, n, hd, h.data());
@@ -129,13 +158,38 @@ void Decoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t 
     if (c.sandwich_norms) rms_norm(h.data(), l.ffn_post_norm.data(), c.norm_eps, n, hd, h.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
   }
-  cache.size_ = pos0 + n;
+  for (const DecodeSegment& sg : segments) sg.cache->size_ += sg.n;
 
-  if (n_logits == 0) return;
-  const float* last = x.data() + (n - n_logits) * hd;
-  rms_norm(last, w.final_norm.data(), c.norm_eps, n_logits, hd, h.data());
-  matmul(h.data(), n_logits, w.output, logits, pool_);
-  if (c.final_softcap > 0.0f) softcap(logits, n_logits * c.vocab, c.final_softcap);
+  if (n_out == 0) return;
+  // The rows that get logits, gathered (a single segment's last rows are already contiguous).
+  const float* last = x.data() + (n - n_out) * hd;
+  std::vector<float> picked;
+  if (segments.size() > 1) {
+    picked.resize(static_cast<size_t>(n_out * hd));
+    int64_t row = 0, out = 0;
+    for (const DecodeSegment& sg : segments) {
+      row += sg.n;
+      std::copy_n(x.data() + (row - sg.n_logits) * hd, sg.n_logits * hd, picked.data() + out * hd);
+      out += sg.n_logits;
+    }
+    last = picked.data();
+  }
+  rms_norm(last, w.final_norm.data(), c.norm_eps, n_out, hd, h.data());
+  float* logits = segments.size() == 1 ? segments[0].logits : nullptr;
+  std::vector<float> all;
+  if (!logits) {
+    all.resize(static_cast<size_t>(n_out * c.vocab));
+    logits = all.data();
+  }
+  matmul(h.data(), n_out, w.output, logits, pool_);
+  if (c.final_softcap > 0.0f) softcap(logits, n_out * c.vocab, c.final_softcap);
+  if (segments.size() > 1) {
+    int64_t out = 0;
+    for (const DecodeSegment& sg : segments) {
+      std::copy_n(all.data() + out * c.vocab, sg.n_logits * c.vocab, sg.logits);
+      out += sg.n_logits;
+    }
+  }
 }
 
 }  // namespace bioquant

@@ -2,6 +2,7 @@
 // and its KV cache.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "bioquant/core/thread_pool.h"
@@ -32,6 +33,16 @@ class KVCache {
   std::vector<float> k_, v_;
 };
 
+// One sequence's share of a batched forward pass: `n` tokens appended to `cache`, logits
+// [n_logits, vocab] of its last n_logits positions written to `logits` (as Decoder::forward).
+struct DecodeSegment {
+  const int32_t* tokens = nullptr;
+  int64_t n = 0;
+  KVCache* cache = nullptr;
+  int64_t n_logits = 0;
+  float* logits = nullptr;
+};
+
 class Decoder {
  public:
   Decoder(const Model& model, ThreadPool& pool);
@@ -41,10 +52,21 @@ class Decoder {
   // (0 <= n_logits <= n). Throws Error for token ids outside the vocabulary or a full cache.
   void forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits);
 
+  // Several sequences in one pass (continuous batching: prompt chunks of new sequences and one
+  // decode token of each running one). The rows of all segments are stacked, so every weight
+  // matrix is read once for the whole batch; RoPE, the KV cache and attention stay per sequence.
+  // Each segment's logits are bit-identical to a forward() of that segment alone. Every segment
+  // needs n > 0 and a cache of its own. Validates everything before touching any cache.
+  void forward_batch(std::span<const DecodeSegment> segments);
+
   const Model& model() const { return model_; }
 
  private:
-  void attention(int64_t layer, const float* q, int64_t n, int64_t pos0, KVCache& cache, float* out);
+  struct Row {  // one stacked row: where its K/V go and which position it is
+    KVCache* cache;
+    int64_t pos;
+  };
+  void attention(int64_t layer, const float* q, const std::vector<Row>& rows, float* out);
 
   const Model& model_;
   ThreadPool& pool_;
