@@ -1,0 +1,1109 @@
+// `bioquant serve` (issue 8): the batched decoder step, the scheduler, stop strings, request
+// validation, the task endpoints, and the real server on loopback driven by a real HTTP client —
+// every endpoint, SSE streaming, 401/400/404/405/413, deadlines, shutdown, log hygiene, a short
+// fuzz run, non-loopback refusal, and `bioquant eval --backend openai` against `bioquant serve`
+// giving exactly the in-process scores. The long load test and the 10,000-request fuzz run are
+// bench/serve_load.cpp (never run as tests).
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+#include <thread>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/engine/generator.h"
+#include "bioquant/eval/backend.h"
+#include "bioquant/eval/prompts.h"
+#include "bioquant/model/decoder.h"
+#include "bioquant/model/quantize.h"
+#include "bioquant/serve/api.h"
+#include "bioquant/serve/bionlp.h"
+#include "bioquant/serve/scheduler.h"
+#include "bioquant/serve/server.h"
+#include "bioquant/serve/text_stream.h"
+#include "bioquant/tokenizer/tokenizer.h"
+#include "test_util.h"
+
+namespace bioquant::serve {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+std::string demo_model() { return test::fixtures_dir() + "/../../models/biomed-tiny"; }
+std::string data_dir() {
+  const std::string shared = test::shared_dir();
+  return shared.empty() ? "" : shared + "/bionlp";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoder::forward_batch
+
+// Runs a mixed step — a 5-token prompt chunk (logits of its last 2), two single decode tokens, a
+// fresh 3-token prompt — over sequences with histories of 9, 1 and 17 tokens, once as one batch and
+// once per sequence (`companion`: each sequence shares its step with a 2-token sequence of its own;
+// otherwise it runs alone through forward()). Returns the largest logit difference seen, also after
+// one more decode token through each cache.
+float batch_vs_separate(const Model& model, bool companion) {
+  ThreadPool pool(2);
+  Decoder decoder(model, pool);
+  const ModelConfig& c = model.config();
+  const int64_t vocab = c.vocab;
+  std::mt19937 rng(7);
+  auto ids = [&](int n) {
+    std::vector<int32_t> v(static_cast<size_t>(n));
+    for (auto& x : v) x = static_cast<int32_t>(rng() % static_cast<uint32_t>(vocab));
+    return v;
+  };
+  const std::vector<std::vector<int32_t>> history = {ids(9), ids(1), ids(17), {}};
+  const std::vector<std::vector<int32_t>> step = {ids(5), ids(1), ids(1), ids(3)};
+  const std::vector<int64_t> n_logits = {2, 1, 1, 1};
+  const std::vector<int32_t> other = ids(2);
+  std::vector<std::unique_ptr<KVCache>> separate, batched;
+  for (int i = 0; i < 4; ++i) {
+    separate.push_back(std::make_unique<KVCache>(c, 64));
+    batched.push_back(std::make_unique<KVCache>(c, 64));
+  }
+  std::vector<float> scratch(static_cast<size_t>(2 * vocab));
+  for (size_t i = 0; i < history.size(); ++i) {
+    const auto& h = history[i];
+    if (h.empty()) continue;
+    decoder.forward(h.data(), static_cast<int64_t>(h.size()), *separate[i], 1, scratch.data());
+    decoder.forward(h.data(), static_cast<int64_t>(h.size()), *batched[i], 1, scratch.data());
+  }
+  std::vector<std::vector<float>> want(4), got(4);
+  std::vector<DecodeSegment> segments;
+  for (size_t i = 0; i < 4; ++i) {
+    want[i].resize(static_cast<size_t>(n_logits[i] * vocab));
+    got[i].resize(want[i].size());
+    const DecodeSegment mine{step[i].data(), static_cast<int64_t>(step[i].size()), separate[i].get(), n_logits[i],
+                             want[i].data()};
+    if (companion) {
+      KVCache other_cache(c, 8);
+      const std::vector<DecodeSegment> pair = {{other.data(), 2, &other_cache, 2, scratch.data()}, mine};
+      decoder.forward_batch(pair);
+    } else {
+      decoder.forward(mine.tokens, mine.n, *mine.cache, mine.n_logits, mine.logits);
+    }
+    segments.push_back({step[i].data(), static_cast<int64_t>(step[i].size()), batched[i].get(), n_logits[i], got[i].data()});
+  }
+  decoder.forward_batch(segments);
+  float max_err = 0.0f;
+  auto compare = [&](const std::vector<float>& a, const std::vector<float>& b, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) max_err = std::max(max_err, std::fabs(a[static_cast<size_t>(k)] - b[static_cast<size_t>(k)]));
+  };
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(batched[i]->size(), separate[i]->size());
+    compare(want[i], got[i], n_logits[i] * vocab);
+  }
+  // The caches hold the same keys and values: one more decode token each.
+  std::vector<DecodeSegment> next;
+  std::vector<int32_t> last(4);
+  for (size_t i = 0; i < 4; ++i) {
+    last[i] = step[i].back();
+    decoder.forward(&last[i], 1, *separate[i], 1, want[i].data());
+    next.push_back({&last[i], 1, batched[i].get(), 1, got[i].data()});
+  }
+  for (auto& s : next) decoder.forward(s.tokens, 1, *s.cache, 1, s.logits);
+  for (size_t i = 0; i < 4; ++i) compare(want[i], got[i], vocab);
+  return max_err;
+}
+
+// Plain weights: a row's dot products are summed in the same order whatever the batch, so a
+// sequence's logits in a batch are bit for bit those of running it alone.
+TEST(ServeDecoder, ForwardBatchEqualsEachSequenceAlone) {
+  EXPECT_EQ(batch_vs_separate(*Model::load(demo_model()), false), 0.0f);
+  // Sliding-window layers and softcaps (gemma2), q/k norms (qwen3), f32 and f16 storage.
+  EXPECT_EQ(batch_vs_separate(*Model::load(test::fixtures_dir() + "/models/gemma2/f32"), false), 0.0f);
+  EXPECT_EQ(batch_vs_separate(*Model::load(test::fixtures_dir() + "/models/qwen3/f16"), false), 0.0f);
+}
+
+// Quantized weights: the one-token (decode) kernels sum in another order than the many-token ones,
+// so a row run alone and the same row in a batch differ in rounding (as prefill and decode already
+// do). What batching must not do is mix rows: in any step of 2+ rows, a sequence's logits do not
+// depend on which sequences share the step.
+TEST(ServeDecoder, ForwardBatchRowsAreIndependentOnQuantizedWeights) {
+  for (const char* q : {"q8_0", "q4_k", "nf4", "int8"}) {
+    auto model = Model::load(demo_model());
+    ThreadPool pool(2);
+    quantize_model(*model, plan_quantization(*model, parse_quant_recipe(q)), pool);
+    EXPECT_EQ(batch_vs_separate(*model, true), 0.0f) << q;
+  }
+}
+
+TEST(ServeDecoder, ForwardBatchValidatesBeforeTouchingCaches) {
+  auto model = Model::load(demo_model());
+  ThreadPool pool(1);
+  Decoder decoder(*model, pool);
+  KVCache a(model->config(), 4), b(model->config(), 4);
+  const std::vector<int32_t> ok = {1, 2}, bad = {5, 99999};
+  std::vector<float> la(static_cast<size_t>(model->config().vocab)), lb(la.size());
+  std::vector<DecodeSegment> shared = {{ok.data(), 2, &a, 1, la.data()}, {ok.data(), 2, &a, 1, lb.data()}};
+  EXPECT_THROW(decoder.forward_batch(shared), Error);
+  std::vector<DecodeSegment> one_bad = {{ok.data(), 2, &a, 1, la.data()}, {bad.data(), 2, &b, 1, lb.data()}};
+  EXPECT_THROW(decoder.forward_batch(one_bad), Error);
+  EXPECT_EQ(a.size(), 0);  // nothing ran
+  std::vector<DecodeSegment> too_long = {{ok.data(), 2, &a, 1, la.data()}, {ok.data(), 2, &b, 1, lb.data()}};
+  decoder.forward_batch(too_long);
+  decoder.forward_batch(too_long);
+  EXPECT_THROW(decoder.forward_batch(too_long), Error);  // 6 positions in caches of 4
+  EXPECT_EQ(a.size(), 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stop strings
+
+std::string run_stream(const Tokenizer& tok, const std::vector<int32_t>& ids, const std::vector<std::string>& stop,
+                       bool* stopped = nullptr, std::vector<std::string>* pieces = nullptr) {
+  TextStream ts(tok, stop);
+  std::string out;
+  for (int32_t id : ids) {
+    const std::string piece = ts.push(id);
+    if (pieces) pieces->push_back(piece);
+    out += piece;
+    if (ts.stopped()) break;
+  }
+  out += ts.finish();
+  if (stopped) *stopped = ts.stopped();
+  return out;
+}
+
+TEST(ServeText, StopStringsCutTheTextAndHoldBackPossiblePrefixes) {
+  auto tok = load_tokenizer(demo_model());
+  const std::string text = "The patient received aspirin and heparin; the bleeding stopped.";
+  const std::vector<int32_t> ids = tok->encode(text, false, false);
+  ASSERT_GT(ids.size(), 5u);
+  EXPECT_EQ(run_stream(*tok, ids, {}), text);
+  bool stopped = false;
+  EXPECT_EQ(run_stream(*tok, ids, {"heparin"}, &stopped), "The patient received aspirin and ");
+  EXPECT_TRUE(stopped);
+  // The earliest of several stop strings wins; a stop string inside one token's text works too.
+  EXPECT_EQ(run_stream(*tok, ids, {"bleeding", "aspi"}, &stopped), "The patient received ");
+  EXPECT_EQ(run_stream(*tok, ids, {"ent rec"}, &stopped), "The pati");
+  // A stop string that never completes holds text back only while it could, and finish() releases it.
+  std::vector<std::string> pieces;
+  EXPECT_EQ(run_stream(*tok, ids, {"stopped!"}, &stopped, &pieces), text);
+  EXPECT_FALSE(stopped);
+  std::string streamed;
+  for (const auto& p : pieces) streamed += p;
+  EXPECT_EQ(streamed, text.substr(0, text.size() - std::string(" stopped.").size()) + " stopped.")
+      << "everything but a possible prefix of the stop string is released as it comes";
+  // Non-ASCII text is never split inside a character.
+  const std::string greek = "αβγ δέλτα";
+  EXPECT_EQ(run_stream(*tok, tok->encode(greek, false, false), {"δ"}), "αβγ ");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request validation
+
+TEST(ServeApi, StrictParsingOfTheGenerationRequests) {
+  ApiLimits limits;
+  limits.max_tokens_cap = 100;
+  auto completion = [&](const std::string& body) { return parse_completion_request(parse_body(body, limits), limits); };
+  auto chat = [&](const std::string& body) { return parse_chat_request(parse_body(body, limits), limits); };
+  auto refused = [&](auto f, const std::string& body, const std::string& needle) {
+    try {
+      f(body);
+      ADD_FAILURE() << "accepted: " << body;
+    } catch (const ApiError& e) {
+      EXPECT_EQ(e.status, 400) << body;
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  const CompletionRequest c = completion(
+      R"({"model": "m", "prompt": "hi", "max_tokens": 7, "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": 42,
+          "stop": ["a", "b"], "stream": true, "stream_options": {"include_usage": true}, "logprobs": 2, "n": 1,
+          "user": "u", "echo": false, "presence_penalty": 0, "suffix": null})");
+  EXPECT_EQ(c.prompt, "hi");
+  EXPECT_EQ(c.sampling.max_tokens, 7);
+  EXPECT_EQ(c.sampling.temperature, 0.0f);
+  EXPECT_EQ(c.sampling.top_k, 3);
+  EXPECT_EQ(c.sampling.seed, 42u);
+  EXPECT_EQ(c.sampling.stop, (std::vector<std::string>{"a", "b"}));
+  EXPECT_TRUE(c.sampling.stream && c.sampling.include_usage);
+  EXPECT_EQ(c.sampling.logprobs, 2);
+  EXPECT_EQ(completion(R"({"prompt": [1, 2, 3]})").prompt_ids, (std::vector<int32_t>{1, 2, 3}));
+  EXPECT_FALSE(completion(R"({"prompt": "x"})").sampling.max_tokens.has_value());
+
+  refused(completion, "", "empty");
+  refused(completion, "{", "not valid JSON");
+  refused(completion, "[1]", "must be a JSON object");
+  refused(completion, R"({"prompt": "x", "tempreature": 1})", "unknown field \"tempreature\"");
+  refused(completion, R"({})", "\"prompt\" is required");
+  refused(completion, R"({"prompt": 5})", "\"prompt\" must be");
+  refused(completion, R"({"prompt": ["a", "b"]})", "one prompt per request");
+  refused(completion, R"({"prompt": [1, -2]})", "token ids");
+  refused(completion, R"({"prompt": "x", "max_tokens": 101})", "between 1 and 100");
+  refused(completion, R"({"prompt": "x", "max_tokens": 0})", "between 1 and 100");
+  refused(completion, R"({"prompt": "x", "max_tokens": "5"})", "must be an integer");
+  refused(completion, R"({"prompt": "x", "max_tokens": 2.5})", "must be an integer");
+  refused(completion, R"({"prompt": "x", "temperature": 3})", "between 0 and 2");
+  refused(completion, R"({"prompt": "x", "temperature": "hot"})", "must be a number");
+  refused(completion, R"({"prompt": "x", "top_p": 0})", "greater than 0");
+  refused(completion, R"({"prompt": "x", "stop": ""})", "non-empty");
+  refused(completion, R"({"prompt": "x", "stop": ["a","b","c","d","e"]})", "at most 4");
+  refused(completion, R"({"prompt": "x", "n": 2})", "n = 1");
+  refused(completion, R"({"prompt": "x", "echo": true})", "echo");
+  refused(completion, R"({"prompt": "x", "logprobs": 21})", "between 0 and 20");
+  refused(completion, R"({"prompt": "x", "stream_options": {"include_usage": true}})", "only allowed with");
+  refused(completion, R"({"prompt": "x", "stream": "yes"})", "true or false");
+  refused(completion, std::string(100, '[') + std::string(100, ']'), "nested more than");
+  refused(completion, "{\"prompt\": \"\xff\xfe\"}", "not valid JSON");
+
+  const ChatRequest r = chat(R"({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content":
+      [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "max_completion_tokens": 9, "logprobs": true,
+      "top_logprobs": 3, "response_format": {"type": "text"}})");
+  ASSERT_EQ(r.messages.size(), 2u);
+  EXPECT_EQ(r.messages[1].content, "ab");
+  EXPECT_EQ(r.sampling.max_tokens, 9);
+  EXPECT_EQ(r.sampling.logprobs, 3);
+  EXPECT_EQ(r.sampling.temperature, 1.0f);  // OpenAI's default
+  refused(chat, R"({"messages": []})", "non-empty array");
+  refused(chat, R"({"messages": [{"role": "tool", "content": "x"}]})", "system, user or assistant");
+  refused(chat, R"({"messages": [{"role": "user"}]})", "content\" is required");
+  refused(chat, R"({"messages": [{"role": "user", "content": "x", "extra": 1}]})", "unknown field \"messages[0].extra\"");
+  refused(chat, R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})", "must be \"text\"");
+  refused(chat, R"({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})", "needs \"logprobs\"");
+  refused(chat, R"({"messages": [{"role": "user", "content": "x"}], "tools": []})", "tool calls");
+  refused(chat, R"({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})",
+          "JSON modes");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Task endpoints: tokens and offsets
+
+TEST(ServeBioNlp, DatasetTokensWithCodePointAndByteOffsets) {
+  const std::string text = "Two (VGB, 5-FU) doses;  β-blocker\ttaken.";
+  const auto tokens = split_dataset_tokens(text);
+  std::vector<std::string> words;
+  for (const auto& t : tokens) words.push_back(t.text);
+  EXPECT_EQ(words, (std::vector<std::string>{"Two", "(", "VGB", ",", "5", "-", "FU", ")", "doses", ";", "β", "-",
+                                              "blocker", "taken", "."}));
+  for (const auto& t : tokens) EXPECT_EQ(text.substr(t.byte_begin, t.byte_end - t.byte_begin), t.text);
+  // "β" is two bytes but one code point: later code point offsets trail the byte offsets by one.
+  EXPECT_EQ(tokens[10].char_begin, 24u);
+  EXPECT_EQ(tokens[10].byte_begin, 24u);
+  EXPECT_EQ(tokens[12].char_begin, 26u);
+  EXPECT_EQ(tokens[12].byte_begin, 27u);
+  EXPECT_EQ(tokens[12].char_end, 33u);
+}
+
+TEST(ServeBioNlp, RequestsBecomeEvalExamplesAndAnswersComeFromTheParsers) {
+  auto count = [](const std::string& s) { return static_cast<int64_t>(s.size() / 4 + 1); };
+  TaskQuery q = parse_task_request(TaskEndpoint::ner, json{{"text", "Exposure to VGB (vigabatrin)."}, {"task", "bc5cdr-chem"}},
+                                   true, count);
+  EXPECT_EQ(q.example.text, "Exposure to VGB ( vigabatrin ) .");
+  EXPECT_EQ(q.prompt, eval::build_prompt(q.task, {eval::PromptMethod::zero_shot, false, "", true}, {}, q.example));
+  EXPECT_EQ(q.max_tokens, q.task.max_new_tokens);
+  json a = task_answer(q, "Exposure to <span class=\"chemical\">VGB</span> ( <span class=\"chemical\">vigabatrin</span> ) .");
+  EXPECT_TRUE(a["parsed"].get<bool>());
+  ASSERT_EQ(a["entities"].size(), 2u);
+  EXPECT_EQ(a["entities"][0], (json{{"text", "VGB"}, {"start", 12}, {"end", 15}, {"byte_start", 12}, {"byte_end", 15}}));
+  EXPECT_EQ(a["entities"][1]["text"], "vigabatrin");
+
+  q = parse_task_request(TaskEndpoint::relation, json{{"text", "@CHEMICAL$ inhibits @GENE$."}, {"task", "chemprot"}}, true, count);
+  EXPECT_EQ(task_answer(q, "CPR:4")["label"], "CPR:4");
+  EXPECT_TRUE(task_answer(q, "no idea")["label"].is_null());
+  q = parse_task_request(TaskEndpoint::classify, json{{"text", "masks reduce spread"}, {"labels", {"Prevention", "Treatment"}}},
+                         true, count);
+  EXPECT_EQ(q.task.name, "custom");
+  EXPECT_EQ(task_answer(q, R"({"Prevention": 1, "Treatment": 0})")["labels"], json({"Prevention"}));
+  q = parse_task_request(TaskEndpoint::qa, json{{"question", "Which?"}, {"options", {{"B", "beta"}, {"A", "alpha"}}}}, true, count);
+  EXPECT_EQ(q.example.option_letters, (std::vector<std::string>{"A", "B"}));
+  a = task_answer(q, "B");
+  EXPECT_EQ(a["answer"], "B");
+  EXPECT_EQ(a["answer_text"], "beta");
+  q = parse_task_request(TaskEndpoint::qa, json{{"question", "Does it?"}, {"context", "It does."}}, true, count);
+  EXPECT_EQ(q.task.name, "pubmedqa");
+  EXPECT_EQ(task_answer(q, "yes")["answer"], "yes");
+
+  auto refused = [&](TaskEndpoint e, const json& body, const std::string& needle) {
+    try {
+      parse_task_request(e, body, true, count);
+      ADD_FAILURE() << "accepted: " << body.dump();
+    } catch (const ApiError& err) {
+      EXPECT_EQ(err.status, 400);
+      EXPECT_NE(std::string(err.what()).find(needle), std::string::npos) << err.what();
+    }
+  };
+  refused(TaskEndpoint::ner, json{{"text", "x"}, {"task", "chemprot"}}, "use /v1/bionlp/relation");
+  refused(TaskEndpoint::ner, json{{"text", "x"}, {"task", "nope"}}, "nope");
+  refused(TaskEndpoint::ner, json{{"text", " ;"}, {"task", "ncbi-disease"}, {"x", 1}}, "unknown field");
+  refused(TaskEndpoint::relation, json{{"text", "aspirin inhibits COX"}, {"task", "chemprot"}}, "@CHEMICAL$");
+  refused(TaskEndpoint::classify, json{{"text", "x"}, {"task", "hoc"}, {"labels", {"a"}}}, "either");
+  refused(TaskEndpoint::classify, json{{"text", "x"}, {"labels", {"a", "A"}}}, "twice");
+  refused(TaskEndpoint::qa, json{{"question", "q"}, {"options", {{"a", "x"}, {"B", "y"}}}}, "capital letters");
+  refused(TaskEndpoint::qa, json{{"question", "q"}}, "either");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server on loopback
+
+struct Shared {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+};
+Shared& demo() {
+  static Shared s = [] {
+    Shared x;
+    x.model = Model::load(demo_model());
+    x.tokenizer = load_tokenizer(demo_model());
+    return x;
+  }();
+  return s;
+}
+
+// A server over the demo model on an ephemeral loopback port, with its own thread pool.
+class TestServer {
+ public:
+  explicit TestServer(ServerOptions o = {}, int threads = 2) : pool_(threads) {
+    o.port = 0;
+    if (o.model_name == "bioquant") o.model_name = "biomed-tiny";
+    if (!o.log) o.log = [this](const std::string& line) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      log_ += line + "\n";
+    };
+    server_ = std::make_unique<Server>(*demo().model, *demo().tokenizer, pool_, o);
+    server_->start();
+  }
+  ~TestServer() { server_->shutdown(std::chrono::milliseconds(0)); }
+  Server& server() { return *server_; }
+  int port() const { return server_->port(); }
+  std::unique_ptr<httplib::Client> client(const std::string& key = "") const {
+    auto c = std::make_unique<httplib::Client>("127.0.0.1", port());
+    c->set_read_timeout(120, 0);
+    if (!key.empty()) c->set_bearer_token_auth(key);
+    return c;
+  }
+  std::string log() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return log_;
+  }
+
+ private:
+  ThreadPool pool_;
+  std::unique_ptr<Server> server_;
+  std::mutex mutex_;
+  std::string log_;
+};
+
+json post(httplib::Client& c, const std::string& path, const json& body, int want_status = 200) {
+  auto r = c.Post(path, body.dump(), "application/json");
+  EXPECT_TRUE(r) << path;
+  if (!r) return json();
+  EXPECT_EQ(r->status, want_status) << path << ": " << r->body;
+  EXPECT_EQ(r->get_header_value("Content-Type"), "application/json") << path;
+  return json::parse(r->body);
+}
+
+// The "data: ..." events of a server-sent event stream, "[DONE]" last.
+std::vector<std::string> sse_events(const std::string& body) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos < body.size()) {
+    size_t end = body.find("\n\n", pos);
+    if (end == std::string::npos) end = body.size();
+    const std::string event = body.substr(pos, end - pos);
+    EXPECT_EQ(event.rfind("data: ", 0), 0u) << event;
+    out.push_back(event.substr(6));
+    pos = end + 2;
+  }
+  return out;
+}
+
+// What eval's LocalBackend answers (greedy, chat template, EOS ends the answer).
+std::string local_answer(const std::string& prompt, int max_tokens) {
+  ThreadPool pool(1);
+  eval::LocalBackend local(*demo().model, *demo().tokenizer, pool, true);
+  return local.generate(prompt, max_tokens);
+}
+
+TEST(ServeHttp, HealthAndModels) {
+  TestServer s;
+  auto c = s.client();
+  auto r = c->Get("/health");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  EXPECT_EQ(json::parse(r->body), (json{{"status", "ok"}}));
+  r = c->Get("/v1/models");
+  ASSERT_TRUE(r);
+  const json models = json::parse(r->body);
+  EXPECT_EQ(models["object"], "list");
+  ASSERT_EQ(models["data"].size(), 1u);
+  EXPECT_EQ(models["data"][0]["id"], "biomed-tiny");
+  EXPECT_EQ(models["data"][0]["max_model_len"], 1024);
+  r = c->Get("/v1/models/biomed-tiny");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(json::parse(r->body)["id"], "biomed-tiny");
+  r = c->Get("/v1/models/gpt-4");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 404);
+  EXPECT_EQ(json::parse(r->body)["error"]["code"], "model_not_found");
+}
+
+TEST(ServeHttp, ChatAndCompletionsGiveEvalsGreedyAnswer) {
+  TestServer s;
+  auto c = s.client();
+  const std::string prompt = "TASK: answer the question.\n\nQuestion: Does aspirin reduce fever?";
+  const std::string want = local_answer(prompt, 24);
+  json r = post(*c, "/v1/chat/completions",
+                {{"model", "biomed-tiny"}, {"messages", {{{"role", "user"}, {"content", prompt}}}}, {"max_tokens", 24},
+                 {"temperature", 0}});
+  EXPECT_EQ(r["object"], "chat.completion");
+  EXPECT_EQ(r["model"], "biomed-tiny");
+  EXPECT_EQ(r["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(r["choices"][0]["message"]["content"], want);
+  EXPECT_TRUE(r["choices"][0]["logprobs"].is_null());
+  ThreadPool one(1);
+  const auto ids = eval::LocalBackend(*demo().model, *demo().tokenizer, one, true).encode_prompt(prompt);
+  EXPECT_EQ(r["usage"]["prompt_tokens"], ids.size());
+  const int64_t completion = r["usage"]["completion_tokens"];
+  EXPECT_EQ(r["choices"][0]["finish_reason"], completion < 24 ? "stop" : "length");
+  EXPECT_EQ(r["usage"]["total_tokens"], ids.size() + static_cast<size_t>(completion));
+
+  // Completions: the raw prompt with the tokenizer's BOS, like eval --no-chat-template.
+  ThreadPool pool(1);
+  eval::LocalBackend plain(*demo().model, *demo().tokenizer, pool, false);
+  r = post(*c, "/v1/completions", {{"prompt", prompt + "\nAnswer:"}, {"max_tokens", 12}, {"temperature", 0}});
+  EXPECT_EQ(r["object"], "text_completion");
+  EXPECT_EQ(r["choices"][0]["text"], plain.generate(prompt + "\nAnswer:", 12));
+  // Default max_tokens of completions is OpenAI's 16; token-id prompts work too.
+  const auto prompt_ids = demo().tokenizer->encode(prompt, true);
+  r = post(*c, "/v1/completions", {{"prompt", prompt_ids}, {"temperature", 0}, {"stop", nullptr}});
+  EXPECT_LE(r["usage"]["completion_tokens"].get<int>(), 16);
+  EXPECT_EQ(r["usage"]["prompt_tokens"], prompt_ids.size());
+}
+
+TEST(ServeHttp, SamplingIsSeededAndMaxTokensAndStopAreHonoured) {
+  TestServer s;
+  auto c = s.client();
+  const json base = {{"prompt", "Aspirin is"}, {"max_tokens", 20}, {"temperature", 1.0}, {"top_p", 0.95}};
+  json a = base, b = base;
+  a["seed"] = 11;
+  b["seed"] = 11;
+  const std::string ta = post(*c, "/v1/completions", a)["choices"][0]["text"];
+  EXPECT_EQ(post(*c, "/v1/completions", b)["choices"][0]["text"], ta);
+  std::set<std::string> seen;
+  for (int seed = 0; seed < 6; ++seed) {
+    json j = base;
+    j["seed"] = seed;
+    j["temperature"] = 2.0;
+    j["top_p"] = 1.0;
+    seen.insert(post(*c, "/v1/completions", j)["choices"][0]["text"].get<std::string>());
+  }
+  EXPECT_GT(seen.size(), 1u) << "different seeds sample different text";
+
+  // max_tokens: exactly that many tokens (unless EOS), finish_reason length.
+  json g = {{"prompt", "The"}, {"max_tokens", 5}, {"temperature", 0}};
+  json r = post(*c, "/v1/completions", g);
+  if (r["choices"][0]["finish_reason"] == "length") {
+    EXPECT_EQ(r["usage"]["completion_tokens"], 5);
+  }
+  // A stop string from the middle of the greedy text cuts it there.
+  g["max_tokens"] = 40;
+  const std::string full = post(*c, "/v1/completions", g)["choices"][0]["text"];
+  ASSERT_GT(full.size(), 12u) << "the demo model's greedy continuation is long enough";
+  const std::string stop = full.substr(full.size() / 2, 3);
+  g["stop"] = {stop, "\x01never"};
+  r = post(*c, "/v1/completions", g);
+  EXPECT_EQ(r["choices"][0]["text"], full.substr(0, full.find(stop)));
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "stop");
+}
+
+TEST(ServeHttp, LogprobsInBothShapes) {
+  TestServer s;
+  auto c = s.client();
+  json r = post(*c, "/v1/chat/completions",
+                {{"messages", {{{"role", "user"}, {"content", "Name a drug."}}}}, {"max_tokens", 6}, {"temperature", 0},
+                 {"logprobs", true}, {"top_logprobs", 3}});
+  const json& content = r["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), r["usage"]["completion_tokens"].get<size_t>());
+  std::string joined;
+  for (const json& t : content) {
+    EXPECT_LE(t["logprob"].get<double>(), 0.0);
+    ASSERT_EQ(t["top_logprobs"].size(), 3u);
+    // Greedy: the chosen token is the most likely one.
+    EXPECT_EQ(t["top_logprobs"][0]["token"], t["token"]);
+    EXPECT_FLOAT_EQ(t["top_logprobs"][0]["logprob"].get<float>(), t["logprob"].get<float>());
+    EXPECT_GE(t["top_logprobs"][0]["logprob"].get<double>(), t["top_logprobs"][1]["logprob"].get<double>());
+    std::string bytes;
+    for (int b : t["bytes"]) bytes += static_cast<char>(b);
+    EXPECT_EQ(bytes, t["token"].get<std::string>());
+    joined += bytes;
+  }
+  EXPECT_EQ(joined, r["choices"][0]["message"]["content"]);
+  r = post(*c, "/v1/completions", {{"prompt", "Aspirin"}, {"max_tokens", 4}, {"temperature", 0}, {"logprobs", 2}});
+  const json& lp = r["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["tokens"].size(), lp["token_logprobs"].size());
+  ASSERT_EQ(lp["top_logprobs"].size(), lp["tokens"].size());
+  EXPECT_EQ(lp["text_offset"][0], 0);
+  for (const json& top : lp["top_logprobs"]) EXPECT_EQ(top.size(), 2u);
+}
+
+TEST(ServeHttp, StreamingSendsTheSameTextAsServerSentEvents) {
+  TestServer s;
+  auto c = s.client();
+  const json messages = {{{"role", "user"}, {"content", "List three antibiotics."}}};
+  const std::string want =
+      post(*c, "/v1/chat/completions", {{"messages", messages}, {"max_tokens", 30}, {"temperature", 0}})["choices"][0]
+                                                                                                         ["message"]
+                                                                                                         ["content"];
+  auto r = c->Post("/v1/chat/completions",
+                   json{{"messages", messages}, {"max_tokens", 30}, {"temperature", 0}, {"stream", true},
+                        {"stream_options", {{"include_usage", true}}}}
+                       .dump(),
+                   "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  EXPECT_EQ(r->get_header_value("Content-Type"), "text/event-stream");
+  const auto events = sse_events(r->body);
+  ASSERT_GE(events.size(), 4u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  std::string finish;
+  json usage;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const json e = json::parse(events[i]);
+    EXPECT_EQ(e["object"], "chat.completion.chunk");
+    if (e.contains("usage")) {
+      usage = e["usage"];
+      EXPECT_TRUE(e["choices"].empty());
+      continue;
+    }
+    if (i == 0) {
+      EXPECT_EQ(e["choices"][0]["delta"]["role"], "assistant");
+    }
+    const json& ch = e["choices"][0];
+    if (ch["delta"].contains("content")) text += ch["delta"]["content"].get<std::string>();
+    if (!ch["finish_reason"].is_null()) finish = ch["finish_reason"];
+  }
+  EXPECT_EQ(text, want);
+  EXPECT_FALSE(finish.empty());
+  EXPECT_GT(usage["completion_tokens"].get<int>(), 0);
+
+  // Completions stream, with a stop string.
+  r = c->Post("/v1/completions", json{{"prompt", "Aspirin"}, {"max_tokens", 20}, {"temperature", 0}, {"stream", true}}.dump(),
+              "application/json");
+  ASSERT_TRUE(r);
+  std::string streamed;
+  for (const auto& e : sse_events(r->body))
+    if (e != "[DONE]") streamed += json::parse(e)["choices"][0]["text"].get<std::string>();
+  EXPECT_EQ(streamed, post(*c, "/v1/completions", {{"prompt", "Aspirin"}, {"max_tokens", 20}, {"temperature", 0}})["choices"][0]["text"]);
+
+  // Tokens arrive as they are made: the first event comes while generation still runs.
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.body = json{{"prompt", "The"}, {"max_tokens", 200}, {"temperature", 1.0}, {"seed", 3}, {"stream", true}}.dump();
+  req.set_header("Content-Type", "application/json");
+  int chunks = 0;
+  req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) {
+    ++chunks;
+    return chunks < 3;  // then hang up: the server must notice and stop generating
+  };
+  httplib::Response res;
+  httplib::Error err = httplib::Error::Success;
+  c->send(req, res, err);
+  EXPECT_GE(chunks, 1);
+  // The server is still fine afterwards.
+  EXPECT_EQ(c->Get("/health")->status, 200);
+}
+
+TEST(ServeHttp, ConcurrentRequestsAreBatchedAndAnswerAsAlone) {
+  TestServer s;
+  const std::vector<std::string> prompts = {"Aspirin", "Heparin is", "The patient", "Metformin lowers", "Cancer",
+                                            "In this study", "Ibuprofen", "The gene"};
+  std::vector<std::string> alone;
+  {
+    auto c = s.client();
+    for (const auto& p : prompts)
+      alone.push_back(post(*c, "/v1/completions", {{"prompt", p}, {"max_tokens", 24}, {"temperature", 0}})["choices"][0]["text"]);
+  }
+  std::vector<std::string> together(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto c = s.client();
+      auto r = c->Post("/v1/completions", json{{"prompt", prompts[i]}, {"max_tokens", 24}, {"temperature", 0}}.dump(),
+                       "application/json");
+      if (r && r->status == 200) together[i] = json::parse(r->body)["choices"][0]["text"];
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(together, alone) << "batching must not change any answer";
+  EXPECT_GT(s.server().stats().max_batch_seen, 1) << "concurrent requests shared decoding steps";
+}
+
+TEST(ServeHttp, TaskEndpoints) {
+  TestServer s;
+  auto c = s.client();
+  const std::string text = "Two hundred people with epilepsy were grouped by exposure to VGB (vigabatrin) or carbamazepine.";
+  json r = post(*c, "/v1/bionlp/ner", {{"text", text}, {"task", "bc5cdr-chem"}});
+  EXPECT_EQ(r["task"], "bc5cdr-chem");
+  EXPECT_EQ(r["entity_class"], "chemical");
+  EXPECT_TRUE(r["output"].is_string());
+  // The answer is eval's: the same prompt through LocalBackend, read by the same parser.
+  auto count = [](const std::string&) { return int64_t(1); };
+  const TaskQuery q = parse_task_request(TaskEndpoint::ner, json{{"text", text}, {"task", "bc5cdr-chem"}}, true, count);
+  const std::string local = local_answer(q.prompt, q.max_tokens);
+  EXPECT_EQ(r["output"], local);
+  EXPECT_EQ(r["entities"], task_answer(q, local)["entities"]);
+  for (const json& e : r["entities"]) {
+    const size_t b = e["byte_start"], end = e["byte_end"];
+    EXPECT_EQ(text.substr(b, end - b), e["text"]);
+  }
+  r = post(*c, "/v1/bionlp/relation", {{"text", "@CHEMICAL$ inhibited @GENE$ activity."}, {"task", "chemprot"}});
+  EXPECT_TRUE(r.contains("label"));
+  EXPECT_TRUE(r["label"].is_null() || r["label"].is_string());
+  r = post(*c, "/v1/bionlp/relation", {{"text", "@DRUG$ increases @DRUG$ levels."}, {"task", "ddi2013"}});
+  EXPECT_TRUE(r.contains("parsed"));
+  r = post(*c, "/v1/bionlp/classify", {{"text", "Masks and distancing reduced transmission."}, {"task", "litcovid"}});
+  EXPECT_TRUE(r["labels"].is_array());
+  r = post(*c, "/v1/bionlp/classify", {{"text", "Tumor cells invaded the stroma."}, {"labels", {"invasion", "apoptosis"}}});
+  EXPECT_EQ(r["task"], "custom");
+  for (const json& l : r["labels"]) EXPECT_TRUE(l == "invasion" || l == "apoptosis");
+  r = post(*c, "/v1/bionlp/qa",
+           {{"question", "Which drug is an anticoagulant?"}, {"options", {{"A", "heparin"}, {"B", "insulin"}, {"C", "aspirin"}}}});
+  EXPECT_EQ(r["task"], "medqa");
+  if (r["parsed"].get<bool>()) {
+    EXPECT_EQ(r["answer_text"], json({{"A", "heparin"}, {"B", "insulin"}, {"C", "aspirin"}})[r["answer"].get<std::string>()]);
+  }
+  r = post(*c, "/v1/bionlp/qa", {{"question", "Does heparin prevent clots?"}, {"context", "Heparin prevented clots in 90% of patients."}});
+  EXPECT_EQ(r["task"], "pubmedqa");
+  EXPECT_GT(r["usage"]["prompt_tokens"].get<int>(), 10);
+  post(*c, "/v1/bionlp/ner", {{"text", "x"}, {"task", "chemprot"}}, 400);
+  post(*c, "/v1/bionlp/qa", {{"question", "q"}}, 400);
+}
+
+TEST(ServeHttp, ErrorsAreJsonWithTheRightStatus) {
+  ServerOptions o;
+  o.max_body_bytes = 4096;
+  o.limits.max_tokens_cap = 64;
+  o.scheduler.context = 64;
+  TestServer s(o);
+  auto c = s.client();
+  auto expect = [&](httplib::Result r, int status, const std::string& needle) {
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, status) << r->body;
+    const json e = json::parse(r->body);
+    ASSERT_TRUE(e.contains("error")) << r->body;
+    EXPECT_NE(e["error"]["message"].get<std::string>().find(needle), std::string::npos) << r->body;
+    EXPECT_TRUE(e["error"]["type"].is_string());
+  };
+  expect(c->Post("/v1/completions", "{not json", "application/json"), 400, "not valid JSON");
+  expect(c->Post("/v1/completions", "\"a string\"", "application/json"), 400, "JSON object");
+  expect(c->Post("/v1/completions", R"({"prompt": "x", "bogus": 1})", "application/json"), 400, "unknown field");
+  expect(c->Post("/v1/chat/completions", R"({"messages": "hi"})", "application/json"), 400, "messages");
+  expect(c->Post("/v1/completions", R"({"prompt": "x", "max_tokens": 65})", "application/json"), 400, "between 1 and 64");
+  expect(c->Post("/v1/completions", R"({"prompt": [1, 99999]})", "application/json"), 400, "outside the vocabulary");
+  std::string long_prompt;
+  for (int i = 0; i < 100; ++i) long_prompt += " w" + std::to_string(i);
+  expect(c->Post("/v1/completions", json{{"prompt", long_prompt}}.dump(), "application/json"), 400, "context");
+  expect(c->Post("/v1/completions", R"({"prompt": "x", "model": "gpt-4"})", "application/json"), 404, "not served");
+  expect(c->Post("/v1/completions", std::string(5000, ' '), "application/json"), 413, "larger than 4096");
+  expect(c->Post("/v1/nothing", "{}", "application/json"), 404, "no such endpoint");
+  expect(c->Get("/v2/models"), 404, "no such endpoint");
+  expect(c->Get("/v1/completions"), 405, "not allowed");
+  expect(c->Post("/v1/models", "{}", "application/json"), 405, "not allowed");
+  // Malformed HTTP on a raw socket: a JSON 400, and the server carries on.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(s.port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string garbage = "GARBAGE\r\n\r\n";
+  ASSERT_EQ(::send(fd, garbage.data(), garbage.size(), MSG_NOSIGNAL), static_cast<ssize_t>(garbage.size()));
+  char buf[2048];
+  const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+  ::close(fd);
+  ASSERT_GT(n, 0);
+  EXPECT_EQ(std::string(buf, static_cast<size_t>(n)).rfind("HTTP/1.1 400", 0), 0u) << std::string(buf, static_cast<size_t>(n));
+  EXPECT_EQ(c->Get("/health")->status, 200);
+}
+
+TEST(ServeHttp, ApiKeyIsRequiredAndCheckedOnEveryRouteButHealth) {
+  ServerOptions o;
+  o.api_key = "k3y-0123456789abcdef";
+  TestServer s(o);
+  const json body = {{"prompt", "x"}, {"max_tokens", 1}};
+  auto none = s.client();
+  auto r = none->Post("/v1/completions", body.dump(), "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 401);
+  EXPECT_EQ(json::parse(r->body)["error"]["code"], "missing_api_key");
+  EXPECT_EQ(r->get_header_value("WWW-Authenticate"), "Bearer");
+  EXPECT_EQ(none->Get("/v1/models")->status, 401);
+  EXPECT_EQ(none->Get("/nowhere")->status, 401) << "unknown routes do not reveal themselves without a key";
+  EXPECT_EQ(none->Get("/health")->status, 200);
+  for (const std::string wrong : {"k3y-0123456789abcdeF", "k3y-0123456789abcde", "k3y-0123456789abcdef0", "x"}) {
+    auto c = s.client(wrong);
+    r = c->Post("/v1/completions", body.dump(), "application/json");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 401) << wrong;
+    EXPECT_EQ(json::parse(r->body)["error"]["code"], "invalid_api_key");
+  }
+  auto ok = s.client(o.api_key);
+  EXPECT_EQ(ok->Post("/v1/completions", body.dump(), "application/json")->status, 200);
+  EXPECT_EQ(ok->Get("/v1/models")->status, 200);
+
+  EXPECT_TRUE(api_key_matches("abc", "abc"));
+  EXPECT_FALSE(api_key_matches("abc", "abd"));
+  EXPECT_FALSE(api_key_matches("abc", ""));
+}
+
+TEST(ServeHttp, NonLoopbackBindWithoutAKeyIsRefused) {
+  EXPECT_TRUE(is_loopback_host("127.0.0.1"));
+  EXPECT_TRUE(is_loopback_host("127.8.9.10"));
+  EXPECT_TRUE(is_loopback_host("::1"));
+  EXPECT_TRUE(is_loopback_host("[::1]"));
+  EXPECT_TRUE(is_loopback_host("localhost"));
+  EXPECT_TRUE(is_loopback_host("::ffff:127.0.0.1"));
+  for (const char* h : {"0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.org", "128.0.0.1", ""})
+    EXPECT_FALSE(is_loopback_host(h)) << h;
+  ThreadPool pool(1);
+  for (const char* h : {"0.0.0.0", "::", "192.168.1.10"}) {
+    ServerOptions o;
+    o.host = h;
+    o.port = 0;
+    Server server(*demo().model, *demo().tokenizer, pool, o);
+    try {
+      server.start();
+      ADD_FAILURE() << "listened on " << h << " without a key";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("without an API key"), std::string::npos) << e.what();
+    }
+  }
+  // The command refuses before loading anything.
+  const auto r = test::run_cli({"serve", "--model", demo_model(), "--host", "0.0.0.0", "--port", "0"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(r.err.rfind("error: refusing to listen on 0.0.0.0", 0), 0u) << r.err;
+}
+
+TEST(ServeHttp, RequestTextIsNeverLoggedUnlessAskedFor) {
+  const std::string secret = "PatientJaneDoe4711";
+  for (const bool log_content : {false, true}) {
+    ServerOptions o;
+    o.log_content = log_content;
+    TestServer s(o);
+    auto c = s.client();
+    post(*c, "/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", secret}}}}, {"max_tokens", 3}});
+    post(*c, "/v1/completions", {{"prompt", secret}, {"max_tokens", 2}, {"bad_" + secret, 1}}, 400);
+    post(*c, "/v1/bionlp/ner", {{"text", secret}, {"task", "ncbi-disease"}});
+    c->Get("/" + secret);
+    const std::string log = s.log();
+    EXPECT_NE(log.find("POST /v1/chat/completions 200"), std::string::npos) << log;
+    EXPECT_NE(log.find("prompt="), std::string::npos) << log;
+    EXPECT_EQ(log.find(secret) != std::string::npos, log_content) << log;
+  }
+}
+
+// A served prompt, prefilled in small chunks between other work, gives eval's greedy answer token
+// for token even on quantized weights (chunks never shrink to the one-token kernel path).
+TEST(ServeScheduler, ChunkedPrefillGivesEvalsAnswerOnQuantizedWeights) {
+  auto model = Model::load(demo_model());
+  ThreadPool pool(2), eval_pool(1);
+  quantize_model(*model, plan_quantization(*model, parse_quant_recipe("q4_k")), pool);
+  const std::string prompt = "TASK: name the drug class.\n\nSentence: Metformin and insulin lower blood glucose in type 2 "
+                             "diabetes, while aspirin inhibits platelets.";
+  eval::LocalBackend local(*model, *demo().tokenizer, eval_pool, true);
+  const std::string want = local.generate(prompt, 40);
+  for (int64_t chunk : {2, 5, 7, 256}) {
+    SchedulerOptions o;
+    o.prefill_chunk = chunk;
+    o.extra_eos_ids = {*demo().tokenizer->eos_id()};
+    Scheduler s(*model, pool, o);
+    GenerationRequest r;
+    r.prompt = local.encode_prompt(prompt);
+    r.max_tokens = 40;
+    r.sampling.temperature = 0.0f;
+    auto g = s.submit(r);
+    std::vector<TokenOut> batch;
+    std::vector<int32_t> ids;
+    while (g->next(batch))
+      for (const auto& t : batch) ids.push_back(t.id);
+    EXPECT_EQ(demo().tokenizer->decode(ids, true), want) << "prefill chunk " << chunk;
+  }
+}
+
+TEST(ServeHttp, DeadlinesAnswer503) {
+  ServerOptions o;
+  o.timeout_seconds = 0.001;
+  TestServer s(o);
+  auto c = s.client();
+  json e = post(*c, "/v1/completions", {{"prompt", "The"}, {"max_tokens", 500}, {"temperature", 1.0}}, 503);
+  EXPECT_EQ(e["error"]["code"], "deadline_exceeded");
+}
+
+TEST(ServeScheduler, LengthContextCancelDeadlineBusyShutdown) {
+  ThreadPool pool(1);
+  SchedulerOptions o;
+  o.max_batch = 2;
+  o.max_pending = 2;
+  o.context = 32;
+  Scheduler s(*demo().model, pool, o);
+  GenerationRequest r;
+  r.prompt = {1, 5, 9};
+  r.max_tokens = 1000;
+  r.stop_at_eos = false;
+  r.sampling.temperature = 0.0f;
+  auto drain = [](Generation& g) {
+    std::vector<TokenOut> all, batch;
+    while (g.next(batch)) all.insert(all.end(), batch.begin(), batch.end());
+    return all;
+  };
+  auto a = s.submit(r);
+  auto b = s.submit(r);
+  EXPECT_THROW(s.submit(r), Busy);
+  b->cancel();
+  // The context ends `a`: every position holds a prompt token or a fed answer token.
+  EXPECT_EQ(drain(*a).size(), 32u - 3u + 1u);
+  EXPECT_EQ(a->finish(), Finish::length);
+  drain(*b);
+  EXPECT_EQ(b->finish(), Finish::cancelled);
+  r.max_tokens = 4;
+  r.logprobs = 2;
+  auto c = s.submit(r);
+  const auto tokens = drain(*c);
+  ASSERT_EQ(tokens.size(), 4u);
+  EXPECT_EQ(c->finish(), Finish::length);
+  EXPECT_EQ(tokens[0].top.size(), 2u);
+  EXPECT_EQ(tokens[0].top[0].first, tokens[0].id);  // greedy picks the most likely
+  r.deadline = Clock::now() - std::chrono::seconds(1);
+  auto d = s.submit(r);
+  drain(*d);
+  EXPECT_EQ(d->finish(), Finish::deadline);
+  r.deadline = Clock::time_point::max();
+  r.prompt.assign(32, 1);
+  EXPECT_THROW(s.submit(r), Error);  // no room for an answer
+  r.prompt.clear();
+  EXPECT_THROW(s.submit(r), Error);
+  r.prompt = {1, 5, 9};
+  r.max_tokens = 1000;
+  auto e = s.submit(r);
+  s.shutdown();
+  drain(*e);
+  EXPECT_TRUE(e->finish() == Finish::shutdown || e->finish() == Finish::length);
+  EXPECT_THROW(s.submit(r), Busy);
+}
+
+TEST(ServeHttp, ShutdownEndsStreamsCleanly) {
+  auto s = std::make_unique<TestServer>();
+  std::atomic<bool> started{false};
+  std::string body;
+  std::thread t([&] {
+    auto c = s->client();
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/chat/completions";
+    req.body = json{{"messages", {{{"role", "user"}, {"content", "Go"}}}}, {"max_tokens", 1000}, {"temperature", 1.0},
+                    {"seed", 5}, {"stream", true}}
+                   .dump();
+    req.set_header("Content-Type", "application/json");
+    req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+      body.append(data, n);
+      started = true;
+      return true;
+    };
+    httplib::Response res;
+    httplib::Error err = httplib::Error::Success;
+    c->send(req, res, err);
+  });
+  while (!started) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  s->server().shutdown(std::chrono::milliseconds(0));
+  t.join();
+  const auto events = sse_events(body);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  const json last = json::parse(events[events.size() - 2]);
+  // Either it finished just in time, or it was ended with an error event.
+  if (last.contains("error")) {
+    EXPECT_EQ(last["error"]["code"], "shutting_down");
+  }
+}
+
+// Malformed requests of every kind: all refused with 4xx JSON, none crash the server.
+TEST(ServeHttp, ShortFuzzLeavesTheServerUp) {
+  ServerOptions o;
+  o.max_body_bytes = 16384;
+  o.limits.max_tokens_cap = 8;
+  TestServer s(o);
+  auto c = s.client();
+  std::mt19937 rng(1234);
+  const std::vector<std::string> seeds = {
+      R"({"prompt": "x", "max_tokens": 2})",
+      R"({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stop": ["a"]})",
+      R"({"text": "aspirin", "task": "bc5cdr-chem"})",
+      R"({"question": "q", "options": {"A": "a", "B": "b"}})"};
+  const std::vector<std::string> paths = {"/v1/completions", "/v1/chat/completions", "/v1/bionlp/ner", "/v1/bionlp/qa"};
+  int ok = 0, refused = 0;
+  for (int i = 0; i < 300; ++i) {
+    const size_t k = rng() % seeds.size();
+    std::string body = seeds[k];
+    const int edits = 1 + static_cast<int>(rng() % 4);
+    for (int e = 0; e < edits; ++e) {
+      const size_t at = rng() % (body.size() + 1);
+      switch (rng() % 4) {
+        case 0: body.insert(at, 1, "{}[]\",:0-e\\\x80\xff"[rng() % 14]); break;
+        case 1: if (at < body.size()) body.erase(at, 1); break;
+        case 2: if (at < body.size()) body[at] = static_cast<char>(rng() % 256); break;
+        case 3: body = body.substr(0, at); break;
+      }
+    }
+    auto r = c->Post(paths[k], body, "application/json");
+    ASSERT_TRUE(r) << "request " << i << " got no answer";
+    ASSERT_TRUE(r->status == 200 || (r->status >= 400 && r->status < 500)) << r->status << " for " << body;
+    const json j = json::parse(r->body);
+    if (r->status == 200) ++ok;
+    else {
+      ++refused;
+      EXPECT_TRUE(j.contains("error")) << r->body;
+    }
+  }
+  EXPECT_GT(refused, 150);
+  EXPECT_EQ(c->Get("/health")->status, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command: `bioquant serve` as a process, and eval against it
+
+// `bioquant serve ARGS` in the background; the port is read from its "serving ... on URL" line.
+class ServeProcess {
+ public:
+  explicit ServeProcess(const std::vector<std::string>& args) {
+    err_path_ = dir_.file("serve.err");
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::vector<std::string> all = {BIOQUANT_CLI, "serve"};
+      all.insert(all.end(), args.begin(), args.end());
+      std::vector<char*> argv;
+      for (auto& a : all) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      std::FILE* err = std::freopen(err_path_.c_str(), "w", stderr);
+      (void)err;
+      ::execv(BIOQUANT_CLI, argv.data());
+      ::_exit(127);
+    }
+    for (int i = 0; i < 3000 && port_ == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      const std::string err = test::read_file(err_path_);
+      const size_t at = err.find("serving ");
+      const size_t url = err.find("http://127.0.0.1:", at == std::string::npos ? 0 : at);
+      if (at != std::string::npos && url != std::string::npos) port_ = std::atoi(err.c_str() + url + 17);
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+    }
+  }
+  ~ServeProcess() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+  }
+  int port() const { return port_; }
+  // SIGTERM; the exit status.
+  int stop() {
+    ::kill(pid_, SIGTERM);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  std::string err() const { return test::read_file(err_path_); }
+
+ private:
+  test::TempDir dir_;
+  std::string err_path_;
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+std::vector<json> read_lines(const std::string& path) {
+  std::vector<json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(json::parse(line));
+  return out;
+}
+
+TEST(ServeCli, EvalAgainstTheServerScoresLikeInProcessEval) {
+  if (data_dir().empty()) GTEST_SKIP() << "../shared/bionlp not present";
+  ServeProcess server({"--model", demo_model(), "--port", "0", "--threads", "2"});
+  ASSERT_GT(server.port(), 0) << server.err();
+  test::TempDir dir;
+  const std::string tasks = "bc5cdr-chem,chemprot,pubmedqa";
+  const std::vector<std::string> common = {"--tasks", tasks, "--limit", "3", "--data-dir", data_dir(), "--no-db", "--quiet"};
+  std::vector<std::string> local = {"eval", "--model", demo_model(), "--out", dir.file("local"), "--threads", "2"};
+  std::vector<std::string> remote = {"eval", "--backend", "openai", "--endpoint",
+                                     "http://127.0.0.1:" + std::to_string(server.port()) + "/v1", "--out", dir.file("remote")};
+  local.insert(local.end(), common.begin(), common.end());
+  remote.insert(remote.end(), common.begin(), common.end());
+  auto r = test::run_cli(local);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = test::run_cli(remote);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json a = json::parse(test::read_file(dir.file("local/results.json")))["tasks"];
+  const json b = json::parse(test::read_file(dir.file("remote/results.json")))["tasks"];
+  for (const char* task : {"bc5cdr-chem", "chemprot", "pubmedqa"}) {
+    SCOPED_TRACE(task);
+    EXPECT_EQ(a[task]["score"], b[task]["score"]);
+    EXPECT_EQ(a[task]["ci95"], b[task]["ci95"]);
+    EXPECT_EQ(a[task]["unparsed"], b[task]["unparsed"]);
+    const auto la = read_lines(dir.file(std::string("local/samples/") + task + ".jsonl"));
+    const auto lb = read_lines(dir.file(std::string("remote/samples/") + task + ".jsonl"));
+    ASSERT_EQ(la.size(), 3u);
+    ASSERT_EQ(lb.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(la[i]["id"], lb[i]["id"]);
+      EXPECT_EQ(la[i]["prompt"], lb[i]["prompt"]);
+      EXPECT_EQ(la[i]["output"], lb[i]["output"]) << "example " << la[i]["id"];
+      EXPECT_EQ(la[i]["parsed"], lb[i]["parsed"]);
+      EXPECT_EQ(la[i]["correct"], lb[i]["correct"]);
+    }
+  }
+  // SIGTERM: a clean exit with its summary.
+  EXPECT_EQ(server.stop(), 0) << server.err();
+  const std::string err = server.err();
+  EXPECT_NE(err.find("SIGTERM: shutting down"), std::string::npos) << err;
+  EXPECT_NE(err.find("POST /v1/chat/completions 200"), std::string::npos) << err;
+  EXPECT_EQ(err.find("Sentence:"), std::string::npos) << "prompt text in the log";
+}
+
+TEST(ServeCli, ApiKeyFileAndSignals) {
+  test::TempDir dir;
+  test::write_file(dir.file("short"), "abc\n");
+  auto r = test::run_cli({"serve", "--model", demo_model(), "--api-key-file", dir.file("short"), "--port", "0"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("shorter than 16"), std::string::npos) << r.err;
+  test::write_file(dir.file("key"), "  s3cret-s3cret-s3cret-s3cret\n");
+  ::chmod(dir.file("key").c_str(), 0600);
+  ServeProcess server({"--model", demo_model(), "--port", "0", "--threads", "1", "--api-key-file", dir.file("key")});
+  ASSERT_GT(server.port(), 0) << server.err();
+  httplib::Client c("127.0.0.1", server.port());
+  EXPECT_EQ(c.Get("/v1/models")->status, 401);
+  c.set_bearer_token_auth("s3cret-s3cret-s3cret-s3cret");
+  EXPECT_EQ(c.Get("/v1/models")->status, 200);
+  EXPECT_EQ(server.stop(), 0) << server.err();
+  EXPECT_NE(server.err().find("API key required"), std::string::npos) << server.err();
+}
+
+}  // namespace
+}  // namespace bioquant::serve
