@@ -27,4 +27,11 @@ size_t status_kib(const char* key) {
 size_t peak_rss_bytes() { return status_kib("VmHWM:"); }
 size_t current_rss_bytes() { return status_kib("VmRSS:"); }
 
+bool reset_peak_rss() {
+  std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
+  if (f == nullptr) return false;
+  const bool ok = std::fputs("5", f) >= 0;
+  return std::fclose(f) == 0 && ok;
+}
+
 }  // namespace bioquant
