@@ -23,9 +23,17 @@ const char* finish_name(Finish f) {
 bool Generation::next(std::vector<TokenOut>& out) {
   out.clear();
   std::unique_lock<std::mutex> lock(mutex_);
+  ++token_waiters_;
   ready_.wait(lock, [&] { return !pending_.empty() || finish_ != Finish::running; });
+  --token_waiters_;
   out.swap(pending_);
   return !out.empty() || finish_ == Finish::running;
+}
+
+std::vector<TokenOut> Generation::wait_end() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  ready_.wait(lock, [&] { return finish_ != Finish::running; });
+  return std::move(pending_);
 }
 
 Finish Generation::finish() const {
@@ -39,11 +47,13 @@ std::string Generation::error() const {
 }
 
 void Generation::push(TokenOut token) {
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     pending_.push_back(std::move(token));
+    wake = token_waiters_ > 0;
   }
-  ready_.notify_all();
+  if (wake) ready_.notify_all();
 }
 
 void Generation::end(Finish finish, std::string error) {

@@ -73,6 +73,9 @@ class Generation {
   // Waits for new tokens or the end; moves the new tokens into `out` (cleared first). Returns
   // false when the generation has ended and every token has been taken.
   bool next(std::vector<TokenOut>& out);
+  // Waits for the end and returns every token not taken yet (no wake-up per token: the way for a
+  // consumer that needs the whole answer anyway).
+  std::vector<TokenOut> wait_end();
   // Asks the scheduler to drop the sequence at its next step (finish becomes `cancelled` unless it
   // ended otherwise first).
   void cancel() { cancelled_.store(true); }
@@ -91,6 +94,7 @@ class Generation {
   mutable std::mutex mutex_;
   std::condition_variable ready_;
   std::vector<TokenOut> pending_;
+  int token_waiters_ = 0;  // threads in next(): push() wakes them
   Finish finish_ = Finish::running;
   std::string error_;
   std::atomic<bool> cancelled_{false};

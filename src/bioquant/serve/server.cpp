@@ -1,6 +1,7 @@
 #include "bioquant/serve/server.h"
 
 #include <arpa/inet.h>
+#include <sys/socket.h>
 #include <openssl/crypto.h>
 
 #include <atomic>
@@ -145,6 +146,7 @@ struct Server::Impl {
   std::thread listener;
   std::future<void> listener_done;
   int port = 0;
+  int listen_socket = -1;
   bool started = false, stopped = false;
   std::mutex lifecycle;
   std::atomic<uint64_t> next_id{1};
@@ -243,8 +245,17 @@ struct Server::Impl {
 
   // Waits for a whole answer (non-streamed requests).
   Collected collect(Generation& gen, std::vector<std::string> stop) const {
-    TextStream ts(tokenizer, std::move(stop));
     Collected c;
+    if (stop.empty()) {  // nothing to watch for: one wake-up at the end, one decode (eval's)
+      c.tokens = gen.wait_end();
+      std::vector<int32_t> ids;
+      ids.reserve(c.tokens.size());
+      for (const TokenOut& t : c.tokens) ids.push_back(t.id);
+      c.text = tokenizer.decode(ids, /*skip_special=*/true);
+      c.finish_reason = finish_reason(gen.finish());
+      return c;
+    }
+    TextStream ts(tokenizer, std::move(stop));
     std::vector<TokenOut> batch;
     while (!ts.stopped() && gen.next(batch)) {
       for (TokenOut& t : batch) {
@@ -628,6 +639,15 @@ struct Server::Impl {
     http.set_keep_alive_max_count(1000);
     http.set_keep_alive_timeout(5);
     http.set_tcp_nodelay(true);
+    // httplib listens with a backlog of 5: a burst of new connections then overflows it and the
+    // dropped SYNs cost a second each. Remember the socket, so start() can listen again with a
+    // real backlog. (SO_REUSEADDR as httplib's default, but not SO_REUSEPORT: nobody else may
+    // bind this port next to us.)
+    http.set_socket_options([this](socket_t sock) {
+      int yes = 1;
+      ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+      listen_socket = sock;
+    });
   }
 };
 
@@ -653,6 +673,7 @@ void Server::start() {
           "cannot listen on " + s.options.host + ":" + std::to_string(s.options.port) + " (in use, or not an address of this machine)");
     s.port = s.options.port;
   }
+  if (s.listen_socket >= 0) ::listen(s.listen_socket, s.options.accept_backlog);
   std::packaged_task<void()> run([&s] { s.http.listen_after_bind(); });
   s.listener_done = run.get_future();
   s.listener = std::thread(std::move(run));

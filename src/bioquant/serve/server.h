@@ -50,7 +50,8 @@ struct ServerOptions {
   bool log_content = false;              // log request bodies and answer text (off: never)
   bool chat_template = true;             // task endpoints wrap prompts in the chat template (as eval)
   int http_threads = 64;                 // connections served at once (each holds a thread)
-  int accept_backlog = 256;              // accepted connections waiting for a thread; accept() pauses beyond
+  int accept_backlog = 256;              // connections waiting for a thread (the listen backlog, and the
+                                         // accepted ones queued for a thread; accept() pauses beyond)
   ApiLimits limits;
   SchedulerOptions scheduler;
   std::function<void(const std::string&)> log;  // one line per request; default: stderr
