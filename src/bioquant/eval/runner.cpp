@@ -276,7 +276,18 @@ json run_eval(const EvalOptions& o, Backend& backend) {
       check(!fewshot_split.empty(), "task " + task.name + " names no split to draw few-shot examples from");
       const std::vector<Example> pool =
           fewshot_split == split ? read_split(task, data_dir, split) : read_split(task, data_dir, fewshot_split);
-      shots = choose_fewshot(pool, o.shots, o.seed, split_ids);
+      // Ids are only comparable within one file (readers without an id column number the rows, so
+      // MedQA's dev row 3 and test row 3 share an id): a pool from another split leaves out the
+      // examples whose input is one of the evaluated split's.
+      std::set<std::string> exclude = split_ids;
+      if (fewshot_split != split) {
+        std::set<std::string> evaluated_keys;
+        for (const auto& ex : read_split(task, data_dir, split)) evaluated_keys.insert(example_key(ex));
+        exclude.clear();
+        for (const auto& ex : pool)
+          if (evaluated_keys.count(example_key(ex))) exclude.insert(ex.id);
+      }
+      shots = choose_fewshot(pool, o.shots, o.seed, exclude);
     }
     const bool cot = o.method == PromptMethod::cot;
     int max_new = o.max_new_tokens > 0 ? o.max_new_tokens : task.max_new_tokens + (cot ? 384 : 0);
