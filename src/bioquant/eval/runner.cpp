@@ -409,7 +409,9 @@ json run_eval(const EvalOptions& o, Backend& backend) {
                   {"n", summary["n"]}, {"unparsed", summary["unparsed"]}, {"prompt_tokens_computed", computed},
                   {"prompt_tokens_reused", reused}, {"generated_tokens", generated}, {"seconds", seconds},
                   {"peak_rss_bytes", peak_rss_bytes()}, {"weight_bytes", o.weight_bytes},
-                  {"config_json", config.dump()}, {"result_json", summary.dump()}};
+                  {"config_json", config.dump()}, {"result_json", summary.dump()},
+                  {"out_dir", o.out_dir}, {"samples", samples_path},
+                  {"sweep_cell", o.sweep_cell.empty() ? json(nullptr) : json(o.sweep_cell)}};
       record_runs(o.db_path, {row});
     }
   }

@@ -37,6 +37,7 @@ struct EvalOptions {
   std::string version, model, model_hash, quant, backend, device;
   int threads = 0;
   int64_t weight_bytes = 0;
+  std::string sweep_cell;                // bioquant sweep's cell key, recorded with each row ("" = none)
 };
 
 // Runs every task; returns the content written to OUT/results.json.

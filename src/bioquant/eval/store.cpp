@@ -32,6 +32,7 @@ const std::vector<Column>& columns() {
       {"prompt_tokens_computed", "INTEGER"}, {"prompt_tokens_reused", "INTEGER"},
       {"generated_tokens", "INTEGER"}, {"seconds", "REAL"},       {"peak_rss_bytes", "INTEGER"},
       {"weight_bytes", "INTEGER"},   {"config_json", "TEXT"},     {"result_json", "TEXT"},
+      {"out_dir", "TEXT"},           {"samples", "TEXT"},         {"sweep_cell", "TEXT"},
   };
   return cols;
 }
