@@ -1,0 +1,191 @@
+#include "bioquant/report/recommend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <set>
+
+#include "bioquant/core/error.h"
+#include "bioquant/report/estimate.h"
+#include "bioquant/report/results.h"
+
+namespace bioquant::report {
+
+using nlohmann::json;
+
+namespace {
+
+std::string fmt_score(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4f", v);
+  return buf;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+// Estimated peak of a pair that was never measured: from the model's config.json / GGUF header.
+std::optional<double> estimated_memory(const std::string& model, const std::string& precision, int64_t ctx) {
+  try {
+    EstimateOptions o;
+    o.ctx = ctx;
+    if (precision != "none") {
+      const bool dq = precision.size() > 3 && precision.compare(precision.size() - 3, 3, "+dq") == 0;
+      o.quant = dq ? precision.substr(0, precision.size() - 3) : precision;
+      o.double_quant = dq;
+    }
+    return estimate_memory(model_shape_from_path(model), o).total;
+  } catch (const Error&) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace
+
+Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& o) {
+  check(o.budget_bytes > 0, "--budget must be positive");
+  const std::vector<RunResult> results = latest_results(rows);
+  Recommendation rec;
+  if (o.tasks.empty()) {
+    std::set<std::string> seen;
+    for (const auto& r : results)
+      if (seen.insert(r.task).second) rec.tasks.push_back(r.task);
+  } else {
+    rec.tasks = o.tasks;
+  }
+  check(!rec.tasks.empty(), "the results database holds no runs (run bioquant sweep or eval first)");
+
+  // The pairs, in the results' order, then the extra ones.
+  std::vector<Candidate> pairs;
+  auto find_pair = [&](const std::string& model, const std::string& precision) -> Candidate* {
+    for (auto& c : pairs)
+      if (c.model == model && c.precision == precision) return &c;
+    return nullptr;
+  };
+  for (const auto& r : results) {
+    if (!find_pair(r.model, r.precision)) {
+      Candidate c;
+      c.model = r.model;
+      c.model_name = r.model_name;
+      c.precision = r.precision;
+      pairs.push_back(c);
+    }
+    Candidate& c = *find_pair(r.model, r.precision);
+    if (r.peak_rss_bytes) {
+      c.memory_bytes = std::max(c.memory_bytes.value_or(0.0), *r.peak_rss_bytes);
+      c.memory_source = "measured";
+    }
+    if (std::find(rec.tasks.begin(), rec.tasks.end(), r.task) == rec.tasks.end()) continue;
+    if (o.method != "best" && r.method != o.method) continue;
+    // best: the best-scoring method measured for the task; a named method: its latest run.
+    auto it = c.task_scores.find(r.task);
+    const bool take = it == c.task_scores.end() ||
+                      (o.method == "best" ? r.score > it->second : r.id > c.task_row_ids[r.task]);
+    if (take) {
+      c.task_scores[r.task] = r.score;
+      c.task_row_ids[r.task] = r.id;
+      c.task_methods[r.task] = r.method + (r.method == "few-shot" ? " (" + std::to_string(r.shots) + " shots)" : "");
+    }
+  }
+  for (const auto& [model, precision] : o.extra_pairs) {
+    if (find_pair(model, precision)) continue;
+    Candidate c;
+    c.model = model;
+    c.model_name = model;
+    c.precision = precision;
+    pairs.push_back(c);
+  }
+
+  for (auto& c : pairs) {
+    if (!c.memory_bytes) {
+      c.memory_bytes = estimated_memory(c.model, c.precision, o.ctx);
+      if (c.memory_bytes) c.memory_source = "estimated";
+    }
+    std::vector<std::string> missing;
+    for (const auto& t : rec.tasks)
+      if (!c.task_scores.count(t)) missing.push_back(t);
+    if (missing.empty()) {
+      double sum = 0;
+      for (const auto& t : rec.tasks) sum += c.task_scores[t];
+      c.mean_score = sum / static_cast<double>(rec.tasks.size());
+    }
+    c.fits = c.memory_bytes && *c.memory_bytes <= o.budget_bytes;
+    std::vector<std::string> why;
+    if (c.task_scores.empty() && missing.size() == rec.tasks.size())
+      why.push_back("no measured scores" + std::string(o.method == "best" ? "" : " with method " + o.method) +
+                    " on the requested tasks (run bioquant sweep to measure it)");
+    else if (!missing.empty())
+      why.push_back("not measured on " + join(missing) + (o.method == "best" ? "" : " with method " + o.method));
+    if (!c.memory_bytes)
+      why.push_back("memory unknown: no measured peak and no config.json at " + c.model + " to estimate from");
+    else if (!c.fits)
+      why.push_back("needs " + format_bytes(*c.memory_bytes) + " (" + c.memory_source + ") > budget " +
+                    format_bytes(o.budget_bytes));
+    if (why.empty()) {
+      rec.ranked.push_back(c);
+    } else {
+      std::string reason;
+      for (const auto& w : why) reason += (reason.empty() ? "" : "; ") + w;
+      if (c.memory_bytes && c.fits && !c.mean_score)
+        reason += " (" + c.memory_source + " " + format_bytes(*c.memory_bytes) + " would fit)";
+      c.reason = reason;
+      rec.excluded.push_back(c);
+    }
+  }
+  std::stable_sort(rec.ranked.begin(), rec.ranked.end(), [](const Candidate& a, const Candidate& b) {
+    if (*a.mean_score != *b.mean_score) return *a.mean_score > *b.mean_score;
+    if (*a.memory_bytes != *b.memory_bytes) return *a.memory_bytes < *b.memory_bytes;
+    return a.model_name + " " + a.precision < b.model_name + " " + b.precision;
+  });
+  for (size_t i = 0; i < rec.ranked.size(); ++i) {
+    Candidate& c = rec.ranked[i];
+    c.rank = static_cast<int>(i + 1);
+    const std::string mem = format_bytes(*c.memory_bytes) + " " + c.memory_source;
+    if (i == 0) {
+      c.reason = "chosen: best mean score (" + fmt_score(*c.mean_score) + " over " + std::to_string(rec.tasks.size()) +
+                 " task" + (rec.tasks.size() == 1 ? "" : "s") + ") of the " + std::to_string(rec.ranked.size()) +
+                 " pair" + (rec.ranked.size() == 1 ? "" : "s") + " that fit " + format_bytes(o.budget_bytes) + "; uses " +
+                 mem;
+    } else {
+      const double gap = *rec.ranked[0].mean_score - *c.mean_score;
+      const Candidate& prev = rec.ranked[i - 1];
+      c.reason = "fits (" + mem + "); mean score " + fmt_score(*c.mean_score) + ", " + fmt_score(gap) + " below the best";
+      if (*prev.mean_score == *c.mean_score)
+        c.reason += " (tied with #" + std::to_string(i) +
+                    (*prev.memory_bytes < *c.memory_bytes ? ", which uses less memory)" : ", ranked by name)");
+    }
+  }
+  std::stable_sort(rec.excluded.begin(), rec.excluded.end(), [](const Candidate& a, const Candidate& b) {
+    const double sa = a.mean_score.value_or(-1), sb = b.mean_score.value_or(-1);
+    if (sa != sb) return sa > sb;
+    return a.model_name + " " + a.precision < b.model_name + " " + b.precision;
+  });
+  return rec;
+}
+
+json Recommendation::to_json(double budget_bytes) const {
+  auto cand = [](const Candidate& c) {
+    json scores = json::object();
+    for (const auto& [t, s] : c.task_scores) scores[t] = {{"score", s}, {"method", c.task_methods.at(t)}};
+    return json{{"model", c.model},
+                {"model_name", c.model_name},
+                {"precision", c.precision},
+                {"rank", c.rank},
+                {"mean_score", c.mean_score ? json(*c.mean_score) : json(nullptr)},
+                {"memory_bytes", c.memory_bytes ? json(*c.memory_bytes) : json(nullptr)},
+                {"memory_source", c.memory_source.empty() ? json(nullptr) : json(c.memory_source)},
+                {"fits", c.fits},
+                {"task_scores", scores},
+                {"reason", c.reason}};
+  };
+  json out = {{"budget_bytes", budget_bytes}, {"tasks", tasks}, {"ranked", json::array()}, {"excluded", json::array()}};
+  for (const auto& c : ranked) out["ranked"].push_back(cand(c));
+  for (const auto& c : excluded) out["excluded"].push_back(cand(c));
+  out["recommended"] = ranked.empty() ? json(nullptr) : cand(ranked.front());
+  return out;
+}
+
+}  // namespace bioquant::report

@@ -1,0 +1,52 @@
+// `bioquant recommend --budget 40GiB`: which (model, precision) to deploy within a memory budget.
+//
+// Candidates are the (model, precision) pairs of the results database (plus any extra pairs asked
+// for, which have no scores). A pair's score is the mean over the requested tasks of its latest
+// measured score per task (with --method best: the best method measured for that task). Its memory
+// is the measured peak (the largest peak_rss_bytes of its runs), else the estimate from the model's
+// config.json (report/estimate.h). Pairs that fit are ranked by score (ties: less memory first,
+// then name); every other pair is listed with the reason it was left out.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace bioquant::report {
+
+struct RecommendOptions {
+  double budget_bytes = 0;
+  std::vector<std::string> tasks;  // empty = every task in the database
+  std::string method = "best";     // a method name, or best (per task, the best one measured)
+  int64_t ctx = 4096;              // KV-cache positions for estimated memory
+  // Pairs without runs to consider too (their memory is estimated; they cannot be ranked).
+  std::vector<std::pair<std::string, std::string>> extra_pairs;  // (model path, precision)
+};
+
+struct Candidate {
+  std::string model, model_name, precision;
+  std::map<std::string, double> task_scores;        // task -> score used
+  std::map<std::string, std::string> task_methods;  // task -> method that gave it
+  std::map<std::string, int64_t> task_row_ids;      // task -> runs-table id of that score
+  std::optional<double> mean_score;
+  std::optional<double> memory_bytes;
+  std::string memory_source;  // "measured", "estimated" or "" (unknown)
+  bool fits = false;
+  int rank = 0;               // 1-based among the ranked; 0 = excluded
+  std::string reason;         // why chosen, ranked where it is, or excluded
+};
+
+struct Recommendation {
+  std::vector<std::string> tasks;
+  std::vector<Candidate> ranked;    // best first
+  std::vector<Candidate> excluded;
+  nlohmann::json to_json(double budget_bytes) const;
+};
+
+// `rows` as read_runs returns them.
+Recommendation recommend(const std::vector<nlohmann::json>& rows, const RecommendOptions& options);
+
+}  // namespace bioquant::report
