@@ -709,6 +709,22 @@ TEST(StudyRecommend, RanksTheCraftedDatabaseAndSaysWhy) {
             "memory unknown: no measured peak and no config.json at /models/gone to estimate from");
   EXPECT_EQ(r.excluded[0].model_name + " " + r.excluded[0].precision, "gone bf16");  // best score first
 
+  // A pair asked for that was never run: sized by estimate from its config.json, not ranked.
+  o.extra_pairs = {{small, "q8_0"}};
+  r = recommend(eval::read_runs(db), o);
+  EXPECT_EQ(r.ranked.size(), 5u);
+  bool found = false;
+  for (const auto& c : r.excluded) {
+    if (c.precision != "q8_0") continue;
+    found = true;
+    EXPECT_EQ(c.model_name, "small-model");
+    EXPECT_EQ(c.memory_source, "estimated");
+    EXPECT_EQ(c.reason.rfind("no measured scores with method zero-shot on the requested tasks (estimated ", 0), 0u)
+        << c.reason;
+  }
+  EXPECT_TRUE(found);
+  o.extra_pairs.clear();
+
   // --method best takes the best method per task: mid q4_k's few-shot pubmedqa (0.90) lifts it.
   o.method = "best";
   o.tasks = {"pubmedqa"};
@@ -759,8 +775,13 @@ TEST(StudyEstimate, FromConfigJsonAloneWithTheRealLoadsPlanAndFallbacks) {
   test::write_tiny_llama(dir.file("tiny"));  // 32/64 columns: q4_k, nf4 and q4_k_m fall back
   fs::create_directories(dir.file("tiny-config"));
   test::copy_file(dir.file("tiny/config.json"), dir.file("tiny-config/config.json"));
+  // Gemma 2 (tied embedding, sandwich norms) checks the tensor list of another family.
+  fs::create_directories(dir.file("gemma2-config"));
+  test::copy_file(test::fixtures_dir() + "/models/gemma2/bf16/config.json", dir.file("gemma2-config/config.json"));
   for (const auto& [loaded, config_only] : std::vector<std::pair<std::string, std::string>>{
-           {demo_model(), dir.file("only-config")}, {dir.file("tiny"), dir.file("tiny-config")}}) {
+           {demo_model(), dir.file("only-config")},
+           {dir.file("tiny"), dir.file("tiny-config")},
+           {test::fixtures_dir() + "/models/gemma2/bf16", dir.file("gemma2-config")}}) {
     for (const std::string q : {"bf16", "int8", "nf4", "q4_k", "q4_k_m", "q8_0"}) {
       const auto info = test::run_cli({"info", "--model", loaded, "--quant", q, "--json"});
       ASSERT_EQ(info.exit_code, 0) << info.err;
@@ -791,6 +812,8 @@ TEST(StudyEstimate, FromConfigJsonAloneWithTheRealLoadsPlanAndFallbacks) {
   expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("nothing")}), "config.json");
   expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("only-config"), "--quant", "q3"}), "q3");
   expect_one_line_error(test::run_cli({"estimate"}), "--model");
+  expect_one_line_error(test::run_cli({"estimate", "--model", test::fixtures_dir() + "/bnb/nf4"}), "pre-quantized");
+  expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("model.gguf")}), "bioquant info");
   expect_one_line_error(test::run_cli({"estimate", "--synthetic", "llama-2b"}), "llama-2b");
 }
 

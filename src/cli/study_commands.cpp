@@ -135,7 +135,7 @@ Run add_estimate(CLI::App& app) {
     bool json_out = false;
   };
   auto f = std::make_shared<Flags>();
-  auto* m = app.add_option("--model", f->model, "model directory (only config.json is read) or GGUF file (its header)");
+  auto* m = app.add_option("--model", f->model, "Hugging Face model directory: only its config.json is read (the weights need not be there)");
   auto* s = app.add_option("--synthetic", f->synthetic, "a named shape instead (llama-1b, llama3-8b, llama3-70b, ...)");
   m->excludes(s);
   app.add_option("--quant", f->o.quant, "precision to size: " + quant_names_list() + " (default: as stored)");
@@ -146,15 +146,13 @@ Run add_estimate(CLI::App& app) {
   app.add_option("--batch", f->o.batch, "tokens per forward pass (default 512)")->check(CLI::PositiveNumber);
   app.add_option("--threads", f->o.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--device", f->o.device, "cpu (default) or cuda");
-  app.add_flag("--synthetic-load", f->o.synthetic, "size a --model built in memory as bench --synthetic does");
   app.add_flag("--json", f->json_out, "print one JSON object");
   return [=]() {
     check(!f->model.empty() || !f->synthetic.empty(), "give --model PATH or --synthetic NAME");
-    ModelShape shape = f->model.empty() ? model_shape_synthetic(f->synthetic, f->dtype.empty() ? "bf16" : f->dtype)
-                                        : model_shape_from_path(f->model, f->dtype);
-    EstimateOptions o = f->o;
-    if (shape.source == "synthetic") o.synthetic = true;
-    if (o.synthetic && shape.source != "gguf") shape.source = "synthetic";
+    const ModelShape shape = f->model.empty()
+                                 ? model_shape_synthetic(f->synthetic, f->dtype.empty() ? "bf16" : f->dtype)
+                                 : model_shape_from_path(f->model, f->dtype);
+    const EstimateOptions& o = f->o;
     const MemoryEstimate e = estimate_memory(shape, o);
     const ModelConfig& c = shape.config;
     if (f->json_out) {

@@ -9,8 +9,6 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
-#include "bioquant/io/gguf.h"
-#include "bioquant/io/gguf_model.h"
 #include "bioquant/io/tensor_source.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/synthetic.h"
@@ -138,16 +136,18 @@ double scratch_per_token_col(QuantType t) {
 ModelShape model_shape_from_path(const std::string& path, const std::string& dtype_override) {
   ModelShape s;
   s.path = path;
-  if (path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0) {
-    const GgufFile gguf(path);  // the header and tensor table; weights stay on disk
-    s.config = config_from_gguf(gguf);
-    s.source = "gguf";
-    s.stored = DType::F32;  // not used: GGUF tensors carry their own formats (see estimate_memory)
-  } else {
-    s.config = load_model_config(path);
-    s.source = "config.json";
-    s.stored = s.config.dtype.empty() ? DType::F32 : parse_storage_dtype(s.config.dtype, path + "/config.json");
-  }
+  // GGUF files hold no config.json, and loading one copies its Q/K rows (gguf_model.h): not
+  // something to size without loading.
+  check(!(path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0),
+        path + ": estimate sizes a Hugging Face model from its config.json; for a GGUF file use bioquant info "
+               "--model FILE.gguf (it maps the file)");
+  s.config = load_model_config(path);
+  const json raw = json::parse(read_text_file(path + "/config.json"), nullptr, false);
+  check(!(raw.is_object() && raw.contains("quantization_config")),
+        path + "/config.json: a pre-quantized checkpoint (quantization_config); estimate sizes models stored in "
+               "f32/f16/bf16 (bioquant info --model DIR sizes this one from its files)");
+  s.source = "config.json";
+  s.stored = s.config.dtype.empty() ? DType::F32 : parse_storage_dtype(s.config.dtype, path + "/config.json");
   if (!dtype_override.empty()) s.stored = parse_storage_dtype(dtype_override, "--dtype");
   return s;
 }
@@ -178,12 +178,7 @@ MemoryEstimate estimate_memory(const ModelShape& shape, const EstimateOptions& o
   MemoryEstimate e;
   e.threads = o.threads > 0 ? o.threads : ThreadPool::hardware_threads();
 
-  std::unique_ptr<Model> model;
-  if (shape.source == "gguf") {
-    model = Model::load(shape.path);  // mapped: only the header and the norms are read
-  } else {
-    model = Model::from_source(c, std::make_unique<ShapeOnlyTensors>(c, shape.stored));
-  }
+  const auto model = Model::from_source(c, std::make_unique<ShapeOnlyTensors>(c, shape.stored));
   std::optional<QuantRecipe> recipe;
   if (!o.quant.empty()) recipe = parse_quant_recipe(o.quant, o.double_quant, o.quant_policy);
   if (recipe) {

@@ -1,5 +1,5 @@
 // Memory a run will need, predicted before anything is loaded: from config.json alone (or a
-// synthetic shape, or a GGUF header), so a model can be sized before it is downloaded.
+// synthetic shape), so a model can be sized before it is downloaded.
 //
 // What the CPU engine really holds at its peak, and how each part is modelled:
 //   weights     every matrix in the format the quantization plan gives it (the same
@@ -43,20 +43,19 @@ struct EstimateOptions {
   int64_t batch = 512;                 // tokens per forward pass
   int threads = 0;                     // 0 = all hardware threads
   std::string device = "cpu";          // cpu; cuda is refused until the CUDA backend exists
-  bool synthetic = false;              // built in memory (bench --synthetic): every source page is written
 };
 
 // Where the model comes from, without its weights.
 struct ModelShape {
   ModelConfig config;
   DType stored = DType::BF16;          // storage dtype of the matrices (config.json's torch_dtype)
-  std::string source;                  // "config.json", "synthetic", "gguf"
+  std::string source;                  // "config.json" or "synthetic" (built in memory: all written)
   std::string path;
 };
 
-// Reads `path`: a model directory (config.json only; dtype from torch_dtype/dtype, float32 when
-// absent as transformers does) or a .gguf file (its header). `dtype_override` ("bf16", "f16",
-// "f32", "" = as declared) replaces the declared storage dtype.
+// Reads `path`/config.json (+ generation_config.json) only; the storage dtype is its torch_dtype /
+// dtype (float32 when absent, as transformers assumes). `dtype_override` ("bf16", "f16", "f32",
+// "" = as declared) replaces it. GGUF files are refused (bioquant info sizes them).
 ModelShape model_shape_from_path(const std::string& path, const std::string& dtype_override = "");
 // A synthetic shape (model/synthetic.h) built in `dtype` (bf16, f16, f32).
 ModelShape model_shape_synthetic(const std::string& name, const std::string& dtype = "bf16");

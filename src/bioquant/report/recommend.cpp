@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <set>
 
 #include "bioquant/core/error.h"
@@ -12,6 +13,7 @@
 namespace bioquant::report {
 
 using nlohmann::json;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -94,7 +96,11 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
     if (find_pair(model, precision)) continue;
     Candidate c;
     c.model = model;
-    c.model_name = model;
+    fs::path p = fs::path(model).lexically_normal();
+    if (p.filename().empty()) p = p.parent_path();
+    c.model_name = p.filename().empty() ? model : p.filename().string();
+    for (const auto& other : pairs)  // the short name the results already use for this model
+      if (other.model == model) c.model_name = other.model_name;
     c.precision = precision;
     pairs.push_back(c);
   }
@@ -114,9 +120,10 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
     }
     c.fits = c.memory_bytes && *c.memory_bytes <= o.budget_bytes;
     std::vector<std::string> why;
-    if (c.task_scores.empty() && missing.size() == rec.tasks.size())
+    const bool unmeasured = c.task_scores.empty() && missing.size() == rec.tasks.size();
+    if (unmeasured)
       why.push_back("no measured scores" + std::string(o.method == "best" ? "" : " with method " + o.method) +
-                    " on the requested tasks (run bioquant sweep to measure it)");
+                    " on the requested tasks");
     else if (!missing.empty())
       why.push_back("not measured on " + join(missing) + (o.method == "best" ? "" : " with method " + o.method));
     if (!c.memory_bytes)
@@ -130,7 +137,8 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
       std::string reason;
       for (const auto& w : why) reason += (reason.empty() ? "" : "; ") + w;
       if (c.memory_bytes && c.fits && !c.mean_score)
-        reason += " (" + c.memory_source + " " + format_bytes(*c.memory_bytes) + " would fit)";
+        reason += " (" + c.memory_source + " " + format_bytes(*c.memory_bytes) + " would fit" +
+                  (unmeasured ? "; run bioquant sweep to measure it)" : ")");
       c.reason = reason;
       rec.excluded.push_back(c);
     }

@@ -409,7 +409,9 @@ SweepSummary run_sweep(const SweepPlan& plan, const SweepOptions& o) {
   const auto t0 = Clock::now();
   check(!o.db_path.empty(), "sweep needs a results database (--db FILE)");
   SweepSummary summary;
-  summary.sweep_dir = o.out_dir.empty() ? default_sweep_dir(o.db_path) : o.out_dir;
+  // Absolute, so the samples paths recorded in the database work from any directory (report).
+  summary.sweep_dir =
+      fs::absolute(o.out_dir.empty() ? default_sweep_dir(o.db_path) : o.out_dir).lexically_normal().string();
   // Every task's data before any model work: a bad directory fails in a second.
   for (const auto& name : plan.tasks) {
     const eval::TaskSpec& t = eval::find_task(name);
