@@ -817,9 +817,9 @@ TEST(StudyEstimate, FromConfigJsonAloneWithTheRealLoadsPlanAndFallbacks) {
   expect_one_line_error(test::run_cli({"estimate", "--synthetic", "llama-2b"}), "llama-2b");
 }
 
-// A bf16 Llama of ~200M parameters written as a Hugging Face directory (random weights).
+// A bf16 Llama of ~125M parameters written as a Hugging Face directory (random weights).
 void write_mid_llama(const std::string& dir) {
-  const int64_t hidden = 1024, layers = 12, heads = 16, kv_heads = 4, ffn = 2816, vocab = 32000;
+  const int64_t hidden = 768, layers = 12, heads = 12, kv_heads = 4, ffn = 2048, vocab = 32000;
   test::write_file(dir + "/config.json",
                    json{{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"}, {"hidden_size", hidden},
                         {"intermediate_size", ffn}, {"num_hidden_layers", layers}, {"num_attention_heads", heads},
@@ -878,7 +878,7 @@ double estimated_peak(const std::vector<std::string>& args) {
 }
 
 // Acceptance 3: the estimate against the peak RSS `bench` measures, at every precision, for models
-// run from files (the shipped model; a 200M-parameter one) and built in memory (llama-1b).
+// run from files (the shipped model; a 125M-parameter one) and built in memory (llama-1b).
 TEST(StudyEstimate, WithinTenPercentOfTheMeasuredPeakAtEveryPrecision) {
   test::TempDir dir;
   // The runtime constant is what the program costs with a negligible model.
@@ -899,7 +899,7 @@ TEST(StudyEstimate, WithinTenPercentOfTheMeasuredPeakAtEveryPrecision) {
     cases.push_back({"biomed-tiny " + q,
                      {"bench", "--model", demo_model(), "--quant", q, "-p", "512", "-n", "8", "-r", "1", "--no-bandwidth", "--json"},
                      {"estimate", "--model", demo_model(), "--quant", q, "--ctx", "513", "--batch", "512", "--json"}});
-    cases.push_back({"mid-200m " + q,
+    cases.push_back({"mid-125m " + q,
                      {"bench", "--model", dir.file("mid"), "--quant", q, "-p", "64", "-n", "4", "-r", "1", "--no-bandwidth", "--json"},
                      {"estimate", "--model", dir.file("mid"), "--quant", q, "--ctx", "65", "--batch", "64", "--json"}});
   }
