@@ -85,6 +85,9 @@ TEST(DemoModel, DemoRunsEveryTaskAtEveryPrecision) {
   // 4-bit weights take well under half of the 16-bit weights.
   EXPECT_LT(demo["precisions"][3]["weight_bytes"].get<double>(), 0.5 * demo["precisions"][0]["weight_bytes"].get<double>());
   EXPECT_TRUE(demo["tasks"]["hoc"]["int8"].contains("diff_ci95"));
+  const std::string html = test::read_file(dir.file("demo/report/index.html"));
+  EXPECT_NE(html.find("<svg"), std::string::npos);
+  EXPECT_NE(html.find("q4_k"), std::string::npos);
 }
 
 }  // namespace

@@ -18,6 +18,8 @@
 #include "bioquant/core/memory.h"
 #include "bioquant/eval/runner.h"
 #include "bioquant/eval/stats.h"
+#include "bioquant/eval/store.h"
+#include "bioquant/report/report.h"
 #include "bioquant/tokenizer/tokenizer.h"
 #include "cli/commands.h"
 #include "cli/common.h"
@@ -202,12 +204,19 @@ Run add_demo(CLI::App& app) {
       summary["precisions"].push_back({{"precision", r.name}, {"weight_bytes", r.weight_bytes},
                                        {"peak_rss_bytes", r.peak_rss}, {"seconds", r.seconds}});
     }
+    // The HTML report (charts, tables) over every run in the demo's database.
+    report::ReportOptions ro;
+    ro.out_dir = (fs::path(f->out) / "report").string();
+    ro.db_path = base.db_path;
+    ro.title = "BioQuant demo: " + fs::path(model_dir).filename().string() + " at 16, 8 and 4 bits";
+    report::write_report(read_runs(base.db_path), ro);
+    summary["report"] = (fs::path(ro.out_dir) / "index.html").string();
     const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
     summary["seconds"] = total;
     write_file_atomically((fs::path(f->out) / "demo.json").string(),
                           [&](std::ostream& out) { out << summary.dump(2) << '\n'; });
-    std::printf("\ntotal %.0f s; per-run results in %s/<precision>/, all runs in %s\n", total, f->out.c_str(),
-                base.db_path.c_str());
+    std::printf("\ntotal %.0f s; report %s/report/index.html; per-run results in %s/<precision>/, all runs in %s\n",
+                total, f->out.c_str(), f->out.c_str(), base.db_path.c_str());
     std::printf("biomed-tiny is a demonstration model, not a clinical tool.\n");
     return 0;
   };
