@@ -258,6 +258,7 @@ void print_stats(const char* name, const RunStats& s, int clients) {
 struct FuzzCase {
   std::string method = "POST", path, body;
   std::string raw;  // non-empty: bytes sent on a raw socket instead
+  bool partial = false;  // raw bytes that are no complete request: the sender then shuts its side
 };
 
 const std::vector<std::string> kPaths = {"/v1/completions", "/v1/chat/completions", "/v1/bionlp/ner",
@@ -375,14 +376,17 @@ FuzzCase make_case(std::mt19937_64& rng, int i) {
           "\r\n\r\n\r\n",
       };
       c.raw = raw[rng() % raw.size()];
+      c.partial = c.raw[0] == '\x16';
       break;
     }
   }
   return c;
 }
 
-// Sends bytes, half-closes, reads the answer's status line ("" when the server just closed).
-std::string raw_exchange(int port, const std::string& bytes) {
+// Sends bytes and reads the answer's status line ("" when the server just closed). Complete requests
+// keep the sending side open (httplib does not answer a peer that has shut it down); partial ones
+// shut it, so the server sees the end instead of waiting for its read timeout.
+std::string raw_exchange(int port, const std::string& bytes, bool partial) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return "socket";
   timeval tv{10, 0};
@@ -394,7 +398,7 @@ std::string raw_exchange(int port, const std::string& bytes) {
   std::string status = "connect";
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
     ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-    ::shutdown(fd, SHUT_WR);
+    if (partial) ::shutdown(fd, SHUT_WR);  // nothing more comes: the server sees the end
     char buf[256];
     const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
     status = n > 0 ? std::string(buf, static_cast<size_t>(n)).substr(0, 12) : "";
@@ -532,7 +536,7 @@ int main(int argc, char** argv) {
           if (first_bad.empty()) first_bad = what;
         };
         if (!c.raw.empty()) {
-          const std::string status = raw_exchange(port, c.raw);
+          const std::string status = raw_exchange(port, c.raw, c.partial);
           if (status.empty()) ++closed;
           else if (status.rfind("HTTP/1.1 4", 0) == 0) ++answered_4xx;
           else fail("raw case answered \"" + status + "\"");

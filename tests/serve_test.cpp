@@ -689,6 +689,32 @@ TEST(ServeHttp, TaskEndpoints) {
   post(*c, "/v1/bionlp/qa", {{"question", "q"}}, 400);
 }
 
+// Sends raw bytes to the server; the answer's head and Content-Length bytes of body (the
+// connection may stay open).
+std::string raw_http(int port, const std::string& bytes) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  EXPECT_EQ(::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL), static_cast<ssize_t>(bytes.size()));
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string answer;
+  char buf[2048];
+  ssize_t n = 0;
+  while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) {
+    answer.append(buf, static_cast<size_t>(n));
+    const size_t head = answer.find("\r\n\r\n"), len = answer.find("Content-Length: ");
+    if (head != std::string::npos && len != std::string::npos &&
+        answer.size() >= head + 4 + std::stoul(answer.substr(len + 16)))
+      break;
+  }
+  ::close(fd);
+  return answer;
+}
+
 TEST(ServeHttp, ErrorsAreJsonWithTheRightStatus) {
   ServerOptions o;
   o.max_body_bytes = 4096;
@@ -719,20 +745,18 @@ TEST(ServeHttp, ErrorsAreJsonWithTheRightStatus) {
   expect(c->Get("/v2/models"), 404, "no such endpoint");
   expect(c->Get("/v1/completions"), 405, "not allowed");
   expect(c->Post("/v1/models", "{}", "application/json"), 405, "not allowed");
-  // Malformed HTTP on a raw socket: a JSON 400, and the server carries on.
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(s.port()));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  const std::string garbage = "GARBAGE\r\n\r\n";
-  ASSERT_EQ(::send(fd, garbage.data(), garbage.size(), MSG_NOSIGNAL), static_cast<ssize_t>(garbage.size()));
-  char buf[2048];
-  const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-  ::close(fd);
-  ASSERT_GT(n, 0);
-  EXPECT_EQ(std::string(buf, static_cast<size_t>(n)).rfind("HTTP/1.1 400", 0), 0u) << std::string(buf, static_cast<size_t>(n));
+  // Raw sockets: malformed HTTP gets a JSON 400; bodies without a Content-Length (chunked, or read
+  // to the end of the connection, which httplib would take whole into memory) get 411.
+  auto raw = [&](const std::string& bytes) { return raw_http(s.port(), bytes); };
+  std::string answer = raw("GARBAGE\r\n\r\n");
+  EXPECT_EQ(answer.rfind("HTTP/1.1 400", 0), 0u) << answer;
+  EXPECT_NE(answer.find("malformed HTTP request"), std::string::npos) << answer;
+  answer = raw("POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               "5\r\n{\"pro\r\n0\r\n\r\n");
+  EXPECT_EQ(answer.rfind("HTTP/1.1 411", 0), 0u) << answer;
+  EXPECT_NE(answer.find("Content-Length"), std::string::npos) << answer;
+  answer = raw("POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n{\"prompt\": \"x\"}");
+  EXPECT_EQ(answer.rfind("HTTP/1.1 411", 0), 0u) << answer;
   EXPECT_EQ(c->Get("/health")->status, 200);
 }
 
@@ -805,6 +829,7 @@ TEST(ServeHttp, RequestTextIsNeverLoggedUnlessAskedFor) {
     post(*c, "/v1/completions", {{"prompt", secret}, {"max_tokens", 2}, {"bad_" + secret, 1}}, 400);
     post(*c, "/v1/bionlp/ner", {{"text", secret}, {"task", "ncbi-disease"}});
     c->Get("/" + secret);
+    raw_http(s.port(), secret + " /v1/models HTTP/1.1\r\n\r\n");
     const std::string log = s.log();
     EXPECT_NE(log.find("POST /v1/chat/completions 200"), std::string::npos) << log;
     EXPECT_NE(log.find("prompt="), std::string::npos) << log;

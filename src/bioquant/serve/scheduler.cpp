@@ -111,9 +111,9 @@ std::shared_ptr<Generation> Scheduler::submit(GenerationRequest request) {
   auto seq = std::make_unique<Sequence>(gen, std::move(request));
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (stopping_) throw Busy("the server is shutting down");
+    if (stopping_) throw Busy("the server is shutting down", true);
     if (running_count_ + static_cast<int64_t>(queue_.size()) >= options_.max_pending)
-      throw Busy("the server is busy (" + std::to_string(options_.max_pending) + " requests in progress)");
+      throw Busy("the server is busy (" + std::to_string(options_.max_pending) + " requests in progress)", false);
     queue_.push_back(std::move(seq));
   }
   wake_.notify_one();

@@ -103,7 +103,8 @@ class Generation {
 // submit() when max_pending sequences are already running or queued, or after shutdown().
 class Busy : public Error {
  public:
-  using Error::Error;
+  Busy(const std::string& message, bool stopping) : Error(message), stopping(stopping) {}
+  bool stopping;  // refused because the scheduler is shutting down
 };
 
 class Scheduler {

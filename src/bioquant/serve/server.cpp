@@ -10,6 +10,7 @@
 #include <future>
 #include <optional>
 #include <random>
+#include <set>
 
 #include <httplib.h>
 
@@ -213,8 +214,7 @@ struct Server::Impl {
     try {
       return scheduler->submit(std::move(request));
     } catch (const Busy& e) {
-      const bool stopping = std::string(e.what()).find("shutting down") != std::string::npos;
-      throw ApiError(503, "server_error", e.what(), "", stopping ? "shutting_down" : "server_busy");
+      throw ApiError(503, "server_error", e.what(), "", e.stopping ? "shutting_down" : "server_busy");
     }
   }
 
@@ -362,97 +362,117 @@ struct Server::Impl {
     }
 
     // Server-sent events: one chunk per step's new text, then the finish chunk, usage, [DONE].
-    struct StreamState {
-      std::shared_ptr<Generation> gen;
-      TextStream text;
-      int64_t completion = 0;
-      size_t offset = 0;
-    };
-    auto st = std::make_shared<StreamState>(StreamState{gen, TextStream(tokenizer, sp.stop)});
-    const int logprobs = sp.logprobs;
-    const bool include_usage = sp.include_usage;
-    const std::string model_name = options.model_name;
-    auto chunk = [=, this](const std::string& delta, const std::vector<TokenOut>* tokens, const std::string& finish,
-                           size_t& offset) {
-      json choice = {{"index", 0}, {"finish_reason", finish.empty() ? json(nullptr) : json(finish)}};
-      if (is_chat) {
-        choice["delta"] = finish.empty() ? json{{"content", delta}} : json::object();
-        choice["logprobs"] = logprobs >= 0 && tokens ? chat_logprobs(*tokens) : json(nullptr);
-      } else {
-        choice["text"] = delta;
-        choice["logprobs"] = logprobs >= 0 && tokens ? completion_logprobs(*tokens, offset) : json(nullptr);
-      }
-      return json{{"id", id},
-                  {"object", is_chat ? "chat.completion.chunk" : "text_completion"},
-                  {"created", created_now},
-                  {"model", model_name},
-                  {"choices", json::array({choice})}};
-    };
+    auto st = std::make_shared<Stream>(Stream{gen, TextStream(tokenizer, sp.stop), is_chat, sp.logprobs, sp.include_usage,
+                                              id, created_now, prompt_tokens});
     res.set_header("Cache-Control", "no-cache");
     res.set_header("X-Accel-Buffering", "no");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [=, this](size_t, httplib::DataSink& sink) {
-          auto send = [&](const json& j) {
-            const std::string event = "data: " + dump(j) + "\n\n";
-            return sink.write(event.data(), event.size());
-          };
-          auto gone = [&] {  // the client went away: stop generating for it
+        [this, st](size_t, httplib::DataSink& sink) {
+          try {
+            return stream_events(*st, sink);
+          } catch (const std::exception&) {  // nothing may escape into httplib's writer
             st->gen->cancel();
-            t_log.finish = "disconnected";
+            t_log.finish = "internal_error";
             return false;
-          };
-          if (is_chat) {
-            json first = chunk("", nullptr, "", st->offset);
-            first["choices"][0]["delta"] = {{"role", "assistant"}, {"content", ""}};
-            if (!send(first)) return gone();
           }
-          std::vector<TokenOut> batch;
-          while (!st->text.stopped() && st->gen->next(batch)) {
-            std::string delta;
-            std::vector<TokenOut> used;
-            for (TokenOut& t : batch) {
-              delta += st->text.push(t.id);
-              used.push_back(std::move(t));
-              if (st->text.stopped()) break;
-            }
-            st->completion += static_cast<int64_t>(used.size());
-            if (options.log_content) t_log.content += delta;
-            if ((!delta.empty() || logprobs >= 0) && !send(chunk(delta, &used, "", st->offset))) return gone();
-          }
-          std::string finish;
-          if (st->text.stopped()) {
-            st->gen->cancel();
-            finish = "stop";
-          } else {
-            const std::string tail = st->text.finish();
-            if (options.log_content) t_log.content += tail;
-            if (!tail.empty() && !send(chunk(tail, nullptr, "", st->offset))) return gone();
-            try {
-              finish = finish_reason(st->gen->finish());
-            } catch (const ApiError& e) {
-              // Too late for a status code: the error is the stream's last event.
-              t_log.finish = e.code.empty() ? "error" : e.code;
-              send(error_json(e));
-              sink.write("data: [DONE]\n\n", 14);
-              sink.done();
-              return true;
-            }
-          }
-          t_log.completion_tokens = st->completion;
-          t_log.finish = finish;
-          if (!send(chunk("", nullptr, finish, st->offset))) return gone();
-          if (include_usage) {
-            json u = chunk("", nullptr, "", st->offset);
-            u["choices"] = json::array();
-            u["usage"] = usage_json(prompt_tokens, st->completion);
-            if (!send(u)) return gone();
-          }
-          if (!sink.write("data: [DONE]\n\n", 14)) return gone();
-          sink.done();
-          return true;
         },
         [st](bool) { st->gen->cancel(); });
+  }
+
+  // One streamed answer in progress.
+  struct Stream {
+    std::shared_ptr<Generation> gen;
+    TextStream text;
+    bool chat = false;
+    int logprobs = -1;
+    bool include_usage = false;
+    std::string id;
+    int64_t created = 0;
+    int64_t prompt_tokens = 0;
+    int64_t completion = 0;
+    size_t offset = 0;  // completions logprobs: text offset of the next token
+  };
+
+  // A chunk of a streamed answer: new text (with its tokens' logprobs), or the finish reason.
+  json stream_chunk(Stream& st, const std::string& delta, const std::vector<TokenOut>* tokens,
+                    const std::string& finish) const {
+    json choice = {{"index", 0}, {"finish_reason", finish.empty() ? json(nullptr) : json(finish)}};
+    if (st.chat) {
+      choice["delta"] = finish.empty() ? json{{"content", delta}} : json::object();
+      choice["logprobs"] = st.logprobs >= 0 && tokens ? chat_logprobs(*tokens) : json(nullptr);
+    } else {
+      choice["text"] = delta;
+      choice["logprobs"] = st.logprobs >= 0 && tokens ? completion_logprobs(*tokens, st.offset) : json(nullptr);
+    }
+    return {{"id", st.id},
+            {"object", st.chat ? "chat.completion.chunk" : "text_completion"},
+            {"created", st.created},
+            {"model", options.model_name},
+            {"choices", json::array({choice})}};
+  }
+
+  // Writes the whole event stream (on httplib's thread for this connection). False: the client
+  // went away, and the generation is cancelled.
+  bool stream_events(Stream& st, httplib::DataSink& sink) {
+    auto send = [&](const json& j) {
+      const std::string event = "data: " + dump(j) + "\n\n";
+      return sink.write(event.data(), event.size());
+    };
+    auto gone = [&] {
+      st.gen->cancel();
+      t_log.finish = "disconnected";
+      return false;
+    };
+    if (st.chat) {
+      json first = stream_chunk(st, "", nullptr, "");
+      first["choices"][0]["delta"] = {{"role", "assistant"}, {"content", ""}};
+      if (!send(first)) return gone();
+    }
+    std::vector<TokenOut> batch;
+    while (!st.text.stopped() && st.gen->next(batch)) {
+      std::string delta;
+      std::vector<TokenOut> used;
+      for (TokenOut& t : batch) {
+        delta += st.text.push(t.id);
+        used.push_back(std::move(t));
+        if (st.text.stopped()) break;
+      }
+      st.completion += static_cast<int64_t>(used.size());
+      if (options.log_content) t_log.content += delta;
+      if ((!delta.empty() || st.logprobs >= 0) && !send(stream_chunk(st, delta, &used, ""))) return gone();
+    }
+    std::string finish;
+    if (st.text.stopped()) {
+      st.gen->cancel();
+      finish = "stop";
+    } else {
+      const std::string tail = st.text.finish();
+      if (options.log_content) t_log.content += tail;
+      if (!tail.empty() && !send(stream_chunk(st, tail, nullptr, ""))) return gone();
+      try {
+        finish = finish_reason(st.gen->finish());
+      } catch (const ApiError& e) {
+        // Too late for a status code: the error is the stream's last event.
+        t_log.finish = e.code.empty() ? "error" : e.code;
+        send(error_json(e));
+        sink.write("data: [DONE]\n\n", 14);
+        sink.done();
+        return true;
+      }
+    }
+    t_log.completion_tokens = st.completion;
+    t_log.finish = finish;
+    if (!send(stream_chunk(st, "", nullptr, finish))) return gone();
+    if (st.include_usage) {
+      json u = stream_chunk(st, "", nullptr, "");
+      u["choices"] = json::array();
+      u["usage"] = usage_json(st.prompt_tokens, st.completion);
+      if (!send(u)) return gone();
+    }
+    if (!sink.write("data: [DONE]\n\n", 14)) return gone();
+    sink.done();
+    return true;
   }
 
   // --- the task endpoints ----------------------------------------------------------------------
@@ -567,6 +587,25 @@ struct Server::Impl {
       t_log.id = next_id.fetch_add(1);
       t_log.start = Clock::now();
       res.set_header("X-Request-Id", std::to_string(t_log.id));
+      // httplib caps bodies by their Content-Length only: a chunked body, or one read until the
+      // connection closes, would be taken whole into memory. Only sized bodies are accepted.
+      if (req.method == "POST" || req.method == "PUT" || req.method == "PATCH" || req.method == "DELETE") {
+        if (req.has_header("Transfer-Encoding") || !req.has_header("Content-Length")) {
+          t_log.finish = "length_required";
+          send_error(res, ApiError(411, "invalid_request_error",
+                                   "send the request body with a Content-Length (chunked or unsized bodies are not accepted)",
+                                   "", "length_required"));
+          return httplib::Server::HandlerResponse::Handled;
+        }
+        // A Content-Length that is no number (httplib would read it as "endless"). Too large ones are
+        // httplib's: it answers 413 and drains the body, which keeps the connection in step.
+        const std::string length = req.get_header_value("Content-Length");
+        if (length.empty() || length.size() > 18 || length.find_first_not_of("0123456789") != std::string::npos) {
+          t_log.finish = "bad_length";
+          send_error(res, ApiError(400, "invalid_request_error", "malformed Content-Length"));
+          return httplib::Server::HandlerResponse::Handled;
+        }
+      }
       if (options.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
       const std::string auth = req.get_header_value("Authorization");
       std::string key;
@@ -616,8 +655,11 @@ struct Server::Impl {
       // The route pattern, never the raw path (it may carry text) unless content logging is on.
       std::string where = t_log.route.empty() ? (options.log_content ? req.path : "-") : t_log.route;
       char buf[512];
+      // Likewise the method: a malformed request line may have put anything there.
+      static const std::set<std::string> methods = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"};
+      const std::string method = methods.count(req.method) || options.log_content ? req.method : "-";
       std::snprintf(buf, sizeof buf, "serve: #%llu %s %s %d %.1f ms", static_cast<unsigned long long>(t_log.id),
-                    req.method.empty() ? "-" : req.method.c_str(), where.c_str(), res.status, ms);
+                    method.empty() ? "-" : method.c_str(), where.c_str(), res.status, ms);
       std::string line = buf;
       if (t_log.prompt_tokens >= 0) line += " prompt=" + std::to_string(t_log.prompt_tokens);
       if (t_log.completion_tokens >= 0) line += " completion=" + std::to_string(t_log.completion_tokens);
@@ -634,7 +676,7 @@ struct Server::Impl {
       return new BoundedTaskQueue(static_cast<size_t>(options.http_threads), static_cast<size_t>(options.accept_backlog));
     };
     http.set_payload_max_length(options.max_body_bytes);
-    http.set_read_timeout(30, 0);
+    http.set_read_timeout(10, 0);
     http.set_write_timeout(30, 0);
     http.set_keep_alive_max_count(1000);
     http.set_keep_alive_timeout(5);
