@@ -161,6 +161,20 @@ std::string cut_at_answer_marker(const std::string& reasoning) {
 
 }  // namespace
 
+std::set<std::string> fewshot_exclusions(const std::vector<Example>& evaluated, const std::vector<Example>& pool,
+                                         bool pool_is_evaluated_split) {
+  std::set<std::string> out;
+  if (pool_is_evaluated_split) {
+    for (const auto& ex : evaluated) out.insert(ex.id);
+    return out;
+  }
+  std::set<std::string> keys;
+  for (const auto& ex : evaluated) keys.insert(example_key(ex));
+  for (const auto& ex : pool)
+    if (keys.count(example_key(ex))) out.insert(ex.id);
+  return out;
+}
+
 std::vector<AnswerSegment> answer_plan(const TaskSpec& task, const Example& ex) {
   switch (task.family) {
     case TaskFamily::ner: return {};
@@ -276,17 +290,9 @@ json run_eval(const EvalOptions& o, Backend& backend) {
       check(!fewshot_split.empty(), "task " + task.name + " names no split to draw few-shot examples from");
       const std::vector<Example> pool =
           fewshot_split == split ? read_split(task, data_dir, split) : read_split(task, data_dir, fewshot_split);
-      // Ids are only comparable within one file (readers without an id column number the rows, so
-      // MedQA's dev row 3 and test row 3 share an id): a pool from another split leaves out the
-      // examples whose input is one of the evaluated split's.
-      std::set<std::string> exclude = split_ids;
-      if (fewshot_split != split) {
-        std::set<std::string> evaluated_keys;
-        for (const auto& ex : read_split(task, data_dir, split)) evaluated_keys.insert(example_key(ex));
-        exclude.clear();
-        for (const auto& ex : pool)
-          if (evaluated_keys.count(example_key(ex))) exclude.insert(ex.id);
-      }
+      const std::set<std::string> exclude =
+          fewshot_split == split ? split_ids
+                                 : fewshot_exclusions(read_split(task, data_dir, split), pool, /*same split*/ false);
       shots = choose_fewshot(pool, o.shots, o.seed, exclude);
     }
     const bool cot = o.method == PromptMethod::cot;

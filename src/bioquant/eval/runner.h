@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,13 @@ nlohmann::json run_eval(const EvalOptions& options, Backend& backend);
 // whole, and each weight file's size, first and last MiB): changes when the model does, without
 // reading gigabytes.
 std::string model_fingerprint(const std::string& path);
+
+// Ids of `pool` examples that may not be drawn as few-shot examples when the whole `evaluated` split
+// is evaluated: its own ids when the pool is that same split; otherwise the pool examples whose input
+// (example_key) is one of the evaluated split's, since ids of different files are not comparable
+// (readers without an id column number the rows, so MedQA's dev row 3 and test row 3 share an id).
+std::set<std::string> fewshot_exclusions(const std::vector<Example>& evaluated, const std::vector<Example>& pool,
+                                         bool pool_is_evaluated_split);
 
 // The answer plan for constrained / loglik scoring (empty for NER: free text only).
 std::vector<AnswerSegment> answer_plan(const TaskSpec& task, const Example& ex);
