@@ -441,9 +441,9 @@ Run add_prompts(CLI::App& app) {
     if (po.method == PromptMethod::few_shot) {
       const std::string fs_split = task.split(split).fewshot;
       check(!fs_split.empty(), "task " + task.name + " names no few-shot split");
-      std::set<std::string> exclude;
-      for (const auto& ex : examples) exclude.insert(ex.id);
-      shots = choose_fewshot(read_split(task, dir, fs_split), f->shots, f->seed, exclude);
+      // The same draw as eval: never an example of the evaluated split (by id within it, by input across files).
+      const std::vector<Example> pool = read_split(task, dir, fs_split);
+      shots = choose_fewshot(pool, f->shots, f->seed, fewshot_exclusions(examples, pool, fs_split == split));
     }
     std::unique_ptr<Tokenizer> tok;
     if (!f->model.empty()) tok = load_tokenizer(f->model);
