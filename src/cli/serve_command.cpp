@@ -134,7 +134,7 @@ Run add_serve(CLI::App& app) {
 }  // namespace
 
 static const CommandRegistration reg(120, "serve",
-                                     "serve the model over HTTP: OpenAI-compatible and biomedical task endpoints",
+                                     "Serve the model over HTTP: OpenAI-compatible and biomedical task endpoints",
                                      add_serve);
 
 }  // namespace bioquant::cli

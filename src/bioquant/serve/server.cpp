@@ -110,18 +110,13 @@ thread_local RequestLog t_log;
 
 const char* status_type(int status) {
   switch (status) {
-    case 400: return "invalid_request_error";
     case 401: return "authentication_error";
     case 404: return "not_found_error";
-    case 405: return "invalid_request_error";
-    case 413: return "invalid_request_error";
-    case 414: return "invalid_request_error";
-    case 503: return "server_error";
     default: return status >= 500 ? "server_error" : "invalid_request_error";
   }
 }
 
-// Greedy sampling with the options of a request; absent seeds are drawn fresh.
+// The sampling options of a request (temperature 0: greedy); an absent seed is drawn fresh.
 SamplingOptions sampling_of(const SamplingParams& p, uint64_t seed) {
   SamplingOptions s;
   s.temperature = p.temperature;
