@@ -18,7 +18,8 @@
 // bf16 weights and the tokenizer of --model into DIR, and serves it: a model too large for the
 // CPU caches, where decoding is memory-bound, as real models are (biomed-tiny's 14 MB of weights
 // stay in cache, so its decode is compute-bound and batching gains less). `--fuzz 0`, `--clients 0`
-// skip those phases.
+// skip those phases. `--api completions` sends plain-text continuations instead of chat turns
+// (longer answers after shorter prompts: decode-heavy, where batching gains most).
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -52,7 +53,7 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 struct Options {
-  std::string endpoint, model, bioquant = BIOQUANT_CLI, make_model;
+  std::string endpoint, model, bioquant = BIOQUANT_CLI, make_model, api = "chat";
   int hidden = 1024, layers = 8, ffn = 2816;
   int pid = 0, threads = 0;
   int clients = 32, requests = 20, max_tokens = 32, throughput_requests = 16, rounds = 3, fuzz = 10000, fuzz_threads = 8;
@@ -183,8 +184,10 @@ struct RunStats {
   std::string first_error;
 };
 
-// `clients` threads, each sending `per_client` greedy chat requests one after another.
-RunStats run_clients(const std::string& host, int port, int clients, int per_client, int max_tokens) {
+// `clients` threads, each sending `per_client` greedy requests one after another: chat (the prompt
+// as the user turn of the chat template) or completions (the prompt continued as plain text).
+RunStats run_clients(const std::string& host, int port, int clients, int per_client, int max_tokens,
+                     const std::string& api) {
   RunStats total;
   std::mutex mutex;
   std::vector<std::thread> threads;
@@ -197,11 +200,12 @@ RunStats run_clients(const std::string& host, int port, int clients, int per_cli
       client.set_read_timeout(600, 0);
       RunStats mine;
       for (int i = 0; i < per_client; ++i) {
-        const json body = {{"messages", {{{"role", "user"}, {"content", kPrompts[(c + i) % kPrompts.size()]}}}},
-                           {"max_tokens", max_tokens},
-                           {"temperature", 0}};
+        const std::string& prompt = kPrompts[(c + i) % kPrompts.size()];
+        json body = {{"max_tokens", max_tokens}, {"temperature", 0}};
+        if (api == "chat") body["messages"] = {{{"role", "user"}, {"content", prompt}}};
+        else body["prompt"] = prompt;
         const auto start = Clock::now();
-        auto r = client.Post("/v1/chat/completions", body.dump(), "application/json");
+        auto r = client.Post(api == "chat" ? "/v1/chat/completions" : "/v1/completions", body.dump(), "application/json");
         const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
         if (r && r->status == 200) {
           ++mine.ok;
@@ -420,6 +424,8 @@ int main(int argc, char** argv) {
   app.add_option("--clients", o.clients, "load phase clients (default 32)");
   app.add_option("--requests", o.requests, "load phase requests per client (default 20)");
   app.add_option("--max-tokens", o.max_tokens, "max_tokens of every load request (default 32)");
+  app.add_option("--api", o.api, "chat (default: short answers after the chat template) or completions (text continued)")
+      ->check(CLI::IsMember({"chat", "completions"}));
   app.add_option("--throughput-requests", o.throughput_requests, "requests per client and round in the 1 vs 8 comparison (default 16)");
   app.add_option("--rounds", o.rounds, "rounds of the 1 vs 8 comparison (default 3)");
   app.add_option("--fuzz", o.fuzz, "malformed requests (default 10000)");
@@ -461,7 +467,7 @@ int main(int argc, char** argv) {
 
   // Warm-up, then throughput at 1 and 8 clients: rounds of one then the other, so that a change in
   // the machine's load (a shared box) hits both alike; each client sends the same requests.
-  run_clients(host, port, 2, 2, o.max_tokens);
+  run_clients(host, port, 2, 2, o.max_tokens, o.api);
   RunStats one, eight;
   auto add = [](RunStats& total, const RunStats& r) {
     total.ok += r.ok;
@@ -473,8 +479,8 @@ int main(int argc, char** argv) {
   };
   std::vector<double> round_ratios;
   for (int round = 0; round < o.rounds; ++round) {
-    const RunStats a = run_clients(host, port, 1, o.throughput_requests, o.max_tokens);
-    const RunStats b = run_clients(host, port, 8, o.throughput_requests, o.max_tokens);
+    const RunStats a = run_clients(host, port, 1, o.throughput_requests, o.max_tokens, o.api);
+    const RunStats b = run_clients(host, port, 8, o.throughput_requests, o.max_tokens, o.api);
     add(one, a);
     add(eight, b);
     round_ratios.push_back((static_cast<double>(b.completion_tokens) / b.seconds) /
@@ -495,7 +501,7 @@ int main(int argc, char** argv) {
 
   // Load.
   if (o.clients > 0) {
-    const RunStats load = run_clients(host, port, o.clients, o.requests, o.max_tokens);
+    const RunStats load = run_clients(host, port, o.clients, o.requests, o.max_tokens, o.api);
     print_stats("load", load, o.clients);
     pass = pass && load.failed == 0;
     out["load"] = stats_json(load, o.clients);
@@ -567,7 +573,7 @@ int main(int argc, char** argv) {
   auto health = probe.Get("/health");
   const bool up = health && health->status == 200;
   // Load once more: still serving correctly after the fuzz.
-  const RunStats after = run_clients(host, port, 4, 2, o.max_tokens);
+  const RunStats after = run_clients(host, port, 4, 2, o.max_tokens, o.api);
   std::printf("fuzz: %d requests in %.1f s: %d malformed answered 4xx (%d without a JSON error body), %d closed "
               "(raw garbage), %d valid after all (200), %d wrong answers; server %s\n",
               next.load(), fuzz_s, answered_4xx.load(), not_json.load(), closed.load(), ok_200.load(), bad.load(),
