@@ -1,8 +1,11 @@
 // Every SIMD kernel set against the scalar reference, on ragged shapes.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <random>
+#include <thread>
 
 #include "bioquant/core/half.h"
 #include "bioquant/core/thread_pool.h"
@@ -88,6 +91,62 @@ TEST(Kernels, ThreadedMatmulEqualsSingleThread) {
   matmul(x.data(), n, m, y1.data(), one);
   matmul(x.data(), n, m, y4.data(), four);
   EXPECT_EQ(y1, y4);  // the split changes which thread computes a row, never the arithmetic
+}
+
+// q/k/v and gate/up go through one parallel loop; each result must equal its own matmul bit for
+// bit, for plain and quantized formats and for int8 with its outlier pass.
+TEST(Kernels, GroupedMatmulsEqualSeparateOnes) {
+  std::mt19937 rng(12);
+  const int64_t k = 512;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const auto plain = random_weights(DType::F32, 80, k, rng);
+  std::vector<std::vector<uint8_t>> storage;
+  std::vector<Matrix> mats = {Matrix::plain(DType::F32, 80, k, plain.data())};
+  const QuantType types[] = {QuantType::Q4_K, QuantType::NF4, QuantType::Q8_0, QuantType::INT8};
+  const int64_t rows_of[] = {48, 200, 17, 33};
+  for (int i = 0; i < 4; ++i) {
+    const size_t rb = quant_row_bytes(types[i], k, false);
+    storage.emplace_back(rb * static_cast<size_t>(rows_of[i]));
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t r = 0; r < rows_of[i]; ++r) {
+      for (float& v : row) v = normal(rng);
+      quantize_row(types[i], row.data(), k, storage.back().data() + rb * static_cast<size_t>(r), false);
+    }
+    mats.push_back(Matrix{types[i], rows_of[i], k, storage.back().data(), false});
+  }
+  mats.back().outlier_threshold = 3.0f;
+  for (const int64_t n : {int64_t{1}, int64_t{7}}) {
+    std::vector<float> x(static_cast<size_t>(n * k));
+    for (float& v : x) v = normal(rng);
+    x[5] = 9.0f;  // an outlier feature for the int8 matrix
+    ThreadPool pool(3);
+    std::vector<std::vector<float>> alone, grouped;
+    std::vector<MatmulJob> jobs;
+    for (const Matrix& m : mats) {
+      alone.emplace_back(static_cast<size_t>(n * m.rows));
+      grouped.emplace_back(static_cast<size_t>(n * m.rows), -1.0f);
+      matmul(x.data(), n, m, alone.back().data(), pool);
+    }
+    for (size_t i = 0; i < mats.size(); ++i) jobs.push_back({&mats[i], grouped[i].data()});
+    matmul_group(x.data(), n, jobs, pool);
+    for (size_t i = 0; i < mats.size(); ++i) EXPECT_EQ(alone[i], grouped[i]) << mats[i].type_name() << " n=" << n;
+  }
+}
+
+// The pool spins between loops and sleeps when idle: loops right after each other, loops after the
+// workers fell asleep, and more threads than cores must all run every task exactly once.
+TEST(ThreadPool, RunsEveryTaskOnceWhetherWorkersSpinOrSleep) {
+  ThreadPool pool(5);
+  std::vector<std::atomic<int>> hits(1000);
+  for (int round = 0; round < 300; ++round) {
+    const size_t n = static_cast<size_t>(1 + (round * 37) % 1000);
+    pool.parallel_for(n, [&](size_t i) { hits[i].fetch_add(1, std::memory_order_relaxed); });
+    if (round % 100 == 99) std::this_thread::sleep_for(std::chrono::milliseconds(5));  // let them sleep
+  }
+  std::vector<int> expected(1000, 0);
+  for (int round = 0; round < 300; ++round)
+    for (size_t i = 0; i < static_cast<size_t>(1 + (round * 37) % 1000); ++i) ++expected[i];
+  for (size_t i = 0; i < hits.size(); ++i) ASSERT_EQ(hits[i].load(), expected[i]) << i;
 }
 
 TEST(Half, RoundTripsAndRoundsToNearestEven) {

@@ -38,9 +38,10 @@ class ThreadPool {
   const std::function<void(size_t)>* body_ = nullptr;
   size_t n_tasks_ = 0;
   std::atomic<size_t> next_task_{0};
-  int busy_workers_ = 0;
-  unsigned generation_ = 0;
-  bool stopping_ = false;
+  std::atomic<int> busy_workers_{0};
+  std::atomic<unsigned> generation_{0};  // bumped (under mutex_) to publish a loop
+  std::atomic<bool> stopping_{false};
+  int sleeping_ = 0;  // workers blocked on work_ready_ (guarded by mutex_)
 };
 
 }  // namespace bioquant

@@ -114,9 +114,8 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const LayerWeights& l = w.layers[static_cast<size_t>(li)];
     rms_norm(x.data(), l.attn_norm.data(), c.norm_eps, n, hd, h.data());
-    matmul(h.data(), n, l.wq, q.data(), pool_);
-    matmul(h.data(), n, l.wk, kbuf.data(), pool_);
-    matmul(h.data(), n, l.wv, vbuf.data(), pool_);
+    const MatmulJob qkv[] = {{&l.wq, q.data()}, {&l.wk, kbuf.data()}, {&l.wv, vbuf.data()}};
+    matmul_group(h.data(), n, qkv, pool_);
     if (!l.bq.empty()) {
       add_bias(q.data(), l.bq.data(), n, qd);
       add_bias(kbuf.data(), l.bk.data(), n, kvd);
@@ -142,8 +141,8 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
 
     rms_norm(x.data(), l.ffn_norm.data(), c.norm_eps, n, hd, h.data());
-    matmul(h.data(), n, l.w_gate, gate.data(), pool_);
-    matmul(h.data(), n, l.w_up, up.data(), pool_);
+    const MatmulJob gate_up[] = {{&l.w_gate, gate.data()}, {&l.w_up, up.data()}};
+    matmul_group(h.data(), n, gate_up, pool_);
     if (!l.b_gate.empty()) {
       add_bias(gate.data(), l.b_gate.data(), n, ff);
       add_bias(up.data(), l.b_up.data(), n, ff);

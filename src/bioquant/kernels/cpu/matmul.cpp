@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <span>
 #include <vector>
 
 #include "bioquant/core/error.h"
@@ -62,6 +63,46 @@ std::vector<int64_t> outlier_columns(const float* x, int64_t n_tokens, int64_t c
   return out;
 }
 
+
+// Row chunks of every job in one parallel loop, so matrices that read the same input (q/k/v,
+// gate/up) share one fork-join. Chunks are multiples of 16 rows (SIMD tiles stay whole), a few per
+// thread so a thread slowed by anything else does not hold the others up; each row's result does
+// not depend on the chunking.
+void run_matmuls(const float* x, int64_t n_tokens, std::span<const MatmulJob> jobs, ThreadPool& pool) {
+  struct Chunk {
+    const MatmulJob* job;
+    GemmFn fn;  // plain formats: the f32-activation kernels; quantized ones: quant_gemm (null)
+    WeightView view;
+    int64_t begin, end;
+  };
+  const CpuKernels& k = cpu_kernels();
+  std::vector<Chunk> chunks;
+  const int64_t n_chunks_wanted = static_cast<int64_t>(pool.size()) * 4;
+  for (const MatmulJob& j : jobs) {
+    const Matrix& w = *j.w;
+    GemmFn fn = nullptr;
+    switch (w.type) {
+      case QuantType::F32: fn = k.gemm_f32; break;
+      case QuantType::BF16: fn = k.gemm_bf16; break;
+      case QuantType::F16: fn = k.gemm_f16; break;
+      default: break;
+    }
+    int64_t chunk = (w.rows + n_chunks_wanted - 1) / n_chunks_wanted;
+    chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
+    const WeightView view{w.type, w.double_quant, w.rows, w.cols, w.data, w.row_bytes()};
+    for (int64_t b = 0; b < w.rows; b += chunk) chunks.push_back({&j, fn, view, b, std::min(w.rows, b + chunk)});
+  }
+  pool.parallel_for(chunks.size(), [&](size_t ci) {
+    const Chunk& c = chunks[ci];
+    const Matrix& w = *c.job->w;
+    if (c.fn != nullptr) {
+      c.fn(x, w.cols, n_tokens, w.data, c.view.row_bytes, w.cols, c.begin, c.end, c.job->y, w.rows);
+    } else {
+      quant_gemm(x, w.cols, n_tokens, c.view, c.begin, c.end, c.job->y, w.rows);
+    }
+  });
+}
+
 }  // namespace
 
 void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadPool& pool) {
@@ -91,31 +132,21 @@ void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadP
       return;
     }
   }
-  const CpuKernels& k = cpu_kernels();
-  GemmFn fn = nullptr;  // plain formats: the f32-activation kernels; quantized ones: quant_gemm
-  switch (w.type) {
-    case QuantType::F32: fn = k.gemm_f32; break;
-    case QuantType::BF16: fn = k.gemm_bf16; break;
-    case QuantType::F16: fn = k.gemm_f16; break;
-    default: break;
-  }
-  // Split output rows into a few chunks per thread (multiples of 16 so SIMD tiles stay whole). The
-  // quantized kernels prepare (quantize) the activations once per call, so they get one chunk per thread.
-  const int64_t n_chunks_wanted = static_cast<int64_t>(pool.size()) * (fn != nullptr ? 4 : 1);
-  int64_t chunk = (w.rows + n_chunks_wanted - 1) / n_chunks_wanted;
-  chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
-  const int64_t n_chunks = (w.rows + chunk - 1) / chunk;
-  const size_t row_bytes = w.row_bytes();
-  const WeightView view{w.type, w.double_quant, w.rows, w.cols, w.data, row_bytes};
-  pool.parallel_for(static_cast<size_t>(n_chunks), [&](size_t c) {
-    const int64_t begin = static_cast<int64_t>(c) * chunk;
-    const int64_t end = std::min(w.rows, begin + chunk);
-    if (fn != nullptr) {
-      fn(x, w.cols, n_tokens, w.data, row_bytes, w.cols, begin, end, y, w.rows);
+  const MatmulJob job{&w, y};
+  run_matmuls(x, n_tokens, std::span<const MatmulJob>(&job, 1), pool);
+}
+
+void matmul_group(const float* x, int64_t n_tokens, std::span<const MatmulJob> jobs, ThreadPool& pool) {
+  std::vector<MatmulJob> plain;
+  plain.reserve(jobs.size());
+  for (const MatmulJob& j : jobs) {
+    if (j.w->type == QuantType::INT8 && j.w->outlier_threshold > 0.0f) {
+      matmul(x, n_tokens, *j.w, j.y, pool);  // the outlier path has passes of its own
     } else {
-      quant_gemm(x, w.cols, n_tokens, view, begin, end, y, w.rows);
+      plain.push_back(j);
     }
-  });
+  }
+  run_matmuls(x, n_tokens, plain, pool);
 }
 
 }  // namespace bioquant

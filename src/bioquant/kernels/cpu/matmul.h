@@ -2,6 +2,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "bioquant/core/dtype.h"
 #include "bioquant/core/thread_pool.h"
@@ -36,5 +37,13 @@ struct Matrix {
 
 // y[t, o] = sum_k x[t, k] * w[o, k]: x is [n_tokens, w.cols], y is [n_tokens, w.rows].
 void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadPool& pool);
+
+// Several matmuls of the same x (q/k/v, gate/up) in one parallel loop; results equal separate
+// matmul() calls bit for bit.
+struct MatmulJob {
+  const Matrix* w;
+  float* y;
+};
+void matmul_group(const float* x, int64_t n_tokens, std::span<const MatmulJob> jobs, ThreadPool& pool);
 
 }  // namespace bioquant

@@ -29,6 +29,46 @@ float f16(uint16_t h) { return _cvtsh_ss(h); }
 
 #include "bioquant/kernels/cpu/qgemm_impl.h"
 
+// quantize_activations (qgemm_impl.h) in AVX-512, bit for bit: the same f32 products, and
+// vcvtps2dq rounds half to even as q_round does (|x * id| <= 127 + ulp, far inside its range).
+ActQ quantize_activations_512(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols) {
+  ActQ a;
+  a.n_tokens = n_tokens;
+  a.cols = cols;
+  a.cols_pad = round_up(cols, 64);
+  a.nblk = a.cols_pad / 32;
+  a.q = static_cast<int8_t*>(detail::qgemm_scratch(0, static_cast<size_t>(n_tokens * a.cols_pad)));
+  a.d = static_cast<float*>(detail::qgemm_scratch(1, static_cast<size_t>(n_tokens * a.nblk) * sizeof(float)));
+  a.s = static_cast<int32_t*>(detail::qgemm_scratch(2, static_cast<size_t>(n_tokens * a.nblk) * sizeof(int32_t)));
+  a.s16 = static_cast<int32_t*>(detail::qgemm_scratch(3, static_cast<size_t>(n_tokens * a.nblk * 2) * sizeof(int32_t)));
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* xt = x + t * ldx;
+    int8_t* qt = a.q + t * a.cols_pad;
+    for (int64_t b = 0; b < a.nblk; ++b) {
+      const int64_t c0 = b * 32;
+      const int64_t n = c0 >= cols ? 0 : imin(32, cols - c0);
+      const __mmask16 m0 = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+      const __mmask16 m1 = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+      const __m512 v0 = _mm512_maskz_loadu_ps(m0, xt + c0);
+      const __m512 v1 = _mm512_maskz_loadu_ps(m1, xt + c0 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      const __m512 vid = _mm512_set1_ps(id);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qt + c0), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qt + c0 + 16), _mm512_cvtepi32_epi8(q1));
+      const int32_t lo = _mm512_reduce_add_epi32(q0), hi = _mm512_reduce_add_epi32(q1);
+      a.d[t * a.nblk + b] = d;
+      a.s[t * a.nblk + b] = lo + hi;
+      a.s16[t * 2 * a.nblk + 2 * b] = lo;
+      a.s16[t * 2 * a.nblk + 2 * b + 1] = hi;
+    }
+  }
+  return a;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per-call state.
 
@@ -725,7 +765,7 @@ void qgemm_avx512(const float* x, int64_t ldx, int64_t n_tokens, const WeightVie
   c.cols_pad = round_up(w.cols, 64);
   c.groups = c.cols_pad / 64;
   c.nlanes = c.cols_pad / 4;
-  c.a = quantize_activations(x, ldx, n_tokens, w.cols);
+  c.a = quantize_activations_512(x, ldx, n_tokens, w.cols);
   build_lanes(c, w.type);
   if (w.type == QuantType::NF4 || w.type == QuantType::FP4) {
     build_bnb_activations(c);
