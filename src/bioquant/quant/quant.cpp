@@ -1,4 +1,5 @@
 // Traits table, argument checks and dispatch for the quantized formats.
+#include <atomic>
 #include "bioquant/quant/quant.h"
 
 #include <cctype>
@@ -63,7 +64,7 @@ void check_gemm_args(const float* x, int64_t ldx, int64_t n_tokens, const Weight
 
 // Runs one ISA's kernel (isa is one of "scalar", "avx2", "avx512" and available).
 void run_isa(const char* isa, const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
-             int64_t row_end, float* y, int64_t ldy) {
+             int64_t row_end, float* y, int64_t ldy, uint64_t x_key = 0) {
   if (n_tokens == 0 || row_begin == row_end) return;
   if (is_plain(w.type)) {
     const CpuKernels* k = plain_kernels_for(isa);
@@ -74,7 +75,7 @@ void run_isa(const char* isa, const float* x, int64_t ldx, int64_t n_tokens, con
     fn(x, ldx, n_tokens, w.data, w.row_bytes, w.cols, row_begin, row_end, y, ldy);
     return;
   }
-  if (std::strcmp(isa, "avx512") == 0) return detail::qgemm_avx512(x, ldx, n_tokens, w, row_begin, row_end, y, ldy);
+  if (std::strcmp(isa, "avx512") == 0) return detail::qgemm_avx512(x, ldx, n_tokens, w, row_begin, row_end, y, ldy, x_key);
   if (std::strcmp(isa, "avx2") == 0) return detail::qgemm_avx2(x, ldx, n_tokens, w, row_begin, row_end, y, ldy);
   detail::qgemm_scalar(x, ldx, n_tokens, w, row_begin, row_end, y, ldy);
 }
@@ -181,6 +182,17 @@ void quant_gemm(const float* x, int64_t ldx, int64_t n_tokens, const WeightView&
                 float* y, int64_t ldy) {
   check_gemm_args(x, ldx, n_tokens, w, row_begin, row_end, y, ldy);
   run_isa(quant_gemm_isa_name(), x, ldx, n_tokens, w, row_begin, row_end, y, ldy);
+}
+
+void quant_gemm_chunk(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
+                      int64_t row_end, float* y, int64_t ldy, uint64_t x_key) {
+  check_gemm_args(x, ldx, n_tokens, w, row_begin, row_end, y, ldy);
+  run_isa(quant_gemm_isa_name(), x, ldx, n_tokens, w, row_begin, row_end, y, ldy, x_key);
+}
+
+uint64_t new_activation_key() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
 }
 
 void quant_gemm_reference(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,

@@ -68,6 +68,12 @@ struct WeightView {
 // integers; only the f32 summation order differs.
 void quant_gemm(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
                 int64_t row_end, float* y, int64_t ldy);
+// quant_gemm for callers that split one matmul into many row chunks: every chunk of the matmul
+// passes the same fresh key (new_activation_key()), and a thread that already prepared (quantized)
+// these activations for an earlier chunk reuses them. Results equal quant_gemm's bit for bit.
+void quant_gemm_chunk(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
+                      int64_t row_end, float* y, int64_t ldy, uint64_t x_key);
+uint64_t new_activation_key();  // never 0
 // The same through the scalar reference kernel (the oracle of the SIMD kernels).
 void quant_gemm_reference(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
                           int64_t row_end, float* y, int64_t ldy);
@@ -127,14 +133,13 @@ void kquant_scale_min(const uint8_t* scales, int j, uint8_t* sc, uint8_t* m);
 namespace detail {
 // Per-ISA entry points (one translation unit each, compiled with that ISA's flags). They assume
 // validated arguments and a quantized type (not f32/f16/bf16).
-using QuantGemmFn = void (*)(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
-                             int64_t row_end, float* y, int64_t ldy);
 void qgemm_scalar(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
                   int64_t row_end, float* y, int64_t ldy);
 void qgemm_avx2(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
                 int64_t row_end, float* y, int64_t ldy);
+// x_key: 0, or a key under which this thread may reuse the activations it prepared last.
 void qgemm_avx512(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
-                  int64_t row_end, float* y, int64_t ldy);
+                  int64_t row_end, float* y, int64_t ldy, uint64_t x_key = 0);
 // Row codecs of the two format families (ggml_quants.cpp, bnb_quants.cpp); quant.cpp dispatches.
 void ggml_quantize_row(QuantType t, const float* x, int64_t cols, uint8_t* out);
 void ggml_dequantize_row(QuantType t, const uint8_t* in, int64_t cols, float* out);

@@ -92,13 +92,14 @@ void run_matmuls(const float* x, int64_t n_tokens, std::span<const MatmulJob> jo
     const WeightView view{w.type, w.double_quant, w.rows, w.cols, w.data, w.row_bytes()};
     for (int64_t b = 0; b < w.rows; b += chunk) chunks.push_back({&j, fn, view, b, std::min(w.rows, b + chunk)});
   }
+  const uint64_t x_key = new_activation_key();  // chunks on one thread quantize x once
   pool.parallel_for(chunks.size(), [&](size_t ci) {
     const Chunk& c = chunks[ci];
     const Matrix& w = *c.job->w;
     if (c.fn != nullptr) {
       c.fn(x, w.cols, n_tokens, w.data, c.view.row_bytes, w.cols, c.begin, c.end, c.job->y, w.rows);
     } else {
-      quant_gemm(x, w.cols, n_tokens, c.view, c.begin, c.end, c.job->y, w.rows);
+      quant_gemm_chunk(x, w.cols, n_tokens, c.view, c.begin, c.end, c.job->y, w.rows, x_key);
     }
   });
 }

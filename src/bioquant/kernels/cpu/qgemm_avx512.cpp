@@ -758,23 +758,35 @@ void build_q4_0_activations(Ctx& c) {
 namespace detail {
 
 void qgemm_avx512(const float* x, int64_t ldx, int64_t n_tokens, const WeightView& w, int64_t row_begin,
-                  int64_t row_end, float* y, int64_t ldy) {
+                  int64_t row_end, float* y, int64_t ldy, uint64_t x_key) {
+  // What this thread prepared last (scratch slots 0-6): the quantized activations under `key`, and
+  // the lanes / format-specific layouts for `type`. A call without a key invalidates both.
+  struct Prepared {
+    uint64_t key = 0;
+    int64_t cols = 0, n_tokens = 0;
+    bool has_lanes = false;
+    QuantType type = QuantType::F32;
+    Ctx c{};
+  };
+  thread_local Prepared last;
+  const bool same_x = x_key != 0 && last.key == x_key && last.cols == w.cols && last.n_tokens == n_tokens;
   Ctx c{};
+  if (same_x && last.has_lanes && last.type == w.type) {
+    c = last.c;
+  } else {
+    c.cols = w.cols;
+    c.cols_pad = round_up(w.cols, 64);
+    c.groups = c.cols_pad / 64;
+    c.nlanes = c.cols_pad / 4;
+    c.a = same_x ? last.c.a : quantize_activations_512(x, ldx, n_tokens, w.cols);
+    build_lanes(c, w.type);
+    if (w.type == QuantType::NF4 || w.type == QuantType::FP4) build_bnb_activations(c);
+    if (w.type == QuantType::Q4_0) build_q4_0_activations(c);
+    last = Prepared{x_key, w.cols, n_tokens, true, w.type, c};
+  }
   c.w = &w;
-  c.cols = w.cols;
-  c.cols_pad = round_up(w.cols, 64);
-  c.groups = c.cols_pad / 64;
-  c.nlanes = c.cols_pad / 4;
-  c.a = quantize_activations_512(x, ldx, n_tokens, w.cols);
-  build_lanes(c, w.type);
-  if (w.type == QuantType::NF4 || w.type == QuantType::FP4) {
-    build_bnb_activations(c);
-    return run_bnb(c, n_tokens, row_begin, row_end, y, ldy);
-  }
-  if (w.type == QuantType::Q4_0) {
-    build_q4_0_activations(c);
-    return run_q4_0(c, n_tokens, row_begin, row_end, y, ldy);
-  }
+  if (w.type == QuantType::NF4 || w.type == QuantType::FP4) return run_bnb(c, n_tokens, row_begin, row_end, y, ldy);
+  if (w.type == QuantType::Q4_0) return run_q4_0(c, n_tokens, row_begin, row_end, y, ldy);
   switch (w.type) {
     case QuantType::Q8_0: return run_int<FmtQ8_0>(c, n_tokens, row_begin, row_end, y, ldy);
     case QuantType::Q4_K: return run_int<FmtQ4_K>(c, n_tokens, row_begin, row_end, y, ldy);
