@@ -11,8 +11,8 @@
 // nf4/fp4: vpermw looks the 64 codes of a block up in the Q1.14 codebook; vpmaddwd + vpdpwssd
 // against int16 activations (odd columns, then even ones) give the lanes of its two 32-blocks.
 //
-// Decode (one token) streams one row at a time: on the machine this was tuned on (AMD EPYC,
-// Zen 4 class) interleaving the streams of several rows cost up to a third of the bandwidth.
+// Decode (one token) streams two rows per core, taken far apart: on the machine this was tuned on
+// (AMD EPYC, Zen 4 class VM) that reads faster than one stream, and two ADJACENT rows read slower.
 // Prefill decodes each row once per register tile and reuses it for several tokens.
 #include <immintrin.h>
 
@@ -350,35 +350,6 @@ inline __m512 int_decode_group(const Ctx& c, const uint8_t* row, const Super& st
   }
 }
 
-// One row: a single sequential stream (interleaving several rows' streams costs a third of the
-// bandwidth on the machine this was tuned on), two accumulators for even and odd groups.
-template <class F>
-float int_decode_row(const Ctx& c, const uint8_t* row) {
-  constexpr bool kSuperBlocks = std::is_same_v<F, FmtQ4_K> || std::is_same_v<F, FmtQ5_K> || std::is_same_v<F, FmtQ6_K>;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  Super st{};
-  if constexpr (kSuperBlocks) {
-    for (int64_t sb = 0; sb < c.groups / 4; ++sb) {
-      F::begin(c, row, sb, st);
-      acc0 = int_decode_group<F>(c, row, st, 4 * sb, acc0);
-      acc1 = int_decode_group<F>(c, row, st, 4 * sb + 1, acc1);
-      acc0 = int_decode_group<F>(c, row, st, 4 * sb + 2, acc0);
-      acc1 = int_decode_group<F>(c, row, st, 4 * sb + 3, acc1);
-      if constexpr (F::kMins) acc0 = _mm512_fmadd_ps(st.wm, _mm512_maskz_loadu_ps(0xFF, c.ds + 8 * sb), acc0);
-    }
-  } else {
-    int64_t g = 0;
-    for (; g + 2 <= c.groups; g += 2) {
-      acc0 = int_decode_group<F>(c, row, st, g, acc0);
-      acc1 = int_decode_group<F>(c, row, st, g + 1, acc1);
-    }
-    if (g < c.groups) acc0 = int_decode_group<F>(c, row, st, g, acc0);
-  }
-  float v = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  if constexpr (std::is_same_v<F, FmtInt8>) v = (v + c.csum[0]) * (load_f32(row) / 127.0f);
-  return v;
-}
-
 // Two rows at once, far apart in memory (pair_rows below): two streams in flight per core read
 // faster than one on the machine this was tuned on, while two adjacent rows read much slower.
 template <class F>
@@ -424,12 +395,13 @@ void int_decode_row2(const Ctx& c, const uint8_t* r0, const uint8_t* r1, float* 
   *out1 = v1;
 }
 
-// Decode over rows [begin, end): row o is paired with row o + half (see int_decode_row2).
-template <class Two, class One>
-void pair_rows(int64_t begin, int64_t end, Two&& two, One&& one) {
+// Decode over rows [begin, end): row o is paired with row o + half (see int_decode_row2); an odd
+// last row is paired with itself (each row has its own accumulators, so its value is the same).
+template <class Two>
+void pair_rows(int64_t begin, int64_t end, Two&& two) {
   const int64_t half = (end - begin) / 2;
   for (int64_t o = begin; o < begin + half; ++o) two(o, o + half);
-  if ((end - begin) % 2 != 0) one(end - 1);
+  if ((end - begin) % 2 != 0) two(end - 1, end - 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,32 +421,6 @@ inline __m512i bnb_block_dot(const __m512i book, const uint8_t* q, const int16_t
   const __m512i wlo = _mm512_permutexvar_epi16(_mm512_and_si512(z, _mm512_set1_epi16(0x0F)), book);
   const __m512i whi = _mm512_permutexvar_epi16(_mm512_srli_epi16(z, 4), book);
   return _mm512_dpwssd_epi32(_mm512_madd_epi16(wlo, _mm512_loadu_si512(x16)), whi, _mm512_loadu_si512(x16 + 32));
-}
-
-template <bool kDq>
-float bnb_decode_row(const Ctx& c, const uint8_t* row, const __m512i book) {
-  const int64_t nb = c.cols / 64;
-  constexpr int64_t stride = kDq ? 33 : 36;
-  const uint8_t* codes = bnb_block_codes(row, nb, 0, kDq);
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  alignas(64) float absmax[16];
-  // Block absmax: read in the loop (plain), or decoded 16 blocks ahead (double quant).
-  const auto block = [&](int64_t b, __m512 acc) {
-    const float am = kDq ? absmax[b % 16] : load_f32(row + 36 * b);
-    const __m512 f = _mm512_cvtepi32_ps(bnb_block_dot(book, codes + stride * b, c.x16 + 64 * b));
-    return _mm512_fmadd_ps(f, _mm512_mul_ps(_mm512_loadu_ps(c.e + 16 * b), _mm512_set1_ps(am)), acc);
-  };
-  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
-    if constexpr (kDq) bnb_absmax16(row, nb, b0, true, absmax);
-    const int64_t b1 = imin(nb, b0 + 16);
-    int64_t b = b0;
-    for (; b + 2 <= b1; b += 2) {
-      a0 = block(b, a0);
-      a1 = block(b + 1, a1);
-    }
-    if (b < b1) a0 = block(b, a0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * kBnbCodeScale;
 }
 
 // Two far-apart rows at once (see int_decode_row2).
@@ -572,24 +518,6 @@ inline const uint8_t* q4_0_unit_ptr(const uint8_t* row, int64_t nb, int64_t u, u
   return tail;
 }
 
-float q4_0_decode_row(const Ctx& c, const uint8_t* row) {
-  const int64_t nb = c.cols / 32;
-  alignas(64) uint8_t tail[128];
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t u = 0; u < c.units; ++u) {
-    const uint8_t* p = q4_0_unit_ptr(row, nb, u, tail);
-    __m512i lo, hi;
-    q4_0_unit_levels(p, lo, hi);
-    const int8_t* x = c.qxu + 128 * u;
-    const __m512i dp = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x)), hi, _mm512_loadu_si512(x + 64));
-    const __m512 t = _mm512_fmadd_ps(_mm512_loadu_ps(c.eu + 16 * u), _mm512_cvtepi32_ps(dp), _mm512_loadu_ps(c.cu + 16 * u));
-    if (u & 1) a1 = _mm512_fmadd_ps(q4_0_unit_scale(p), t, a1);
-    else a0 = _mm512_fmadd_ps(q4_0_unit_scale(p), t, a0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-}
-
 // Two far-apart rows at once (see int_decode_row2).
 void q4_0_decode_row2(const Ctx& c, const uint8_t* r0, const uint8_t* r1, float* out0, float* out1) {
   const int64_t nb = c.cols / 32;
@@ -668,9 +596,7 @@ void run_int(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float
   float* scratch = static_cast<float*>(detail::qgemm_scratch(7, MR * (s_floats + m_floats + 16) * sizeof(float)));
   if (n_tokens == 1) {
     const auto row = [&](int64_t o) { return w.data + static_cast<size_t>(o) * w.row_bytes; };
-    pair_rows(
-        row_begin, row_end, [&](int64_t o0, int64_t o1) { int_decode_row2<F>(c, row(o0), row(o1), y + o0, y + o1); },
-        [&](int64_t o) { y[o] = int_decode_row<F>(c, row(o)); });
+    pair_rows(row_begin, row_end, [&](int64_t o0, int64_t o1) { int_decode_row2<F>(c, row(o0), row(o1), y + o0, y + o1); });
     return;
   }
   for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenChunk) {
@@ -746,9 +672,6 @@ void run_bnb(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, float
           } else {
             bnb_decode_row2<false>(c, row_ptr(o0), row_ptr(o1), book, y + o0, y + o1);
           }
-        },
-        [&](int64_t o) {
-          y[o] = w.double_quant ? bnb_decode_row<true>(c, row_ptr(o), book) : bnb_decode_row<false>(c, row_ptr(o), book);
         });
     return;
   }
@@ -780,9 +703,7 @@ void run_q4_0(Ctx& c, int64_t n_tokens, int64_t row_begin, int64_t row_end, floa
   const WeightView& w = *c.w;
   const auto row_ptr = [&](int64_t o) { return w.data + static_cast<size_t>(o) * w.row_bytes; };
   if (n_tokens == 1) {
-    pair_rows(
-        row_begin, row_end, [&](int64_t o0, int64_t o1) { q4_0_decode_row2(c, row_ptr(o0), row_ptr(o1), y + o0, y + o1); },
-        [&](int64_t o) { y[o] = q4_0_decode_row(c, row_ptr(o)); });
+    pair_rows(row_begin, row_end, [&](int64_t o0, int64_t o1) { q4_0_decode_row2(c, row_ptr(o0), row_ptr(o1), y + o0, y + o1); });
     return;
   }
   const auto tile = [&](auto mr_c, auto nr_c, int64_t o, int64_t t) {
