@@ -21,6 +21,7 @@
 #include "bioquant/io/gguf_export.h"
 #include "bioquant/io/gguf.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/model/quantize.h"
 #include "bioquant/model/synthetic.h"
@@ -36,7 +37,7 @@ void add_model_flags(CLI::App& app, Common& c, bool required) {
   auto* opt = app.add_option("--model", c.model, "Hugging Face model directory or GGUF file");
   if (required) opt->required();
   app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
-  app.add_option("--device", c.device, "cpu (this build has no CUDA backend)");
+  app.add_option("--device", c.device, cuda_device_count() > 0 ? "cpu (default), cuda or cuda:N" : "cpu (default); cuda or cuda:N in a build with the CUDA backend and a GPU");
   app.add_option("--quant", c.quant, "quantize on load: " + quant_names_list());
   app.add_flag("--double-quant", c.double_quant, "nf4/fp4: quantize the block scales too (~4.13 bits/weight)");
   app.add_option("--quant-policy", c.quant_policy,
@@ -77,9 +78,20 @@ void report_peak_memory() {
   std::fprintf(stderr, "peak memory (RSS): %.1f MiB\n", static_cast<double>(peak_rss_bytes()) / (1024.0 * 1024.0));
 }
 
-void check_device(const std::string& device) {
-  check(device == "cpu", "device '" + device + "' is not available: this build runs on the CPU only (use --device cpu)");
+int check_device(const std::string& device) { return parse_device(device); }
+
+namespace {
+// The GPU's memory as the run left it (stderr), beside the host's peak RSS.
+void report_gpu_memory(const Decoder& decoder) {
+  if (!decoder.gpu()) return;
+  const GpuMemory m = decoder.gpu()->memory();
+  const auto mib = [](size_t b) { return static_cast<double>(b) / (1024.0 * 1024.0); };
+  std::fprintf(stderr, "GPU memory: weights %.1f MiB, KV cache %.1f MiB, workspace %.1f MiB; peak allocated %.1f MiB; "
+               "device peak used %.1f MiB of %.1f MiB (cudaMemGetInfo, includes the CUDA context)\n",
+               mib(m.weights), mib(m.kv_cache), mib(m.workspace), mib(m.peak_allocated), mib(m.device_used_peak),
+               mib(m.device_total));
 }
+}  // namespace
 
 namespace {
 
@@ -322,14 +334,14 @@ Run add_logits(CLI::App& app) {
   app.add_option("--tokens", *tokens, "comma-separated token ids, e.g. 1,2,3")->required();
   app.add_option("--last", *last, "print logits of the last K positions (default 1)")->check(CLI::NonNegativeNumber);
   return [=]() {
-    check_device(opts->device);
+    const int device = check_device(opts->device);
     const std::vector<int32_t> ids = parse_token_list(*tokens);
     ThreadPool pool(opts->threads);
     auto model = open_model(*opts, pool);
     const ModelConfig& c = model->config();
     check(*last <= static_cast<int64_t>(ids.size()),
           "--last " + std::to_string(*last) + " exceeds the " + std::to_string(ids.size()) + " positions given");
-    Decoder decoder(*model, pool);
+    Decoder decoder(*model, pool, device);
     KVCache cache(c, static_cast<int64_t>(ids.size()));
     const int64_t n = static_cast<int64_t>(ids.size());
     std::vector<float> logits(static_cast<size_t>(n * c.vocab));
@@ -346,6 +358,7 @@ Run add_logits(CLI::App& app) {
     out["logits"] = rows;
     std::printf("%s\n", out.dump().c_str());
     report_peak_memory();
+    report_gpu_memory(decoder);
     return 0;
   };
 }
@@ -375,7 +388,7 @@ Run add_generate(CLI::App& app) {
   auto show_prompt = std::make_shared<bool>(false);
   app.add_flag("--show-prompt", *show_prompt, "print the rendered prompt (after the chat template) to stderr");
   return [=]() {
-    check_device(opts->device);
+    const int device = check_device(opts->device);
     check(!prompt->empty() || !tokens->empty(), "give --prompt TEXT or --tokens IDS");
     check(!*chat || !prompt->empty(), "--chat needs --prompt TEXT");
     ThreadPool pool(opts->threads);
@@ -407,7 +420,7 @@ Run add_generate(CLI::App& app) {
       ids = parse_token_list(*tokens);
     }
     check(!ids.empty(), "the prompt encodes to no tokens");
-    Decoder decoder(*model, pool);
+    Decoder decoder(*model, pool, device);
     GenerateOptions options = *gen;
     options.stop_at_eos = !*ignore_eos;
     std::unique_ptr<StreamDecoder> stream;
@@ -428,6 +441,7 @@ Run add_generate(CLI::App& app) {
                  ids.size(), r.prompt_seconds, static_cast<double>(ids.size()) / std::max(r.prompt_seconds, 1e-9),
                  r.tokens.size(), tg, r.stop_reason.c_str());
     report_peak_memory();
+    report_gpu_memory(decoder);
     if (*as_json) {
       // Without a tokenizer there is no text to give: an empty string, never invented text.
       json out = {{"tokens", r.tokens}, {"text", tok ? tok->decode(r.tokens, true) : ""}, {"stop_reason", r.stop_reason}};
@@ -615,7 +629,7 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--json", *as_json, "print one JSON object");
   app.add_flag("--no-bandwidth", *no_bandwidth, "skip the memory-bandwidth probe");
   return [=]() {
-    check_device(opts->device);
+    const int device = check_device(opts->device);
     check(!opts->model.empty() || !synthetic->empty(), "give --model PATH or --synthetic NAME");
     ThreadPool pool(opts->threads);
     std::unique_ptr<Model> model;
@@ -633,7 +647,7 @@ Run add_bench(CLI::App& app) {
       name = opts->model;
     }
     const ModelConfig& c = model->config();
-    Decoder decoder(*model, pool);
+    Decoder decoder(*model, pool, device);
     KVCache cache(c, std::max<int64_t>(*n_prompt, *n_gen) + 1);
     std::mt19937 rng(42);
     std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab - 1));
@@ -682,7 +696,7 @@ Run add_bench(CLI::App& app) {
                 {"weight_dtype", model->weight_dtype()},
                 {"weight_bytes_per_token", model->matrix_bytes()},
                 {"threads", pool.size()},
-                {"isa", cpu_kernels().isa},
+                {"isa", decoder.gpu() ? "cuda" : cpu_kernels().isa},
                 {"n_prompt", *n_prompt},
                 {"n_gen", *n_gen},
                 {"repetitions", *reps},
@@ -694,6 +708,14 @@ Run add_bench(CLI::App& app) {
                 {"quant", opts->quant.empty() ? json(nullptr) : json(opts->quant)},
                 {"weight_bytes", model->weight_bytes()},
                 {"peak_rss_bytes", peak_rss_bytes()}};
+    if (decoder.gpu()) {
+      const GpuMemory m = decoder.gpu()->memory();
+      out["device"] = cuda_device_description(device);
+      out["gpu_weight_bytes"] = m.weights;
+      out["gpu_kv_bytes"] = m.kv_cache;
+      out["gpu_peak_allocated_bytes"] = m.peak_allocated;
+      out["gpu_device_peak_used_bytes"] = m.device_used_peak;
+    }
     if (membw > 0) {
       out["stream_read_gb_s"] = membw;
       out["tg_bandwidth_fraction"] = tg_gbps / membw;
@@ -703,6 +725,7 @@ Run add_bench(CLI::App& app) {
       return 0;
     }
     report_peak_memory();
+    report_gpu_memory(decoder);
     std::printf("| model | params | weights | threads | isa | test | t/s |\n|---|---|---|---|---|---|---|\n");
     const double billions = static_cast<double>(c.parameter_count()) / 1e9;
     if (*n_prompt > 0)

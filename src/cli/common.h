@@ -27,6 +27,7 @@ std::optional<QuantRecipe> recipe_of(const Common& c);
 // Loads a model and quantizes it on load when --quant is given (fallbacks reported on stderr).
 std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool);
 void report_peak_memory();
-void check_device(const std::string& device);
+// -1 for the CPU, N for CUDA device N; throws Error for an unknown or absent device.
+int check_device(const std::string& device);
 
 }  // namespace bioquant::cli

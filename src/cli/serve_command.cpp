@@ -68,7 +68,8 @@ Run add_serve(CLI::App& app) {
   app.add_flag("--no-chat-template", f->no_chat, "task endpoints send plain prompts even if the model has a chat template");
   app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
   return [=]() {
-    check_device(c->device);
+    // The server batches many sequences per step on the CPU; the GPU decoder runs one at a time.
+    check(check_device(c->device) < 0, "serve runs on the CPU for now (--device cpu): the CUDA backend has no batched decode yet");
     for (const auto& file : f->task_files) eval::register_task(eval::load_task_file(file));
     serve::ServerOptions o;
     o.host = f->host;

@@ -33,8 +33,9 @@ std::string Backend::choose(const std::string&, const std::vector<AnswerSegment>
               " needs a local model (--model)");
 }
 
-LocalBackend::LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template)
-    : model_(model), tokenizer_(tokenizer), decoder_(model, pool) {
+LocalBackend::LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template,
+                           int device)
+    : model_(model), tokenizer_(tokenizer), decoder_(model, pool, device) {
   chat_ = use_chat_template && !tokenizer.chat_template().empty();
   chat_template_ = tokenizer.chat_template();
   logits_.resize(static_cast<size_t>(model.config().vocab));

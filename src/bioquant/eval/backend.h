@@ -63,7 +63,8 @@ std::vector<int32_t> encode_prompt_text(const Tokenizer& tokenizer, const std::s
 class LocalBackend : public Backend {
  public:
   // use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
-  LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template);
+  // device: -1 CPU, N CUDA device N.
+  LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template, int device = -1);
   ~LocalBackend() override;
 
   std::string describe() const override;

@@ -6,21 +6,30 @@
 #include "bioquant/core/error.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
 #include "bioquant/kernels/cpu/ops.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 
 namespace bioquant {
 
-KVCache::KVCache(const ModelConfig& c, int64_t capacity) : capacity_(capacity), kv_dim_(c.kv_dim()) {
+KVCache::KVCache(const ModelConfig& c, int64_t capacity)
+    : capacity_(capacity), kv_dim_(c.kv_dim()), n_layers_(c.n_layers) {
   check(capacity > 0, "KV cache capacity must be positive");
-  const size_t n = static_cast<size_t>(c.n_layers * capacity * kv_dim_);
+}
+
+void KVCache::ensure_host() {
+  if (!k_.empty()) return;
+  const size_t n = static_cast<size_t>(n_layers_ * capacity_ * kv_dim_);
   k_.resize(n);
   v_.resize(n);
 }
 
-Decoder::Decoder(const Model& model, ThreadPool& pool) : model_(model), pool_(pool) {
+Decoder::Decoder(const Model& model, ThreadPool& pool, int device) : model_(model), pool_(pool) {
   const ModelConfig& c = model.config();
   inv_freq_.resize(static_cast<size_t>(c.rotary_dim() / 2));
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data());
+  if (device >= 0) gpu_ = std::make_unique<GpuDecoder>(model, device);
 }
+
+Decoder::~Decoder() = default;
 
 void Decoder::attention(int64_t layer, const float* q, const std::vector<Row>& rows, float* out) {
   const ModelConfig& c = model_.config();
@@ -76,6 +85,14 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     n += sg.n;
     n_out += sg.n_logits;
   }
+  if (gpu_) {  // one sequence at a time on the GPU
+    for (const DecodeSegment& sg : segments) {
+      gpu_->forward(sg.tokens, sg.n, *sg.cache, sg.n_logits, sg.logits);
+      sg.cache->size_ += sg.n;
+    }
+    return;
+  }
+  for (const DecodeSegment& sg : segments) sg.cache->ensure_host();
   // Row r of the stack: its sequence's cache and position.
   std::vector<Row> rows;
   rows.reserve(static_cast<size_t>(n));

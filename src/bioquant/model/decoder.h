@@ -2,6 +2,8 @@
 // and its KV cache.
 #pragma once
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -10,25 +12,38 @@
 
 namespace bioquant {
 
-// K and V of every processed position, f32, laid out [layer][position][kv_head][head_dim].
+class GpuDecoder;
+
+// K and V of every processed position, f32, laid out [layer][position][kv_head][head_dim]. The
+// host storage is allocated when a CPU decoder first uses the cache; a GPU decoder keeps the K/V
+// of the cache on its device instead.
 class KVCache {
  public:
   KVCache(const ModelConfig& config, int64_t capacity);
+  ~KVCache() {
+    if (on_release) on_release(*this);
+  }
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
 
   int64_t capacity() const { return capacity_; }
   int64_t size() const { return size_; }  // positions filled so far
   void clear() { size_ = 0; }
   // Forgets every position from n on (prefix reuse: keep a shared prompt, drop what followed it).
   void truncate(int64_t n) { size_ = n < size_ ? (n < 0 ? 0 : n) : size_; }
-  size_t bytes() const { return (k_.size() + v_.size()) * sizeof(float); }
+  size_t bytes() const { return (k_.size() + v_.size()) * sizeof(float); }  // host bytes held
+  // Set by a GPU decoder that holds device memory for this cache.
+  std::function<void(const KVCache&)> on_release;
 
   float* k(int64_t layer, int64_t pos) { return k_.data() + (layer * capacity_ + pos) * kv_dim_; }
   float* v(int64_t layer, int64_t pos) { return v_.data() + (layer * capacity_ + pos) * kv_dim_; }
 
  private:
   friend class Decoder;
+  void ensure_host();
   int64_t capacity_;
   int64_t kv_dim_;
+  int64_t n_layers_;
   int64_t size_ = 0;
   std::vector<float> k_, v_;
 };
@@ -45,7 +60,9 @@ struct DecodeSegment {
 
 class Decoder {
  public:
-  Decoder(const Model& model, ThreadPool& pool);
+  // device: -1 = CPU; N = CUDA device N (see parse_device in kernels/cuda/gpu_decoder.h).
+  Decoder(const Model& model, ThreadPool& pool, int device = -1);
+  ~Decoder();
 
   // Runs `n` tokens at positions cache.size() .. cache.size() + n - 1 and appends them to the
   // cache. Writes logits [n_logits, vocab] for the LAST n_logits of those positions
@@ -60,6 +77,8 @@ class Decoder {
   void forward_batch(std::span<const DecodeSegment> segments);
 
   const Model& model() const { return model_; }
+  // The GPU backend, or null on the CPU.
+  GpuDecoder* gpu() const { return gpu_.get(); }
 
  private:
   struct Row {  // one stacked row: where its K/V go and which position it is
@@ -71,6 +90,7 @@ class Decoder {
   const Model& model_;
   ThreadPool& pool_;
   std::vector<float> inv_freq_;
+  std::unique_ptr<GpuDecoder> gpu_;
 };
 
 }  // namespace bioquant

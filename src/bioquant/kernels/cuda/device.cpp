@@ -1,0 +1,29 @@
+#include <string>
+
+#include "bioquant/core/error.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
+
+namespace bioquant {
+
+int parse_device(const std::string& device) {
+  if (device == "cpu") return -1;
+  int index = -1;
+  if (device == "cuda") {
+    index = 0;
+  } else if (device.rfind("cuda:", 0) == 0 && device.size() > 5 && device.size() < 9 &&
+             device.find_first_not_of("0123456789", 5) == std::string::npos) {
+    index = std::stoi(device.substr(5));
+  } else {
+    throw Error("unknown device '" + device + "' (cpu, cuda or cuda:N)");
+  }
+  const int n = cuda_device_count();
+#ifdef BIOQUANT_HAVE_CUDA
+  check(index < n, "device '" + device + "' is not available: " + std::to_string(n) + " CUDA device(s) found");
+#else
+  (void)n;
+  throw Error("device '" + device + "' is not available: this build has no CUDA backend (configure with -DBIOQUANT_CUDA=ON)");
+#endif
+  return index;
+}
+
+}  // namespace bioquant

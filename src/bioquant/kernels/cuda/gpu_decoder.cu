@@ -1,0 +1,866 @@
+// CUDA backend (see gpu_decoder.h). One translation unit: the per-format block decoders, the
+// matmul kernels, the elementwise kernels, attention, and the forward pass that strings them.
+#include "bioquant/kernels/cuda/gpu_decoder.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "bioquant/core/error.h"
+#include "bioquant/kernels/cpu/ops.h"
+#include "bioquant/model/decoder.h"
+#include "bioquant/model/model.h"
+#include "bioquant/quant/quant.h"
+
+namespace bioquant {
+namespace {
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw Error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+#define CUDA_OK(call) cuda_check((call), #call)
+
+// ---------------------------------------------------------------------------------------------
+// Block decoders. decode32 gives the 32 integer levels of activation block b (columns 32b..32b+31)
+// of a row and the scales that turn sum(level * qx) into the dot product:
+//   dot_b = dx_b * (scale_lo * isum(0..15) + scale_hi * isum(16..31) + min_term * sum(qx))
+// exactly the quantities of qgemm_scalar.cpp (levels include the format's offset).
+
+struct Block32 {
+  int lv[32];
+  float scale_lo, scale_hi, min_term;
+};
+
+__device__ __forceinline__ float half_at(const uint8_t* p) {
+  const uint16_t h = static_cast<uint16_t>(p[0] | (p[1] << 8));
+  return __half2float(__ushort_as_half(h));
+}
+__device__ __forceinline__ float f32_at(const uint8_t* p) {
+  uint32_t u = static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
+               (static_cast<uint32_t>(p[3]) << 24);
+  return __uint_as_float(u);
+}
+
+__constant__ int16_t c_nf4_q14[16];
+__constant__ int16_t c_fp4_q14[16];
+__constant__ float c_dynamic_map[256];
+
+__device__ __forceinline__ void kquant_scale_min_dev(const uint8_t* q, int j, int& sc, int& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+template <int T>
+__device__ __forceinline__ void decode32(const uint8_t* row, int64_t cols, int64_t b, bool dq, Block32& o);
+
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q8_0)>(const uint8_t* row, int64_t, int64_t b, bool,
+                                                                           Block32& o) {
+  const uint8_t* blk = row + 34 * b;
+  const float d = half_at(blk);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) o.lv[i] = static_cast<int8_t>(blk[2 + i]);
+  o.scale_lo = o.scale_hi = d;
+  o.min_term = 0.0f;
+}
+
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_0)>(const uint8_t* row, int64_t, int64_t b, bool,
+                                                                           Block32& o) {
+  const uint8_t* blk = row + 18 * b;
+  const float d = half_at(blk);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    o.lv[i] = (blk[2 + i] & 0xF) - 8;
+    o.lv[16 + i] = (blk[2 + i] >> 4) - 8;
+  }
+  o.scale_lo = o.scale_hi = d;
+  o.min_term = 0.0f;
+}
+
+template <bool kQ5>
+__device__ __forceinline__ void decode32_k45(const uint8_t* row, int64_t b, Block32& o) {
+  const int64_t sb = b / 8;
+  const int j = static_cast<int>(b % 8);
+  const uint8_t* blk = row + (kQ5 ? 176 : 144) * sb;
+  const float d = half_at(blk), dmin = half_at(blk + 2);
+  int sc, m;
+  kquant_scale_min_dev(blk + 4, j, sc, m);
+  const uint8_t* qs = blk + (kQ5 ? 48 : 16) + 32 * (j / 2);
+  const int shift = 4 * (j % 2);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    int v = (qs[i] >> shift) & 0xF;
+    if (kQ5) v |= ((blk[16 + i] >> j) & 1) << 4;
+    o.lv[i] = v;
+  }
+  o.scale_lo = o.scale_hi = d * static_cast<float>(sc);
+  o.min_term = -dmin * static_cast<float>(m);
+}
+
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_K)>(const uint8_t* row, int64_t, int64_t b, bool,
+                                                                           Block32& o) {
+  decode32_k45<false>(row, b, o);
+}
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q5_K)>(const uint8_t* row, int64_t, int64_t b, bool,
+                                                                           Block32& o) {
+  decode32_k45<true>(row, b, o);
+}
+
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q6_K)>(const uint8_t* row, int64_t, int64_t b, bool,
+                                                                           Block32& o) {
+  const int64_t sb = b / 8;
+  const int e0 = static_cast<int>(b % 8) * 32;  // first element within the super-block
+  const uint8_t* blk = row + 210 * sb;
+  const int h = e0 / 128, quad = (e0 % 128) / 32;
+  const uint8_t* ql = blk + 64 * h + 32 * (quad & 1);
+  const uint8_t* qh = blk + 128 + 32 * h;
+  const int nib_shift = quad < 2 ? 0 : 4, hshift = 2 * quad;
+#pragma unroll
+  for (int l = 0; l < 32; ++l) o.lv[l] = (((ql[l] >> nib_shift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
+  const float d = half_at(blk + 208);
+  const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
+  const int k0 = e0 / 16;  // sub-blocks of 16
+  o.scale_lo = d * static_cast<float>(scales[k0]);
+  o.scale_hi = d * static_cast<float>(scales[k0 + 1]);
+  o.min_term = 0.0f;
+}
+
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::INT8)>(const uint8_t* row, int64_t cols, int64_t b, bool,
+                                                                           Block32& o) {
+  const int8_t* q = reinterpret_cast<const int8_t*>(row + 4);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) o.lv[i] = 32 * b + i < cols ? q[32 * b + i] : 0;
+  o.scale_lo = o.scale_hi = f32_at(row) / 127.0f;
+  o.min_term = 0.0f;
+}
+
+template <bool kNf4>
+__device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, int64_t b, bool dq, Block32& o) {
+  const int64_t nb = cols / 64, blk = b / 2;
+  const int half = static_cast<int>(b % 2);
+  float absmax;
+  const uint8_t* codes;
+  if (!dq) {
+    absmax = f32_at(row + 36 * blk);
+    codes = row + 36 * blk + 4;
+  } else {
+    const int64_t ngroups = (nb + 255) / 256;
+    const float offset = f32_at(row), nested = f32_at(row + 4 + 4 * (blk / 256));
+    const uint8_t* p = row + 4 + 4 * ngroups + 33 * blk;
+    absmax = c_dynamic_map[p[0]] * nested + offset;
+    codes = p + 1;
+  }
+  const int16_t* book = kNf4 ? c_nf4_q14 : c_fp4_q14;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {  // element 2k in the HIGH nibble of byte k
+    const uint8_t c = codes[16 * half + k];
+    o.lv[2 * k] = book[c >> 4];
+    o.lv[2 * k + 1] = book[c & 0xF];
+  }
+  o.scale_lo = o.scale_hi = absmax * (1.0f / 16384.0f);
+  o.min_term = 0.0f;
+}
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::NF4)>(const uint8_t* row, int64_t cols, int64_t b, bool dq,
+                                                                          Block32& o) {
+  decode32_bnb<true>(row, cols, b, dq, o);
+}
+template <>
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::FP4)>(const uint8_t* row, int64_t cols, int64_t b, bool dq,
+                                                                          Block32& o) {
+  decode32_bnb<false>(row, cols, b, dq, o);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations quantized per 32 columns exactly as quantize_activations (qgemm_impl.h): d = absmax/127,
+// q = round-half-even(x * (1/d)), plus the sum of the 32 quants. One warp per (token, block).
+// Layout: q [t][nblk*32], d [t][nblk], s [t][nblk].
+
+__global__ void quantize_act_kernel(const float* x, int64_t cols, int64_t nblk, int64_t n_tokens, int8_t* q, float* d,
+                                    int* s) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= n_tokens * nblk) return;
+  const int64_t t = warp / nblk, b = warp % nblk, c = 32 * b + lane;
+  const float v = c < cols ? x[t * cols + c] : 0.0f;
+  float amax = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float dd = amax / 127.0f;
+  const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+  const int qi = __float2int_rn(v * id);
+  q[t * nblk * 32 + c] = static_cast<int8_t>(qi);
+  int sum = qi;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) {
+    d[t * nblk + b] = dd;
+    s[t * nblk + b] = sum;
+  }
+}
+
+// Quantized matmul: one warp per output row, lanes over activation blocks, up to NT tokens per pass
+// (the row's blocks are decoded once per pass).
+template <int T, int NT>
+__global__ void qmatmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, bool dq, const int8_t* q,
+                               const float* d, const int* s, int64_t nblk, int64_t n_tokens, float* y) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const uint8_t* wr = w + row * row_bytes;
+  const int64_t wblk = (cols + 31) / 32;  // blocks that hold weights
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+  for (int64_t b = lane; b < wblk; b += 32) {
+    Block32 blk;
+    decode32<T>(wr, cols, b, dq, blk);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t >= n_tokens) break;
+      const int8_t* qx = q + t * nblk * 32 + 32 * b;
+      int lo = 0, hi = 0;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
+#pragma unroll
+      for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
+      acc[t] += d[t * nblk + b] * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) +
+                                   blk.min_term * static_cast<float>(s[t * nblk + b]));
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (t >= n_tokens) break;
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) y[t * rows + row] = v;
+  }
+}
+
+// Plain weights (f32 / f16 / bf16) with f32 activations: one warp per row.
+template <int T>
+__device__ __forceinline__ float plain_at(const uint8_t* row, int64_t i) {
+  if constexpr (T == static_cast<int>(QuantType::F32)) return reinterpret_cast<const float*>(row)[i];
+  if constexpr (T == static_cast<int>(QuantType::F16))
+    return __half2float(reinterpret_cast<const __half*>(row)[i]);
+  return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[i]);
+}
+
+template <int T, int NT>
+__global__ void plain_matmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, const float* x,
+                                    int64_t n_tokens, float* y) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const uint8_t* wr = w + row * row_bytes;
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    const float wv = plain_at<T>(wr, i);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t >= n_tokens) break;
+      acc[t] += wv * x[t * cols + i];
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (t >= n_tokens) break;
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) y[t * rows + row] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise kernels.
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = (blockDim.x + 31) / 32;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int i = 0; i < nwarps; ++i) total += red[i];
+  return total;
+}
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = (blockDim.x + 31) / 32;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int i = 0; i < nwarps; ++i) m = fmaxf(m, red[i]);
+  return m;
+}
+
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w   (one block per row; in place allowed)
+__global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, float* out) {
+  __shared__ float red[32];
+  const float* xr = x + blockIdx.x * n;
+  float* o = out + blockIdx.x * n;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  const float total = block_sum(ss, red);
+  const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+}
+
+__global__ void add_bias_kernel(float* y, const float* bias, int64_t rows, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < rows * n) y[i] += bias[i % n];
+}
+
+__global__ void add_kernel(float* x, const float* h, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] += h[i];
+}
+
+__global__ void act_mul_kernel(float* a, const float* b, int64_t n, bool gelu) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float x = a[i];
+  if (gelu) {
+    a[i] = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * b[i];
+  } else {
+    a[i] = x / (1.0f + expf(-x)) * b[i];
+  }
+}
+
+__global__ void softcap_kernel(float* x, int64_t n, float cap) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = tanhf(x[i] / cap) * cap;
+}
+
+// RoPE (rotate-half over the first rotary_dim of each head) for q and k of every token, then K and V
+// stored into the cache at their positions. Grid: tokens; threads over (head, i).
+template <class KV>
+__device__ __forceinline__ KV to_kv(float v);
+template <>
+__device__ __forceinline__ float to_kv<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_kv<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float from_kv(float v) { return v; }
+__device__ __forceinline__ float from_kv(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class KV>
+__global__ void rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, int64_t pos0, int n_heads,
+                                  int n_kv_heads, int head_dim, int rotary_dim, KV* k_cache, KV* v_cache) {
+  const int64_t t = blockIdx.x;
+  const int64_t pos = pos0 + t;
+  const int half = rotary_dim / 2;
+  const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+  for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * half; j += blockDim.x) {
+    const int h = j / half, i = j % half;
+    float* head = h < n_heads ? q + t * q_dim + h * head_dim : k + t * kv_dim + (h - n_heads) * head_dim;
+    const float angle = static_cast<float>(pos) * inv_freq[i];
+    const float c = cosf(angle), s = sinf(angle);
+    const float x1 = head[i], x2 = head[i + half];
+    head[i] = x1 * c - x2 * s;
+    head[i + half] = x2 * c + x1 * s;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
+    k_cache[pos * kv_dim + j] = to_kv<KV>(k[t * kv_dim + j]);
+    v_cache[pos * kv_dim + j] = to_kv<KV>(v[t * kv_dim + j]);
+  }
+}
+
+// Attention of token t (at position pos0 + t) and head h over its cache. Grid (heads, tokens); scores
+// in dynamic shared memory.
+template <class KV>
+__global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_cache, int64_t pos0, int n_heads,
+                                 int n_kv_heads, int head_dim, int64_t window, float scale, float softcap, float* out) {
+  extern __shared__ float scores[];
+  __shared__ float red[32];
+  const int h = blockIdx.x;
+  const int64_t t = blockIdx.y, pos = pos0 + t;
+  const int g = h / (n_heads / n_kv_heads);
+  const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+  const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
+  const int64_t len = pos - first + 1;
+  const float* qh = q + t * q_dim + h * head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  for (int64_t s = warp; s < len; s += nwarps) {
+    const KV* kr = k_cache + (first + s) * kv_dim + g * head_dim;
+    float acc = 0.0f;
+    for (int i = lane; i < head_dim; i += 32) acc += qh[i] * from_kv(kr[i]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) {
+      float sc = acc * scale;
+      if (softcap > 0.0f) sc = tanhf(sc / softcap) * softcap;
+      scores[s] = sc;
+    }
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) m = fmaxf(m, scores[s]);
+  m = block_max(m, red);
+  float sum = 0.0f;
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) {
+    const float e = expf(scores[s] - m);
+    scores[s] = e;
+    sum += e;
+  }
+  sum = block_sum(sum, red);
+  const float inv = 1.0f / sum;
+  float* o = out + t * q_dim + h * head_dim;
+  for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t s = 0; s < len; ++s) acc += scores[s] * from_kv(v_cache[(first + s) * kv_dim + g * head_dim + i]);
+    o[i] = acc * inv;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device memory, counted by purpose.
+
+enum class Pool { Weights, Kv, Work };
+
+struct Allocator {
+  size_t bytes[3] = {0, 0, 0};
+  size_t peak = 0;
+  void* alloc(size_t n, Pool p) {
+    void* ptr = nullptr;
+    if (n == 0) return nullptr;
+    const cudaError_t e = cudaMalloc(&ptr, n);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      throw Error("CUDA: out of GPU memory allocating " + std::to_string(n >> 20) + " MiB (" +
+                  std::to_string((bytes[0] + bytes[1] + bytes[2]) >> 20) + " MiB already held by this model)");
+    }
+    bytes[static_cast<int>(p)] += n;
+    peak = std::max(peak, bytes[0] + bytes[1] + bytes[2]);
+    return ptr;
+  }
+  void free(void* ptr, size_t n, Pool p) {
+    if (ptr == nullptr) return;
+    cudaFree(ptr);
+    bytes[static_cast<int>(p)] -= n;
+  }
+};
+
+struct DevBuf {
+  void* ptr = nullptr;
+  size_t n = 0;
+  Pool pool = Pool::Work;
+};
+
+struct DevMatrix {
+  QuantType type = QuantType::F32;
+  int64_t rows = 0, cols = 0;
+  size_t row_bytes = 0;
+  bool dq = false;
+  const uint8_t* data = nullptr;
+};
+
+struct DevLayer {
+  DevMatrix wq, wk, wv, wo, w_gate, w_up, w_down;
+  const float *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr, *b_gate = nullptr, *b_up = nullptr,
+              *b_down = nullptr;
+  const float *attn_norm = nullptr, *attn_post_norm = nullptr, *ffn_norm = nullptr, *ffn_post_norm = nullptr;
+  const float *q_norm = nullptr, *k_norm = nullptr;
+};
+
+struct DevKv {
+  void* k = nullptr;
+  void* v = nullptr;
+  size_t bytes = 0;
+  int64_t capacity = 0;
+};
+
+}  // namespace
+
+struct GpuDecoder::Impl {
+  const Model& model;
+  int device;
+  KvType kv_type;
+  cudaStream_t stream = nullptr;
+  Allocator mem;
+  std::vector<DevBuf> owned;
+  std::vector<DevLayer> layers;
+  DevMatrix output;
+  const float* final_norm = nullptr;
+  const float* inv_freq = nullptr;
+  std::map<const KVCache*, DevKv> caches;
+  size_t device_used_peak = 0, device_total = 0;
+
+  // Workspace, grown on demand.
+  struct Work {
+    float *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr, *gate = nullptr,
+          *up = nullptr, *logits = nullptr;
+    int8_t* aq = nullptr;
+    float* ad = nullptr;
+    int* as = nullptr;
+    int64_t tokens = 0, logit_rows = 0;
+  } work;
+  std::vector<DevBuf> work_bufs;
+
+  Impl(const Model& m, int dev, KvType kv) : model(m), device(dev), kv_type(kv) {}
+
+  ~Impl() {
+    cudaSetDevice(device);
+    for (auto& [cache, c] : caches) {
+      const_cast<KVCache*>(cache)->on_release = nullptr;
+      mem.free(c.k, c.bytes / 2, Pool::Kv);
+      mem.free(c.v, c.bytes / 2, Pool::Kv);
+    }
+    for (DevBuf& b : work_bufs) mem.free(b.ptr, b.n, b.pool);
+    for (DevBuf& b : owned) mem.free(b.ptr, b.n, b.pool);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  void* upload(const void* host, size_t n, Pool p) {
+    void* ptr = mem.alloc(n, p);
+    owned.push_back({ptr, n, p});
+    CUDA_OK(cudaMemcpy(ptr, host, n, cudaMemcpyHostToDevice));
+    return ptr;
+  }
+  const float* upload_vec(const std::vector<float>& v) {
+    if (v.empty()) return nullptr;
+    return static_cast<const float*>(upload(v.data(), v.size() * sizeof(float), Pool::Weights));
+  }
+  DevMatrix upload_matrix(const Matrix& m) {
+    check(!(m.type == QuantType::INT8 && m.outlier_threshold > 0.0f),
+          "the CUDA backend has no LLM.int8 outlier path: leave --int8-threshold at 0 with --device cuda");
+    DevMatrix d{m.type, m.rows, m.cols, m.row_bytes(), m.double_quant, nullptr};
+    d.data = static_cast<const uint8_t*>(upload(m.data, m.nbytes(), Pool::Weights));
+    return d;
+  }
+
+  void sample_device_memory() {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+      device_total = total_b;
+      device_used_peak = std::max(device_used_peak, total_b - free_b);
+    }
+  }
+
+  void ensure_work(int64_t tokens, int64_t logit_rows) {
+    if (tokens <= work.tokens && logit_rows <= work.logit_rows) return;
+    for (DevBuf& b : work_bufs) mem.free(b.ptr, b.n, b.pool);
+    work_bufs.clear();
+    const ModelConfig& c = model.config();
+    tokens = std::max(tokens, work.tokens);
+    logit_rows = std::max(logit_rows, work.logit_rows);
+    const auto fbuf = [&](int64_t n) {
+      const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+      void* p = mem.alloc(bytes, Pool::Work);
+      work_bufs.push_back({p, bytes, Pool::Work});
+      return static_cast<float*>(p);
+    };
+    const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
+    const int64_t nblk = (widest + 31) / 32;
+    work.x = fbuf(tokens * c.hidden);
+    work.h = fbuf(tokens * std::max(c.hidden, c.q_dim()));
+    work.q = fbuf(tokens * c.q_dim());
+    work.k = fbuf(tokens * c.kv_dim());
+    work.v = fbuf(tokens * c.kv_dim());
+    work.attn = fbuf(tokens * c.q_dim());
+    work.gate = fbuf(tokens * c.intermediate);
+    work.up = fbuf(tokens * c.intermediate);
+    work.logits = fbuf(logit_rows * c.vocab);
+    work.aq = reinterpret_cast<int8_t*>(fbuf((tokens * nblk * 32 + 3) / 4));
+    work.ad = fbuf(tokens * nblk);
+    work.as = reinterpret_cast<int*>(fbuf(tokens * nblk));
+    work.tokens = tokens;
+    work.logit_rows = logit_rows;
+  }
+
+  DevKv& kv_for(const KVCache& cache) {
+    auto it = caches.find(&cache);
+    if (it != caches.end()) {
+      check(it->second.capacity == cache.capacity(), "KV cache capacity changed");
+      return it->second;
+    }
+    const ModelConfig& c = model.config();
+    const size_t elem = kv_type == KvType::F32 ? 4 : 2;
+    const size_t half = static_cast<size_t>(c.n_layers * cache.capacity() * c.kv_dim()) * elem;
+    DevKv kv;
+    kv.k = mem.alloc(half, Pool::Kv);
+    kv.v = mem.alloc(half, Pool::Kv);
+    kv.bytes = 2 * half;
+    kv.capacity = cache.capacity();
+    const_cast<KVCache&>(cache).on_release = [this](const KVCache& gone) { release(gone); };
+    return caches.emplace(&cache, kv).first->second;
+  }
+
+  // y [n, m.rows] = x [n, m.cols] * m^T
+  void matmul(const float* x, int64_t n, const DevMatrix& m, float* y) {
+    constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
+    const unsigned grid = static_cast<unsigned>((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    const int t = static_cast<int>(m.type);
+    if (m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16) {
+      for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const int64_t nt = std::min<int64_t>(8, n - t0);
+        const float* xt = x + t0 * m.cols;
+        float* yt = y + t0 * m.rows;
+#define BQ_PLAIN(TYPE)                                                                                            \
+  plain_matmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, \
+                                                                                  xt, nt, yt)
+        if (t == static_cast<int>(QuantType::F32)) BQ_PLAIN(QuantType::F32);
+        else if (t == static_cast<int>(QuantType::F16)) BQ_PLAIN(QuantType::F16);
+        else BQ_PLAIN(QuantType::BF16);
+#undef BQ_PLAIN
+      }
+      return;
+    }
+    const int64_t nblk = (m.cols + 31) / 32;
+    {
+      const int64_t warps = n * nblk;
+      quantize_act_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, stream>>>(x, m.cols, nblk, n, work.aq,
+                                                                                             work.ad, work.as);
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+      const int64_t nt = std::min<int64_t>(8, n - t0);
+      const int8_t* q = work.aq + t0 * nblk * 32;
+      const float* d = work.ad + t0 * nblk;
+      const int* s = work.as + t0 * nblk;
+      float* yt = y + t0 * m.rows;
+#define BQ_Q(TYPE)                                                                                                    \
+  case TYPE:                                                                                                          \
+    qmatmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, m.dq, q, \
+                                                                               d, s, nblk, nt, yt);                     \
+    break
+      switch (m.type) {
+        BQ_Q(QuantType::Q8_0);
+        BQ_Q(QuantType::Q4_0);
+        BQ_Q(QuantType::Q4_K);
+        BQ_Q(QuantType::Q5_K);
+        BQ_Q(QuantType::Q6_K);
+        BQ_Q(QuantType::INT8);
+        BQ_Q(QuantType::NF4);
+        BQ_Q(QuantType::FP4);
+        default: throw Error(std::string("CUDA: no kernel for weights of type ") + quant_traits(m.type).name);
+      }
+#undef BQ_Q
+    }
+  }
+
+  void release(const KVCache& cache) {
+    auto it = caches.find(&cache);
+    if (it == caches.end()) return;
+    cudaSetDevice(device);
+    mem.free(it->second.k, it->second.bytes / 2, Pool::Kv);
+    mem.free(it->second.v, it->second.bytes / 2, Pool::Kv);
+    caches.erase(it);
+  }
+
+  static unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + 255) / 256); }
+
+  template <class KV>
+  void forward_impl(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits_host) {
+    const ModelConfig& c = model.config();
+    const ModelWeights& w = model.weights();
+    const int64_t pos0 = cache.size();
+    ensure_work(n, n_logits);
+    DevKv& kv = kv_for(cache);
+    const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate;
+
+    // Embeddings: the rows on the host, then one upload.
+    {
+      std::vector<float> x(static_cast<size_t>(n * hd));
+      const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        w.embed.row_to_f32(tokens[t], x.data() + t * hd);
+        if (c.embed_scale)
+          for (int64_t j = 0; j < hd; ++j) x[t * hd + j] *= embed_scale;
+      }
+      CUDA_OK(cudaMemcpyAsync(work.x, x.data(), x.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+    }
+    const size_t layer_elems = static_cast<size_t>(kv.capacity * kvd);
+    for (int64_t li = 0; li < c.n_layers; ++li) {
+      const DevLayer& l = layers[static_cast<size_t>(li)];
+      KV* kc = static_cast<KV*>(kv.k) + li * layer_elems;
+      KV* vc = static_cast<KV*>(kv.v) + li * layer_elems;
+      rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.x, l.attn_norm, c.norm_eps, hd, work.h);
+      matmul(work.h, n, l.wq, work.q);
+      matmul(work.h, n, l.wk, work.k);
+      matmul(work.h, n, l.wv, work.v);
+      if (l.bq) {
+        add_bias_kernel<<<blocks_for(n * qd), 256, 0, stream>>>(work.q, l.bq, n, qd);
+        add_bias_kernel<<<blocks_for(n * kvd), 256, 0, stream>>>(work.k, l.bk, n, kvd);
+        add_bias_kernel<<<blocks_for(n * kvd), 256, 0, stream>>>(work.v, l.bv, n, kvd);
+      }
+      if (c.qk_norm) {
+        rms_norm_kernel<<<static_cast<unsigned>(n * c.n_heads), 128, 0, stream>>>(work.q, l.q_norm, c.norm_eps, c.head_dim,
+                                                                                  work.q);
+        rms_norm_kernel<<<static_cast<unsigned>(n * c.n_kv_heads), 128, 0, stream>>>(work.k, l.k_norm, c.norm_eps,
+                                                                                     c.head_dim, work.k);
+      }
+      rope_store_kernel<KV><<<static_cast<unsigned>(n), 256, 0, stream>>>(
+          work.q, work.k, work.v, inv_freq, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+          static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc);
+      const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
+      const int64_t max_len = pos0 + n;
+      const size_t smem = static_cast<size_t>(max_len) * sizeof(float);
+      check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(max_len) + " positions is too long");
+      attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(n)), 128, smem, stream>>>(
+          work.q, kc, vc, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
+          window, c.attention_scale(), c.attn_softcap, work.attn);
+      matmul(work.attn, n, l.wo, work.h);
+      if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
+      if (c.sandwich_norms)
+        rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
+      add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
+
+      rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.x, l.ffn_norm, c.norm_eps, hd, work.h);
+      matmul(work.h, n, l.w_gate, work.gate);
+      matmul(work.h, n, l.w_up, work.up);
+      if (l.b_gate) {
+        add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, l.b_gate, n, ff);
+        add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.up, l.b_up, n, ff);
+      }
+      act_mul_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, work.up, n * ff,
+                                                              c.activation == Activation::GeluTanh);
+      matmul(work.gate, n, l.w_down, work.h);
+      if (l.b_down) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.b_down, n, hd);
+      if (c.sandwich_norms)
+        rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
+      add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
+    }
+    CUDA_OK(cudaGetLastError());
+    if (n_logits > 0) {
+      const float* last = work.x + (n - n_logits) * hd;
+      rms_norm_kernel<<<static_cast<unsigned>(n_logits), 256, 0, stream>>>(last, final_norm, c.norm_eps, hd, work.h);
+      matmul(work.h, n_logits, output, work.logits);
+      if (c.final_softcap > 0.0f)
+        softcap_kernel<<<blocks_for(n_logits * c.vocab), 256, 0, stream>>>(work.logits, n_logits * c.vocab, c.final_softcap);
+      CUDA_OK(cudaGetLastError());
+      CUDA_OK(cudaMemcpyAsync(logits_host, work.logits, static_cast<size_t>(n_logits * c.vocab) * sizeof(float),
+                              cudaMemcpyDeviceToHost, stream));
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+    sample_device_memory();
+  }
+};
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string cuda_device_description(int device) {
+  check(device >= 0 && device < cuda_device_count(), "no CUDA device " + std::to_string(device));
+  cudaDeviceProp p{};
+  CUDA_OK(cudaGetDeviceProperties(&p, device));
+  char mem[32];
+  std::snprintf(mem, sizeof mem, "%.1f", static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
+  std::string out(p.name);
+  out.append(" (sm_").append(std::to_string(p.major)).append(std::to_string(p.minor)).append(", ").append(mem).append(" GiB)");
+  return out;
+}
+
+GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::make_unique<Impl>(model, device, kv)) {
+  check(device >= 0 && device < cuda_device_count(), "no CUDA device " + std::to_string(device) + " (" +
+                                                         std::to_string(cuda_device_count()) + " found)");
+  CUDA_OK(cudaSetDevice(device));
+  CUDA_OK(cudaStreamCreate(&impl_->stream));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  {
+    int16_t nf4[16], fp4[16];
+    const float* cb_nf4 = nf4_codebook();
+    const float* cb_fp4 = fp4_codebook();
+    for (int i = 0; i < 16; ++i) {  // Q1.14 as the CPU kernels (round half to even)
+      nf4[i] = static_cast<int16_t>(std::nearbyint(cb_nf4[i] * 16384.0f));
+      fp4[i] = static_cast<int16_t>(std::nearbyint(cb_fp4[i] * 16384.0f));
+    }
+    CUDA_OK(cudaMemcpyToSymbol(c_nf4_q14, nf4, sizeof nf4));
+    CUDA_OK(cudaMemcpyToSymbol(c_fp4_q14, fp4, sizeof fp4));
+    CUDA_OK(cudaMemcpyToSymbol(c_dynamic_map, bnb_dynamic_map(), 256 * sizeof(float)));
+  }
+  const ModelConfig& c = model.config();
+  const ModelWeights& w = model.weights();
+  for (const LayerWeights& l : w.layers) {
+    DevLayer d;
+    d.wq = impl_->upload_matrix(l.wq);
+    d.wk = impl_->upload_matrix(l.wk);
+    d.wv = impl_->upload_matrix(l.wv);
+    d.wo = impl_->upload_matrix(l.wo);
+    d.w_gate = impl_->upload_matrix(l.w_gate);
+    d.w_up = impl_->upload_matrix(l.w_up);
+    d.w_down = impl_->upload_matrix(l.w_down);
+    d.bq = impl_->upload_vec(l.bq);
+    d.bk = impl_->upload_vec(l.bk);
+    d.bv = impl_->upload_vec(l.bv);
+    d.bo = impl_->upload_vec(l.bo);
+    d.b_gate = impl_->upload_vec(l.b_gate);
+    d.b_up = impl_->upload_vec(l.b_up);
+    d.b_down = impl_->upload_vec(l.b_down);
+    d.attn_norm = impl_->upload_vec(l.attn_norm);
+    d.attn_post_norm = impl_->upload_vec(l.attn_post_norm);
+    d.ffn_norm = impl_->upload_vec(l.ffn_norm);
+    d.ffn_post_norm = impl_->upload_vec(l.ffn_post_norm);
+    d.q_norm = impl_->upload_vec(l.q_norm);
+    d.k_norm = impl_->upload_vec(l.k_norm);
+    impl_->layers.push_back(d);
+  }
+  impl_->output = impl_->upload_matrix(w.output);
+  impl_->final_norm = impl_->upload_vec(w.final_norm);
+  std::vector<float> inv_freq(static_cast<size_t>(c.rotary_dim() / 2));
+  rope_inv_freq(c.rope, c.rotary_dim(), inv_freq.data());
+  impl_->inv_freq = impl_->upload_vec(inv_freq);
+  impl_->sample_device_memory();
+}
+
+GpuDecoder::~GpuDecoder() = default;
+
+void GpuDecoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits) {
+  CUDA_OK(cudaSetDevice(impl_->device));
+  if (impl_->kv_type == KvType::F32) {
+    impl_->forward_impl<float>(tokens, n, cache, n_logits, logits);
+  } else {
+    impl_->forward_impl<__nv_bfloat16>(tokens, n, cache, n_logits, logits);
+  }
+}
+
+void GpuDecoder::release(const KVCache& cache) {
+  const_cast<KVCache&>(cache).on_release = nullptr;
+  impl_->release(cache);
+}
+
+GpuMemory GpuDecoder::memory() const {
+  GpuMemory m;
+  m.weights = impl_->mem.bytes[0];
+  m.kv_cache = impl_->mem.bytes[1];
+  m.workspace = impl_->mem.bytes[2];
+  m.peak_allocated = impl_->mem.peak;
+  m.device_used_peak = impl_->device_used_peak;
+  m.device_total = impl_->device_total;
+  return m;
+}
+
+int GpuDecoder::device() const { return impl_->device; }
+
+}  // namespace bioquant

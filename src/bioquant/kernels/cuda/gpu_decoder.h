@@ -1,0 +1,63 @@
+// The CUDA backend: the same decoder forward pass as model/decoder.cpp, on an NVIDIA GPU.
+// This header has no CUDA types, so every part of the program can include it; without
+// -DBIOQUANT_CUDA=ON (or without a GPU) cuda_device_count() is 0 and GpuDecoder throws.
+//
+// Weights are uploaded once, in their stored format (the same bytes as on the CPU). Numerics follow
+// the CPU engine: activations of quantized matmuls are quantized to int8 per 32 columns exactly as
+// quant_gemm does, the integer dot products are exact, only the f32 summation order differs; plain
+// (f32/f16/bf16) matmuls run in f32. The token embedding stays in host memory (as llama.cpp keeps
+// token_embd on the CPU): a forward pass uploads the rows it needs.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace bioquant {
+
+class Model;
+class KVCache;
+
+// Number of usable CUDA devices (0 when built without CUDA or when none is present).
+int cuda_device_count();
+// "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)"; throws Error for a bad index.
+std::string cuda_device_description(int device);
+// Parses "cuda" / "cuda:N" (returns N, 0 for "cuda"); -1 for "cpu"; throws Error for anything else
+// or for a CUDA device that is not there.
+int parse_device(const std::string& device);
+
+struct GpuMemory {
+  size_t weights = 0;     // matrices as uploaded (quantized formats stay quantized) + norms/biases
+  size_t kv_cache = 0;    // every KV cache allocated so far
+  size_t workspace = 0;   // activations, logits, scratch
+  size_t peak_allocated = 0;  // our allocations, at their highest
+  size_t device_used_peak = 0;  // total - free (cudaMemGetInfo) at its highest: includes the context
+  size_t device_total = 0;
+};
+
+enum class KvType { F32, BF16 };
+
+class GpuDecoder {
+ public:
+  // kv: storage of the KV caches this decoder allocates (bf16 halves their size).
+  GpuDecoder(const Model& model, int device, KvType kv = KvType::BF16);
+  ~GpuDecoder();
+  GpuDecoder(const GpuDecoder&) = delete;
+  GpuDecoder& operator=(const GpuDecoder&) = delete;
+
+  // As Decoder::forward: n tokens at positions cache.size() .. + n - 1 (the cache's K/V live on the
+  // GPU, allocated at the cache's capacity on first use); logits of the last n_logits rows to host.
+  // Does not advance cache.size(); the caller (Decoder) does.
+  void forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits);
+  // Frees the GPU K/V of a cache that is going away.
+  void release(const KVCache& cache);
+
+  GpuMemory memory() const;
+  int device() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace bioquant

@@ -1,0 +1,24 @@
+// Built instead of gpu_decoder.cu when CUDA is off: no devices, and a clear error if one is asked for.
+#include <string>
+
+#include "bioquant/core/error.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
+
+namespace bioquant {
+
+int cuda_device_count() { return 0; }
+
+std::string cuda_device_description(int) { throw Error("this build has no CUDA backend"); }
+
+struct GpuDecoder::Impl {};
+
+GpuDecoder::GpuDecoder(const Model&, int, KvType) {
+  throw Error("this build has no CUDA backend (configure with -DBIOQUANT_CUDA=ON)");
+}
+GpuDecoder::~GpuDecoder() = default;
+void GpuDecoder::forward(const int32_t*, int64_t, KVCache&, int64_t, float*) {}
+void GpuDecoder::release(const KVCache&) {}
+GpuMemory GpuDecoder::memory() const { return {}; }
+int GpuDecoder::device() const { return -1; }
+
+}  // namespace bioquant

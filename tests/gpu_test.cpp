@@ -1,0 +1,159 @@
+// The CUDA backend against the CPU engine. Tests named Gpu* skip cleanly without a GPU (CI has none);
+// on a GPU machine: ctest -L gpu (or bioquant_tests --gtest_filter='Gpu*').
+//
+// Tolerance. Plain weights (f32/f16/bf16) with an f32 KV cache differ only by f32 summation order:
+// max|gpu - cpu| <= 1e-3 * max(1, max|cpu|) (measured ~1e-6), argmax of every position and the greedy
+// continuation identical. Quantized matmuls do the same integer arithmetic on both (int8 activations
+// per 32, exact integer dot products), but an activation that lands within float rounding of a
+// quantization midpoint can round the other way (one step = 1/127 of its block's absmax), so the
+// bound there is 5e-2 * max(1, max|cpu|), with argmax and greedy continuations still identical on the
+// fixtures. A bf16 KV cache (the default) rounds K and V to 8 bits of mantissa: 3e-2 * max(1, max|cpu|).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "bioquant/core/error.h"
+#include "bioquant/core/thread_pool.h"
+#include "bioquant/engine/generator.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
+#include "bioquant/model/decoder.h"
+#include "bioquant/model/model.h"
+#include "bioquant/model/quantize.h"
+#include "bioquant/model/synthetic.h"
+#include "test_util.h"
+
+namespace bioquant {
+namespace {
+
+using json = nlohmann::json;
+
+TEST(GpuDevice, DeviceNamesParse) {
+  EXPECT_EQ(parse_device("cpu"), -1);
+  EXPECT_THROW(parse_device("gpu"), Error);
+  EXPECT_THROW(parse_device("cuda:"), Error);
+  EXPECT_THROW(parse_device("cuda:x"), Error);
+  EXPECT_THROW(parse_device("cuda:99"), Error);  // no such device (or no CUDA backend)
+  if (cuda_device_count() > 0) {
+    EXPECT_EQ(parse_device("cuda:0"), 0);
+  }
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"
+
+struct Compared {
+  float max_err = 0.0f, max_ref = 0.0f;
+  int argmax_mismatches = 0;
+};
+
+Compared compare_logits(const Model& model, const std::vector<int32_t>& tokens, KvType kv) {
+  const int64_t n = static_cast<int64_t>(tokens.size()), vocab = model.config().vocab;
+  ThreadPool pool(2);
+  Decoder cpu(model, pool);
+  GpuDecoder gpu(model, 0, kv);
+  KVCache c1(model.config(), n), c2(model.config(), n);
+  std::vector<float> a(static_cast<size_t>(n * vocab)), b(a.size());
+  cpu.forward(tokens.data(), n, c1, n, a.data());
+  gpu.forward(tokens.data(), n, c2, n, b.data());
+  Compared r;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* x = a.data() + t * vocab;
+    const float* y = b.data() + t * vocab;
+    float pmax = 0.0f;
+    for (int64_t i = 0; i < vocab; ++i) {
+      pmax = std::max(pmax, std::fabs(x[i]));
+      r.max_err = std::max(r.max_err, std::fabs(x[i] - y[i]));
+    }
+    r.max_ref = std::max(r.max_ref, pmax);
+    if (std::max_element(x, x + vocab) - x != std::max_element(y, y + vocab) - y) ++r.argmax_mismatches;
+  }
+  return r;
+}
+
+const char* const kVariants[] = {"llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"};
+
+// Every architecture of the Foundation fixtures, in each stored dtype: logits (f32 and bf16 KV) and
+// the greedy continuation of the HF reference.
+TEST(GpuParity, FixturesMatchTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  for (const char* variant : kVariants) {
+    const std::string dir = test::fixtures_dir() + "/models/" + variant;
+    const json ref = json::parse(test::read_file(dir + "/reference.json"));
+    const std::vector<int32_t> tokens = ref["tokens"].get<std::vector<int32_t>>();
+    for (const char* dtype : {"f32", "bf16", "f16"}) {
+      auto model = Model::load(dir + "/" + dtype);
+      const Compared f = compare_logits(*model, tokens, KvType::F32);
+      EXPECT_LE(f.max_err, 1e-3f * std::max(1.0f, f.max_ref)) << variant << "/" << dtype << " f32 KV";
+      EXPECT_EQ(f.argmax_mismatches, 0) << variant << "/" << dtype;
+      const Compared h = compare_logits(*model, tokens, KvType::BF16);
+      EXPECT_LE(h.max_err, 3e-2f * std::max(1.0f, h.max_ref)) << variant << "/" << dtype << " bf16 KV";
+      std::printf("%-10s %-4s max|gpu-cpu| f32 KV %.2e, bf16 KV %.2e (max|logit| %.2f), argmax mismatches bf16 KV %d\n",
+                  variant, dtype, f.max_err, h.max_err, f.max_ref, h.argmax_mismatches);
+
+      ThreadPool pool(2);
+      Decoder gpu(*model, pool, 0);
+      GenerateOptions options;
+      options.max_new_tokens = static_cast<int64_t>(ref[dtype]["greedy"].size());
+      options.stop_at_eos = false;
+      EXPECT_EQ(generate(gpu, tokens, options).tokens, ref[dtype]["greedy"].get<std::vector<int32_t>>())
+          << variant << "/" << dtype;
+    }
+  }
+}
+
+// Every format, quantized on load with every matrix in it (dimensions multiples of 256), and the
+// fixture architectures at the formats their dimensions allow (with the recorded fallbacks).
+TEST(GpuParity, EveryFormatMatchesTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  const char* const formats[] = {"f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8", "nf4", "fp4", "q4_k_m"};
+  ModelConfig c = synthetic_config("tiny");
+  c.hidden = 256;
+  c.intermediate = 512;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 64;
+  c.vocab = 512;
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 24; ++i) tokens.push_back((i * 37 + 11) % 512);
+  ThreadPool pool(2);
+  for (const char* f : formats) {
+    for (const bool dq : {false, true}) {
+      const std::string name = f;
+      if (dq && name != "nf4" && name != "fp4") continue;
+      const QuantRecipe recipe = parse_quant_recipe(name, dq, name == "q4_k_m" ? "default" : "all");
+      auto model = make_synthetic_model(c, DType::F32, 7, pool, &recipe);
+      const Compared r = compare_logits(*model, tokens, KvType::F32);
+      const bool plain = name == "f16" || name == "bf16";
+      EXPECT_LE(r.max_err, (plain ? 1e-3f : 5e-2f) * std::max(1.0f, r.max_ref)) << name << (dq ? "+dq" : "");
+      EXPECT_LE(r.argmax_mismatches, 1) << name << (dq ? "+dq" : "");  // random weights: near-ties
+      std::printf("synthetic %-7s%s max|gpu-cpu| %.2e (max|logit| %.3f), argmax mismatches %d\n", f, dq ? "+dq" : "   ",
+                  r.max_err, r.max_ref, r.argmax_mismatches);
+    }
+  }
+  for (const char* variant : kVariants) {
+    const std::string dir = test::fixtures_dir() + "/models/" + variant;
+    const json ref = json::parse(test::read_file(dir + "/reference.json"));
+    const std::vector<int32_t> tokens_v = ref["tokens"].get<std::vector<int32_t>>();
+    for (const char* f : {"q8_0", "int8", "nf4", "q4_k_m"}) {
+      auto model = Model::load(dir + "/f32");
+      quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f, false, "all")), pool);
+      const Compared r = compare_logits(*model, tokens_v, KvType::F32);
+      EXPECT_LE(r.max_err, 5e-2f * std::max(1.0f, r.max_ref)) << variant << " " << f;
+      EXPECT_EQ(r.argmax_mismatches, 0) << variant << " " << f;
+      Decoder cpu(*model, pool), gpu(*model, pool, 0);
+      GenerateOptions options;
+      options.max_new_tokens = 20;
+      options.stop_at_eos = false;
+      EXPECT_EQ(generate(gpu, tokens_v, options).tokens, generate(cpu, tokens_v, options).tokens) << variant << " " << f;
+      std::printf("%-10s %-6s max|gpu-cpu| %.2e (max|logit| %.2f)\n", variant, f, r.max_err, r.max_ref);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace bioquant
