@@ -689,7 +689,8 @@ Run add_bench(CLI::App& app) {
     const Stats pps = stats(pp), tgs = stats(tg);
     const double matrix_gb = static_cast<double>(model->matrix_bytes()) / 1e9;
     const double tg_gbps = tgs.mean * matrix_gb;
-    const double membw = *no_bandwidth ? 0.0 : measure_read_bandwidth(pool);
+    // The ceiling of a decode step: the CPU's streaming read, or the GPU's device-to-device copy.
+    const double membw = *no_bandwidth ? 0.0 : decoder.gpu() ? cuda_copy_bandwidth(device) : measure_read_bandwidth(pool);
     json out = {{"model", name},
                 {"model_type", c.model_type},
                 {"parameters", c.parameter_count()},
@@ -730,13 +731,15 @@ Run add_bench(CLI::App& app) {
     const double billions = static_cast<double>(c.parameter_count()) / 1e9;
     if (*n_prompt > 0)
       std::printf("| %s | %.2f B | %s | %d | %s | pp%lld | %.2f ± %.2f |\n", name.c_str(), billions,
-                  model->weight_dtype().c_str(), pool.size(), cpu_kernels().isa, (long long)*n_prompt, pps.mean, pps.sd);
+                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_prompt, pps.mean, pps.sd);
     if (*n_gen > 0)
       std::printf("| %s | %.2f B | %s | %d | %s | tg%lld | %.2f ± %.2f |\n", name.c_str(), billions,
-                  model->weight_dtype().c_str(), pool.size(), cpu_kernels().isa, (long long)*n_gen, tgs.mean, tgs.sd);
+                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_gen, tgs.mean, tgs.sd);
     if (*n_gen > 0) {
       std::printf("tg weight reads: %.2f GB/s", tg_gbps);
-      if (membw > 0) std::printf(" = %.0f%% of the %.2f GB/s streaming-read bandwidth", 100.0 * tg_gbps / membw, membw);
+      if (membw > 0)
+        std::printf(" = %.0f%% of the %.2f GB/s %s", 100.0 * tg_gbps / membw, membw,
+                    decoder.gpu() ? "device-to-device copy bandwidth" : "streaming-read bandwidth");
       std::printf("\n");
     }
     return 0;

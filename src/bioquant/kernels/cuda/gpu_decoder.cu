@@ -95,17 +95,33 @@ template <bool kQ5>
 __device__ __forceinline__ void decode32_k45(const uint8_t* row, int64_t b, Block32& o) {
   const int64_t sb = b / 8;
   const int j = static_cast<int>(b % 8);
-  const uint8_t* blk = row + (kQ5 ? 176 : 144) * sb;
-  const float d = half_at(blk), dmin = half_at(blk + 2);
+  const uint8_t* blk = row + (kQ5 ? 176 : 144) * sb;  // 16-byte aligned (rows are whole super-blocks)
+  const uint4 head = *reinterpret_cast<const uint4*>(blk);
+  uint8_t hb[16];
+  memcpy(hb, &head, 16);
+  const float d = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
+  const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
   int sc, m;
-  kquant_scale_min_dev(blk + 4, j, sc, m);
-  const uint8_t* qs = blk + (kQ5 ? 48 : 16) + 32 * (j / 2);
+  kquant_scale_min_dev(hb + 4, j, sc, m);
+  const uint4* qs = reinterpret_cast<const uint4*>(blk + (kQ5 ? 48 : 16) + 32 * (j / 2));
+  const uint4 q0 = qs[0], q1 = qs[1];
+  const uint32_t words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
   const int shift = 4 * (j % 2);
+  uint32_t hw[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (kQ5) {
+    const uint4* qh = reinterpret_cast<const uint4*>(blk + 16);
+    const uint4 h0 = qh[0], h1 = qh[1];
+    const uint32_t hws[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    int v = (qs[i] >> shift) & 0xF;
-    if (kQ5) v |= ((blk[16 + i] >> j) & 1) << 4;
-    o.lv[i] = v;
+    for (int k = 0; k < 8; ++k) hw[k] = ((hws[k] >> j) & 0x01010101u) << 4;
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t v = ((words[k] >> shift) & 0x0F0F0F0Fu) | hw[k];
+    o.lv[4 * k] = v & 0xFF;
+    o.lv[4 * k + 1] = (v >> 8) & 0xFF;
+    o.lv[4 * k + 2] = (v >> 16) & 0xFF;
+    o.lv[4 * k + 3] = v >> 24;
   }
   o.scale_lo = o.scale_hi = d * static_cast<float>(sc);
   o.min_term = -dmin * static_cast<float>(m);
@@ -169,11 +185,19 @@ __device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, i
     codes = p + 1;
   }
   const int16_t* book = kNf4 ? c_nf4_q14 : c_fp4_q14;
+  uint8_t cb[16];
+  if (!dq) {  // 4-byte aligned (36-byte blocks)
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(codes + 16 * half);
+    const uint32_t w4[4] = {w[0], w[1], w[2], w[3]};
+    memcpy(cb, w4, 16);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) cb[k] = codes[16 * half + k];
+  }
 #pragma unroll
   for (int k = 0; k < 16; ++k) {  // element 2k in the HIGH nibble of byte k
-    const uint8_t c = codes[16 * half + k];
-    o.lv[2 * k] = book[c >> 4];
-    o.lv[2 * k + 1] = book[c & 0xF];
+    o.lv[2 * k] = book[cb[k] >> 4];
+    o.lv[2 * k + 1] = book[cb[k] & 0xF];
   }
   o.scale_lo = o.scale_hi = absmax * (1.0f / 16384.0f);
   o.min_term = 0.0f;
@@ -236,7 +260,11 @@ __global__ void qmatmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows,
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (t >= n_tokens) break;
-      const int8_t* qx = q + t * nblk * 32 + 32 * b;
+      const int4* qv = reinterpret_cast<const int4*>(q + t * nblk * 32 + 32 * b);
+      const int4 qa = qv[0], qb = qv[1];
+      int8_t qx[32];
+      memcpy(qx, &qa, 16);
+      memcpy(qx + 16, &qb, 16);
       int lo = 0, hi = 0;
 #pragma unroll
       for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
@@ -263,6 +291,44 @@ __device__ __forceinline__ float plain_at(const uint8_t* row, int64_t i) {
   if constexpr (T == static_cast<int>(QuantType::F16))
     return __half2float(reinterpret_cast<const __half*>(row)[i]);
   return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[i]);
+}
+
+// bf16 rows whose length is a multiple of 8: 16-byte loads (8 weights) per lane.
+template <int NT>
+__global__ void bf16_matmul_vec_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, const float* x,
+                                       int64_t n_tokens, float* y) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + row * row_bytes);
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+  for (int64_t g = lane; g < cols / 8; g += 32) {
+    const uint4 pack = wr[g];
+    const uint32_t u[4] = {pack.x, pack.y, pack.z, pack.w};
+    float wv[8];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      wv[2 * k] = __uint_as_float(u[k] << 16);
+      wv[2 * k + 1] = __uint_as_float(u[k] & 0xFFFF0000u);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t >= n_tokens) break;
+      const float4* xv = reinterpret_cast<const float4*>(x + t * cols + 8 * g);
+      const float4 a = xv[0], b = xv[1];
+      acc[t] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (t >= n_tokens) break;
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) y[t * rows + row] = v;
+  }
 }
 
 template <int T, int NT>
@@ -624,6 +690,10 @@ struct GpuDecoder::Impl {
 #define BQ_PLAIN(TYPE)                                                                                            \
   plain_matmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, \
                                                                                   xt, nt, yt)
+        if (t == static_cast<int>(QuantType::BF16) && m.cols % 8 == 0) {
+          bf16_matmul_vec_kernel<8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt);
+          continue;
+        }
         if (t == static_cast<int>(QuantType::F32)) BQ_PLAIN(QuantType::F32);
         else if (t == static_cast<int>(QuantType::F16)) BQ_PLAIN(QuantType::F16);
         else BQ_PLAIN(QuantType::BF16);
@@ -779,6 +849,36 @@ std::string cuda_device_description(int device) {
   std::string out(p.name);
   out.append(" (sm_").append(std::to_string(p.major)).append(std::to_string(p.minor)).append(", ").append(mem).append(" GiB)");
   return out;
+}
+
+double cuda_copy_bandwidth(int device) {
+  CUDA_OK(cudaSetDevice(device));
+  const size_t n = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  CUDA_OK(cudaMalloc(&a, n));
+  if (cudaMalloc(&b, n) != cudaSuccess) {
+    cudaFree(a);
+    throw Error("CUDA: no room for the 2 GiB bandwidth probe");
+  }
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  float best_ms = 1e30f;
+  cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);  // warm-up
+  for (int i = 0; i < 5; ++i) {
+    cudaEventRecord(e0);
+    cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0.0f;
+    cudaEventElapsedTime(&ms, e0, e1);
+    best_ms = std::min(best_ms, ms);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * static_cast<double>(n) / (static_cast<double>(best_ms) * 1e-3) / 1e9;
 }
 
 GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::make_unique<Impl>(model, device, kv)) {

@@ -26,6 +26,10 @@ std::string cuda_device_description(int device);
 // or for a CUDA device that is not there.
 int parse_device(const std::string& device);
 
+// Device-to-device copy bandwidth in GB/s (bytes read + bytes written, best of 5 over 1 GiB): the
+// ceiling a weight-streaming decode step is measured against.
+double cuda_copy_bandwidth(int device);
+
 struct GpuMemory {
   size_t weights = 0;     // matrices as uploaded (quantized formats stay quantized) + norms/biases
   size_t kv_cache = 0;    // every KV cache allocated so far

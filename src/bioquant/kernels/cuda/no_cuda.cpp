@@ -10,6 +10,8 @@ int cuda_device_count() { return 0; }
 
 std::string cuda_device_description(int) { throw Error("this build has no CUDA backend"); }
 
+double cuda_copy_bandwidth(int) { throw Error("this build has no CUDA backend"); }
+
 struct GpuDecoder::Impl {};
 
 GpuDecoder::GpuDecoder(const Model&, int, KvType) {
