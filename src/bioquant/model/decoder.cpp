@@ -22,11 +22,11 @@ void KVCache::ensure_host() {
   v_.resize(n);
 }
 
-Decoder::Decoder(const Model& model, ThreadPool& pool, int device) : model_(model), pool_(pool) {
+Decoder::Decoder(const Model& model, ThreadPool& pool, int device, KvType kv) : model_(model), pool_(pool) {
   const ModelConfig& c = model.config();
   inv_freq_.resize(static_cast<size_t>(c.rotary_dim() / 2));
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data());
-  if (device >= 0) gpu_ = std::make_unique<GpuDecoder>(model, device);
+  if (device >= 0) gpu_ = std::make_unique<GpuDecoder>(model, device, kv);
 }
 
 Decoder::~Decoder() = default;

@@ -8,11 +8,10 @@
 #include <vector>
 
 #include "bioquant/core/thread_pool.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/model.h"
 
 namespace bioquant {
-
-class GpuDecoder;
 
 // K and V of every processed position, f32, laid out [layer][position][kv_head][head_dim]. The
 // host storage is allocated when a CPU decoder first uses the cache; a GPU decoder keeps the K/V
@@ -60,8 +59,9 @@ struct DecodeSegment {
 
 class Decoder {
  public:
-  // device: -1 = CPU; N = CUDA device N (see parse_device in kernels/cuda/gpu_decoder.h).
-  Decoder(const Model& model, ThreadPool& pool, int device = -1);
+  // device: -1 = CPU; N = CUDA device N (see parse_device in kernels/cuda/gpu_decoder.h), whose
+  // KV caches are kept in `kv` (bf16 by default; the CPU's are f32).
+  Decoder(const Model& model, ThreadPool& pool, int device = -1, KvType kv = KvType::BF16);
   ~Decoder();
 
   // Runs `n` tokens at positions cache.size() .. cache.size() + n - 1 and appends them to the

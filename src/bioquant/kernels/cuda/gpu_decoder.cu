@@ -789,7 +789,8 @@ struct GpuDecoder::Impl {
           static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
       const int64_t max_len = pos0 + n;
-      const size_t smem = static_cast<size_t>(max_len) * sizeof(float);
+      // Padded: the compiler may read the scores three at a time past the last one it uses.
+      const size_t smem = static_cast<size_t>((max_len + 7) / 4 * 4) * sizeof(float);
       check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(max_len) + " positions is too long");
       attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(n)), 128, smem, stream>>>(
           work.q, kc, vc, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
