@@ -618,6 +618,7 @@ Run add_bench(CLI::App& app) {
   auto reps = std::make_shared<int>(3);
   auto as_json = std::make_shared<bool>(false);
   auto no_bandwidth = std::make_shared<bool>(false);
+  auto ctx = std::make_shared<int64_t>(0);
   add_model_flags(app, *opts, false);
   auto* syn = app.add_option("--synthetic", *synthetic, "random-weight model of a named shape (llama-1b, llama3-8b, ...)");
   app.get_option("--model")->excludes(syn);
@@ -628,6 +629,8 @@ Run add_bench(CLI::App& app) {
   app.add_option("-r,--repetitions", *reps, "repetitions (default 3)")->check(CLI::PositiveNumber);
   app.add_flag("--json", *as_json, "print one JSON object");
   app.add_flag("--no-bandwidth", *no_bandwidth, "skip the memory-bandwidth probe");
+  app.add_option("--ctx", *ctx, "KV cache capacity in tokens (default: just enough for the test; set it to measure memory at a context)")
+      ->check(CLI::NonNegativeNumber);
   return [=]() {
     const int device = check_device(opts->device);
     check(!opts->model.empty() || !synthetic->empty(), "give --model PATH or --synthetic NAME");
@@ -648,7 +651,10 @@ Run add_bench(CLI::App& app) {
     }
     const ModelConfig& c = model->config();
     Decoder decoder(*model, pool, device);
-    KVCache cache(c, std::max<int64_t>(*n_prompt, *n_gen) + 1);
+    const int64_t needed = std::max<int64_t>(*n_prompt, *n_gen) + 1;
+    check(*ctx == 0 || *ctx >= needed, "--ctx " + std::to_string(*ctx) + " is smaller than the " + std::to_string(needed) +
+                                           " positions the test needs");
+    KVCache cache(c, std::max(needed, *ctx));
     std::mt19937 rng(42);
     std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab - 1));
     std::vector<float> logits(static_cast<size_t>(c.vocab));
