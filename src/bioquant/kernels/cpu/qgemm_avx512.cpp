@@ -32,15 +32,7 @@ float f16(uint16_t h) { return _cvtsh_ss(h); }
 // quantize_activations (qgemm_impl.h) in AVX-512, bit for bit: the same f32 products, and
 // vcvtps2dq rounds half to even as q_round does (|x * id| <= 127 + ulp, far inside its range).
 ActQ quantize_activations_512(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols) {
-  ActQ a;
-  a.n_tokens = n_tokens;
-  a.cols = cols;
-  a.cols_pad = round_up(cols, 64);
-  a.nblk = a.cols_pad / 32;
-  a.q = static_cast<int8_t*>(detail::qgemm_scratch(0, static_cast<size_t>(n_tokens * a.cols_pad)));
-  a.d = static_cast<float*>(detail::qgemm_scratch(1, static_cast<size_t>(n_tokens * a.nblk) * sizeof(float)));
-  a.s = static_cast<int32_t*>(detail::qgemm_scratch(2, static_cast<size_t>(n_tokens * a.nblk) * sizeof(int32_t)));
-  a.s16 = static_cast<int32_t*>(detail::qgemm_scratch(3, static_cast<size_t>(n_tokens * a.nblk * 2) * sizeof(int32_t)));
+  ActQ a = activation_buffers(n_tokens, cols);
   for (int64_t t = 0; t < n_tokens; ++t) {
     const float* xt = x + t * ldx;
     int8_t* qt = a.q + t * a.cols_pad;

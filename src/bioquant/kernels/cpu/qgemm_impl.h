@@ -32,8 +32,8 @@ inline int32_t q_round(float v) {
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Quantizes n_tokens rows of x (cols each, ldx apart) into scratch slots 0-3.
-inline ActQ quantize_activations(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols) {
+// The activation buffers for n_tokens rows of cols columns, in scratch slots 0-3.
+inline ActQ activation_buffers(int64_t n_tokens, int64_t cols) {
   ActQ a;
   a.n_tokens = n_tokens;
   a.cols = cols;
@@ -43,6 +43,12 @@ inline ActQ quantize_activations(const float* x, int64_t ldx, int64_t n_tokens, 
   a.d = static_cast<float*>(detail::qgemm_scratch(1, static_cast<size_t>(n_tokens * a.nblk) * sizeof(float)));
   a.s = static_cast<int32_t*>(detail::qgemm_scratch(2, static_cast<size_t>(n_tokens * a.nblk) * sizeof(int32_t)));
   a.s16 = static_cast<int32_t*>(detail::qgemm_scratch(3, static_cast<size_t>(n_tokens * a.nblk * 2) * sizeof(int32_t)));
+  return a;
+}
+
+// Quantizes n_tokens rows of x (cols each, ldx apart) into scratch slots 0-3.
+inline ActQ quantize_activations(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols) {
+  ActQ a = activation_buffers(n_tokens, cols);
   for (int64_t t = 0; t < n_tokens; ++t) {
     const float* xt = x + t * ldx;
     int8_t* qt = a.q + t * a.cols_pad;

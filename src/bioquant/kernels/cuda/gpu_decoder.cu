@@ -241,6 +241,20 @@ __global__ void quantize_act_kernel(const float* x, int64_t cols, int64_t nblk, 
   }
 }
 
+// The warp's per-lane partial sums of one output row, for each token: reduced and stored by lane 0.
+template <int NT>
+__device__ __forceinline__ void store_row_sums(const float* acc, int64_t n_tokens, int64_t rows, int64_t row, int lane,
+                                               float* y) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (t >= n_tokens) break;
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) y[t * rows + row] = v;
+  }
+}
+
 // Quantized matmul: one warp per output row, lanes over activation blocks, up to NT tokens per pass
 // (the row's blocks are decoded once per pass).
 template <int T, int NT>
@@ -274,14 +288,7 @@ __global__ void qmatmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows,
                                    blk.min_term * static_cast<float>(s[t * nblk + b]));
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    if (t >= n_tokens) break;
-    float v = acc[t];
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[t * rows + row] = v;
-  }
+  store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
 }
 
 // Plain weights (f32 / f16 / bf16) with f32 activations: one warp per row.
@@ -321,14 +328,7 @@ __global__ void bf16_matmul_vec_kernel(const uint8_t* w, size_t row_bytes, int64
       acc[t] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    if (t >= n_tokens) break;
-    float v = acc[t];
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[t * rows + row] = v;
-  }
+  store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
 }
 
 template <int T, int NT>
@@ -349,14 +349,7 @@ __global__ void plain_matmul_kernel(const uint8_t* w, size_t row_bytes, int64_t 
       acc[t] += wv * x[t * cols + i];
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    if (t >= n_tokens) break;
-    float v = acc[t];
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[t * rows + row] = v;
-  }
+  store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
 }
 
 // ---------------------------------------------------------------------------------------------
