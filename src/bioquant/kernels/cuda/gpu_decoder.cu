@@ -64,10 +64,10 @@ __device__ __forceinline__ void kquant_scale_min_dev(const uint8_t* q, int j, in
 }
 
 template <int T>
-__device__ __forceinline__ void decode32(const uint8_t* row, int64_t cols, int64_t b, bool dq, Block32& o);
+__device__ __forceinline__ void decode32(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book, Block32& o);
 
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q8_0)>(const uint8_t* row, int64_t, int64_t b, bool,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q8_0)>(const uint8_t* row, int64_t, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   const uint8_t* blk = row + 34 * b;
   const float d = half_at(blk);
@@ -78,7 +78,7 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q8_0)>(cons
 }
 
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_0)>(const uint8_t* row, int64_t, int64_t b, bool,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_0)>(const uint8_t* row, int64_t, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   const uint8_t* blk = row + 18 * b;
   const float d = half_at(blk);
@@ -128,18 +128,18 @@ __device__ __forceinline__ void decode32_k45(const uint8_t* row, int64_t b, Bloc
 }
 
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_K)>(const uint8_t* row, int64_t, int64_t b, bool,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_K)>(const uint8_t* row, int64_t, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   decode32_k45<false>(row, b, o);
 }
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q5_K)>(const uint8_t* row, int64_t, int64_t b, bool,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q5_K)>(const uint8_t* row, int64_t, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   decode32_k45<true>(row, b, o);
 }
 
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q6_K)>(const uint8_t* row, int64_t, int64_t b, bool,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q6_K)>(const uint8_t* row, int64_t, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   const int64_t sb = b / 8;
   const int e0 = static_cast<int>(b % 8) * 32;  // first element within the super-block
@@ -159,7 +159,7 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q6_K)>(cons
 }
 
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::INT8)>(const uint8_t* row, int64_t cols, int64_t b, bool,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::INT8)>(const uint8_t* row, int64_t cols, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   const int8_t* q = reinterpret_cast<const int8_t*>(row + 4);
 #pragma unroll
@@ -168,8 +168,9 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::INT8)>(cons
   o.min_term = 0.0f;
 }
 
-template <bool kNf4>
-__device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, int64_t b, bool dq, Block32& o) {
+// book: the format's Q1.14 codebook in shared memory (constant memory serialises divergent lookups).
+__device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book,
+                                             Block32& o) {
   const int64_t nb = cols / 64, blk = b / 2;
   const int half = static_cast<int>(b % 2);
   float absmax;
@@ -184,7 +185,6 @@ __device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, i
     absmax = c_dynamic_map[p[0]] * nested + offset;
     codes = p + 1;
   }
-  const int16_t* book = kNf4 ? c_nf4_q14 : c_fp4_q14;
   uint8_t cb[16];
   if (!dq) {  // 4-byte aligned (36-byte blocks)
     const uint32_t* w = reinterpret_cast<const uint32_t*>(codes + 16 * half);
@@ -203,14 +203,14 @@ __device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, i
   o.min_term = 0.0f;
 }
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::NF4)>(const uint8_t* row, int64_t cols, int64_t b, bool dq,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::NF4)>(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book,
                                                                           Block32& o) {
-  decode32_bnb<true>(row, cols, b, dq, o);
+  decode32_bnb(row, cols, b, dq, book, o);
 }
 template <>
-__device__ __forceinline__ void decode32<static_cast<int>(QuantType::FP4)>(const uint8_t* row, int64_t cols, int64_t b, bool dq,
+__device__ __forceinline__ void decode32<static_cast<int>(QuantType::FP4)>(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book,
                                                                           Block32& o) {
-  decode32_bnb<false>(row, cols, b, dq, o);
+  decode32_bnb(row, cols, b, dq, book, o);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -260,6 +260,11 @@ __device__ __forceinline__ void store_row_sums(const float* acc, int64_t n_token
 template <int T, int NT>
 __global__ void qmatmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, bool dq, const int8_t* q,
                                const float* d, const int* s, int64_t nblk, int64_t n_tokens, float* y) {
+  __shared__ int16_t book[16];
+  if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
+    if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
+    __syncthreads();
+  }
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -270,7 +275,7 @@ __global__ void qmatmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows,
   for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
   for (int64_t b = lane; b < wblk; b += 32) {
     Block32 blk;
-    decode32<T>(wr, cols, b, dq, blk);
+    decode32<T>(wr, cols, b, dq, book, blk);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (t >= n_tokens) break;
@@ -428,10 +433,10 @@ __device__ __forceinline__ float from_kv(float v) { return v; }
 __device__ __forceinline__ float from_kv(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <class KV>
-__global__ void rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, int64_t pos0, int n_heads,
+__global__ void rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, const int64_t* pos0_ptr, int n_heads,
                                   int n_kv_heads, int head_dim, int rotary_dim, KV* k_cache, KV* v_cache) {
   const int64_t t = blockIdx.x;
-  const int64_t pos = pos0 + t;
+  const int64_t pos = *pos0_ptr + t;
   const int half = rotary_dim / 2;
   const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
   for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * half; j += blockDim.x) {
@@ -453,12 +458,12 @@ __global__ void rope_store_kernel(float* q, float* k, const float* v, const floa
 // Attention of token t (at position pos0 + t) and head h over its cache. Grid (heads, tokens); scores
 // in dynamic shared memory.
 template <class KV>
-__global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_cache, int64_t pos0, int n_heads,
+__global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_cache, const int64_t* pos0_ptr, int n_heads,
                                  int n_kv_heads, int head_dim, int64_t window, float scale, float softcap, float* out) {
   extern __shared__ float scores[];
   __shared__ float red[32];
   const int h = blockIdx.x;
-  const int64_t t = blockIdx.y, pos = pos0 + t;
+  const int64_t t = blockIdx.y, pos = *pos0_ptr + t;
   const int g = h / (n_heads / n_kv_heads);
   const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
   const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
@@ -577,14 +582,39 @@ struct GpuDecoder::Impl {
     int8_t* aq = nullptr;
     float* ad = nullptr;
     int* as = nullptr;
+    int64_t* pos = nullptr;  // the step's first position (kernels read it, so a captured graph can replay)
+    float* host_x = nullptr;       // pinned: embedding rows in
+    float* host_logits = nullptr;  // pinned: logits out
+    int64_t* host_pos = nullptr;   // pinned
     int64_t tokens = 0, logit_rows = 0;
+    uint64_t generation = 0;  // bumped when the buffers move (a captured graph then goes stale)
   } work;
+  // Decode (one token, one logit row) replays a CUDA graph of the whole step: ~20 launches per layer
+  // cost more than the step's kernels on small and mid-size models.
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    const KVCache* cache = nullptr;
+    uint64_t generation = 0;
+  } graph;
+  void drop_graph() {
+    if (graph.exec) cudaGraphExecDestroy(graph.exec);
+    graph = Graph{};
+  }
+  void free_pinned() {
+    if (work.host_x) cudaFreeHost(work.host_x);
+    if (work.host_logits) cudaFreeHost(work.host_logits);
+    if (work.host_pos) cudaFreeHost(work.host_pos);
+    work.host_x = work.host_logits = nullptr;
+    work.host_pos = nullptr;
+  }
   std::vector<DevBuf> work_bufs;
 
   Impl(const Model& m, int dev, KvType kv) : model(m), device(dev), kv_type(kv) {}
 
   ~Impl() {
     cudaSetDevice(device);
+    drop_graph();
+    free_pinned();
     for (auto& [cache, c] : caches) {
       const_cast<KVCache*>(cache)->on_release = nullptr;
       mem.free(c.k, c.bytes / 2, Pool::Kv);
@@ -623,8 +653,10 @@ struct GpuDecoder::Impl {
 
   void ensure_work(int64_t tokens, int64_t logit_rows) {
     if (tokens <= work.tokens && logit_rows <= work.logit_rows) return;
+    drop_graph();
     for (DevBuf& b : work_bufs) mem.free(b.ptr, b.n, b.pool);
     work_bufs.clear();
+    free_pinned();
     const ModelConfig& c = model.config();
     tokens = std::max(tokens, work.tokens);
     logit_rows = std::max(logit_rows, work.logit_rows);
@@ -648,6 +680,11 @@ struct GpuDecoder::Impl {
     work.aq = reinterpret_cast<int8_t*>(fbuf((tokens * nblk * 32 + 3) / 4));
     work.ad = fbuf(tokens * nblk);
     work.as = reinterpret_cast<int*>(fbuf(tokens * nblk));
+    work.pos = reinterpret_cast<int64_t*>(fbuf(2));
+    CUDA_OK(cudaMallocHost(&work.host_x, static_cast<size_t>(tokens * c.hidden) * sizeof(float)));
+    CUDA_OK(cudaMallocHost(&work.host_logits, static_cast<size_t>(logit_rows * c.vocab) * sizeof(float)));
+    CUDA_OK(cudaMallocHost(&work.host_pos, sizeof(int64_t)));
+    ++work.generation;
     work.tokens = tokens;
     work.logit_rows = logit_rows;
   }
@@ -727,6 +764,7 @@ struct GpuDecoder::Impl {
   }
 
   void release(const KVCache& cache) {
+    if (graph.cache == &cache) drop_graph();
     auto it = caches.find(&cache);
     if (it == caches.end()) return;
     cudaSetDevice(device);
@@ -741,22 +779,63 @@ struct GpuDecoder::Impl {
   void forward_impl(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits_host) {
     const ModelConfig& c = model.config();
     const ModelWeights& w = model.weights();
-    const int64_t pos0 = cache.size();
-    ensure_work(n, n_logits);
+    ensure_work(n, std::max<int64_t>(n_logits, 1));
     DevKv& kv = kv_for(cache);
-    const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate;
-
-    // Embeddings: the rows on the host, then one upload.
-    {
-      std::vector<float> x(static_cast<size_t>(n * hd));
-      const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
-      for (int64_t t = 0; t < n; ++t) {
-        w.embed.row_to_f32(tokens[t], x.data() + t * hd);
-        if (c.embed_scale)
-          for (int64_t j = 0; j < hd; ++j) x[t * hd + j] *= embed_scale;
-      }
-      CUDA_OK(cudaMemcpyAsync(work.x, x.data(), x.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+    const int64_t hd = c.hidden;
+    // Host side of the step: embedding rows and the position, into pinned buffers.
+    const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
+    for (int64_t t = 0; t < n; ++t) {
+      float* row = work.host_x + t * hd;
+      w.embed.row_to_f32(tokens[t], row);
+      if (c.embed_scale)
+        for (int64_t j = 0; j < hd; ++j) row[j] *= embed_scale;
     }
+    *work.host_pos = cache.size();
+    // Attention's score buffer: the whole cache when replaying a graph (any position), else what is used.
+    const int64_t graph_smem_len = kv.capacity;
+    const bool use_graph = n == 1 && n_logits == 1 && (graph_smem_len + 7) / 4 * 4 * 4 <= 200 * 1024;
+    if (!use_graph) {
+      enqueue_step<KV>(kv, n, n_logits, cache.size() + n);
+    } else {
+      const bool stale = graph.exec == nullptr || graph.cache != &cache || graph.generation != work.generation;
+      if (stale) {
+        drop_graph();
+        cudaGraph_t g = nullptr;
+        CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        try {
+          enqueue_step<KV>(kv, 1, 1, graph_smem_len);
+        } catch (...) {
+          cudaStreamEndCapture(stream, &g);
+          if (g) cudaGraphDestroy(g);
+          throw;
+        }
+        CUDA_OK(cudaStreamEndCapture(stream, &g));
+        const cudaError_t e = cudaGraphInstantiate(&graph.exec, g, 0);
+        cudaGraphDestroy(g);
+        CUDA_OK(e);
+        graph.cache = &cache;
+        graph.generation = work.generation;
+      }
+      CUDA_OK(cudaGraphLaunch(graph.exec, stream));
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+    if (n_logits > 0)
+      std::memcpy(logits_host, work.host_logits, static_cast<size_t>(n_logits * c.vocab) * sizeof(float));
+    sample_device_memory();
+  }
+
+  // Every device operation of one step, on `stream` (capturable): inputs from the pinned buffers,
+  // logits back into them. smem_len: positions the attention score buffer must hold.
+  template <class KV>
+  void enqueue_step(DevKv& kv, int64_t n, int64_t n_logits, int64_t smem_len) {
+    const ModelConfig& c = model.config();
+    const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate;
+    CUDA_OK(cudaMemcpyAsync(work.pos, work.host_pos, sizeof(int64_t), cudaMemcpyHostToDevice, stream));
+    CUDA_OK(cudaMemcpyAsync(work.x, work.host_x, static_cast<size_t>(n * hd) * sizeof(float), cudaMemcpyHostToDevice,
+                            stream));
+    // Padded: the compiler may read the scores three at a time past the last one it uses.
+    const size_t smem = static_cast<size_t>((smem_len + 7) / 4 * 4) * sizeof(float);
+    check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(smem_len) + " positions is too long");
     const size_t layer_elems = static_cast<size_t>(kv.capacity * kvd);
     for (int64_t li = 0; li < c.n_layers; ++li) {
       const DevLayer& l = layers[static_cast<size_t>(li)];
@@ -778,16 +857,12 @@ struct GpuDecoder::Impl {
                                                                                      c.head_dim, work.k);
       }
       rope_store_kernel<KV><<<static_cast<unsigned>(n), 256, 0, stream>>>(
-          work.q, work.k, work.v, inv_freq, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+          work.q, work.k, work.v, inv_freq, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
           static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
-      const int64_t max_len = pos0 + n;
-      // Padded: the compiler may read the scores three at a time past the last one it uses.
-      const size_t smem = static_cast<size_t>((max_len + 7) / 4 * 4) * sizeof(float);
-      check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(max_len) + " positions is too long");
       attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(n)), 128, smem, stream>>>(
-          work.q, kc, vc, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
-          window, c.attention_scale(), c.attn_softcap, work.attn);
+          work.q, kc, vc, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+          static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, work.attn);
       matmul(work.attn, n, l.wo, work.h);
       if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
       if (c.sandwich_norms)
@@ -817,11 +892,9 @@ struct GpuDecoder::Impl {
       if (c.final_softcap > 0.0f)
         softcap_kernel<<<blocks_for(n_logits * c.vocab), 256, 0, stream>>>(work.logits, n_logits * c.vocab, c.final_softcap);
       CUDA_OK(cudaGetLastError());
-      CUDA_OK(cudaMemcpyAsync(logits_host, work.logits, static_cast<size_t>(n_logits * c.vocab) * sizeof(float),
+      CUDA_OK(cudaMemcpyAsync(work.host_logits, work.logits, static_cast<size_t>(n_logits * c.vocab) * sizeof(float),
                               cudaMemcpyDeviceToHost, stream));
     }
-    CUDA_OK(cudaStreamSynchronize(stream));
-    sample_device_memory();
   }
 };
 
