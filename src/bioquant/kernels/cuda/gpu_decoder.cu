@@ -36,6 +36,7 @@ void cuda_check(cudaError_t e, const char* what) {
 
 struct Block32 {
   int lv[32];
+  uint32_t packed[8];  // q4_k/q5_k: the same levels, four unsigned bytes per word (for dp4a)
   float scale_lo, scale_hi, min_term;
 };
 
@@ -118,6 +119,7 @@ __device__ __forceinline__ void decode32_k45(const uint8_t* row, int64_t b, Bloc
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     const uint32_t v = ((words[k] >> shift) & 0x0F0F0F0Fu) | hw[k];
+    o.packed[k] = v;
     o.lv[4 * k] = v & 0xFF;
     o.lv[4 * k + 1] = (v >> 8) & 0xFF;
     o.lv[4 * k + 2] = (v >> 16) & 0xFF;
@@ -285,10 +287,18 @@ __global__ void qmatmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows,
       memcpy(qx, &qa, 16);
       memcpy(qx + 16, &qb, 16);
       int lo = 0, hi = 0;
+      if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K)) {
+        const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};  // levels < 32: the same as signed bytes
 #pragma unroll
-      for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
+        for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
 #pragma unroll
-      for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
+        for (int k = 4; k < 8; ++k) hi = __dp4a(static_cast<int>(blk.packed[k]), qw[k], hi);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
+#pragma unroll
+        for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
+      }
       acc[t] += d[t * nblk + b] * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) +
                                    blk.min_term * static_cast<float>(s[t * nblk + b]));
     }
