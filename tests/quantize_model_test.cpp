@@ -6,9 +6,12 @@
 #include <nlohmann/json.hpp>
 
 #include "bioquant/core/error.h"
+#include "bioquant/core/half.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/quantize.h"
+#include "bioquant/model/decoder.h"
 #include "bioquant/model/synthetic.h"
+#include "bioquant/quant/random_rows.h"
 #include "test_util.h"
 
 namespace bioquant {
@@ -150,6 +153,81 @@ TEST(QuantMemory, WeightBytesMatchBitsPerWeight) {
     const double expected = params * f.bpw / 8.0;
     EXPECT_NEAR(bytes / expected, 1.0, 0.01) << f.name << (f.dq ? "+dq" : "") << ": " << 8.0 * bytes / params << " bits/weight";
   }
+}
+
+// Synthetic weights made straight in a format (random_rows.h) must look like the float synthetic
+// weights once dequantized (std ~0.02, centred), be a function of (seed, row) only, and differ by row.
+TEST(SyntheticWeights, RandomRowsDequantizeToWeightLikeValues) {
+  struct Case {
+    QuantType t;
+    bool dq;
+  };
+  const Case cases[] = {{QuantType::F32, false},  {QuantType::F16, false},  {QuantType::BF16, false},
+                        {QuantType::Q8_0, false}, {QuantType::Q4_0, false}, {QuantType::Q4_K, false},
+                        {QuantType::Q5_K, false}, {QuantType::Q6_K, false}, {QuantType::INT8, false},
+                        {QuantType::NF4, false},  {QuantType::FP4, false},  {QuantType::NF4, true},
+                        {QuantType::FP4, true}};
+  // Its fp16 conversion is the reference one, subnormals included.
+  for (float v = 1e-9f; v < 7e4f; v *= 1.0137f) {
+    EXPECT_EQ(random_rows::f16_bits(v), f32_to_f16(v)) << v;
+    EXPECT_EQ(random_rows::f16_bits(-v), f32_to_f16(-v)) << v;
+  }
+  const int64_t cols = 1024;
+  for (const Case& k : cases) {
+    const char* name = quant_traits(k.t).name;
+    const size_t rb = quant_row_bytes(k.t, cols, k.dq);
+    std::vector<uint8_t> r0(rb), r0again(rb), r1(rb);
+    random_rows::make_row(k.t, k.dq, cols, 99, 0, r0.data());
+    random_rows::make_row(k.t, k.dq, cols, 99, 0, r0again.data());
+    random_rows::make_row(k.t, k.dq, cols, 99, 1, r1.data());
+    EXPECT_EQ(r0, r0again) << name;
+    EXPECT_NE(r0, r1) << name;
+    double sum = 0, sq = 0;
+    std::vector<float> w(static_cast<size_t>(cols));
+    for (const auto* row : {&r0, &r1}) {
+      dequantize_row(k.t, row->data(), cols, w.data(), k.dq);
+      for (float v : w) {
+        ASSERT_TRUE(std::isfinite(v)) << name;
+        sum += v;
+        sq += static_cast<double>(v) * v;
+      }
+    }
+    const double n = 2.0 * cols, mean = sum / n, sd = std::sqrt(sq / n - mean * mean);
+    EXPECT_LT(std::fabs(mean), 0.01) << name << (k.dq ? "+dq" : "");
+    EXPECT_GT(sd, 0.008) << name << (k.dq ? "+dq" : "");
+    EXPECT_LT(sd, 0.04) << name << (k.dq ? "+dq" : "");
+  }
+}
+
+// A synthetic model made straight in q4_k_m has the plan's formats and runs; one whose matrices are
+// left for the GPU to make is refused by the CPU engine with a clear error.
+TEST(SyntheticWeights, RandomRowModelsRunAndGpuOnlyOnesAreRefusedOnTheCpu) {
+  ThreadPool pool(2);
+  ModelConfig c = synthetic_config("tiny");
+  c.hidden = 256;
+  c.intermediate = 512;
+  c.head_dim = 64;
+  const QuantRecipe recipe = parse_quant_recipe("q4_k_m");
+  auto model = make_synthetic_model(c, DType::BF16, 5, pool, &recipe, SyntheticWeights::RandomRows);
+  const auto plan = plan_quantization(*make_synthetic_model(c, DType::BF16, 5, pool), recipe);
+  const auto matrices = model->named_matrices();
+  ASSERT_EQ(matrices.size(), plan.size());
+  for (size_t i = 0; i < plan.size(); ++i) EXPECT_EQ(matrices[i].second->type, plan[i].to) << plan[i].name;
+  Decoder decoder(*model, pool);
+  KVCache cache(c, 4);
+  const int32_t ids[] = {3, 1, 4};
+  std::vector<float> logits(static_cast<size_t>(c.vocab));
+  decoder.forward(ids, 3, cache, 1, logits.data());
+  float amax = 0.0f;
+  for (float v : logits) {
+    ASSERT_TRUE(std::isfinite(v));
+    amax = std::max(amax, std::fabs(v));
+  }
+  EXPECT_GT(amax, 0.0f);
+  auto gpu_only = make_synthetic_model(c, DType::BF16, 5, pool, &recipe, SyntheticWeights::RandomRowsOnGpu);
+  EXPECT_NE(gpu_only->weights().embed.data, nullptr);  // embedding rows are looked up on the host
+  EXPECT_EQ(gpu_only->weights().layers[0].wq.data, nullptr);
+  EXPECT_THROW(Decoder(*gpu_only, pool), Error);
 }
 
 // Peak resident memory of a whole run, measured by the process itself (bench reports VmHWM).

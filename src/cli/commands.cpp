@@ -38,6 +38,7 @@ void add_model_flags(CLI::App& app, Common& c, bool required) {
   if (required) opt->required();
   app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--device", c.device, cuda_device_count() > 0 ? "cpu (default), cuda or cuda:N" : "cpu (default); cuda or cuda:N in a build with the CUDA backend and a GPU");
+  app.add_option("--kv-cache", c.kv_cache, "GPU KV cache: bf16 (default), f32, or q8 (int8 + fp16 scale per 32 values)");
   app.add_option("--quant", c.quant, "quantize on load: " + quant_names_list());
   app.add_flag("--double-quant", c.double_quant, "nf4/fp4: quantize the block scales too (~4.13 bits/weight)");
   app.add_option("--quant-policy", c.quant_policy,
@@ -79,6 +80,12 @@ void report_peak_memory() {
 }
 
 int check_device(const std::string& device) { return parse_device(device); }
+
+KvType kv_type_of(const Common& c, int device) {
+  if (c.kv_cache.empty()) return KvType::BF16;
+  check(device >= 0, "--kv-cache applies to --device cuda (the CPU engine keeps its cache in f32)");
+  return parse_kv_type(c.kv_cache);
+}
 
 namespace {
 // The GPU's memory as the run left it (stderr), beside the host's peak RSS.
@@ -341,7 +348,7 @@ Run add_logits(CLI::App& app) {
     const ModelConfig& c = model->config();
     check(*last <= static_cast<int64_t>(ids.size()),
           "--last " + std::to_string(*last) + " exceeds the " + std::to_string(ids.size()) + " positions given");
-    Decoder decoder(*model, pool, device);
+    Decoder decoder(*model, pool, device, kv_type_of(*opts, device));
     KVCache cache(c, static_cast<int64_t>(ids.size()));
     const int64_t n = static_cast<int64_t>(ids.size());
     std::vector<float> logits(static_cast<size_t>(n * c.vocab));
@@ -420,7 +427,7 @@ Run add_generate(CLI::App& app) {
       ids = parse_token_list(*tokens);
     }
     check(!ids.empty(), "the prompt encodes to no tokens");
-    Decoder decoder(*model, pool, device);
+    Decoder decoder(*model, pool, device, kv_type_of(*opts, device));
     GenerateOptions options = *gen;
     options.stop_at_eos = !*ignore_eos;
     std::unique_ptr<StreamDecoder> stream;
@@ -619,9 +626,13 @@ Run add_bench(CLI::App& app) {
   auto as_json = std::make_shared<bool>(false);
   auto no_bandwidth = std::make_shared<bool>(false);
   auto ctx = std::make_shared<int64_t>(0);
+  auto random_rows = std::make_shared<bool>(false);
   add_model_flags(app, *opts, false);
   auto* syn = app.add_option("--synthetic", *synthetic, "random-weight model of a named shape (llama-1b, llama3-8b, ...)");
   app.get_option("--model")->excludes(syn);
+  app.add_flag("--random-rows", *random_rows,
+               "synthetic: make the weights straight in their target format instead of quantizing random floats "
+               "(always so with --device cuda, where they are made in GPU memory)");
   app.add_option("--dtype", *dtype, "weight dtype of a synthetic model: bf16 (default), f16, f32")
       ->check(CLI::IsMember({"bf16", "f16", "f32"}));
   app.add_option("-p,--n-prompt", *n_prompt, "prompt tokens (default 512; 0 skips)")->check(CLI::NonNegativeNumber);
@@ -643,14 +654,17 @@ Run add_bench(CLI::App& app) {
       std::fprintf(stderr, "building synthetic %s (%s, %.2f B parameters)...\n", synthetic->c_str(), dtype->c_str(),
                    static_cast<double>(config.parameter_count()) / 1e9);
       const auto recipe = recipe_of(*opts);
-      model = make_synthetic_model(config, dt, 1234, pool, recipe ? &*recipe : nullptr);
+      const SyntheticWeights how = device >= 0   ? SyntheticWeights::RandomRowsOnGpu
+                                   : *random_rows ? SyntheticWeights::RandomRows
+                                                  : SyntheticWeights::Quantized;
+      model = make_synthetic_model(config, dt, 1234, pool, recipe ? &*recipe : nullptr, how);
       name = "synthetic:" + *synthetic;
     } else {
       model = open_model(*opts, pool);
       name = opts->model;
     }
     const ModelConfig& c = model->config();
-    Decoder decoder(*model, pool, device);
+    Decoder decoder(*model, pool, device, kv_type_of(*opts, device));
     const int64_t needed = std::max<int64_t>(*n_prompt, *n_gen) + 1;
     check(*ctx == 0 || *ctx >= needed, "--ctx " + std::to_string(*ctx) + " is smaller than the " + std::to_string(needed) +
                                            " positions the test needs");
@@ -720,6 +734,7 @@ Run add_bench(CLI::App& app) {
       out["device"] = cuda_device_description(device);
       out["gpu_weight_bytes"] = m.weights;
       out["gpu_kv_bytes"] = m.kv_cache;
+      out["kv_cache"] = opts->kv_cache.empty() ? "bf16" : opts->kv_cache;
       out["gpu_peak_allocated_bytes"] = m.peak_allocated;
       out["gpu_device_peak_used_bytes"] = m.device_used_peak;
     }

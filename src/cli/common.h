@@ -7,6 +7,7 @@
 #include <string>
 
 #include "bioquant/core/thread_pool.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/quantize.h"
 
@@ -20,6 +21,7 @@ struct Common {
   bool double_quant = false;
   std::string quant_policy = "default";
   float int8_threshold = 0.0f;
+  std::string kv_cache;  // GPU KV cache type; empty = the backend's default
 };
 
 void add_model_flags(CLI::App& app, Common& c, bool required = true);
@@ -29,5 +31,7 @@ std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool);
 void report_peak_memory();
 // -1 for the CPU, N for CUDA device N; throws Error for an unknown or absent device.
 int check_device(const std::string& device);
+// The GPU KV cache type of --kv-cache (bf16 when not given); an error when given for the CPU.
+KvType kv_type_of(const Common& c, int device);
 
 }  // namespace bioquant::cli

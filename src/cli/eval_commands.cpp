@@ -211,7 +211,7 @@ Run add_eval(CLI::App& app) {
       o.model_hash = model_fingerprint(c->model);
       model = open_model(*c, *pool);
       tokenizer = load_tokenizer(c->model);
-      auto local = std::make_unique<LocalBackend>(*model, *tokenizer, *pool, !f->no_chat, device);
+      auto local = std::make_unique<LocalBackend>(*model, *tokenizer, *pool, !f->no_chat, device, kv_type_of(*c, device));
       o.chat = local->applies_chat_template();
       backend = std::move(local);
       o.model = c->model;

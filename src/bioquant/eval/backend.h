@@ -64,7 +64,8 @@ class LocalBackend : public Backend {
  public:
   // use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
   // device: -1 CPU, N CUDA device N.
-  LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template, int device = -1);
+  LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template, int device = -1,
+               KvType kv = KvType::BF16);
   ~LocalBackend() override;
 
   std::string describe() const override;

@@ -26,7 +26,12 @@ Decoder::Decoder(const Model& model, ThreadPool& pool, int device, KvType kv) : 
   const ModelConfig& c = model.config();
   inv_freq_.resize(static_cast<size_t>(c.rotary_dim() / 2));
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data());
-  if (device >= 0) gpu_ = std::make_unique<GpuDecoder>(model, device, kv);
+  if (device >= 0) {
+    gpu_ = std::make_unique<GpuDecoder>(model, device, kv);
+    return;
+  }
+  for (const auto& [name, m] : model.named_matrices())
+    check(m->data != nullptr, "matrix " + name + " exists only on the GPU (synthetic weights made there): run with --device cuda");
 }
 
 Decoder::~Decoder() = default;

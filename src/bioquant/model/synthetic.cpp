@@ -5,6 +5,7 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
 #include "bioquant/model/quantize.h"
+#include "bioquant/quant/random_rows.h"
 
 namespace bioquant {
 namespace {
@@ -92,7 +93,7 @@ ModelConfig synthetic_config(const std::string& name) {
 }
 
 std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, uint64_t seed, ThreadPool& pool,
-                                            const QuantRecipe* recipe) {
+                                            const QuantRecipe* recipe, SyntheticWeights how) {
   check(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
         "synthetic models are built in f32, f16 or bf16");
   auto tensors = std::make_unique<MemoryTensors>();
@@ -132,6 +133,34 @@ std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, u
     Matrix& m = *matrices[i].second;
     uint8_t* data = const_cast<uint8_t*>(m.data);  // this model owns the (still unwritten) storage
     uint64_t tensor_seed = seed + i;
+    if (how != SyntheticWeights::Quantized) {
+      // The float storage stays untouched (no memory); the matrix takes its target format.
+      if (recipe != nullptr) {
+        m.type = plan[i].to;
+        m.double_quant = plan[i].double_quant;
+        m.outlier_threshold = plan[i].outlier_threshold;
+      } else {
+        m.type = dtype == DType::F32 ? QuantType::F32 : dtype == DType::F16 ? QuantType::F16 : QuantType::BF16;
+      }
+      const uint64_t matrix_seed = splitmix64(tensor_seed);
+      if (how == SyntheticWeights::RandomRowsOnGpu && matrices[i].first != "embedding") {
+        m.data = nullptr;
+        m.random_seed = matrix_seed | 1;  // never 0
+        continue;
+      }
+      const size_t row_bytes = m.row_bytes();
+      auto storage = std::make_unique<uint8_t[]>(row_bytes * static_cast<size_t>(m.rows));
+      constexpr int64_t kRowsPerTask = 256;
+      uint8_t* out = storage.get();
+      pool.parallel_for(static_cast<size_t>((m.rows + kRowsPerTask - 1) / kRowsPerTask), [&](size_t task) {
+        const int64_t end = std::min(m.rows, static_cast<int64_t>(task + 1) * kRowsPerTask);
+        for (int64_t r = static_cast<int64_t>(task) * kRowsPerTask; r < end; ++r)
+          random_rows::make_row(m.type, m.double_quant, m.cols, matrix_seed | 1, r, out + static_cast<size_t>(r) * row_bytes);
+      });
+      m.data = out;
+      model->adopt(std::move(storage));
+      continue;
+    }
     fill_random(data, dtype, m.rows * m.cols, amplitude, splitmix64(tensor_seed), pool);
     // Quantize each matrix as soon as it exists, so the 16-bit model is never whole in memory.
     if (recipe != nullptr) quantize_matrix(*model, m, plan[i], pool, true);

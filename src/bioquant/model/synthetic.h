@@ -17,9 +17,18 @@ const std::vector<std::string>& synthetic_names();
 
 struct QuantRecipe;
 
-// Weights ~ U(-a, a) with a chosen for std 0.02, norms 1; deterministic for a seed. With a recipe,
-// each matrix is quantized as soon as it is made, so peak memory is that of the quantized model.
+// How the random weights are made.
+enum class SyntheticWeights {
+  Quantized,       // floats ~ U(-a, a), std 0.02, quantized by the recipe (real quantization error)
+  RandomRows,      // straight in each matrix's target format (quant/random_rows.h): seconds, not hours
+  RandomRowsOnGpu  // as RandomRows, but only the embedding is made here: the CUDA backend makes the
+                   // other matrices in device memory (Matrix::random_seed), so the host never holds them
+};
+
+// Norms are 1; deterministic for a seed. With a recipe, each matrix is quantized as soon as it is
+// made, so peak memory is that of the quantized model.
 std::unique_ptr<Model> make_synthetic_model(const ModelConfig& config, DType dtype, uint64_t seed, ThreadPool& pool,
-                                            const QuantRecipe* recipe = nullptr);
+                                            const QuantRecipe* recipe = nullptr,
+                                            SyntheticWeights how = SyntheticWeights::Quantized);
 
 }  // namespace bioquant

@@ -22,6 +22,9 @@ struct Matrix {
   // magnitude reaches this in any token are multiplied in f32 with the dequantized weight column;
   // the rest go through the int8 kernel. bitsandbytes' default threshold is 6.0.
   float outlier_threshold = 0.0f;
+  // Synthetic weights made on the GPU (data == nullptr): row r is random_rows::make_row(type,
+  // double_quant, cols, random_seed, r), written straight into device memory by the CUDA backend.
+  uint64_t random_seed = 0;
 
   // A plain matrix of a file dtype (F32, F16, BF16); throws Error for other dtypes.
   static Matrix plain(DType dtype, int64_t rows, int64_t cols, const uint8_t* data);

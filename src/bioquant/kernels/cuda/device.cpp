@@ -26,4 +26,11 @@ int parse_device(const std::string& device) {
   return index;
 }
 
+KvType parse_kv_type(const std::string& name) {
+  if (name == "f32") return KvType::F32;
+  if (name == "bf16") return KvType::BF16;
+  if (name == "q8") return KvType::Q8;
+  throw Error("unknown KV cache type '" + name + "' (f32, bf16 or q8)");
+}
+
 }  // namespace bioquant

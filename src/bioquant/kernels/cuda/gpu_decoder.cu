@@ -12,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bioquant/core/error.h"
@@ -19,6 +20,7 @@
 #include "bioquant/model/decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/quant/quant.h"
+#include "bioquant/quant/random_rows.h"
 
 namespace bioquant {
 namespace {
@@ -444,7 +446,8 @@ __device__ __forceinline__ float from_kv(__nv_bfloat16 v) { return __bfloat162fl
 
 template <class KV>
 __global__ void rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, const int64_t* pos0_ptr, int n_heads,
-                                  int n_kv_heads, int head_dim, int rotary_dim, KV* k_cache, KV* v_cache) {
+                                  int n_kv_heads, int head_dim, int rotary_dim, KV* k_cache, KV* v_cache, __half* k_scale,
+                                  __half* v_scale) {
   const int64_t t = blockIdx.x;
   const int64_t pos = *pos0_ptr + t;
   const int half = rotary_dim / 2;
@@ -459,17 +462,44 @@ __global__ void rope_store_kernel(float* q, float* k, const float* v, const floa
     head[i + half] = x2 * c + x1 * s;
   }
   __syncthreads();
-  for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
-    k_cache[pos * kv_dim + j] = to_kv<KV>(k[t * kv_dim + j]);
-    v_cache[pos * kv_dim + j] = to_kv<KV>(v[t * kv_dim + j]);
+  if constexpr (std::is_same_v<KV, int8_t>) {
+    // q8: a warp per 32 values, d = absmax / 127 stored in fp16 (kv_dim is a multiple of 32).
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32, nb = kv_dim / 32;
+    for (int b = warp; b < 2 * nb; b += nwarps) {
+      const bool is_v = b >= nb;
+      const int64_t j = 32 * (is_v ? b - nb : b) + lane;
+      const float x = is_v ? v[t * kv_dim + j] : k[t * kv_dim + j];
+      float amax = fabsf(x);
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+      (is_v ? v_cache : k_cache)[pos * kv_dim + j] = static_cast<int8_t>(__float2int_rn(x * id));
+      if (lane == 0) (is_v ? v_scale : k_scale)[(pos * kv_dim + j) / 32] = __float2half_rn(d);
+    }
+  } else {
+    for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
+      k_cache[pos * kv_dim + j] = to_kv<KV>(k[t * kv_dim + j]);
+      v_cache[pos * kv_dim + j] = to_kv<KV>(v[t * kv_dim + j]);
+    }
+  }
+}
+
+// Element i of a cache (q8: times its block's scale).
+template <class KV>
+__device__ __forceinline__ float load_kv(const KV* cache, const __half* scale, int64_t i) {
+  if constexpr (std::is_same_v<KV, int8_t>) {
+    return static_cast<float>(cache[i]) * __half2float(scale[i / 32]);
+  } else {
+    return from_kv(cache[i]);
   }
 }
 
 // Attention of token t (at position pos0 + t) and head h over its cache. Grid (heads, tokens); scores
 // in dynamic shared memory.
 template <class KV>
-__global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_cache, const int64_t* pos0_ptr, int n_heads,
-                                 int n_kv_heads, int head_dim, int64_t window, float scale, float softcap, float* out) {
+__global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_cache, const __half* k_scale,
+                                 const __half* v_scale, const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim,
+                                 int64_t window, float scale, float softcap, float* out) {
   extern __shared__ float scores[];
   __shared__ float red[32];
   const int h = blockIdx.x;
@@ -481,9 +511,9 @@ __global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_
   const float* qh = q + t * q_dim + h * head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   for (int64_t s = warp; s < len; s += nwarps) {
-    const KV* kr = k_cache + (first + s) * kv_dim + g * head_dim;
+    const int64_t kr = (first + s) * kv_dim + g * head_dim;
     float acc = 0.0f;
-    for (int i = lane; i < head_dim; i += 32) acc += qh[i] * from_kv(kr[i]);
+    for (int i = lane; i < head_dim; i += 32) acc += qh[i] * load_kv(k_cache, k_scale, kr + i);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) {
@@ -507,7 +537,7 @@ __global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_
   float* o = out + t * q_dim + h * head_dim;
   for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
     float acc = 0.0f;
-    for (int64_t s = 0; s < len; ++s) acc += scores[s] * from_kv(v_cache[(first + s) * kv_dim + g * head_dim + i]);
+    for (int64_t s = 0; s < len; ++s) acc += scores[s] * load_kv(v_cache, v_scale, (first + s) * kv_dim + g * head_dim + i);
     o[i] = acc * inv;
   }
 }
@@ -565,9 +595,18 @@ struct DevLayer {
 struct DevKv {
   void* k = nullptr;
   void* v = nullptr;
-  size_t bytes = 0;
+  __half* k_scale = nullptr;  // q8 only
+  __half* v_scale = nullptr;
+  size_t values_bytes = 0, scale_bytes = 0;  // of each of K and V
   int64_t capacity = 0;
 };
+
+// Writes the rows of a synthetic matrix straight into device memory: a thread per row.
+__global__ void random_rows_kernel(QuantType t, bool dq, int64_t cols, uint64_t seed, int64_t rows, size_t row_bytes,
+                                   uint8_t* out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r < rows) random_rows::make_row(t, dq, cols, seed, r, out + static_cast<size_t>(r) * row_bytes);
+}
 
 }  // namespace
 
@@ -627,8 +666,7 @@ struct GpuDecoder::Impl {
     free_pinned();
     for (auto& [cache, c] : caches) {
       const_cast<KVCache*>(cache)->on_release = nullptr;
-      mem.free(c.k, c.bytes / 2, Pool::Kv);
-      mem.free(c.v, c.bytes / 2, Pool::Kv);
+      free_kv(c);
     }
     for (DevBuf& b : work_bufs) mem.free(b.ptr, b.n, b.pool);
     for (DevBuf& b : owned) mem.free(b.ptr, b.n, b.pool);
@@ -649,8 +687,24 @@ struct GpuDecoder::Impl {
     check(!(m.type == QuantType::INT8 && m.outlier_threshold > 0.0f),
           "the CUDA backend has no LLM.int8 outlier path: leave --int8-threshold at 0 with --device cuda");
     DevMatrix d{m.type, m.rows, m.cols, m.row_bytes(), m.double_quant, nullptr};
-    d.data = static_cast<const uint8_t*>(upload(m.data, m.nbytes(), Pool::Weights));
+    if (m.data != nullptr) {
+      d.data = static_cast<const uint8_t*>(upload(m.data, m.nbytes(), Pool::Weights));
+      return d;
+    }
+    check(m.random_seed != 0, "matrix without data");
+    uint8_t* ptr = static_cast<uint8_t*>(mem.alloc(m.nbytes(), Pool::Weights));
+    owned.push_back({ptr, m.nbytes(), Pool::Weights});
+    random_rows_kernel<<<static_cast<unsigned>((m.rows + 127) / 128), 128, 0, stream>>>(m.type, m.double_quant, m.cols,
+                                                                                       m.random_seed, m.rows, d.row_bytes, ptr);
+    CUDA_OK(cudaGetLastError());
+    d.data = ptr;
     return d;
+  }
+  void free_kv(DevKv& c) {
+    mem.free(c.k, c.values_bytes, Pool::Kv);
+    mem.free(c.v, c.values_bytes, Pool::Kv);
+    mem.free(c.k_scale, c.scale_bytes, Pool::Kv);
+    mem.free(c.v_scale, c.scale_bytes, Pool::Kv);
   }
 
   void sample_device_memory() {
@@ -706,12 +760,15 @@ struct GpuDecoder::Impl {
       return it->second;
     }
     const ModelConfig& c = model.config();
-    const size_t elem = kv_type == KvType::F32 ? 4 : 2;
-    const size_t half = static_cast<size_t>(c.n_layers * cache.capacity() * c.kv_dim()) * elem;
+    const size_t elem = kv_type == KvType::F32 ? 4 : kv_type == KvType::BF16 ? 2 : 1;
+    const size_t values = static_cast<size_t>(c.n_layers * cache.capacity() * c.kv_dim());
     DevKv kv;
-    kv.k = mem.alloc(half, Pool::Kv);
-    kv.v = mem.alloc(half, Pool::Kv);
-    kv.bytes = 2 * half;
+    kv.values_bytes = values * elem;
+    kv.scale_bytes = kv_type == KvType::Q8 ? values / 32 * sizeof(__half) : 0;
+    kv.k = mem.alloc(kv.values_bytes, Pool::Kv);
+    kv.v = mem.alloc(kv.values_bytes, Pool::Kv);
+    kv.k_scale = static_cast<__half*>(mem.alloc(kv.scale_bytes, Pool::Kv));
+    kv.v_scale = static_cast<__half*>(mem.alloc(kv.scale_bytes, Pool::Kv));
     kv.capacity = cache.capacity();
     const_cast<KVCache&>(cache).on_release = [this](const KVCache& gone) { release(gone); };
     return caches.emplace(&cache, kv).first->second;
@@ -778,8 +835,7 @@ struct GpuDecoder::Impl {
     auto it = caches.find(&cache);
     if (it == caches.end()) return;
     cudaSetDevice(device);
-    mem.free(it->second.k, it->second.bytes / 2, Pool::Kv);
-    mem.free(it->second.v, it->second.bytes / 2, Pool::Kv);
+    free_kv(it->second);
     caches.erase(it);
   }
 
@@ -851,6 +907,8 @@ struct GpuDecoder::Impl {
       const DevLayer& l = layers[static_cast<size_t>(li)];
       KV* kc = static_cast<KV*>(kv.k) + li * layer_elems;
       KV* vc = static_cast<KV*>(kv.v) + li * layer_elems;
+      __half* ks = kv.k_scale ? kv.k_scale + li * layer_elems / 32 : nullptr;
+      __half* vs = kv.v_scale ? kv.v_scale + li * layer_elems / 32 : nullptr;
       rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.x, l.attn_norm, c.norm_eps, hd, work.h);
       matmul(work.h, n, l.wq, work.q);
       matmul(work.h, n, l.wk, work.k);
@@ -868,10 +926,10 @@ struct GpuDecoder::Impl {
       }
       rope_store_kernel<KV><<<static_cast<unsigned>(n), 256, 0, stream>>>(
           work.q, work.k, work.v, inv_freq, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
-          static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc);
+          static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
       attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(n)), 128, smem, stream>>>(
-          work.q, kc, vc, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+          work.q, kc, vc, ks, vs, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
           static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, work.attn);
       matmul(work.attn, n, l.wo, work.h);
       if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
@@ -962,9 +1020,13 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   check(device >= 0 && device < cuda_device_count(), "no CUDA device " + std::to_string(device) + " (" +
                                                          std::to_string(cuda_device_count()) + " found)");
   CUDA_OK(cudaSetDevice(device));
+  check(kv != KvType::Q8 || model.config().kv_dim() % 32 == 0,
+        "a q8 KV cache needs K/V rows that are a multiple of 32 values (this model has " +
+            std::to_string(model.config().kv_dim()) + ")");
   CUDA_OK(cudaStreamCreate(&impl_->stream));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   {
     int16_t nf4[16], fp4[16];
     const float* cb_nf4 = nf4_codebook();
@@ -1008,6 +1070,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   std::vector<float> inv_freq(static_cast<size_t>(c.rotary_dim() / 2));
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq.data());
   impl_->inv_freq = impl_->upload_vec(inv_freq);
+  CUDA_OK(cudaStreamSynchronize(impl_->stream));  // synthetic matrices made, errors surfaced
   impl_->sample_device_memory();
 }
 
@@ -1015,10 +1078,10 @@ GpuDecoder::~GpuDecoder() = default;
 
 void GpuDecoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits) {
   CUDA_OK(cudaSetDevice(impl_->device));
-  if (impl_->kv_type == KvType::F32) {
-    impl_->forward_impl<float>(tokens, n, cache, n_logits, logits);
-  } else {
-    impl_->forward_impl<__nv_bfloat16>(tokens, n, cache, n_logits, logits);
+  switch (impl_->kv_type) {
+    case KvType::F32: impl_->forward_impl<float>(tokens, n, cache, n_logits, logits); break;
+    case KvType::BF16: impl_->forward_impl<__nv_bfloat16>(tokens, n, cache, n_logits, logits); break;
+    case KvType::Q8: impl_->forward_impl<int8_t>(tokens, n, cache, n_logits, logits); break;
   }
 }
 

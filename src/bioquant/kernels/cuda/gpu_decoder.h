@@ -39,7 +39,12 @@ struct GpuMemory {
   size_t device_total = 0;
 };
 
-enum class KvType { F32, BF16 };
+// KV cache storage on the GPU: f32, bf16 (default), or q8: int8 with an fp16 scale per 32 values
+// (8.5 bits, as llama.cpp's q8_0 cache; what lets a 70B model's 4096-token context fit beside 4-bit
+// weights on a 40 GiB card).
+enum class KvType { F32, BF16, Q8 };
+// "f32", "bf16", "q8"; throws Error naming them otherwise.
+KvType parse_kv_type(const std::string& name);
 
 class GpuDecoder {
  public:
