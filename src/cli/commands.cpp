@@ -97,6 +97,7 @@ void report_gpu_memory(const Decoder& decoder) {
                "device peak used %.1f MiB of %.1f MiB (cudaMemGetInfo, includes the CUDA context)\n",
                mib(m.weights), mib(m.kv_cache), mib(m.workspace), mib(m.peak_allocated), mib(m.device_used_peak),
                mib(m.device_total));
+  std::fprintf(stderr, "GPU prompt matmuls: %s\n", decoder.gpu()->prompt_matmuls().c_str());
 }
 }  // namespace
 
@@ -735,6 +736,7 @@ Run add_bench(CLI::App& app) {
       out["gpu_weight_bytes"] = m.weights;
       out["gpu_kv_bytes"] = m.kv_cache;
       out["kv_cache"] = opts->kv_cache.empty() ? "bf16" : opts->kv_cache;
+      out["gpu_prompt_matmuls"] = decoder.gpu()->prompt_matmuls();
       out["gpu_peak_allocated_bytes"] = m.peak_allocated;
       out["gpu_device_peak_used_bytes"] = m.device_used_peak;
     }

@@ -2,6 +2,7 @@
 // matmul kernels, the elementwise kernels, attention, and the forward pass that strings them.
 #include "bioquant/kernels/cuda/gpu_decoder.h"
 
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -9,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <dlfcn.h>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -259,24 +262,45 @@ __device__ __forceinline__ void store_row_sums(const float* acc, int64_t n_token
   }
 }
 
+// Matrices of one format that multiply the same activations (q/k/v, gate/up): one launch covers
+// their rows back to back, so small ones (k, v) do not run alone on a mostly idle GPU.
+struct QJob {
+  const uint8_t* w;
+  size_t row_bytes;
+  int64_t rows;
+  bool dq;
+  float* y;
+};
+struct QJobs {
+  QJob job[3];
+  int count;
+};
+
 // Quantized matmul: one warp per output row, lanes over activation blocks, up to NT tokens per pass
 // (the row's blocks are decoded once per pass).
-template <int T, int NT>
-__global__ void qmatmul_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, bool dq, const int8_t* q,
-                               const float* d, const int* s, int64_t nblk, int64_t n_tokens, float* y) {
+template <int T, int NT, int U = 1>
+__global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s, int64_t nblk,
+                               int64_t n_tokens) {
   __shared__ int16_t book[16];
   if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
     if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
     __syncthreads();
   }
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  const uint8_t* wr = w + row * row_bytes;
+  int j = 0;
+  while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
+  if (j == jobs.count) return;
+  const QJob& job = jobs.job[j];
+  const bool dq = job.dq;
+  const int64_t rows = job.rows;
+  float* y = job.y;
+  const uint8_t* wr = job.w + row * job.row_bytes;
   const int64_t wblk = (cols + 31) / 32;  // blocks that hold weights
   float acc[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+#pragma unroll U
   for (int64_t b = lane; b < wblk; b += 32) {
     Block32 blk;
     decode32<T>(wr, cols, b, dq, book, blk);
@@ -369,6 +393,100 @@ __global__ void plain_matmul_kernel(const uint8_t* w, size_t row_bytes, int64_t 
   store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
 }
 
+// Prompt matmuls on tensor cores: a chunk of rows dequantized to bf16 (weight = scale * level +
+// min_term, the same values the integer kernels multiply), then a cuBLAS bf16 GEMM. A thread per
+// 32-block; threads of a row's blocks are adjacent, so the 64-byte stores coalesce.
+template <int T>
+__global__ void dequant_bf16_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, bool dq,
+                                    __nv_bfloat16* out) {
+  __shared__ int16_t book[16];
+  if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
+    if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
+    __syncthreads();
+  }
+  const int64_t nblk = cols / 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * nblk) return;
+  const int64_t r = i / nblk, b = i % nblk;
+  Block32 blk;
+  decode32<T>(w + r * row_bytes, cols, b, dq, book, blk);
+  uint32_t packed[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    const float s0 = 2 * k < 16 ? blk.scale_lo : blk.scale_hi;
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(s0 * static_cast<float>(blk.lv[2 * k]) + blk.min_term,
+                                                      s0 * static_cast<float>(blk.lv[2 * k + 1]) + blk.min_term);
+    memcpy(&packed[k], &pair, 4);
+  }
+  uint4* dst = reinterpret_cast<uint4*>(out + r * cols + 32 * b);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) dst[k] = make_uint4(packed[4 * k], packed[4 * k + 1], packed[4 * k + 2], packed[4 * k + 3]);
+}
+
+__global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = __float2bfloat16_rn(x[i]);
+}
+
+// cuBLAS, opened at run time: the binary does not depend on a library of hundreds of MB that
+// CPU-only machines (and CI) lack; without it (or with BIOQUANT_CUDA_GEMM=0) prompts run on the
+// integer kernels.
+class Cublas {
+ public:
+  void open(cudaStream_t stream) {
+    if (const char* e = std::getenv("BIOQUANT_CUDA_GEMM"); e != nullptr && std::string(e) == "0") {
+      status_ = "off (BIOQUANT_CUDA_GEMM=0)";
+      return;
+    }
+    for (const char* name : {"libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13", "libcublas.so"}) {
+      lib_ = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+      if (lib_ != nullptr) break;
+    }
+    if (lib_ == nullptr) {
+      status_ = "off (libcublas.so.13 not found)";
+      return;
+    }
+    auto create = reinterpret_cast<cublasStatus_t (*)(cublasHandle_t*)>(dlsym(lib_, "cublasCreate_v2"));
+    auto set_stream = reinterpret_cast<cublasStatus_t (*)(cublasHandle_t, cudaStream_t)>(dlsym(lib_, "cublasSetStream_v2"));
+    destroy_ = reinterpret_cast<cublasStatus_t (*)(cublasHandle_t)>(dlsym(lib_, "cublasDestroy_v2"));
+    gemm_ = reinterpret_cast<decltype(gemm_)>(dlsym(lib_, "cublasGemmEx"));
+    if (create == nullptr || set_stream == nullptr || destroy_ == nullptr || gemm_ == nullptr ||
+        create(&handle_) != CUBLAS_STATUS_SUCCESS || set_stream(handle_, stream) != CUBLAS_STATUS_SUCCESS) {
+      status_ = "off (cuBLAS did not initialise)";
+      close();
+      return;
+    }
+    status_ = "cuBLAS bf16 GEMM (tensor cores)";
+  }
+  ~Cublas() { close(); }
+  bool ready() const { return handle_ != nullptr; }
+  const std::string& status() const { return status_; }
+  // C [n][m] (row-major, ldc) = B [n][k] * A [m][k]^T, bf16 in, f32 out.
+  void gemm(int64_t m, int64_t n, int64_t k, const __nv_bfloat16* a, const __nv_bfloat16* b, float* c, int64_t ldc) const {
+    const float one = 1.0f, zero = 0.0f;
+    const cublasStatus_t st = gemm_(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n),
+                                    static_cast<int>(k), &one, a, CUDA_R_16BF, static_cast<int>(k), b, CUDA_R_16BF,
+                                    static_cast<int>(k), &zero, c, CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS) throw Error("cuBLAS GEMM failed (status " + std::to_string(static_cast<int>(st)) + ")");
+  }
+
+ private:
+  void close() {
+    if (handle_ != nullptr) destroy_(handle_);
+    if (lib_ != nullptr) dlclose(lib_);
+    handle_ = nullptr;
+    lib_ = nullptr;
+  }
+  void* lib_ = nullptr;
+  cublasHandle_t handle_ = nullptr;
+  cublasStatus_t (*destroy_)(cublasHandle_t) = nullptr;
+  cublasStatus_t (*gemm_)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*, const void*,
+                          cudaDataType, int, const void*, cudaDataType, int, const void*, void*, cudaDataType, int,
+                          cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+  std::string status_ = "off";
+};
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise kernels.
 
@@ -395,16 +513,32 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return m;
 }
 
-// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w   (one block per row; in place allowed)
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w   (one block per row; in place allowed). The row
+// is read once into registers with all its loads in flight: a decode step normalises a single row,
+// and a loop of dependent passes over it cost more than a matmul of the small matrices.
 __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, float* out) {
   __shared__ float red[32];
+  constexpr int kCached = 8;
   const float* xr = x + blockIdx.x * n;
   float* o = out + blockIdx.x * n;
+  float v[kCached];
   float ss = 0.0f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+#pragma unroll
+  for (int k = 0; k < kCached; ++k) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    v[k] = i < n ? xr[i] : 0.0f;
+  }
+#pragma unroll
+  for (int k = 0; k < kCached; ++k) ss += v[k] * v[k];
+  for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
   const float total = block_sum(ss, red);
   const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+#pragma unroll
+  for (int k = 0; k < kCached; ++k) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (i < n) o[i] = v[k] * scale * w[i];
+  }
+  for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
 __global__ void add_bias_kernel(float* y, const float* bias, int64_t rows, int64_t n) {
@@ -456,7 +590,8 @@ __global__ void rope_store_kernel(float* q, float* k, const float* v, const floa
     const int h = j / half, i = j % half;
     float* head = h < n_heads ? q + t * q_dim + h * head_dim : k + t * kv_dim + (h - n_heads) * head_dim;
     const float angle = static_cast<float>(pos) * inv_freq[i];
-    const float c = cosf(angle), s = sinf(angle);
+    float s, c;
+    sincosf(angle, &s, &c);
     const float x1 = head[i], x2 = head[i + half];
     head[i] = x1 * c - x2 * s;
     head[i + half] = x2 * c + x1 * s;
@@ -623,6 +758,17 @@ struct GpuDecoder::Impl {
   const float* inv_freq = nullptr;
   std::map<const KVCache*, DevKv> caches;
   size_t device_used_peak = 0, device_total = 0;
+  Cublas blas;
+  // Prompt GEMM buffers (bf16 activations, one dequantized chunk of rows), grown on demand.
+  DevBuf gemm_x, gemm_w[2];
+  // Chunk c + 1 is dequantized on a side stream while chunk c multiplies (memory-bound work under
+  // compute-bound work); events hand each buffer back and forth.
+  cudaStream_t dequant_stream = nullptr;
+  cudaEvent_t tile_ready[2] = {nullptr, nullptr}, tile_free[2] = {nullptr, nullptr};
+  static constexpr int64_t kGemmMinTokens = 32;     // shorter batches: the integer kernels (exact, fast enough)
+  static constexpr size_t kGemmTileBytes = 24 << 20;  // dequantized rows per GEMM chunk (two buffers)
+  // Decode kernels' block-loop unrolling (BIOQUANT_CUDA_UNROLL=2 to compare; 1 measured faster).
+  int decode_unroll = std::getenv("BIOQUANT_CUDA_UNROLL") && std::string(std::getenv("BIOQUANT_CUDA_UNROLL")) == "2" ? 2 : 1;
 
   // Workspace, grown on demand.
   struct Work {
@@ -670,6 +816,13 @@ struct GpuDecoder::Impl {
     }
     for (DevBuf& b : work_bufs) mem.free(b.ptr, b.n, b.pool);
     for (DevBuf& b : owned) mem.free(b.ptr, b.n, b.pool);
+    mem.free(gemm_x.ptr, gemm_x.n, Pool::Work);
+    for (int b = 0; b < 2; ++b) {
+      mem.free(gemm_w[b].ptr, gemm_w[b].n, Pool::Work);
+      if (tile_ready[b]) cudaEventDestroy(tile_ready[b]);
+      if (tile_free[b]) cudaEventDestroy(tile_free[b]);
+    }
+    if (dequant_stream) cudaStreamDestroy(dequant_stream);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -774,59 +927,155 @@ struct GpuDecoder::Impl {
     return caches.emplace(&cache, kv).first->second;
   }
 
+  void* grow(DevBuf& b, size_t bytes) {
+    if (b.n < bytes) {
+      mem.free(b.ptr, b.n, Pool::Work);
+      b = DevBuf{mem.alloc(bytes, Pool::Work), bytes, Pool::Work};
+    }
+    return b.ptr;
+  }
+
+  // Prompt matmul on tensor cores (see dequant_bf16_kernel).
+  void gemm(const float* x, int64_t n, const DevMatrix& m, float* y) {
+    auto* xb = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * m.cols) * 2));
+    to_bf16_kernel<<<blocks_for(n * m.cols), 256, 0, stream>>>(x, n * m.cols, xb);
+    if (m.type == QuantType::BF16) {
+      blas.gemm(m.rows, n, m.cols, reinterpret_cast<const __nv_bfloat16*>(m.data), xb, y, m.rows);
+      return;
+    }
+    const int64_t chunk = std::min(m.rows, std::max<int64_t>(128, static_cast<int64_t>(kGemmTileBytes) / (2 * m.cols) / 128 * 128));
+    __nv_bfloat16* tiles[2] = {nullptr, nullptr};
+    for (int b = 0; b < (chunk < m.rows ? 2 : 1); ++b)
+      tiles[b] = static_cast<__nv_bfloat16*>(grow(gemm_w[b], static_cast<size_t>(chunk * m.cols) * 2));
+    for (int64_t r0 = 0, c = 0; r0 < m.rows; r0 += chunk, ++c) {
+      const int b = static_cast<int>(c % 2);
+      __nv_bfloat16* wb = tiles[b];
+      const int64_t cnt = std::min(chunk, m.rows - r0);
+      const unsigned grid = blocks_for(cnt * (m.cols / 32));
+      const uint8_t* w = m.data + static_cast<size_t>(r0) * m.row_bytes;
+      CUDA_OK(cudaStreamWaitEvent(dequant_stream, tile_free[b], 0));
+#define BQ_DQ(TYPE)                                                                                                      \
+  case TYPE:                                                                                                             \
+    dequant_bf16_kernel<static_cast<int>(TYPE)><<<grid, 256, 0, dequant_stream>>>(w, m.row_bytes, cnt, m.cols, m.dq, wb); \
+    break
+      switch (m.type) {
+        BQ_DQ(QuantType::Q8_0);
+        BQ_DQ(QuantType::Q4_0);
+        BQ_DQ(QuantType::Q4_K);
+        BQ_DQ(QuantType::Q5_K);
+        BQ_DQ(QuantType::Q6_K);
+        BQ_DQ(QuantType::INT8);
+        BQ_DQ(QuantType::NF4);
+        BQ_DQ(QuantType::FP4);
+        default: throw Error(std::string("CUDA: no dequantizer for weights of type ") + quant_traits(m.type).name);
+      }
+#undef BQ_DQ
+      CUDA_OK(cudaEventRecord(tile_ready[b], dequant_stream));
+      CUDA_OK(cudaStreamWaitEvent(stream, tile_ready[b], 0));
+      blas.gemm(cnt, n, m.cols, wb, xb, y + r0, m.rows);
+      CUDA_OK(cudaEventRecord(tile_free[b], stream));
+    }
+  }
+
+  struct Job {
+    const DevMatrix* m;
+    float* y;
+  };
   // y [n, m.rows] = x [n, m.cols] * m^T
   void matmul(const float* x, int64_t n, const DevMatrix& m, float* y) {
+    const Job j{&m, y};
+    matmuls(x, n, &j, 1);
+  }
+  // Several matrices of the same input: its activations are quantized once, and consecutive
+  // matrices of one format go in one launch.
+  void matmuls(const float* x, int64_t n, const Job* all, int n_all) {
+    constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
+    Job jobs[3];
+    int count = 0;
+    for (int i = 0; i < n_all; ++i) {
+      const DevMatrix& m = *all[i].m;
+      const bool plain = m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16;
+      if (n >= kGemmMinTokens && blas.ready() && m.cols % 32 == 0 && m.type != QuantType::F32 && m.type != QuantType::F16) {
+        gemm(x, n, m, all[i].y);
+      } else if (plain) {
+        plain_matmul(x, n, m, all[i].y);
+      } else {
+        check(count < 3, "CUDA: matmul group of more than 3");
+        jobs[count++] = all[i];
+      }
+    }
+    if (count == 0) return;
+    const int64_t cols = jobs[0].m->cols;
+    const int64_t nblk = (cols + 31) / 32;
+    {
+      const int64_t warps = n * nblk;
+      quantize_act_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, stream>>>(x, cols, nblk, n, work.aq,
+                                                                                             work.ad, work.as);
+    }
+    for (int first = 0; first < count;) {
+      QJobs group{};
+      int64_t total_rows = 0;
+      const QuantType type = jobs[first].m->type;
+      int last = first;
+      while (last < count && last - first < 3 && jobs[last].m->type == type) {
+        const DevMatrix& m = *jobs[last].m;
+        check(m.cols == cols, "CUDA: matmul group with different widths");
+        group.job[group.count++] = QJob{m.data, m.row_bytes, m.rows, m.dq, nullptr};
+        total_rows += m.rows;
+        ++last;
+      }
+      const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
+      for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const int64_t nt = std::min<int64_t>(8, n - t0);
+        for (int i = 0; i < group.count; ++i) group.job[i].y = jobs[first + i].y + t0 * jobs[first + i].m->rows;
+        const int8_t* q = work.aq + t0 * nblk * 32;
+        const float* d = work.ad + t0 * nblk;
+        const int* s = work.as + t0 * nblk;
+#define BQ_Q(TYPE)                                                                                         \
+  case TYPE:                                                                                               \
+    if (nt == 1 && decode_unroll == 2)                                                                     \
+      qmatmul_kernel<static_cast<int>(TYPE), 1, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
+    else if (nt == 1)                                                                                      \
+      qmatmul_kernel<static_cast<int>(TYPE), 1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
+    else                                                                                                   \
+      qmatmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
+    break
+        switch (type) {
+          BQ_Q(QuantType::Q8_0);
+          BQ_Q(QuantType::Q4_0);
+          BQ_Q(QuantType::Q4_K);
+          BQ_Q(QuantType::Q5_K);
+          BQ_Q(QuantType::Q6_K);
+          BQ_Q(QuantType::INT8);
+          BQ_Q(QuantType::NF4);
+          BQ_Q(QuantType::FP4);
+          default: throw Error(std::string("CUDA: no kernel for weights of type ") + quant_traits(type).name);
+        }
+#undef BQ_Q
+      }
+      first = last;
+    }
+  }
+
+  void plain_matmul(const float* x, int64_t n, const DevMatrix& m, float* y) {
     constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
     const unsigned grid = static_cast<unsigned>((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const int t = static_cast<int>(m.type);
-    if (m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16) {
-      for (int64_t t0 = 0; t0 < n; t0 += 8) {
-        const int64_t nt = std::min<int64_t>(8, n - t0);
-        const float* xt = x + t0 * m.cols;
-        float* yt = y + t0 * m.rows;
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+      const int64_t nt = std::min<int64_t>(8, n - t0);
+      const float* xt = x + t0 * m.cols;
+      float* yt = y + t0 * m.rows;
 #define BQ_PLAIN(TYPE)                                                                                            \
   plain_matmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, \
                                                                                   xt, nt, yt)
-        if (t == static_cast<int>(QuantType::BF16) && m.cols % 8 == 0) {
-          bf16_matmul_vec_kernel<8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt);
-          continue;
-        }
-        if (t == static_cast<int>(QuantType::F32)) BQ_PLAIN(QuantType::F32);
-        else if (t == static_cast<int>(QuantType::F16)) BQ_PLAIN(QuantType::F16);
-        else BQ_PLAIN(QuantType::BF16);
+      if (t == static_cast<int>(QuantType::BF16) && m.cols % 8 == 0) {
+        bf16_matmul_vec_kernel<8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt);
+        continue;
+      }
+      if (t == static_cast<int>(QuantType::F32)) BQ_PLAIN(QuantType::F32);
+      else if (t == static_cast<int>(QuantType::F16)) BQ_PLAIN(QuantType::F16);
+      else BQ_PLAIN(QuantType::BF16);
 #undef BQ_PLAIN
-      }
-      return;
-    }
-    const int64_t nblk = (m.cols + 31) / 32;
-    {
-      const int64_t warps = n * nblk;
-      quantize_act_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, stream>>>(x, m.cols, nblk, n, work.aq,
-                                                                                             work.ad, work.as);
-    }
-    for (int64_t t0 = 0; t0 < n; t0 += 8) {
-      const int64_t nt = std::min<int64_t>(8, n - t0);
-      const int8_t* q = work.aq + t0 * nblk * 32;
-      const float* d = work.ad + t0 * nblk;
-      const int* s = work.as + t0 * nblk;
-      float* yt = y + t0 * m.rows;
-#define BQ_Q(TYPE)                                                                                                    \
-  case TYPE:                                                                                                          \
-    qmatmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, m.dq, q, \
-                                                                               d, s, nblk, nt, yt);                     \
-    break
-      switch (m.type) {
-        BQ_Q(QuantType::Q8_0);
-        BQ_Q(QuantType::Q4_0);
-        BQ_Q(QuantType::Q4_K);
-        BQ_Q(QuantType::Q5_K);
-        BQ_Q(QuantType::Q6_K);
-        BQ_Q(QuantType::INT8);
-        BQ_Q(QuantType::NF4);
-        BQ_Q(QuantType::FP4);
-        default: throw Error(std::string("CUDA: no kernel for weights of type ") + quant_traits(m.type).name);
-      }
-#undef BQ_Q
     }
   }
 
@@ -909,10 +1158,11 @@ struct GpuDecoder::Impl {
       KV* vc = static_cast<KV*>(kv.v) + li * layer_elems;
       __half* ks = kv.k_scale ? kv.k_scale + li * layer_elems / 32 : nullptr;
       __half* vs = kv.v_scale ? kv.v_scale + li * layer_elems / 32 : nullptr;
-      rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.x, l.attn_norm, c.norm_eps, hd, work.h);
-      matmul(work.h, n, l.wq, work.q);
-      matmul(work.h, n, l.wk, work.k);
-      matmul(work.h, n, l.wv, work.v);
+      rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.x, l.attn_norm, c.norm_eps, hd, work.h);
+      {
+        const Job qkv[3] = {{&l.wq, work.q}, {&l.wk, work.k}, {&l.wv, work.v}};
+        matmuls(work.h, n, qkv, 3);
+      }
       if (l.bq) {
         add_bias_kernel<<<blocks_for(n * qd), 256, 0, stream>>>(work.q, l.bq, n, qd);
         add_bias_kernel<<<blocks_for(n * kvd), 256, 0, stream>>>(work.k, l.bk, n, kvd);
@@ -924,7 +1174,7 @@ struct GpuDecoder::Impl {
         rms_norm_kernel<<<static_cast<unsigned>(n * c.n_kv_heads), 128, 0, stream>>>(work.k, l.k_norm, c.norm_eps,
                                                                                      c.head_dim, work.k);
       }
-      rope_store_kernel<KV><<<static_cast<unsigned>(n), 256, 0, stream>>>(
+      rope_store_kernel<KV><<<static_cast<unsigned>(n), 1024, 0, stream>>>(
           work.q, work.k, work.v, inv_freq, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
           static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
@@ -934,12 +1184,14 @@ struct GpuDecoder::Impl {
       matmul(work.attn, n, l.wo, work.h);
       if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
       if (c.sandwich_norms)
-        rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
+        rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
       add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
 
-      rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.x, l.ffn_norm, c.norm_eps, hd, work.h);
-      matmul(work.h, n, l.w_gate, work.gate);
-      matmul(work.h, n, l.w_up, work.up);
+      rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.x, l.ffn_norm, c.norm_eps, hd, work.h);
+      {
+        const Job gate_up[2] = {{&l.w_gate, work.gate}, {&l.w_up, work.up}};
+        matmuls(work.h, n, gate_up, 2);
+      }
       if (l.b_gate) {
         add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, l.b_gate, n, ff);
         add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.up, l.b_up, n, ff);
@@ -949,13 +1201,13 @@ struct GpuDecoder::Impl {
       matmul(work.gate, n, l.w_down, work.h);
       if (l.b_down) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.b_down, n, hd);
       if (c.sandwich_norms)
-        rms_norm_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
+        rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
       add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
     }
     CUDA_OK(cudaGetLastError());
     if (n_logits > 0) {
       const float* last = work.x + (n - n_logits) * hd;
-      rms_norm_kernel<<<static_cast<unsigned>(n_logits), 256, 0, stream>>>(last, final_norm, c.norm_eps, hd, work.h);
+      rms_norm_kernel<<<static_cast<unsigned>(n_logits), 1024, 0, stream>>>(last, final_norm, c.norm_eps, hd, work.h);
       matmul(work.h, n_logits, output, work.logits);
       if (c.final_softcap > 0.0f)
         softcap_kernel<<<blocks_for(n_logits * c.vocab), 256, 0, stream>>>(work.logits, n_logits * c.vocab, c.final_softcap);
@@ -1024,6 +1276,12 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
         "a q8 KV cache needs K/V rows that are a multiple of 32 values (this model has " +
             std::to_string(model.config().kv_dim()) + ")");
   CUDA_OK(cudaStreamCreate(&impl_->stream));
+  CUDA_OK(cudaStreamCreateWithFlags(&impl_->dequant_stream, cudaStreamNonBlocking));
+  for (int b = 0; b < 2; ++b) {
+    CUDA_OK(cudaEventCreateWithFlags(&impl_->tile_ready[b], cudaEventDisableTiming));
+    CUDA_OK(cudaEventCreateWithFlags(&impl_->tile_free[b], cudaEventDisableTiming));
+  }
+  impl_->blas.open(impl_->stream);
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
@@ -1102,5 +1360,12 @@ GpuMemory GpuDecoder::memory() const {
 }
 
 int GpuDecoder::device() const { return impl_->device; }
+
+int64_t GpuDecoder::prompt_gemm_tokens() const { return impl_->blas.ready() ? Impl::kGemmMinTokens : 0; }
+
+std::string GpuDecoder::prompt_matmuls() const {
+  return impl_->blas.ready() ? impl_->blas.status() + " for batches of " + std::to_string(Impl::kGemmMinTokens) + "+ tokens"
+                             : "integer kernels; cuBLAS " + impl_->blas.status();
+}
 
 }  // namespace bioquant

@@ -63,6 +63,12 @@ class GpuDecoder {
 
   GpuMemory memory() const;
   int device() const;
+  // How batches of prompt tokens are multiplied (cuBLAS on tensor cores, or why not).
+  std::string prompt_matmuls() const;
+  // Batches of at least this many tokens multiply on tensor cores: weights dequantized to bf16,
+  // activations rounded to bf16, f32 accumulation (what HF transformers + bitsandbytes compute);
+  // shorter ones (decode) use the integer kernels. 0: never (no cuBLAS, or BIOQUANT_CUDA_GEMM=0).
+  int64_t prompt_gemm_tokens() const;
 
  private:
   struct Impl;

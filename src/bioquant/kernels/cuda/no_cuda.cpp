@@ -22,5 +22,7 @@ void GpuDecoder::forward(const int32_t*, int64_t, KVCache&, int64_t, float*) {}
 void GpuDecoder::release(const KVCache&) {}
 GpuMemory GpuDecoder::memory() const { return {}; }
 int GpuDecoder::device() const { return -1; }
+std::string GpuDecoder::prompt_matmuls() const { return {}; }
+int64_t GpuDecoder::prompt_gemm_tokens() const { return 0; }
 
 }  // namespace bioquant
