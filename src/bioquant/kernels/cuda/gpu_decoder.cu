@@ -278,7 +278,7 @@ struct QJobs {
 
 // Quantized matmul: one warp per output row, lanes over activation blocks, up to NT tokens per pass
 // (the row's blocks are decoded once per pass).
-template <int T, int NT, int U = 1>
+template <int T, int NT, int U = 0>
 __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s, int64_t nblk,
                                int64_t n_tokens) {
   __shared__ int16_t book[16];
@@ -300,8 +300,8 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
   float acc[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-#pragma unroll U
-  for (int64_t b = lane; b < wblk; b += 32) {
+  // U = 0: the compiler's own unrolling (measured best for most formats); else unrolled U times.
+  const auto block = [&](int64_t b) {
     Block32 blk;
     decode32<T>(wr, cols, b, dq, book, blk);
 #pragma unroll
@@ -328,8 +328,59 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
       acc[t] += d[t * nblk + b] * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) +
                                    blk.min_term * static_cast<float>(s[t * nblk + b]));
     }
+  };
+  if constexpr (U == 0) {
+    for (int64_t b = lane; b < wblk; b += 32) block(b);
+  } else {
+#pragma unroll U
+    for (int64_t b = lane; b < wblk; b += 32) block(b);
   }
   store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
+}
+
+// q4_k decode (one token): a lane takes the two 32-blocks that share one 32-byte run of qs (low
+// and high nibbles), so every weight byte is loaded once; a warp per row, dp4a dot products.
+__global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  int j = 0;
+  while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
+  if (j == jobs.count) return;
+  const QJob& job = jobs.job[j];
+  const uint8_t* wr = job.w + row * job.row_bytes;
+  const int64_t pairs = cols / 64;
+  float acc = 0.0f;
+  for (int64_t p = lane; p < pairs; p += 32) {
+    const int64_t sb = p / 4;
+    const int jp = static_cast<int>(p % 4);
+    const uint8_t* blk = wr + 144 * sb;
+    const uint4 head = *reinterpret_cast<const uint4*>(blk);
+    const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * jp);
+    const uint4 q0 = qs[0], q1 = qs[1];
+    const int64_t b0 = 8 * sb + 2 * jp;
+    const int4* a = reinterpret_cast<const int4*>(q + 32 * b0);
+    const int4 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    uint8_t hb[16];
+    memcpy(hb, &head, 16);
+    const float dd = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
+    const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
+    int sc0, m0, sc1, m1;
+    kquant_scale_min_dev(hb + 4, 2 * jp, sc0, m0);
+    kquant_scale_min_dev(hb + 4, 2 * jp + 1, sc1, m1);
+    const uint32_t w[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+    const int x0[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    const int x1[8] = {a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
+    int lo = 0, hi = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      lo = __dp4a(static_cast<int>(w[k] & 0x0F0F0F0Fu), x0[k], lo);
+      hi = __dp4a(static_cast<int>((w[k] >> 4) & 0x0F0F0F0Fu), x1[k], hi);
+    }
+    acc += d[b0] * (dd * static_cast<float>(sc0) * static_cast<float>(lo) - dmin * static_cast<float>(m0) * static_cast<float>(s[b0]));
+    acc += d[b0 + 1] *
+           (dd * static_cast<float>(sc1) * static_cast<float>(hi) - dmin * static_cast<float>(m1) * static_cast<float>(s[b0 + 1]));
+  }
+  store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
 }
 
 // Plain weights (f32 / f16 / bf16) with f32 activations: one warp per row.
@@ -677,6 +728,113 @@ __global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_
   }
 }
 
+// Prompt attention (n > 1 tokens): a block per (head, tile of kQTile queries). Keys and values pass
+// through shared memory kKTile positions at a time, shared by the tile's queries (attention_kernel
+// re-reads the cache for every query: ~20 ms of a 512-token prompt of the 8B shape). Online softmax
+// in f32; a warp owns kQTile / 4 queries, a lane one key of the tile for the scores and head
+// dimensions lane, lane + 32, ... for the output.
+constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256;
+
+inline size_t prefill_attention_smem(int head_dim) {
+  return static_cast<size_t>((kQTile + kKTile) * (head_dim + 1) + kKTile * head_dim) * sizeof(float);
+}
+
+template <class KV>
+__global__ void attention_prefill_kernel(const float* q, const KV* k_cache, const KV* v_cache, const __half* k_scale,
+                                         const __half* v_scale, const int64_t* pos0_ptr, int64_t n_tokens, int n_heads,
+                                         int n_kv_heads, int head_dim, int64_t window, float scale, float softcap,
+                                         float* out) {
+  extern __shared__ float smem[];
+  constexpr int kPerWarp = kQTile / 4, kDims = kMaxHeadDim / 32;
+  const int pad = head_dim + 1;  // odd row stride: lanes reading one column of different rows hit different banks
+  float* qs = smem;              // [kQTile][pad]
+  float* ks = qs + kQTile * pad;  // [kKTile][pad]
+  float* vs = ks + kKTile * pad;  // [kKTile][head_dim]
+  const int h = blockIdx.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kQTile, pos0 = *pos0_ptr;
+  const int g = h / (n_heads / n_kv_heads);
+  const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t nq = min(static_cast<int64_t>(kQTile), n_tokens - t0);
+  for (int i = threadIdx.x; i < kQTile * head_dim; i += blockDim.x) {
+    const int r = i / head_dim, c = i % head_dim;
+    qs[r * pad + c] = r < nq ? q[(t0 + r) * q_dim + h * head_dim + c] : 0.0f;
+  }
+  const int64_t last = pos0 + t0 + nq - 1;
+  const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos0 + t0 - window + 1) : 0;
+  float m[kPerWarp], l[kPerWarp], acc[kPerWarp][kDims];
+#pragma unroll
+  for (int i = 0; i < kPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int d = 0; d < kDims; ++d) acc[i][d] = 0.0f;
+  }
+  for (int64_t k0 = first; k0 <= last; k0 += kKTile) {
+    __syncthreads();  // the previous tile is consumed (and the queries are loaded)
+    for (int i = threadIdx.x; i < kKTile * head_dim; i += blockDim.x) {
+      const int r = i / head_dim, c = i % head_dim;
+      const int64_t p = k0 + r;
+      float kk = 0.0f, vv = 0.0f;
+      if (p <= last) {
+        const int64_t idx = p * kv_dim + g * head_dim + c;
+        kk = load_kv(k_cache, k_scale, idx);
+        vv = load_kv(v_cache, v_scale, idx);
+      }
+      ks[r * pad + c] = kk;
+      vs[r * head_dim + c] = vv;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int qi = 0; qi < kPerWarp; ++qi) {
+      const int r = warp * kPerWarp + qi;
+      if (r >= nq) break;  // warp-uniform
+      const int64_t qpos = pos0 + t0 + r, kp = k0 + lane;
+      const bool visible = kp <= qpos && (window <= 0 || kp > qpos - window);
+      float sc = -INFINITY;
+      if (visible) {
+        float dot = 0.0f;
+        for (int c = 0; c < head_dim; ++c) dot += qs[r * pad + c] * ks[lane * pad + c];
+        sc = dot * scale;
+        if (softcap > 0.0f) sc = tanhf(sc / softcap) * softcap;
+      }
+      float tile_max = sc;
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
+      if (tile_max == -INFINITY) continue;  // warp-uniform: nothing visible in this tile
+      const float m_new = fmaxf(m[qi], tile_max);
+      const float corr = expf(m[qi] - m_new);
+      const float p = visible ? expf(sc - m_new) : 0.0f;
+      float psum = p;
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
+      l[qi] = l[qi] * corr + psum;
+      m[qi] = m_new;
+#pragma unroll
+      for (int d = 0; d < kDims; ++d) acc[qi][d] *= corr;
+      for (int j = 0; j < kKTile; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+        for (int d = 0; d < kDims; ++d) {
+          const int c = lane + 32 * d;
+          if (c < head_dim) acc[qi][d] += pj * vs[j * head_dim + c];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int qi = 0; qi < kPerWarp; ++qi) {
+    const int r = warp * kPerWarp + qi;
+    if (r >= nq) break;
+    const float inv = 1.0f / l[qi];
+#pragma unroll
+    for (int d = 0; d < kDims; ++d) {
+      const int c = lane + 32 * d;
+      if (c < head_dim) out[(t0 + r) * q_dim + h * head_dim + c] = acc[qi][d] * inv;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Device memory, counted by purpose.
 
@@ -766,9 +924,17 @@ struct GpuDecoder::Impl {
   cudaStream_t dequant_stream = nullptr;
   cudaEvent_t tile_ready[2] = {nullptr, nullptr}, tile_free[2] = {nullptr, nullptr};
   static constexpr int64_t kGemmMinTokens = 32;     // shorter batches: the integer kernels (exact, fast enough)
-  static constexpr size_t kGemmTileBytes = 24 << 20;  // dequantized rows per GEMM chunk (two buffers)
-  // Decode kernels' block-loop unrolling (BIOQUANT_CUDA_UNROLL=2 to compare; 1 measured faster).
-  int decode_unroll = std::getenv("BIOQUANT_CUDA_UNROLL") && std::string(std::getenv("BIOQUANT_CUDA_UNROLL")) == "2" ? 2 : 1;
+  static int env_int(const char* name, int fallback) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : fallback;
+  }
+  // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|8 to compare: 1 = one-token kernel,
+  // 2 = that with its block loop unrolled twice, 3 = q4_k's pair kernel, 8 = the 8-token prompt
+  // kernel; unset: the fastest measured per format.
+  int decode_variant = env_int("BIOQUANT_CUDA_DECODE", 0);
+  // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB; on an H100, 48 MB prefills 9%
+  // faster than 24 MB, 13% faster than 16 MB).
+  size_t gemm_tile_bytes = static_cast<size_t>(env_int("BIOQUANT_CUDA_TILE_MB", 48)) << 20;
 
   // Workspace, grown on demand.
   struct Work {
@@ -943,7 +1109,7 @@ struct GpuDecoder::Impl {
       blas.gemm(m.rows, n, m.cols, reinterpret_cast<const __nv_bfloat16*>(m.data), xb, y, m.rows);
       return;
     }
-    const int64_t chunk = std::min(m.rows, std::max<int64_t>(128, static_cast<int64_t>(kGemmTileBytes) / (2 * m.cols) / 128 * 128));
+    const int64_t chunk = std::min(m.rows, std::max<int64_t>(128, static_cast<int64_t>(gemm_tile_bytes) / (2 * m.cols) / 128 * 128));
     __nv_bfloat16* tiles[2] = {nullptr, nullptr};
     for (int b = 0; b < (chunk < m.rows ? 2 : 1); ++b)
       tiles[b] = static_cast<__nv_bfloat16*>(grow(gemm_w[b], static_cast<size_t>(chunk * m.cols) * 2));
@@ -1033,13 +1199,17 @@ struct GpuDecoder::Impl {
         const int* s = work.as + t0 * nblk;
 #define BQ_Q(TYPE)                                                                                         \
   case TYPE:                                                                                               \
-    if (nt == 1 && decode_unroll == 2)                                                                     \
+    if (TYPE == QuantType::Q4_K && nt == 1 && variant == 3)                                                \
+      q4k_decode_kernel<<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);                              \
+    else if (nt == 1 && variant == 2)                                                                      \
       qmatmul_kernel<static_cast<int>(TYPE), 1, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
-    else if (nt == 1)                                                                                      \
+    else if (nt == 1 && variant == 1)                                                                      \
       qmatmul_kernel<static_cast<int>(TYPE), 1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
     else                                                                                                   \
       qmatmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
     break
+        // Measured on an H100 (8B shape): q4_k's pair kernel, the others' twice-unrolled loop.
+        const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : 2;
         switch (type) {
           BQ_Q(QuantType::Q8_0);
           BQ_Q(QuantType::Q4_0);
@@ -1178,9 +1348,16 @@ struct GpuDecoder::Impl {
           work.q, work.k, work.v, inv_freq, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
           static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
-      attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(n)), 128, smem, stream>>>(
-          work.q, kc, vc, ks, vs, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
-          static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, work.attn);
+      if (n > 1 && c.head_dim <= kMaxHeadDim) {
+        attention_prefill_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((n + kQTile - 1) / kQTile)),
+                                       128, prefill_attention_smem(static_cast<int>(c.head_dim)), stream>>>(
+            work.q, kc, vc, ks, vs, work.pos, n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+            static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, work.attn);
+      } else {
+        attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(n)), 128, smem, stream>>>(
+            work.q, kc, vc, ks, vs, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+            static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, work.attn);
+      }
       matmul(work.attn, n, l.wo, work.h);
       if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
       if (c.sandwich_norms)
@@ -1285,6 +1462,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  const int prefill_smem = static_cast<int>(prefill_attention_smem(kMaxHeadDim));
+  CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem));
+  CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               prefill_smem));
+  CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem));
   {
     int16_t nf4[16], fp4[16];
     const float* cb_nf4 = nf4_codebook();
