@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <dlfcn.h>
+#include <initializer_list>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -41,7 +42,7 @@ void cuda_check(cudaError_t e, const char* what) {
 
 struct Block32 {
   int lv[32];
-  uint32_t packed[8];  // q4_k/q5_k: the same levels, four unsigned bytes per word (for dp4a)
+  uint32_t packed[8];  // q4_k/q5_k/int8: the same levels, four bytes per word (for dp4a)
   float scale_lo, scale_hi, min_term;
 };
 
@@ -169,8 +170,22 @@ template <>
 __device__ __forceinline__ void decode32<static_cast<int>(QuantType::INT8)>(const uint8_t* row, int64_t cols, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   const int8_t* q = reinterpret_cast<const int8_t*>(row + 4);
+  if (32 * b + 32 <= cols) {  // whole block: 4-byte loads (the row's int8 part starts 4-byte aligned)
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(q + 32 * b);
 #pragma unroll
-  for (int i = 0; i < 32; ++i) o.lv[i] = 32 * b + i < cols ? q[32 * b + i] : 0;
+    for (int k = 0; k < 8; ++k) {
+      o.packed[k] = w[k];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o.lv[4 * k + e] = static_cast<int8_t>(w[k] >> (8 * e));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o.lv[i] = 32 * b + i < cols ? q[32 * b + i] : 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      o.packed[k] = (o.lv[4 * k] & 0xFF) | ((o.lv[4 * k + 1] & 0xFF) << 8) | ((o.lv[4 * k + 2] & 0xFF) << 16) |
+                    (static_cast<uint32_t>(o.lv[4 * k + 3] & 0xFF) << 24);
+  }
   o.scale_lo = o.scale_hi = f32_at(row) / 127.0f;
   o.min_term = 0.0f;
 }
@@ -274,24 +289,20 @@ struct QJob {
 struct QJobs {
   QJob job[3];
   int count;
+  int64_t total_rows;
 };
 
 // Quantized matmul: one warp per output row, lanes over activation blocks, up to NT tokens per pass
 // (the row's blocks are decoded once per pass).
-template <int T, int NT, int U = 0>
-__global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s, int64_t nblk,
-                               int64_t n_tokens) {
-  __shared__ int16_t book[16];
-  if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
-    if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
-    __syncthreads();
-  }
-  int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+template <int T, int NT, int U>
+__device__ __forceinline__ void qmatmul_row(const QJobs& jobs, int64_t row, int64_t cols, const int16_t* book,
+                                            const int8_t* q, const float* d, const int* s, int64_t nblk, int64_t n_tokens) {
   const int lane = threadIdx.x % 32;
   int j = 0;
   while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
   if (j == jobs.count) return;
-  const QJob& job = jobs.job[j];
+  // Constant indices keep the jobs in parameter space (a dynamic index copies them to local memory).
+  const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
   const bool dq = job.dq;
   const int64_t rows = job.rows;
   float* y = job.y;
@@ -313,8 +324,10 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
       memcpy(qx, &qa, 16);
       memcpy(qx + 16, &qb, 16);
       int lo = 0, hi = 0;
-      if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K)) {
-        const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};  // levels < 32: the same as signed bytes
+      if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K) ||
+                    T == static_cast<int>(QuantType::INT8)) {
+        // q4_k/q5_k levels < 32 read the same as signed bytes; int8 levels are signed bytes.
+        const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
         for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
 #pragma unroll
@@ -338,49 +351,82 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
   store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
 }
 
+// A warp per row (grid stride when the grid is smaller than the rows).
+template <int T, int NT, int U = 0>
+__global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s, int64_t nblk,
+                               int64_t n_tokens) {
+  __shared__ int16_t book[16];
+  if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
+    if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
+    __syncthreads();
+  }
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < jobs.total_rows; r += warps)
+    qmatmul_row<T, NT, U>(jobs, r, cols, book, q, d, s, nblk, n_tokens);
+}
+
 // q4_k decode (one token): a lane takes the two 32-blocks that share one 32-byte run of qs (low
-// and high nibbles), so every weight byte is loaded once; a warp per row, dp4a dot products.
-__global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
-  int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+// and high nibbles), so every weight byte is loaded once; a warp takes R adjacent rows, so each
+// activation load serves R rows (the activations, re-read by every row, otherwise load the L1 more
+// than the weights do); dp4a dot products.
+template <int R>
+__device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, int64_t cols, const int8_t* q,
+                                                const float* d, const int* s) {
   const int lane = threadIdx.x % 32;
   int j = 0;
   while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
   if (j == jobs.count) return;
-  const QJob& job = jobs.job[j];
-  const uint8_t* wr = job.w + row * job.row_bytes;
+  // Constant indices keep the jobs in parameter space (a dynamic index copies them to local memory).
+  const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
   const int64_t pairs = cols / 64;
-  float acc = 0.0f;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   for (int64_t p = lane; p < pairs; p += 32) {
     const int64_t sb = p / 4;
     const int jp = static_cast<int>(p % 4);
-    const uint8_t* blk = wr + 144 * sb;
-    const uint4 head = *reinterpret_cast<const uint4*>(blk);
-    const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * jp);
-    const uint4 q0 = qs[0], q1 = qs[1];
     const int64_t b0 = 8 * sb + 2 * jp;
     const int4* a = reinterpret_cast<const int4*>(q + 32 * b0);
     const int4 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-    uint8_t hb[16];
-    memcpy(hb, &head, 16);
-    const float dd = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
-    const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
-    int sc0, m0, sc1, m1;
-    kquant_scale_min_dev(hb + 4, 2 * jp, sc0, m0);
-    kquant_scale_min_dev(hb + 4, 2 * jp + 1, sc1, m1);
-    const uint32_t w[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
     const int x0[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     const int x1[8] = {a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
-    int lo = 0, hi = 0;
+    const float dx0 = d[b0], dx1 = d[b0 + 1];
+    const float sx0 = static_cast<float>(s[b0]), sx1 = static_cast<float>(s[b0 + 1]);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      lo = __dp4a(static_cast<int>(w[k] & 0x0F0F0F0Fu), x0[k], lo);
-      hi = __dp4a(static_cast<int>((w[k] >> 4) & 0x0F0F0F0Fu), x1[k], hi);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = job.w + (row + r) * job.row_bytes + 144 * sb;
+      const uint4 head = *reinterpret_cast<const uint4*>(blk);
+      const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * jp);
+      const uint4 q0 = qs[0], q1 = qs[1];
+      uint8_t hb[16];
+      memcpy(hb, &head, 16);
+      const float dd = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
+      const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
+      int sc0, m0, sc1, m1;
+      kquant_scale_min_dev(hb + 4, 2 * jp, sc0, m0);
+      kquant_scale_min_dev(hb + 4, 2 * jp + 1, sc1, m1);
+      const uint32_t w[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+      int lo = 0, hi = 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        lo = __dp4a(static_cast<int>(w[k] & 0x0F0F0F0Fu), x0[k], lo);
+        hi = __dp4a(static_cast<int>((w[k] >> 4) & 0x0F0F0F0Fu), x1[k], hi);
+      }
+      acc[r] += dx0 * (dd * static_cast<float>(sc0) * static_cast<float>(lo) - dmin * static_cast<float>(m0) * sx0);
+      acc[r] += dx1 * (dd * static_cast<float>(sc1) * static_cast<float>(hi) - dmin * static_cast<float>(m1) * sx1);
     }
-    acc += d[b0] * (dd * static_cast<float>(sc0) * static_cast<float>(lo) - dmin * static_cast<float>(m0) * static_cast<float>(s[b0]));
-    acc += d[b0 + 1] *
-           (dd * static_cast<float>(sc1) * static_cast<float>(hi) - dmin * static_cast<float>(m1) * static_cast<float>(s[b0 + 1]));
   }
-  store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
+#pragma unroll
+  for (int r = 0; r < R; ++r) store_row_sums<1>(&acc[r], 1, job.rows, row + r, lane, job.y);
+}
+
+// A warp per R rows (every job's row count a multiple of R); a grid smaller than that makes each
+// warp loop over row groups (grid stride).
+template <int R>
+__global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r * R < jobs.total_rows; r += warps)
+    q4k_decode_rows<R>(jobs, r * R, cols, q, d, s);
 }
 
 // Plain weights (f32 / f16 / bf16) with f32 activations: one warp per row.
@@ -592,6 +638,78 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
   for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
+// Activations quantized per 32 as quantize_act_kernel, for a value held by every lane of a warp
+// whose lanes hold 32 consecutive columns (block b of token t).
+__device__ __forceinline__ void quantize_lane(float v, int lane, int64_t t, int64_t b, int64_t nblk, int8_t* q, float* d,
+                                              int* s) {
+  float amax = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float dd = amax / 127.0f;
+  const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+  const int qi = __float2int_rn(v * id);
+  q[t * nblk * 32 + 32 * b + lane] = static_cast<int8_t>(qi);
+  int sum = qi;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) {
+    d[t * nblk + b] = dd;
+    s[t * nblk + b] = sum;
+  }
+}
+
+// Decode-step fusion of the residual add, RMSNorm and the activation quantization of the matmuls
+// that follow: x += add (when given); out = norm(x) * w; (q, d, s) = out quantized per 32. One
+// block of 1024 threads per token, n <= 8192 and a multiple of 32 (lanes of a warp hold 32
+// consecutive columns, so a block's absmax is a warp reduction).
+__global__ void add_norm_quant_kernel(float* x, const float* add, const float* w, float eps, int64_t n, float* out,
+                                      int8_t* q, float* d, int* s) {
+  __shared__ float red[32];
+  constexpr int kCached = 8;
+  const int64_t t = blockIdx.x, nblk = n / 32;
+  float* xr = x + t * n;
+  float v[kCached];
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kCached; ++k) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    v[k] = 0.0f;
+    if (i < n) {
+      v[k] = xr[i];
+      if (add != nullptr) {
+        v[k] += add[t * n + i];
+        xr[i] = v[k];
+      }
+    }
+    ss += v[k] * v[k];
+  }
+  const float total = block_sum(ss, red);
+  const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k = 0; k < kCached; ++k) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (i - lane >= n) break;  // warp-uniform (n is a multiple of 32)
+    const float o = v[k] * scale * w[i];
+    out[t * n + i] = o;
+    if (q != nullptr) quantize_lane(o, lane, t, i / 32, nblk, q, d, s);
+  }
+}
+
+// a = act(a) * b, then a quantized per 32 for the down projection (n_tokens rows of ff columns,
+// ff a multiple of 32; a thread per column).
+__global__ void act_mul_quant_kernel(float* a, const float* b, int64_t n_tokens, int64_t ff, bool gelu, int8_t* q, float* d,
+                                     int* s) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i - threadIdx.x % 32 >= n_tokens * ff) return;  // warp-uniform
+  const float x = a[i];
+  const float v = gelu ? 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * b[i]
+                       : x / (1.0f + expf(-x)) * b[i];
+  a[i] = v;
+  const int64_t t = i / ff;
+  quantize_lane(v, threadIdx.x % 32, t, (i - t * ff) / 32, ff / 32, q, d, s);
+}
+
 __global__ void add_bias_kernel(float* y, const float* bias, int64_t rows, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < rows * n) y[i] += bias[i % n];
@@ -731,12 +849,14 @@ __global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_
 // Prompt attention (n > 1 tokens): a block per (head, tile of kQTile queries). Keys and values pass
 // through shared memory kKTile positions at a time, shared by the tile's queries (attention_kernel
 // re-reads the cache for every query: ~20 ms of a 512-token prompt of the 8B shape). Online softmax
-// in f32; a warp owns kQTile / 4 queries, a lane one key of the tile for the scores and head
-// dimensions lane, lane + 32, ... for the output.
-constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256;
+// in f32. A warp owns 4 queries and works on them together, so each key or value read from shared
+// memory (as float4) serves 4 queries: for the scores a lane takes one key of the tile, for the
+// output a lane takes 4 consecutive head dimensions (and 4 more 128 further on, up to 256).
+constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256, kWarpQueries = 4;
 
+inline int prefill_attention_pad(int head_dim) { return head_dim + 4; }  // float4 rows, no bank conflicts
 inline size_t prefill_attention_smem(int head_dim) {
-  return static_cast<size_t>((kQTile + kKTile) * (head_dim + 1) + kKTile * head_dim) * sizeof(float);
+  return static_cast<size_t>((kQTile + 2 * kKTile) * prefill_attention_pad(head_dim)) * sizeof(float);
 }
 
 template <class KV>
@@ -744,12 +864,13 @@ __global__ void attention_prefill_kernel(const float* q, const KV* k_cache, cons
                                          const __half* v_scale, const int64_t* pos0_ptr, int64_t n_tokens, int n_heads,
                                          int n_kv_heads, int head_dim, int64_t window, float scale, float softcap,
                                          float* out) {
-  extern __shared__ float smem[];
-  constexpr int kPerWarp = kQTile / 4, kDims = kMaxHeadDim / 32;
-  const int pad = head_dim + 1;  // odd row stride: lanes reading one column of different rows hit different banks
-  float* qs = smem;              // [kQTile][pad]
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  constexpr int kGroups = kMaxHeadDim / 128;  // float4 groups a lane owns in the output
+  const int pad = head_dim + 4, pad4 = pad / 4, hd4 = head_dim / 4;
+  float* qs = smem;               // [kQTile][pad]
   float* ks = qs + kQTile * pad;  // [kKTile][pad]
-  float* vs = ks + kKTile * pad;  // [kKTile][head_dim]
+  float* vs = ks + kKTile * pad;  // [kKTile][pad]
   const int h = blockIdx.x;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kQTile, pos0 = *pos0_ptr;
   const int g = h / (n_heads / n_kv_heads);
@@ -757,80 +878,169 @@ __global__ void attention_prefill_kernel(const float* q, const KV* k_cache, cons
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t nq = min(static_cast<int64_t>(kQTile), n_tokens - t0);
   for (int i = threadIdx.x; i < kQTile * head_dim; i += blockDim.x) {
-    const int r = i / head_dim, c = i % head_dim;
+    const int r = i / head_dim, c = i - r * head_dim;
     qs[r * pad + c] = r < nq ? q[(t0 + r) * q_dim + h * head_dim + c] : 0.0f;
   }
+  const int r0 = warp * kWarpQueries;  // this warp's first query in the tile
   const int64_t last = pos0 + t0 + nq - 1;
   const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos0 + t0 - window + 1) : 0;
-  float m[kPerWarp], l[kPerWarp], acc[kPerWarp][kDims];
+  float m[kWarpQueries], l[kWarpQueries];
+  float4 acc[kWarpQueries][kGroups];
 #pragma unroll
-  for (int i = 0; i < kPerWarp; ++i) {
+  for (int i = 0; i < kWarpQueries; ++i) {
     m[i] = -INFINITY;
     l[i] = 0.0f;
 #pragma unroll
-    for (int d = 0; d < kDims; ++d) acc[i][d] = 0.0f;
+    for (int gi = 0; gi < kGroups; ++gi) acc[i][gi] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
   for (int64_t k0 = first; k0 <= last; k0 += kKTile) {
     __syncthreads();  // the previous tile is consumed (and the queries are loaded)
-    for (int i = threadIdx.x; i < kKTile * head_dim; i += blockDim.x) {
-      const int r = i / head_dim, c = i % head_dim;
-      const int64_t p = k0 + r;
-      float kk = 0.0f, vv = 0.0f;
-      if (p <= last) {
-        const int64_t idx = p * kv_dim + g * head_dim + c;
-        kk = load_kv(k_cache, k_scale, idx);
-        vv = load_kv(v_cache, v_scale, idx);
+    // Staged through registers kStage at a time, so a thread's loads are in flight together
+    // (a load-then-store loop waits out one cache latency per element).
+    constexpr int kStage = 8;
+    bool loaded = false;
+    if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
+      if (head_dim % 8 == 0) {  // 16-byte loads of 8 values
+        const int per_row = head_dim / 8, chunks = kKTile * per_row;
+        for (int base = 0; base < chunks; base += 4 * blockDim.x) {
+          uint4 kk[4], vv[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int i = base + u * blockDim.x + threadIdx.x;
+            const int r = i / per_row, c8 = i - r * per_row;
+            kk[u] = vv[u] = make_uint4(0, 0, 0, 0);
+            if (i < chunks && k0 + r <= last) {
+              const int64_t idx = (k0 + r) * kv_dim + g * head_dim + 8 * c8;
+              kk[u] = *reinterpret_cast<const uint4*>(k_cache + idx);
+              vv[u] = *reinterpret_cast<const uint4*>(v_cache + idx);
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int i = base + u * blockDim.x + threadIdx.x;
+            if (i >= chunks) break;
+            const int r = i / per_row, c8 = i - r * per_row;
+            const uint32_t kw[4] = {kk[u].x, kk[u].y, kk[u].z, kk[u].w}, vw[4] = {vv[u].x, vv[u].y, vv[u].z, vv[u].w};
+            float4* kd = reinterpret_cast<float4*>(ks + r * pad + 8 * c8);
+            float4* vd = reinterpret_cast<float4*>(vs + r * pad + 8 * c8);
+            kd[0] = make_float4(__uint_as_float(kw[0] << 16), __uint_as_float(kw[0] & 0xFFFF0000u),
+                                __uint_as_float(kw[1] << 16), __uint_as_float(kw[1] & 0xFFFF0000u));
+            kd[1] = make_float4(__uint_as_float(kw[2] << 16), __uint_as_float(kw[2] & 0xFFFF0000u),
+                                __uint_as_float(kw[3] << 16), __uint_as_float(kw[3] & 0xFFFF0000u));
+            vd[0] = make_float4(__uint_as_float(vw[0] << 16), __uint_as_float(vw[0] & 0xFFFF0000u),
+                                __uint_as_float(vw[1] << 16), __uint_as_float(vw[1] & 0xFFFF0000u));
+            vd[1] = make_float4(__uint_as_float(vw[2] << 16), __uint_as_float(vw[2] & 0xFFFF0000u),
+                                __uint_as_float(vw[3] << 16), __uint_as_float(vw[3] & 0xFFFF0000u));
+          }
+        }
+        loaded = true;
       }
-      ks[r * pad + c] = kk;
-      vs[r * head_dim + c] = vv;
+    }
+    for (int base = 0; !loaded && base < kKTile * head_dim; base += kStage * blockDim.x) {
+      float kk[kStage], vv[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = base + u * blockDim.x + threadIdx.x;
+        const int r = i / head_dim, c = i - r * head_dim;
+        const int64_t p = k0 + r;
+        kk[u] = vv[u] = 0.0f;
+        if (i < kKTile * head_dim && p <= last) {
+          const int64_t idx = p * kv_dim + g * head_dim + c;
+          kk[u] = load_kv(k_cache, k_scale, idx);
+          vv[u] = load_kv(v_cache, v_scale, idx);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = base + u * blockDim.x + threadIdx.x;
+        if (i < kKTile * head_dim) {
+          const int r = i / head_dim, c = i - r * head_dim;
+          ks[r * pad + c] = kk[u];
+          vs[r * pad + c] = vv[u];
+        }
+      }
     }
     __syncthreads();
+    if (r0 >= nq) continue;  // warp-uniform: this warp has no queries (but keeps the barriers)
+    // Scores: lane = key k0 + lane, against the warp's 4 queries.
+    const int64_t kp = k0 + lane;
+    float sc[kWarpQueries];
+    {
+      float dot[kWarpQueries] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const float4* kr = reinterpret_cast<const float4*>(ks) + lane * pad4;
+      const float4* qr = reinterpret_cast<const float4*>(qs) + r0 * pad4;
+      for (int c4 = 0; c4 < hd4; ++c4) {
+        const float4 kv = kr[c4];
 #pragma unroll
-    for (int qi = 0; qi < kPerWarp; ++qi) {
-      const int r = warp * kPerWarp + qi;
-      if (r >= nq) break;  // warp-uniform
-      const int64_t qpos = pos0 + t0 + r, kp = k0 + lane;
-      const bool visible = kp <= qpos && (window <= 0 || kp > qpos - window);
-      float sc = -INFINITY;
-      if (visible) {
-        float dot = 0.0f;
-        for (int c = 0; c < head_dim; ++c) dot += qs[r * pad + c] * ks[lane * pad + c];
-        sc = dot * scale;
-        if (softcap > 0.0f) sc = tanhf(sc / softcap) * softcap;
+        for (int i = 0; i < kWarpQueries; ++i) {
+          const float4 qv = qr[i * pad4 + c4];
+          dot[i] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+        }
       }
-      float tile_max = sc;
+#pragma unroll
+      for (int i = 0; i < kWarpQueries; ++i) {
+        const int64_t qpos = pos0 + t0 + r0 + i;
+        const bool visible = r0 + i < nq && kp <= qpos && (window <= 0 || kp > qpos - window);
+        float v = dot[i] * scale;
+        if (softcap > 0.0f) v = tanhf(v / softcap) * softcap;
+        sc[i] = visible ? v : -INFINITY;
+      }
+    }
+    float p[kWarpQueries];
+#pragma unroll
+    for (int i = 0; i < kWarpQueries; ++i) {
+      float tile_max = sc[i];
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
-      if (tile_max == -INFINITY) continue;  // warp-uniform: nothing visible in this tile
-      const float m_new = fmaxf(m[qi], tile_max);
-      const float corr = expf(m[qi] - m_new);
-      const float p = visible ? expf(sc - m_new) : 0.0f;
-      float psum = p;
+      const float m_new = fmaxf(m[i], tile_max);
+      // m_new = -inf: nothing visible yet for this query; keep its state as is.
+      const float corr = m_new == -INFINITY ? 1.0f : expf(m[i] - m_new);
+      p[i] = sc[i] == -INFINITY ? 0.0f : expf(sc[i] - m_new);
+      float psum = p[i];
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-      l[qi] = l[qi] * corr + psum;
-      m[qi] = m_new;
+      l[i] = l[i] * corr + psum;
+      m[i] = m_new;
 #pragma unroll
-      for (int d = 0; d < kDims; ++d) acc[qi][d] *= corr;
-      for (int j = 0; j < kKTile; ++j) {
-        const float pj = __shfl_sync(0xffffffffu, p, j);
+      for (int gi = 0; gi < kGroups; ++gi) {
+        acc[i][gi].x *= corr;
+        acc[i][gi].y *= corr;
+        acc[i][gi].z *= corr;
+        acc[i][gi].w *= corr;
+      }
+    }
+    // Output: lane owns float4 groups lane, lane + 32 of the head dimensions.
+    const int64_t keys = min(static_cast<int64_t>(kKTile), last - k0 + 1);
+    for (int j = 0; j < keys; ++j) {
+      float pj[kWarpQueries];
 #pragma unroll
-        for (int d = 0; d < kDims; ++d) {
-          const int c = lane + 32 * d;
-          if (c < head_dim) acc[qi][d] += pj * vs[j * head_dim + c];
+      for (int i = 0; i < kWarpQueries; ++i) pj[i] = __shfl_sync(0xffffffffu, p[i], j);
+#pragma unroll
+      for (int gi = 0; gi < kGroups; ++gi) {
+        const int c4 = lane + 32 * gi;
+        if (c4 >= hd4) break;
+        const float4 vv = reinterpret_cast<const float4*>(vs)[j * pad4 + c4];
+#pragma unroll
+        for (int i = 0; i < kWarpQueries; ++i) {
+          acc[i][gi].x += pj[i] * vv.x;
+          acc[i][gi].y += pj[i] * vv.y;
+          acc[i][gi].z += pj[i] * vv.z;
+          acc[i][gi].w += pj[i] * vv.w;
         }
       }
     }
   }
 #pragma unroll
-  for (int qi = 0; qi < kPerWarp; ++qi) {
-    const int r = warp * kPerWarp + qi;
-    if (r >= nq) break;
-    const float inv = 1.0f / l[qi];
+  for (int i = 0; i < kWarpQueries; ++i) {
+    if (r0 + i >= nq) break;
+    const float inv = 1.0f / l[i];
 #pragma unroll
-    for (int d = 0; d < kDims; ++d) {
-      const int c = lane + 32 * d;
-      if (c < head_dim) out[(t0 + r) * q_dim + h * head_dim + c] = acc[qi][d] * inv;
+    for (int gi = 0; gi < kGroups; ++gi) {
+      const int c4 = lane + 32 * gi;
+      if (c4 >= hd4) break;
+      const float4 a = acc[i][gi];
+      reinterpret_cast<float4*>(out + (t0 + r0 + i) * q_dim + h * head_dim)[c4] =
+          make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
     }
   }
 }
@@ -932,6 +1142,10 @@ struct GpuDecoder::Impl {
   // 2 = that with its block loop unrolled twice, 3 = q4_k's pair kernel, 8 = the 8-token prompt
   // kernel; unset: the fastest measured per format.
   int decode_variant = env_int("BIOQUANT_CUDA_DECODE", 0);
+  bool group_launches = env_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
+  // BIOQUANT_CUDA_PERSIST=k: decode grids of k blocks per SM whose warps loop over rows (0: a warp per row).
+  unsigned persist_blocks = 0;
+  int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 2);  // rows per warp of the q4_k decode kernel (1 or 2)
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB; on an H100, 48 MB prefills 9%
   // faster than 24 MB, 13% faster than 16 MB).
   size_t gemm_tile_bytes = static_cast<size_t>(env_int("BIOQUANT_CUDA_TILE_MB", 48)) << 20;
@@ -1148,13 +1362,23 @@ struct GpuDecoder::Impl {
     float* y;
   };
   // y [n, m.rows] = x [n, m.cols] * m^T
-  void matmul(const float* x, int64_t n, const DevMatrix& m, float* y) {
+  void matmul(const float* x, int64_t n, const DevMatrix& m, float* y, bool prequantized = false) {
     const Job j{&m, y};
-    matmuls(x, n, &j, 1);
+    matmuls(x, n, &j, 1, prequantized);
   }
   // Several matrices of the same input: its activations are quantized once, and consecutive
   // matrices of one format go in one launch.
-  void matmuls(const float* x, int64_t n, const Job* all, int n_all) {
+  // The matrices of these jobs all take the integer kernels for a batch of n tokens (so their
+  // activations can be quantized by a fused kernel before matmuls(..., prequantized = true)).
+  bool integer_path(int64_t n, std::initializer_list<const DevMatrix*> ms) const {
+    for (const DevMatrix* m : ms) {
+      const bool plain = m->type == QuantType::F32 || m->type == QuantType::F16 || m->type == QuantType::BF16;
+      if (plain || (n >= kGemmMinTokens && blas.ready() && m->cols % 32 == 0)) return false;
+    }
+    return true;
+  }
+
+  void matmuls(const float* x, int64_t n, const Job* all, int n_all, bool prequantized = false) {
     constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
     Job jobs[3];
     int count = 0;
@@ -1173,7 +1397,7 @@ struct GpuDecoder::Impl {
     if (count == 0) return;
     const int64_t cols = jobs[0].m->cols;
     const int64_t nblk = (cols + 31) / 32;
-    {
+    if (!prequantized) {
       const int64_t warps = n * nblk;
       quantize_act_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, stream>>>(x, cols, nblk, n, work.aq,
                                                                                              work.ad, work.as);
@@ -1183,13 +1407,14 @@ struct GpuDecoder::Impl {
       int64_t total_rows = 0;
       const QuantType type = jobs[first].m->type;
       int last = first;
-      while (last < count && last - first < 3 && jobs[last].m->type == type) {
+      while (last < count && last - first < (group_launches ? 3 : 1) && jobs[last].m->type == type) {
         const DevMatrix& m = *jobs[last].m;
         check(m.cols == cols, "CUDA: matmul group with different widths");
         group.job[group.count++] = QJob{m.data, m.row_bytes, m.rows, m.dq, nullptr};
         total_rows += m.rows;
         ++last;
       }
+      group.total_rows = total_rows;
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
       for (int64_t t0 = 0; t0 < n; t0 += 8) {
         const int64_t nt = std::min<int64_t>(8, n - t0);
@@ -1200,7 +1425,7 @@ struct GpuDecoder::Impl {
 #define BQ_Q(TYPE)                                                                                         \
   case TYPE:                                                                                               \
     if (TYPE == QuantType::Q4_K && nt == 1 && variant == 3)                                                \
-      q4k_decode_kernel<<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);                              \
+      launch_q4k_decode(group, grid, cols, q, d, s);                                                       \
     else if (nt == 1 && variant == 2)                                                                      \
       qmatmul_kernel<static_cast<int>(TYPE), 1, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
     else if (nt == 1 && variant == 1)                                                                      \
@@ -1208,8 +1433,12 @@ struct GpuDecoder::Impl {
     else                                                                                                   \
       qmatmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
     break
-        // Measured on an H100 (8B shape): q4_k's pair kernel, the others' twice-unrolled loop.
-        const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : 2;
+        // Measured on an H100 (8B shape): q4_k's pair kernel, nf4/fp4 the one-token kernel, the
+        // others that kernel with its loop unrolled twice.
+        const int variant = decode_variant != 0                                  ? decode_variant
+                            : type == QuantType::Q4_K                            ? 3
+                            : type == QuantType::NF4 || type == QuantType::FP4 ? 1
+                                                                                 : 2;
         switch (type) {
           BQ_Q(QuantType::Q8_0);
           BQ_Q(QuantType::Q4_0);
@@ -1224,6 +1453,19 @@ struct GpuDecoder::Impl {
 #undef BQ_Q
       }
       first = last;
+    }
+  }
+
+  void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
+    constexpr int kThreads = 256;
+    bool even = decode_rows == 2;
+    for (int i = 0; i < group.count; ++i) even = even && group.job[i].rows % 2 == 0;
+    if (even) grid = (grid + 1) / 2;
+    if (persist_blocks > 0) grid = std::min(grid, persist_blocks);
+    if (even) {
+      q4k_decode_kernel<2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+    } else {
+      q4k_decode_kernel<1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
     }
   }
 
@@ -1322,16 +1564,31 @@ struct GpuDecoder::Impl {
     const size_t smem = static_cast<size_t>((smem_len + 7) / 4 * 4) * sizeof(float);
     check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(smem_len) + " positions is too long");
     const size_t layer_elems = static_cast<size_t>(kv.capacity * kvd);
+    // Residual adds are deferred into the next norm, which also quantizes the activations of the
+    // integer matmuls after it (one launch instead of three).
+    bool pending = false;  // work.h holds a residual not yet added into work.x
+    const bool fusable = hd % 32 == 0 && hd <= 8 * 1024;
+    const auto norm_into_h = [&](const float* w, bool quantize) {
+      if (fusable) {
+        add_norm_quant_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(
+            work.x, pending ? work.h : nullptr, w, c.norm_eps, hd, work.h, quantize ? work.aq : nullptr, work.ad, work.as);
+      } else {
+        if (pending) add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
+        rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.x, w, c.norm_eps, hd, work.h);
+      }
+      pending = false;
+    };
     for (int64_t li = 0; li < c.n_layers; ++li) {
       const DevLayer& l = layers[static_cast<size_t>(li)];
       KV* kc = static_cast<KV*>(kv.k) + li * layer_elems;
       KV* vc = static_cast<KV*>(kv.v) + li * layer_elems;
       __half* ks = kv.k_scale ? kv.k_scale + li * layer_elems / 32 : nullptr;
       __half* vs = kv.v_scale ? kv.v_scale + li * layer_elems / 32 : nullptr;
-      rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.x, l.attn_norm, c.norm_eps, hd, work.h);
+      const bool quant_qkv = fusable && integer_path(n, {&l.wq, &l.wk, &l.wv});
+      norm_into_h(l.attn_norm, quant_qkv);
       {
         const Job qkv[3] = {{&l.wq, work.q}, {&l.wk, work.k}, {&l.wv, work.v}};
-        matmuls(work.h, n, qkv, 3);
+        matmuls(work.h, n, qkv, 3, quant_qkv);
       }
       if (l.bq) {
         add_bias_kernel<<<blocks_for(n * qd), 256, 0, stream>>>(work.q, l.bq, n, qd);
@@ -1348,7 +1605,7 @@ struct GpuDecoder::Impl {
           work.q, work.k, work.v, inv_freq, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
           static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
-      if (n > 1 && c.head_dim <= kMaxHeadDim) {
+      if (n > 1 && c.head_dim <= kMaxHeadDim && c.head_dim % 4 == 0) {
         attention_prefill_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((n + kQTile - 1) / kQTile)),
                                        128, prefill_attention_smem(static_cast<int>(c.head_dim)), stream>>>(
             work.q, kc, vc, ks, vs, work.pos, n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
@@ -1362,25 +1619,33 @@ struct GpuDecoder::Impl {
       if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
       if (c.sandwich_norms)
         rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
-      add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
+      pending = true;
 
-      rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.x, l.ffn_norm, c.norm_eps, hd, work.h);
+      const bool quant_gate_up = fusable && integer_path(n, {&l.w_gate, &l.w_up});
+      norm_into_h(l.ffn_norm, quant_gate_up);
       {
         const Job gate_up[2] = {{&l.w_gate, work.gate}, {&l.w_up, work.up}};
-        matmuls(work.h, n, gate_up, 2);
+        matmuls(work.h, n, gate_up, 2, quant_gate_up);
       }
       if (l.b_gate) {
         add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, l.b_gate, n, ff);
         add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.up, l.b_up, n, ff);
       }
-      act_mul_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, work.up, n * ff,
-                                                              c.activation == Activation::GeluTanh);
-      matmul(work.gate, n, l.w_down, work.h);
+      const bool gelu = c.activation == Activation::GeluTanh;
+      const bool quant_down = ff % 32 == 0 && integer_path(n, {&l.w_down});
+      if (quant_down) {
+        act_mul_quant_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, work.up, n, ff, gelu, work.aq, work.ad,
+                                                                      work.as);
+      } else {
+        act_mul_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, work.up, n * ff, gelu);
+      }
+      matmul(work.gate, n, l.w_down, work.h, quant_down);
       if (l.b_down) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.b_down, n, hd);
       if (c.sandwich_norms)
         rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
-      add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
+      pending = true;
     }
+    if (pending) add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
     CUDA_OK(cudaGetLastError());
     if (n_logits > 0) {
       const float* last = work.x + (n - n_logits) * hd;
@@ -1459,6 +1724,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
     CUDA_OK(cudaEventCreateWithFlags(&impl_->tile_free[b], cudaEventDisableTiming));
   }
   impl_->blas.open(impl_->stream);
+  if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) {
+    int sms = 0;
+    CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    impl_->persist_blocks = static_cast<unsigned>(k * sms);
+  }
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
