@@ -68,8 +68,7 @@ Run add_serve(CLI::App& app) {
   app.add_flag("--no-chat-template", f->no_chat, "task endpoints send plain prompts even if the model has a chat template");
   app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
   return [=]() {
-    // The server batches many sequences per step on the CPU; the GPU decoder runs one at a time.
-    check(check_device(c->device) < 0, "serve runs on the CPU for now (--device cpu): the CUDA backend has no batched decode yet");
+    const int device = check_device(c->device);
     for (const auto& file : f->task_files) eval::register_task(eval::load_task_file(file));
     serve::ServerOptions o;
     o.host = f->host;
@@ -97,6 +96,8 @@ Run add_serve(CLI::App& app) {
     o.scheduler.max_batch = f->max_batch;
     o.scheduler.max_pending = std::max(f->max_batch, f->http_threads);
     o.scheduler.context = f->ctx;
+    o.scheduler.device = device;
+    o.scheduler.kv = kv_type_of(*c, device);
 
     // SIGINT/SIGTERM are taken by this thread only (sigwait below): every thread started from here
     // on inherits the mask.

@@ -90,11 +90,9 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     n += sg.n;
     n_out += sg.n_logits;
   }
-  if (gpu_) {  // one sequence at a time on the GPU
-    for (const DecodeSegment& sg : segments) {
-      gpu_->forward(sg.tokens, sg.n, *sg.cache, sg.n_logits, sg.logits);
-      sg.cache->size_ += sg.n;
-    }
+  if (gpu_) {
+    gpu_->forward_batch(segments);
+    for (const DecodeSegment& sg : segments) sg.cache->size_ += sg.n;
     return;
   }
   for (const DecodeSegment& sg : segments) sg.cache->ensure_host();

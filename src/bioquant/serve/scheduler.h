@@ -34,6 +34,8 @@ struct SchedulerOptions {
   int64_t prefill_chunk = 256;   // prompt tokens run per step over all new sequences (bounds a step's time; >= 2)
   int64_t context = 0;           // positions per sequence (0: the model's max_positions, else 4096)
   std::vector<int32_t> extra_eos_ids;  // ids that also end a sequence, besides the model's (the tokenizer's EOS)
+  int device = -1;                     // -1: CPU; N: CUDA device N (the batch's rows share every matmul there too)
+  KvType kv = KvType::BF16;            // GPU KV cache type
 };
 
 struct GenerationRequest {

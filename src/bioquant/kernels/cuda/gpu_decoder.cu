@@ -1157,7 +1157,7 @@ struct GpuDecoder::Impl {
     int8_t* aq = nullptr;
     float* ad = nullptr;
     int* as = nullptr;
-    int64_t* pos = nullptr;  // the step's first position (kernels read it, so a captured graph can replay)
+    int64_t* pos = nullptr;  // each sequence's first position (kernels read it, so a captured graph can replay)
     float* host_x = nullptr;       // pinned: embedding rows in
     float* host_logits = nullptr;  // pinned: logits out
     int64_t* host_pos = nullptr;   // pinned
@@ -1277,10 +1277,10 @@ struct GpuDecoder::Impl {
     work.aq = reinterpret_cast<int8_t*>(fbuf((tokens * nblk * 32 + 3) / 4));
     work.ad = fbuf(tokens * nblk);
     work.as = reinterpret_cast<int*>(fbuf(tokens * nblk));
-    work.pos = reinterpret_cast<int64_t*>(fbuf(2));
+    work.pos = reinterpret_cast<int64_t*>(fbuf(2 * tokens));  // one first position per sequence of a batch
     CUDA_OK(cudaMallocHost(&work.host_x, static_cast<size_t>(tokens * c.hidden) * sizeof(float)));
     CUDA_OK(cudaMallocHost(&work.host_logits, static_cast<size_t>(logit_rows * c.vocab) * sizeof(float)));
-    CUDA_OK(cudaMallocHost(&work.host_pos, sizeof(int64_t)));
+    CUDA_OK(cudaMallocHost(&work.host_pos, static_cast<size_t>(tokens) * sizeof(int64_t)));
     ++work.generation;
     work.tokens = tokens;
     work.logit_rows = logit_rows;
@@ -1502,35 +1502,57 @@ struct GpuDecoder::Impl {
 
   static unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + 255) / 256); }
 
+  // One sequence's rows in a step: rows [row0, row0 + n) of the stacked batch, its KV cache, and
+  // its first position at work.pos[index].
+  struct Seg {
+    int64_t row0, n, n_logits, index;
+    DevKv* kv;
+  };
+
   template <class KV>
-  void forward_impl(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits_host) {
+  void forward_impl(std::span<const DecodeSegment> segments) {
     const ModelConfig& c = model.config();
     const ModelWeights& w = model.weights();
-    ensure_work(n, std::max<int64_t>(n_logits, 1));
-    DevKv& kv = kv_for(cache);
-    const int64_t hd = c.hidden;
-    // Host side of the step: embedding rows and the position, into pinned buffers.
-    const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
-    for (int64_t t = 0; t < n; ++t) {
-      float* row = work.host_x + t * hd;
-      w.embed.row_to_f32(tokens[t], row);
-      if (c.embed_scale)
-        for (int64_t j = 0; j < hd; ++j) row[j] *= embed_scale;
+    int64_t n = 0, n_out = 0;
+    for (const DecodeSegment& sg : segments) {
+      n += sg.n;
+      n_out += sg.n_logits;
     }
-    *work.host_pos = cache.size();
+    ensure_work(n, std::max<int64_t>(n_out, 1));
+    std::vector<Seg> segs;
+    int64_t smem_len = 0, row = 0;
+    for (const DecodeSegment& sg : segments) {
+      const int64_t index = static_cast<int64_t>(segs.size());
+      segs.push_back({row, sg.n, sg.n_logits, index, &kv_for(*sg.cache)});
+      work.host_pos[index] = sg.cache->size();
+      smem_len = std::max(smem_len, sg.cache->size() + sg.n);
+      row += sg.n;
+    }
+    const int64_t hd = c.hidden;
+    // Host side of the step: embedding rows and the positions, into pinned buffers.
+    const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
+    for (size_t si = 0; si < segments.size(); ++si) {
+      for (int64_t t = 0; t < segments[si].n; ++t) {
+        float* row = work.host_x + (segs[si].row0 + t) * hd;
+        w.embed.row_to_f32(segments[si].tokens[t], row);
+        if (c.embed_scale)
+          for (int64_t j = 0; j < hd; ++j) row[j] *= embed_scale;
+      }
+    }
     // Attention's score buffer: the whole cache when replaying a graph (any position), else what is used.
-    const int64_t graph_smem_len = kv.capacity;
-    const bool use_graph = n == 1 && n_logits == 1 && (graph_smem_len + 7) / 4 * 4 * 4 <= 200 * 1024;
+    const KVCache& first_cache = *segments[0].cache;
+    const int64_t graph_smem_len = segs[0].kv->capacity;
+    const bool use_graph = segments.size() == 1 && n == 1 && n_out == 1 && (graph_smem_len + 7) / 4 * 4 * 4 <= 200 * 1024;
     if (!use_graph) {
-      enqueue_step<KV>(kv, n, n_logits, cache.size() + n);
+      enqueue_step<KV>(segs, n, n_out, smem_len);
     } else {
-      const bool stale = graph.exec == nullptr || graph.cache != &cache || graph.generation != work.generation;
+      const bool stale = graph.exec == nullptr || graph.cache != &first_cache || graph.generation != work.generation;
       if (stale) {
         drop_graph();
         cudaGraph_t g = nullptr;
         CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
         try {
-          enqueue_step<KV>(kv, 1, 1, graph_smem_len);
+          enqueue_step<KV>(segs, 1, 1, graph_smem_len);
         } catch (...) {
           cudaStreamEndCapture(stream, &g);
           if (g) cudaGraphDestroy(g);
@@ -1540,30 +1562,35 @@ struct GpuDecoder::Impl {
         const cudaError_t e = cudaGraphInstantiate(&graph.exec, g, 0);
         cudaGraphDestroy(g);
         CUDA_OK(e);
-        graph.cache = &cache;
+        graph.cache = &first_cache;
         graph.generation = work.generation;
       }
       CUDA_OK(cudaGraphLaunch(graph.exec, stream));
     }
     CUDA_OK(cudaStreamSynchronize(stream));
-    if (n_logits > 0)
-      std::memcpy(logits_host, work.host_logits, static_cast<size_t>(n_logits * c.vocab) * sizeof(float));
+    int64_t out_row = 0;
+    for (const DecodeSegment& sg : segments) {
+      if (sg.n_logits > 0)
+        std::memcpy(sg.logits, work.host_logits + out_row * c.vocab, static_cast<size_t>(sg.n_logits * c.vocab) * sizeof(float));
+      out_row += sg.n_logits;
+    }
     sample_device_memory();
   }
 
   // Every device operation of one step, on `stream` (capturable): inputs from the pinned buffers,
   // logits back into them. smem_len: positions the attention score buffer must hold.
+  // Sequences of a batch share every matmul (their rows stacked); RoPE, the KV cache and attention
+  // run per sequence.
   template <class KV>
-  void enqueue_step(DevKv& kv, int64_t n, int64_t n_logits, int64_t smem_len) {
+  void enqueue_step(const std::vector<Seg>& segs, int64_t n, int64_t n_logits, int64_t smem_len) {
     const ModelConfig& c = model.config();
     const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate;
-    CUDA_OK(cudaMemcpyAsync(work.pos, work.host_pos, sizeof(int64_t), cudaMemcpyHostToDevice, stream));
+    CUDA_OK(cudaMemcpyAsync(work.pos, work.host_pos, segs.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream));
     CUDA_OK(cudaMemcpyAsync(work.x, work.host_x, static_cast<size_t>(n * hd) * sizeof(float), cudaMemcpyHostToDevice,
                             stream));
     // Padded: the compiler may read the scores three at a time past the last one it uses.
     const size_t smem = static_cast<size_t>((smem_len + 7) / 4 * 4) * sizeof(float);
     check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(smem_len) + " positions is too long");
-    const size_t layer_elems = static_cast<size_t>(kv.capacity * kvd);
     // Residual adds are deferred into the next norm, which also quantizes the activations of the
     // integer matmuls after it (one launch instead of three).
     bool pending = false;  // work.h holds a residual not yet added into work.x
@@ -1580,10 +1607,6 @@ struct GpuDecoder::Impl {
     };
     for (int64_t li = 0; li < c.n_layers; ++li) {
       const DevLayer& l = layers[static_cast<size_t>(li)];
-      KV* kc = static_cast<KV*>(kv.k) + li * layer_elems;
-      KV* vc = static_cast<KV*>(kv.v) + li * layer_elems;
-      __half* ks = kv.k_scale ? kv.k_scale + li * layer_elems / 32 : nullptr;
-      __half* vs = kv.v_scale ? kv.v_scale + li * layer_elems / 32 : nullptr;
       const bool quant_qkv = fusable && integer_path(n, {&l.wq, &l.wk, &l.wv});
       norm_into_h(l.attn_norm, quant_qkv);
       {
@@ -1601,19 +1624,30 @@ struct GpuDecoder::Impl {
         rms_norm_kernel<<<static_cast<unsigned>(n * c.n_kv_heads), 128, 0, stream>>>(work.k, l.k_norm, c.norm_eps,
                                                                                      c.head_dim, work.k);
       }
-      rope_store_kernel<KV><<<static_cast<unsigned>(n), 1024, 0, stream>>>(
-          work.q, work.k, work.v, inv_freq, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
-          static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
-      if (n > 1 && c.head_dim <= kMaxHeadDim && c.head_dim % 4 == 0) {
-        attention_prefill_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((n + kQTile - 1) / kQTile)),
-                                       128, prefill_attention_smem(static_cast<int>(c.head_dim)), stream>>>(
-            work.q, kc, vc, ks, vs, work.pos, n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
-            static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, work.attn);
-      } else {
-        attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(n)), 128, smem, stream>>>(
-            work.q, kc, vc, ks, vs, work.pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
-            static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, work.attn);
+      for (const Seg& sg : segs) {
+        const size_t layer_elems = static_cast<size_t>(sg.kv->capacity * kvd);
+        KV* kc = static_cast<KV*>(sg.kv->k) + li * layer_elems;
+        KV* vc = static_cast<KV*>(sg.kv->v) + li * layer_elems;
+        __half* ks = sg.kv->k_scale ? sg.kv->k_scale + li * layer_elems / 32 : nullptr;
+        __half* vs = sg.kv->v_scale ? sg.kv->v_scale + li * layer_elems / 32 : nullptr;
+        float* q = work.q + sg.row0 * qd;
+        float* out = work.attn + sg.row0 * qd;
+        const int64_t* pos = work.pos + sg.index;
+        rope_store_kernel<KV><<<static_cast<unsigned>(sg.n), 1024, 0, stream>>>(
+            q, work.k + sg.row0 * kvd, work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads),
+            static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
+        if (sg.n > 1 && c.head_dim <= kMaxHeadDim && c.head_dim % 4 == 0) {
+          attention_prefill_kernel<KV>
+              <<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((sg.n + kQTile - 1) / kQTile)), 128,
+                 prefill_attention_smem(static_cast<int>(c.head_dim)), stream>>>(
+                  q, kc, vc, ks, vs, pos, sg.n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+                  static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
+        } else {
+          attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128, smem, stream>>>(
+              q, kc, vc, ks, vs, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+              static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
+        }
       }
       matmul(work.attn, n, l.wo, work.h);
       if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
@@ -1648,8 +1682,15 @@ struct GpuDecoder::Impl {
     if (pending) add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
     CUDA_OK(cudaGetLastError());
     if (n_logits > 0) {
-      const float* last = work.x + (n - n_logits) * hd;
-      rms_norm_kernel<<<static_cast<unsigned>(n_logits), 1024, 0, stream>>>(last, final_norm, c.norm_eps, hd, work.h);
+      // Each sequence's last rows, normalised into consecutive rows of work.h.
+      int64_t out_row = 0;
+      for (const Seg& sg : segs) {
+        if (sg.n_logits == 0) continue;
+        const float* last = work.x + (sg.row0 + sg.n - sg.n_logits) * hd;
+        rms_norm_kernel<<<static_cast<unsigned>(sg.n_logits), 1024, 0, stream>>>(last, final_norm, c.norm_eps, hd,
+                                                                                   work.h + out_row * hd);
+        out_row += sg.n_logits;
+      }
       matmul(work.h, n_logits, output, work.logits);
       if (c.final_softcap > 0.0f)
         softcap_kernel<<<blocks_for(n_logits * c.vocab), 256, 0, stream>>>(work.logits, n_logits * c.vocab, c.final_softcap);
@@ -1787,11 +1828,16 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
 GpuDecoder::~GpuDecoder() = default;
 
 void GpuDecoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits) {
+  const DecodeSegment segment{tokens, n, &cache, n_logits, logits};
+  forward_batch(std::span<const DecodeSegment>(&segment, 1));
+}
+
+void GpuDecoder::forward_batch(std::span<const DecodeSegment> segments) {
   CUDA_OK(cudaSetDevice(impl_->device));
   switch (impl_->kv_type) {
-    case KvType::F32: impl_->forward_impl<float>(tokens, n, cache, n_logits, logits); break;
-    case KvType::BF16: impl_->forward_impl<__nv_bfloat16>(tokens, n, cache, n_logits, logits); break;
-    case KvType::Q8: impl_->forward_impl<int8_t>(tokens, n, cache, n_logits, logits); break;
+    case KvType::F32: impl_->forward_impl<float>(segments); break;
+    case KvType::BF16: impl_->forward_impl<__nv_bfloat16>(segments); break;
+    case KvType::Q8: impl_->forward_impl<int8_t>(segments); break;
   }
 }
 

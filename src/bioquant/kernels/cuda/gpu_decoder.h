@@ -11,12 +11,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
 namespace bioquant {
 
 class Model;
 class KVCache;
+struct DecodeSegment;
 
 // Number of usable CUDA devices (0 when built without CUDA or when none is present).
 int cuda_device_count();
@@ -58,6 +60,10 @@ class GpuDecoder {
   // GPU, allocated at the cache's capacity on first use); logits of the last n_logits rows to host.
   // Does not advance cache.size(); the caller (Decoder) does.
   void forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t n_logits, float* logits);
+  // As Decoder::forward_batch (validated there): the sequences' rows are stacked through every
+  // matmul, so a batch of decode steps reads the weights once; RoPE, K/V and attention run per
+  // sequence. Does not advance the caches' sizes.
+  void forward_batch(std::span<const DecodeSegment> segments);
   // Frees the GPU K/V of a cache that is going away.
   void release(const KVCache& cache);
 
