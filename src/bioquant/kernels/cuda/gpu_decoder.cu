@@ -1133,7 +1133,11 @@ struct GpuDecoder::Impl {
   // compute-bound work); events hand each buffer back and forth.
   cudaStream_t dequant_stream = nullptr;
   cudaEvent_t tile_ready[2] = {nullptr, nullptr}, tile_free[2] = {nullptr, nullptr};
-  static constexpr int64_t kGemmMinTokens = 32;     // shorter batches: the integer kernels (exact, fast enough)
+  static constexpr int64_t kGemmMinTokens = 32;  // shorter sequences' rows: the integer kernels (exact, fast enough)
+  // Rows [0, gemm_rows) of the step being enqueued multiply on tensor cores: those of the sequences
+  // with at least kGemmMinTokens tokens in it (stacked first), so a sequence's arithmetic does not
+  // depend on what it is batched with.
+  int64_t gemm_rows = 0;
   static int env_int(const char* name, int fallback) {
     const char* v = std::getenv(name);
     return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : fallback;
@@ -1373,34 +1377,47 @@ struct GpuDecoder::Impl {
   bool integer_path(int64_t n, std::initializer_list<const DevMatrix*> ms) const {
     for (const DevMatrix* m : ms) {
       const bool plain = m->type == QuantType::F32 || m->type == QuantType::F16 || m->type == QuantType::BF16;
-      if (plain || (n >= kGemmMinTokens && blas.ready() && m->cols % 32 == 0)) return false;
+      if (plain || (gemm_capable(*m) && gemm_rows >= n)) return false;
     }
     return true;
   }
 
+  bool gemm_capable(const DevMatrix& m) const {
+    return blas.ready() && m.cols % 32 == 0 && m.type != QuantType::F32 && m.type != QuantType::F16;
+  }
+
+  // Rows [0, gemm_rows) on tensor cores, the others on the integer (or plain) kernels. With
+  // prequantized, the activations of all n rows are already in work.aq/ad/as.
   void matmuls(const float* x, int64_t n, const Job* all, int n_all, bool prequantized = false) {
     constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
     Job jobs[3];
     int count = 0;
+    int64_t r0 = 0;  // first row left to the integer kernels (one value for all of them: same capability)
     for (int i = 0; i < n_all; ++i) {
       const DevMatrix& m = *all[i].m;
       const bool plain = m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16;
-      if (n >= kGemmMinTokens && blas.ready() && m.cols % 32 == 0 && m.type != QuantType::F32 && m.type != QuantType::F16) {
-        gemm(x, n, m, all[i].y);
-      } else if (plain) {
-        plain_matmul(x, n, m, all[i].y);
+      const int64_t g = gemm_capable(m) ? std::min(gemm_rows, n) : 0;
+      if (g > 0) gemm(x, g, m, all[i].y);
+      if (g == n) continue;
+      if (plain) {
+        plain_matmul(x + g * m.cols, n - g, m, all[i].y + g * m.rows);
       } else {
-        check(count < 3, "CUDA: matmul group of more than 3");
-        jobs[count++] = all[i];
+        check(count < 3 && (count == 0 || g == r0), "CUDA: inconsistent matmul group");
+        r0 = g;
+        jobs[count++] = Job{all[i].m, all[i].y + g * m.rows};
       }
     }
     if (count == 0) return;
     const int64_t cols = jobs[0].m->cols;
     const int64_t nblk = (cols + 31) / 32;
+    int64_t act_row0 = r0;  // the first integer row's place in work.aq/ad/as
+    x += r0 * cols;
+    n -= r0;
     if (!prequantized) {
       const int64_t warps = n * nblk;
       quantize_act_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, stream>>>(x, cols, nblk, n, work.aq,
                                                                                              work.ad, work.as);
+      act_row0 = 0;
     }
     for (int first = 0; first < count;) {
       QJobs group{};
@@ -1419,9 +1436,9 @@ struct GpuDecoder::Impl {
       for (int64_t t0 = 0; t0 < n; t0 += 8) {
         const int64_t nt = std::min<int64_t>(8, n - t0);
         for (int i = 0; i < group.count; ++i) group.job[i].y = jobs[first + i].y + t0 * jobs[first + i].m->rows;
-        const int8_t* q = work.aq + t0 * nblk * 32;
-        const float* d = work.ad + t0 * nblk;
-        const int* s = work.as + t0 * nblk;
+        const int8_t* q = work.aq + (act_row0 + t0) * nblk * 32;
+        const float* d = work.ad + (act_row0 + t0) * nblk;
+        const int* s = work.as + (act_row0 + t0) * nblk;
 #define BQ_Q(TYPE)                                                                                         \
   case TYPE:                                                                                               \
     if (TYPE == QuantType::Q4_K && nt == 1 && variant == 3)                                                \
@@ -1507,6 +1524,7 @@ struct GpuDecoder::Impl {
   struct Seg {
     int64_t row0, n, n_logits, index;
     DevKv* kv;
+    const DecodeSegment* segment;
   };
 
   template <class KV>
@@ -1519,22 +1537,33 @@ struct GpuDecoder::Impl {
       n_out += sg.n_logits;
     }
     ensure_work(n, std::max<int64_t>(n_out, 1));
+    // Sequences with enough rows for the tensor-core GEMM are stacked first (see gemm_rows).
+    std::vector<const DecodeSegment*> order;
+    for (const DecodeSegment& sg : segments)
+      if (blas.ready() && sg.n >= kGemmMinTokens) order.push_back(&sg);
+    // ... and among them those with enough logit rows for the GEMM first too (the output matmul).
+    std::stable_sort(order.begin(), order.end(),
+                     [](const DecodeSegment* a, const DecodeSegment* b) { return a->n_logits > b->n_logits; });
+    gemm_rows = 0;
+    for (const DecodeSegment* sg : order) gemm_rows += sg->n;
+    for (const DecodeSegment& sg : segments)
+      if (!(blas.ready() && sg.n >= kGemmMinTokens)) order.push_back(&sg);
     std::vector<Seg> segs;
     int64_t smem_len = 0, row = 0;
-    for (const DecodeSegment& sg : segments) {
+    for (const DecodeSegment* sg : order) {
       const int64_t index = static_cast<int64_t>(segs.size());
-      segs.push_back({row, sg.n, sg.n_logits, index, &kv_for(*sg.cache)});
-      work.host_pos[index] = sg.cache->size();
-      smem_len = std::max(smem_len, sg.cache->size() + sg.n);
-      row += sg.n;
+      segs.push_back({row, sg->n, sg->n_logits, index, &kv_for(*sg->cache), sg});
+      work.host_pos[index] = sg->cache->size();
+      smem_len = std::max(smem_len, sg->cache->size() + sg->n);
+      row += sg->n;
     }
     const int64_t hd = c.hidden;
     // Host side of the step: embedding rows and the positions, into pinned buffers.
     const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
-    for (size_t si = 0; si < segments.size(); ++si) {
-      for (int64_t t = 0; t < segments[si].n; ++t) {
-        float* row = work.host_x + (segs[si].row0 + t) * hd;
-        w.embed.row_to_f32(segments[si].tokens[t], row);
+    for (const Seg& sg : segs) {
+      for (int64_t t = 0; t < sg.n; ++t) {
+        float* row = work.host_x + (sg.row0 + t) * hd;
+        w.embed.row_to_f32(sg.segment->tokens[t], row);
         if (c.embed_scale)
           for (int64_t j = 0; j < hd; ++j) row[j] *= embed_scale;
       }
@@ -1569,9 +1598,10 @@ struct GpuDecoder::Impl {
     }
     CUDA_OK(cudaStreamSynchronize(stream));
     int64_t out_row = 0;
-    for (const DecodeSegment& sg : segments) {
+    for (const Seg& sg : segs) {
       if (sg.n_logits > 0)
-        std::memcpy(sg.logits, work.host_logits + out_row * c.vocab, static_cast<size_t>(sg.n_logits * c.vocab) * sizeof(float));
+        std::memcpy(sg.segment->logits, work.host_logits + out_row * c.vocab,
+                    static_cast<size_t>(sg.n_logits * c.vocab) * sizeof(float));
       out_row += sg.n_logits;
     }
     sample_device_memory();
@@ -1691,7 +1721,13 @@ struct GpuDecoder::Impl {
                                                                                    work.h + out_row * hd);
         out_row += sg.n_logits;
       }
+      // The output matmul's rows: each sequence's logit rows on the GEMM when it has that many.
+      const int64_t step_gemm_rows = gemm_rows;
+      gemm_rows = 0;
+      for (const Seg& sg : segs)
+        if (blas.ready() && sg.n_logits >= kGemmMinTokens) gemm_rows += sg.n_logits;
       matmul(work.h, n_logits, output, work.logits);
+      gemm_rows = step_gemm_rows;
       if (c.final_softcap > 0.0f)
         softcap_kernel<<<blocks_for(n_logits * c.vocab), 256, 0, stream>>>(work.logits, n_logits * c.vocab, c.final_softcap);
       CUDA_OK(cudaGetLastError());
