@@ -384,16 +384,6 @@ void dequantize_q6_k(const BlockQ6_K* in, int64_t cols, float* y) {
 
 }  // namespace
 
-void kquant_scale_min(const uint8_t* q, int j, uint8_t* sc, uint8_t* m) {
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *sc = static_cast<uint8_t>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-    *m = static_cast<uint8_t>((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-  }
-}
-
 namespace detail {
 
 void ggml_quantize_row(QuantType t, const float* x, int64_t cols, uint8_t* out) {

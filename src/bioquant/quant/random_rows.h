@@ -9,13 +9,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bioquant/core/host_device.h"
 #include "bioquant/quant/quant.h"
-
-#if defined(__CUDACC__)
-#define BQ_HOST_DEVICE __host__ __device__
-#else
-#define BQ_HOST_DEVICE
-#endif
 
 namespace bioquant::random_rows {
 

@@ -60,15 +60,6 @@ __constant__ int16_t c_nf4_q14[16];
 __constant__ int16_t c_fp4_q14[16];
 __constant__ float c_dynamic_map[256];
 
-__device__ __forceinline__ void kquant_scale_min_dev(const uint8_t* q, int j, int& sc, int& m) {
-  if (j < 4) {
-    sc = q[j] & 63;
-    m = q[j + 4] & 63;
-  } else {
-    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
 
 template <int T>
 __device__ __forceinline__ void decode32(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book, Block32& o);
@@ -108,8 +99,8 @@ __device__ __forceinline__ void decode32_k45(const uint8_t* row, int64_t b, Bloc
   memcpy(hb, &head, 16);
   const float d = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
   const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
-  int sc, m;
-  kquant_scale_min_dev(hb + 4, j, sc, m);
+  uint8_t sc, m;
+  kquant_scale_min(hb + 4, j, &sc, &m);
   const uint4* qs = reinterpret_cast<const uint4*>(blk + (kQ5 ? 48 : 16) + 32 * (j / 2));
   const uint4 q0 = qs[0], q1 = qs[1];
   const uint32_t words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
@@ -240,20 +231,16 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::FP4)>(const
 // q = round-half-even(x * (1/d)), plus the sum of the 32 quants. One warp per (token, block).
 // Layout: q [t][nblk*32], d [t][nblk], s [t][nblk].
 
-__global__ void quantize_act_kernel(const float* x, int64_t cols, int64_t nblk, int64_t n_tokens, int8_t* q, float* d,
-                                    int* s) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= n_tokens * nblk) return;
-  const int64_t t = warp / nblk, b = warp % nblk, c = 32 * b + lane;
-  const float v = c < cols ? x[t * cols + c] : 0.0f;
+// One activation per lane of a warp whose lanes hold the 32 columns of block b of token t.
+__device__ __forceinline__ void quantize_lane(float v, int lane, int64_t t, int64_t b, int64_t nblk, int8_t* q, float* d,
+                                              int* s) {
   float amax = fabsf(v);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   const float dd = amax / 127.0f;
   const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
   const int qi = __float2int_rn(v * id);
-  q[t * nblk * 32 + c] = static_cast<int8_t>(qi);
+  q[t * nblk * 32 + 32 * b + lane] = static_cast<int8_t>(qi);
   int sum = qi;
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -261,6 +248,15 @@ __global__ void quantize_act_kernel(const float* x, int64_t cols, int64_t nblk, 
     d[t * nblk + b] = dd;
     s[t * nblk + b] = sum;
   }
+}
+
+__global__ void quantize_act_kernel(const float* x, int64_t cols, int64_t nblk, int64_t n_tokens, int8_t* q, float* d,
+                                    int* s) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= n_tokens * nblk) return;
+  const int64_t t = warp / nblk, b = warp % nblk, c = 32 * b + lane;
+  quantize_lane(c < cols ? x[t * cols + c] : 0.0f, lane, t, b, nblk, q, d, s);
 }
 
 // The warp's per-lane partial sums of one output row, for each token: reduced and stored by lane 0.
@@ -402,9 +398,9 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
       memcpy(hb, &head, 16);
       const float dd = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
       const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
-      int sc0, m0, sc1, m1;
-      kquant_scale_min_dev(hb + 4, 2 * jp, sc0, m0);
-      kquant_scale_min_dev(hb + 4, 2 * jp + 1, sc1, m1);
+      uint8_t sc0, m0, sc1, m1;
+      kquant_scale_min(hb + 4, 2 * jp, &sc0, &m0);
+      kquant_scale_min(hb + 4, 2 * jp + 1, &sc1, &m1);
       const uint32_t w[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
       int lo = 0, hi = 0;
 #pragma unroll
@@ -636,26 +632,6 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
     if (i < n) o[i] = v[k] * scale * w[i];
   }
   for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
-}
-
-// Activations quantized per 32 as quantize_act_kernel, for a value held by every lane of a warp
-// whose lanes hold 32 consecutive columns (block b of token t).
-__device__ __forceinline__ void quantize_lane(float v, int lane, int64_t t, int64_t b, int64_t nblk, int8_t* q, float* d,
-                                              int* s) {
-  float amax = fabsf(v);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float dd = amax / 127.0f;
-  const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
-  const int qi = __float2int_rn(v * id);
-  q[t * nblk * 32 + 32 * b + lane] = static_cast<int8_t>(qi);
-  int sum = qi;
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) {
-    d[t * nblk + b] = dd;
-    s[t * nblk + b] = sum;
-  }
 }
 
 // Decode-step fusion of the residual add, RMSNorm and the activation quantization of the matmuls
@@ -1048,6 +1024,26 @@ __global__ void attention_prefill_kernel(const float* q, const KV* k_cache, cons
 // ---------------------------------------------------------------------------------------------
 // Device memory, counted by purpose.
 
+// Calls f(std::integral_constant<int, T>{}) for a quantized format T (the kernels' template
+// argument); throws for formats without integer kernels (the plain ones).
+template <class F>
+void with_quantized_format(QuantType t, const char* what, F&& f) {
+  switch (t) {
+#define BQ_FORMAT(X) \
+  case X: f(std::integral_constant<int, static_cast<int>(X)>{}); return
+    BQ_FORMAT(QuantType::Q8_0);
+    BQ_FORMAT(QuantType::Q4_0);
+    BQ_FORMAT(QuantType::Q4_K);
+    BQ_FORMAT(QuantType::Q5_K);
+    BQ_FORMAT(QuantType::Q6_K);
+    BQ_FORMAT(QuantType::INT8);
+    BQ_FORMAT(QuantType::NF4);
+    BQ_FORMAT(QuantType::FP4);
+#undef BQ_FORMAT
+    default: throw Error(std::string("CUDA: no ") + what + " for weights of type " + quant_traits(t).name);
+  }
+}
+
 enum class Pool { Weights, Kv, Work };
 
 struct Allocator {
@@ -1338,22 +1334,9 @@ struct GpuDecoder::Impl {
       const unsigned grid = blocks_for(cnt * (m.cols / 32));
       const uint8_t* w = m.data + static_cast<size_t>(r0) * m.row_bytes;
       CUDA_OK(cudaStreamWaitEvent(dequant_stream, tile_free[b], 0));
-#define BQ_DQ(TYPE)                                                                                                      \
-  case TYPE:                                                                                                             \
-    dequant_bf16_kernel<static_cast<int>(TYPE)><<<grid, 256, 0, dequant_stream>>>(w, m.row_bytes, cnt, m.cols, m.dq, wb); \
-    break
-      switch (m.type) {
-        BQ_DQ(QuantType::Q8_0);
-        BQ_DQ(QuantType::Q4_0);
-        BQ_DQ(QuantType::Q4_K);
-        BQ_DQ(QuantType::Q5_K);
-        BQ_DQ(QuantType::Q6_K);
-        BQ_DQ(QuantType::INT8);
-        BQ_DQ(QuantType::NF4);
-        BQ_DQ(QuantType::FP4);
-        default: throw Error(std::string("CUDA: no dequantizer for weights of type ") + quant_traits(m.type).name);
-      }
-#undef BQ_DQ
+      with_quantized_format(m.type, "dequantizer", [&](auto format) {
+        dequant_bf16_kernel<decltype(format)::value><<<grid, 256, 0, dequant_stream>>>(w, m.row_bytes, cnt, m.cols, m.dq, wb);
+      });
       CUDA_OK(cudaEventRecord(tile_ready[b], dequant_stream));
       CUDA_OK(cudaStreamWaitEvent(stream, tile_ready[b], 0));
       blas.gemm(cnt, n, m.cols, wb, xb, y + r0, m.rows);
@@ -1439,35 +1422,24 @@ struct GpuDecoder::Impl {
         const int8_t* q = work.aq + (act_row0 + t0) * nblk * 32;
         const float* d = work.ad + (act_row0 + t0) * nblk;
         const int* s = work.as + (act_row0 + t0) * nblk;
-#define BQ_Q(TYPE)                                                                                         \
-  case TYPE:                                                                                               \
-    if (TYPE == QuantType::Q4_K && nt == 1 && variant == 3)                                                \
-      launch_q4k_decode(group, grid, cols, q, d, s);                                                       \
-    else if (nt == 1 && variant == 2)                                                                      \
-      qmatmul_kernel<static_cast<int>(TYPE), 1, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
-    else if (nt == 1 && variant == 1)                                                                      \
-      qmatmul_kernel<static_cast<int>(TYPE), 1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
-    else                                                                                                   \
-      qmatmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt); \
-    break
         // Measured on an H100 (8B shape): q4_k's pair kernel, nf4/fp4 the one-token kernel, the
         // others that kernel with its loop unrolled twice.
         const int variant = decode_variant != 0                                  ? decode_variant
                             : type == QuantType::Q4_K                            ? 3
                             : type == QuantType::NF4 || type == QuantType::FP4 ? 1
                                                                                  : 2;
-        switch (type) {
-          BQ_Q(QuantType::Q8_0);
-          BQ_Q(QuantType::Q4_0);
-          BQ_Q(QuantType::Q4_K);
-          BQ_Q(QuantType::Q5_K);
-          BQ_Q(QuantType::Q6_K);
-          BQ_Q(QuantType::INT8);
-          BQ_Q(QuantType::NF4);
-          BQ_Q(QuantType::FP4);
-          default: throw Error(std::string("CUDA: no kernel for weights of type ") + quant_traits(type).name);
-        }
-#undef BQ_Q
+        with_quantized_format(type, "kernel", [&](auto format) {
+          constexpr int T = decltype(format)::value;
+          if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
+            launch_q4k_decode(group, grid, cols, q, d, s);
+          } else if (nt == 1 && variant == 2) {
+            qmatmul_kernel<T, 1, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt);
+          } else if (nt == 1 && variant == 1) {
+            qmatmul_kernel<T, 1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt);
+          } else {
+            qmatmul_kernel<T, 8><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt);
+          }
+        });
       }
       first = last;
     }
