@@ -1145,7 +1145,7 @@ struct GpuDecoder::Impl {
   bool group_launches = env_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
   // BIOQUANT_CUDA_PERSIST=k: decode grids of k blocks per SM whose warps loop over rows (0: a warp per row).
   unsigned persist_blocks = 0;
-  int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 2);  // rows per warp of the q4_k decode kernel (1 or 2)
+  int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 2);  // rows per warp of the q4_k decode kernel (1, 2 or 4)
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB; on an H100, 48 MB prefills 9%
   // faster than 24 MB, 13% faster than 16 MB).
   size_t gemm_tile_bytes = static_cast<size_t>(env_int("BIOQUANT_CUDA_TILE_MB", 48)) << 20;
@@ -1447,11 +1447,15 @@ struct GpuDecoder::Impl {
 
   void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
     constexpr int kThreads = 256;
-    bool even = decode_rows == 2;
-    for (int i = 0; i < group.count; ++i) even = even && group.job[i].rows % 2 == 0;
-    if (even) grid = (grid + 1) / 2;
+    // Rows per warp: decode_rows when every matrix of the group has a multiple of it, else fewer.
+    int rows = decode_rows;
+    for (int i = 0; i < group.count; ++i)
+      while (rows > 1 && group.job[i].rows % rows != 0) rows /= 2;
+    grid = (grid + rows - 1) / rows;
     if (persist_blocks > 0) grid = std::min(grid, persist_blocks);
-    if (even) {
+    if (rows >= 4) {
+      q4k_decode_kernel<4><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+    } else if (rows == 2) {
       q4k_decode_kernel<2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
     } else {
       q4k_decode_kernel<1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
