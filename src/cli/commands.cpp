@@ -87,8 +87,6 @@ KvType kv_type_of(const Common& c, int device) {
   return parse_kv_type(c.kv_cache);
 }
 
-namespace {
-// The GPU's memory as the run left it (stderr), beside the host's peak RSS.
 void report_gpu_memory(const Decoder& decoder) {
   if (!decoder.gpu()) return;
   const GpuMemory m = decoder.gpu()->memory();
@@ -99,7 +97,6 @@ void report_gpu_memory(const Decoder& decoder) {
                mib(m.device_total));
   std::fprintf(stderr, "GPU prompt matmuls: %s\n", decoder.gpu()->prompt_matmuls().c_str());
 }
-}  // namespace
 
 namespace {
 

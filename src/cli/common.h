@@ -8,6 +8,7 @@
 
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/kernels/cuda/gpu_decoder.h"
+#include "bioquant/model/decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/quantize.h"
 
@@ -33,5 +34,7 @@ void report_peak_memory();
 int check_device(const std::string& device);
 // The GPU KV cache type of --kv-cache (bf16 when not given); an error when given for the CPU.
 KvType kv_type_of(const Common& c, int device);
+// The GPU's memory as the run left it (stderr), beside the host's peak RSS; nothing on the CPU.
+void report_gpu_memory(const Decoder& decoder);
 
 }  // namespace bioquant::cli

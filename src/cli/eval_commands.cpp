@@ -222,6 +222,7 @@ Run add_eval(CLI::App& app) {
     }
     o.quant = c->quant.empty() ? "none" : c->quant + (c->double_quant ? "+dq" : "");
     const json results = run_eval(o, *backend);
+    if (const auto* local = dynamic_cast<const LocalBackend*>(backend.get())) report_gpu_memory(local->decoder());
     std::vector<std::pair<std::string, json>> ran;
     for (const TaskSpec* t : o.tasks) ran.emplace_back(t->name, results["tasks"][t->name]);
     print_summary_table(ran);

@@ -129,6 +129,8 @@ Run add_serve(CLI::App& app) {
                  static_cast<long long>(s.tokens), static_cast<long long>(s.prompt_tokens),
                  static_cast<long long>(s.steps), static_cast<long long>(s.max_batch_seen));
     report_peak_memory();
+    if (const size_t gpu = server.gpu_peak_bytes(); gpu > 0)
+      std::fprintf(stderr, "GPU peak allocated: %.1f MiB\n", static_cast<double>(gpu) / (1024.0 * 1024.0));
     return 0;
   };
 }

@@ -48,6 +48,8 @@ class Backend {
   virtual std::string choose(const std::string& prompt, const std::vector<AnswerSegment>& plan, ScoringMode mode);
 
   const BackendCounters& counters() const { return counters_; }
+  // Highest GPU memory this backend's model has held (our allocations), 0 when it runs elsewhere.
+  virtual size_t gpu_peak_bytes() const { return 0; }
 
  protected:
   BackendCounters counters_;
@@ -74,6 +76,8 @@ class LocalBackend : public Backend {
   std::string choose(const std::string& prompt, const std::vector<AnswerSegment>& plan, ScoringMode mode) override;
 
   bool applies_chat_template() const { return chat_; }
+  size_t gpu_peak_bytes() const override;
+  const Decoder& decoder() const { return decoder_; }
   std::vector<int32_t> encode_prompt(const std::string& prompt) const;
 
  private:

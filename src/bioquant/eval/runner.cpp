@@ -401,6 +401,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     summary["samples"] = samples_path;
     results["tasks"][task.name] = summary;
     results["peak_rss_bytes"] = peak_rss_bytes();
+    if (backend.gpu_peak_bytes() > 0) results["gpu_peak_allocated_bytes"] = backend.gpu_peak_bytes();
     results["updated_at"] = utc_now();
     write_file_atomically(results_path, [&](std::ostream& out) { out << results.dump(2) << '\n'; });
 

@@ -135,6 +135,8 @@ class Scheduler {
     double busy_seconds = 0.0;   // time spent in steps
   };
   Stats stats() const;
+  // The decoder's GPU memory peak (our allocations; 0 on the CPU). Call once the scheduler has stopped.
+  size_t gpu_peak_bytes() const { return decoder_.gpu() ? decoder_.gpu()->memory().peak_allocated : 0; }
 
  private:
   struct Sequence;

@@ -742,5 +742,6 @@ void Server::shutdown(std::chrono::milliseconds grace) {
 }
 
 Scheduler::Stats Server::stats() const { return impl_->scheduler->stats(); }
+size_t Server::gpu_peak_bytes() const { return impl_->scheduler->gpu_peak_bytes(); }
 
 }  // namespace bioquant::serve

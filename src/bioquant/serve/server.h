@@ -76,6 +76,7 @@ class Server {
   void shutdown(std::chrono::milliseconds grace);
 
   Scheduler::Stats stats() const;
+  size_t gpu_peak_bytes() const;  // after shutdown()
 
  private:
   struct Impl;
