@@ -347,6 +347,64 @@ __device__ __forceinline__ void qmatmul_row(const QJobs& jobs, int64_t row, int6
   store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
 }
 
+// One token, R adjacent rows per warp: each activation block is loaded once for R rows (the
+// activations, re-read by every row, otherwise load the L1 more than the weights do).
+template <int T, int R>
+__device__ __forceinline__ void qmatvec_rows(const QJobs& jobs, int64_t row, int64_t cols, const int16_t* book,
+                                             const int8_t* q, const float* d, const int* s) {
+  const int lane = threadIdx.x % 32;
+  int j = 0;
+  while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
+  if (j == jobs.count) return;
+  const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+  const int64_t wblk = (cols + 31) / 32;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+  for (int64_t b = lane; b < wblk; b += 32) {
+    const int4* qv = reinterpret_cast<const int4*>(q + 32 * b);
+    const int4 qa = qv[0], qb = qv[1];
+    const float dx = d[b], sx = static_cast<float>(s[b]);
+    int8_t qx[32];
+    memcpy(qx, &qa, 16);
+    memcpy(qx + 16, &qb, 16);
+    const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      Block32 blk;
+      decode32<T>(job.w + (row + r) * job.row_bytes, cols, b, job.dq, book, blk);
+      int lo = 0, hi = 0;
+      if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K) ||
+                    T == static_cast<int>(QuantType::INT8)) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
+#pragma unroll
+        for (int k = 4; k < 8; ++k) hi = __dp4a(static_cast<int>(blk.packed[k]), qw[k], hi);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
+#pragma unroll
+        for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
+      }
+      acc[r] += dx * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) + blk.min_term * sx);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) store_row_sums<1>(&acc[r], 1, job.rows, row + r, lane, job.y);
+}
+
+template <int T, int R>
+__global__ void qmatvec_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  __shared__ int16_t book[16];
+  if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
+    if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
+    __syncthreads();
+  }
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r * R < jobs.total_rows; r += warps)
+    qmatvec_rows<T, R>(jobs, r * R, cols, book, q, d, s);
+}
+
 // A warp per row (grid stride when the grid is smaller than the rows).
 template <int T, int NT, int U = 0>
 __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s, int64_t nblk,
@@ -1138,9 +1196,9 @@ struct GpuDecoder::Impl {
     const char* v = std::getenv(name);
     return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : fallback;
   }
-  // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|8 to compare: 1 = one-token kernel,
-  // 2 = that with its block loop unrolled twice, 3 = q4_k's pair kernel, 8 = the 8-token prompt
-  // kernel; unset: the fastest measured per format.
+  // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|4|8 to compare: 1 = one-token
+  // kernel, 2 = that with its block loop unrolled twice, 3 = q4_k's pair kernel, 4 = BIOQUANT_CUDA_ROWS
+  // rows per warp, 8 = the 8-token prompt kernel; unset: the fastest measured per format.
   int decode_variant = env_int("BIOQUANT_CUDA_DECODE", 0);
   bool group_launches = env_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
   // BIOQUANT_CUDA_PERSIST=k: decode grids of k blocks per SM whose warps loop over rows (0: a warp per row).
@@ -1422,16 +1480,17 @@ struct GpuDecoder::Impl {
         const int8_t* q = work.aq + (act_row0 + t0) * nblk * 32;
         const float* d = work.ad + (act_row0 + t0) * nblk;
         const int* s = work.as + (act_row0 + t0) * nblk;
-        // Measured on an H100 (8B shape): q4_k's pair kernel, nf4/fp4 the one-token kernel, the
-        // others that kernel with its loop unrolled twice.
-        const int variant = decode_variant != 0                                  ? decode_variant
-                            : type == QuantType::Q4_K                            ? 3
-                            : type == QuantType::NF4 || type == QuantType::FP4 ? 1
-                                                                                 : 2;
+        // Measured (8B shape, H100 and H200): q4_k's pair kernel; int8, q8_0, nf4, fp4 the kernel of two
+        // rows per warp; the others the one-token kernel with its loop unrolled twice.
+        const bool rows_kernel = type == QuantType::INT8 || type == QuantType::Q8_0 || type == QuantType::NF4 ||
+                                 type == QuantType::FP4;
+        const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : rows_kernel ? 4 : 2;
         with_quantized_format(type, "kernel", [&](auto format) {
           constexpr int T = decltype(format)::value;
           if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
             launch_q4k_decode(group, grid, cols, q, d, s);
+          } else if (nt == 1 && variant == 4) {
+            launch_matvec_rows<T>(group, grid, cols, q, d, s);
           } else if (nt == 1 && variant == 2) {
             qmatmul_kernel<T, 1, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt);
           } else if (nt == 1 && variant == 1) {
@@ -1459,6 +1518,22 @@ struct GpuDecoder::Impl {
       q4k_decode_kernel<2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
     } else {
       q4k_decode_kernel<1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+    }
+  }
+
+  template <int T>
+  void launch_matvec_rows(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
+    constexpr int kThreads = 256;
+    int rows = decode_rows;
+    for (int i = 0; i < group.count; ++i)
+      while (rows > 1 && group.job[i].rows % rows != 0) rows /= 2;
+    grid = (grid + rows - 1) / rows;
+    if (rows >= 4) {
+      qmatvec_kernel<T, 4><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+    } else if (rows == 2) {
+      qmatvec_kernel<T, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+    } else {
+      qmatvec_kernel<T, 1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
     }
   }
 
