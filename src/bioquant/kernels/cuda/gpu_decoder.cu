@@ -555,23 +555,38 @@ __global__ void dequant_bf16_kernel(const uint8_t* w, size_t row_bytes, int64_t 
     if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
     __syncthreads();
   }
-  const int64_t nblk = cols / 32;
+  const int64_t nblk = cols / 32, total = rows * nblk;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * nblk) return;
-  const int64_t r = i / nblk, b = i % nblk;
-  Block32 blk;
-  decode32<T>(w + r * row_bytes, cols, b, dq, book, blk);
-  uint32_t packed[16];
+  const int lane = threadIdx.x % 32;
+  // A warp's 32 blocks are 2 KB of consecutive output (the tile is [rows][cols], cols = 32 * nblk):
+  // staged through shared memory and written as whole 512-byte runs per instruction (a lane's own
+  // 64 bytes in 4 stores would write every 32-byte sector of L2 in two halves).
+  __shared__ uint4 stage[8][32 * 4];  // 256 threads
+  uint4* warp_stage = stage[threadIdx.x / 32];
+  if (i < total) {
+    const int64_t r = i / nblk, b = i % nblk;
+    Block32 blk;
+    decode32<T>(w + r * row_bytes, cols, b, dq, book, blk);
+    uint32_t packed[16];
 #pragma unroll
-  for (int k = 0; k < 16; ++k) {
-    const float s0 = 2 * k < 16 ? blk.scale_lo : blk.scale_hi;
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(s0 * static_cast<float>(blk.lv[2 * k]) + blk.min_term,
-                                                      s0 * static_cast<float>(blk.lv[2 * k + 1]) + blk.min_term);
-    memcpy(&packed[k], &pair, 4);
+    for (int k = 0; k < 16; ++k) {
+      const float s0 = 2 * k < 16 ? blk.scale_lo : blk.scale_hi;
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(s0 * static_cast<float>(blk.lv[2 * k]) + blk.min_term,
+                                                        s0 * static_cast<float>(blk.lv[2 * k + 1]) + blk.min_term);
+      memcpy(&packed[k], &pair, 4);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      warp_stage[4 * lane + k] = make_uint4(packed[4 * k], packed[4 * k + 1], packed[4 * k + 2], packed[4 * k + 3]);
   }
-  uint4* dst = reinterpret_cast<uint4*>(out + r * cols + 32 * b);
+  __syncwarp();
+  const int64_t warp_first = i - lane;  // the warp's first block; its output starts at out + 32 * warp_first
+  uint4* dst = reinterpret_cast<uint4*>(out + 32 * warp_first);
 #pragma unroll
-  for (int k = 0; k < 4; ++k) dst[k] = make_uint4(packed[4 * k], packed[4 * k + 1], packed[4 * k + 2], packed[4 * k + 3]);
+  for (int k = 0; k < 4; ++k) {
+    const int c = 32 * k + lane;  // 16-byte chunk of the warp's output: block c / 4, part c % 4
+    if (warp_first + c / 4 < total) dst[c] = warp_stage[c];
+  }
 }
 
 __global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
