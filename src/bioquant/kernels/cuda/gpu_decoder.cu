@@ -290,6 +290,31 @@ struct QJobs {
 
 // Quantized matmul: one warp per output row, lanes over activation blocks, up to NT tokens per pass
 // (the row's blocks are decoded once per pass).
+// Block b's contribution for one token whose 32 int8 activations are (qa, qb), with scale dx and
+// quant sum sx: dx * (scale_lo * isum(0..15) + scale_hi * isum(16..31) + min_term * sx), the integer
+// sums by dp4a where the levels fit signed bytes (q4_k/q5_k levels < 32 read the same; int8 are).
+template <int T>
+__device__ __forceinline__ float block_dot(const Block32& blk, int4 qa, int4 qb, float dx, float sx) {
+  int lo = 0, hi = 0;
+  if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K) ||
+                T == static_cast<int>(QuantType::INT8)) {
+    const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
+#pragma unroll
+    for (int k = 4; k < 8; ++k) hi = __dp4a(static_cast<int>(blk.packed[k]), qw[k], hi);
+  } else {
+    int8_t qx[32];
+    memcpy(qx, &qa, 16);
+    memcpy(qx + 16, &qb, 16);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
+#pragma unroll
+    for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
+  }
+  return dx * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) + blk.min_term * sx);
+}
+
 template <int T, int NT, int U>
 __device__ __forceinline__ void qmatmul_row(const QJobs& jobs, int64_t row, int64_t cols, const int16_t* book,
                                             const int8_t* q, const float* d, const int* s, int64_t nblk, int64_t n_tokens) {
@@ -315,27 +340,8 @@ __device__ __forceinline__ void qmatmul_row(const QJobs& jobs, int64_t row, int6
     for (int t = 0; t < NT; ++t) {
       if (t >= n_tokens) break;
       const int4* qv = reinterpret_cast<const int4*>(q + t * nblk * 32 + 32 * b);
-      const int4 qa = qv[0], qb = qv[1];
-      int8_t qx[32];
-      memcpy(qx, &qa, 16);
-      memcpy(qx + 16, &qb, 16);
-      int lo = 0, hi = 0;
-      if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K) ||
-                    T == static_cast<int>(QuantType::INT8)) {
-        // q4_k/q5_k levels < 32 read the same as signed bytes; int8 levels are signed bytes.
-        const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
-#pragma unroll
-        for (int k = 4; k < 8; ++k) hi = __dp4a(static_cast<int>(blk.packed[k]), qw[k], hi);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
-#pragma unroll
-        for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
-      }
-      acc[t] += d[t * nblk + b] * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) +
-                                   blk.min_term * static_cast<float>(s[t * nblk + b]));
+      const int4 qa = qv[0], qb = qv[1];  // two 16-byte loads
+      acc[t] += block_dot<T>(blk, qa, qb, d[t * nblk + b], static_cast<float>(s[t * nblk + b]));
     }
   };
   if constexpr (U == 0) {
@@ -365,28 +371,11 @@ __device__ __forceinline__ void qmatvec_rows(const QJobs& jobs, int64_t row, int
     const int4* qv = reinterpret_cast<const int4*>(q + 32 * b);
     const int4 qa = qv[0], qb = qv[1];
     const float dx = d[b], sx = static_cast<float>(s[b]);
-    int8_t qx[32];
-    memcpy(qx, &qa, 16);
-    memcpy(qx + 16, &qb, 16);
-    const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       Block32 blk;
       decode32<T>(job.w + (row + r) * job.row_bytes, cols, b, job.dq, book, blk);
-      int lo = 0, hi = 0;
-      if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K) ||
-                    T == static_cast<int>(QuantType::INT8)) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
-#pragma unroll
-        for (int k = 4; k < 8; ++k) hi = __dp4a(static_cast<int>(blk.packed[k]), qw[k], hi);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
-#pragma unroll
-        for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
-      }
-      acc[r] += dx * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) + blk.min_term * sx);
+      acc[r] += block_dot<T>(blk, qa, qb, dx, sx);
     }
   }
 #pragma unroll
@@ -1519,37 +1508,35 @@ struct GpuDecoder::Impl {
     }
   }
 
-  void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
-    constexpr int kThreads = 256;
-    // Rows per warp: decode_rows when every matrix of the group has a multiple of it, else fewer.
+  // Calls launch(std::integral_constant<int, R>{}, grid) with R rows per warp: decode_rows when every
+  // matrix of the group has a multiple of it, else fewer; grid = warps-per-row grid / R.
+  template <class Launch>
+  void with_rows_per_warp(const QJobs& group, unsigned grid, Launch&& launch) const {
     int rows = decode_rows;
     for (int i = 0; i < group.count; ++i)
       while (rows > 1 && group.job[i].rows % rows != 0) rows /= 2;
     grid = (grid + rows - 1) / rows;
-    if (persist_blocks > 0) grid = std::min(grid, persist_blocks);
     if (rows >= 4) {
-      q4k_decode_kernel<4><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+      launch(std::integral_constant<int, 4>{}, grid);
     } else if (rows == 2) {
-      q4k_decode_kernel<2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+      launch(std::integral_constant<int, 2>{}, grid);
     } else {
-      q4k_decode_kernel<1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
+      launch(std::integral_constant<int, 1>{}, grid);
     }
+  }
+
+  void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
+    with_rows_per_warp(group, grid, [&](auto rows, unsigned g) {
+      if (persist_blocks > 0) g = std::min(g, persist_blocks);
+      q4k_decode_kernel<decltype(rows)::value><<<g, 256, 0, stream>>>(group, cols, q, d, s);
+    });
   }
 
   template <int T>
   void launch_matvec_rows(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
-    constexpr int kThreads = 256;
-    int rows = decode_rows;
-    for (int i = 0; i < group.count; ++i)
-      while (rows > 1 && group.job[i].rows % rows != 0) rows /= 2;
-    grid = (grid + rows - 1) / rows;
-    if (rows >= 4) {
-      qmatvec_kernel<T, 4><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
-    } else if (rows == 2) {
-      qmatvec_kernel<T, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
-    } else {
-      qmatvec_kernel<T, 1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s);
-    }
+    with_rows_per_warp(group, grid, [&](auto rows, unsigned g) {
+      qmatvec_kernel<T, decltype(rows)::value><<<g, 256, 0, stream>>>(group, cols, q, d, s);
+    });
   }
 
   void plain_matmul(const float* x, int64_t n, const DevMatrix& m, float* y) {
