@@ -412,7 +412,13 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
 // and high nibbles), so every weight byte is loaded once; a warp takes R adjacent rows, so each
 // activation load serves R rows (the activations, re-read by every row, otherwise load the L1 more
 // than the weights do); dp4a dot products.
-template <int R>
+// Shared-memory copy of one token's int8 activations for the q4_k decode kernel. Lane p reads the
+// 16-byte chunks 4p..4p+3; stored as is, the 8 lanes a shared load serves at a time would hit two
+// of the eight 16-byte bank groups (4-way conflicts). XOR-ing the chunk's place within its 128-byte
+// row with the row's index (mod 4) spreads them over all eight.
+__device__ __forceinline__ int act_chunk_slot(int c) { return (c & ~7) | ((c & 7) ^ ((c >> 3) & 3)); }
+
+template <int R, bool kShared>
 __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, int64_t cols, const int8_t* q,
                                                 const float* d, const int* s) {
   const int lane = threadIdx.x % 32;
@@ -429,8 +435,21 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
     const int64_t sb = p / 4;
     const int jp = static_cast<int>(p % 4);
     const int64_t b0 = 8 * sb + 2 * jp;
-    const int4* a = reinterpret_cast<const int4*>(q + 32 * b0);
-    const int4 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    int4 a0, a1, a2, a3;
+    if constexpr (kShared) {
+      const int4* a = reinterpret_cast<const int4*>(q);
+      const int c = 4 * static_cast<int>(p);
+      a0 = a[act_chunk_slot(c)];
+      a1 = a[act_chunk_slot(c + 1)];
+      a2 = a[act_chunk_slot(c + 2)];
+      a3 = a[act_chunk_slot(c + 3)];
+    } else {
+      const int4* a = reinterpret_cast<const int4*>(q + 32 * b0);
+      a0 = a[0];
+      a1 = a[1];
+      a2 = a[2];
+      a3 = a[3];
+    }
     const int x0[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     const int x1[8] = {a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
     const float dx0 = d[b0], dx1 = d[b0 + 1];
@@ -465,11 +484,21 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
 
 // A warp per R rows (every job's row count a multiple of R); a grid smaller than that makes each
 // warp loop over row groups (grid stride).
-template <int R>
+// kShared: the block first copies the activations (cols bytes, dynamic shared memory) into shared
+// memory (act_chunk_slot order): a lane's four 16-byte activation loads from global memory, 64
+// bytes apart across the warp, each touch 16 cache lines; from shared memory they take 4 wavefronts.
+template <int R, bool kShared>
 __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  extern __shared__ int4 act_shared[];
+  if constexpr (kShared) {
+    const int4* src = reinterpret_cast<const int4*>(q);
+    for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) act_shared[act_chunk_slot(c)] = src[c];
+    __syncthreads();
+    q = reinterpret_cast<const int8_t*>(act_shared);
+  }
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r * R < jobs.total_rows; r += warps)
-    q4k_decode_rows<R>(jobs, r * R, cols, q, d, s);
+    q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
 }
 
 // Plain weights (f32 / f16 / bf16) with f32 activations: one warp per row.
@@ -696,41 +725,40 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
   for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
-// Decode-step fusion of the residual add, RMSNorm and the activation quantization of the matmuls
-// that follow: x += add (when given); out = norm(x) * w; (q, d, s) = out quantized per 32. One
-// block of 1024 threads per token, n <= 8192 and a multiple of 32 (lanes of a warp hold 32
-// consecutive columns, so a block's absmax is a warp reduction).
-__global__ void add_norm_quant_kernel(float* x, const float* add, const float* w, float eps, int64_t n, float* out,
-                                      int8_t* q, float* d, int* s) {
+constexpr int64_t kSlicedNormRows = 16;  // steps of at most this many rows slice the fused norm by columns
+
+// Fusion of the residual add, RMSNorm and the activation quantization of the matmuls that follow:
+// x_out = x + add (when add is given); out = norm(x_out) * w; (q, d, s) = out quantized per 32.
+// Grid (tokens, column slices); 1024 threads per block; n a multiple of 32 (lanes of a warp hold 32
+// consecutive columns, so a block's absmax is a warp reduction), slice a multiple of 32. Every block
+// sums the squares of its whole row (in the same order whatever the slices, so results do not
+// depend on them) and writes its slice: one token's norm then runs on n / slice SMs instead of as a
+// chain of dependent steps on one. Blocks read x and add while others write, so with several
+// slices x_out and out must alias neither (with one, x_out may be x).
+__global__ void add_norm_quant_kernel(const float* x, const float* add, float* x_out, const float* w, float eps, int64_t n,
+                                      int64_t slice, float* out, int8_t* q, float* d, int* s) {
   __shared__ float red[32];
-  constexpr int kCached = 8;
-  const int64_t t = blockIdx.x, nblk = n / 32;
-  float* xr = x + t * n;
-  float v[kCached];
+  const int64_t t = blockIdx.x;
+  const float* xr = x + t * n;
+  const float* ar = add != nullptr ? add + t * n : nullptr;
   float ss = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kCached; ++k) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    v[k] = 0.0f;
-    if (i < n) {
-      v[k] = xr[i];
-      if (add != nullptr) {
-        v[k] += add[t * n + i];
-        xr[i] = v[k];
-      }
-    }
-    ss += v[k] * v[k];
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = ar != nullptr ? xr[i] + ar[i] : xr[i];
+    ss += v * v;
   }
   const float total = block_sum(ss, red);
   const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
   const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int k = 0; k < kCached; ++k) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    if (i - lane >= n) break;  // warp-uniform (n is a multiple of 32)
-    const float o = v[k] * scale * w[i];
+  const int64_t end = min(n, (blockIdx.y + 1) * slice);
+  for (int64_t i = blockIdx.y * slice + threadIdx.x; i - lane < end; i += blockDim.x) {  // warp-uniform bound
+    float v = xr[i];
+    if (ar != nullptr) {
+      v += ar[i];
+      x_out[t * n + i] = v;
+    }
+    const float o = v * scale * w[i];
     out[t * n + i] = o;
-    if (q != nullptr) quantize_lane(o, lane, t, i / 32, nblk, q, d, s);
+    if (q != nullptr) quantize_lane(o, lane, t, i / 32, n / 32, q, d, s);
   }
 }
 
@@ -882,6 +910,149 @@ __global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_
     for (int64_t s = 0; s < len; ++s) acc += scores[s] * load_kv(v_cache, v_scale, (first + s) * kv_dim + g * head_dim + i);
     o[i] = acc * inv;
   }
+}
+
+// Eight consecutive cache elements from element i (a multiple of 8), as floats.
+__device__ __forceinline__ void load8_kv(const float* cache, const __half*, int64_t i, float* o) {
+  const float4 a = *reinterpret_cast<const float4*>(cache + i), b = *reinterpret_cast<const float4*>(cache + i + 4);
+  o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+__device__ __forceinline__ void load8_kv(const __nv_bfloat16* cache, const __half*, int64_t i, float* o) {
+  const uint4 u = *reinterpret_cast<const uint4*>(cache + i);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    o[2 * k] = __uint_as_float(w[k] << 16);
+    o[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
+  }
+}
+__device__ __forceinline__ void load8_kv(const int8_t* cache, const __half* scale, int64_t i, float* o) {
+  const uint2 u = *reinterpret_cast<const uint2*>(cache + i);
+  const float d = __half2float(scale[i / 32]);
+  const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+  for (int k = 0; k < 8; ++k) o[k] = static_cast<float>(static_cast<int8_t>(w[k / 4] >> (8 * (k % 4)))) * d;
+}
+
+// Decode attention (one new token of a sequence), fused: RoPE of the token's q head and of its k
+// head (as rope_store_kernel), the new k and v stored into the cache by the first q head of each
+// KV group, attention over the cache (the new position from shared memory, rounded as stored), and,
+// when aq is given, the output quantized per 32 for the output projection's integer kernels. Three
+// launches (RoPE + store, attention, quantization) cost more than their work on small contexts.
+// Grid: heads; head_dim a multiple of 32, at most 256. Shared: q, k, v of the head, then the scores.
+// Scores: a thread per position, 8 elements per load.
+template <class KV>
+__global__ void attention_decode_kernel(const float* q, const float* k, const float* v, const float* inv_freq,
+                                        const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim,
+                                        int rotary_dim, KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale,
+                                        int64_t window, float scale, float softcap, float* out, int8_t* aq, float* ad,
+                                        int* as) {
+  extern __shared__ float decode_smem[];
+  __shared__ float red[32];
+  const int h = blockIdx.x, group = n_heads / n_kv_heads, g = h / group;
+  const int64_t pos = *pos0_ptr;
+  const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = rotary_dim / 2;
+  float* qs = decode_smem;
+  float* kn = qs + head_dim;
+  float* vn = kn + head_dim;
+  float* scores = vn + head_dim;
+  const int lane = threadIdx.x % 32;
+  const bool writer = h % group == 0;
+  for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {  // warp-uniform bound (head_dim % 32 == 0)
+    const float* qh = q + h * head_dim;
+    const float* kh = k + g * head_dim;
+    float qv = qh[i], kv = kh[i];
+    if (i < 2 * half) {
+      const int j = i < half ? i : i - half;
+      float sn, cs;
+      sincosf(static_cast<float>(pos) * inv_freq[j], &sn, &cs);
+      const float q1 = qh[j], q2 = qh[j + half], k1 = kh[j], k2 = kh[j + half];
+      qv = i < half ? q1 * cs - q2 * sn : q2 * cs + q1 * sn;
+      kv = i < half ? k1 * cs - k2 * sn : k2 * cs + k1 * sn;
+    }
+    float vv = v[g * head_dim + i];
+    const int64_t at = pos * kv_dim + g * head_dim + i;
+    if constexpr (std::is_same_v<KV, int8_t>) {
+      // As rope_store_kernel: a warp's 32 values share one fp16 scale; kept as the cache will give them back.
+      float ka = fabsf(kv), va = fabsf(vv);
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) {
+        ka = fmaxf(ka, __shfl_xor_sync(0xffffffffu, ka, o));
+        va = fmaxf(va, __shfl_xor_sync(0xffffffffu, va, o));
+      }
+      const float kd = ka / 127.0f, vd = va / 127.0f;
+      const int kq = __float2int_rn(kv * (kd != 0.0f ? 1.0f / kd : 0.0f));
+      const int vq = __float2int_rn(vv * (vd != 0.0f ? 1.0f / vd : 0.0f));
+      const __half kdh = __float2half_rn(kd), vdh = __float2half_rn(vd);
+      if (writer) {
+        k_cache[at] = static_cast<int8_t>(kq);
+        v_cache[at] = static_cast<int8_t>(vq);
+        if (lane == 0) {
+          k_scale[at / 32] = kdh;
+          v_scale[at / 32] = vdh;
+        }
+      }
+      kv = static_cast<float>(kq) * __half2float(kdh);
+      vv = static_cast<float>(vq) * __half2float(vdh);
+    } else {
+      const KV kc = to_kv<KV>(kv), vc = to_kv<KV>(vv);
+      if (writer) {
+        k_cache[at] = kc;
+        v_cache[at] = vc;
+      }
+      kv = from_kv(kc);
+      vv = from_kv(vc);
+    }
+    qs[i] = qv;
+    kn[i] = kv;
+    vn[i] = vv;
+  }
+  __syncthreads();
+  const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
+  const int64_t len = pos - first + 1;
+  for (int64_t sidx = threadIdx.x; sidx < len; sidx += blockDim.x) {
+    const int64_t p = first + sidx;
+    float acc = 0.0f;
+    if (p == pos) {
+      for (int i = 0; i < head_dim; ++i) acc += qs[i] * kn[i];
+    } else {
+      const int64_t row = p * kv_dim + g * head_dim;
+      for (int i = 0; i < head_dim; i += 8) {
+        float kv8[8];
+        load8_kv(k_cache, k_scale, row + i, kv8);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc += qs[i + e] * kv8[e];
+      }
+    }
+    float sc = acc * scale;
+    if (softcap > 0.0f) sc = tanhf(sc / softcap) * softcap;
+    scores[sidx] = sc;
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int64_t sidx = threadIdx.x; sidx < len; sidx += blockDim.x) m = fmaxf(m, scores[sidx]);
+  m = block_max(m, red);
+  float sum = 0.0f;
+  for (int64_t sidx = threadIdx.x; sidx < len; sidx += blockDim.x) {
+    const float e = expf(scores[sidx] - m);
+    scores[sidx] = e;
+    sum += e;
+  }
+  sum = block_sum(sum, red);
+  const float inv = 1.0f / sum;
+  for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t sidx = 0; sidx + 1 < len; ++sidx)
+      acc += scores[sidx] * load_kv(v_cache, v_scale, (first + sidx) * kv_dim + g * head_dim + i);
+    acc += scores[len - 1] * vn[i];
+    const float o = acc * inv;
+    out[h * head_dim + i] = o;
+    if (aq != nullptr) quantize_lane(o, lane, 0, (h * head_dim + i) / 32, q_dim / 32, aq, ad, as);
+  }
+}
+
+inline size_t decode_attention_smem(int head_dim, int64_t positions) {
+  return static_cast<size_t>(3 * head_dim + (positions + 3) / 4 * 4) * sizeof(float);
 }
 
 // Prompt attention (n > 1 tokens): a block per (head, tile of kQTile queries). Keys and values pass
@@ -1207,14 +1378,22 @@ struct GpuDecoder::Impl {
   bool group_launches = env_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
   // BIOQUANT_CUDA_PERSIST=k: decode grids of k blocks per SM whose warps loop over rows (0: a warp per row).
   unsigned persist_blocks = 0;
-  int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 2);  // rows per warp of the q4_k decode kernel (1, 2 or 4)
+  // Rows per warp of the one-token kernels (BIOQUANT_CUDA_ROWS=1|2|4). Measured (8B shape, H100): q4_k
+  // 1 (with its activations in shared memory: 307 tok/s against 288 for 2 rows from global memory);
+  // the rows kernel of int8/q8_0/nf4/fp4 2.
+  int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 0);
+  // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
+  bool q4k_shared_activations = env_int("BIOQUANT_CUDA_SHARED", 1) == 1;
+  // Decode attention in one kernel with RoPE, the cache store and the output quantization
+  // (BIOQUANT_CUDA_FUSED=2: the separate kernels).
+  bool fused_attention = env_int("BIOQUANT_CUDA_FUSED", 1) == 1;
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB; on an H100, 48 MB prefills 9%
   // faster than 24 MB, 13% faster than 16 MB).
   size_t gemm_tile_bytes = static_cast<size_t>(env_int("BIOQUANT_CUDA_TILE_MB", 48)) << 20;
 
   // Workspace, grown on demand.
   struct Work {
-    float *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr, *gate = nullptr,
+    float *x = nullptr, *x2 = nullptr, *normed = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr, *gate = nullptr,
           *up = nullptr, *logits = nullptr;
     int8_t* aq = nullptr;
     float* ad = nullptr;
@@ -1266,6 +1445,17 @@ struct GpuDecoder::Impl {
     }
     if (dequant_stream) cudaStreamDestroy(dequant_stream);
     if (stream) cudaStreamDestroy(stream);
+  }
+
+  // Launches a kernel of the forward pass on `stream` (argument types converted to the kernel's).
+  template <class... Params, class... Args>
+  void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    CUDA_OK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
   }
 
   void* upload(const void* host, size_t n, Pool p) {
@@ -1328,11 +1518,15 @@ struct GpuDecoder::Impl {
     const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
     const int64_t nblk = (widest + 31) / 32;
     work.x = fbuf(tokens * c.hidden);
+    work.x2 = fbuf(std::min(tokens, kSlicedNormRows) * c.hidden);
     work.h = fbuf(tokens * std::max(c.hidden, c.q_dim()));
     work.q = fbuf(tokens * c.q_dim());
     work.k = fbuf(tokens * c.kv_dim());
     work.v = fbuf(tokens * c.kv_dim());
     work.attn = fbuf(tokens * c.q_dim());
+    // The norm's output is read by the matmuls right after it, never while attention output is
+    // live: it shares that buffer when it fits.
+    work.normed = c.q_dim() >= c.hidden ? work.attn : fbuf(tokens * c.hidden);
     work.gate = fbuf(tokens * c.intermediate);
     work.up = fbuf(tokens * c.intermediate);
     work.logits = fbuf(logit_rows * c.vocab);
@@ -1380,7 +1574,7 @@ struct GpuDecoder::Impl {
   // Prompt matmul on tensor cores (see dequant_bf16_kernel).
   void gemm(const float* x, int64_t n, const DevMatrix& m, float* y) {
     auto* xb = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * m.cols) * 2));
-    to_bf16_kernel<<<blocks_for(n * m.cols), 256, 0, stream>>>(x, n * m.cols, xb);
+    launch(to_bf16_kernel, blocks_for(n * m.cols), 256, 0, x, n * m.cols, xb);
     if (m.type == QuantType::BF16) {
       blas.gemm(m.rows, n, m.cols, reinterpret_cast<const __nv_bfloat16*>(m.data), xb, y, m.rows);
       return;
@@ -1460,7 +1654,7 @@ struct GpuDecoder::Impl {
     n -= r0;
     if (!prequantized) {
       const int64_t warps = n * nblk;
-      quantize_act_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, stream>>>(x, cols, nblk, n, work.aq,
+      launch(quantize_act_kernel, static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, x, cols, nblk, n, work.aq,
                                                                                              work.ad, work.as);
       act_row0 = 0;
     }
@@ -1496,11 +1690,11 @@ struct GpuDecoder::Impl {
           } else if (nt == 1 && variant == 4) {
             launch_matvec_rows<T>(group, grid, cols, q, d, s);
           } else if (nt == 1 && variant == 2) {
-            qmatmul_kernel<T, 1, 2><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt);
+            launch(qmatmul_kernel<T, 1, 2>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (nt == 1 && variant == 1) {
-            qmatmul_kernel<T, 1><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt);
+            launch(qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else {
-            qmatmul_kernel<T, 8><<<grid, kThreads, 0, stream>>>(group, cols, q, d, s, nblk, nt);
+            launch(qmatmul_kernel<T, 8>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           }
         });
       }
@@ -1508,34 +1702,37 @@ struct GpuDecoder::Impl {
     }
   }
 
-  // Calls launch(std::integral_constant<int, R>{}, grid) with R rows per warp: decode_rows when every
-  // matrix of the group has a multiple of it, else fewer; grid = warps-per-row grid / R.
-  template <class Launch>
-  void with_rows_per_warp(const QJobs& group, unsigned grid, Launch&& launch) const {
-    int rows = decode_rows;
+  // Calls go(std::integral_constant<int, R>{}, grid) with R rows per warp: `rows` (or decode_rows when
+  // set) when every matrix of the group has a multiple of it, else fewer; grid = warps-per-row grid / R.
+  template <class Go>
+  void with_rows_per_warp(const QJobs& group, unsigned grid, int rows, Go&& go) const {
+    if (decode_rows > 0) rows = decode_rows;
     for (int i = 0; i < group.count; ++i)
       while (rows > 1 && group.job[i].rows % rows != 0) rows /= 2;
     grid = (grid + rows - 1) / rows;
     if (rows >= 4) {
-      launch(std::integral_constant<int, 4>{}, grid);
+      go(std::integral_constant<int, 4>{}, grid);
     } else if (rows == 2) {
-      launch(std::integral_constant<int, 2>{}, grid);
+      go(std::integral_constant<int, 2>{}, grid);
     } else {
-      launch(std::integral_constant<int, 1>{}, grid);
+      go(std::integral_constant<int, 1>{}, grid);
     }
   }
 
   void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
-    with_rows_per_warp(group, grid, [&](auto rows, unsigned g) {
+    with_rows_per_warp(group, grid, 1, [&](auto rows, unsigned g) {
       if (persist_blocks > 0) g = std::min(g, persist_blocks);
-      q4k_decode_kernel<decltype(rows)::value><<<g, 256, 0, stream>>>(group, cols, q, d, s);
+      if (q4k_shared_activations && cols <= 32 * 1024)
+        launch(q4k_decode_kernel<decltype(rows)::value, true>, g, 256, static_cast<size_t>(cols), group, cols, q, d, s);
+      else
+        launch(q4k_decode_kernel<decltype(rows)::value, false>, g, 256, 0, group, cols, q, d, s);
     });
   }
 
   template <int T>
   void launch_matvec_rows(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s) {
-    with_rows_per_warp(group, grid, [&](auto rows, unsigned g) {
-      qmatvec_kernel<T, decltype(rows)::value><<<g, 256, 0, stream>>>(group, cols, q, d, s);
+    with_rows_per_warp(group, grid, 2, [&](auto rows, unsigned g) {
+      launch(qmatvec_kernel<T, decltype(rows)::value>, g, 256, 0, group, cols, q, d, s);
     });
   }
 
@@ -1548,10 +1745,9 @@ struct GpuDecoder::Impl {
       const float* xt = x + t0 * m.cols;
       float* yt = y + t0 * m.rows;
 #define BQ_PLAIN(TYPE)                                                                                            \
-  plain_matmul_kernel<static_cast<int>(TYPE), 8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, \
-                                                                                  xt, nt, yt)
+  launch(plain_matmul_kernel<static_cast<int>(TYPE), 8>, grid, kThreads, 0, m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt)
       if (t == static_cast<int>(QuantType::BF16) && m.cols % 8 == 0) {
-        bf16_matmul_vec_kernel<8><<<grid, kThreads, 0, stream>>>(m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt);
+        launch(bf16_matmul_vec_kernel<8>, grid, kThreads, 0, m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt);
         continue;
       }
       if (t == static_cast<int>(QuantType::F32)) BQ_PLAIN(QuantType::F32);
@@ -1676,15 +1872,29 @@ struct GpuDecoder::Impl {
     check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(smem_len) + " positions is too long");
     // Residual adds are deferred into the next norm, which also quantizes the activations of the
     // integer matmuls after it (one launch instead of three).
-    bool pending = false;  // work.h holds a residual not yet added into work.x
-    const bool fusable = hd % 32 == 0 && hd <= 8 * 1024;
+    bool pending = false;  // work.h holds a residual not yet added into the residual stream
+    const bool fusable = hd % 32 == 0;
+    const bool fused_decode = fused_attention && c.head_dim % 32 == 0 && c.head_dim <= kMaxHeadDim;
+    bool all_single = true;
+    for (const Seg& sg : segs) all_single = all_single && sg.n == 1;
+    // The residual stream alternates between two buffers (the fused norm reads one while writing the
+    // other); the norm's output goes to work.normed.
+    // Column slices of the fused norm: 256 columns per block for a few rows (decode), whole rows for
+    // many (a prompt), where every block re-reading its row would cost more than it saves (and one
+    // block per row may update its row in place).
+    const bool sliced_norm = n <= kSlicedNormRows;
+    const int64_t norm_slice = sliced_norm ? 256 : (hd + 31) / 32 * 32;
+    float* x = work.x;
+    float* x_next = sliced_norm ? work.x2 : work.x;
     const auto norm_into_h = [&](const float* w, bool quantize) {
       if (fusable) {
-        add_norm_quant_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(
-            work.x, pending ? work.h : nullptr, w, c.norm_eps, hd, work.h, quantize ? work.aq : nullptr, work.ad, work.as);
+        launch(add_norm_quant_kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>((hd + norm_slice - 1) / norm_slice)),
+               1024, 0, x, pending ? work.h : nullptr, x_next, w, c.norm_eps, hd, norm_slice, work.normed,
+               quantize ? work.aq : nullptr, work.ad, work.as);
+        if (pending && sliced_norm) std::swap(x, x_next);
       } else {
-        if (pending) add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
-        rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.x, w, c.norm_eps, hd, work.h);
+        if (pending) launch(add_kernel, blocks_for(n * hd), 256, 0, x, work.h, n * hd);
+        launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, x, w, c.norm_eps, hd, work.normed);
       }
       pending = false;
     };
@@ -1694,20 +1904,23 @@ struct GpuDecoder::Impl {
       norm_into_h(l.attn_norm, quant_qkv);
       {
         const Job qkv[3] = {{&l.wq, work.q}, {&l.wk, work.k}, {&l.wv, work.v}};
-        matmuls(work.h, n, qkv, 3, quant_qkv);
+        matmuls(work.normed, n, qkv, 3, quant_qkv);
       }
       if (l.bq) {
-        add_bias_kernel<<<blocks_for(n * qd), 256, 0, stream>>>(work.q, l.bq, n, qd);
-        add_bias_kernel<<<blocks_for(n * kvd), 256, 0, stream>>>(work.k, l.bk, n, kvd);
-        add_bias_kernel<<<blocks_for(n * kvd), 256, 0, stream>>>(work.v, l.bv, n, kvd);
+        launch(add_bias_kernel, blocks_for(n * qd), 256, 0, work.q, l.bq, n, qd);
+        launch(add_bias_kernel, blocks_for(n * kvd), 256, 0, work.k, l.bk, n, kvd);
+        launch(add_bias_kernel, blocks_for(n * kvd), 256, 0, work.v, l.bv, n, kvd);
       }
       if (c.qk_norm) {
-        rms_norm_kernel<<<static_cast<unsigned>(n * c.n_heads), 128, 0, stream>>>(work.q, l.q_norm, c.norm_eps, c.head_dim,
+        launch(rms_norm_kernel, static_cast<unsigned>(n * c.n_heads), 128, 0, work.q, l.q_norm, c.norm_eps, c.head_dim,
                                                                                   work.q);
-        rms_norm_kernel<<<static_cast<unsigned>(n * c.n_kv_heads), 128, 0, stream>>>(work.k, l.k_norm, c.norm_eps,
+        launch(rms_norm_kernel, static_cast<unsigned>(n * c.n_kv_heads), 128, 0, work.k, l.k_norm, c.norm_eps,
                                                                                      c.head_dim, work.k);
       }
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
+      // Decode steps (every sequence one new token) quantize the attention output for the output
+      // projection inside the fused attention kernel.
+      const bool quant_o = fused_decode && all_single && integer_path(n, {&l.wo});
       for (const Seg& sg : segs) {
         const size_t layer_elems = static_cast<size_t>(sg.kv->capacity * kvd);
         KV* kc = static_cast<KV*>(sg.kv->k) + li * layer_elems;
@@ -1717,60 +1930,66 @@ struct GpuDecoder::Impl {
         float* q = work.q + sg.row0 * qd;
         float* out = work.attn + sg.row0 * qd;
         const int64_t* pos = work.pos + sg.index;
-        rope_store_kernel<KV><<<static_cast<unsigned>(sg.n), 1024, 0, stream>>>(
-            q, work.k + sg.row0 * kvd, work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads),
+        if (fused_decode && sg.n == 1) {
+          const int64_t nblk_o = qd / 32;
+          launch(attention_decode_kernel<KV>, static_cast<unsigned>(c.n_heads), 128,
+                 decode_attention_smem(static_cast<int>(c.head_dim), smem_len), q, work.k + sg.row0 * kvd,
+                 work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+                 static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window,
+                 c.attention_scale(), c.attn_softcap, out, quant_o ? work.aq + sg.row0 * nblk_o * 32 : nullptr,
+                 work.ad + sg.row0 * nblk_o, work.as + sg.row0 * nblk_o);
+          continue;
+        }
+        launch(rope_store_kernel<KV>, static_cast<unsigned>(sg.n), 1024, 0, q, work.k + sg.row0 * kvd, work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads),
             static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
         if (sg.n > 1 && c.head_dim <= kMaxHeadDim && c.head_dim % 4 == 0) {
-          attention_prefill_kernel<KV>
-              <<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((sg.n + kQTile - 1) / kQTile)), 128,
-                 prefill_attention_smem(static_cast<int>(c.head_dim)), stream>>>(
-                  q, kc, vc, ks, vs, pos, sg.n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+          launch(attention_prefill_kernel<KV>, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((sg.n + kQTile - 1) / kQTile)), 128,
+                 prefill_attention_smem(static_cast<int>(c.head_dim)), q, kc, vc, ks, vs, pos, sg.n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                   static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
         } else {
-          attention_kernel<KV><<<dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128, smem, stream>>>(
-              q, kc, vc, ks, vs, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+          launch(attention_kernel<KV>, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128, smem, q, kc, vc, ks, vs, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
               static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
         }
       }
-      matmul(work.attn, n, l.wo, work.h);
-      if (l.bo) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.bo, n, hd);
+      matmul(work.attn, n, l.wo, work.h, quant_o);
+      if (l.bo) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.bo, n, hd);
       if (c.sandwich_norms)
-        rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
+        launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
       pending = true;
 
       const bool quant_gate_up = fusable && integer_path(n, {&l.w_gate, &l.w_up});
       norm_into_h(l.ffn_norm, quant_gate_up);
       {
         const Job gate_up[2] = {{&l.w_gate, work.gate}, {&l.w_up, work.up}};
-        matmuls(work.h, n, gate_up, 2, quant_gate_up);
+        matmuls(work.normed, n, gate_up, 2, quant_gate_up);
       }
       if (l.b_gate) {
-        add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, l.b_gate, n, ff);
-        add_bias_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.up, l.b_up, n, ff);
+        launch(add_bias_kernel, blocks_for(n * ff), 256, 0, work.gate, l.b_gate, n, ff);
+        launch(add_bias_kernel, blocks_for(n * ff), 256, 0, work.up, l.b_up, n, ff);
       }
       const bool gelu = c.activation == Activation::GeluTanh;
       const bool quant_down = ff % 32 == 0 && integer_path(n, {&l.w_down});
       if (quant_down) {
-        act_mul_quant_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, work.up, n, ff, gelu, work.aq, work.ad,
+        launch(act_mul_quant_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n, ff, gelu, work.aq, work.ad,
                                                                       work.as);
       } else {
-        act_mul_kernel<<<blocks_for(n * ff), 256, 0, stream>>>(work.gate, work.up, n * ff, gelu);
+        launch(act_mul_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n * ff, gelu);
       }
       matmul(work.gate, n, l.w_down, work.h, quant_down);
-      if (l.b_down) add_bias_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.h, l.b_down, n, hd);
+      if (l.b_down) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.b_down, n, hd);
       if (c.sandwich_norms)
-        rms_norm_kernel<<<static_cast<unsigned>(n), 1024, 0, stream>>>(work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
+        launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
       pending = true;
     }
-    if (pending) add_kernel<<<blocks_for(n * hd), 256, 0, stream>>>(work.x, work.h, n * hd);
+    if (pending) launch(add_kernel, blocks_for(n * hd), 256, 0, x, work.h, n * hd);
     CUDA_OK(cudaGetLastError());
     if (n_logits > 0) {
       // Each sequence's last rows, normalised into consecutive rows of work.h.
       int64_t out_row = 0;
       for (const Seg& sg : segs) {
         if (sg.n_logits == 0) continue;
-        const float* last = work.x + (sg.row0 + sg.n - sg.n_logits) * hd;
-        rms_norm_kernel<<<static_cast<unsigned>(sg.n_logits), 1024, 0, stream>>>(last, final_norm, c.norm_eps, hd,
+        const float* last = x + (sg.row0 + sg.n - sg.n_logits) * hd;
+        launch(rms_norm_kernel, static_cast<unsigned>(sg.n_logits), 1024, 0, last, final_norm, c.norm_eps, hd,
                                                                                    work.h + out_row * hd);
         out_row += sg.n_logits;
       }
@@ -1782,7 +2001,7 @@ struct GpuDecoder::Impl {
       matmul(work.h, n_logits, output, work.logits);
       gemm_rows = step_gemm_rows;
       if (c.final_softcap > 0.0f)
-        softcap_kernel<<<blocks_for(n_logits * c.vocab), 256, 0, stream>>>(work.logits, n_logits * c.vocab, c.final_softcap);
+        launch(softcap_kernel, blocks_for(n_logits * c.vocab), 256, 0, work.logits, n_logits * c.vocab, c.final_softcap);
       CUDA_OK(cudaGetLastError());
       CUDA_OK(cudaMemcpyAsync(work.host_logits, work.logits, static_cast<size_t>(n_logits * c.vocab) * sizeof(float),
                               cudaMemcpyDeviceToHost, stream));
@@ -1862,6 +2081,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  const int decode_smem = static_cast<int>(decode_attention_smem(kMaxHeadDim, 50 * 1024));
+  CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem));
+  CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               decode_smem));
+  CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem));
   const int prefill_smem = static_cast<int>(prefill_attention_smem(kMaxHeadDim));
   CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem));
   CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
