@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -340,6 +341,77 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
     std::printf("batched %-5s (3 sequences, prompts 40/5/1 then 4 decode steps): max|batched-alone| %.2e (max|logit| "
                 "%.2f), top-token differences %d\n",
                 f, worst, max_ref, flips);
+  }
+}
+
+// Decode steps (one new token at a time) run the fused attention kernel: RoPE, the cache store,
+// attention and the output projection's activation quantization in one launch. Every step's logits
+// against the CPU engine (f32 KV cache: the bounds of the header; bf16 and q8 caches: against the
+// GPU's separate kernels, BIOQUANT_CUDA_FUSED=2, which read the same cache), with GQA (4 query heads
+// per KV head), a sliding window on one layer, attention and final softcaps and half-rotary heads.
+TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig base = synthetic_config("tiny");
+  base.hidden = 256;
+  base.intermediate = 512;
+  base.n_heads = 8;
+  base.n_kv_heads = 2;
+  base.head_dim = 32;
+  base.vocab = 512;
+  const int64_t steps = 24, vocab = base.vocab;
+  ThreadPool pool(2);
+  for (const char* feature : {"plain", "window", "softcaps", "half-rotary", "all"}) {
+    const std::string fs = feature;
+    ModelConfig c = base;
+    if (fs == "half-rotary" || fs == "all") c.rope.partial_rotary_factor = 0.5f;
+    if (fs == "softcaps" || fs == "all") {
+      c.attn_softcap = 5.0f;
+      c.final_softcap = 20.0f;
+    }
+    if (fs == "window" || fs == "all") {
+      c.sliding_window = 6;
+      c.layer_sliding = {true, false};
+    }
+    for (const char* f : {"f32", "q8_0", "q4_k"}) {
+      const std::string name = f;
+      if (fs != "all" && name != "f32") continue;
+      const QuantRecipe recipe = parse_quant_recipe(name, false, "all");
+      auto model = make_synthetic_model(c, DType::F32, 11, pool, name == "f32" ? nullptr : &recipe);
+      for (const KvType kv : {KvType::F32, KvType::BF16, KvType::Q8}) {
+        Decoder cpu(*model, pool);
+        Decoder fused(*model, pool, 0, kv);
+        setenv("BIOQUANT_CUDA_FUSED", "2", 1);
+        Decoder separate(*model, pool, 0, kv);
+        unsetenv("BIOQUANT_CUDA_FUSED");
+        KVCache c_cpu(model->config(), steps), c_fused(model->config(), steps), c_sep(model->config(), steps);
+        std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size());
+        float worst_cpu = 0.0f, worst_sep = 0.0f, max_ref = 0.0f;
+        int flips = 0;
+        for (int64_t i = 0; i < steps; ++i) {
+          const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
+          cpu.forward(&token, 1, c_cpu, 1, a.data());
+          fused.forward(&token, 1, c_fused, 1, b.data());
+          separate.forward(&token, 1, c_sep, 1, r.data());
+          for (int64_t j = 0; j < vocab; ++j) {
+            max_ref = std::max(max_ref, std::fabs(a[j]));
+            worst_cpu = std::max(worst_cpu, std::fabs(a[j] - b[j]));
+            worst_sep = std::max(worst_sep, std::fabs(r[j] - b[j]));
+          }
+          flips += std::max_element(b.begin(), b.end()) - b.begin() != std::max_element(r.begin(), r.end()) - r.begin();
+        }
+        const float unit = std::max(1.0f, max_ref);
+        if (kv == KvType::F32) {
+          EXPECT_LE(worst_cpu, (name == "f32" ? 1e-3f : 5e-2f) * unit) << feature << " " << f;
+        }
+        // Same cache values; the two attention kernels sum in other orders (and a quantized
+        // activation may round the other way after that).
+        EXPECT_LE(worst_sep, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
+        EXPECT_LE(flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
+        std::printf("decode %-11s %-4s kv %d: max|fused-cpu| %.2e, max|fused-separate| %.2e (max|logit| %.2f), top-token "
+                    "differences %d\n",
+                    feature, f, static_cast<int>(kv), worst_cpu, worst_sep, max_ref, flips);
+      }
+    }
   }
 }
 

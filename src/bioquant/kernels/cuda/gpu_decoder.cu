@@ -42,7 +42,7 @@ void cuda_check(cudaError_t e, const char* what) {
 
 struct Block32 {
   int lv[32];
-  uint32_t packed[8];  // q4_k/q5_k/int8: the same levels, four bytes per word (for dp4a)
+  uint32_t packed[8];  // the same levels, four signed bytes per word (for dp4a); not nf4/fp4 (16-bit levels)
   float scale_lo, scale_hi, min_term;
 };
 
@@ -63,14 +63,40 @@ __constant__ float c_dynamic_map[256];
 
 template <int T>
 __device__ __forceinline__ void decode32(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book, Block32& o);
+// N * 4 bytes from p, whatever its alignment (q8_0, q4_0 and q6_k blocks are 2-byte aligned), as
+// little-endian words: aligned 4-byte loads (one more than N) joined by funnel shifts, instead of
+// N * 4 byte loads. Reads up to 3 bytes past the end (callers stay inside their block).
+constexpr size_t kMatrixTail = 16;  // bytes after every matrix on the GPU (see upload_matrix)
+
+template <int N>
+__device__ __forceinline__ void load_words(const uint8_t* p, uint32_t* w) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uint32_t* base = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
+  const uint32_t shift = 8 * static_cast<uint32_t>(a & 3);
+  uint32_t r[N + 1];
+#pragma unroll
+  for (int k = 0; k <= N; ++k) r[k] = base[k];
+#pragma unroll
+  for (int k = 0; k < N; ++k) w[k] = __funnelshift_r(r[k], r[k + 1], shift);
+}
+
+// Block32's levels from its packed words (four signed bytes each).
+__device__ __forceinline__ void unpack_levels(Block32& o) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o.lv[4 * k + e] = static_cast<int8_t>(o.packed[k] >> (8 * e));
+  }
+}
+
 
 template <>
 __device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q8_0)>(const uint8_t* row, int64_t, int64_t b, bool, const int16_t*,
                                                                            Block32& o) {
   const uint8_t* blk = row + 34 * b;
   const float d = half_at(blk);
-#pragma unroll
-  for (int i = 0; i < 32; ++i) o.lv[i] = static_cast<int8_t>(blk[2 + i]);
+  load_words<8>(blk + 2, o.packed);
+  unpack_levels(o);
   o.scale_lo = o.scale_hi = d;
   o.min_term = 0.0f;
 }
@@ -80,11 +106,14 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_0)>(cons
                                                                            Block32& o) {
   const uint8_t* blk = row + 18 * b;
   const float d = half_at(blk);
+  uint32_t w[4];
+  load_words<4>(blk + 2, w);
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    o.lv[i] = (blk[2 + i] & 0xF) - 8;
-    o.lv[16 + i] = (blk[2 + i] >> 4) - 8;
+  for (int k = 0; k < 4; ++k) {
+    o.packed[k] = __vsub4(w[k] & 0x0F0F0F0Fu, 0x08080808u);
+    o.packed[4 + k] = __vsub4((w[k] >> 4) & 0x0F0F0F0Fu, 0x08080808u);
   }
+  unpack_levels(o);
   o.scale_lo = o.scale_hi = d;
   o.min_term = 0.0f;
 }
@@ -147,8 +176,13 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q6_K)>(cons
   const uint8_t* ql = blk + 64 * h + 32 * (quad & 1);
   const uint8_t* qh = blk + 128 + 32 * h;
   const int nib_shift = quad < 2 ? 0 : 4, hshift = 2 * quad;
+  uint32_t lw[8], hw[8];
+  load_words<8>(ql, lw);
+  load_words<8>(qh, hw);
 #pragma unroll
-  for (int l = 0; l < 32; ++l) o.lv[l] = (((ql[l] >> nib_shift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32;
+  for (int k = 0; k < 8; ++k)
+    o.packed[k] = __vsub4(((lw[k] >> nib_shift) & 0x0F0F0F0Fu) | (((hw[k] >> hshift) & 0x03030303u) << 4), 0x20202020u);
+  unpack_levels(o);
   const float d = half_at(blk + 208);
   const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
   const int k0 = e0 / 16;  // sub-blocks of 16
@@ -296,8 +330,7 @@ struct QJobs {
 template <int T>
 __device__ __forceinline__ float block_dot(const Block32& blk, int4 qa, int4 qb, float dx, float sx) {
   int lo = 0, hi = 0;
-  if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K) ||
-                T == static_cast<int>(QuantType::INT8)) {
+  if constexpr (T != static_cast<int>(QuantType::NF4) && T != static_cast<int>(QuantType::FP4)) {
     const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
@@ -1472,17 +1505,20 @@ struct GpuDecoder::Impl {
     check(!(m.type == QuantType::INT8 && m.outlier_threshold > 0.0f),
           "the CUDA backend has no LLM.int8 outlier path: leave --int8-threshold at 0 with --device cuda");
     DevMatrix d{m.type, m.rows, m.cols, m.row_bytes(), m.double_quant, nullptr};
+    // A zeroed tail: the block decoders' word loads (load_words) may read 3 bytes past the last block.
+    const size_t bytes = m.nbytes() + kMatrixTail;
+    uint8_t* ptr = static_cast<uint8_t*>(mem.alloc(bytes, Pool::Weights));
+    owned.push_back({ptr, bytes, Pool::Weights});
+    CUDA_OK(cudaMemsetAsync(ptr + m.nbytes(), 0, kMatrixTail, stream));
+    d.data = ptr;
     if (m.data != nullptr) {
-      d.data = static_cast<const uint8_t*>(upload(m.data, m.nbytes(), Pool::Weights));
+      CUDA_OK(cudaMemcpy(ptr, m.data, m.nbytes(), cudaMemcpyHostToDevice));
       return d;
     }
     check(m.random_seed != 0, "matrix without data");
-    uint8_t* ptr = static_cast<uint8_t*>(mem.alloc(m.nbytes(), Pool::Weights));
-    owned.push_back({ptr, m.nbytes(), Pool::Weights});
     random_rows_kernel<<<static_cast<unsigned>((m.rows + 127) / 128), 128, 0, stream>>>(m.type, m.double_quant, m.cols,
                                                                                        m.random_seed, m.rows, d.row_bytes, ptr);
     CUDA_OK(cudaGetLastError());
-    d.data = ptr;
     return d;
   }
   void free_kv(DevKv& c) {
@@ -1678,9 +1714,9 @@ struct GpuDecoder::Impl {
         const int8_t* q = work.aq + (act_row0 + t0) * nblk * 32;
         const float* d = work.ad + (act_row0 + t0) * nblk;
         const int* s = work.as + (act_row0 + t0) * nblk;
-        // Measured (8B shape, H100 and H200): q4_k's pair kernel; int8, q8_0, nf4, fp4 the kernel of two
-        // rows per warp; the others the one-token kernel with its loop unrolled twice.
-        const bool rows_kernel = type == QuantType::INT8 || type == QuantType::Q8_0 || type == QuantType::NF4 ||
+        // Measured (8B shape, H100): q4_k's pair kernel; int8, q5_k, nf4, fp4 the kernel of two rows
+        // per warp; q8_0, q4_0, q6_k (word loads + dp4a) the one-token kernel with its loop unrolled twice.
+        const bool rows_kernel = type == QuantType::INT8 || type == QuantType::Q5_K || type == QuantType::NF4 ||
                                  type == QuantType::FP4;
         const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : rows_kernel ? 4 : 2;
         with_quantized_format(type, "kernel", [&](auto format) {
