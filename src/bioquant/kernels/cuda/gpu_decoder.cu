@@ -1457,6 +1457,8 @@ struct GpuDecoder::Impl {
     work.host_pos = nullptr;
   }
   std::vector<DevBuf> work_bufs;
+  uint8_t* arena = nullptr;
+  size_t arena_size = 0, arena_used = 0;
 
   Impl(const Model& m, int dev, KvType kv) : model(m), device(dev), kv_type(kv) {}
 
@@ -1491,24 +1493,38 @@ struct GpuDecoder::Impl {
     CUDA_OK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
   }
 
-  void* upload(const void* host, size_t n, Pool p) {
-    void* ptr = mem.alloc(n, p);
-    owned.push_back({ptr, n, p});
-    CUDA_OK(cudaMemcpy(ptr, host, n, cudaMemcpyHostToDevice));
-    return ptr;
+  // Weights live in one allocation (reserve_weights): cudaMalloc rounds each large allocation up to
+  // 2 MiB, which over the ~600 matrices of a 70B model held ~0.5 GiB that no tensor used.
+  static size_t arena_bytes(size_t n) { return (n + 255) / 256 * 256; }
+  static size_t matrix_arena_bytes(const Matrix& m) { return m.rows > 0 ? arena_bytes(m.nbytes() + kMatrixTail) : 0; }
+  static size_t vector_arena_bytes(const std::vector<float>& v) { return arena_bytes(v.size() * sizeof(float)); }
+  void reserve_weights(size_t n) {
+    arena = static_cast<uint8_t*>(mem.alloc(n, Pool::Weights));
+    owned.push_back({arena, n, Pool::Weights});
+    arena_size = n;
+  }
+  void* weight_alloc(size_t n) {
+    if (arena != nullptr && arena_used + arena_bytes(n) <= arena_size) {
+      void* p = arena + arena_used;
+      arena_used += arena_bytes(n);
+      return p;
+    }
+    void* p = mem.alloc(n, Pool::Weights);
+    owned.push_back({p, n, Pool::Weights});
+    return p;
   }
   const float* upload_vec(const std::vector<float>& v) {
     if (v.empty()) return nullptr;
-    return static_cast<const float*>(upload(v.data(), v.size() * sizeof(float), Pool::Weights));
+    void* ptr = weight_alloc(v.size() * sizeof(float));
+    CUDA_OK(cudaMemcpy(ptr, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
+    return static_cast<const float*>(ptr);
   }
   DevMatrix upload_matrix(const Matrix& m) {
     check(!(m.type == QuantType::INT8 && m.outlier_threshold > 0.0f),
           "the CUDA backend has no LLM.int8 outlier path: leave --int8-threshold at 0 with --device cuda");
     DevMatrix d{m.type, m.rows, m.cols, m.row_bytes(), m.double_quant, nullptr};
     // A zeroed tail: the block decoders' word loads (load_words) may read 3 bytes past the last block.
-    const size_t bytes = m.nbytes() + kMatrixTail;
-    uint8_t* ptr = static_cast<uint8_t*>(mem.alloc(bytes, Pool::Weights));
-    owned.push_back({ptr, bytes, Pool::Weights});
+    uint8_t* ptr = static_cast<uint8_t*>(weight_alloc(m.nbytes() + kMatrixTail));
     CUDA_OK(cudaMemsetAsync(ptr + m.nbytes(), 0, kMatrixTail, stream));
     d.data = ptr;
     if (m.data != nullptr) {
@@ -2141,6 +2157,19 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   }
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
+  std::vector<float> inv_freq(static_cast<size_t>(c.rotary_dim() / 2));
+  rope_inv_freq(c.rope, c.rotary_dim(), inv_freq.data());
+  {
+    size_t total = Impl::matrix_arena_bytes(w.output) + Impl::vector_arena_bytes(w.final_norm) +
+                   Impl::vector_arena_bytes(inv_freq);
+    for (const LayerWeights& l : w.layers) {
+      for (const Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) total += Impl::matrix_arena_bytes(*m);
+      for (const std::vector<float>* v : {&l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate, &l.b_up, &l.b_down, &l.attn_norm,
+                                          &l.attn_post_norm, &l.ffn_norm, &l.ffn_post_norm, &l.q_norm, &l.k_norm})
+        total += Impl::vector_arena_bytes(*v);
+    }
+    impl_->reserve_weights(total);
+  }
   for (const LayerWeights& l : w.layers) {
     DevLayer d;
     d.wq = impl_->upload_matrix(l.wq);
@@ -2167,8 +2196,6 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   }
   impl_->output = impl_->upload_matrix(w.output);
   impl_->final_norm = impl_->upload_vec(w.final_norm);
-  std::vector<float> inv_freq(static_cast<size_t>(c.rotary_dim() / 2));
-  rope_inv_freq(c.rope, c.rotary_dim(), inv_freq.data());
   impl_->inv_freq = impl_->upload_vec(inv_freq);
   CUDA_OK(cudaStreamSynchronize(impl_->stream));  // synthetic matrices made, errors surfaced
   impl_->sample_device_memory();
