@@ -667,6 +667,7 @@ class Cublas {
     auto set_stream = reinterpret_cast<cublasStatus_t (*)(cublasHandle_t, cudaStream_t)>(dlsym(lib_, "cublasSetStream_v2"));
     destroy_ = reinterpret_cast<cublasStatus_t (*)(cublasHandle_t)>(dlsym(lib_, "cublasDestroy_v2"));
     gemm_ = reinterpret_cast<decltype(gemm_)>(dlsym(lib_, "cublasGemmEx"));
+    batched_ = reinterpret_cast<decltype(batched_)>(dlsym(lib_, "cublasGemmStridedBatchedEx"));
     if (create == nullptr || set_stream == nullptr || destroy_ == nullptr || gemm_ == nullptr ||
         create(&handle_) != CUBLAS_STATUS_SUCCESS || set_stream(handle_, stream) != CUBLAS_STATUS_SUCCESS) {
       status_ = "off (cuBLAS did not initialise)";
@@ -677,6 +678,19 @@ class Cublas {
   }
   ~Cublas() { close(); }
   bool ready() const { return handle_ != nullptr; }
+  bool batched_ready() const { return handle_ != nullptr && batched_ != nullptr; }
+  // cuBLAS's own (column-major) terms: C = op(A) op(B), `batch` times with the given element strides;
+  // bf16 A and B, f32 C.
+  void gemm_batched(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, const __nv_bfloat16* a,
+                    int64_t lda, int64_t stride_a, const __nv_bfloat16* b, int64_t ldb, int64_t stride_b, float* c, int64_t ldc,
+                    int64_t stride_c, int64_t batch) const {
+    const float one = 1.0f, zero = 0.0f;
+    const cublasStatus_t st =
+        batched_(handle_, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &one, a, CUDA_R_16BF,
+                 static_cast<int>(lda), stride_a, b, CUDA_R_16BF, static_cast<int>(ldb), stride_b, &zero, c, CUDA_R_32F,
+                 static_cast<int>(ldc), stride_c, static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS) throw Error("cuBLAS batched GEMM failed (status " + std::to_string(static_cast<int>(st)) + ")");
+  }
   const std::string& status() const { return status_; }
   // C [n][m] (row-major, ldc) = B [n][k] * A [m][k]^T, bf16 in, f32 out.
   void gemm(int64_t m, int64_t n, int64_t k, const __nv_bfloat16* a, const __nv_bfloat16* b, float* c, int64_t ldc) const {
@@ -701,6 +715,9 @@ class Cublas {
   cublasStatus_t (*gemm_)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*, const void*,
                           cudaDataType, int, const void*, cudaDataType, int, const void*, void*, cudaDataType, int,
                           cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+  cublasStatus_t (*batched_)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*, const void*,
+                             cudaDataType, int, long long, const void*, cudaDataType, int, long long, const void*, void*,
+                             cudaDataType, int, long long, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
   std::string status_ = "off";
 };
 
@@ -849,7 +866,7 @@ __device__ __forceinline__ float from_kv(__nv_bfloat16 v) { return __bfloat162fl
 template <class KV>
 __global__ void rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, const int64_t* pos0_ptr, int n_heads,
                                   int n_kv_heads, int head_dim, int rotary_dim, KV* k_cache, KV* v_cache, __half* k_scale,
-                                  __half* v_scale) {
+                                  __half* v_scale, __nv_bfloat16* q_heads, int64_t n_tokens) {
   const int64_t t = blockIdx.x;
   const int64_t pos = *pos0_ptr + t;
   const int half = rotary_dim / 2;
@@ -865,6 +882,10 @@ __global__ void rope_store_kernel(float* q, float* k, const float* v, const floa
     head[i + half] = x2 * c + x1 * s;
   }
   __syncthreads();
+  if (q_heads != nullptr) {  // the rotated q in bf16, head-major [head][token][dim], for the tensor-core attention
+    for (int j = threadIdx.x; j < q_dim; j += blockDim.x)
+      q_heads[((j / head_dim) * n_tokens + t) * head_dim + j % head_dim] = __float2bfloat16_rn(q[t * q_dim + j]);
+  }
   if constexpr (std::is_same_v<KV, int8_t>) {
     // q8: a warp per 32 values, d = absmax / 127 stored in fp16 (kv_dim is a multiple of 32).
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32, nb = kv_dim / 32;
@@ -1095,6 +1116,41 @@ inline size_t decode_attention_smem(int head_dim, int64_t positions) {
 // memory (as float4) serves 4 queries: for the scores a lane takes one key of the tile, for the
 // output a lane takes 4 consecutive head dimensions (and 4 more 128 further on, up to 256).
 constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256, kWarpQueries = 4;
+
+// Prompt attention on tensor cores (bf16 KV cache): scores S = Q K^T and output O = P V by cuBLAS,
+// batched over KV heads with each head's group of query heads as one matrix (Q and O head-major);
+// between them this kernel turns a row of scores into probabilities: scale, softcap, causal and
+// sliding-window mask, softmax, bf16. Row r = (query head, token r % n); ld: the rows' stride.
+__global__ void attention_softmax_kernel(const float* scores, int64_t ld, int64_t n, int64_t len, const int64_t* pos0_ptr,
+                                         int64_t window, float scale, float softcap, __nv_bfloat16* probs) {
+  __shared__ float red[32];
+  const int64_t r = blockIdx.x, qpos = *pos0_ptr + r % n;
+  const int64_t first = window > 0 ? max(static_cast<int64_t>(0), qpos - window + 1) : 0;
+  const float* row = scores + r * ld;
+  const auto score = [&](int64_t p) {
+    float v = row[p] * scale;
+    if (softcap > 0.0f) v = tanhf(v / softcap) * softcap;
+    return v;
+  };
+  float m = -INFINITY;
+  for (int64_t p = first + threadIdx.x; p <= qpos; p += blockDim.x) m = fmaxf(m, score(p));
+  m = block_max(m, red);
+  float sum = 0.0f;
+  for (int64_t p = first + threadIdx.x; p <= qpos; p += blockDim.x) sum += expf(score(p) - m);
+  sum = block_sum(sum, red);
+  const float inv = 1.0f / sum;
+  for (int64_t p = threadIdx.x; p < len; p += blockDim.x)
+    probs[r * ld + p] = __float2bfloat16_rn(p >= first && p <= qpos ? expf(score(p) - m) * inv : 0.0f);
+}
+
+// o [head][token][dim] (head-major) -> out [token][head * dim + dim].
+__global__ void heads_to_tokens_kernel(const float* o, int64_t n, int n_heads, int head_dim, float* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t q_dim = static_cast<int64_t>(n_heads) * head_dim;
+  if (i >= n * q_dim) return;
+  const int64_t t = i / q_dim, h = (i % q_dim) / head_dim, d = i % head_dim;
+  out[i] = o[(h * n + t) * head_dim + d];
+}
 
 inline int prefill_attention_pad(int head_dim) { return head_dim + 4; }  // float4 rows, no bank conflicts
 inline size_t prefill_attention_smem(int head_dim) {
@@ -1420,6 +1476,8 @@ struct GpuDecoder::Impl {
   // Decode attention in one kernel with RoPE, the cache store and the output quantization
   // (BIOQUANT_CUDA_FUSED=2: the separate kernels).
   bool fused_attention = env_int("BIOQUANT_CUDA_FUSED", 1) == 1;
+  // Prompt attention on tensor cores with a bf16 cache (BIOQUANT_CUDA_TC_ATTENTION=2: the f32 tiled kernel).
+  bool tensor_core_attention = env_int("BIOQUANT_CUDA_TC_ATTENTION", 1) == 1;
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB; on an H100, 48 MB prefills 9%
   // faster than 24 MB, 13% faster than 16 MB).
   size_t gemm_tile_bytes = static_cast<size_t>(env_int("BIOQUANT_CUDA_TILE_MB", 48)) << 20;
@@ -1623,10 +1681,8 @@ struct GpuDecoder::Impl {
     return b.ptr;
   }
 
-  // Prompt matmul on tensor cores (see dequant_bf16_kernel).
-  void gemm(const float* x, int64_t n, const DevMatrix& m, float* y) {
-    auto* xb = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * m.cols) * 2));
-    launch(to_bf16_kernel, blocks_for(n * m.cols), 256, 0, x, n * m.cols, xb);
+  // Prompt matmul on tensor cores (see dequant_bf16_kernel); xb: x [n, m.cols] in bf16.
+  void gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
     if (m.type == QuantType::BF16) {
       blas.gemm(m.rows, n, m.cols, reinterpret_cast<const __nv_bfloat16*>(m.data), xb, y, m.rows);
       return;
@@ -1684,11 +1740,20 @@ struct GpuDecoder::Impl {
     Job jobs[3];
     int count = 0;
     int64_t r0 = 0;  // first row left to the integer kernels (one value for all of them: same capability)
+    const __nv_bfloat16* xb = nullptr;
     for (int i = 0; i < n_all; ++i) {
       const DevMatrix& m = *all[i].m;
       const bool plain = m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16;
       const int64_t g = gemm_capable(m) ? std::min(gemm_rows, n) : 0;
-      if (g > 0) gemm(x, g, m, all[i].y);
+      if (g > 0) {
+        // The matrices of a group share their input: converted to bf16 once.
+        if (xb == nullptr) {
+          auto* converted = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(g * m.cols) * 2));
+          launch(to_bf16_kernel, blocks_for(g * m.cols), 256, 0, x, g * m.cols, converted);
+          xb = converted;
+        }
+        gemm(xb, g, m, all[i].y);
+      }
       if (g == n) continue;
       if (plain) {
         plain_matmul(x + g * m.cols, n - g, m, all[i].y + g * m.rows);
@@ -1992,9 +2057,39 @@ struct GpuDecoder::Impl {
                  work.ad + sg.row0 * nblk_o, work.as + sg.row0 * nblk_o);
           continue;
         }
-        launch(rope_store_kernel<KV>, static_cast<unsigned>(sg.n), 1024, 0, q, work.k + sg.row0 * kvd, work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads),
-            static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs);
-        if (sg.n > 1 && c.head_dim <= kMaxHeadDim && c.head_dim % 4 == 0) {
+        // Prompts on tensor cores when the cache is bf16 and one KV head's scores fit the gate buffer.
+        const int64_t len = work.host_pos[sg.index] + sg.n, ld = (len + 7) / 8 * 8, group = c.n_heads / c.n_kv_heads;
+        const int64_t group_bytes = group * sg.n * ld * static_cast<int64_t>(sizeof(float));
+        const int64_t groups_per_call = std::min<int64_t>(c.n_kv_heads, work.tokens * ff * static_cast<int64_t>(sizeof(float)) / group_bytes);
+        const bool tensor_attention = std::is_same_v<KV, __nv_bfloat16> && sg.n > 1 && tensor_core_attention &&
+                                      blas.batched_ready() && c.head_dim % 8 == 0 && groups_per_call >= 1;
+        __nv_bfloat16* q_heads = nullptr;
+        if (tensor_attention)
+          q_heads = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(c.n_heads * sg.n * c.head_dim) * 2));
+        launch(rope_store_kernel<KV>, static_cast<unsigned>(sg.n), 1024, 0, q, work.k + sg.row0 * kvd, work.v + sg.row0 * kvd,
+               inv_freq, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
+               static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, q_heads, sg.n);
+        if (tensor_attention) {
+          const int64_t d = c.head_dim, rows = group * sg.n;  // one KV head's query rows
+          const auto* kb = reinterpret_cast<const __nv_bfloat16*>(kc);
+          const auto* vb = reinterpret_cast<const __nv_bfloat16*>(vc);
+          float* scores = work.gate;
+          auto* probs = reinterpret_cast<__nv_bfloat16*>(work.up);
+          float* o_heads = work.h;  // free between the norm that consumed it and the output projection
+          for (int64_t g0 = 0; g0 < c.n_kv_heads; g0 += groups_per_call) {
+            const int64_t gc = std::min(groups_per_call, c.n_kv_heads - g0);
+            // S [rows][len] (row-major, ld) = Q_g [rows][d] K_g[len][d]^T
+            blas.gemm_batched(CUBLAS_OP_T, CUBLAS_OP_N, len, rows, d, kb + g0 * d, kvd, d, q_heads + g0 * rows * d, d, rows * d,
+                              scores, ld, rows * ld, gc);
+            launch(attention_softmax_kernel, static_cast<unsigned>(gc * rows), 256, 0, scores, ld, sg.n, len, pos, window,
+                   c.attention_scale(), c.attn_softcap, probs);
+            // O_g [rows][d] = P [rows][len] V_g [len][d]
+            blas.gemm_batched(CUBLAS_OP_N, CUBLAS_OP_N, d, rows, len, vb + g0 * d, kvd, d, probs, ld, rows * ld,
+                              o_heads + g0 * rows * d, d, rows * d, gc);
+          }
+          launch(heads_to_tokens_kernel, blocks_for(sg.n * qd), 256, 0, o_heads, sg.n, static_cast<int>(c.n_heads),
+                 static_cast<int>(c.head_dim), out);
+        } else if (sg.n > 1 && c.head_dim <= kMaxHeadDim && c.head_dim % 4 == 0) {
           launch(attention_prefill_kernel<KV>, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((sg.n + kQTile - 1) / kQTile)), 128,
                  prefill_attention_smem(static_cast<int>(c.head_dim)), q, kc, vc, ks, vs, pos, sg.n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                   static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
