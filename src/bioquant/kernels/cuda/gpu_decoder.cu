@@ -778,7 +778,8 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
 constexpr int64_t kSlicedNormRows = 16;  // steps of at most this many rows slice the fused norm by columns
 
 // Fusion of the residual add, RMSNorm and the activation quantization of the matmuls that follow:
-// x_out = x + add (when add is given); out = norm(x_out) * w; (q, d, s) = out quantized per 32.
+// x_out = x + add (when add is given); out = norm(x_out) * w (also in bf16 into out_bf16 when given, for
+// tensor-core matmuls); (q, d, s) = out quantized per 32 (when q is given, for the integer kernels).
 // Grid (tokens, column slices); 1024 threads per block; n a multiple of 32 (lanes of a warp hold 32
 // consecutive columns, so a block's absmax is a warp reduction), slice a multiple of 32. Every block
 // sums the squares of its whole row (in the same order whatever the slices, so results do not
@@ -786,7 +787,7 @@ constexpr int64_t kSlicedNormRows = 16;  // steps of at most this many rows slic
 // chain of dependent steps on one. Blocks read x and add while others write, so with several
 // slices x_out and out must alias neither (with one, x_out may be x).
 __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x_out, const float* w, float eps, int64_t n,
-                                      int64_t slice, float* out, int8_t* q, float* d, int* s) {
+                                      int64_t slice, float* out, __nv_bfloat16* out_bf16, int8_t* q, float* d, int* s) {
   __shared__ float red[32];
   const int64_t t = blockIdx.x;
   const float* xr = x + t * n;
@@ -808,6 +809,7 @@ __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x
     }
     const float o = v * scale * w[i];
     out[t * n + i] = o;
+    if (out_bf16 != nullptr) out_bf16[t * n + i] = __float2bfloat16_rn(o);
     if (q != nullptr) quantize_lane(o, lane, t, i / 32, n / 32, q, d, s);
   }
 }
@@ -836,15 +838,15 @@ __global__ void add_kernel(float* x, const float* h, int64_t n) {
   if (i < n) x[i] += h[i];
 }
 
-__global__ void act_mul_kernel(float* a, const float* b, int64_t n, bool gelu) {
+// a = act(a) * b; also in bf16 into a_bf16 when given (the input of a tensor-core matmul).
+__global__ void act_mul_kernel(float* a, const float* b, int64_t n, bool gelu, __nv_bfloat16* a_bf16) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const float x = a[i];
-  if (gelu) {
-    a[i] = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * b[i];
-  } else {
-    a[i] = x / (1.0f + expf(-x)) * b[i];
-  }
+  const float v = gelu ? 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * b[i]
+                       : x / (1.0f + expf(-x)) * b[i];
+  a[i] = v;
+  if (a_bf16 != nullptr) a_bf16[i] = __float2bfloat16_rn(v);
 }
 
 __global__ void softcap_kernel(float* x, int64_t n, float cap) {
@@ -1144,12 +1146,15 @@ __global__ void attention_softmax_kernel(const float* scores, int64_t ld, int64_
 }
 
 // o [head][token][dim] (head-major) -> out [token][head * dim + dim].
-__global__ void heads_to_tokens_kernel(const float* o, int64_t n, int n_heads, int head_dim, float* out) {
+// (and in bf16 into out_bf16 when given).
+__global__ void heads_to_tokens_kernel(const float* o, int64_t n, int n_heads, int head_dim, float* out,
+                                       __nv_bfloat16* out_bf16) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t q_dim = static_cast<int64_t>(n_heads) * head_dim;
   if (i >= n * q_dim) return;
   const int64_t t = i / q_dim, h = (i % q_dim) / head_dim, d = i % head_dim;
   out[i] = o[(h * n + t) * head_dim + d];
+  if (out_bf16 != nullptr) out_bf16[i] = __float2bfloat16_rn(out[i]);
 }
 
 inline int prefill_attention_pad(int head_dim) { return head_dim + 4; }  // float4 rows, no bank conflicts
@@ -1478,9 +1483,10 @@ struct GpuDecoder::Impl {
   bool fused_attention = env_int("BIOQUANT_CUDA_FUSED", 1) == 1;
   // Prompt attention on tensor cores with a bf16 cache (BIOQUANT_CUDA_TC_ATTENTION=2: the f32 tiled kernel).
   bool tensor_core_attention = env_int("BIOQUANT_CUDA_TC_ATTENTION", 1) == 1;
-  // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB; on an H100, 48 MB prefills 9%
-  // faster than 24 MB, 13% faster than 16 MB).
-  size_t gemm_tile_bytes = static_cast<size_t>(env_int("BIOQUANT_CUDA_TILE_MB", 48)) << 20;
+  // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB to choose). Measured on an H100, 8B
+  // q4_k pp512: 64 MB 18.5k tok/s, 48 MB 17.7k, 32 MB 14.1k (before the tensor-core attention); a 70B
+  // model gets 32 MB (7% slower prompts than 48 MB) to keep its prompt workspace small.
+  size_t gemm_tile_bytes = 0;
 
   // Workspace, grown on demand.
   struct Work {
@@ -1713,9 +1719,10 @@ struct GpuDecoder::Impl {
     float* y;
   };
   // y [n, m.rows] = x [n, m.cols] * m^T
-  void matmul(const float* x, int64_t n, const DevMatrix& m, float* y, bool prequantized = false) {
+  void matmul(const float* x, int64_t n, const DevMatrix& m, float* y, bool prequantized = false,
+              const __nv_bfloat16* x_bf16 = nullptr) {
     const Job j{&m, y};
-    matmuls(x, n, &j, 1, prequantized);
+    matmuls(x, n, &j, 1, prequantized, x_bf16);
   }
   // Several matrices of the same input: its activations are quantized once, and consecutive
   // matrices of one format go in one launch.
@@ -1735,12 +1742,14 @@ struct GpuDecoder::Impl {
 
   // Rows [0, gemm_rows) on tensor cores, the others on the integer (or plain) kernels. With
   // prequantized, the activations of all n rows are already in work.aq/ad/as.
-  void matmuls(const float* x, int64_t n, const Job* all, int n_all, bool prequantized = false) {
+  // x_bf16: x already in bf16 (its first gemm_rows rows at least), else converted here when needed.
+  void matmuls(const float* x, int64_t n, const Job* all, int n_all, bool prequantized = false,
+               const __nv_bfloat16* x_bf16 = nullptr) {
     constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
     Job jobs[3];
     int count = 0;
     int64_t r0 = 0;  // first row left to the integer kernels (one value for all of them: same capability)
-    const __nv_bfloat16* xb = nullptr;
+    const __nv_bfloat16* xb = x_bf16;
     for (int i = 0; i < n_all; ++i) {
       const DevMatrix& m = *all[i].m;
       const bool plain = m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16;
@@ -2003,10 +2012,15 @@ struct GpuDecoder::Impl {
     const int64_t norm_slice = sliced_norm ? 256 : (hd + 31) / 32 * 32;
     float* x = work.x;
     float* x_next = sliced_norm ? work.x2 : work.x;
+    // Steps with tensor-core rows: the kernels before each matmul also write its input in bf16 (the
+    // GEMM's operand), into this buffer sized for the widest input; no separate conversion pass.
+    __nv_bfloat16* step_bf16 = nullptr;
+    if (gemm_rows > 0)
+      step_bf16 = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * std::max({hd, qd, ff})) * 2));
     const auto norm_into_h = [&](const float* w, bool quantize) {
       if (fusable) {
         launch(add_norm_quant_kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>((hd + norm_slice - 1) / norm_slice)),
-               1024, 0, x, pending ? work.h : nullptr, x_next, w, c.norm_eps, hd, norm_slice, work.normed,
+               1024, 0, x, pending ? work.h : nullptr, x_next, w, c.norm_eps, hd, norm_slice, work.normed, step_bf16,
                quantize ? work.aq : nullptr, work.ad, work.as);
         if (pending && sliced_norm) std::swap(x, x_next);
       } else {
@@ -2021,7 +2035,7 @@ struct GpuDecoder::Impl {
       norm_into_h(l.attn_norm, quant_qkv);
       {
         const Job qkv[3] = {{&l.wq, work.q}, {&l.wk, work.k}, {&l.wv, work.v}};
-        matmuls(work.normed, n, qkv, 3, quant_qkv);
+        matmuls(work.normed, n, qkv, 3, quant_qkv, fusable ? step_bf16 : nullptr);
       }
       if (l.bq) {
         launch(add_bias_kernel, blocks_for(n * qd), 256, 0, work.q, l.bq, n, qd);
@@ -2038,6 +2052,7 @@ struct GpuDecoder::Impl {
       // Decode steps (every sequence one new token) quantize the attention output for the output
       // projection inside the fused attention kernel.
       const bool quant_o = fused_decode && all_single && integer_path(n, {&l.wo});
+      bool attn_bf16 = false;  // the attention output is in step_bf16 too
       for (const Seg& sg : segs) {
         const size_t layer_elems = static_cast<size_t>(sg.kv->capacity * kvd);
         KV* kc = static_cast<KV*>(sg.kv->k) + li * layer_elems;
@@ -2088,7 +2103,8 @@ struct GpuDecoder::Impl {
                               o_heads + g0 * rows * d, d, rows * d, gc);
           }
           launch(heads_to_tokens_kernel, blocks_for(sg.n * qd), 256, 0, o_heads, sg.n, static_cast<int>(c.n_heads),
-                 static_cast<int>(c.head_dim), out);
+                 static_cast<int>(c.head_dim), out, segs.size() == 1 ? step_bf16 : nullptr);
+          attn_bf16 = segs.size() == 1;
         } else if (sg.n > 1 && c.head_dim <= kMaxHeadDim && c.head_dim % 4 == 0) {
           launch(attention_prefill_kernel<KV>, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>((sg.n + kQTile - 1) / kQTile)), 128,
                  prefill_attention_smem(static_cast<int>(c.head_dim)), q, kc, vc, ks, vs, pos, sg.n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
@@ -2098,7 +2114,7 @@ struct GpuDecoder::Impl {
               static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
         }
       }
-      matmul(work.attn, n, l.wo, work.h, quant_o);
+      matmul(work.attn, n, l.wo, work.h, quant_o, attn_bf16 ? step_bf16 : nullptr);
       if (l.bo) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.bo, n, hd);
       if (c.sandwich_norms)
         launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
@@ -2108,7 +2124,7 @@ struct GpuDecoder::Impl {
       norm_into_h(l.ffn_norm, quant_gate_up);
       {
         const Job gate_up[2] = {{&l.w_gate, work.gate}, {&l.w_up, work.up}};
-        matmuls(work.normed, n, gate_up, 2, quant_gate_up);
+        matmuls(work.normed, n, gate_up, 2, quant_gate_up, fusable ? step_bf16 : nullptr);
       }
       if (l.b_gate) {
         launch(add_bias_kernel, blocks_for(n * ff), 256, 0, work.gate, l.b_gate, n, ff);
@@ -2120,9 +2136,9 @@ struct GpuDecoder::Impl {
         launch(act_mul_quant_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n, ff, gelu, work.aq, work.ad,
                                                                       work.as);
       } else {
-        launch(act_mul_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n * ff, gelu);
+        launch(act_mul_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n * ff, gelu, step_bf16);
       }
-      matmul(work.gate, n, l.w_down, work.h, quant_down);
+      matmul(work.gate, n, l.w_down, work.h, quant_down, quant_down ? nullptr : step_bf16);
       if (l.b_down) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.b_down, n, hd);
       if (c.sandwich_norms)
         launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
@@ -2220,6 +2236,8 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
     CUDA_OK(cudaEventCreateWithFlags(&impl_->tile_free[b], cudaEventDisableTiming));
   }
   impl_->blas.open(impl_->stream);
+  impl_->gemm_tile_bytes = static_cast<size_t>(Impl::env_int("BIOQUANT_CUDA_TILE_MB", model.weight_bytes() > (size_t{24} << 30) ? 32 : 64))
+                           << 20;
   if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) {
     int sms = 0;
     CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
