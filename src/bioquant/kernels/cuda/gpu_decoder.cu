@@ -2072,11 +2072,12 @@ struct GpuDecoder::Impl {
                  work.ad + sg.row0 * nblk_o, work.as + sg.row0 * nblk_o);
           continue;
         }
-        // Prompts on tensor cores when the cache is bf16 and one KV head's scores fit the gate buffer.
+        // Prompts long enough for the tensor-core matmuls also take their attention there, when the
+        // cache is bf16 and one KV head's scores fit the gate buffer (shorter ones: the f32 kernel).
         const int64_t len = work.host_pos[sg.index] + sg.n, ld = (len + 7) / 8 * 8, group = c.n_heads / c.n_kv_heads;
         const int64_t group_bytes = group * sg.n * ld * static_cast<int64_t>(sizeof(float));
         const int64_t groups_per_call = std::min<int64_t>(c.n_kv_heads, work.tokens * ff * static_cast<int64_t>(sizeof(float)) / group_bytes);
-        const bool tensor_attention = std::is_same_v<KV, __nv_bfloat16> && sg.n > 1 && tensor_core_attention &&
+        const bool tensor_attention = std::is_same_v<KV, __nv_bfloat16> && sg.n >= kGemmMinTokens && tensor_core_attention &&
                                       blas.batched_ready() && c.head_dim % 8 == 0 && groups_per_call >= 1;
         __nv_bfloat16* q_heads = nullptr;
         if (tensor_attention)
