@@ -13,7 +13,8 @@
 // A bf16 KV cache (the default) rounds K and V to 8 bits of mantissa: 3e-2 * max(1, max|cpu|).
 // Sequences of 32+ tokens in a step multiply on tensor cores (bf16 activations and dequantized bf16
 // weights, f32 accumulation, as HF transformers + bitsandbytes compute): held to 2e-2 * max(1, max|cpu|)
-// against the CPU engine on the same weights dequantized to f32.
+// against the CPU engine on the same weights dequantized to f32; with a bf16 KV cache their attention
+// runs there too (bf16 queries and probabilities), within the bf16 cache's bound.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -267,9 +268,17 @@ TEST(GpuParity, PromptGemmOnTensorCoresMatchesTheCpuEngine) {
     EXPECT_LE(r.worst_flip_margin, 2.0f * r.max_err) << f;
     EXPECT_LE(r.max_err, 2e-2f * std::max(1.0f, r.max_ref)) << f;
     const Compared i = compare_logits(*model, prompt, KvType::F32);  // against the CPU's int8 activations
+    // With a bf16 KV cache the prompt's attention runs on tensor cores too (bf16 queries and
+    // probabilities): the bf16 cache's bound.
+    const Compared b = compare_logits(*reference, *model, prompt, KvType::BF16);
+    EXPECT_LE(b.max_err, 3e-2f * std::max(1.0f, b.max_ref)) << f << " bf16 KV";
+    EXPECT_LE(b.argmax_mismatches, 4) << f << " bf16 KV";
+    EXPECT_LE(b.worst_flip_margin, 2.0f * b.max_err) << f << " bf16 KV";
     std::printf("96-token prompt %-6s vs dequantized f32: max|gpu-cpu| %.2e (max|logit| %.2f), argmax mismatches %d "
-                "(reference margin <= %.2e); vs the CPU engine (int8 activations): %.2e, %d\n",
-                f, r.max_err, r.max_ref, r.argmax_mismatches, r.worst_flip_margin, i.max_err, i.argmax_mismatches);
+                "(reference margin <= %.2e); bf16 KV (tensor-core attention) %.2e, %d; vs the CPU engine (int8 "
+                "activations): %.2e, %d\n",
+                f, r.max_err, r.max_ref, r.argmax_mismatches, r.worst_flip_margin, b.max_err, b.argmax_mismatches, i.max_err,
+                i.argmax_mismatches);
   }
 }
 
