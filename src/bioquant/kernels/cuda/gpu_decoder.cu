@@ -43,6 +43,7 @@ void cuda_check(cudaError_t e, const char* what) {
 struct Block32 {
   int lv[32];
   uint32_t packed[8];  // the same levels, four signed bytes per word (for dp4a); not nf4/fp4 (16-bit levels)
+  uint32_t pairs[16];  // nf4/fp4: the levels two per word, signed 16-bit (for dp2a)
   float scale_lo, scale_hi, min_term;
 };
 
@@ -221,30 +222,26 @@ __device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, i
   const int64_t nb = cols / 64, blk = b / 2;
   const int half = static_cast<int>(b % 2);
   float absmax;
-  const uint8_t* codes;
-  if (!dq) {
-    absmax = f32_at(row + 36 * blk);
-    codes = row + 36 * blk + 4;
-  } else {
+  uint32_t w4[4];
+  if (!dq) {  // 36-byte blocks: 4-byte aligned
+    absmax = *reinterpret_cast<const float*>(row + 36 * blk);
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row + 36 * blk + 4 + 16 * half);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w4[k] = w[k];
+  } else {  // 33-byte blocks after a 4 + 4 * groups header: any alignment
     const int64_t ngroups = (nb + 255) / 256;
     const float offset = f32_at(row), nested = f32_at(row + 4 + 4 * (blk / 256));
     const uint8_t* p = row + 4 + 4 * ngroups + 33 * blk;
     absmax = c_dynamic_map[p[0]] * nested + offset;
-    codes = p + 1;
+    load_words<4>(p + 1 + 16 * half, w4);
   }
   uint8_t cb[16];
-  if (!dq) {  // 4-byte aligned (36-byte blocks)
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(codes + 16 * half);
-    const uint32_t w4[4] = {w[0], w[1], w[2], w[3]};
-    memcpy(cb, w4, 16);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 16; ++k) cb[k] = codes[16 * half + k];
-  }
+  memcpy(cb, w4, 16);
 #pragma unroll
   for (int k = 0; k < 16; ++k) {  // element 2k in the HIGH nibble of byte k
     o.lv[2 * k] = book[cb[k] >> 4];
     o.lv[2 * k + 1] = book[cb[k] & 0xF];
+    o.pairs[k] = static_cast<uint16_t>(o.lv[2 * k]) | (static_cast<uint32_t>(o.lv[2 * k + 1]) << 16);
   }
   o.scale_lo = o.scale_hi = absmax * (1.0f / 16384.0f);
   o.min_term = 0.0f;
@@ -336,14 +333,15 @@ __device__ __forceinline__ float block_dot(const Block32& blk, int4 qa, int4 qb,
     for (int k = 0; k < 4; ++k) lo = __dp4a(static_cast<int>(blk.packed[k]), qw[k], lo);
 #pragma unroll
     for (int k = 4; k < 8; ++k) hi = __dp4a(static_cast<int>(blk.packed[k]), qw[k], hi);
-  } else {
-    int8_t qx[32];
-    memcpy(qx, &qa, 16);
-    memcpy(qx + 16, &qb, 16);
+  } else {  // nf4/fp4: 16-bit levels two at a time against two activation bytes (dp2a)
+    const int qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
-    for (int i = 0; i < 16; ++i) lo += blk.lv[i] * qx[i];
-#pragma unroll
-    for (int i = 16; i < 32; ++i) hi += blk.lv[i] * qx[i];
+    for (int k = 0; k < 4; ++k) {
+      lo = __dp2a_lo(static_cast<int>(blk.pairs[2 * k]), qw[k], lo);
+      lo = __dp2a_hi(static_cast<int>(blk.pairs[2 * k + 1]), qw[k], lo);
+      hi = __dp2a_lo(static_cast<int>(blk.pairs[2 * k + 8]), qw[k + 4], hi);
+      hi = __dp2a_hi(static_cast<int>(blk.pairs[2 * k + 9]), qw[k + 4], hi);
+    }
   }
   return dx * (blk.scale_lo * static_cast<float>(lo) + blk.scale_hi * static_cast<float>(hi) + blk.min_term * sx);
 }
