@@ -745,6 +745,27 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return m;
 }
 
+// An attention score: the scaled dot product, softcapped (tanh(s / c) * c) when softcap > 0 (gemma2).
+__device__ __forceinline__ float attention_score(float dot, float scale, float softcap) {
+  const float s = dot * scale;
+  return softcap > 0.0f ? tanhf(s / softcap) * softcap : s;
+}
+
+// scores[0, len) (shared memory, every thread of the block calling) -> exp(score - max score), in
+// place; returns 1 / their sum.
+__device__ __forceinline__ float block_softmax_in_place(float* scores, int64_t len, float* red) {
+  float m = -INFINITY;
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) m = fmaxf(m, scores[s]);
+  m = block_max(m, red);
+  float sum = 0.0f;
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) {
+    const float e = expf(scores[s] - m);
+    scores[s] = e;
+    sum += e;
+  }
+  return 1.0f / block_sum(sum, red);
+}
+
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w   (one block per row; in place allowed). The row
 // is read once into registers with all its loads in flight: a decode step normalises a single row,
 // and a loop of dependent passes over it cost more than a matmul of the small matrices.
@@ -940,24 +961,10 @@ __global__ void attention_kernel(const float* q, const KV* k_cache, const KV* v_
     for (int i = lane; i < head_dim; i += 32) acc += qh[i] * load_kv(k_cache, k_scale, kr + i);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) {
-      float sc = acc * scale;
-      if (softcap > 0.0f) sc = tanhf(sc / softcap) * softcap;
-      scores[s] = sc;
-    }
+    if (lane == 0) scores[s] = attention_score(acc, scale, softcap);
   }
   __syncthreads();
-  float m = -INFINITY;
-  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) m = fmaxf(m, scores[s]);
-  m = block_max(m, red);
-  float sum = 0.0f;
-  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) {
-    const float e = expf(scores[s] - m);
-    scores[s] = e;
-    sum += e;
-  }
-  sum = block_sum(sum, red);
-  const float inv = 1.0f / sum;
+  const float inv = block_softmax_in_place(scores, len, red);
   float* o = out + t * q_dim + h * head_dim;
   for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
     float acc = 0.0f;
@@ -1078,22 +1085,10 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
         for (int e = 0; e < 8; ++e) acc += qs[i + e] * kv8[e];
       }
     }
-    float sc = acc * scale;
-    if (softcap > 0.0f) sc = tanhf(sc / softcap) * softcap;
-    scores[sidx] = sc;
+    scores[sidx] = attention_score(acc, scale, softcap);
   }
   __syncthreads();
-  float m = -INFINITY;
-  for (int64_t sidx = threadIdx.x; sidx < len; sidx += blockDim.x) m = fmaxf(m, scores[sidx]);
-  m = block_max(m, red);
-  float sum = 0.0f;
-  for (int64_t sidx = threadIdx.x; sidx < len; sidx += blockDim.x) {
-    const float e = expf(scores[sidx] - m);
-    scores[sidx] = e;
-    sum += e;
-  }
-  sum = block_sum(sum, red);
-  const float inv = 1.0f / sum;
+  const float inv = block_softmax_in_place(scores, len, red);
   for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {
     float acc = 0.0f;
     for (int64_t sidx = 0; sidx + 1 < len; ++sidx)
@@ -1127,11 +1122,7 @@ __global__ void attention_softmax_kernel(const float* scores, int64_t ld, int64_
   const int64_t r = blockIdx.x, qpos = *pos0_ptr + r % n;
   const int64_t first = window > 0 ? max(static_cast<int64_t>(0), qpos - window + 1) : 0;
   const float* row = scores + r * ld;
-  const auto score = [&](int64_t p) {
-    float v = row[p] * scale;
-    if (softcap > 0.0f) v = tanhf(v / softcap) * softcap;
-    return v;
-  };
+  const auto score = [&](int64_t p) { return attention_score(row[p], scale, softcap); };
   float m = -INFINITY;
   for (int64_t p = first + threadIdx.x; p <= qpos; p += blockDim.x) m = fmaxf(m, score(p));
   m = block_max(m, red);
@@ -1282,9 +1273,7 @@ __global__ void attention_prefill_kernel(const float* q, const KV* k_cache, cons
       for (int i = 0; i < kWarpQueries; ++i) {
         const int64_t qpos = pos0 + t0 + r0 + i;
         const bool visible = r0 + i < nq && kp <= qpos && (window <= 0 || kp > qpos - window);
-        float v = dot[i] * scale;
-        if (softcap > 0.0f) v = tanhf(v / softcap) * softcap;
-        sc[i] = visible ? v : -INFINITY;
+        sc[i] = visible ? attention_score(dot[i], scale, softcap) : -INFINITY;
       }
     }
     float p[kWarpQueries];
@@ -1472,7 +1461,7 @@ struct GpuDecoder::Impl {
   unsigned persist_blocks = 0;
   // Rows per warp of the one-token kernels (BIOQUANT_CUDA_ROWS=1|2|4). Measured (8B shape, H100): q4_k
   // 1 (with its activations in shared memory: 307 tok/s against 288 for 2 rows from global memory);
-  // the rows kernel of int8/q8_0/nf4/fp4 2.
+  // the rows kernel of int8, q5_k, nf4, fp4: 2 (nf4 with dp2a: 260 tok/s, 1 row 265, 4 rows 209).
   int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 0);
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = env_int("BIOQUANT_CUDA_SHARED", 1) == 1;
