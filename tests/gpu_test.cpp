@@ -112,6 +112,31 @@ std::unique_ptr<Model> dequantized(const std::string& path, const std::string& f
   return model;
 }
 
+// The synthetic "tiny" shape widened to hidden 256 (every format's block fits), with these heads.
+ModelConfig tiny_config(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  ModelConfig c = synthetic_config("tiny");
+  c.hidden = 256;
+  c.intermediate = 512;
+  c.n_heads = heads;
+  c.n_kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.vocab = 512;
+  return c;
+}
+
+// The trained demo model (models/biomed-tiny) and its reference prompt's token ids, repeated to
+// `length` tokens when given.
+std::string biomed_tiny_dir() { return test::fixtures_dir() + "/../../models/biomed-tiny"; }
+std::vector<int32_t> biomed_tiny_prompt(size_t length = 0) {
+  const json ref = json::parse(test::read_file(biomed_tiny_dir() + "/reference.json"));
+  const std::vector<int32_t> ids = ref["token_ids"].get<std::vector<int32_t>>();
+  if (length == 0) return ids;
+  std::vector<int32_t> prompt;
+  while (prompt.size() < length) prompt.insert(prompt.end(), ids.begin(), ids.end());
+  prompt.resize(length);
+  return prompt;
+}
+
 const char* const kVariants[] = {"llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"};
 
 // Every architecture of the Foundation fixtures, in each stored dtype: logits (f32 and bf16 KV) and
@@ -151,13 +176,7 @@ TEST(GpuParity, FixturesMatchTheCpuEngine) {
 TEST(GpuParity, EveryFormatMatchesTheCpuEngine) {
   SKIP_WITHOUT_GPU();
   const char* const formats[] = {"f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8", "nf4", "fp4", "q4_k_m"};
-  ModelConfig c = synthetic_config("tiny");
-  c.hidden = 256;
-  c.intermediate = 512;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 64;
-  c.vocab = 512;
+  const ModelConfig c = tiny_config(4, 2, 64);
   std::vector<int32_t> tokens;
   for (int i = 0; i < 24; ++i) tokens.push_back((i * 37 + 11) % 512);
   ThreadPool pool(2);
@@ -207,10 +226,7 @@ TEST(GpuParity, EveryFormatMatchesTheCpuEngine) {
 // GPU's logits on both models are identical. A q8 KV cache stays within the bf16 cache's bound.
 TEST(GpuParity, RandomRowsMadeOnTheGpuAreTheHostOnes) {
   SKIP_WITHOUT_GPU();
-  ModelConfig c = synthetic_config("tiny");
-  c.hidden = 256;
-  c.intermediate = 512;
-  c.head_dim = 64;
+  const ModelConfig c = tiny_config(4, 2, 64);
   std::vector<int32_t> tokens;
   for (int i = 0; i < 16; ++i) tokens.push_back((i * 53 + 7) % 512);
   const int64_t n = static_cast<int64_t>(tokens.size()), vocab = c.vocab;
@@ -244,12 +260,8 @@ TEST(GpuParity, RandomRowsMadeOnTheGpuAreTheHostOnes) {
 // is printed.
 TEST(GpuParity, PromptGemmOnTensorCoresMatchesTheCpuEngine) {
   SKIP_WITHOUT_GPU();
-  const std::string dir = test::fixtures_dir() + "/../../models/biomed-tiny";
-  const json ref = json::parse(test::read_file(dir + "/reference.json"));
-  const std::vector<int32_t> ids = ref["token_ids"].get<std::vector<int32_t>>();
-  std::vector<int32_t> prompt;
-  while (prompt.size() < 96) prompt.insert(prompt.end(), ids.begin(), ids.end());
-  prompt.resize(96);
+  const std::string dir = biomed_tiny_dir();
+  const std::vector<int32_t> prompt = biomed_tiny_prompt(96);
   ThreadPool pool(2);
   {
     auto model = Model::load(dir);
@@ -290,12 +302,8 @@ TEST(GpuParity, PromptGemmOnTensorCoresMatchesTheCpuEngine) {
 // only where the reference's own top two are closer than twice the error.
 TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
   SKIP_WITHOUT_GPU();
-  const std::string dir = test::fixtures_dir() + "/../../models/biomed-tiny";
-  const json ref = json::parse(test::read_file(dir + "/reference.json"));
-  const std::vector<int32_t> ids = ref["token_ids"].get<std::vector<int32_t>>();
-  std::vector<int32_t> a;
-  while (a.size() < 40) a.insert(a.end(), ids.begin(), ids.end());
-  a.resize(40);
+  const std::string dir = biomed_tiny_dir();
+  const std::vector<int32_t> ids = biomed_tiny_prompt(), a = biomed_tiny_prompt(40);
   const std::vector<int32_t> b(ids.begin(), ids.begin() + 5), c1(ids.begin() + 2, ids.begin() + 3);
   ThreadPool pool(2);
   for (const char* f : {"bf16", "q4_k", "nf4"}) {
@@ -360,13 +368,7 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
 // per KV head), a sliding window on one layer, attention and final softcaps and half-rotary heads.
 TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
   SKIP_WITHOUT_GPU();
-  ModelConfig base = synthetic_config("tiny");
-  base.hidden = 256;
-  base.intermediate = 512;
-  base.n_heads = 8;
-  base.n_kv_heads = 2;
-  base.head_dim = 32;
-  base.vocab = 512;
+  const ModelConfig base = tiny_config(8, 2, 32);  // GQA 4:1
   const int64_t steps = 24, vocab = base.vocab;
   ThreadPool pool(2);
   for (const char* feature : {"plain", "window", "softcaps", "half-rotary", "all"}) {
@@ -431,9 +433,8 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
 // asserted (measured on an H100: see the closing note).
 TEST(GpuParity, TrainedModelAgreesInEveryFormat) {
   SKIP_WITHOUT_GPU();
-  const std::string dir = test::fixtures_dir() + "/../../models/biomed-tiny";
-  const json ref = json::parse(test::read_file(dir + "/reference.json"));
-  const std::vector<int32_t> ids = ref["token_ids"].get<std::vector<int32_t>>();
+  const std::string dir = biomed_tiny_dir();
+  const std::vector<int32_t> ids = biomed_tiny_prompt();
   ThreadPool pool(2);
   for (const char* f : {"bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8", "nf4", "fp4", "q4_k_m"}) {
     const std::string name = f;
