@@ -471,9 +471,21 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
 // row with the row's index (mod 4) spreads them over all eight.
 __device__ __forceinline__ int act_chunk_slot(int c) { return (c & ~7) | ((c & 7) ^ ((c >> 3) & 3)); }
 
-template <int R, bool kShared>
+// The weights of q4_k pair p of a row: its super-block's header and the 32-byte run of qs.
+struct Q4kPairWeights {
+  uint4 head, q0, q1;
+};
+__device__ __forceinline__ Q4kPairWeights load_q4k_pair(const uint8_t* row, int64_t p) {
+  const uint8_t* blk = row + 144 * (p / 4);
+  const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * (p % 4));
+  return {*reinterpret_cast<const uint4*>(blk), qs[0], qs[1]};
+}
+constexpr int kQ4kPreload = 2;  // pairs per lane loaded before the activations are waited for
+
+// kPre (R == 1): pre holds the weights of the row's first kQ4kPreload pairs of this lane.
+template <int R, bool kShared, bool kPre = false>
 __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, int64_t cols, const int8_t* q,
-                                                const float* d, const int* s) {
+                                                const float* d, const int* s, const Q4kPairWeights* pre = nullptr) {
   const int lane = threadIdx.x % 32;
   int j = 0;
   while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
@@ -484,10 +496,9 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-  for (int64_t p = lane; p < pairs; p += 32) {
-    const int64_t sb = p / 4;
+  const auto pair = [&](int64_t p, const Q4kPairWeights* given) {
     const int jp = static_cast<int>(p % 4);
-    const int64_t b0 = 8 * sb + 2 * jp;
+    const int64_t b0 = 2 * p;
     int4 a0, a1, a2, a3;
     if constexpr (kShared) {
       const int4* a = reinterpret_cast<const int4*>(q);
@@ -509,18 +520,15 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
     const float sx0 = static_cast<float>(s[b0]), sx1 = static_cast<float>(s[b0 + 1]);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = job.w + (row + r) * job.row_bytes + 144 * sb;
-      const uint4 head = *reinterpret_cast<const uint4*>(blk);
-      const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * jp);
-      const uint4 q0 = qs[0], q1 = qs[1];
+      const Q4kPairWeights wt = given != nullptr ? *given : load_q4k_pair(job.w + (row + r) * job.row_bytes, p);
       uint8_t hb[16];
-      memcpy(hb, &head, 16);
+      memcpy(hb, &wt.head, 16);
       const float dd = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
       const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
       uint8_t sc0, m0, sc1, m1;
       kquant_scale_min(hb + 4, 2 * jp, &sc0, &m0);
       kquant_scale_min(hb + 4, 2 * jp + 1, &sc1, &m1);
-      const uint32_t w[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+      const uint32_t w[8] = {wt.q0.x, wt.q0.y, wt.q0.z, wt.q0.w, wt.q1.x, wt.q1.y, wt.q1.z, wt.q1.w};
       int lo = 0, hi = 0;
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
@@ -530,7 +538,14 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
       acc[r] += dx0 * (dd * static_cast<float>(sc0) * static_cast<float>(lo) - dmin * static_cast<float>(m0) * sx0);
       acc[r] += dx1 * (dd * static_cast<float>(sc1) * static_cast<float>(hi) - dmin * static_cast<float>(m1) * sx1);
     }
+  };
+  int64_t p = lane;
+  if constexpr (kPre) {
+#pragma unroll
+    for (int k = 0; k < kQ4kPreload; ++k, p += 32)
+      if (p < pairs) pair(p, &pre[k]);
   }
+  for (; p < pairs; p += 32) pair(p, nullptr);
 #pragma unroll
   for (int r = 0; r < R; ++r) store_row_sums<1>(&acc[r], 1, job.rows, row + r, lane, job.y);
 }
@@ -540,8 +555,26 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
 // kShared: the block first copies the activations (cols bytes, dynamic shared memory) into shared
 // memory (act_chunk_slot order): a lane's four 16-byte activation loads from global memory, 64
 // bytes apart across the warp, each touch 16 cache lines; from shared memory they take 4 wavefronts.
+// With one row per warp, the weights of the warp's first row (its first kQ4kPreload pairs per lane)
+// are loaded before anything is waited for: a dependent launch's blocks placed early (see
+// await_inputs) then have them on the way while the kernel before finishes.
 template <int R, bool kShared>
 __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  Q4kPairWeights pre[kQ4kPreload];
+  if constexpr (R == 1) {
+    int64_t row = first;
+    int j = 0;
+    while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
+    if (j < jobs.count) {
+      const QJob& job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+#pragma unroll
+      for (int k = 0; k < kQ4kPreload; ++k) {
+        const int64_t p = threadIdx.x % 32 + 32 * k;
+        if (p < cols / 64) pre[k] = load_q4k_pair(job.w + row * job.row_bytes, p);
+      }
+    }
+  }
   await_inputs();
   extern __shared__ int4 act_shared[];
   if constexpr (kShared) {
@@ -551,8 +584,8 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
     q = reinterpret_cast<const int8_t*>(act_shared);
   }
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
-  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r * R < jobs.total_rows; r += warps)
-    q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
+  if (first * R < jobs.total_rows) q4k_decode_rows<R, kShared, R == 1>(jobs, first * R, cols, q, d, s, pre);
+  for (int64_t r = first + warps; r * R < jobs.total_rows; r += warps) q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
 }
 
 // Plain weights (f32 / f16 / bf16) with f32 activations: one warp per row.
