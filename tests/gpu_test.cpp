@@ -414,10 +414,11 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
       c.sliding_window = 6;
       c.layer_sliding = {true, false};
     }
-    for (const char* f : {"f32", "q8_0", "q4_k"}) {
+    for (const char* f : {"f32", "q8_0", "q4_k", "nf4", "nf4+dq", "fp4"}) {
       const std::string name = f;
       if (fs != "all" && name != "f32") continue;
-      const QuantRecipe recipe = parse_quant_recipe(name, false, "all");
+      const bool dq = name == "nf4+dq";
+      const QuantRecipe recipe = parse_quant_recipe(dq ? "nf4" : name, dq, "all");
       auto model = make_synthetic_model(c, DType::F32, 11, pool, name == "f32" ? nullptr : &recipe);
       for (const KvType kv : {KvType::F32, KvType::BF16, KvType::Q8}) {
         Decoder cpu(*model, pool);
@@ -449,7 +450,7 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
         // activation may round the other way after that).
         EXPECT_LE(worst_sep, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
         EXPECT_LE(flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
-        std::printf("decode %-11s %-4s kv %d: max|fused-cpu| %.2e, max|fused-separate| %.2e (max|logit| %.2f), top-token "
+        std::printf("decode %-11s %-6s kv %d: max|fused-cpu| %.2e, max|fused-separate| %.2e (max|logit| %.2f), top-token "
                     "differences %d\n",
                     feature, f, static_cast<int>(kv), worst_cpu, worst_sep, max_ref, flips);
       }

@@ -588,6 +588,117 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
   for (int64_t r = first + warps; r * R < jobs.total_rows; r += warps) q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
 }
 
+// bitsandbytes 4-bit decode (one token, nf4 / fp4): a warp per row, a lane per 64-weight block,
+// the token's activations in shared memory (act_chunk_slot order, bytes swapped in pairs: see
+// below). Each Q1.14 codebook level is split into a signed high byte and an unsigned low byte
+// (level = 256 * hi + lo); the two 16-entry byte tables sit in registers and are looked up eight
+// codes at a time by byte permutes, then multiplied by dp4a: the same integer sums as the 16-bit
+// levels, without the 64 shared-memory lookups per block that bounded the generic kernel.
+struct Bnb4Tables {
+  uint32_t hi[4], lo[4];  // byte e of word k: entry 4k + e
+};
+__device__ __forceinline__ Bnb4Tables bnb4_tables(const int16_t* book) {
+  Bnb4Tables t;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    t.hi[k] = t.lo[k] = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int level = book[4 * k + e];
+      t.hi[k] |= static_cast<uint32_t>((level >> 8) & 0xFF) << (8 * e);
+      t.lo[k] |= static_cast<uint32_t>(level & 0xFF) << (8 * e);
+    }
+  }
+  return t;
+}
+// Table bytes for the eight codes of w (code i = bits 4i..4i+3) in code order: codes 0-3 in out[0],
+// 4-7 in out[1]. sel: per code, its byte's place (0-3) plus 4 when the code is 8 or more.
+__device__ __forceinline__ void bnb4_lookup8(const uint32_t* table, uint32_t w, uint32_t sel, uint32_t* out) {
+  const uint32_t idx = w & 0x77777777u;  // the code's entry within its half of the table
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t low = __byte_perm(table[0], table[1], idx >> (16 * i));
+    const uint32_t high = __byte_perm(table[2], table[3], idx >> (16 * i));
+    out[i] = __byte_perm(low, high, sel >> (16 * i));
+  }
+}
+__device__ __forceinline__ int dp4a_unsigned_signed(uint32_t a, int b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+// Sum over the eight weights of code word w times their activations x[0..1]. In a byte, the
+// element with the lower index has the HIGH nibble (bitsandbytes), so code i belongs to element
+// i ^ 1: the activations are stored with the bytes of each pair swapped to match.
+__device__ __forceinline__ int bnb4_dot8(const Bnb4Tables& t, uint32_t w, const int* x) {
+  const uint32_t sel = 0x32103210u | ((w & 0x88888888u) >> 1);
+  uint32_t hi[2], lo[2];
+  bnb4_lookup8(t.hi, w, sel, hi);
+  bnb4_lookup8(t.lo, w, sel, lo);
+  const int h = __dp4a(static_cast<int>(hi[1]), x[1], __dp4a(static_cast<int>(hi[0]), x[0], 0));
+  const int l = dp4a_unsigned_signed(lo[1], x[1], dp4a_unsigned_signed(lo[0], x[0], 0));
+  return 256 * h + l;
+}
+
+template <int T>
+__global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  await_inputs();
+  extern __shared__ int4 act_shared[];
+  {
+    const int4* src = reinterpret_cast<const int4*>(q);
+    for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) {
+      int4 v = src[c];
+      v.x = static_cast<int>(__byte_perm(v.x, 0, 0x2301));
+      v.y = static_cast<int>(__byte_perm(v.y, 0, 0x2301));
+      v.z = static_cast<int>(__byte_perm(v.z, 0, 0x2301));
+      v.w = static_cast<int>(__byte_perm(v.w, 0, 0x2301));
+      act_shared[act_chunk_slot(c)] = v;
+    }
+    __syncthreads();
+  }
+  const Bnb4Tables tables = bnb4_tables(T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14);
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < jobs.total_rows; r += warps) {
+    int64_t row = r;
+    int j = 0;
+    while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
+    // Constant indices keep the jobs in parameter space (a dynamic index copies them to local memory).
+    const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+    const uint8_t* wr = job.w + row * job.row_bytes;
+    const int64_t nb = cols / 64, ngroups = (nb + 255) / 256;
+    float acc = 0.0f;
+    for (int64_t p = lane; p < nb; p += 32) {
+      float absmax;
+      uint32_t w[8];
+      if (!job.dq) {  // 36-byte blocks: 4-byte aligned
+        absmax = *reinterpret_cast<const float*>(wr + 36 * p);
+        const uint32_t* cw = reinterpret_cast<const uint32_t*>(wr + 36 * p + 4);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) w[k] = cw[k];
+      } else {  // 33-byte blocks after a 4 + 4 * groups header: any alignment
+        const uint8_t* blk = wr + 4 + 4 * ngroups + 33 * p;
+        absmax = c_dynamic_map[blk[0]] * f32_at(wr + 4 + 4 * (p / 256)) + f32_at(wr);
+        load_words<8>(blk + 1, w);
+      }
+      const float scale = absmax * (1.0f / 16384.0f);
+      const int4* a = act_shared;
+      const int c = 4 * static_cast<int>(p);
+      const int4 a0 = a[act_chunk_slot(c)], a1 = a[act_chunk_slot(c + 1)], a2 = a[act_chunk_slot(c + 2)],
+                 a3 = a[act_chunk_slot(c + 3)];
+      const int x[16] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w, a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // the block's two 32-blocks: elements 0-15 (lo) and 16-31 (hi) of each
+        const int lo = bnb4_dot8(tables, w[4 * h], x + 8 * h) + bnb4_dot8(tables, w[4 * h + 1], x + 8 * h + 2);
+        const int hi = bnb4_dot8(tables, w[4 * h + 2], x + 8 * h + 4) + bnb4_dot8(tables, w[4 * h + 3], x + 8 * h + 6);
+        const int64_t b = 2 * p + h;
+        acc += d[b] * (scale * static_cast<float>(lo) + scale * static_cast<float>(hi) + 0.0f * static_cast<float>(s[b]));
+      }
+    }
+    store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
+  }
+}
+
 // Plain weights (f32 / f16 / bf16) with f32 activations: one warp per row.
 template <int T>
 __device__ __forceinline__ float plain_at(const uint8_t* row, int64_t i) {
@@ -1889,10 +2000,14 @@ struct GpuDecoder::Impl {
         // per warp; q8_0, q4_0, q6_k (word loads + dp4a) the one-token kernel with its loop unrolled twice.
         const bool rows_kernel = type == QuantType::INT8 || type == QuantType::Q5_K || type == QuantType::NF4 ||
                                  type == QuantType::FP4;
-        const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : rows_kernel ? 4 : 2;
+        const bool bnb4 = type == QuantType::NF4 || type == QuantType::FP4;
+        const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : bnb4 ? 5 : rows_kernel ? 4 : 2;
         with_quantized_format(type, "kernel", [&](auto format) {
           constexpr int T = decltype(format)::value;
-          if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
+          constexpr bool kBnb4 = T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4);
+          if (kBnb4 && nt == 1 && variant == 5 && cols % 64 == 0 && cols <= 32 * 1024) {
+            launch_with(dependent, bnb4_decode_kernel<T>, grid, kThreads, static_cast<size_t>(cols), group, cols, q, d, s);
+          } else if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
             launch_q4k_decode(group, grid, cols, q, d, s, dependent);
           } else if (nt == 1 && variant == 4) {
             launch_matvec_rows<T>(group, grid, cols, q, d, s, dependent);
