@@ -1642,9 +1642,10 @@ struct GpuDecoder::Impl {
     const char* v = std::getenv(name);
     return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : fallback;
   }
-  // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|4|8 to compare: 1 = one-token
+  // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|4|5|8 to compare: 1 = one-token
   // kernel, 2 = that with its block loop unrolled twice, 3 = q4_k's pair kernel, 4 = BIOQUANT_CUDA_ROWS
-  // rows per warp, 8 = the 8-token prompt kernel; unset: the fastest measured per format.
+  // rows per warp, 5 = the nf4/fp4 byte-permute kernel, 8 = the 8-token prompt kernel; unset: the
+  // fastest measured per format.
   int decode_variant = env_int("BIOQUANT_CUDA_DECODE", 0);
   bool group_launches = env_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
   // BIOQUANT_CUDA_PERSIST=k: decode grids of k blocks per SM whose warps loop over rows (0: a warp per row).
