@@ -319,6 +319,16 @@ struct QJobs {
   int64_t total_rows;
 };
 
+// The job of row `row` of a group, and the row within it (false past the last job's rows).
+__device__ __forceinline__ bool locate_row(const QJobs& jobs, int64_t& row, QJob& job) {
+  int j = 0;
+  while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
+  if (j == jobs.count) return false;
+  // Constant indices keep the jobs in parameter space (a dynamic index copies them to local memory).
+  job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+  return true;
+}
+
 // Programmatic dependent launch (sm_90). In a one-token decode step the matvecs and the norm,
 // attention and activation kernels between them are launched as dependents of the kernel before
 // (BIOQUANT_CUDA_PDL=2: plain launches): their blocks may be placed while that one finishes, and
@@ -370,11 +380,8 @@ template <int T, int NT, int U>
 __device__ __forceinline__ void qmatmul_row(const QJobs& jobs, int64_t row, int64_t cols, const int16_t* book,
                                             const int8_t* q, const float* d, const int* s, int64_t nblk, int64_t n_tokens) {
   const int lane = threadIdx.x % 32;
-  int j = 0;
-  while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
-  if (j == jobs.count) return;
-  // Constant indices keep the jobs in parameter space (a dynamic index copies them to local memory).
-  const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+  QJob job;
+  if (!locate_row(jobs, row, job)) return;
   const bool dq = job.dq;
   const int64_t rows = job.rows;
   float* y = job.y;
@@ -410,10 +417,8 @@ template <int T, int R>
 __device__ __forceinline__ void qmatvec_rows(const QJobs& jobs, int64_t row, int64_t cols, const int16_t* book,
                                              const int8_t* q, const float* d, const int* s) {
   const int lane = threadIdx.x % 32;
-  int j = 0;
-  while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
-  if (j == jobs.count) return;
-  const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+  QJob job;
+  if (!locate_row(jobs, row, job)) return;
   const int64_t wblk = (cols + 31) / 32;
   float acc[R];
 #pragma unroll
@@ -487,11 +492,8 @@ template <int R, bool kShared, bool kPre = false>
 __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, int64_t cols, const int8_t* q,
                                                 const float* d, const int* s, const Q4kPairWeights* pre = nullptr) {
   const int lane = threadIdx.x % 32;
-  int j = 0;
-  while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
-  if (j == jobs.count) return;
-  // Constant indices keep the jobs in parameter space (a dynamic index copies them to local memory).
-  const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+  QJob job;
+  if (!locate_row(jobs, row, job)) return;
   const int64_t pairs = cols / 64;
   float acc[R];
 #pragma unroll
@@ -564,10 +566,8 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
   Q4kPairWeights pre[kQ4kPreload];
   if constexpr (R == 1) {
     int64_t row = first;
-    int j = 0;
-    while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
-    if (j < jobs.count) {
-      const QJob& job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+    QJob job;
+    if (locate_row(jobs, row, job)) {
 #pragma unroll
       for (int k = 0; k < kQ4kPreload; ++k) {
         const int64_t p = threadIdx.x % 32 + 32 * k;
@@ -662,10 +662,8 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < jobs.total_rows; r += warps) {
     int64_t row = r;
-    int j = 0;
-    while (j < jobs.count && row >= jobs.job[j].rows) row -= jobs.job[j++].rows;
-    // Constant indices keep the jobs in parameter space (a dynamic index copies them to local memory).
-    const QJob job = j == 0 ? jobs.job[0] : j == 1 ? jobs.job[1] : jobs.job[2];
+    QJob job;
+    if (!locate_row(jobs, row, job)) break;
     const uint8_t* wr = job.w + row * job.row_bytes;
     const int64_t nb = cols / 64, ngroups = (nb + 255) / 256;
     float acc = 0.0f;
