@@ -216,25 +216,29 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::INT8)>(cons
   o.min_term = 0.0f;
 }
 
+// 64-weight block blk of a bitsandbytes 4-bit row: its absmax (the nested one applied with double
+// quantization), and N words of its 32 code bytes from byte `from` on.
+template <int N>
+__device__ __forceinline__ float bnb4_block(const uint8_t* row, int64_t cols, bool dq, int64_t blk, int from,
+                                            uint32_t* w) {
+  if (!dq) {  // 36-byte blocks: 4-byte aligned
+    const uint32_t* cw = reinterpret_cast<const uint32_t*>(row + 36 * blk + 4 + from);
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = cw[k];
+    return *reinterpret_cast<const float*>(row + 36 * blk);
+  }
+  // 33-byte blocks after a 4 + 4 * groups header: any alignment
+  const int64_t ngroups = (cols / 64 + 255) / 256;
+  const uint8_t* p = row + 4 + 4 * ngroups + 33 * blk;
+  load_words<N>(p + 1 + from, w);
+  return c_dynamic_map[p[0]] * f32_at(row + 4 + 4 * (blk / 256)) + f32_at(row);
+}
+
 // book: the format's Q1.14 codebook in shared memory (constant memory serialises divergent lookups).
 __device__ __forceinline__ void decode32_bnb(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book,
                                              Block32& o) {
-  const int64_t nb = cols / 64, blk = b / 2;
-  const int half = static_cast<int>(b % 2);
-  float absmax;
   uint32_t w4[4];
-  if (!dq) {  // 36-byte blocks: 4-byte aligned
-    absmax = *reinterpret_cast<const float*>(row + 36 * blk);
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(row + 36 * blk + 4 + 16 * half);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) w4[k] = w[k];
-  } else {  // 33-byte blocks after a 4 + 4 * groups header: any alignment
-    const int64_t ngroups = (nb + 255) / 256;
-    const float offset = f32_at(row), nested = f32_at(row + 4 + 4 * (blk / 256));
-    const uint8_t* p = row + 4 + 4 * ngroups + 33 * blk;
-    absmax = c_dynamic_map[p[0]] * nested + offset;
-    load_words<4>(p + 1 + 16 * half, w4);
-  }
+  const float absmax = bnb4_block<4>(row, cols, dq, b / 2, 16 * static_cast<int>(b % 2), w4);
   uint8_t cb[16];
   memcpy(cb, w4, 16);
 #pragma unroll
@@ -665,22 +669,11 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
     QJob job;
     if (!locate_row(jobs, row, job)) break;
     const uint8_t* wr = job.w + row * job.row_bytes;
-    const int64_t nb = cols / 64, ngroups = (nb + 255) / 256;
+    const int64_t nb = cols / 64;
     float acc = 0.0f;
     for (int64_t p = lane; p < nb; p += 32) {
-      float absmax;
       uint32_t w[8];
-      if (!job.dq) {  // 36-byte blocks: 4-byte aligned
-        absmax = *reinterpret_cast<const float*>(wr + 36 * p);
-        const uint32_t* cw = reinterpret_cast<const uint32_t*>(wr + 36 * p + 4);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) w[k] = cw[k];
-      } else {  // 33-byte blocks after a 4 + 4 * groups header: any alignment
-        const uint8_t* blk = wr + 4 + 4 * ngroups + 33 * p;
-        absmax = c_dynamic_map[blk[0]] * f32_at(wr + 4 + 4 * (p / 256)) + f32_at(wr);
-        load_words<8>(blk + 1, w);
-      }
-      const float scale = absmax * (1.0f / 16384.0f);
+      const float scale = bnb4_block<8>(wr, cols, job.dq, p, 0, w) * (1.0f / 16384.0f);
       const int4* a = act_shared;
       const int c = 4 * static_cast<int>(p);
       const int4 a0 = a[act_chunk_slot(c)], a1 = a[act_chunk_slot(c + 1)], a2 = a[act_chunk_slot(c + 2)],
