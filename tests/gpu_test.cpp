@@ -60,6 +60,18 @@ struct Compared {
   // Over positions whose argmax differs: the reference's own margin between its top token and the
   // GPU's (a flip is explained by the logit error only when this is within about 2 * max_err).
   float worst_flip_margin = 0.0f;
+  // Adds one position: the reference's logits x against the GPU's y.
+  void add(const float* x, const float* y, int64_t vocab) {
+    for (int64_t i = 0; i < vocab; ++i) {
+      max_ref = std::max(max_ref, std::fabs(x[i]));
+      max_err = std::max(max_err, std::fabs(x[i] - y[i]));
+    }
+    const int64_t ax = std::max_element(x, x + vocab) - x, ay = std::max_element(y, y + vocab) - y;
+    if (ax != ay) {
+      ++argmax_mismatches;
+      worst_flip_margin = std::max(worst_flip_margin, x[ax] - x[ay]);
+    }
+  }
 };
 
 // The CPU engine on cpu_model against the GPU on gpu_model (the same model unless a reference in
@@ -75,21 +87,7 @@ Compared compare_logits(const Model& cpu_model, const Model& gpu_model, const st
   cpu.forward(tokens.data(), n, c1, n, a.data());
   gpu.forward(tokens.data(), n, c2, n, b.data());
   Compared r;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* x = a.data() + t * vocab;
-    const float* y = b.data() + t * vocab;
-    float pmax = 0.0f;
-    for (int64_t i = 0; i < vocab; ++i) {
-      pmax = std::max(pmax, std::fabs(x[i]));
-      r.max_err = std::max(r.max_err, std::fabs(x[i] - y[i]));
-    }
-    r.max_ref = std::max(r.max_ref, pmax);
-    const int64_t ax = std::max_element(x, x + vocab) - x, ay = std::max_element(y, y + vocab) - y;
-    if (ax != ay) {
-      ++r.argmax_mismatches;
-      r.worst_flip_margin = std::max(r.worst_flip_margin, x[ax] - x[ay]);
-    }
-  }
+  for (int64_t t = 0; t < n; ++t) r.add(a.data() + t * vocab, b.data() + t * vocab, vocab);
   return r;
 }
 Compared compare_logits(const Model& model, const std::vector<int32_t>& tokens, KvType kv) {
@@ -105,17 +103,7 @@ Compared compare_decode(Decoder& ref, Decoder& dut, const ModelConfig& config, c
   KVCache c1(config, n), c2(config, n);
   std::vector<float> a(static_cast<size_t>(vocab)), b(a.size());
   Compared r;
-  const auto compare = [&] {
-    for (int64_t i = 0; i < vocab; ++i) {
-      r.max_ref = std::max(r.max_ref, std::fabs(a[i]));
-      r.max_err = std::max(r.max_err, std::fabs(a[i] - b[i]));
-    }
-    const int64_t ax = std::max_element(a.begin(), a.end()) - a.begin(), ay = std::max_element(b.begin(), b.end()) - b.begin();
-    if (ax != ay) {
-      ++r.argmax_mismatches;
-      r.worst_flip_margin = std::max(r.worst_flip_margin, a[ax] - a[ay]);
-    }
-  };
+  const auto compare = [&] { r.add(a.data(), b.data(), vocab); };
   ref.forward(prompt.data(), static_cast<int64_t>(prompt.size()), c1, 1, a.data());
   dut.forward(prompt.data(), static_cast<int64_t>(prompt.size()), c2, 1, b.data());
   compare();
@@ -345,23 +333,11 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
     Decoder batched(*model, pool, 0, KvType::F32), alone(*model, pool, 0, KvType::F32);
     KVCache caches[6] = {KVCache(c, 64), KVCache(c, 64), KVCache(c, 64), KVCache(c, 64), KVCache(c, 64), KVCache(c, 64)};
     std::vector<float> got(3 * vocab), want(3 * vocab);
-    float worst = 0.0f, worst_margin = 0.0f, max_ref = 0.0f;
-    int flips = 0;
+    Compared r;  // alone (reference) against batched
     const auto check_step = [&](const char* what) {
-      for (size_t i = 0; i < 3; ++i) {
-        const float* x = want.data() + i * vocab;
-        const float* y = got.data() + i * vocab;
-        for (size_t v = 0; v < vocab; ++v) {
-          worst = std::max(worst, std::fabs(x[v] - y[v]));
-          max_ref = std::max(max_ref, std::fabs(x[v]));
-        }
-        const size_t ax = std::max_element(x, x + vocab) - x, ay = std::max_element(y, y + vocab) - y;
-        if (ax != ay) {
-          ++flips;
-          worst_margin = std::max(worst_margin, x[ax] - x[ay]);
-        }
-      }
-      EXPECT_LE(worst, 5e-2f * std::max(1.0f, max_ref)) << f << " " << what;
+      for (size_t i = 0; i < 3; ++i)
+        r.add(want.data() + i * vocab, got.data() + i * vocab, static_cast<int64_t>(vocab));
+      EXPECT_LE(r.max_err, 5e-2f * std::max(1.0f, r.max_ref)) << f << " " << what;
     };
     std::vector<int32_t> ta = a, tb = b, tc = c1;
     for (int step = 0; step < 5; ++step) {
@@ -384,11 +360,11 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
     }
     EXPECT_EQ(caches[0].size(), 44);
     EXPECT_EQ(caches[1].size(), 9);
-    EXPECT_LE(flips, 1) << f;
-    EXPECT_LE(worst_margin, 2.0f * worst) << f;
+    EXPECT_LE(r.argmax_mismatches, 1) << f;
+    EXPECT_LE(r.worst_flip_margin, 2.0f * r.max_err) << f;
     std::printf("batched %-5s (3 sequences, prompts 40/5/1 then 4 decode steps): max|batched-alone| %.2e (max|logit| "
                 "%.2f), top-token differences %d\n",
-                f, worst, max_ref, flips);
+                f, r.max_err, r.max_ref, r.argmax_mismatches);
   }
 }
 
