@@ -123,5 +123,21 @@ TEST(Cli, BenchRunsOnASyntheticShape) {
   EXPECT_EQ(j["threads"], 1);
 }
 
+TEST(Cli, BenchMeasuresAtADepth) {
+  // Each test starts with 24 tokens in the cache: they count against --ctx.
+  const auto r = run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "-d", "24", "-r", "1", "--threads", "1",
+                          "--no-bandwidth", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json j = json::parse(r.out);
+  EXPECT_EQ(j["depth"], 24);
+  EXPECT_GT(j["tg_tokens_per_s"].get<double>(), 0.0);
+  const auto table = run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "-d", "24", "-r", "1", "--threads", "1",
+                              "--no-bandwidth"});
+  ASSERT_EQ(table.exit_code, 0) << table.err;
+  EXPECT_NE(table.out.find("| tg4 @ d24 |"), std::string::npos) << table.out;
+  expect_clean_error(run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "-d", "24", "--ctx", "30"}),
+                     "--ctx 30 is smaller than the 33 positions the test needs");
+}
+
 }  // namespace
 }  // namespace bioquant

@@ -402,21 +402,33 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
         setenv("BIOQUANT_CUDA_FUSED", "2", 1);
         Decoder separate(*model, pool, 0, kv);
         unsetenv("BIOQUANT_CUDA_FUSED");
-        KVCache c_cpu(model->config(), steps), c_fused(model->config(), steps), c_sep(model->config(), steps);
-        std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size());
-        float worst_cpu = 0.0f, worst_sep = 0.0f, max_ref = 0.0f;
-        int flips = 0;
+        // The fused kernel with every context split over blocks (5 splits of at least one position:
+        // some splits get no position at some lengths).
+        setenv("BIOQUANT_CUDA_SPLITS", "5", 1);
+        setenv("BIOQUANT_CUDA_SPLIT_MIN", "1", 1);
+        Decoder split(*model, pool, 0, kv);
+        unsetenv("BIOQUANT_CUDA_SPLITS");
+        unsetenv("BIOQUANT_CUDA_SPLIT_MIN");
+        KVCache c_cpu(model->config(), steps), c_fused(model->config(), steps), c_sep(model->config(), steps),
+            c_split(model->config(), steps);
+        std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size()), sp(a.size());
+        float worst_cpu = 0.0f, worst_sep = 0.0f, worst_split = 0.0f, max_ref = 0.0f;
+        int flips = 0, split_flips = 0;
         for (int64_t i = 0; i < steps; ++i) {
           const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
           cpu.forward(&token, 1, c_cpu, 1, a.data());
           fused.forward(&token, 1, c_fused, 1, b.data());
           separate.forward(&token, 1, c_sep, 1, r.data());
+          split.forward(&token, 1, c_split, 1, sp.data());
           for (int64_t j = 0; j < vocab; ++j) {
             max_ref = std::max(max_ref, std::fabs(a[j]));
             worst_cpu = std::max(worst_cpu, std::fabs(a[j] - b[j]));
             worst_sep = std::max(worst_sep, std::fabs(r[j] - b[j]));
+            worst_split = std::max(worst_split, std::fabs(sp[j] - b[j]));
           }
-          flips += std::max_element(b.begin(), b.end()) - b.begin() != std::max_element(r.begin(), r.end()) - r.begin();
+          const auto top = [](const std::vector<float>& l) { return std::max_element(l.begin(), l.end()) - l.begin(); };
+          flips += top(b) != top(r);
+          split_flips += top(b) != top(sp);
         }
         const float unit = std::max(1.0f, max_ref);
         if (kv == KvType::F32) {
@@ -426,9 +438,11 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
         // activation may round the other way after that).
         EXPECT_LE(worst_sep, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
         EXPECT_LE(flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
-        std::printf("decode %-11s %-6s kv %d: max|fused-cpu| %.2e, max|fused-separate| %.2e (max|logit| %.2f), top-token "
-                    "differences %d\n",
-                    feature, f, static_cast<int>(kv), worst_cpu, worst_sep, max_ref, flips);
+        EXPECT_LE(worst_split, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
+        EXPECT_LE(split_flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
+        std::printf("decode %-11s %-6s kv %d: max|fused-cpu| %.2e, max|fused-separate| %.2e, max|fused-split| %.2e "
+                    "(max|logit| %.2f), top-token differences %d / %d\n",
+                    feature, f, static_cast<int>(kv), worst_cpu, worst_sep, worst_split, max_ref, flips, split_flips);
       }
     }
   }

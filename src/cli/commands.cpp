@@ -624,6 +624,7 @@ Run add_bench(CLI::App& app) {
   auto as_json = std::make_shared<bool>(false);
   auto no_bandwidth = std::make_shared<bool>(false);
   auto ctx = std::make_shared<int64_t>(0);
+  auto depth = std::make_shared<int64_t>(0);
   auto random_rows = std::make_shared<bool>(false);
   add_model_flags(app, *opts, false);
   auto* syn = app.add_option("--synthetic", *synthetic, "random-weight model of a named shape (llama-1b, llama3-8b, ...)");
@@ -640,9 +641,17 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--no-bandwidth", *no_bandwidth, "skip the memory-bandwidth probe");
   app.add_option("--ctx", *ctx, "KV cache capacity in tokens (default: just enough for the test; set it to measure memory at a context)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("-d,--depth", *depth,
+                 "tokens already in the KV cache when each test starts (default 0; as llama-bench's -d): decode and "
+                 "prompt speed at that context")
+      ->check(CLI::NonNegativeNumber);
   return [=]() {
     const int device = check_device(opts->device);
     check(!opts->model.empty() || !synthetic->empty(), "give --model PATH or --synthetic NAME");
+    // Checked before the model loads (a bad option fails at once, with one line).
+    const int64_t needed = *depth + std::max<int64_t>(*n_prompt, *n_gen) + 1;
+    check(*ctx == 0 || *ctx >= needed, "--ctx " + std::to_string(*ctx) + " is smaller than the " + std::to_string(needed) +
+                                           " positions the test needs");
     ThreadPool pool(opts->threads);
     std::unique_ptr<Model> model;
     std::string name;
@@ -663,25 +672,30 @@ Run add_bench(CLI::App& app) {
     }
     const ModelConfig& c = model->config();
     Decoder decoder(*model, pool, device, kv_type_of(*opts, device));
-    const int64_t needed = std::max<int64_t>(*n_prompt, *n_gen) + 1;
-    check(*ctx == 0 || *ctx >= needed, "--ctx " + std::to_string(*ctx) + " is smaller than the " + std::to_string(needed) +
-                                           " positions the test needs");
     KVCache cache(c, std::max(needed, *ctx));
     std::mt19937 rng(42);
     std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab - 1));
     std::vector<float> logits(static_cast<size_t>(c.vocab));
     using Clock = std::chrono::steady_clock;
 
+    // Empties the cache, then fills it with `depth` random tokens (untimed).
+    auto fill_depth = [&]() {
+      cache.clear();
+      if (*depth == 0) return;
+      std::vector<int32_t> ids(static_cast<size_t>(*depth));
+      for (auto& id : ids) id = token(rng);
+      decoder.forward(ids.data(), *depth, cache, 1, logits.data());
+    };
     auto run_pp = [&]() {
       std::vector<int32_t> ids(static_cast<size_t>(*n_prompt));
       for (auto& id : ids) id = token(rng);
-      cache.clear();
+      fill_depth();
       const auto t0 = Clock::now();
       decoder.forward(ids.data(), *n_prompt, cache, 1, logits.data());
       return static_cast<double>(*n_prompt) / std::chrono::duration<double>(Clock::now() - t0).count();
     };
     auto run_tg = [&]() {
-      cache.clear();
+      fill_depth();
       const auto t0 = Clock::now();
       for (int64_t i = 0; i < *n_gen; ++i) {
         const int32_t id = token(rng);
@@ -718,6 +732,7 @@ Run add_bench(CLI::App& app) {
                 {"isa", decoder.gpu() ? "cuda" : cpu_kernels().isa},
                 {"n_prompt", *n_prompt},
                 {"n_gen", *n_gen},
+                {"depth", *depth},
                 {"repetitions", *reps},
                 {"pp_tokens_per_s", pps.mean},
                 {"pp_sd", pps.sd},
@@ -749,12 +764,15 @@ Run add_bench(CLI::App& app) {
     report_gpu_memory(decoder);
     std::printf("| model | params | weights | threads | isa | test | t/s |\n|---|---|---|---|---|---|---|\n");
     const double billions = static_cast<double>(c.parameter_count()) / 1e9;
+    const std::string at = *depth > 0 ? " @ d" + std::to_string(*depth) : "";
     if (*n_prompt > 0)
-      std::printf("| %s | %.2f B | %s | %d | %s | pp%lld | %.2f ± %.2f |\n", name.c_str(), billions,
-                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_prompt, pps.mean, pps.sd);
+      std::printf("| %s | %.2f B | %s | %d | %s | pp%lld%s | %.2f ± %.2f |\n", name.c_str(), billions,
+                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_prompt,
+                  at.c_str(), pps.mean, pps.sd);
     if (*n_gen > 0)
-      std::printf("| %s | %.2f B | %s | %d | %s | tg%lld | %.2f ± %.2f |\n", name.c_str(), billions,
-                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_gen, tgs.mean, tgs.sd);
+      std::printf("| %s | %.2f B | %s | %d | %s | tg%lld%s | %.2f ± %.2f |\n", name.c_str(), billions,
+                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_gen,
+                  at.c_str(), tgs.mean, tgs.sd);
     if (*n_gen > 0) {
       std::printf("tg weight reads: %.2f GB/s", tg_gbps);
       if (membw > 0)
