@@ -313,6 +313,82 @@ TEST(GpuParity, PromptGemmOnTensorCoresMatchesTheCpuEngine) {
   }
 }
 
+// A prompt long enough that one KV group's attention scores outgrow their buffer (biomed-tiny: 2
+// query heads per KV head, intermediate 768: from ~400 positions): the tensor-core attention then
+// takes one query head per call instead of leaving the prompt to the f32 tiled kernel.
+TEST(GpuParity, LongPromptAttentionStaysOnTensorCores) {
+  SKIP_WITHOUT_GPU();
+  auto model = Model::load(biomed_tiny_dir());
+  {
+    GpuDecoder probe(*model, 0);
+    if (probe.prompt_matmuls().rfind("cuBLAS", 0) != 0) GTEST_SKIP() << "no cuBLAS: " << probe.prompt_matmuls();
+  }
+  const std::vector<int32_t> prompt = biomed_tiny_prompt(520);
+  const Compared b = compare_logits(*model, prompt, KvType::BF16);
+  EXPECT_LE(b.max_err, 3e-2f * std::max(1.0f, b.max_ref));
+  EXPECT_LE(b.argmax_mismatches, 8);
+  EXPECT_LE(b.worst_flip_margin, 2.0f * b.max_err);
+  // The f32 tiled kernel gives other values (f32 probabilities): the tensor-core path did run.
+  setenv("BIOQUANT_CUDA_TC_ATTENTION", "2", 1);
+  const Compared tiled = compare_logits(*model, prompt, KvType::BF16);
+  unsetenv("BIOQUANT_CUDA_TC_ATTENTION");
+  EXPECT_LE(tiled.max_err, 3e-2f * std::max(1.0f, tiled.max_ref));
+  ThreadPool pool(2);
+  std::vector<float> tc(static_cast<size_t>(model->config().vocab)), f32(tc.size());
+  {
+    Decoder gpu(*model, pool, 0, KvType::BF16);
+    KVCache cache(model->config(), 520);
+    gpu.forward(prompt.data(), 520, cache, 1, tc.data());
+  }
+  {
+    setenv("BIOQUANT_CUDA_TC_ATTENTION", "2", 1);
+    Decoder gpu(*model, pool, 0, KvType::BF16);
+    unsetenv("BIOQUANT_CUDA_TC_ATTENTION");
+    KVCache cache(model->config(), 520);
+    gpu.forward(prompt.data(), 520, cache, 1, f32.data());
+  }
+  float diff = 0.0f;
+  for (size_t i = 0; i < tc.size(); ++i) diff = std::max(diff, std::fabs(tc[i] - f32[i]));
+  EXPECT_GT(diff, 0.0f);
+  std::printf("520-token prompt, bf16 KV: tensor-core attention max|gpu-cpu| %.2e (max|logit| %.2f), argmax mismatches %d; "
+              "f32 tiled attention %.2e, %d; last row tensor-core vs tiled %.2e\n",
+              b.max_err, b.max_ref, b.argmax_mismatches, tiled.max_err, tiled.argmax_mismatches, diff);
+}
+
+// A prompt taken in rounds of BIOQUANT_CUDA_PROMPT_CHUNK tokens (bounded workspace) against one step:
+// the last row's logits, then a decode step on each cache.
+TEST(GpuParity, PromptInRoundsMatchesOneStep) {
+  SKIP_WITHOUT_GPU();
+  auto model = Model::load(biomed_tiny_dir());
+  ThreadPool pool(2);
+  const ModelConfig& c = model->config();
+  const std::vector<int32_t> prompt = biomed_tiny_prompt(300);
+  const size_t vocab = static_cast<size_t>(c.vocab);
+  setenv("BIOQUANT_CUDA_PROMPT_CHUNK", "128", 1);
+  Decoder rounds(*model, pool, 0, KvType::F32);
+  unsetenv("BIOQUANT_CUDA_PROMPT_CHUNK");
+  Decoder one(*model, pool, 0, KvType::F32);
+  KVCache c1(c, 301), c2(c, 301);
+  std::vector<float> a(2 * vocab), b(2 * vocab);
+  rounds.forward(prompt.data(), 300, c1, 2, a.data());  // logits of the last two rows: both in the last round
+  one.forward(prompt.data(), 300, c2, 2, b.data());
+  EXPECT_EQ(c1.size(), 300);
+  Compared prompt_rows;
+  for (size_t i = 0; i < 2; ++i) prompt_rows.add(b.data() + i * vocab, a.data() + i * vocab, static_cast<int64_t>(vocab));
+  EXPECT_LE(prompt_rows.max_err, 2e-2f * std::max(1.0f, prompt_rows.max_ref));
+  EXPECT_EQ(prompt_rows.argmax_mismatches, 0);
+  const int32_t next = 7;
+  rounds.forward(&next, 1, c1, 1, a.data());
+  one.forward(&next, 1, c2, 1, b.data());
+  EXPECT_EQ(c1.size(), 301);
+  Compared r;
+  r.add(b.data(), a.data(), static_cast<int64_t>(vocab));
+  EXPECT_LE(r.max_err, 2e-2f * std::max(1.0f, r.max_ref));
+  EXPECT_EQ(r.argmax_mismatches, 0);
+  std::printf("300-token prompt in rounds of 128: last rows max|rounds-one| %.2e, decode step after it %.2e (max|logit| %.2f)\n",
+              prompt_rows.max_err, r.max_err, r.max_ref);
+}
+
 // Several sequences in one step (serve's continuous batching): every matmul takes the stacked rows,
 // RoPE/KV/attention stay per sequence. Against each sequence run alone on the GPU: a 40-token prompt
 // (tensor-core GEMM) batched with a 5-token prompt and a 1-token one, then 4 decode steps of all

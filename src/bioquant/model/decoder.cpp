@@ -91,8 +91,36 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     n_out += sg.n_logits;
   }
   if (gpu_) {
-    gpu_->forward_batch(segments);
-    for (const DecodeSegment& sg : segments) sg.cache->size_ += sg.n;
+    // Long prompts go through the GPU in rounds of at most prompt_chunk() tokens per sequence (its
+    // workspace grows with the rows of a step: ~0.4 MB per token for a 70B shape). A failure rolls
+    // the caches back to where they were.
+    const int64_t chunk = gpu_->prompt_chunk();
+    std::vector<DecodeSegment> rest(segments.begin(), segments.end());
+    std::vector<int64_t> sizes;
+    for (const DecodeSegment& sg : segments) sizes.push_back(sg.cache->size());
+    try {
+      for (;;) {
+        std::vector<DecodeSegment> round;
+        for (DecodeSegment& sg : rest) {
+          if (sg.n == 0) continue;
+          DecodeSegment part = sg;
+          if (chunk > 0 && sg.n > chunk && sg.n - chunk >= sg.n_logits) {  // logits come from the last round
+            part.n = chunk;
+            part.n_logits = 0;
+            part.logits = nullptr;
+          }
+          round.push_back(part);
+          sg.tokens += part.n;
+          sg.n -= part.n;
+        }
+        if (round.empty()) break;
+        gpu_->forward_batch(round);
+        for (const DecodeSegment& part : round) part.cache->size_ += part.n;
+      }
+    } catch (...) {
+      for (size_t i = 0; i < segments.size(); ++i) segments[i].cache->size_ = sizes[i];
+      throw;
+    }
     return;
   }
   for (const DecodeSegment& sg : segments) sg.cache->ensure_host();

@@ -1711,6 +1711,8 @@ struct GpuDecoder::Impl {
   // Decode attention in one kernel with RoPE, the cache store and the output quantization
   // (BIOQUANT_CUDA_FUSED=2: the separate kernels).
   bool fused_attention = env_int("BIOQUANT_CUDA_FUSED", 1) == 1;
+  // Prompt tokens of a sequence per step (see GpuDecoder::prompt_chunk).
+  int64_t prompt_chunk = env_int("BIOQUANT_CUDA_PROMPT_CHUNK", 0);
   // Splits of a decode attention head over blocks (BIOQUANT_CUDA_SPLITS=1: one block per head; unset:
   // about two blocks per SM, at most kMaxSplits), each of at least BIOQUANT_CUDA_SPLIT_MIN positions.
   int attention_splits = std::min(env_int("BIOQUANT_CUDA_SPLITS", 0), 64);
@@ -2340,10 +2342,16 @@ struct GpuDecoder::Impl {
         // Prompts long enough for the tensor-core matmuls also take their attention there, when the
         // cache is bf16 and one KV head's scores fit the gate buffer (shorter ones: the f32 kernel).
         const int64_t len = work.host_pos[sg.index] + sg.n, ld = (len + 7) / 8 * 8, group = c.n_heads / c.n_kv_heads;
-        const int64_t group_bytes = group * sg.n * ld * static_cast<int64_t>(sizeof(float));
-        const int64_t groups_per_call = std::min<int64_t>(c.n_kv_heads, work.tokens * ff * static_cast<int64_t>(sizeof(float)) / group_bytes);
+        // The scores of a call live in work.gate: whole KV groups per call when one fits, else a part
+        // of a group's query heads (a long context: one group's scores outgrow the buffer from
+        // ~3.5K positions of the 8B shape, which sent such prompts to the f32 tiled kernel).
+        const int64_t scores_budget = work.tokens * ff * static_cast<int64_t>(sizeof(float));
+        const int64_t head_bytes = sg.n * ld * static_cast<int64_t>(sizeof(float));
+        const int64_t heads_per_call = std::min(group, scores_budget / head_bytes);
+        const int64_t groups_per_call =
+            heads_per_call == group ? std::min<int64_t>(c.n_kv_heads, scores_budget / (group * head_bytes)) : 1;
         const bool tensor_attention = std::is_same_v<KV, __nv_bfloat16> && sg.n >= kGemmMinTokens && tensor_core_attention &&
-                                      blas.batched_ready() && c.head_dim % 8 == 0 && groups_per_call >= 1;
+                                      blas.batched_ready() && c.head_dim % 8 == 0 && heads_per_call >= 1;
         __nv_bfloat16* q_heads = nullptr;
         if (tensor_attention)
           q_heads = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(c.n_heads * sg.n * c.head_dim) * 2));
@@ -2357,16 +2365,22 @@ struct GpuDecoder::Impl {
           float* scores = work.gate;
           auto* probs = reinterpret_cast<__nv_bfloat16*>(work.up);
           float* o_heads = work.h;  // free between the norm that consumed it and the output projection
+          // Calls of gc KV groups, each of its query heads [h0, h0 + hc): rows r = (head, token) from
+          // (g0 * group + h0) * n on (q_heads and o_heads are head-major).
           for (int64_t g0 = 0; g0 < c.n_kv_heads; g0 += groups_per_call) {
             const int64_t gc = std::min(groups_per_call, c.n_kv_heads - g0);
-            // S [rows][len] (row-major, ld) = Q_g [rows][d] K_g[len][d]^T
-            blas.gemm_batched(CUBLAS_OP_T, CUBLAS_OP_N, len, rows, d, kb + g0 * d, kvd, d, q_heads + g0 * rows * d, d, rows * d,
-                              scores, ld, rows * ld, gc);
-            launch(attention_softmax_kernel, static_cast<unsigned>(gc * rows), 256, 0, scores, ld, sg.n, len, pos, window,
-                   c.attention_scale(), c.attn_softcap, probs);
-            // O_g [rows][d] = P [rows][len] V_g [len][d]
-            blas.gemm_batched(CUBLAS_OP_N, CUBLAS_OP_N, d, rows, len, vb + g0 * d, kvd, d, probs, ld, rows * ld,
-                              o_heads + g0 * rows * d, d, rows * d, gc);
+            for (int64_t h0 = 0; h0 < group; h0 += heads_per_call) {
+              const int64_t call_rows = std::min(heads_per_call, group - h0) * sg.n;
+              const int64_t first_row = g0 * rows + h0 * sg.n;
+              // S [call_rows][len] (row-major, ld) = Q_g [call_rows][d] K_g[len][d]^T
+              blas.gemm_batched(CUBLAS_OP_T, CUBLAS_OP_N, len, call_rows, d, kb + g0 * d, kvd, d, q_heads + first_row * d, d,
+                                rows * d, scores, ld, call_rows * ld, gc);
+              launch(attention_softmax_kernel, static_cast<unsigned>(gc * call_rows), 256, 0, scores, ld, sg.n, len, pos,
+                     window, c.attention_scale(), c.attn_softcap, probs);
+              // O_g [call_rows][d] = P [call_rows][len] V_g [len][d]
+              blas.gemm_batched(CUBLAS_OP_N, CUBLAS_OP_N, d, call_rows, len, vb + g0 * d, kvd, d, probs, ld, call_rows * ld,
+                                o_heads + first_row * d, d, rows * d, gc);
+            }
           }
           launch(heads_to_tokens_kernel, blocks_for(sg.n * qd), 256, 0, o_heads, sg.n, static_cast<int>(c.n_heads),
                  static_cast<int>(c.head_dim), out, segs.size() == 1 ? step_bf16 : nullptr);
@@ -2595,6 +2609,8 @@ void GpuDecoder::forward_batch(std::span<const DecodeSegment> segments) {
     case KvType::Q8: impl_->forward_impl<int8_t>(segments); break;
   }
 }
+
+int64_t GpuDecoder::prompt_chunk() const { return impl_->prompt_chunk; }
 
 void GpuDecoder::release(const KVCache& cache) {
   const_cast<KVCache&>(cache).on_release = nullptr;

@@ -64,6 +64,9 @@ class GpuDecoder {
   // matmul, so a batch of decode steps reads the weights once; RoPE, K/V and attention run per
   // sequence. Does not advance the caches' sizes.
   void forward_batch(std::span<const DecodeSegment> segments);
+  // Most tokens of one sequence in one step (0: no limit): Decoder splits longer prompts into rounds
+  // of this many (BIOQUANT_CUDA_PROMPT_CHUNK to choose).
+  int64_t prompt_chunk() const;
   // Frees the GPU K/V of a cache that is going away.
   void release(const KVCache& cache);
 

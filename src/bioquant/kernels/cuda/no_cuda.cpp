@@ -25,5 +25,6 @@ GpuMemory GpuDecoder::memory() const { return {}; }
 int GpuDecoder::device() const { return -1; }
 std::string GpuDecoder::prompt_matmuls() const { return {}; }
 int64_t GpuDecoder::prompt_gemm_tokens() const { return 0; }
+int64_t GpuDecoder::prompt_chunk() const { return 0; }
 
 }  // namespace bioquant
