@@ -999,6 +999,11 @@ __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x
   }
 }
 
+// The MLP's gated activation: act(x) * b, gelu-tanh or SiLU.
+__device__ __forceinline__ float gated_activation(float x, float b, bool gelu) {
+  return gelu ? 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * b : x / (1.0f + expf(-x)) * b;
+}
+
 // a = act(a) * b, then a quantized per 32 for the down projection (n_tokens rows of ff columns,
 // ff a multiple of 32; a thread per column).
 __global__ void act_mul_quant_kernel(float* a, const float* b, int64_t n_tokens, int64_t ff, bool gelu, int8_t* q, float* d,
@@ -1006,9 +1011,7 @@ __global__ void act_mul_quant_kernel(float* a, const float* b, int64_t n_tokens,
   await_then_allow();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i - threadIdx.x % 32 >= n_tokens * ff) return;  // warp-uniform
-  const float x = a[i];
-  const float v = gelu ? 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * b[i]
-                       : x / (1.0f + expf(-x)) * b[i];
+  const float v = gated_activation(a[i], b[i], gelu);
   a[i] = v;
   const int64_t t = i / ff;
   quantize_lane(v, threadIdx.x % 32, t, (i - t * ff) / 32, ff / 32, q, d, s);
@@ -1028,9 +1031,7 @@ __global__ void add_kernel(float* x, const float* h, int64_t n) {
 __global__ void act_mul_kernel(float* a, const float* b, int64_t n, bool gelu, __nv_bfloat16* a_bf16) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const float x = a[i];
-  const float v = gelu ? 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * b[i]
-                       : x / (1.0f + expf(-x)) * b[i];
+  const float v = gated_activation(a[i], b[i], gelu);
   a[i] = v;
   if (a_bf16 != nullptr) a_bf16[i] = __float2bfloat16_rn(v);
 }
@@ -2341,7 +2342,7 @@ struct GpuDecoder::Impl {
           continue;
         }
         // Prompts long enough for the tensor-core matmuls also take their attention there, when the
-        // cache is bf16 and one KV head's scores fit the gate buffer (shorter ones: the f32 kernel).
+        // cache is bf16 and one query head's scores fit the gate buffer (else: the f32 tiled kernel).
         const int64_t len = work.host_pos[sg.index] + sg.n, ld = (len + 7) / 8 * 8, group = c.n_heads / c.n_kv_heads;
         // The scores of a call live in work.gate: whole KV groups per call when one fits, else a part
         // of a group's query heads (a long context: one group's scores outgrow the buffer from
