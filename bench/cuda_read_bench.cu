@@ -2,7 +2,9 @@
 // the Llama-3-8B shape, launched one per matrix like the real ones, in three access patterns
 // (grid-stride sequential, a row per warp, the q4_k kernel's lanes). Their best time over 20 launches,
 // each on another region of a 2 GiB buffer (so L2 never holds the matrix), bounds what a decode kernel of
-// that size can reach with one launch per matrix, whatever its arithmetic.
+// that size can reach with one launch per matrix, whatever its arithmetic. Then eight layers' matrices
+// read by one launch per matrix against one resident grid with a barrier between matrices (what a
+// persistent decode kernel would be), with and without each warp's next loads issued before a barrier.
 // Usage: build/bench/bioquant_cuda_read_bench (a GPU needed).
 #include <cuda_runtime.h>
 
@@ -59,6 +61,73 @@ __global__ void q4k_lanes_read(const uint8_t* w, size_t row_bytes, int64_t rows,
   keep(acc, out);
 }
 
+// A grid-wide barrier for a kernel whose blocks are all resident (cooperative launch): `counter` counts
+// arrivals over the whole launch (zeroed before it), the n-th barrier waits for n * gridDim.x.
+__device__ void grid_barrier(unsigned* counter, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+    unsigned seen = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter));
+    } while (seen < target);
+  }
+  __syncthreads();
+}
+
+struct Phase {
+  const uint8_t* w;
+  size_t row_bytes;
+  int64_t rows, pairs;
+};
+constexpr int kMaxPhases = 32;
+struct Phases {
+  Phase p[kMaxPhases];
+  int count;
+};
+
+__device__ uint32_t q4k_pair_xor(const uint8_t* row, int64_t p) {
+  const uint8_t* blk = row + 144 * (p / 4);
+  const uint4 h = *reinterpret_cast<const uint4*>(blk);
+  const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * (p % 4));
+  const uint4 a = qs[0], b = qs[1];
+  return h.x ^ a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w;
+}
+
+// The matrices of several layers read one after another by one resident grid, a grid barrier between
+// matrices (as a persistent decode kernel would need between dependent matvecs), each warp taking rows
+// as the q4_k kernel's lanes do. kPrefetch: before waiting at a barrier, a warp loads its first row's
+// first two pairs of the next matrix (weights do not depend on the barrier), used after it.
+template <bool kPrefetch>
+__global__ void persistent_read(Phases ph, unsigned* counter, uint32_t* out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  uint32_t acc = 0, pre = 0;
+  for (int i = 0; i < ph.count; ++i) {
+    const Phase& f = ph.p[i];
+    int64_t first_pair = 0;
+    if (kPrefetch && i > 0 && warp < f.rows) first_pair = 2;  // taken before the barrier
+    acc ^= pre;
+    pre = 0;
+    for (int64_t r = warp; r < f.rows; r += warps) {
+      const uint8_t* row = f.w + r * f.row_bytes;
+      for (int64_t p = lane + (r == warp ? 32 * first_pair : 0); p < f.pairs; p += 32) acc ^= q4k_pair_xor(row, p);
+    }
+    if (i + 1 < ph.count) {
+      if (kPrefetch) {
+        const Phase& n = ph.p[i + 1];
+        if (warp < n.rows)
+          for (int k = 0; k < 2; ++k)
+            if (lane + 32 * k < n.pairs) pre ^= q4k_pair_xor(n.w + warp * n.row_bytes, lane + 32 * k);
+      }
+      grid_barrier(counter, static_cast<unsigned>(i + 1) * gridDim.x);
+    }
+  }
+  keep(acc ^ pre, out);
+}
+
 }  // namespace
 
 int main() {
@@ -107,6 +176,58 @@ int main() {
       std::printf("%-8s %5.1f MB  %-12s %7.2f us  %6.0f GB/s\n", s.name, bytes / 1e6, patterns[pattern], best * 1e3,
                   bytes / (best * 1e-3) / 1e9);
     }
+  }
+  // Eight layers' four matrices (q+k+v, o, gate+up, down: 122.7 MB a layer): one launch per matrix
+  // against one resident grid with a barrier between matrices, with and without the next matrix's
+  // first loads issued before each barrier.
+  {
+    const int layers = 8;
+    const Shape order[] = {shapes[2], shapes[3], shapes[0], shapes[1]};
+    size_t layer_bytes = 0;
+    for (const Shape& sh : order) layer_bytes += static_cast<size_t>(sh.cols / 256 * 144) * sh.rows;
+    const int regions = static_cast<int>(total / (layers * layer_bytes));
+    unsigned* counter = nullptr;
+    if (!ok(cudaMalloc(&counter, 4), "counter")) return 1;
+    int per_sm = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_read<true>, 1024, 0);
+    const unsigned grid = static_cast<unsigned>(prop.multiProcessorCount * (per_sm > 0 ? 1 : 0));
+    const char* names[] = {"a launch per matrix", "resident grid, barriers", "resident grid, barriers, prefetch"};
+    for (int mode = 0; mode < 3; ++mode) {
+      float best = 1e30f;
+      for (int rep = 0; rep < 20; ++rep) {
+        const uint8_t* base = buf + (rep % regions) * layers * layer_bytes;
+        Phases ph{};
+        ph.count = 4 * layers;
+        size_t off = 0;
+        for (int l = 0; l < layers; ++l)
+          for (int m = 0; m < 4; ++m) {
+            const Shape& sh = order[m];
+            const size_t rb = static_cast<size_t>(sh.cols / 256 * 144);
+            ph.p[4 * l + m] = {base + off, rb, sh.rows, sh.cols / 64};
+            off += rb * sh.rows;
+          }
+        cudaMemset(counter, 0, 4);
+        cudaEventRecord(start);
+        if (mode == 0) {
+          for (int i = 0; i < ph.count; ++i)
+            q4k_lanes_read<<<static_cast<unsigned>((ph.p[i].rows + 7) / 8), 256>>>(ph.p[i].w, ph.p[i].row_bytes, ph.p[i].rows,
+                                                                                   ph.p[i].pairs, out);
+        } else {
+          void* args[] = {&ph, &counter, &out};
+          const void* fn = mode == 1 ? reinterpret_cast<const void*>(persistent_read<false>)
+                                     : reinterpret_cast<const void*>(persistent_read<true>);
+          if (!ok(cudaLaunchCooperativeKernel(fn, grid, 1024, args, 0, nullptr), "cooperative launch")) return 1;
+        }
+        cudaEventRecord(stop);
+        if (!ok(cudaEventSynchronize(stop), "layers")) return 1;
+        float ms = 0.0f;
+        cudaEventElapsedTime(&ms, start, stop);
+        if (ms < best) best = ms;
+      }
+      std::printf("%d layers, %-36s %8.2f us (%6.2f us a layer, %6.0f GB/s)\n", layers, names[mode], best * 1e3,
+                  best * 1e3 / layers, layers * layer_bytes / (best * 1e-3) / 1e9);
+    }
+    cudaFree(counter);
   }
   cudaFree(buf);
   cudaFree(out);

@@ -139,5 +139,11 @@ TEST(Cli, BenchMeasuresAtADepth) {
                      "--ctx 30 is smaller than the 33 positions the test needs");
 }
 
+TEST(Cli, GpuMemoryLimitNeedsTheGpu) {
+  expect_clean_error(run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "--gpu-memory", "40"}),
+                     "--gpu-memory applies to --device cuda");
+  expect_clean_error(run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "--gpu-memory", "-1"}), "--gpu-memory");
+}
+
 }  // namespace
 }  // namespace bioquant

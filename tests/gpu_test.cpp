@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -387,6 +388,61 @@ TEST(GpuParity, PromptInRoundsMatchesOneStep) {
   EXPECT_EQ(r.argmax_mismatches, 0);
   std::printf("300-token prompt in rounds of 128: last rows max|rounds-one| %.2e, decode step after it %.2e (max|logit| %.2f)\n",
               prompt_rows.max_err, r.max_err, r.max_ref);
+}
+
+// Under a memory limit (--gpu-memory) that leaves room for the KV cache but only half of what the
+// whole 300-token prompt's workspace took, the prompt goes through in rounds, the device's use stays
+// under the limit, and the logits are those of the prompt in one step (integer kernels in both:
+// BIOQUANT_CUDA_GEMM=0 keeps cuBLAS's handle out of the picture). A limit with no room for the KV
+// cache is a clear error that leaves the cache as it was.
+TEST(GpuParity, MemoryLimitTakesPromptInRoundsThatFit) {
+  SKIP_WITHOUT_GPU();
+  auto model = Model::load(biomed_tiny_dir());
+  ThreadPool pool(2);
+  const ModelConfig& c = model->config();
+  const std::vector<int32_t> prompt = biomed_tiny_prompt(300);
+  const size_t vocab = static_cast<size_t>(c.vocab);
+  setenv("BIOQUANT_CUDA_GEMM", "0", 1);
+  Decoder whole(*model, pool, 0, KvType::F32);
+  Decoder limited(*model, pool, 0, KvType::F32);
+  unsetenv("BIOQUANT_CUDA_GEMM");
+  KVCache c1(c, 301), c2(c, 301);
+  std::vector<float> want(vocab), got(vocab);
+  whole.forward(prompt.data(), 300, c1, 1, want.data());
+  const GpuMemory full = whole.gpu()->memory();
+  const size_t page = size_t{2} << 20, margin = size_t{16} << 20;  // the decoder's own margin
+  const size_t kv_pages = 2 * ((full.kv_cache / 2 + page - 1) / page * page);
+  const size_t limit = cuda_memory_used(0) + margin + kv_pages + full.workspace / 2;
+  struct LimitReset {
+    ~LimitReset() { set_cuda_memory_limit(0); }
+  } reset;
+  set_cuda_memory_limit(limit);
+  const DecodeSegment segment{prompt.data(), 300, &c2, 1, got.data()};
+  const int64_t chunk = limited.gpu()->prompt_chunk(std::span<const DecodeSegment>(&segment, 1));
+  EXPECT_GT(chunk, 0);
+  EXPECT_LT(chunk, 300);
+  EXPECT_NO_THROW(limited.forward(prompt.data(), 300, c2, 1, got.data()));
+  EXPECT_EQ(c2.size(), 300);
+  const GpuMemory used = limited.gpu()->memory();
+  EXPECT_LE(used.device_used_peak, limit);
+  EXPECT_LT(used.workspace, full.workspace);
+  Compared r;
+  r.add(want.data(), got.data(), static_cast<int64_t>(vocab));
+  EXPECT_LE(r.max_err, 2e-2f * std::max(1.0f, r.max_ref));
+  EXPECT_EQ(r.argmax_mismatches, 0);
+  std::printf("limit %.1f MiB: rounds of %lld tokens, workspace %.2f MiB (whole prompt %.2f MiB), max|diff| %.2e\n",
+              static_cast<double>(limit) / 1048576.0, static_cast<long long>(chunk),
+              static_cast<double>(used.workspace) / 1048576.0, static_cast<double>(full.workspace) / 1048576.0, r.max_err);
+  // No room for a new cache's K/V.
+  set_cuda_memory_limit(cuda_memory_used(0) + page);
+  KVCache c3(c, 301);
+  try {
+    limited.forward(prompt.data(), 10, c3, 1, got.data());
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--gpu-memory"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(c3.size(), 0);
 }
 
 // Several sequences in one step (serve's continuous batching): every matmul takes the stacked rows,

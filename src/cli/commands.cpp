@@ -39,6 +39,10 @@ void add_model_flags(CLI::App& app, Common& c, bool required) {
   app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--device", c.device, cuda_device_count() > 0 ? "cpu (default), cuda or cuda:N" : "cpu (default); cuda or cuda:N in a build with the CUDA backend and a GPU");
   app.add_option("--kv-cache", c.kv_cache, "GPU KV cache: bf16 (default), f32, or q8 (int8 + fp16 scale per 32 values)");
+  app.add_option("--gpu-memory", c.gpu_memory_gib,
+                 "GiB of GPU memory the run may use, CUDA context included (default: the card's): allocations past it "
+                 "fail, long prompts go in rounds that fit; to try a smaller card's fit on a larger one")
+      ->check(CLI::PositiveNumber);
   app.add_option("--quant", c.quant, "quantize on load: " + quant_names_list());
   app.add_flag("--double-quant", c.double_quant, "nf4/fp4: quantize the block scales too (~4.13 bits/weight)");
   app.add_option("--quant-policy", c.quant_policy,
@@ -79,12 +83,18 @@ void report_peak_memory() {
   std::fprintf(stderr, "peak memory (RSS): %.1f MiB\n", static_cast<double>(peak_rss_bytes()) / (1024.0 * 1024.0));
 }
 
-int check_device(const std::string& device) { return parse_device(device); }
+int check_device(const Common& c) {
+  const int device = parse_device(c.device);
+  check(device >= 0 || c.gpu_memory_gib == 0.0, "--gpu-memory applies to --device cuda");
+  check(device >= 0 || c.kv_cache.empty(), "--kv-cache applies to --device cuda (the CPU engine keeps its cache in f32)");
+  if (!c.kv_cache.empty()) parse_kv_type(c.kv_cache);  // a bad name fails here, before the model loads
+  return device;
+}
 
-KvType kv_type_of(const Common& c, int device) {
-  if (c.kv_cache.empty()) return KvType::BF16;
-  check(device >= 0, "--kv-cache applies to --device cuda (the CPU engine keeps its cache in f32)");
-  return parse_kv_type(c.kv_cache);
+KvType apply_gpu_flags(const Common& c, int device) {
+  check_device(c);
+  if (device >= 0) set_cuda_memory_limit(static_cast<size_t>(c.gpu_memory_gib * 1024.0 * 1024.0 * 1024.0));
+  return c.kv_cache.empty() ? KvType::BF16 : parse_kv_type(c.kv_cache);
 }
 
 void report_gpu_memory(const Decoder& decoder) {
@@ -92,9 +102,10 @@ void report_gpu_memory(const Decoder& decoder) {
   const GpuMemory m = decoder.gpu()->memory();
   const auto mib = [](size_t b) { return static_cast<double>(b) / (1024.0 * 1024.0); };
   std::fprintf(stderr, "GPU memory: weights %.1f MiB, KV cache %.1f MiB, workspace %.1f MiB; peak allocated %.1f MiB; "
-               "device peak used %.1f MiB of %.1f MiB (cudaMemGetInfo, includes the CUDA context)\n",
+               "device peak used %.1f MiB of %.1f MiB (cudaMemGetInfo; %.1f MiB of it before any allocation: the CUDA "
+               "context and cuBLAS)\n",
                mib(m.weights), mib(m.kv_cache), mib(m.workspace), mib(m.peak_allocated), mib(m.device_used_peak),
-               mib(m.device_total));
+               mib(m.device_total), mib(m.device_used_at_start));
   std::fprintf(stderr, "GPU prompt matmuls: %s\n", decoder.gpu()->prompt_matmuls().c_str());
 }
 
@@ -339,14 +350,14 @@ Run add_logits(CLI::App& app) {
   app.add_option("--tokens", *tokens, "comma-separated token ids, e.g. 1,2,3")->required();
   app.add_option("--last", *last, "print logits of the last K positions (default 1)")->check(CLI::NonNegativeNumber);
   return [=]() {
-    const int device = check_device(opts->device);
+    const int device = check_device(*opts);
     const std::vector<int32_t> ids = parse_token_list(*tokens);
     ThreadPool pool(opts->threads);
     auto model = open_model(*opts, pool);
     const ModelConfig& c = model->config();
     check(*last <= static_cast<int64_t>(ids.size()),
           "--last " + std::to_string(*last) + " exceeds the " + std::to_string(ids.size()) + " positions given");
-    Decoder decoder(*model, pool, device, kv_type_of(*opts, device));
+    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device));
     KVCache cache(c, static_cast<int64_t>(ids.size()));
     const int64_t n = static_cast<int64_t>(ids.size());
     std::vector<float> logits(static_cast<size_t>(n * c.vocab));
@@ -393,7 +404,7 @@ Run add_generate(CLI::App& app) {
   auto show_prompt = std::make_shared<bool>(false);
   app.add_flag("--show-prompt", *show_prompt, "print the rendered prompt (after the chat template) to stderr");
   return [=]() {
-    const int device = check_device(opts->device);
+    const int device = check_device(*opts);
     check(!prompt->empty() || !tokens->empty(), "give --prompt TEXT or --tokens IDS");
     check(!*chat || !prompt->empty(), "--chat needs --prompt TEXT");
     ThreadPool pool(opts->threads);
@@ -425,7 +436,7 @@ Run add_generate(CLI::App& app) {
       ids = parse_token_list(*tokens);
     }
     check(!ids.empty(), "the prompt encodes to no tokens");
-    Decoder decoder(*model, pool, device, kv_type_of(*opts, device));
+    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device));
     GenerateOptions options = *gen;
     options.stop_at_eos = !*ignore_eos;
     std::unique_ptr<StreamDecoder> stream;
@@ -646,7 +657,7 @@ Run add_bench(CLI::App& app) {
                  "prompt speed at that context")
       ->check(CLI::NonNegativeNumber);
   return [=]() {
-    const int device = check_device(opts->device);
+    const int device = check_device(*opts);
     check(!opts->model.empty() || !synthetic->empty(), "give --model PATH or --synthetic NAME");
     // Checked before the model loads (a bad option fails at once, with one line).
     const int64_t needed = *depth + std::max<int64_t>(*n_prompt, *n_gen) + 1;
@@ -671,7 +682,7 @@ Run add_bench(CLI::App& app) {
       name = opts->model;
     }
     const ModelConfig& c = model->config();
-    Decoder decoder(*model, pool, device, kv_type_of(*opts, device));
+    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device));
     KVCache cache(c, std::max(needed, *ctx));
     std::mt19937 rng(42);
     std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab - 1));
@@ -751,6 +762,7 @@ Run add_bench(CLI::App& app) {
       out["gpu_prompt_matmuls"] = decoder.gpu()->prompt_matmuls();
       out["gpu_peak_allocated_bytes"] = m.peak_allocated;
       out["gpu_device_peak_used_bytes"] = m.device_used_peak;
+      out["gpu_device_used_at_start_bytes"] = m.device_used_at_start;
     }
     if (membw > 0) {
       out["stream_read_gb_s"] = membw;

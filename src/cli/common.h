@@ -23,6 +23,7 @@ struct Common {
   std::string quant_policy = "default";
   float int8_threshold = 0.0f;
   std::string kv_cache;  // GPU KV cache type; empty = the backend's default
+  double gpu_memory_gib = 0.0;  // --gpu-memory: the GPU's memory as the run may use it (0: all of it)
 };
 
 void add_model_flags(CLI::App& app, Common& c, bool required = true);
@@ -30,10 +31,12 @@ std::optional<QuantRecipe> recipe_of(const Common& c);
 // Loads a model and quantizes it on load when --quant is given (fallbacks reported on stderr).
 std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool);
 void report_peak_memory();
-// -1 for the CPU, N for CUDA device N; throws Error for an unknown or absent device.
-int check_device(const std::string& device);
-// The GPU KV cache type of --kv-cache (bf16 when not given); an error when given for the CPU.
-KvType kv_type_of(const Common& c, int device);
+// -1 for the CPU, N for CUDA device N (--device); throws Error for an unknown or absent device, or for
+// GPU flags (--kv-cache, --gpu-memory) given for the CPU: before any model is loaded.
+int check_device(const Common& c);
+// Applies the GPU flags before a decoder is made: --gpu-memory's limit (set_cuda_memory_limit), and
+// returns --kv-cache's type (bf16 when not given); either given for the CPU is an error.
+KvType apply_gpu_flags(const Common& c, int device);
 // The GPU's memory as the run left it (stderr), beside the host's peak RSS; nothing on the CPU.
 void report_gpu_memory(const Decoder& decoder);
 

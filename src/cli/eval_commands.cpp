@@ -206,12 +206,12 @@ Run add_eval(CLI::App& app) {
       check(f->backend == "local", "--backend must be local or openai");
       check(!c->model.empty(), "give --model PATH (or --backend openai --endpoint URL)");
       check(f->endpoint.empty() && f->api_model.empty(), "--endpoint/--api-model need --backend openai");
-      const int device = check_device(c->device);
+      const int device = check_device(*c);
       pool = std::make_unique<ThreadPool>(c->threads);
       o.model_hash = model_fingerprint(c->model);
       model = open_model(*c, *pool);
       tokenizer = load_tokenizer(c->model);
-      auto local = std::make_unique<LocalBackend>(*model, *tokenizer, *pool, !f->no_chat, device, kv_type_of(*c, device));
+      auto local = std::make_unique<LocalBackend>(*model, *tokenizer, *pool, !f->no_chat, device, apply_gpu_flags(*c, device));
       o.chat = local->applies_chat_template();
       backend = std::move(local);
       o.model = c->model;

@@ -68,7 +68,7 @@ Run add_serve(CLI::App& app) {
   app.add_flag("--no-chat-template", f->no_chat, "task endpoints send plain prompts even if the model has a chat template");
   app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
   return [=]() {
-    const int device = check_device(c->device);
+    const int device = check_device(*c);
     for (const auto& file : f->task_files) eval::register_task(eval::load_task_file(file));
     serve::ServerOptions o;
     o.host = f->host;
@@ -97,7 +97,7 @@ Run add_serve(CLI::App& app) {
     o.scheduler.max_pending = std::max(f->max_batch, f->http_threads);
     o.scheduler.context = f->ctx;
     o.scheduler.device = device;
-    o.scheduler.kv = kv_type_of(*c, device);
+    o.scheduler.kv = apply_gpu_flags(*c, device);
 
     // SIGINT/SIGTERM are taken by this thread only (sigwait below): every thread started from here
     // on inherits the mask.

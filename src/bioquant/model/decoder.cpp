@@ -94,7 +94,7 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     // Long prompts go through the GPU in rounds of at most prompt_chunk() tokens per sequence (its
     // workspace grows with the rows of a step: ~0.4 MB per token for a 70B shape). A failure rolls
     // the caches back to where they were.
-    const int64_t chunk = gpu_->prompt_chunk();
+    const int64_t chunk = gpu_->prompt_chunk(segments);
     std::vector<DecodeSegment> rest(segments.begin(), segments.end());
     std::vector<int64_t> sizes;
     for (const DecodeSegment& sg : segments) sizes.push_back(sg.cache->size());

@@ -834,6 +834,11 @@ class Cublas {
     status_ = "cuBLAS bf16 GEMM (tensor cores)";
   }
   ~Cublas() { close(); }
+  // Closes the handle (its device memory goes back); status says why.
+  void release(const std::string& why) {
+    close();
+    status_ = why;
+  }
   bool ready() const { return handle_ != nullptr; }
   bool batched_ready() const { return handle_ != nullptr && batched_ != nullptr; }
   // cuBLAS's own (column-major) terms: C = op(A) op(B), `batch` times with the given element strides;
@@ -1351,6 +1356,7 @@ inline size_t decode_attention_smem(int head_dim, int64_t positions) {
 // memory (as float4) serves 4 queries: for the scores a lane takes one key of the tile, for the
 // output a lane takes 4 consecutive head dimensions (and 4 more 128 further on, up to 256).
 constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256, kWarpQueries = 4;
+constexpr size_t kThreadStackBytes = 64;  // see GpuDecoder::GpuDecoder
 constexpr int kMaxSplits = 16;  // decode attention: blocks per head at most (by default)
 
 // Prompt attention on tensor cores (bf16 KV cache): scores S = Q K^T and output O = P V by cuBLAS,
@@ -1601,12 +1607,34 @@ void with_quantized_format(QuantType t, const char* what, F&& f) {
 
 enum class Pool { Weights, Kv, Work };
 
+// The driver hands device memory out in 2 MiB pages.
+constexpr size_t kDevicePage = size_t{2} << 20;
+inline size_t page_rounded(size_t n) { return (n + kDevicePage - 1) / kDevicePage * kDevicePage; }
+inline std::string mib_text(size_t n) { return std::to_string((n + (size_t{1} << 19)) >> 20) + " MiB"; }
+
+// Process-wide device memory limit (set_cuda_memory_limit; 0: the card's own).
+size_t g_memory_limit = 0;
+
+// Device total - free, as the driver counts it (the CUDA context and other processes included).
+size_t device_used_now() {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return 0;
+  return total_b - free_b;
+}
+
 struct Allocator {
   size_t bytes[3] = {0, 0, 0};
   size_t peak = 0;
   void* alloc(size_t n, Pool p) {
     void* ptr = nullptr;
     if (n == 0) return nullptr;
+    if (const size_t limit = g_memory_limit; limit > 0) {
+      const size_t used = device_used_now();
+      if (used + page_rounded(n) > limit)
+        throw Error("CUDA: allocating " + mib_text(n) + " would take the device to " + mib_text(used + n) +
+                    ", over the memory limit of " + mib_text(limit) + " (--gpu-memory; " +
+                    mib_text(bytes[0] + bytes[1] + bytes[2]) + " already held by this model)");
+    }
     const cudaError_t e = cudaMalloc(&ptr, n);
     if (e != cudaSuccess) {
       cudaGetLastError();
@@ -1676,7 +1704,8 @@ struct GpuDecoder::Impl {
   const float* final_norm = nullptr;
   const float* inv_freq = nullptr;
   std::map<const KVCache*, DevKv> caches;
-  size_t device_used_peak = 0, device_total = 0;
+  size_t device_used_peak = 0, device_total = 0, device_used_at_start = 0;
+  size_t blas_bytes = 0;  // device memory cuBLAS's handle took when opened
   Cublas blas;
   // Prompt GEMM buffers (bf16 activations, one dequantized chunk of rows), grown on demand.
   DevBuf gemm_x, gemm_w[2];
@@ -1705,6 +1734,9 @@ struct GpuDecoder::Impl {
   // 1 (with its activations in shared memory: 307 tok/s against 288 for 2 rows from global memory);
   // the rows kernel of int8, q5_k, nf4, fp4: 2 (nf4 with dp2a: 260 tok/s, 1 row 265, 4 rows 209).
   int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 0);
+  // q4_k decode matvecs of one to two waves take two rows per warp (BIOQUANT_CUDA_WAVE_ROWS=2: one).
+  bool wave_rows = env_int("BIOQUANT_CUDA_WAVE_ROWS", 2) == 1;
+  int sm_count = 0;
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = env_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
@@ -1868,6 +1900,43 @@ struct GpuDecoder::Impl {
     }
   }
 
+  // The workspace's device buffers for steps of up to `tokens` rows and `logit_rows` logit rows, each
+  // one fbuf(floats): ensure_work allocates them, work_bytes adds their sizes up.
+  template <class Buf>
+  void lay_out_work(Work& wk, int64_t tokens, int64_t logit_rows, Buf&& fbuf) const {
+    const ModelConfig& c = model.config();
+    const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
+    const int64_t nblk = (widest + 31) / 32;
+    wk.x = fbuf(tokens * c.hidden);
+    wk.x2 = fbuf(std::min(tokens, kSlicedNormRows) * c.hidden);
+    wk.h = fbuf(tokens * std::max(c.hidden, c.q_dim()));
+    wk.q = fbuf(tokens * c.q_dim());
+    wk.k = fbuf(tokens * c.kv_dim());
+    wk.v = fbuf(tokens * c.kv_dim());
+    wk.attn = fbuf(tokens * c.q_dim());
+    // The norm's output is read by the matmuls right after it, never while attention output is
+    // live: it shares that buffer when it fits.
+    wk.normed = c.q_dim() >= c.hidden ? wk.attn : fbuf(tokens * c.hidden);
+    wk.gate = fbuf(tokens * c.intermediate);
+    wk.up = fbuf(tokens * c.intermediate);
+    wk.logits = fbuf(logit_rows * c.vocab);
+    wk.aq = reinterpret_cast<int8_t*>(fbuf((tokens * nblk * 32 + 3) / 4));
+    wk.ad = fbuf(tokens * nblk);
+    wk.as = reinterpret_cast<int*>(fbuf(tokens * nblk));
+    wk.pos = reinterpret_cast<int64_t*>(fbuf(2 * tokens));  // one first position per sequence of a batch
+    wk.attn_part = fbuf(c.n_heads * attention_splits * (c.head_dim + 2));
+    wk.attn_done = reinterpret_cast<int*>(fbuf(c.n_heads));
+  }
+  size_t work_bytes(int64_t tokens, int64_t logit_rows) const {
+    Work scratch;
+    size_t total = 0;
+    lay_out_work(scratch, tokens, logit_rows, [&](int64_t n) {
+      total += static_cast<size_t>(n) * sizeof(float);
+      return static_cast<float*>(nullptr);
+    });
+    return total;
+  }
+
   void ensure_work(int64_t tokens, int64_t logit_rows) {
     if (tokens <= work.tokens && logit_rows <= work.logit_rows) return;
     drop_graph();
@@ -1877,33 +1946,12 @@ struct GpuDecoder::Impl {
     const ModelConfig& c = model.config();
     tokens = std::max(tokens, work.tokens);
     logit_rows = std::max(logit_rows, work.logit_rows);
-    const auto fbuf = [&](int64_t n) {
+    lay_out_work(work, tokens, logit_rows, [&](int64_t n) {
       const size_t bytes = static_cast<size_t>(n) * sizeof(float);
       void* p = mem.alloc(bytes, Pool::Work);
       work_bufs.push_back({p, bytes, Pool::Work});
       return static_cast<float*>(p);
-    };
-    const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
-    const int64_t nblk = (widest + 31) / 32;
-    work.x = fbuf(tokens * c.hidden);
-    work.x2 = fbuf(std::min(tokens, kSlicedNormRows) * c.hidden);
-    work.h = fbuf(tokens * std::max(c.hidden, c.q_dim()));
-    work.q = fbuf(tokens * c.q_dim());
-    work.k = fbuf(tokens * c.kv_dim());
-    work.v = fbuf(tokens * c.kv_dim());
-    work.attn = fbuf(tokens * c.q_dim());
-    // The norm's output is read by the matmuls right after it, never while attention output is
-    // live: it shares that buffer when it fits.
-    work.normed = c.q_dim() >= c.hidden ? work.attn : fbuf(tokens * c.hidden);
-    work.gate = fbuf(tokens * c.intermediate);
-    work.up = fbuf(tokens * c.intermediate);
-    work.logits = fbuf(logit_rows * c.vocab);
-    work.aq = reinterpret_cast<int8_t*>(fbuf((tokens * nblk * 32 + 3) / 4));
-    work.ad = fbuf(tokens * nblk);
-    work.as = reinterpret_cast<int*>(fbuf(tokens * nblk));
-    work.pos = reinterpret_cast<int64_t*>(fbuf(2 * tokens));  // one first position per sequence of a batch
-    work.attn_part = fbuf(c.n_heads * attention_splits * (c.head_dim + 2));
-    work.attn_done = reinterpret_cast<int*>(fbuf(c.n_heads));
+    });
     CUDA_OK(cudaMemsetAsync(work.attn_done, 0, static_cast<size_t>(c.n_heads) * sizeof(int), stream));
     CUDA_OK(cudaMallocHost(&work.host_x, static_cast<size_t>(tokens * c.hidden) * sizeof(float)));
     CUDA_OK(cudaMallocHost(&work.host_logits, static_cast<size_t>(logit_rows * c.vocab) * sizeof(float)));
@@ -1913,18 +1961,103 @@ struct GpuDecoder::Impl {
     work.logit_rows = logit_rows;
   }
 
+  // Bytes of the K (and of the V) values and of their q8 scales for a cache of `capacity` positions.
+  void kv_sizes(int64_t capacity, size_t& values_bytes, size_t& scale_bytes) const {
+    const ModelConfig& c = model.config();
+    const size_t elem = kv_type == KvType::F32 ? 4 : kv_type == KvType::BF16 ? 2 : 1;
+    const size_t values = static_cast<size_t>(c.n_layers * capacity * c.kv_dim());
+    values_bytes = values * elem;
+    scale_bytes = kv_type == KvType::Q8 ? values / 32 * sizeof(__half) : 0;
+  }
+
+  // Under a memory limit (g_memory_limit), the most prompt tokens per sequence a step of these segments
+  // can take (0: all of them) so that the KV caches it allocates, its workspace and its tensor-core
+  // buffers fit in what the limit leaves: the tensor-core path (and cuBLAS, whose handle holds
+  // ~70 MiB) is given up when only the integer kernels' smaller workspace fits. Throws when not
+  // even one token per sequence fits.
+  int64_t fit_prompt_chunk(std::span<const DecodeSegment> segments) {
+    if (prompt_chunk > 0) return prompt_chunk;
+    const size_t limit = g_memory_limit;
+    if (limit == 0 || segments.empty()) return 0;
+    const ModelConfig& c = model.config();
+    size_t pending_kv = 0;
+    std::vector<const KVCache*> seen;
+    int64_t longest = 0, logit_rows = 0;
+    for (const DecodeSegment& sg : segments) {
+      longest = std::max(longest, sg.n);
+      logit_rows += sg.n_logits;
+      if (caches.count(sg.cache) == 0 && std::find(seen.begin(), seen.end(), sg.cache) == seen.end()) {
+        seen.push_back(sg.cache);
+        size_t values = 0, scales = 0;
+        kv_sizes(sg.cache->capacity(), values, scales);
+        pending_kv += 2 * (page_rounded(values) + page_rounded(scales));
+      }
+    }
+    logit_rows = std::max<int64_t>(logit_rows, 1);
+    size_t held_work = 0;
+    for (const DevBuf& b : work_bufs) held_work += b.n;
+    const size_t held_gemm = gemm_x.n + gemm_w[0].n + gemm_w[1].n;
+    const size_t used = device_used_now();
+    const size_t margin = size_t{16} << 20;  // graph instantiation, page rounding
+    const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
+    const size_t tiles = 2 * std::max(gemm_tile_bytes, static_cast<size_t>(128 * widest * 2));
+    // What a step with rows of at most `chunk` tokens per sequence adds to the device's use.
+    const auto extra = [&](int64_t chunk, bool gemm) {
+      int64_t rows = 0, gemm_rows_needed = 0;
+      for (const DecodeSegment& sg : segments) {
+        const int64_t r = std::min(sg.n, chunk);
+        rows += r;
+        if (gemm && r >= kGemmMinTokens) gemm_rows_needed += r;
+      }
+      size_t add = pending_kv;
+      if (rows > work.tokens || logit_rows > work.logit_rows) {
+        const size_t want = work_bytes(std::max(rows, work.tokens), std::max(logit_rows, work.logit_rows));
+        add += want > held_work ? want - held_work : 0;
+      }
+      if (gemm_rows_needed > 0) {
+        const size_t want = page_rounded(tiles) + page_rounded(static_cast<size_t>(gemm_rows_needed * widest * 2));
+        add += want > held_gemm ? want - held_gemm : 0;
+      }
+      return add;
+    };
+    // The largest chunk in [1, longest] whose step fits in `room` (0: none).
+    const auto largest = [&](size_t room, bool gemm) {
+      int64_t lo = 0, hi = longest;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        if (extra(mid, gemm) <= room) lo = mid; else hi = mid - 1;
+      }
+      return lo;
+    };
+    const size_t room = limit > used + margin ? limit - used - margin : 0;
+    int64_t chunk = largest(room, blas.ready());
+    if (blas.ready() && chunk < std::min(longest, kGemmMinTokens)) {
+      // Without cuBLAS: its handle and buffers freed, the integer kernels' workspace only.
+      const int64_t integer_chunk = largest(room + blas_bytes + held_gemm, false);
+      if (integer_chunk > chunk) {
+        blas.release("off (no room under the --gpu-memory limit)");
+        for (DevBuf* b : {&gemm_x, &gemm_w[0], &gemm_w[1]}) {
+          mem.free(b->ptr, b->n, Pool::Work);
+          *b = DevBuf{};
+        }
+        chunk = integer_chunk;
+      }
+    }
+    if (chunk == 0)
+      throw Error("CUDA: the memory limit of " + mib_text(limit) + " (--gpu-memory) leaves " + mib_text(room) +
+                  "; this step needs " + mib_text(extra(1, false)) + " for one token per sequence (KV cache " +
+                  mib_text(pending_kv) + ")");
+    return chunk >= longest ? 0 : chunk;
+  }
+
   DevKv& kv_for(const KVCache& cache) {
     auto it = caches.find(&cache);
     if (it != caches.end()) {
       check(it->second.capacity == cache.capacity(), "KV cache capacity changed");
       return it->second;
     }
-    const ModelConfig& c = model.config();
-    const size_t elem = kv_type == KvType::F32 ? 4 : kv_type == KvType::BF16 ? 2 : 1;
-    const size_t values = static_cast<size_t>(c.n_layers * cache.capacity() * c.kv_dim());
     DevKv kv;
-    kv.values_bytes = values * elem;
-    kv.scale_bytes = kv_type == KvType::Q8 ? values / 32 * sizeof(__half) : 0;
+    kv_sizes(cache.capacity(), kv.values_bytes, kv.scale_bytes);
     kv.k = mem.alloc(kv.values_bytes, Pool::Kv);
     kv.v = mem.alloc(kv.values_bytes, Pool::Kv);
     kv.k_scale = static_cast<__half*>(mem.alloc(kv.scale_bytes, Pool::Kv));
@@ -2107,7 +2240,19 @@ struct GpuDecoder::Impl {
 
   void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s,
                          bool dependent) {
-    with_rows_per_warp(group, grid, 1, [&](auto rows, unsigned g) {
+    // A warp per row, unless that takes between one and two waves of resident blocks (the q/k/v
+    // projection of the 8B shape: 768 blocks, 528 resident on an H100): the second wave would run a
+    // fraction of the card. Two rows per warp then fit one wave.
+    int rows = 1;
+    if (wave_rows && q4k_shared_activations && cols <= 32 * 1024) {
+      int per_sm = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, q4k_decode_kernel<1, true>, 256, static_cast<size_t>(cols)) ==
+          cudaSuccess) {
+        const int64_t resident = static_cast<int64_t>(per_sm) * sm_count;
+        if (grid > resident && grid <= 2 * resident) rows = 2;
+      }
+    }
+    with_rows_per_warp(group, grid, rows, [&](auto rows, unsigned g) {
       if (persist_blocks > 0) g = std::min(g, persist_blocks);
       if (q4k_shared_activations && cols <= 32 * 1024)
         launch_with(dependent, q4k_decode_kernel<decltype(rows)::value, true>, g, 256, static_cast<size_t>(cols), group,
@@ -2511,17 +2656,33 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   check(kv != KvType::Q8 || model.config().kv_dim() % 32 == 0,
         "a q8 KV cache needs K/V rows that are a multiple of 32 values (this model has " +
             std::to_string(model.config().kv_dim()) + ")");
+  // The context reserves each thread's stack for every thread the card can hold: at the default 1 KB,
+  // 264 MiB of an H100 (measured: 527 -> 263 MiB for a bare context at 0). Our kernels' frames are at
+  // most 32 bytes, cuBLAS's GEMMs need none, and the driver raises the limit for a kernel that needs
+  // more, so 64 bytes costs nothing but the memory it frees (BIOQUANT_CUDA_STACK=bytes to compare).
+  {
+    const char* e = std::getenv("BIOQUANT_CUDA_STACK");
+    const size_t stack = e != nullptr ? static_cast<size_t>(std::strtoull(e, nullptr, 10)) : kThreadStackBytes;
+    size_t current = 0;
+    CUDA_OK(cudaDeviceGetLimit(&current, cudaLimitStackSize));
+    if (e != nullptr || stack < current) CUDA_OK(cudaDeviceSetLimit(cudaLimitStackSize, stack));
+  }
   CUDA_OK(cudaStreamCreate(&impl_->stream));
   CUDA_OK(cudaStreamCreateWithFlags(&impl_->dequant_stream, cudaStreamNonBlocking));
   for (int b = 0; b < 2; ++b) {
     CUDA_OK(cudaEventCreateWithFlags(&impl_->tile_ready[b], cudaEventDisableTiming));
     CUDA_OK(cudaEventCreateWithFlags(&impl_->tile_free[b], cudaEventDisableTiming));
   }
+  const size_t before_blas = device_used_now();
   impl_->blas.open(impl_->stream);
+  impl_->sample_device_memory();
+  impl_->blas_bytes = impl_->device_used_peak > before_blas ? impl_->device_used_peak - before_blas : 0;
+  impl_->device_used_at_start = impl_->device_used_peak;
   impl_->gemm_tile_bytes = static_cast<size_t>(Impl::env_int("BIOQUANT_CUDA_TILE_MB", model.weight_bytes() > (size_t{24} << 30) ? 32 : 64))
                            << 20;
   int sms = 0;
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  impl_->sm_count = sms;
   if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
   if (impl_->attention_splits == 0)
     impl_->attention_splits = static_cast<int>(std::clamp<int64_t>(4 * sms / model.config().n_heads, 1, kMaxSplits));
@@ -2612,7 +2773,17 @@ void GpuDecoder::forward_batch(std::span<const DecodeSegment> segments) {
   }
 }
 
-int64_t GpuDecoder::prompt_chunk() const { return impl_->prompt_chunk; }
+int64_t GpuDecoder::prompt_chunk(std::span<const DecodeSegment> segments) {
+  CUDA_OK(cudaSetDevice(impl_->device));
+  return impl_->fit_prompt_chunk(segments);
+}
+
+void set_cuda_memory_limit(size_t bytes) { g_memory_limit = bytes; }
+
+size_t cuda_memory_used(int device) {
+  CUDA_OK(cudaSetDevice(device));
+  return device_used_now();
+}
 
 void GpuDecoder::release(const KVCache& cache) {
   const_cast<KVCache&>(cache).on_release = nullptr;
@@ -2627,6 +2798,7 @@ GpuMemory GpuDecoder::memory() const {
   m.peak_allocated = impl_->mem.peak;
   m.device_used_peak = impl_->device_used_peak;
   m.device_total = impl_->device_total;
+  m.device_used_at_start = impl_->device_used_at_start;
   return m;
 }
 

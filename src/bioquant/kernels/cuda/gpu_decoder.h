@@ -39,7 +39,15 @@ struct GpuMemory {
   size_t peak_allocated = 0;  // our allocations, at their highest
   size_t device_used_peak = 0;  // total - free (cudaMemGetInfo) at its highest: includes the context
   size_t device_total = 0;
+  size_t device_used_at_start = 0;  // total - free once the decoder had its context and cuBLAS, before any allocation
 };
+
+// Treat every CUDA device as having at most `bytes` of memory (0: its own): an allocation that would
+// take the device's use (cudaMemGetInfo, the CUDA context included) past it fails with an error, and
+// long prompts go through in rounds that fit. Lets a larger card show what fits a smaller one.
+void set_cuda_memory_limit(size_t bytes);
+// The device's memory in use now (total - free, cudaMemGetInfo); 0 without CUDA.
+size_t cuda_memory_used(int device);
 
 // KV cache storage on the GPU: f32, bf16 (default), or q8: int8 with an fp16 scale per 32 values
 // (8.5 bits, as llama.cpp's q8_0 cache; what lets a 70B model's 4096-token context fit beside 4-bit
@@ -64,9 +72,10 @@ class GpuDecoder {
   // matmul, so a batch of decode steps reads the weights once; RoPE, K/V and attention run per
   // sequence. Does not advance the caches' sizes.
   void forward_batch(std::span<const DecodeSegment> segments);
-  // Most tokens of one sequence in one step (0: no limit): Decoder splits longer prompts into rounds
-  // of this many (BIOQUANT_CUDA_PROMPT_CHUNK to choose).
-  int64_t prompt_chunk() const;
+  // Most tokens of one sequence in one step of these segments (0: no limit): Decoder splits longer
+  // prompts into rounds of this many. BIOQUANT_CUDA_PROMPT_CHUNK chooses it; otherwise, under a memory
+  // limit (set_cuda_memory_limit), the largest that fits what the limit leaves.
+  int64_t prompt_chunk(std::span<const DecodeSegment> segments);
   // Frees the GPU K/V of a cache that is going away.
   void release(const KVCache& cache);
 
