@@ -1734,9 +1734,6 @@ struct GpuDecoder::Impl {
   // 1 (with its activations in shared memory: 307 tok/s against 288 for 2 rows from global memory);
   // the rows kernel of int8, q5_k, nf4, fp4: 2 (nf4 with dp2a: 260 tok/s, 1 row 265, 4 rows 209).
   int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 0);
-  // q4_k decode matvecs of one to two waves take two rows per warp (BIOQUANT_CUDA_WAVE_ROWS=2: one).
-  bool wave_rows = env_int("BIOQUANT_CUDA_WAVE_ROWS", 2) == 1;
-  int sm_count = 0;
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = env_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
@@ -2240,19 +2237,7 @@ struct GpuDecoder::Impl {
 
   void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s,
                          bool dependent) {
-    // A warp per row, unless that takes between one and two waves of resident blocks (the q/k/v
-    // projection of the 8B shape: 768 blocks, 528 resident on an H100): the second wave would run a
-    // fraction of the card. Two rows per warp then fit one wave.
-    int rows = 1;
-    if (wave_rows && q4k_shared_activations && cols <= 32 * 1024) {
-      int per_sm = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, q4k_decode_kernel<1, true>, 256, static_cast<size_t>(cols)) ==
-          cudaSuccess) {
-        const int64_t resident = static_cast<int64_t>(per_sm) * sm_count;
-        if (grid > resident && grid <= 2 * resident) rows = 2;
-      }
-    }
-    with_rows_per_warp(group, grid, rows, [&](auto rows, unsigned g) {
+    with_rows_per_warp(group, grid, 1, [&](auto rows, unsigned g) {
       if (persist_blocks > 0) g = std::min(g, persist_blocks);
       if (q4k_shared_activations && cols <= 32 * 1024)
         launch_with(dependent, q4k_decode_kernel<decltype(rows)::value, true>, g, 256, static_cast<size_t>(cols), group,
@@ -2682,7 +2667,6 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
                            << 20;
   int sms = 0;
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  impl_->sm_count = sms;
   if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
   if (impl_->attention_splits == 0)
     impl_->attention_splits = static_cast<int>(std::clamp<int64_t>(4 * sms / model.config().n_heads, 1, kMaxSplits));
