@@ -445,6 +445,36 @@ TEST(GpuParity, MemoryLimitTakesPromptInRoundsThatFit) {
   EXPECT_EQ(c3.size(), 0);
 }
 
+// Decode past the 50K positions one attention block can hold scores for: the split kernel needs only its
+// share (60001 positions over 16 blocks per head), so the step also stays a CUDA graph. The last token
+// decoded after a 60000-token prompt against the same 60001 tokens as one prompt (the tiled prompt
+// attention), both with f32 matmuls (no cuBLAS) and a bf16 cache.
+TEST(GpuParity, DecodeAttentionPastFiftyThousandPositions) {
+  SKIP_WITHOUT_GPU();
+  auto model = Model::load(biomed_tiny_dir());
+  ThreadPool pool(2);
+  const ModelConfig& c = model->config();
+  const int64_t len = 60000;
+  std::vector<int32_t> ids(static_cast<size_t>(len + 1));
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(3 + (i * 7919) % static_cast<size_t>(c.vocab - 3));
+  setenv("BIOQUANT_CUDA_GEMM", "0", 1);
+  Decoder dec(*model, pool, 0, KvType::BF16);
+  unsetenv("BIOQUANT_CUDA_GEMM");
+  KVCache whole(c, len + 1), stepped(c, len + 1);
+  const size_t vocab = static_cast<size_t>(c.vocab);
+  std::vector<float> want(vocab), got(vocab), prompt_rows(vocab);
+  dec.forward(ids.data(), len + 1, whole, 1, want.data());
+  dec.forward(ids.data(), len, stepped, 1, prompt_rows.data());
+  dec.forward(ids.data() + len, 1, stepped, 1, got.data());
+  EXPECT_EQ(stepped.size(), len + 1);
+  Compared r;
+  r.add(want.data(), got.data(), static_cast<int64_t>(vocab));
+  EXPECT_LE(r.max_err, 1e-3f * std::max(1.0f, r.max_ref));
+  EXPECT_EQ(r.argmax_mismatches, 0);
+  std::printf("decode at position %lld: max|decode-prompt| %.2e (max|logit| %.2f)\n", static_cast<long long>(len), r.max_err,
+              r.max_ref);
+}
+
 // Several sequences in one step (serve's continuous batching): every matmul takes the stacked rows,
 // RoPE/KV/attention stay per sequence. Against each sequence run alone on the GPU: a 40-token prompt
 // (tensor-core GEMM) batched with a 5-token prompt and a 1-token one, then 4 decode steps of all

@@ -1345,9 +1345,13 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   }
 }
 
-inline size_t decode_attention_smem(int head_dim, int64_t positions) {
+constexpr size_t decode_attention_smem(int head_dim, int64_t positions) {
   return static_cast<size_t>(3 * head_dim + (positions + 3) / 4 * 4) * sizeof(float);
 }
+// attention_kernel's scores (one block per head and token, the whole context): padded, the compiler may
+// read them three at a time past the last one used.
+inline size_t attention_smem_bytes(int64_t positions) { return static_cast<size_t>((positions + 7) / 4 * 4) * sizeof(float); }
+constexpr size_t kAttentionSmemBytes = 200 * 1024;  // attention_kernel's opt-in shared memory
 
 // Prompt attention (n > 1 tokens): a block per (head, tile of kQTile queries). Keys and values pass
 // through shared memory kKTile positions at a time, shared by the tile's queries (attention_kernel
@@ -1356,6 +1360,8 @@ inline size_t decode_attention_smem(int head_dim, int64_t positions) {
 // memory (as float4) serves 4 queries: for the scores a lane takes one key of the tile, for the
 // output a lane takes 4 consecutive head dimensions (and 4 more 128 further on, up to 256).
 constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256, kWarpQueries = 4;
+// attention_decode_kernel's opt-in shared memory: a head of kMaxHeadDim with 50K positions' scores.
+constexpr size_t kDecodeSmemBytes = decode_attention_smem(kMaxHeadDim, 50 * 1024);
 constexpr size_t kThreadStackBytes = 64;  // see GpuDecoder::GpuDecoder
 constexpr int kMaxSplits = 16;  // decode attention: blocks per head at most (by default)
 
@@ -1748,6 +1754,22 @@ struct GpuDecoder::Impl {
   // Measured (8B q4_k, H100, tg at 4096 positions): 8 splits 288 tok/s, 16 305, 32 285.
   int attention_splits = std::min(env_int("BIOQUANT_CUDA_SPLITS", 0), 64);
   int attention_min_chunk = env_int("BIOQUANT_CUDA_SPLIT_MIN", 128);
+  // Decode steps take the fused attention kernel (attention_decode_kernel) when the head fits it.
+  bool fused_decode_ok() const {
+    const int64_t d = model.config().head_dim;
+    return fused_attention && d % 32 == 0 && d <= kMaxHeadDim;
+  }
+  // Positions one block of the fused decode attention holds scores for, for contexts up to `len`: at
+  // most the larger of the minimum split and an even share over the splits (the whole context with one).
+  int64_t decode_split_len(int64_t len) const {
+    if (attention_splits == 1) return len;
+    return std::min<int64_t>(len, std::max<int64_t>(attention_min_chunk, (len + attention_splits - 1) / attention_splits));
+  }
+  // Whether a decode step over contexts up to `len` positions fits the attention kernels' shared memory.
+  bool decode_attention_fits(int64_t len) const {
+    if (fused_decode_ok()) return decode_attention_smem(static_cast<int>(model.config().head_dim), decode_split_len(len)) <= kDecodeSmemBytes;
+    return attention_smem_bytes(len) <= kAttentionSmemBytes;
+  }
   // Prompt attention on tensor cores with a bf16 cache (BIOQUANT_CUDA_TC_ATTENTION=2: the f32 tiled kernel).
   bool tensor_core_attention = env_int("BIOQUANT_CUDA_TC_ATTENTION", 1) == 1;
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB to choose). Measured on an H100, 8B
@@ -2339,7 +2361,7 @@ struct GpuDecoder::Impl {
     // Attention's score buffer: the whole cache when replaying a graph (any position), else what is used.
     const KVCache& first_cache = *segments[0].cache;
     const int64_t graph_smem_len = segs[0].kv->capacity;
-    const bool use_graph = segments.size() == 1 && n == 1 && n_out == 1 && (graph_smem_len + 7) / 4 * 4 * 4 <= 200 * 1024;
+    const bool use_graph = segments.size() == 1 && n == 1 && n_out == 1 && decode_attention_fits(graph_smem_len);
     if (!use_graph) {
       enqueue_step<KV>(segs, n, n_out, smem_len);
     } else {
@@ -2386,14 +2408,11 @@ struct GpuDecoder::Impl {
     CUDA_OK(cudaMemcpyAsync(work.pos, work.host_pos, segs.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream));
     CUDA_OK(cudaMemcpyAsync(work.x, work.host_x, static_cast<size_t>(n * hd) * sizeof(float), cudaMemcpyHostToDevice,
                             stream));
-    // Padded: the compiler may read the scores three at a time past the last one it uses.
-    const size_t smem = static_cast<size_t>((smem_len + 7) / 4 * 4) * sizeof(float);
-    check(smem <= 200 * 1024, "CUDA attention: context of " + std::to_string(smem_len) + " positions is too long");
     // Residual adds are deferred into the next norm, which also quantizes the activations of the
     // integer matmuls after it (one launch instead of three).
     bool pending = false;  // work.h holds a residual not yet added into the residual stream
     const bool fusable = hd % 32 == 0;
-    const bool fused_decode = fused_attention && c.head_dim % 32 == 0 && c.head_dim <= kMaxHeadDim;
+    const bool fused_decode = fused_decode_ok();
     bool all_single = true;
     for (const Seg& sg : segs) all_single = all_single && sg.n == 1;
     // The residual stream alternates between two buffers (the fused norm reads one while writing the
@@ -2457,10 +2476,10 @@ struct GpuDecoder::Impl {
         const int64_t* pos = work.pos + sg.index;
         if (fused_decode && sg.n == 1) {
           const int64_t nblk_o = qd / 32;
-          // A split's positions: at most the larger of the minimum and an even share of the longest context.
-          const int64_t split_len = attention_splits == 1 ? smem_len
-                                                          : std::min<int64_t>(smem_len, std::max<int64_t>(attention_min_chunk,
-                                                                (smem_len + attention_splits - 1) / attention_splits));
+          const int64_t split_len = decode_split_len(smem_len);
+          check(decode_attention_smem(static_cast<int>(c.head_dim), split_len) <= kDecodeSmemBytes,
+                "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long for " +
+                    std::to_string(attention_splits) + " blocks per head (BIOQUANT_CUDA_SPLITS)");
           launch_with(dependent_decode && n == 1, attention_decode_kernel<KV>,
                  dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(attention_splits)), 128,
                  decode_attention_smem(static_cast<int>(c.head_dim), split_len), q, work.k + sg.row0 * kvd,
@@ -2522,6 +2541,8 @@ struct GpuDecoder::Impl {
                  prefill_attention_smem(static_cast<int>(c.head_dim)), q, kc, vc, ks, vs, pos, sg.n, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                   static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
         } else {
+          const size_t smem = attention_smem_bytes(smem_len);
+          check(smem <= kAttentionSmemBytes, "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long");
           launch(attention_kernel<KV>, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128, smem, q, kc, vc, ks, vs, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
               static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
         }
@@ -2670,10 +2691,10 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
   if (impl_->attention_splits == 0)
     impl_->attention_splits = static_cast<int>(std::clamp<int64_t>(4 * sms / model.config().n_heads, 1, kMaxSplits));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-  const int decode_smem = static_cast<int>(decode_attention_smem(kMaxHeadDim, 50 * 1024));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
+  const int decode_smem = static_cast<int>(kDecodeSmemBytes);
   CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem));
   CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                decode_smem));
