@@ -644,7 +644,7 @@ __device__ __forceinline__ int bnb4_dot8(const Bnb4Tables& t, uint32_t w, const 
   return 256 * h + l;
 }
 
-template <int T>
+template <int T, bool kPipelined = false>
 __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
                                    const int* /*s: no minimum term*/) {
   await_inputs();
@@ -671,9 +671,21 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
     const uint8_t* wr = job.w + row * job.row_bytes;
     const int64_t nb = cols / 64;
     float acc = 0.0f;
+    uint32_t next[8];
+    float next_absmax = 0.0f;
+    if constexpr (kPipelined)
+      if (lane < nb) next_absmax = bnb4_block<8>(wr, cols, job.dq, lane, 0, next);
     for (int64_t p = lane; p < nb; p += 32) {
       uint32_t w[8];
-      const float scale = bnb4_block<8>(wr, cols, job.dq, p, 0, w) * (1.0f / 16384.0f);
+      float scale;
+      if constexpr (kPipelined) {  // this block's words were loaded last iteration; the next one's go out now
+#pragma unroll
+        for (int k = 0; k < 8; ++k) w[k] = next[k];
+        scale = next_absmax * (1.0f / 16384.0f);
+        if (p + 32 < nb) next_absmax = bnb4_block<8>(wr, cols, job.dq, p + 32, 0, next);
+      } else {
+        scale = bnb4_block<8>(wr, cols, job.dq, p, 0, w) * (1.0f / 16384.0f);
+      }
       const int4* a = act_shared;
       const int c = 4 * static_cast<int>(p);
       const int4 a0 = a[act_chunk_slot(c)], a1 = a[act_chunk_slot(c + 1)], a2 = a[act_chunk_slot(c + 2)],
@@ -1728,10 +1740,11 @@ struct GpuDecoder::Impl {
     const char* v = std::getenv(name);
     return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : fallback;
   }
-  // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|4|5|8 to compare: 1 = one-token
+  // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|4|5|6|8 to compare: 1 = one-token
   // kernel, 2 = that with its block loop unrolled twice, 3 = q4_k's pair kernel, 4 = BIOQUANT_CUDA_ROWS
-  // rows per warp, 5 = the nf4/fp4 byte-permute kernel, 8 = the 8-token prompt kernel; unset: the
-  // fastest measured per format.
+  // rows per warp, 5 = the nf4/fp4 byte-permute kernel, 6 = that with each block's codes loaded an
+  // iteration ahead, 8 = the 8-token prompt kernel; unset: the fastest measured per format (nf4/fp4: 6,
+  // with double quantization 5).
   int decode_variant = env_int("BIOQUANT_CUDA_DECODE", 0);
   bool group_launches = env_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
   // BIOQUANT_CUDA_PERSIST=k: decode grids of k blocks per SM whose warps loop over rows (0: a warp per row).
@@ -2217,12 +2230,14 @@ struct GpuDecoder::Impl {
         const bool rows_kernel = type == QuantType::INT8 || type == QuantType::Q5_K || type == QuantType::NF4 ||
                                  type == QuantType::FP4;
         const bool bnb4 = type == QuantType::NF4 || type == QuantType::FP4;
-        const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : bnb4 ? 5 : rows_kernel ? 4 : 2;
+        const int variant = decode_variant != 0 ? decode_variant : type == QuantType::Q4_K ? 3 : bnb4 ? (group.job[0].dq ? 5 : 6) : rows_kernel ? 4 : 2;
         with_quantized_format(type, "kernel", [&](auto format) {
           constexpr int T = decltype(format)::value;
           constexpr bool kBnb4 = T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4);
           if (kBnb4 && nt == 1 && variant == 5 && cols % 64 == 0 && cols <= 32 * 1024) {
             launch_with(dependent, bnb4_decode_kernel<T>, grid, kThreads, static_cast<size_t>(cols), group, cols, q, d, s);
+          } else if (kBnb4 && nt == 1 && variant == 6 && cols % 64 == 0 && cols <= 32 * 1024) {
+            launch_with(dependent, bnb4_decode_kernel<T, true>, grid, kThreads, static_cast<size_t>(cols), group, cols, q, d, s);
           } else if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
             launch_q4k_decode(group, grid, cols, q, d, s, dependent);
           } else if (nt == 1 && variant == 4) {
@@ -2480,8 +2495,10 @@ struct GpuDecoder::Impl {
           check(decode_attention_smem(static_cast<int>(c.head_dim), split_len) <= kDecodeSmemBytes,
                 "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long for " +
                     std::to_string(attention_splits) + " blocks per head (BIOQUANT_CUDA_SPLITS)");
+          // No more blocks per head than the context can give work to (a graph is captured for the cache's capacity).
+          const int64_t split_blocks = std::min<int64_t>(attention_splits, std::max<int64_t>(1, (smem_len + attention_min_chunk - 1) / attention_min_chunk));
           launch_with(dependent_decode && n == 1, attention_decode_kernel<KV>,
-                 dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(attention_splits)), 128,
+                 dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(split_blocks)), 128,
                  decode_attention_smem(static_cast<int>(c.head_dim), split_len), q, work.k + sg.row0 * kvd,
                  work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                  static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window,
