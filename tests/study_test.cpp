@@ -808,7 +808,10 @@ TEST(StudyEstimate, FromConfigJsonAloneWithTheRealLoadsPlanAndFallbacks) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("peak estimate"), std::string::npos);
   EXPECT_NE(r.out.find("weights q4_k"), std::string::npos);
-  expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("only-config"), "--device", "cuda"}), "CUDA");
+  expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("only-config"), "--kv-cache", "q8"}), "--device cuda");
+  expect_one_line_error(
+      test::run_cli({"estimate", "--model", dir.file("only-config"), "--device", "cuda", "--kv-cache", "q4"}), "q4");
+  expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("only-config"), "--device", "tpu"}), "cpu or cuda");
   expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("nothing")}), "config.json");
   expect_one_line_error(test::run_cli({"estimate", "--model", dir.file("only-config"), "--quant", "q3"}), "q3");
   expect_one_line_error(test::run_cli({"estimate"}), "--model");
@@ -879,6 +882,44 @@ double estimated_peak(const std::vector<std::string>& args) {
 
 // Acceptance 3: the estimate against the peak RSS `bench` measures, at every precision, for models
 // run from files (the shipped model; a 125M-parameter one) and built in memory (llama-1b).
+// The GPU's memory, predicted without a GPU, against what the CUDA backend allocated and the device
+// reported on an H100 (tests/fixtures/gpu_memory_h100.json: 8B and 70B shapes, bf16 / int8 / nf4 /
+// nf4+dq / q4_k / q4_k_m, bf16 and q8 KV caches, ctx 4096, 512-token prompts): weights, KV cache and
+// workspace to the byte's 0.01%, the device's peak (CUDA context included) within 0.5%.
+TEST(StudyEstimate, GpuMemoryMatchesTheMeasuredH100Runs) {
+  const json fx = json::parse(test::read_file(test::fixtures_dir() + "/gpu_memory_h100.json"));
+  ASSERT_GE(fx["runs"].size(), 7u);
+  for (const json& run : fx["runs"]) {
+    const std::string quant = run["quant"], what = run["synthetic"].get<std::string>() + " " + quant;
+    EstimateOptions o;
+    o.device = "cuda";
+    o.quant = quant.substr(0, quant.find("+dq"));
+    o.double_quant = quant.find("+dq") != std::string::npos;
+    o.kv_cache = run["kv_cache"];
+    o.ctx = run["ctx"];
+    o.batch = run["batch"];
+    const MemoryEstimate e = estimate_memory(model_shape_synthetic(run["synthetic"]), o);
+    const auto near = [&](double got, const json& want, double rel, const char* part) {
+      EXPECT_NEAR(got, want.get<double>(), rel * want.get<double>()) << what << ": " << part;
+    };
+    near(e.weights_resident, run["weights"], 1e-4, "weights on the GPU");
+    near(e.kv_cache, run["kv"], 1e-4, "KV cache");
+    near(e.activations + e.scratch, run["workspace"], 1e-4, "workspace");
+    near(e.total, run["device_peak"], 5e-3, "device peak");
+    EXPECT_EQ(e.load_peak, 0.0) << what;
+  }
+  // The study's headline: a Llama-3-70B shape at q4_k_m with a q8 cache of 4096 positions needs more
+  // than 40 GiB with tensor-core prompts (the context and cuBLAS included); nf4 + double quant fits.
+  EstimateOptions o;
+  o.device = "cuda";
+  o.kv_cache = "q8";
+  o.quant = "q4_k_m";
+  EXPECT_GT(estimate_memory(model_shape_synthetic("llama3-70b"), o).total, 40.0 * 1024 * 1024 * 1024);
+  o.quant = "nf4";
+  o.double_quant = true;
+  EXPECT_LT(estimate_memory(model_shape_synthetic("llama3-70b"), o).total, 37.0 * 1024 * 1024 * 1024);
+}
+
 TEST(StudyEstimate, WithinTenPercentOfTheMeasuredPeakAtEveryPrecision) {
   test::TempDir dir;
   // The runtime constant is what the program costs with a negligible model.

@@ -145,7 +145,8 @@ Run add_estimate(CLI::App& app) {
   app.add_option("--ctx", f->o.ctx, "KV-cache positions (default 4096)")->check(CLI::PositiveNumber);
   app.add_option("--batch", f->o.batch, "tokens per forward pass (default 512)")->check(CLI::PositiveNumber);
   app.add_option("--threads", f->o.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
-  app.add_option("--device", f->o.device, "cpu (default) or cuda");
+  app.add_option("--device", f->o.device, "cpu (default) or cuda (the GPU's memory; needs no GPU)");
+  app.add_option("--kv-cache", f->o.kv_cache, "with --device cuda: the GPU KV cache, bf16 (default), f32 or q8");
   app.add_flag("--json", f->json_out, "print one JSON object");
   return [=]() {
     check(!f->model.empty() || !f->synthetic.empty(), "give --model PATH or --synthetic NAME");
@@ -163,6 +164,7 @@ Run add_estimate(CLI::App& app) {
       out["ctx"] = o.ctx;
       out["batch"] = o.batch;
       out["device"] = o.device;
+      if (o.device == "cuda") out["kv_cache_type"] = o.kv_cache.empty() ? "bf16" : o.kv_cache;
       out["parameters"] = c.parameter_count();
       std::printf("%s\n", out.dump().c_str());
       return 0;
@@ -172,13 +174,35 @@ Run add_estimate(CLI::App& app) {
                 c.model_type.c_str(), (long long)c.n_layers, (long long)c.hidden, (long long)c.intermediate,
                 (long long)c.n_heads, (long long)c.n_kv_heads, (long long)c.vocab,
                 static_cast<double>(c.parameter_count()) / 1e9);
-    std::printf("precision    %s on %s, %d threads, ctx %lld, batch %lld\n",
-                o.quant.empty() ? "as stored" : (o.quant + (o.double_quant ? "+dq" : "")).c_str(), o.device.c_str(),
-                e.threads, (long long)o.ctx, (long long)o.batch);
+    const bool gpu = o.device == "cuda";
+    if (gpu)
+      std::printf("precision    %s on cuda (GPU memory), ctx %lld, batch %lld\n",
+                  o.quant.empty() ? "as stored" : (o.quant + (o.double_quant ? "+dq" : "")).c_str(), (long long)o.ctx,
+                  (long long)o.batch);
+    else
+      std::printf("precision    %s on %s, %d threads, ctx %lld, batch %lld\n",
+                  o.quant.empty() ? "as stored" : (o.quant + (o.double_quant ? "+dq" : "")).c_str(), o.device.c_str(),
+                  e.threads, (long long)o.ctx, (long long)o.batch);
     for (const auto& [fmt, b] : e.weights_by_format)
       std::printf("  weights %-8s %12s  (%.0f parameters, %.3f bits/weight)\n", fmt.c_str(),
                   format_bytes(b.bytes).c_str(), b.parameters, 8.0 * b.bytes / b.parameters);
     std::printf("  norms/biases     %12s\n", format_bytes(e.vector_bytes).c_str());
+    if (gpu) {
+      const std::string kv = o.kv_cache.empty() ? "bf16" : o.kv_cache;
+      std::printf("  on the GPU       %12s  (all but the token embedding, which stays in host memory)\n",
+                  format_bytes(e.weights_resident).c_str());
+      std::printf("  KV cache (%s)%*s%12s  (%lld positions)\n", kv.c_str(), static_cast<int>(6 - kv.size()), "",
+                  format_bytes(e.kv_cache).c_str(), (long long)o.ctx);
+      std::printf("  workspace        %12s  (%lld-token steps)\n", format_bytes(e.activations).c_str(), (long long)o.batch);
+      std::printf("  tensor-core bufs %12s  (prompts of 32+ tokens: bf16 weight tiles and activations)\n",
+                  format_bytes(e.scratch).c_str());
+      std::printf("  CUDA + cuBLAS    %12s  (measured on an H100, CUDA 13)\n", format_bytes(e.runtime).c_str());
+      std::printf("peak estimate    %12s  (device use: weights + KV cache + workspace + buffers + context)\n",
+                  format_bytes(e.total).c_str());
+      for (const TensorPlan& p : e.plan)
+        if (!p.note.empty()) std::printf("fallback     %s: %s\n", p.name.c_str(), p.note.c_str());
+      return 0;
+    }
     std::printf("  KV cache (f32)   %12s  (%lld positions)\n", format_bytes(e.kv_cache).c_str(), (long long)o.ctx);
     std::printf("  activations      %12s  (%lld-token passes)\n", format_bytes(e.activations).c_str(), (long long)o.batch);
     std::printf("  kernel scratch   %12s\n", format_bytes(e.scratch).c_str());

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <map>
 #include <cstdio>
 #include <memory>
 
@@ -10,6 +11,7 @@
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/io/tensor_source.h"
+#include "bioquant/kernels/cuda/gpu_memory_plan.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/synthetic.h"
 
@@ -169,9 +171,66 @@ double runtime_overhead_bytes() {
   return 10.5 * kMiB;
 }
 
+namespace {
+
+constexpr int kH100Sms = 132;  // the decode attention's default split count depends on the SMs
+
+// The GPU side of estimate_memory (e.plan, e.weights and e.vector_bytes already filled in).
+void estimate_gpu(const Model& model, MemoryEstimate& e, KvType kv, const EstimateOptions& o) {
+  const ModelConfig& c = model.config();
+  const ModelWeights& w = model.weights();
+  const auto matrices = model.named_matrices();
+  std::map<const Matrix*, const TensorPlan*> planned;
+  for (size_t i = 0; i < e.plan.size(); ++i) planned[matrices[i].second] = &e.plan[i];
+  const auto plan_of = [&](const Matrix& m) -> const TensorPlan* {
+    auto it = planned.find(&m);
+    if (it == planned.end() && &m == &w.output) it = planned.find(&w.embed);  // tied: the embedding's format
+    return it != planned.end() ? it->second : nullptr;
+  };
+  e.weights_resident = static_cast<double>(gpu_weight_bytes(model, [&](const Matrix& m) {
+    const TensorPlan* p = plan_of(m);
+    return p != nullptr ? p->bytes() : m.nbytes();
+  }));
+  size_t values = 0, scales = 0;
+  gpu_kv_sizes(c, o.ctx, kv, values, scales);
+  e.kv_cache = 2.0 * static_cast<double>(values + scales);
+  e.kv_per_token = e.kv_cache / static_cast<double>(o.ctx);
+  e.activations = static_cast<double>(gpu_work_sizes(c, o.batch, 1, gpu_attention_splits(kH100Sms, static_cast<int>(c.n_heads))).bytes());
+  // Prompts of 32+ tokens: quantized matrices dequantized to bf16 tile by tile (two buffers, each the
+  // largest tile of any matrix, the second only for matrices of several tiles), activations in bf16.
+  e.scratch = 0;
+  if (o.batch >= kGpuGemmMinTokens) {
+    const size_t tile = gpu_gemm_tile_bytes(static_cast<size_t>(e.weights));
+    size_t first = 0, second = 0;
+    bool any = false;
+    for (const LayerWeights& l : w.layers)
+      for (const Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+        const TensorPlan* p = plan_of(*m);
+        const QuantType t = p != nullptr ? p->to : m->type;
+        if (t == QuantType::F32 || t == QuantType::F16) continue;  // f32 kernels, no tensor cores
+        any = true;
+        if (t == QuantType::BF16) continue;  // multiplied as stored
+        const int64_t rows = gpu_gemm_tile_rows(m->rows, m->cols, tile);
+        const size_t bytes = static_cast<size_t>(rows * m->cols) * 2;
+        first = std::max(first, bytes);
+        if (rows < m->rows) second = std::max(second, bytes);
+      }
+    const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
+    if (any) e.scratch = static_cast<double>(first + second) + 2.0 * static_cast<double>(o.batch * widest);
+  }
+  e.runtime = kGpuContextBytes + kGpuCublasBytes;
+  e.load_peak = 0;
+  e.load_peak_at.clear();
+  e.steady = e.weights_resident + e.kv_cache + e.activations + e.scratch;
+  e.total = e.runtime + e.steady;
+}
+
+}  // namespace
+
 MemoryEstimate estimate_memory(const ModelShape& shape, const EstimateOptions& o) {
   check(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda");
-  check(o.device == "cpu", "device 'cuda': this build has no CUDA backend, so there is nothing to size yet (use --device cpu)");
+  check(o.device == "cuda" || o.kv_cache.empty(), "--kv-cache sizes the GPU's cache: give --device cuda");
+  const KvType gpu_kv = o.kv_cache.empty() ? KvType::BF16 : parse_kv_type(o.kv_cache);
   check(o.ctx > 0, "--ctx must be positive");
   check(o.batch > 0, "--batch must be positive");
   const ModelConfig& c = shape.config;
@@ -239,6 +298,10 @@ MemoryEstimate estimate_memory(const ModelShape& shape, const EstimateOptions& o
   e.weights = e.matrix_bytes + e.vector_bytes;
   e.load_peak = peak + e.vector_bytes;
 
+  if (o.device == "cuda") {
+    estimate_gpu(*model, e, gpu_kv, o);
+    return e;
+  }
   e.kv_per_token = 2.0 * static_cast<double>(c.n_layers * c.kv_dim()) * sizeof(float);
   e.kv_cache = e.kv_per_token * static_cast<double>(o.ctx);
   const double n = static_cast<double>(o.batch);

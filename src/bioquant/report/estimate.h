@@ -42,7 +42,8 @@ struct EstimateOptions {
   int64_t ctx = 4096;                  // KV-cache positions
   int64_t batch = 512;                 // tokens per forward pass
   int threads = 0;                     // 0 = all hardware threads
-  std::string device = "cpu";          // cpu; cuda is refused until the CUDA backend exists
+  std::string device = "cpu";          // cpu, or cuda: the GPU's memory (see estimate_memory)
+  std::string kv_cache;                // cuda: bf16 (default), f32 or q8
 };
 
 // Where the model comes from, without its weights.
@@ -69,7 +70,7 @@ struct MemoryEstimate {
   double matrix_bytes = 0;       // all matrices in their planned formats
   double vector_bytes = 0;       // norms and biases (f32)
   double weights = 0;            // matrix_bytes + vector_bytes
-  double weights_resident = 0;   // resident in a run (+ a tied embedding's source kept mapped)
+  double weights_resident = 0;   // resident in a run (+ a tied embedding's source kept mapped); cuda: as uploaded
   double load_peak = 0;          // weights resident at the worst moment of loading
   std::string load_peak_at;      // the matrix being converted at that moment
   double kv_cache = 0;
@@ -89,6 +90,11 @@ struct MemoryEstimate {
 // (measured on the CLI binary: code, shared libraries, allocator arenas, thread stacks).
 double runtime_overhead_bytes();
 
+// On --device cuda the estimate is of GPU memory, as kernels/cuda/gpu_memory_plan.h lays it out: the
+// weights as uploaded (every matrix but the token embedding, which stays in host memory), the KV cache
+// in its GPU type, the workspace of a `batch`-token step (activations) with the tensor-core tiles and
+// bf16 activations of prompts of 32+ tokens (scratch), and, as runtime, the CUDA context and cuBLAS
+// measured on an H100; load_peak is 0 (matrices go to the GPU in their final format).
 MemoryEstimate estimate_memory(const ModelShape& shape, const EstimateOptions& options);
 
 // "40GiB", "512MiB", "1.5GB", "2000000000" (bytes) -> bytes. Error on anything else.

@@ -1,6 +1,7 @@
 // CUDA backend (see gpu_decoder.h). One translation unit: the per-format block decoders, the
 // matmul kernels, the elementwise kernels, attention, and the forward pass that strings them.
 #include "bioquant/kernels/cuda/gpu_decoder.h"
+#include "bioquant/kernels/cuda/gpu_memory_plan.h"
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -67,7 +68,7 @@ __device__ __forceinline__ void decode32(const uint8_t* row, int64_t cols, int64
 // N * 4 bytes from p, whatever its alignment (q8_0, q4_0 and q6_k blocks are 2-byte aligned), as
 // little-endian words: aligned 4-byte loads (one more than N) joined by funnel shifts, instead of
 // N * 4 byte loads. Reads up to 3 bytes past the end (callers stay inside their block).
-constexpr size_t kMatrixTail = 16;  // bytes after every matrix on the GPU (see upload_matrix)
+constexpr size_t kMatrixTail = kGpuMatrixTail;  // see upload_matrix
 
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t* w) {
@@ -976,7 +977,7 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
   for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
-constexpr int64_t kSlicedNormRows = 16;  // steps of at most this many rows slice the fused norm by columns
+constexpr int64_t kSlicedNormRows = kGpuSlicedNormRows;
 
 // Fusion of the residual add, RMSNorm and the activation quantization of the matmuls that follow:
 // x_out = x + add (when add is given); out = norm(x_out) * w (also in bf16 into out_bf16 when given, for
@@ -1375,7 +1376,6 @@ constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256, kWarpQueries = 4;
 // attention_decode_kernel's opt-in shared memory: a head of kMaxHeadDim with 50K positions' scores.
 constexpr size_t kDecodeSmemBytes = decode_attention_smem(kMaxHeadDim, 50 * 1024);
 constexpr size_t kThreadStackBytes = 64;  // see GpuDecoder::GpuDecoder
-constexpr int kMaxSplits = 16;  // decode attention: blocks per head at most (by default)
 
 // Prompt attention on tensor cores (bf16 KV cache): scores S = Q K^T and output O = P V by cuBLAS,
 // batched over KV heads with each head's group of query heads as one matrix (Q and O head-major);
@@ -1731,7 +1731,7 @@ struct GpuDecoder::Impl {
   // compute-bound work); events hand each buffer back and forth.
   cudaStream_t dequant_stream = nullptr;
   cudaEvent_t tile_ready[2] = {nullptr, nullptr}, tile_free[2] = {nullptr, nullptr};
-  static constexpr int64_t kGemmMinTokens = 32;  // shorter sequences' rows: the integer kernels (exact, fast enough)
+  static constexpr int64_t kGemmMinTokens = kGpuGemmMinTokens;  // shorter sequences' rows: the integer kernels (exact, fast enough)
   // Rows [0, gemm_rows) of the step being enqueued multiply on tensor cores: those of the sequences
   // with at least kGemmMinTokens tokens in it (stacked first), so a sequence's arithmetic does not
   // depend on what it is batched with.
@@ -1763,7 +1763,7 @@ struct GpuDecoder::Impl {
   // Prompt tokens of a sequence per step (see GpuDecoder::prompt_chunk).
   int64_t prompt_chunk = env_int("BIOQUANT_CUDA_PROMPT_CHUNK", 0);
   // Splits of a decode attention head over blocks (BIOQUANT_CUDA_SPLITS=1: one block per head; unset:
-  // about four blocks per SM, at most kMaxSplits), each of at least BIOQUANT_CUDA_SPLIT_MIN positions.
+  // about four blocks per SM, at most kGpuMaxAttentionSplits), each of at least BIOQUANT_CUDA_SPLIT_MIN positions.
   // Measured (8B q4_k, H100, tg at 4096 positions): 8 splits 288 tok/s, 16 305, 32 285.
   int attention_splits = std::min(env_int("BIOQUANT_CUDA_SPLITS", 0), 64);
   int attention_min_chunk = env_int("BIOQUANT_CUDA_SPLIT_MIN", 128);
@@ -1876,8 +1876,6 @@ struct GpuDecoder::Impl {
   // Weights live in one allocation (reserve_weights): cudaMalloc rounds each large allocation up to
   // 2 MiB, which over the ~600 matrices of a 70B model held ~0.5 GiB that no tensor used.
   static size_t arena_bytes(size_t n) { return (n + 255) / 256 * 256; }
-  static size_t matrix_arena_bytes(const Matrix& m) { return m.rows > 0 ? arena_bytes(m.nbytes() + kMatrixTail) : 0; }
-  static size_t vector_arena_bytes(const std::vector<float>& v) { return arena_bytes(v.size() * sizeof(float)); }
   void reserve_weights(size_t n) {
     arena = static_cast<uint8_t*>(mem.alloc(n, Pool::Weights));
     owned.push_back({arena, n, Pool::Weights});
@@ -1936,39 +1934,28 @@ struct GpuDecoder::Impl {
   // one fbuf(floats): ensure_work allocates them, work_bytes adds their sizes up.
   template <class Buf>
   void lay_out_work(Work& wk, int64_t tokens, int64_t logit_rows, Buf&& fbuf) const {
-    const ModelConfig& c = model.config();
-    const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
-    const int64_t nblk = (widest + 31) / 32;
-    wk.x = fbuf(tokens * c.hidden);
-    wk.x2 = fbuf(std::min(tokens, kSlicedNormRows) * c.hidden);
-    wk.h = fbuf(tokens * std::max(c.hidden, c.q_dim()));
-    wk.q = fbuf(tokens * c.q_dim());
-    wk.k = fbuf(tokens * c.kv_dim());
-    wk.v = fbuf(tokens * c.kv_dim());
-    wk.attn = fbuf(tokens * c.q_dim());
-    // The norm's output is read by the matmuls right after it, never while attention output is
-    // live: it shares that buffer when it fits.
-    wk.normed = c.q_dim() >= c.hidden ? wk.attn : fbuf(tokens * c.hidden);
-    wk.gate = fbuf(tokens * c.intermediate);
-    wk.up = fbuf(tokens * c.intermediate);
-    wk.logits = fbuf(logit_rows * c.vocab);
-    wk.aq = reinterpret_cast<int8_t*>(fbuf((tokens * nblk * 32 + 3) / 4));
-    wk.ad = fbuf(tokens * nblk);
-    wk.as = reinterpret_cast<int*>(fbuf(tokens * nblk));
-    wk.pos = reinterpret_cast<int64_t*>(fbuf(2 * tokens));  // one first position per sequence of a batch
-    wk.attn_part = fbuf(c.n_heads * attention_splits * (c.head_dim + 2));
-    wk.attn_done = reinterpret_cast<int*>(fbuf(c.n_heads));
+    const GpuWorkSizes n = gpu_work_sizes(model.config(), tokens, logit_rows, attention_splits);
+    wk.x = fbuf(n.x);
+    wk.x2 = fbuf(n.x2);
+    wk.h = fbuf(n.h);
+    wk.q = fbuf(n.q);
+    wk.k = fbuf(n.k);
+    wk.v = fbuf(n.v);
+    wk.attn = fbuf(n.attn);
+    wk.normed = n.normed == 0 ? wk.attn : fbuf(n.normed);
+    wk.gate = fbuf(n.gate);
+    wk.up = fbuf(n.up);
+    wk.logits = fbuf(n.logits);
+    wk.aq = reinterpret_cast<int8_t*>(fbuf(n.aq));
+    wk.ad = fbuf(n.ad);
+    wk.as = reinterpret_cast<int*>(fbuf(n.as));
+    wk.pos = reinterpret_cast<int64_t*>(fbuf(n.pos));
+    wk.attn_part = fbuf(n.attn_part);
+    wk.attn_done = reinterpret_cast<int*>(fbuf(n.attn_done));
   }
   size_t work_bytes(int64_t tokens, int64_t logit_rows) const {
-    Work scratch;
-    size_t total = 0;
-    lay_out_work(scratch, tokens, logit_rows, [&](int64_t n) {
-      total += static_cast<size_t>(n) * sizeof(float);
-      return static_cast<float*>(nullptr);
-    });
-    return total;
+    return gpu_work_sizes(model.config(), tokens, logit_rows, attention_splits).bytes();
   }
-
   void ensure_work(int64_t tokens, int64_t logit_rows) {
     if (tokens <= work.tokens && logit_rows <= work.logit_rows) return;
     drop_graph();
@@ -1995,11 +1982,7 @@ struct GpuDecoder::Impl {
 
   // Bytes of the K (and of the V) values and of their q8 scales for a cache of `capacity` positions.
   void kv_sizes(int64_t capacity, size_t& values_bytes, size_t& scale_bytes) const {
-    const ModelConfig& c = model.config();
-    const size_t elem = kv_type == KvType::F32 ? 4 : kv_type == KvType::BF16 ? 2 : 1;
-    const size_t values = static_cast<size_t>(c.n_layers * capacity * c.kv_dim());
-    values_bytes = values * elem;
-    scale_bytes = kv_type == KvType::Q8 ? values / 32 * sizeof(__half) : 0;
+    gpu_kv_sizes(model.config(), capacity, kv_type, values_bytes, scale_bytes);
   }
 
   // Under a memory limit (g_memory_limit), the most prompt tokens per sequence a step of these segments
@@ -2113,7 +2096,7 @@ struct GpuDecoder::Impl {
       blas.gemm(m.rows, n, m.cols, reinterpret_cast<const __nv_bfloat16*>(m.data), xb, y, m.rows);
       return;
     }
-    const int64_t chunk = std::min(m.rows, std::max<int64_t>(128, static_cast<int64_t>(gemm_tile_bytes) / (2 * m.cols) / 128 * 128));
+    const int64_t chunk = gpu_gemm_tile_rows(m.rows, m.cols, gemm_tile_bytes);
     __nv_bfloat16* tiles[2] = {nullptr, nullptr};
     for (int b = 0; b < (chunk < m.rows ? 2 : 1); ++b)
       tiles[b] = static_cast<__nv_bfloat16*>(grow(gemm_w[b], static_cast<size_t>(chunk * m.cols) * 2));
@@ -2701,13 +2684,13 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   impl_->sample_device_memory();
   impl_->blas_bytes = impl_->device_used_peak > before_blas ? impl_->device_used_peak - before_blas : 0;
   impl_->device_used_at_start = impl_->device_used_peak;
-  impl_->gemm_tile_bytes = static_cast<size_t>(Impl::env_int("BIOQUANT_CUDA_TILE_MB", model.weight_bytes() > (size_t{24} << 30) ? 32 : 64))
-                           << 20;
+  impl_->gemm_tile_bytes = static_cast<size_t>(Impl::env_int("BIOQUANT_CUDA_TILE_MB", 0)) << 20;
+  if (impl_->gemm_tile_bytes == 0) impl_->gemm_tile_bytes = gpu_gemm_tile_bytes(model.weight_bytes());
   int sms = 0;
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
   if (impl_->attention_splits == 0)
-    impl_->attention_splits = static_cast<int>(std::clamp<int64_t>(4 * sms / model.config().n_heads, 1, kMaxSplits));
+    impl_->attention_splits = gpu_attention_splits(sms, static_cast<int>(model.config().n_heads));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
   CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
@@ -2738,14 +2721,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   std::vector<float> inv_freq(static_cast<size_t>(c.rotary_dim() / 2));
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq.data());
   {
-    size_t total = Impl::matrix_arena_bytes(w.output) + Impl::vector_arena_bytes(w.final_norm) +
-                   Impl::vector_arena_bytes(inv_freq);
-    for (const LayerWeights& l : w.layers) {
-      for (const Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) total += Impl::matrix_arena_bytes(*m);
-      for (const std::vector<float>* v : {&l.bq, &l.bk, &l.bv, &l.bo, &l.b_gate, &l.b_up, &l.b_down, &l.attn_norm,
-                                          &l.attn_post_norm, &l.ffn_norm, &l.ffn_post_norm, &l.q_norm, &l.k_norm})
-        total += Impl::vector_arena_bytes(*v);
-    }
+    const size_t total = gpu_weight_bytes(model, [](const Matrix& m) { return m.nbytes(); });
     impl_->reserve_weights(total);
   }
   for (const LayerWeights& l : w.layers) {
