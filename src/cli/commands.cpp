@@ -106,6 +106,9 @@ void report_gpu_memory(const Decoder& decoder) {
                "context and cuBLAS)\n",
                mib(m.weights), mib(m.kv_cache), mib(m.workspace), mib(m.peak_allocated), mib(m.device_used_peak),
                mib(m.device_total), mib(m.device_used_at_start));
+  if (cuda_memory_limit() > 0)
+    std::fprintf(stderr, "GPU memory limit: %.1f MiB (--gpu-memory); the device peak above is %s it\n",
+                 mib(cuda_memory_limit()), m.device_used_peak <= cuda_memory_limit() ? "within" : "OVER");
   std::fprintf(stderr, "GPU prompt matmuls: %s\n", decoder.gpu()->prompt_matmuls().c_str());
 }
 
@@ -763,6 +766,7 @@ Run add_bench(CLI::App& app) {
       out["gpu_peak_allocated_bytes"] = m.peak_allocated;
       out["gpu_device_peak_used_bytes"] = m.device_used_peak;
       out["gpu_device_used_at_start_bytes"] = m.device_used_at_start;
+      if (cuda_memory_limit() > 0) out["gpu_memory_limit_bytes"] = cuda_memory_limit();
     }
     if (membw > 0) {
       out["stream_read_gb_s"] = membw;

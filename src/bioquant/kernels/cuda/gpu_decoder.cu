@@ -2777,6 +2777,7 @@ int64_t GpuDecoder::prompt_chunk(std::span<const DecodeSegment> segments) {
 }
 
 void set_cuda_memory_limit(size_t bytes) { g_memory_limit = bytes; }
+size_t cuda_memory_limit() { return g_memory_limit; }
 
 size_t cuda_memory_used(int device) {
   CUDA_OK(cudaSetDevice(device));

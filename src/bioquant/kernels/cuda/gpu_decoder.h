@@ -46,6 +46,7 @@ struct GpuMemory {
 // take the device's use (cudaMemGetInfo, the CUDA context included) past it fails with an error, and
 // long prompts go through in rounds that fit. Lets a larger card show what fits a smaller one.
 void set_cuda_memory_limit(size_t bytes);
+size_t cuda_memory_limit();  // 0: none
 // The device's memory in use now (total - free, cudaMemGetInfo); 0 without CUDA.
 size_t cuda_memory_used(int device);
 

@@ -27,6 +27,7 @@ std::string GpuDecoder::prompt_matmuls() const { return {}; }
 int64_t GpuDecoder::prompt_gemm_tokens() const { return 0; }
 int64_t GpuDecoder::prompt_chunk(std::span<const DecodeSegment>) { return 0; }
 void set_cuda_memory_limit(size_t) {}
+size_t cuda_memory_limit() { return 0; }
 size_t cuda_memory_used(int) { return 0; }
 
 }  // namespace bioquant
