@@ -475,6 +475,43 @@ TEST(GpuParity, DecodeAttentionPastFiftyThousandPositions) {
               r.max_ref);
 }
 
+// Prompts on tensor cores without cuBLAS (dequant_mma_kernel: what a memory limit too tight for cuBLAS's
+// handle and tiles leaves, and what a machine without libcublas gets): the same bf16 weights and
+// activations as the cuBLAS path, only the f32 summation order differs. A 100-token prompt in every
+// quantized format family, f32 KV cache (the same prompt attention in both): the last rows' logits, then
+// a decode step.
+TEST(GpuParity, PromptOnTensorCoresWithoutCublasMatchesCublas) {
+  SKIP_WITHOUT_GPU();
+  GpuDecoder probe(*Model::load(biomed_tiny_dir()), 0);
+  if (probe.prompt_matmuls().rfind("cuBLAS", 0) != 0) GTEST_SKIP() << "no cuBLAS: " << probe.prompt_matmuls();
+  ThreadPool pool(2);
+  const std::vector<int32_t> prompt = biomed_tiny_prompt(100);
+  for (const char* f : {"q4_k", "nf4", "q8_0", "int8", "q6_k"}) {
+    auto model = Model::load(biomed_tiny_dir());
+    quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f)), pool);
+    const ModelConfig& c = model->config();
+    const size_t vocab = static_cast<size_t>(c.vocab);
+    setenv("BIOQUANT_CUDA_GEMM", "mma", 1);
+    Decoder mma(*model, pool, 0, KvType::F32);
+    unsetenv("BIOQUANT_CUDA_GEMM");
+    Decoder cublas(*model, pool, 0, KvType::F32);
+    ASSERT_EQ(mma.gpu()->prompt_matmuls().rfind("tensor cores without cuBLAS", 0), 0u) << mma.gpu()->prompt_matmuls();
+    KVCache c1(c, 101), c2(c, 101);
+    std::vector<float> got(2 * vocab), want(2 * vocab);
+    mma.forward(prompt.data(), 100, c1, 2, got.data());
+    cublas.forward(prompt.data(), 100, c2, 2, want.data());
+    Compared r;
+    for (size_t i = 0; i < 2; ++i) r.add(want.data() + i * vocab, got.data() + i * vocab, static_cast<int64_t>(vocab));
+    const int32_t next = 7;
+    mma.forward(&next, 1, c1, 1, got.data());
+    cublas.forward(&next, 1, c2, 1, want.data());
+    r.add(want.data(), got.data(), static_cast<int64_t>(vocab));
+    EXPECT_LE(r.max_err, 1e-2f * std::max(1.0f, r.max_ref)) << f;
+    EXPECT_EQ(r.argmax_mismatches, 0) << f;
+    std::printf("%-5s prompt on WMMA without cuBLAS vs cuBLAS: max|diff| %.2e (max|logit| %.2f)\n", f, r.max_err, r.max_ref);
+  }
+}
+
 // Several sequences in one step (serve's continuous batching): every matmul takes the stacked rows,
 // RoPE/KV/attention stay per sequence. Against each sequence run alone on the GPU: a 40-token prompt
 // (tensor-core GEMM) batched with a 5-token prompt and a 1-token one, then 4 decode steps of all

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
@@ -810,6 +811,95 @@ __global__ void dequant_bf16_kernel(const uint8_t* w, size_t row_bytes, int64_t 
   }
 }
 
+// A block's 32 weights as bf16, exactly as dequant_bf16_kernel writes them (so both prompt paths
+// multiply the same weights).
+__device__ __forceinline__ void block32_to_bf16(const Block32& blk, __nv_bfloat162* out) {
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    const float s0 = 2 * k < 16 ? blk.scale_lo : blk.scale_hi;
+    out[k] = __floats2bfloat162_rn(s0 * static_cast<float>(blk.lv[2 * k]) + blk.min_term,
+                                   s0 * static_cast<float>(blk.lv[2 * k + 1]) + blk.min_term);
+  }
+}
+
+// Prompt matmul on tensor cores without cuBLAS and without a dequantized copy of the weights (when a
+// memory limit leaves no room for cuBLAS's handle and tiles, or libcublas is absent): a block takes 64
+// rows of w and 64 tokens; per 32 columns, 64 threads dequantize a block of their row into shared memory
+// (bf16, as dequant_bf16_kernel), 64 copy their token's bf16 activations, and each of the 4 warps
+// multiplies its 16 rows by the 64 tokens with WMMA (f32 accumulation).
+// y[t * y_ld + r] for the rows r of w and tokens t < n. Grid: (ceil(rows / 64), ceil(n / 64)), 128 threads.
+template <int T>
+__global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
+                                                          bool dq, const __nv_bfloat16* x, int64_t n, float* y,
+                                                          int64_t y_ld) {
+  using namespace nvcuda;
+  constexpr int kM = 64, kN = 64, kK = 32, kPad = kK + 8;  // padded rows: 80 bytes, WMMA-aligned
+  __shared__ __align__(32) __nv_bfloat16 ws[kM * kPad];
+  __shared__ __align__(32) __nv_bfloat16 xs[kN * kPad];
+  __shared__ __align__(32) float stage[4][16 * 16];
+  __shared__ int16_t book[16];
+  if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
+    if (threadIdx.x < 16) book[threadIdx.x] = (T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x];
+    __syncthreads();
+  }
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kM, t0 = static_cast<int64_t>(blockIdx.y) * kN;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int64_t k0 = 0; k0 < cols; k0 += kK) {
+    if (threadIdx.x < kM) {
+      const int64_t r = r0 + threadIdx.x;
+      auto* dst = reinterpret_cast<__nv_bfloat162*>(ws + threadIdx.x * kPad);
+      if (r < rows) {
+        Block32 blk;
+        decode32<T>(w + r * row_bytes, cols, k0 / 32, dq, book, blk);
+        block32_to_bf16(blk, dst);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 16; ++k) dst[k] = __floats2bfloat162_rn(0.0f, 0.0f);
+      }
+    } else {
+      const int tt = static_cast<int>(threadIdx.x) - kM;
+      uint4* dst = reinterpret_cast<uint4*>(xs + tt * kPad);
+      const bool in = t0 + tt < n;
+      const uint4* src = reinterpret_cast<const uint4*>(x + (t0 + tt) * cols + k0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) dst[k] = in ? src[k] : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+      wmma::load_matrix_sync(a, ws + warp * 16 * kPad + kk, kPad);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+        wmma::load_matrix_sync(b, xs + j * 16 * kPad + kk, kPad);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+  // acc[j]: rows r0 + 16 * warp + m, tokens t0 + 16 * j + c; y is column-major in those terms (ld y_ld).
+  const int64_t rr = r0 + 16 * warp;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t tt = t0 + 16 * j;
+    if (rr + 16 <= rows && tt + 16 <= n && y_ld % 4 == 0) {
+      wmma::store_matrix_sync(y + tt * y_ld + rr, acc[j], static_cast<unsigned>(y_ld), wmma::mem_col_major);
+    } else {
+      wmma::store_matrix_sync(stage[warp], acc[j], 16, wmma::mem_col_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int m = e % 16, c = e / 16;
+        if (rr + m < rows && tt + c < n) y[(tt + c) * y_ld + rr + m] = stage[warp][e];
+      }
+      __syncwarp();
+    }
+  }
+}
+
 __global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = __float2bfloat16_rn(x[i]);
@@ -821,8 +911,8 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
 class Cublas {
  public:
   void open(cudaStream_t stream) {
-    if (const char* e = std::getenv("BIOQUANT_CUDA_GEMM"); e != nullptr && std::string(e) == "0") {
-      status_ = "off (BIOQUANT_CUDA_GEMM=0)";
+    if (const char* e = std::getenv("BIOQUANT_CUDA_GEMM"); e != nullptr && (std::string(e) == "0" || std::string(e) == "mma")) {
+      status_ = "off (BIOQUANT_CUDA_GEMM=" + std::string(e) + ")";
       return;
     }
     for (const char* name : {"libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13", "libcublas.so"}) {
@@ -2016,13 +2106,16 @@ struct GpuDecoder::Impl {
     const size_t margin = size_t{16} << 20;  // graph instantiation, page rounding
     const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
     const size_t tiles = 2 * std::max(gemm_tile_bytes, static_cast<size_t>(128 * widest * 2));
-    // What a step with rows of at most `chunk` tokens per sequence adds to the device's use.
-    const auto extra = [&](int64_t chunk, bool gemm) {
+    // What a step with rows of at most `chunk` tokens per sequence adds to the device's use, prompt rows
+    // on cuBLAS (tiles and bf16 activations), on dequant_mma_kernel (bf16 activations) or on the
+    // integer kernels.
+    enum Mode { kCublas, kMma, kInteger };
+    const auto extra = [&](int64_t chunk, Mode mode) {
       int64_t rows = 0, gemm_rows_needed = 0;
       for (const DecodeSegment& sg : segments) {
         const int64_t r = std::min(sg.n, chunk);
         rows += r;
-        if (gemm && r >= kGemmMinTokens) gemm_rows_needed += r;
+        if (mode != kInteger && r >= kGemmMinTokens) gemm_rows_needed += r;
       }
       size_t add = pending_kv;
       if (rows > work.tokens || logit_rows > work.logit_rows) {
@@ -2030,25 +2123,27 @@ struct GpuDecoder::Impl {
         add += want > held_work ? want - held_work : 0;
       }
       if (gemm_rows_needed > 0) {
-        const size_t want = page_rounded(tiles) + page_rounded(static_cast<size_t>(gemm_rows_needed * widest * 2));
+        const size_t want = (mode == kCublas ? page_rounded(tiles) : 0) +
+                            page_rounded(static_cast<size_t>(gemm_rows_needed * widest * 2));
         add += want > held_gemm ? want - held_gemm : 0;
       }
       return add;
     };
     // The largest chunk in [1, longest] whose step fits in `room` (0: none).
-    const auto largest = [&](size_t room, bool gemm) {
+    const auto largest = [&](size_t room, Mode mode) {
       int64_t lo = 0, hi = longest;
       while (lo < hi) {
         const int64_t mid = lo + (hi - lo + 1) / 2;
-        if (extra(mid, gemm) <= room) lo = mid; else hi = mid - 1;
+        if (extra(mid, mode) <= room) lo = mid; else hi = mid - 1;
       }
       return lo;
     };
+    const Mode without_cublas = mma_fallback ? kMma : kInteger;
     const size_t room = limit > used + margin ? limit - used - margin : 0;
-    int64_t chunk = largest(room, blas.ready());
+    int64_t chunk = largest(room, blas.ready() ? kCublas : without_cublas);
     if (blas.ready() && chunk < std::min(longest, kGemmMinTokens)) {
-      // Without cuBLAS: its handle and buffers freed, the integer kernels' workspace only.
-      const int64_t integer_chunk = largest(room + blas_bytes + held_gemm, false);
+      // Without cuBLAS: its handle and buffers freed (tiles no longer needed).
+      const int64_t integer_chunk = largest(room + blas_bytes + held_gemm, without_cublas);
       if (integer_chunk > chunk) {
         blas.release("off (no room under the --gpu-memory limit)");
         for (DevBuf* b : {&gemm_x, &gemm_w[0], &gemm_w[1]}) {
@@ -2060,7 +2155,7 @@ struct GpuDecoder::Impl {
     }
     if (chunk == 0)
       throw Error("CUDA: the memory limit of " + mib_text(limit) + " (--gpu-memory) leaves " + mib_text(room) +
-                  "; this step needs " + mib_text(extra(1, false)) + " for one token per sequence (KV cache " +
+                  "; this step needs " + mib_text(extra(1, kInteger)) + " for one token per sequence (KV cache " +
                   mib_text(pending_kv) + ")");
     return chunk >= longest ? 0 : chunk;
   }
@@ -2092,6 +2187,14 @@ struct GpuDecoder::Impl {
 
   // Prompt matmul on tensor cores (see dequant_bf16_kernel); xb: x [n, m.cols] in bf16.
   void gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
+    if (!blas.ready()) {  // tensor cores without cuBLAS (see tensor_cores)
+      const dim3 grid(static_cast<unsigned>((m.rows + 63) / 64), static_cast<unsigned>((n + 63) / 64));
+      with_quantized_format(m.type, "tensor-core kernel", [&](auto format) {
+        launch(dequant_mma_kernel<decltype(format)::value>, grid, 128, 0, m.data, m.row_bytes, m.rows, m.cols, m.dq, xb, n,
+               y, m.rows);
+      });
+      return;
+    }
     if (m.type == QuantType::BF16) {
       blas.gemm(m.rows, n, m.cols, reinterpret_cast<const __nv_bfloat16*>(m.data), xb, y, m.rows);
       return;
@@ -2140,8 +2243,14 @@ struct GpuDecoder::Impl {
   }
 
   bool gemm_capable(const DevMatrix& m) const {
-    return blas.ready() && m.cols % 32 == 0 && m.type != QuantType::F32 && m.type != QuantType::F16;
+    if (m.cols % 32 != 0 || m.type == QuantType::F32 || m.type == QuantType::F16) return false;
+    return blas.ready() || (tensor_cores() && m.type != QuantType::BF16);  // dequant_mma_kernel: quantized only
   }
+  // Prompt rows multiply on tensor cores: through cuBLAS, or, without it (a memory limit gave it up, or
+  // libcublas.so.13 is absent), through dequant_mma_kernel. BIOQUANT_CUDA_GEMM=0: neither.
+  bool tensor_cores() const { return blas.ready() || mma_fallback; }
+  bool mma_fallback = env_int("BIOQUANT_CUDA_MMA", 1) == 1 && !(std::getenv("BIOQUANT_CUDA_GEMM") != nullptr &&
+                                                                  std::string(std::getenv("BIOQUANT_CUDA_GEMM")) == "0");
 
   // Rows [0, gemm_rows) on tensor cores, the others on the integer (or plain) kernels. With
   // prequantized, the activations of all n rows are already in work.aq/ad/as.
@@ -2328,14 +2437,14 @@ struct GpuDecoder::Impl {
     // Sequences with enough rows for the tensor-core GEMM are stacked first (see gemm_rows).
     std::vector<const DecodeSegment*> order;
     for (const DecodeSegment& sg : segments)
-      if (blas.ready() && sg.n >= kGemmMinTokens) order.push_back(&sg);
+      if (tensor_cores() && sg.n >= kGemmMinTokens) order.push_back(&sg);
     // ... and among them those with enough logit rows for the GEMM first too (the output matmul).
     std::stable_sort(order.begin(), order.end(),
                      [](const DecodeSegment* a, const DecodeSegment* b) { return a->n_logits > b->n_logits; });
     gemm_rows = 0;
     for (const DecodeSegment* sg : order) gemm_rows += sg->n;
     for (const DecodeSegment& sg : segments)
-      if (!(blas.ready() && sg.n >= kGemmMinTokens)) order.push_back(&sg);
+      if (!(tensor_cores() && sg.n >= kGemmMinTokens)) order.push_back(&sg);
     std::vector<Seg> segs;
     int64_t smem_len = 0, row = 0;
     for (const DecodeSegment* sg : order) {
@@ -2593,7 +2702,7 @@ struct GpuDecoder::Impl {
       const int64_t step_gemm_rows = gemm_rows;
       gemm_rows = 0;
       for (const Seg& sg : segs)
-        if (blas.ready() && sg.n_logits >= kGemmMinTokens) gemm_rows += sg.n_logits;
+        if (tensor_cores() && sg.n_logits >= kGemmMinTokens) gemm_rows += sg.n_logits;
       matmul(work.h, n_logits, output, work.logits);
       gemm_rows = step_gemm_rows;
       if (c.final_softcap > 0.0f)
@@ -2803,11 +2912,15 @@ GpuMemory GpuDecoder::memory() const {
 
 int GpuDecoder::device() const { return impl_->device; }
 
-int64_t GpuDecoder::prompt_gemm_tokens() const { return impl_->blas.ready() ? Impl::kGemmMinTokens : 0; }
+int64_t GpuDecoder::prompt_gemm_tokens() const { return impl_->tensor_cores() ? Impl::kGemmMinTokens : 0; }
 
 std::string GpuDecoder::prompt_matmuls() const {
-  return impl_->blas.ready() ? impl_->blas.status() + " for batches of " + std::to_string(Impl::kGemmMinTokens) + "+ tokens"
-                             : "integer kernels; cuBLAS " + impl_->blas.status();
+  const std::string batches = " for batches of " + std::to_string(Impl::kGemmMinTokens) + "+ tokens";
+  if (impl_->blas.ready()) return impl_->blas.status() + batches;
+  if (impl_->mma_fallback)
+    return "tensor cores without cuBLAS (WMMA on weights dequantized in shared memory)" + batches + "; cuBLAS " +
+           impl_->blas.status();
+  return "integer kernels; cuBLAS " + impl_->blas.status();
 }
 
 }  // namespace bioquant
