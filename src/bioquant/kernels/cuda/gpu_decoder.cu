@@ -824,8 +824,8 @@ __device__ __forceinline__ void block32_to_bf16(const Block32& blk, __nv_bfloat1
 
 // Prompt matmul on tensor cores without cuBLAS and without a dequantized copy of the weights (when a
 // memory limit leaves no room for cuBLAS's handle and tiles, or libcublas is absent): a block takes 64
-// rows of w and 64 tokens; per 32 columns, 64 threads dequantize a block of their row into shared memory
-// (bf16, as dequant_bf16_kernel), 64 copy their token's bf16 activations, and each of the 4 warps
+// rows of w and 64 tokens; per 64 columns, its threads dequantize the rows' blocks into shared memory
+// (bf16, as dequant_bf16_kernel) and copy the tokens' bf16 activations, and each of the 4 warps
 // multiplies its 16 rows by the 64 tokens with WMMA (f32 accumulation).
 // y[t * y_ld + r] for the rows r of w and tokens t < n. Grid: (ceil(rows / 64), ceil(n / 64)), 128 threads.
 template <int T>
@@ -833,7 +833,7 @@ __global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size
                                                           bool dq, const __nv_bfloat16* x, int64_t n, float* y,
                                                           int64_t y_ld) {
   using namespace nvcuda;
-  constexpr int kM = 64, kN = 64, kK = 32, kPad = kK + 8;  // padded rows: 80 bytes, WMMA-aligned
+  constexpr int kM = 64, kN = 64, kK = 64, kPad = kK + 8;  // padded rows: 144 bytes, WMMA-aligned
   __shared__ __align__(32) __nv_bfloat16 ws[kM * kPad];
   __shared__ __align__(32) __nv_bfloat16 xs[kN * kPad];
   __shared__ __align__(32) float stage[4][16 * 16];
@@ -847,25 +847,29 @@ __global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  // Per 64 columns each thread dequantizes one 32-block (row threadIdx / 2, half threadIdx % 2) and
+  // copies 4 of the 512 16-byte pieces of the 64 tokens' activations.
+  const int my_row = threadIdx.x / 2, my_half = threadIdx.x % 2;
   for (int64_t k0 = 0; k0 < cols; k0 += kK) {
-    if (threadIdx.x < kM) {
-      const int64_t r = r0 + threadIdx.x;
-      auto* dst = reinterpret_cast<__nv_bfloat162*>(ws + threadIdx.x * kPad);
-      if (r < rows) {
+    {
+      const int64_t r = r0 + my_row, b = k0 / 32 + my_half;
+      auto* dst = reinterpret_cast<__nv_bfloat162*>(ws + my_row * kPad + 32 * my_half);
+      if (r < rows && 32 * b < cols) {
         Block32 blk;
-        decode32<T>(w + r * row_bytes, cols, k0 / 32, dq, book, blk);
+        decode32<T>(w + r * row_bytes, cols, b, dq, book, blk);
         block32_to_bf16(blk, dst);
       } else {
 #pragma unroll
         for (int k = 0; k < 16; ++k) dst[k] = __floats2bfloat162_rn(0.0f, 0.0f);
       }
-    } else {
-      const int tt = static_cast<int>(threadIdx.x) - kM;
-      uint4* dst = reinterpret_cast<uint4*>(xs + tt * kPad);
-      const bool in = t0 + tt < n;
-      const uint4* src = reinterpret_cast<const uint4*>(x + (t0 + tt) * cols + k0);
+    }
 #pragma unroll
-      for (int k = 0; k < 4; ++k) dst[k] = in ? src[k] : make_uint4(0, 0, 0, 0);
+    for (int k = 0; k < 4; ++k) {
+      const int piece = static_cast<int>(threadIdx.x) + 128 * k;  // token piece / 8, columns 8 * (piece % 8)
+      const int tt = piece / 8, c8 = piece % 8;
+      const bool in = t0 + tt < n && k0 + 8 * c8 < cols;
+      *reinterpret_cast<uint4*>(xs + tt * kPad + 8 * c8) =
+          in ? *reinterpret_cast<const uint4*>(x + (t0 + tt) * cols + k0 + 8 * c8) : make_uint4(0, 0, 0, 0);
     }
     __syncthreads();
 #pragma unroll
