@@ -824,16 +824,16 @@ __device__ __forceinline__ void block32_to_bf16(const Block32& blk, __nv_bfloat1
 
 // Prompt matmul on tensor cores without cuBLAS and without a dequantized copy of the weights (when a
 // memory limit leaves no room for cuBLAS's handle and tiles, or libcublas is absent): a block takes 64
-// rows of w and 64 tokens; per 64 columns, its threads dequantize the rows' blocks into shared memory
+// rows of w and 128 tokens; per 64 columns, its threads dequantize the rows' blocks into shared memory
 // (bf16, as dequant_bf16_kernel) and copy the tokens' bf16 activations, and each of the 4 warps
-// multiplies its 16 rows by the 64 tokens with WMMA (f32 accumulation).
-// y[t * y_ld + r] for the rows r of w and tokens t < n. Grid: (ceil(rows / 64), ceil(n / 64)), 128 threads.
+// multiplies its 16 rows by the 128 tokens with WMMA (f32 accumulation).
+// y[t * y_ld + r] for the rows r of w and tokens t < n. Grid: (ceil(rows / 64), ceil(n / 128)), 128 threads.
 template <int T>
 __global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
                                                           bool dq, const __nv_bfloat16* x, int64_t n, float* y,
                                                           int64_t y_ld) {
   using namespace nvcuda;
-  constexpr int kM = 64, kN = 64, kK = 64, kPad = kK + 8;  // padded rows: 144 bytes, WMMA-aligned
+  constexpr int kM = 64, kN = 128, kK = 64, kPad = kK + 8, kFrags = kN / 16;  // padded rows: 144 bytes, WMMA-aligned
   __shared__ __align__(32) __nv_bfloat16 ws[kM * kPad];
   __shared__ __align__(32) __nv_bfloat16 xs[kN * kPad];
   __shared__ __align__(32) float stage[4][16 * 16];
@@ -844,11 +844,11 @@ __global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size
   }
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kM, t0 = static_cast<int64_t>(blockIdx.y) * kN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFrags];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int j = 0; j < kFrags; ++j) wmma::fill_fragment(acc[j], 0.0f);
   // Per 64 columns each thread dequantizes one 32-block (row threadIdx / 2, half threadIdx % 2) and
-  // copies 4 of the 512 16-byte pieces of the 64 tokens' activations.
+  // copies 8 of the 1024 16-byte pieces of the 128 tokens' activations.
   const int my_row = threadIdx.x / 2, my_half = threadIdx.x % 2;
   for (int64_t k0 = 0; k0 < cols; k0 += kK) {
     {
@@ -864,7 +864,7 @@ __global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size
       }
     }
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kN / 16; ++k) {
       const int piece = static_cast<int>(threadIdx.x) + 128 * k;  // token piece / 8, columns 8 * (piece % 8)
       const int tt = piece / 8, c8 = piece % 8;
       const bool in = t0 + tt < n && k0 + 8 * c8 < cols;
@@ -877,7 +877,7 @@ __global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size
       wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
       wmma::load_matrix_sync(a, ws + warp * 16 * kPad + kk, kPad);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kFrags; ++j) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
         wmma::load_matrix_sync(b, xs + j * 16 * kPad + kk, kPad);
         wmma::mma_sync(acc[j], a, b, acc[j]);
@@ -888,7 +888,7 @@ __global__ void __launch_bounds__(128) dequant_mma_kernel(const uint8_t* w, size
   // acc[j]: rows r0 + 16 * warp + m, tokens t0 + 16 * j + c; y is column-major in those terms (ld y_ld).
   const int64_t rr = r0 + 16 * warp;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < kFrags; ++j) {
     const int64_t tt = t0 + 16 * j;
     if (rr + 16 <= rows && tt + 16 <= n && y_ld % 4 == 0) {
       wmma::store_matrix_sync(y + tt * y_ld + rr, acc[j], static_cast<unsigned>(y_ld), wmma::mem_col_major);
@@ -2192,7 +2192,7 @@ struct GpuDecoder::Impl {
   // Prompt matmul on tensor cores (see dequant_bf16_kernel); xb: x [n, m.cols] in bf16.
   void gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
     if (!blas.ready()) {  // tensor cores without cuBLAS (see tensor_cores)
-      const dim3 grid(static_cast<unsigned>((m.rows + 63) / 64), static_cast<unsigned>((n + 63) / 64));
+      const dim3 grid(static_cast<unsigned>((m.rows + 63) / 64), static_cast<unsigned>((n + 127) / 128));
       with_quantized_format(m.type, "tensor-core kernel", [&](auto format) {
         launch(dequant_mma_kernel<decltype(format)::value>, grid, 128, 0, m.data, m.row_bytes, m.rows, m.cols, m.dq, xb, n,
                y, m.rows);
