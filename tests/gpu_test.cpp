@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <string>
@@ -142,6 +143,28 @@ ModelConfig tiny_config(int64_t heads, int64_t kv_heads, int64_t head_dim) {
   c.head_dim = head_dim;
   c.vocab = 512;
   return c;
+}
+
+// Sets BIOQUANT_CUDA_* knobs for its lifetime (a decoder reads them when it is made), then unsets them.
+struct ScopedEnv {
+  explicit ScopedEnv(std::initializer_list<std::pair<const char*, const char*>> vars) : vars_(vars) {
+    for (const auto& [name, value] : vars_) setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    for (const auto& [name, value] : vars_) unsetenv(name);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::vector<std::pair<const char*, const char*>> vars_;
+};
+
+// A decoder on GPU 0 made with these knobs set.
+std::unique_ptr<Decoder> gpu_decoder(const Model& model, ThreadPool& pool, KvType kv,
+                                     std::initializer_list<std::pair<const char*, const char*>> knobs) {
+  const ScopedEnv env(knobs);
+  return std::make_unique<Decoder>(model, pool, 0, kv);
 }
 
 // The trained demo model (models/biomed-tiny) and its reference prompt's token ids, repeated to
@@ -330,9 +353,10 @@ TEST(GpuParity, LongPromptAttentionStaysOnTensorCores) {
   EXPECT_LE(b.argmax_mismatches, 8);
   EXPECT_LE(b.worst_flip_margin, 2.0f * b.max_err);
   // The f32 tiled kernel gives other values (f32 probabilities): the tensor-core path did run.
-  setenv("BIOQUANT_CUDA_TC_ATTENTION", "2", 1);
-  const Compared tiled = compare_logits(*model, prompt, KvType::BF16);
-  unsetenv("BIOQUANT_CUDA_TC_ATTENTION");
+  const Compared tiled = [&] {
+    const ScopedEnv env({{"BIOQUANT_CUDA_TC_ATTENTION", "2"}});
+    return compare_logits(*model, prompt, KvType::BF16);
+  }();
   EXPECT_LE(tiled.max_err, 3e-2f * std::max(1.0f, tiled.max_ref));
   ThreadPool pool(2);
   std::vector<float> tc(static_cast<size_t>(model->config().vocab)), f32(tc.size());
@@ -342,11 +366,9 @@ TEST(GpuParity, LongPromptAttentionStaysOnTensorCores) {
     gpu.forward(prompt.data(), 520, cache, 1, tc.data());
   }
   {
-    setenv("BIOQUANT_CUDA_TC_ATTENTION", "2", 1);
-    Decoder gpu(*model, pool, 0, KvType::BF16);
-    unsetenv("BIOQUANT_CUDA_TC_ATTENTION");
+    const auto gpu = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_TC_ATTENTION", "2"}});
     KVCache cache(model->config(), 520);
-    gpu.forward(prompt.data(), 520, cache, 1, f32.data());
+    gpu->forward(prompt.data(), 520, cache, 1, f32.data());
   }
   float diff = 0.0f;
   for (size_t i = 0; i < tc.size(); ++i) diff = std::max(diff, std::fabs(tc[i] - f32[i]));
@@ -365,13 +387,11 @@ TEST(GpuParity, PromptInRoundsMatchesOneStep) {
   const ModelConfig& c = model->config();
   const std::vector<int32_t> prompt = biomed_tiny_prompt(300);
   const size_t vocab = static_cast<size_t>(c.vocab);
-  setenv("BIOQUANT_CUDA_PROMPT_CHUNK", "128", 1);
-  Decoder rounds(*model, pool, 0, KvType::F32);
-  unsetenv("BIOQUANT_CUDA_PROMPT_CHUNK");
+  const auto rounds = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_PROMPT_CHUNK", "128"}});
   Decoder one(*model, pool, 0, KvType::F32);
   KVCache c1(c, 301), c2(c, 301);
   std::vector<float> a(2 * vocab), b(2 * vocab);
-  rounds.forward(prompt.data(), 300, c1, 2, a.data());  // logits of the last two rows: both in the last round
+  rounds->forward(prompt.data(), 300, c1, 2, a.data());  // logits of the last two rows: both in the last round
   one.forward(prompt.data(), 300, c2, 2, b.data());
   EXPECT_EQ(c1.size(), 300);
   Compared prompt_rows;
@@ -379,7 +399,7 @@ TEST(GpuParity, PromptInRoundsMatchesOneStep) {
   EXPECT_LE(prompt_rows.max_err, 2e-2f * std::max(1.0f, prompt_rows.max_ref));
   EXPECT_EQ(prompt_rows.argmax_mismatches, 0);
   const int32_t next = 7;
-  rounds.forward(&next, 1, c1, 1, a.data());
+  rounds->forward(&next, 1, c1, 1, a.data());
   one.forward(&next, 1, c2, 1, b.data());
   EXPECT_EQ(c1.size(), 301);
   Compared r;
@@ -402,14 +422,12 @@ TEST(GpuParity, MemoryLimitTakesPromptInRoundsThatFit) {
   const ModelConfig& c = model->config();
   const std::vector<int32_t> prompt = biomed_tiny_prompt(300);
   const size_t vocab = static_cast<size_t>(c.vocab);
-  setenv("BIOQUANT_CUDA_GEMM", "0", 1);
-  Decoder whole(*model, pool, 0, KvType::F32);
-  Decoder limited(*model, pool, 0, KvType::F32);
-  unsetenv("BIOQUANT_CUDA_GEMM");
+  const auto whole = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "0"}});
+  const auto limited = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "0"}});
   KVCache c1(c, 301), c2(c, 301);
   std::vector<float> want(vocab), got(vocab);
-  whole.forward(prompt.data(), 300, c1, 1, want.data());
-  const GpuMemory full = whole.gpu()->memory();
+  whole->forward(prompt.data(), 300, c1, 1, want.data());
+  const GpuMemory full = whole->gpu()->memory();
   const size_t page = size_t{2} << 20, margin = size_t{16} << 20;  // the decoder's own margin
   const size_t kv_pages = 2 * ((full.kv_cache / 2 + page - 1) / page * page);
   const size_t limit = cuda_memory_used(0) + margin + kv_pages + full.workspace / 2;
@@ -418,12 +436,12 @@ TEST(GpuParity, MemoryLimitTakesPromptInRoundsThatFit) {
   } reset;
   set_cuda_memory_limit(limit);
   const DecodeSegment segment{prompt.data(), 300, &c2, 1, got.data()};
-  const int64_t chunk = limited.gpu()->prompt_chunk(std::span<const DecodeSegment>(&segment, 1));
+  const int64_t chunk = limited->gpu()->prompt_chunk(std::span<const DecodeSegment>(&segment, 1));
   EXPECT_GT(chunk, 0);
   EXPECT_LT(chunk, 300);
-  EXPECT_NO_THROW(limited.forward(prompt.data(), 300, c2, 1, got.data()));
+  EXPECT_NO_THROW(limited->forward(prompt.data(), 300, c2, 1, got.data()));
   EXPECT_EQ(c2.size(), 300);
-  const GpuMemory used = limited.gpu()->memory();
+  const GpuMemory used = limited->gpu()->memory();
   EXPECT_LE(used.device_used_peak, limit);
   EXPECT_LT(used.workspace, full.workspace);
   Compared r;
@@ -437,7 +455,7 @@ TEST(GpuParity, MemoryLimitTakesPromptInRoundsThatFit) {
   set_cuda_memory_limit(cuda_memory_used(0) + page);
   KVCache c3(c, 301);
   try {
-    limited.forward(prompt.data(), 10, c3, 1, got.data());
+    limited->forward(prompt.data(), 10, c3, 1, got.data());
     ADD_FAILURE() << "expected an error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("--gpu-memory"), std::string::npos) << e.what();
@@ -457,15 +475,13 @@ TEST(GpuParity, DecodeAttentionPastFiftyThousandPositions) {
   const int64_t len = 60000;
   std::vector<int32_t> ids(static_cast<size_t>(len + 1));
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(3 + (i * 7919) % static_cast<size_t>(c.vocab - 3));
-  setenv("BIOQUANT_CUDA_GEMM", "0", 1);
-  Decoder dec(*model, pool, 0, KvType::BF16);
-  unsetenv("BIOQUANT_CUDA_GEMM");
+  const auto dec = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_GEMM", "0"}});
   KVCache whole(c, len + 1), stepped(c, len + 1);
   const size_t vocab = static_cast<size_t>(c.vocab);
   std::vector<float> want(vocab), got(vocab), prompt_rows(vocab);
-  dec.forward(ids.data(), len + 1, whole, 1, want.data());
-  dec.forward(ids.data(), len, stepped, 1, prompt_rows.data());
-  dec.forward(ids.data() + len, 1, stepped, 1, got.data());
+  dec->forward(ids.data(), len + 1, whole, 1, want.data());
+  dec->forward(ids.data(), len, stepped, 1, prompt_rows.data());
+  dec->forward(ids.data() + len, 1, stepped, 1, got.data());
   EXPECT_EQ(stepped.size(), len + 1);
   Compared r;
   r.add(want.data(), got.data(), static_cast<int64_t>(vocab));
@@ -491,19 +507,17 @@ TEST(GpuParity, PromptOnTensorCoresWithoutCublasMatchesCublas) {
     quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f)), pool);
     const ModelConfig& c = model->config();
     const size_t vocab = static_cast<size_t>(c.vocab);
-    setenv("BIOQUANT_CUDA_GEMM", "mma", 1);
-    Decoder mma(*model, pool, 0, KvType::F32);
-    unsetenv("BIOQUANT_CUDA_GEMM");
+    const auto mma = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "mma"}});
     Decoder cublas(*model, pool, 0, KvType::F32);
-    ASSERT_EQ(mma.gpu()->prompt_matmuls().rfind("tensor cores without cuBLAS", 0), 0u) << mma.gpu()->prompt_matmuls();
+    ASSERT_EQ(mma->gpu()->prompt_matmuls().rfind("tensor cores without cuBLAS", 0), 0u) << mma->gpu()->prompt_matmuls();
     KVCache c1(c, 101), c2(c, 101);
     std::vector<float> got(2 * vocab), want(2 * vocab);
-    mma.forward(prompt.data(), 100, c1, 2, got.data());
+    mma->forward(prompt.data(), 100, c1, 2, got.data());
     cublas.forward(prompt.data(), 100, c2, 2, want.data());
     Compared r;
     for (size_t i = 0; i < 2; ++i) r.add(want.data() + i * vocab, got.data() + i * vocab, static_cast<int64_t>(vocab));
     const int32_t next = 7;
-    mma.forward(&next, 1, c1, 1, got.data());
+    mma->forward(&next, 1, c1, 1, got.data());
     cublas.forward(&next, 1, c2, 1, want.data());
     r.add(want.data(), got.data(), static_cast<int64_t>(vocab));
     EXPECT_LE(r.max_err, 1e-2f * std::max(1.0f, r.max_ref)) << f;
@@ -531,12 +545,8 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
     const size_t vocab = static_cast<size_t>(c.vocab);
     // The batched decoder splits each decode attention head over blocks from 8 positions on (the
     // sequences of a step reuse its partial-softmax buffers one after another); alone: one block.
-    setenv("BIOQUANT_CUDA_SPLIT_MIN", "8", 1);
-    Decoder batched(*model, pool, 0, KvType::F32);
-    unsetenv("BIOQUANT_CUDA_SPLIT_MIN");
-    setenv("BIOQUANT_CUDA_SPLITS", "1", 1);
-    Decoder alone(*model, pool, 0, KvType::F32);
-    unsetenv("BIOQUANT_CUDA_SPLITS");
+    const auto batched = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_SPLIT_MIN", "8"}});
+    const auto alone = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_SPLITS", "1"}});
     KVCache caches[6] = {KVCache(c, 64), KVCache(c, 64), KVCache(c, 64), KVCache(c, 64), KVCache(c, 64), KVCache(c, 64)};
     std::vector<float> got(3 * vocab), want(3 * vocab);
     Compared r;  // alone (reference) against batched
@@ -550,10 +560,10 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
       const DecodeSegment segs[3] = {{ta.data(), static_cast<int64_t>(ta.size()), &caches[0], 1, got.data()},
                                      {tb.data(), static_cast<int64_t>(tb.size()), &caches[1], 1, got.data() + vocab},
                                      {tc.data(), static_cast<int64_t>(tc.size()), &caches[2], 1, got.data() + 2 * vocab}};
-      batched.forward_batch(segs);
-      alone.forward(ta.data(), static_cast<int64_t>(ta.size()), caches[3], 1, want.data());
-      alone.forward(tb.data(), static_cast<int64_t>(tb.size()), caches[4], 1, want.data() + vocab);
-      alone.forward(tc.data(), static_cast<int64_t>(tc.size()), caches[5], 1, want.data() + 2 * vocab);
+      batched->forward_batch(segs);
+      alone->forward(ta.data(), static_cast<int64_t>(ta.size()), caches[3], 1, want.data());
+      alone->forward(tb.data(), static_cast<int64_t>(tb.size()), caches[4], 1, want.data() + vocab);
+      alone->forward(tc.data(), static_cast<int64_t>(tc.size()), caches[5], 1, want.data() + 2 * vocab);
       check_step(step == 0 ? "prompts" : "decode");
       // Both continue with the sequence-alone run's greedy tokens.
       const auto next = [&](size_t i) {
@@ -605,16 +615,10 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
       for (const KvType kv : {KvType::F32, KvType::BF16, KvType::Q8}) {
         Decoder cpu(*model, pool);
         Decoder fused(*model, pool, 0, kv);
-        setenv("BIOQUANT_CUDA_FUSED", "2", 1);
-        Decoder separate(*model, pool, 0, kv);
-        unsetenv("BIOQUANT_CUDA_FUSED");
+        const auto separate = gpu_decoder(*model, pool, kv, {{"BIOQUANT_CUDA_FUSED", "2"}});
         // The fused kernel with every context split over blocks (5 splits of at least one position:
         // some splits get no position at some lengths).
-        setenv("BIOQUANT_CUDA_SPLITS", "5", 1);
-        setenv("BIOQUANT_CUDA_SPLIT_MIN", "1", 1);
-        Decoder split(*model, pool, 0, kv);
-        unsetenv("BIOQUANT_CUDA_SPLITS");
-        unsetenv("BIOQUANT_CUDA_SPLIT_MIN");
+        const auto split = gpu_decoder(*model, pool, kv, {{"BIOQUANT_CUDA_SPLITS", "5"}, {"BIOQUANT_CUDA_SPLIT_MIN", "1"}});
         KVCache c_cpu(model->config(), steps), c_fused(model->config(), steps), c_sep(model->config(), steps),
             c_split(model->config(), steps);
         std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size()), sp(a.size());
@@ -624,8 +628,8 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
           const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
           cpu.forward(&token, 1, c_cpu, 1, a.data());
           fused.forward(&token, 1, c_fused, 1, b.data());
-          separate.forward(&token, 1, c_sep, 1, r.data());
-          split.forward(&token, 1, c_split, 1, sp.data());
+          separate->forward(&token, 1, c_sep, 1, r.data());
+          split->forward(&token, 1, c_split, 1, sp.data());
           for (int64_t j = 0; j < vocab; ++j) {
             max_ref = std::max(max_ref, std::fabs(a[j]));
             worst_cpu = std::max(worst_cpu, std::fabs(a[j] - b[j]));

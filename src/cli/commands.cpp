@@ -92,7 +92,6 @@ int check_device(const Common& c) {
 }
 
 KvType apply_gpu_flags(const Common& c, int device) {
-  check_device(c);
   if (device >= 0) set_cuda_memory_limit(static_cast<size_t>(c.gpu_memory_gib * 1024.0 * 1024.0 * 1024.0));
   return c.kv_cache.empty() ? KvType::BF16 : parse_kv_type(c.kv_cache);
 }

@@ -34,8 +34,8 @@ void report_peak_memory();
 // -1 for the CPU, N for CUDA device N (--device); throws Error for an unknown or absent device, or for
 // GPU flags (--kv-cache, --gpu-memory) given for the CPU: before any model is loaded.
 int check_device(const Common& c);
-// Applies the GPU flags before a decoder is made: --gpu-memory's limit (set_cuda_memory_limit), and
-// returns --kv-cache's type (bf16 when not given); either given for the CPU is an error.
+// Applies the GPU flags (checked by check_device) before a decoder is made: --gpu-memory's limit
+// (set_cuda_memory_limit), and returns --kv-cache's type (bf16 when not given).
 KvType apply_gpu_flags(const Common& c, int device);
 // The GPU's memory as the run left it (stderr), beside the host's peak RSS; nothing on the CPU.
 void report_gpu_memory(const Decoder& decoder);

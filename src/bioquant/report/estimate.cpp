@@ -203,18 +203,16 @@ void estimate_gpu(const Model& model, MemoryEstimate& e, KvType kv, const Estima
     const size_t tile = gpu_gemm_tile_bytes(static_cast<size_t>(e.weights));
     size_t first = 0, second = 0;
     bool any = false;
-    for (const LayerWeights& l : w.layers)
-      for (const Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
-        const TensorPlan* p = plan_of(*m);
-        const QuantType t = p != nullptr ? p->to : m->type;
-        if (t == QuantType::F32 || t == QuantType::F16) continue;  // f32 kernels, no tensor cores
-        any = true;
-        if (t == QuantType::BF16) continue;  // multiplied as stored
-        const int64_t rows = gpu_gemm_tile_rows(m->rows, m->cols, tile);
-        const size_t bytes = static_cast<size_t>(rows * m->cols) * 2;
-        first = std::max(first, bytes);
-        if (rows < m->rows) second = std::max(second, bytes);
-      }
+    for (const TensorPlan& p : e.plan) {
+      if (p.name == "embedding" || p.name == "output") continue;  // prompts' layer matmuls only
+      if (p.to == QuantType::F32 || p.to == QuantType::F16) continue;  // f32 kernels, no tensor cores
+      any = true;
+      if (p.to == QuantType::BF16) continue;  // multiplied as stored
+      const int64_t rows = gpu_gemm_tile_rows(p.rows, p.cols, tile);
+      const size_t bytes = static_cast<size_t>(rows * p.cols) * 2;
+      first = std::max(first, bytes);
+      if (rows < p.rows) second = std::max(second, bytes);
+    }
     const int64_t widest = std::max({c.hidden, c.q_dim(), c.intermediate});
     if (any) e.scratch = static_cast<double>(first + second) + 2.0 * static_cast<double>(o.batch * widest);
   }

@@ -909,14 +909,21 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
   if (i < n) out[i] = __float2bfloat16_rn(x[i]);
 }
 
+// BIOQUANT_CUDA_GEMM: "0" prompts on the integer kernels only, "mma" on tensor cores without cuBLAS
+// (dequant_mma_kernel), unset: cuBLAS.
+std::string gemm_knob() {
+  const char* e = std::getenv("BIOQUANT_CUDA_GEMM");
+  return e != nullptr ? e : "";
+}
+
 // cuBLAS, opened at run time: the binary does not depend on a library of hundreds of MB that
 // CPU-only machines (and CI) lack; without it (or with BIOQUANT_CUDA_GEMM=0) prompts run on the
 // integer kernels.
 class Cublas {
  public:
   void open(cudaStream_t stream) {
-    if (const char* e = std::getenv("BIOQUANT_CUDA_GEMM"); e != nullptr && (std::string(e) == "0" || std::string(e) == "mma")) {
-      status_ = "off (BIOQUANT_CUDA_GEMM=" + std::string(e) + ")";
+    if (const std::string knob = gemm_knob(); knob == "0" || knob == "mma") {
+      status_ = "off (BIOQUANT_CUDA_GEMM=" + knob + ")";
       return;
     }
     for (const char* name : {"libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13", "libcublas.so"}) {
@@ -2024,29 +2031,6 @@ struct GpuDecoder::Impl {
     }
   }
 
-  // The workspace's device buffers for steps of up to `tokens` rows and `logit_rows` logit rows, each
-  // one fbuf(floats): ensure_work allocates them, work_bytes adds their sizes up.
-  template <class Buf>
-  void lay_out_work(Work& wk, int64_t tokens, int64_t logit_rows, Buf&& fbuf) const {
-    const GpuWorkSizes n = gpu_work_sizes(model.config(), tokens, logit_rows, attention_splits);
-    wk.x = fbuf(n.x);
-    wk.x2 = fbuf(n.x2);
-    wk.h = fbuf(n.h);
-    wk.q = fbuf(n.q);
-    wk.k = fbuf(n.k);
-    wk.v = fbuf(n.v);
-    wk.attn = fbuf(n.attn);
-    wk.normed = n.normed == 0 ? wk.attn : fbuf(n.normed);
-    wk.gate = fbuf(n.gate);
-    wk.up = fbuf(n.up);
-    wk.logits = fbuf(n.logits);
-    wk.aq = reinterpret_cast<int8_t*>(fbuf(n.aq));
-    wk.ad = fbuf(n.ad);
-    wk.as = reinterpret_cast<int*>(fbuf(n.as));
-    wk.pos = reinterpret_cast<int64_t*>(fbuf(n.pos));
-    wk.attn_part = fbuf(n.attn_part);
-    wk.attn_done = reinterpret_cast<int*>(fbuf(n.attn_done));
-  }
   size_t work_bytes(int64_t tokens, int64_t logit_rows) const {
     return gpu_work_sizes(model.config(), tokens, logit_rows, attention_splits).bytes();
   }
@@ -2059,12 +2043,31 @@ struct GpuDecoder::Impl {
     const ModelConfig& c = model.config();
     tokens = std::max(tokens, work.tokens);
     logit_rows = std::max(logit_rows, work.logit_rows);
-    lay_out_work(work, tokens, logit_rows, [&](int64_t n) {
-      const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+    // The buffers gpu_work_sizes lays out (work_bytes adds the same sizes up).
+    const auto fbuf = [&](int64_t floats) {
+      const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
       void* p = mem.alloc(bytes, Pool::Work);
       work_bufs.push_back({p, bytes, Pool::Work});
       return static_cast<float*>(p);
-    });
+    };
+    const GpuWorkSizes n = gpu_work_sizes(c, tokens, logit_rows, attention_splits);
+    work.x = fbuf(n.x);
+    work.x2 = fbuf(n.x2);
+    work.h = fbuf(n.h);
+    work.q = fbuf(n.q);
+    work.k = fbuf(n.k);
+    work.v = fbuf(n.v);
+    work.attn = fbuf(n.attn);
+    work.normed = n.normed == 0 ? work.attn : fbuf(n.normed);
+    work.gate = fbuf(n.gate);
+    work.up = fbuf(n.up);
+    work.logits = fbuf(n.logits);
+    work.aq = reinterpret_cast<int8_t*>(fbuf(n.aq));
+    work.ad = fbuf(n.ad);
+    work.as = reinterpret_cast<int*>(fbuf(n.as));
+    work.pos = reinterpret_cast<int64_t*>(fbuf(n.pos));
+    work.attn_part = fbuf(n.attn_part);
+    work.attn_done = reinterpret_cast<int*>(fbuf(n.attn_done));
     CUDA_OK(cudaMemsetAsync(work.attn_done, 0, static_cast<size_t>(c.n_heads) * sizeof(int), stream));
     CUDA_OK(cudaMallocHost(&work.host_x, static_cast<size_t>(tokens * c.hidden) * sizeof(float)));
     CUDA_OK(cudaMallocHost(&work.host_logits, static_cast<size_t>(logit_rows * c.vocab) * sizeof(float)));
@@ -2253,8 +2256,7 @@ struct GpuDecoder::Impl {
   // Prompt rows multiply on tensor cores: through cuBLAS, or, without it (a memory limit gave it up, or
   // libcublas.so.13 is absent), through dequant_mma_kernel. BIOQUANT_CUDA_GEMM=0: neither.
   bool tensor_cores() const { return blas.ready() || mma_fallback; }
-  bool mma_fallback = env_int("BIOQUANT_CUDA_MMA", 1) == 1 && !(std::getenv("BIOQUANT_CUDA_GEMM") != nullptr &&
-                                                                  std::string(std::getenv("BIOQUANT_CUDA_GEMM")) == "0");
+  bool mma_fallback = gemm_knob() != "0";
 
   // Rows [0, gemm_rows) on tensor cores, the others on the integer (or plain) kernels. With
   // prequantized, the activations of all n rows are already in work.aq/ad/as.
