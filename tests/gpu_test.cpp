@@ -491,6 +491,57 @@ TEST(GpuParity, DecodeAttentionPastFiftyThousandPositions) {
               r.max_ref);
 }
 
+// Cards with less shared memory per block than an H100's 227 KB (A100 163 KB, sm_86/89 cards 99 KB;
+// emulated with BIOQUANT_CUDA_SMEM_KB): the attention kernels get what the card has. A decode step at
+// 30000 positions with the default splits is the H100's bit for bit; one block per head would hold
+// 117 KB of scores, which the H100 runs and the 99 KB card refuses with a clear error, its cache left
+// as it was; a card with less than the prompt attention's 82 KB is refused when the decoder is made.
+TEST(GpuParity, CardsWithLessSharedMemoryDecodeTheSame) {
+  SKIP_WITHOUT_GPU();
+  auto model = Model::load(biomed_tiny_dir());
+  ThreadPool pool(2);
+  const ModelConfig& c = model->config();
+  const int64_t len = 30000;
+  std::vector<int32_t> ids(static_cast<size_t>(len + 1));
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(3 + (i * 7919) % static_cast<size_t>(c.vocab - 3));
+  const size_t vocab = static_cast<size_t>(c.vocab);
+  std::vector<float> want(vocab), got(vocab), prompt_rows(vocab);
+  const auto decode_after_prompt = [&](Decoder& dec, KVCache& cache, float* logits) {
+    dec.forward(ids.data(), len, cache, 1, prompt_rows.data());
+    dec.forward(ids.data() + len, 1, cache, 1, logits);
+  };
+  {
+    const auto h100 = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_GEMM", "0"}});
+    const auto small = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_SMEM_KB", "99"}});
+    KVCache a(c, len + 1), b(c, len + 1);
+    decode_after_prompt(*h100, a, want.data());
+    decode_after_prompt(*small, b, got.data());
+    EXPECT_EQ(b.size(), len + 1);
+    EXPECT_EQ(want, got);
+  }
+  {
+    const auto h100 = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_SPLITS", "1"}});
+    const auto small = gpu_decoder(*model, pool, KvType::BF16,
+                                   {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_SPLITS", "1"}, {"BIOQUANT_CUDA_SMEM_KB", "99"}});
+    KVCache a(c, len + 1), b(c, len + 1);
+    EXPECT_NO_THROW(decode_after_prompt(*h100, a, got.data()));
+    EXPECT_EQ(a.size(), len + 1);
+    try {
+      decode_after_prompt(*small, b, got.data());
+      ADD_FAILURE() << "expected an error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("too long"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(b.size(), len);
+  }
+  try {
+    gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_SMEM_KB", "64"}});
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("shared memory per block"), std::string::npos) << e.what();
+  }
+}
+
 // Prompts on tensor cores without cuBLAS (dequant_mma_kernel: what a memory limit too tight for cuBLAS's
 // handle and tiles leaves, and what a machine without libcublas gets): the same bf16 weights and
 // activations as the cuBLAS path, only the f32 summation order differs. A 100-token prompt in every

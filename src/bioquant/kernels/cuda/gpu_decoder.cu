@@ -1465,7 +1465,7 @@ constexpr size_t decode_attention_smem(int head_dim, int64_t positions) {
 // attention_kernel's scores (one block per head and token, the whole context): padded, the compiler may
 // read them three at a time past the last one used.
 inline size_t attention_smem_bytes(int64_t positions) { return static_cast<size_t>((positions + 7) / 4 * 4) * sizeof(float); }
-constexpr size_t kAttentionSmemBytes = 200 * 1024;  // attention_kernel's opt-in shared memory
+constexpr size_t kAttentionSmemBytes = 200 * 1024;  // attention_kernel's opt-in shared memory (at most)
 
 // Prompt attention (n > 1 tokens): a block per (head, tile of kQTile queries). Keys and values pass
 // through shared memory kKTile positions at a time, shared by the tile's queries (attention_kernel
@@ -1474,7 +1474,8 @@ constexpr size_t kAttentionSmemBytes = 200 * 1024;  // attention_kernel's opt-in
 // memory (as float4) serves 4 queries: for the scores a lane takes one key of the tile, for the
 // output a lane takes 4 consecutive head dimensions (and 4 more 128 further on, up to 256).
 constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256, kWarpQueries = 4;
-// attention_decode_kernel's opt-in shared memory: a head of kMaxHeadDim with 50K positions' scores.
+// attention_decode_kernel's opt-in shared memory: a head of kMaxHeadDim with 50K positions' scores
+// (at most: a card with less shared memory per block gets what it has, see GpuDecoder::GpuDecoder).
 constexpr size_t kDecodeSmemBytes = decode_attention_smem(kMaxHeadDim, 50 * 1024);
 constexpr size_t kThreadStackBytes = 64;  // see GpuDecoder::GpuDecoder
 
@@ -1881,9 +1882,12 @@ struct GpuDecoder::Impl {
   }
   // Whether a decode step over contexts up to `len` positions fits the attention kernels' shared memory.
   bool decode_attention_fits(int64_t len) const {
-    if (fused_decode_ok()) return decode_attention_smem(static_cast<int>(model.config().head_dim), decode_split_len(len)) <= kDecodeSmemBytes;
-    return attention_smem_bytes(len) <= kAttentionSmemBytes;
+    if (fused_decode_ok()) return decode_attention_smem(static_cast<int>(model.config().head_dim), decode_split_len(len)) <= decode_smem_bytes;
+    return attention_smem_bytes(len) <= attention_smem_limit;
   }
+  // The attention kernels' dynamic shared memory on this card: kDecodeSmemBytes / kAttentionSmemBytes
+  // where it has that much per block (H100: 227 KB), else what it has (A100: 163 KB, sm_86/89: 99 KB).
+  size_t decode_smem_bytes = kDecodeSmemBytes, attention_smem_limit = kAttentionSmemBytes;
   // Prompt attention on tensor cores with a bf16 cache (BIOQUANT_CUDA_TC_ATTENTION=2: the f32 tiled kernel).
   bool tensor_core_attention = env_int("BIOQUANT_CUDA_TC_ATTENTION", 1) == 1;
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB to choose). Measured on an H100, 8B
@@ -2488,6 +2492,7 @@ struct GpuDecoder::Impl {
         } catch (...) {
           cudaStreamEndCapture(stream, &g);
           if (g) cudaGraphDestroy(g);
+          cudaGetLastError();  // a launch error invalidated the capture: not the next call's error
           throw;
         }
         CUDA_OK(cudaStreamEndCapture(stream, &g));
@@ -2590,7 +2595,7 @@ struct GpuDecoder::Impl {
         if (fused_decode && sg.n == 1) {
           const int64_t nblk_o = qd / 32;
           const int64_t split_len = decode_split_len(smem_len);
-          check(decode_attention_smem(static_cast<int>(c.head_dim), split_len) <= kDecodeSmemBytes,
+          check(decode_attention_smem(static_cast<int>(c.head_dim), split_len) <= decode_smem_bytes,
                 "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long for " +
                     std::to_string(attention_splits) + " blocks per head (BIOQUANT_CUDA_SPLITS)");
           // No more blocks per head than the context can give work to (a graph is captured for the cache's capacity).
@@ -2657,7 +2662,7 @@ struct GpuDecoder::Impl {
                   static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
         } else {
           const size_t smem = attention_smem_bytes(smem_len);
-          check(smem <= kAttentionSmemBytes, "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long");
+          check(smem <= attention_smem_limit, "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long");
           launch(attention_kernel<KV>, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128, smem, q, kc, vc, ks, vs, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
               static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap, out);
         }
@@ -2774,6 +2779,18 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   check(device >= 0 && device < cuda_device_count(), "no CUDA device " + std::to_string(device) + " (" +
                                                          std::to_string(cuda_device_count()) + " found)");
   CUDA_OK(cudaSetDevice(device));
+  // bf16 tensor cores (the prompt path) need Ampere or newer. The build carries sm_80 and sm_90 code
+  // (CMakeLists.txt); the decode steps' dependent launches need the sm_90 code's griddepcontrol
+  // instructions, so they are on only where that code runs (not on Ampere or Ada cards).
+  int major = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  check(major >= 8, "CUDA: " + cuda_device_description(device) + " is older than the Ampere cards (sm_80) BioQuant's kernels need");
+  cudaFuncAttributes kernel_image{};
+  const cudaError_t image = cudaFuncGetAttributes(&kernel_image, add_norm_quant_kernel);
+  if (image != cudaSuccess) cudaGetLastError();
+  check(image == cudaSuccess, "CUDA: this build has no kernels for " + cuda_device_description(device) +
+                                  " (set CMAKE_CUDA_ARCHITECTURES to include it): " + cudaGetErrorString(image));
+  if (kernel_image.ptxVersion < 90) impl_->dependent_decode = false;
   check(kv != KvType::Q8 || model.config().kv_dim() % 32 == 0,
         "a q8 KV cache needs K/V rows that are a multiple of 32 values (this model has " +
             std::to_string(model.config().kv_dim()) + ")");
@@ -2806,10 +2823,26 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
   if (impl_->attention_splits == 0)
     impl_->attention_splits = gpu_attention_splits(sms, static_cast<int>(model.config().n_heads));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kAttentionSmemBytes)));
-  const int decode_smem = static_cast<int>(kDecodeSmemBytes);
+  // Shared memory per block (opt-in) sizes the attention kernels' score buffers: long contexts
+  // take more decode splits' worth of it, or are refused, on cards with less than an H100. The
+  // kernels' attributes (per device, shared by every decoder on it) allow what the card has; this
+  // decoder's limits (BIOQUANT_CUDA_SMEM_KB: a smaller card's) decide what it launches.
+  int smem_optin = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t card_smem = static_cast<size_t>(smem_optin);
+  size_t usable_smem = card_smem;
+  if (const int kb = Impl::env_int("BIOQUANT_CUDA_SMEM_KB", 0); kb > 0) usable_smem = std::min(usable_smem, static_cast<size_t>(kb) * 1024);
+  const size_t prefill_needed = prefill_attention_smem(kMaxHeadDim);
+  check(usable_smem >= prefill_needed, "CUDA: " + cuda_device_description(device) + " has " + std::to_string(usable_smem / 1024) +
+                                           " KB of shared memory per block; the attention kernels need " +
+                                           std::to_string(prefill_needed / 1024 + 1) + " KB");
+  impl_->decode_smem_bytes = std::min(kDecodeSmemBytes, usable_smem);
+  impl_->attention_smem_limit = std::min(kAttentionSmemBytes, usable_smem);
+  const int attention_smem = static_cast<int>(std::min(kAttentionSmemBytes, card_smem));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_smem));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_smem));
+  CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_smem));
+  const int decode_smem = static_cast<int>(std::min(kDecodeSmemBytes, card_smem));
   CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem));
   CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                decode_smem));
