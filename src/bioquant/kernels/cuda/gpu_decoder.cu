@@ -1282,6 +1282,27 @@ __device__ __forceinline__ void load8_kv(const int8_t* cache, const __half* scal
   for (int k = 0; k < 8; ++k) o[k] = static_cast<float>(static_cast<int8_t>(w[k / 4] >> (8 * (k % 4)))) * d;
 }
 
+// Asynchronous copies into shared memory (sm_80+): issued, then waited for with cp_async_wait_all
+// (each thread its own; a __syncthreads after makes them visible to the block).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// The decode attention's staged cache rows: stage_len positions of K and of V for one KV head, rows
+// padded by 16 bytes (a thread per position reading its row: 8 lanes of a 16-byte phase land on
+// distinct banks), then (q8) their fp16 scales. Bytes of shared memory, a multiple of 16.
+__host__ __device__ constexpr int decode_stage_row(int head_dim, int kv_bytes) { return head_dim * kv_bytes + 16; }
+__host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_bytes, int stage_len) {
+  return 2 * static_cast<size_t>(stage_len) * decode_stage_row(head_dim, kv_bytes) +
+         (kv_bytes == 1 ? (2 * static_cast<size_t>(stage_len) * (head_dim / 32) * 2 + 15) / 16 * 16 : 0);
+}
+
 // Decode attention (one new token of a sequence), fused: RoPE of the token's q head and of its k
 // head (as rope_store_kernel), the new k and v stored into the cache by the first q head of each
 // KV group, attention over the cache (the new position from shared memory, rounded as stored), and,
@@ -1301,13 +1322,12 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
                                         const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim,
                                         int rotary_dim, KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale,
                                         int64_t window, float scale, float softcap, float* out, int8_t* aq, float* ad,
-                                        int* as, int min_chunk, float* part, int* done) {
-  await_then_allow();
+                                        int* as, int min_chunk, float* part, int* done, int stage_len) {
   extern __shared__ float decode_smem[];
   __shared__ float red[32];
   __shared__ bool last_block;
   const int h = blockIdx.x, group = n_heads / n_kv_heads, g = h / group;
-  const int64_t pos = *pos0_ptr;
+  const int64_t pos = *pos0_ptr;  // uploaded before the step's first kernel: readable before the wait
   const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
   const int64_t len = pos - first + 1;
   const int splits = static_cast<int>(min(static_cast<int64_t>(gridDim.y), (len + min_chunk - 1) / min_chunk));
@@ -1316,11 +1336,42 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   const int64_t chunk = (len + splits - 1) / splits;
   const int64_t s_begin = min(len, split * chunk), count = min(len, s_begin + chunk) - s_begin;
   const bool has_new = s_begin + count == len && count > 0;  // this split holds the new position
+  const int64_t cached = has_new ? count - 1 : count;        // positions read from the cache
   const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = rotary_dim / 2;
   float* qs = decode_smem;
   float* kn = qs + head_dim;
   float* vn = kn + head_dim;
-  float* scores = vn + head_dim;
+  // The split's first stage_len cached rows of K and V go to shared memory in one round of 16-byte
+  // asynchronous copies, started before the wait: they were written by earlier steps, and the scores
+  // and values then read them from there instead of waiting on the cache load by load (up to six
+  // dependent round trips at 60 positions). Same values, same order of adds.
+  constexpr int kvb = static_cast<int>(sizeof(KV));
+  const int stage_ld = decode_stage_row(head_dim, kvb) / kvb;  // elements per staged row
+  const int staged = static_cast<int>(min(cached, static_cast<int64_t>(stage_len)));
+  KV* k_stage = reinterpret_cast<KV*>(vn + head_dim);
+  KV* v_stage = k_stage + static_cast<int64_t>(stage_len) * stage_ld;
+  __half* ks_stage = reinterpret_cast<__half*>(v_stage + static_cast<int64_t>(stage_len) * stage_ld);
+  __half* vs_stage = ks_stage + stage_len * (head_dim / 32);
+  float* scores = reinterpret_cast<float*>(reinterpret_cast<char*>(k_stage) + decode_stage_bytes(head_dim, kvb, stage_len));
+  {
+    const int row_chunks = head_dim * kvb / 16;
+    for (int c = threadIdx.x; c < staged * row_chunks; c += blockDim.x) {
+      const int sp = c / row_chunks, e = (c % row_chunks) * (16 / kvb);
+      const int64_t at = (first + s_begin + sp) * kv_dim + g * head_dim + e;
+      cp_async16(k_stage + sp * stage_ld + e, k_cache + at);
+      cp_async16(v_stage + sp * stage_ld + e, v_cache + at);
+    }
+    if constexpr (std::is_same_v<KV, int8_t>) {  // scales two at a time (head_dim, kv_dim multiples of 64)
+      const int pairs = head_dim / 64;
+      for (int c = threadIdx.x; c < staged * pairs; c += blockDim.x) {
+        const int sp = c / pairs, e = 2 * (c % pairs);
+        const int64_t at = ((first + s_begin + sp) * kv_dim + g * head_dim) / 32 + e;
+        cp_async4(ks_stage + sp * (head_dim / 32) + e, k_scale + at);
+        cp_async4(vs_stage + sp * (head_dim / 32) + e, v_scale + at);
+      }
+    }
+  }
+  await_then_allow();
   const int lane = threadIdx.x % 32;
   const bool writer = h % group == 0 && split == 0;
   for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {  // warp-uniform bound (head_dim % 32 == 0)
@@ -1372,6 +1423,7 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
     kn[i] = kv;
     vn[i] = vv;
   }
+  cp_async_wait_all();
   __syncthreads();
   for (int64_t sidx = threadIdx.x; sidx < count; sidx += blockDim.x) {
     const int64_t p = first + s_begin + sidx;
@@ -1380,12 +1432,15 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
       for (int i = 0; i < head_dim; ++i) acc += qs[i] * kn[i];
     } else {
       // Up to 64 elements' loads in flight, then their products in order (head_dim % 32 == 0).
-      const int64_t row = p * kv_dim + g * head_dim;
+      const int64_t at = p * kv_dim + g * head_dim;
+      const bool in_stage = sidx < staged;
+      const KV* row = in_stage ? k_stage + sidx * stage_ld : k_cache + at;
+      const __half* row_scale = !std::is_same_v<KV, int8_t> ? nullptr : in_stage ? ks_stage + sidx * (head_dim / 32) : k_scale + at / 32;
       for (int i0 = 0; i0 < head_dim; i0 += 64) {
         float kv8[8][8];
 #pragma unroll
         for (int c = 0; c < 8; ++c)
-          if (i0 + 8 * c < head_dim) load8_kv(k_cache, k_scale, row + i0 + 8 * c, kv8[c]);
+          if (i0 + 8 * c < head_dim) load8_kv(row, row_scale, i0 + 8 * c, kv8[c]);
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
           if (i0 + 8 * c < head_dim) {
@@ -1400,12 +1455,13 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   __syncthreads();
   float m = 0.0f;
   const float sum = block_exp_in_place(scores, count, red, &m);
-  const int64_t cached = has_new ? count - 1 : count;  // positions read from the cache
   float* part_head = part + static_cast<int64_t>(h) * gridDim.y * (head_dim + 2);
   for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {
     float acc = 0.0f;
     const int64_t vi = (first + s_begin) * kv_dim + g * head_dim + i;
     int64_t sidx = 0;
+    for (; sidx < staged; ++sidx)
+      acc += scores[sidx] * load_kv(v_stage + sidx * stage_ld, vs_stage + sidx * (head_dim / 32), i);
     // kVBatch cache loads in flight at a time (one at a time, each waited for, the loop took ~10 us
     // of a decode step at 100 positions); the sum keeps its order. Splitting the positions over more
     // threads (512 per block, partial sums added after) measured slower.
@@ -1474,9 +1530,6 @@ constexpr size_t kAttentionSmemBytes = 200 * 1024;  // attention_kernel's opt-in
 // memory (as float4) serves 4 queries: for the scores a lane takes one key of the tile, for the
 // output a lane takes 4 consecutive head dimensions (and 4 more 128 further on, up to 256).
 constexpr int kQTile = 16, kKTile = 32, kMaxHeadDim = 256, kWarpQueries = 4;
-// attention_decode_kernel's opt-in shared memory: a head of kMaxHeadDim with 50K positions' scores
-// (at most: a card with less shared memory per block gets what it has, see GpuDecoder::GpuDecoder).
-constexpr size_t kDecodeSmemBytes = decode_attention_smem(kMaxHeadDim, 50 * 1024);
 constexpr size_t kThreadStackBytes = 64;  // see GpuDecoder::GpuDecoder
 
 // Prompt attention on tensor cores (bf16 KV cache): scores S = Q K^T and output O = P V by cuBLAS,
@@ -1869,6 +1922,22 @@ struct GpuDecoder::Impl {
   // Measured (8B q4_k, H100, tg at 4096 positions): 8 splits 288 tok/s, 16 305, 32 285.
   int attention_splits = std::min(env_int("BIOQUANT_CUDA_SPLITS", 0), 64);
   int attention_min_chunk = env_int("BIOQUANT_CUDA_SPLIT_MIN", 128);
+  // Cached positions per decode attention block staged in shared memory (attention_decode_kernel;
+  // BIOQUANT_CUDA_STAGE=n, 1: none). A q8 cache needs head_dim and kv_dim multiples of 64 (its scales
+  // copied in pairs).
+  int attention_stage = env_int("BIOQUANT_CUDA_STAGE", 64);
+  int stage_len() const {
+    const ModelConfig& c = model.config();
+    if (attention_stage < 8) return 0;
+    if (kv_type == KvType::Q8 && (c.head_dim % 64 != 0 || c.kv_dim() % 64 != 0)) return 0;
+    return attention_stage / 8 * 8;
+  }
+  int kv_bytes() const { return kv_type == KvType::F32 ? 4 : kv_type == KvType::BF16 ? 2 : 1; }
+  // The fused decode attention's shared memory for splits of up to split_len positions.
+  size_t decode_smem(int64_t split_len) const {
+    const int d = static_cast<int>(model.config().head_dim);
+    return decode_attention_smem(d, split_len) + decode_stage_bytes(d, kv_bytes(), stage_len());
+  }
   // Decode steps take the fused attention kernel (attention_decode_kernel) when the head fits it.
   bool fused_decode_ok() const {
     const int64_t d = model.config().head_dim;
@@ -1882,12 +1951,13 @@ struct GpuDecoder::Impl {
   }
   // Whether a decode step over contexts up to `len` positions fits the attention kernels' shared memory.
   bool decode_attention_fits(int64_t len) const {
-    if (fused_decode_ok()) return decode_attention_smem(static_cast<int>(model.config().head_dim), decode_split_len(len)) <= decode_smem_bytes;
+    if (fused_decode_ok()) return decode_smem(decode_split_len(len)) <= decode_smem_bytes;
     return attention_smem_bytes(len) <= attention_smem_limit;
   }
-  // The attention kernels' dynamic shared memory on this card: kDecodeSmemBytes / kAttentionSmemBytes
-  // where it has that much per block (H100: 227 KB), else what it has (A100: 163 KB, sm_86/89: 99 KB).
-  size_t decode_smem_bytes = kDecodeSmemBytes, attention_smem_limit = kAttentionSmemBytes;
+  // The attention kernels' dynamic shared memory on this card: what it has per block (H100: 227 KB, a
+  // head's scores for ~50K positions beside the staged rows; A100: 163 KB, sm_86/89: 99 KB), at most
+  // kAttentionSmemBytes for attention_kernel. Set by GpuDecoder::GpuDecoder.
+  size_t decode_smem_bytes = 0, attention_smem_limit = 0;
   // Prompt attention on tensor cores with a bf16 cache (BIOQUANT_CUDA_TC_ATTENTION=2: the f32 tiled kernel).
   bool tensor_core_attention = env_int("BIOQUANT_CUDA_TC_ATTENTION", 1) == 1;
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB to choose). Measured on an H100, 8B
@@ -2595,19 +2665,19 @@ struct GpuDecoder::Impl {
         if (fused_decode && sg.n == 1) {
           const int64_t nblk_o = qd / 32;
           const int64_t split_len = decode_split_len(smem_len);
-          check(decode_attention_smem(static_cast<int>(c.head_dim), split_len) <= decode_smem_bytes,
+          check(decode_smem(split_len) <= decode_smem_bytes,
                 "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long for " +
                     std::to_string(attention_splits) + " blocks per head (BIOQUANT_CUDA_SPLITS)");
           // No more blocks per head than the context can give work to (a graph is captured for the cache's capacity).
           const int64_t split_blocks = std::min<int64_t>(attention_splits, std::max<int64_t>(1, (smem_len + attention_min_chunk - 1) / attention_min_chunk));
           launch_with(dependent_decode && n == 1, attention_decode_kernel<KV>,
                  dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(split_blocks)), 128,
-                 decode_attention_smem(static_cast<int>(c.head_dim), split_len), q, work.k + sg.row0 * kvd,
+                 decode_smem(split_len), q, work.k + sg.row0 * kvd,
                  work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                  static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window,
                  c.attention_scale(), c.attn_softcap, out, quant_o ? work.aq + sg.row0 * nblk_o * 32 : nullptr,
                  work.ad + sg.row0 * nblk_o, work.as + sg.row0 * nblk_o, attention_min_chunk, work.attn_part,
-                 work.attn_done);
+                 work.attn_done, stage_len());
           continue;
         }
         // Prompts long enough for the tensor-core matmuls also take their attention there, when the
@@ -2825,33 +2895,37 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
     impl_->attention_splits = gpu_attention_splits(sms, static_cast<int>(model.config().n_heads));
   // Shared memory per block (opt-in) sizes the attention kernels' score buffers: long contexts
   // take more decode splits' worth of it, or are refused, on cards with less than an H100. The
-  // kernels' attributes (per device, shared by every decoder on it) allow what the card has; this
-  // decoder's limits (BIOQUANT_CUDA_SMEM_KB: a smaller card's) decide what it launches.
+  // kernels' attributes (per device, shared by every decoder on it) allow what the card has beside
+  // their static shared memory; this decoder's limits (BIOQUANT_CUDA_SMEM_KB: a smaller card's)
+  // decide what it launches.
   int smem_optin = 0;
   CUDA_OK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t card_smem = static_cast<size_t>(smem_optin);
-  size_t usable_smem = card_smem;
+  size_t card_smem = static_cast<size_t>(smem_optin), usable_smem = card_smem;
   if (const int kb = Impl::env_int("BIOQUANT_CUDA_SMEM_KB", 0); kb > 0) usable_smem = std::min(usable_smem, static_cast<size_t>(kb) * 1024);
-  const size_t prefill_needed = prefill_attention_smem(kMaxHeadDim);
-  check(usable_smem >= prefill_needed, "CUDA: " + cuda_device_description(device) + " has " + std::to_string(usable_smem / 1024) +
-                                           " KB of shared memory per block; the attention kernels need " +
-                                           std::to_string(prefill_needed / 1024 + 1) + " KB");
-  impl_->decode_smem_bytes = std::min(kDecodeSmemBytes, usable_smem);
-  impl_->attention_smem_limit = std::min(kAttentionSmemBytes, usable_smem);
-  const int attention_smem = static_cast<int>(std::min(kAttentionSmemBytes, card_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_smem));
-  const int decode_smem = static_cast<int>(std::min(kDecodeSmemBytes, card_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               decode_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_decode_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem));
-  const int prefill_smem = static_cast<int>(prefill_attention_smem(kMaxHeadDim));
-  CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               prefill_smem));
-  CUDA_OK(cudaFuncSetAttribute(attention_prefill_kernel<int8_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem));
+  const auto dynamic_room = [&](auto kernel, size_t total) {  // what `total` leaves beside the kernel's static shared memory
+    cudaFuncAttributes a{};
+    CUDA_OK(cudaFuncGetAttributes(&a, kernel));
+    return total > a.sharedSizeBytes ? total - a.sharedSizeBytes : size_t{0};
+  };
+  const size_t prefill_smem = prefill_attention_smem(kMaxHeadDim);
+  check(dynamic_room(attention_prefill_kernel<float>, usable_smem) >= prefill_smem,
+        "CUDA: " + cuda_device_description(device) + " has " + std::to_string(usable_smem / 1024) +
+            " KB of shared memory per block; the attention kernels need " + std::to_string(prefill_smem / 1024 + 1) + " KB");
+  impl_->decode_smem_bytes = dynamic_room(attention_decode_kernel<float>, usable_smem);
+  impl_->attention_smem_limit = std::min(kAttentionSmemBytes, dynamic_room(attention_kernel<float>, usable_smem));
+  const int attention_smem = static_cast<int>(std::min(kAttentionSmemBytes, dynamic_room(attention_kernel<float>, card_smem)));
+  const int decode_smem = static_cast<int>(dynamic_room(attention_decode_kernel<float>, card_smem));
+  const int prefill = static_cast<int>(prefill_smem);
+  const auto allow = [](auto kernel, int bytes) { CUDA_OK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)); };
+  allow(attention_kernel<float>, attention_smem);
+  allow(attention_kernel<__nv_bfloat16>, attention_smem);
+  allow(attention_kernel<int8_t>, attention_smem);
+  allow(attention_decode_kernel<float>, decode_smem);
+  allow(attention_decode_kernel<__nv_bfloat16>, decode_smem);
+  allow(attention_decode_kernel<int8_t>, decode_smem);
+  allow(attention_prefill_kernel<float>, prefill);
+  allow(attention_prefill_kernel<__nv_bfloat16>, prefill);
+  allow(attention_prefill_kernel<int8_t>, prefill);
   {
     int16_t nf4[16], fp4[16];
     const float* cb_nf4 = nf4_codebook();
