@@ -1007,8 +1007,15 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
+  // The warps' sums in warp order, their shared-memory reads issued together (a loop bounded by
+  // nwarps waited for each read before its add).
+  float part[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) part[i] = i < nwarps ? red[i] : 0.0f;
   float total = 0.0f;
-  for (int i = 0; i < nwarps; ++i) total += red[i];
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+    if (i < nwarps) total += part[i];
   return total;
 }
 __device__ __forceinline__ float block_max(float v, float* red) {
@@ -1091,6 +1098,10 @@ constexpr int64_t kSlicedNormRows = kGpuSlicedNormRows;
 // slices x_out and out must alias neither (with one, x_out may be x).
 __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x_out, const float* w, float eps, int64_t n,
                                       int64_t slice, float* out, __nv_bfloat16* out_bf16, int8_t* q, float* d, int* s) {
+  // This thread's first weight, loaded before the wait (no kernel writes the weights): after the
+  // row's sum it would be a round trip to memory of its own.
+  const int64_t i_first = blockIdx.y * slice + threadIdx.x;
+  const float w_first = i_first < n ? w[i_first] : 0.0f;
   await_then_allow();
   __shared__ float red[32];
   const int64_t t = blockIdx.x;
@@ -1111,7 +1122,7 @@ __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x
       v += ar[i];
       x_out[t * n + i] = v;
     }
-    const float o = v * scale * w[i];
+    const float o = v * scale * (i == i_first ? w_first : w[i]);
     out[t * n + i] = o;
     if (out_bf16 != nullptr) out_bf16[t * n + i] = __float2bfloat16_rn(o);
     if (q != nullptr) quantize_lane(o, lane, t, i / 32, n / 32, q, d, s);
