@@ -463,6 +463,13 @@ TEST(GpuParity, MemoryLimitTakesPromptInRoundsThatFit) {
   EXPECT_EQ(c3.size(), 0);
 }
 
+// n token ids spread over the vocabulary (ids 0-2 left out), for contexts longer than any fixture.
+std::vector<int32_t> long_context_ids(int64_t n, int64_t vocab) {
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(3 + (i * 7919) % static_cast<size_t>(vocab - 3));
+  return ids;
+}
+
 // Decode past the 50K positions one attention block can hold scores for: the split kernel needs only its
 // share (60001 positions over 16 blocks per head), so the step also stays a CUDA graph. The last token
 // decoded after a 60000-token prompt against the same 60001 tokens as one prompt (the tiled prompt
@@ -473,8 +480,7 @@ TEST(GpuParity, DecodeAttentionPastFiftyThousandPositions) {
   ThreadPool pool(2);
   const ModelConfig& c = model->config();
   const int64_t len = 60000;
-  std::vector<int32_t> ids(static_cast<size_t>(len + 1));
-  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(3 + (i * 7919) % static_cast<size_t>(c.vocab - 3));
+  const std::vector<int32_t> ids = long_context_ids(len + 1, c.vocab);
   const auto dec = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_GEMM", "0"}});
   KVCache whole(c, len + 1), stepped(c, len + 1);
   const size_t vocab = static_cast<size_t>(c.vocab);
@@ -502,8 +508,7 @@ TEST(GpuParity, CardsWithLessSharedMemoryDecodeTheSame) {
   ThreadPool pool(2);
   const ModelConfig& c = model->config();
   const int64_t len = 30000;
-  std::vector<int32_t> ids(static_cast<size_t>(len + 1));
-  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(3 + (i * 7919) % static_cast<size_t>(c.vocab - 3));
+  const std::vector<int32_t> ids = long_context_ids(len + 1, c.vocab);
   const size_t vocab = static_cast<size_t>(c.vocab);
   std::vector<float> want(vocab), got(vocab), prompt_rows(vocab);
   const auto decode_after_prompt = [&](Decoder& dec, KVCache& cache, float* logits) {
