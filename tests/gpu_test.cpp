@@ -378,12 +378,20 @@ TEST(GpuParity, LongPromptAttentionStaysOnTensorCores) {
               b.max_err, b.max_ref, b.argmax_mismatches, tiled.max_err, tiled.argmax_mismatches, diff);
 }
 
+// The trained demo model on GPU 0, with a thread pool for the decoders (skipped without a GPU).
+class GpuTrainedModel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_GPU();
+    model = Model::load(biomed_tiny_dir());
+  }
+  std::unique_ptr<Model> model;
+  ThreadPool pool{2};
+};
+
 // A prompt taken in rounds of BIOQUANT_CUDA_PROMPT_CHUNK tokens (bounded workspace) against one step:
 // the last row's logits, then a decode step on each cache.
-TEST(GpuParity, PromptInRoundsMatchesOneStep) {
-  SKIP_WITHOUT_GPU();
-  auto model = Model::load(biomed_tiny_dir());
-  ThreadPool pool(2);
+TEST_F(GpuTrainedModel, PromptInRoundsMatchesOneStep) {
   const ModelConfig& c = model->config();
   const std::vector<int32_t> prompt = biomed_tiny_prompt(300);
   const size_t vocab = static_cast<size_t>(c.vocab);
@@ -415,10 +423,7 @@ TEST(GpuParity, PromptInRoundsMatchesOneStep) {
 // under the limit, and the logits are those of the prompt in one step (integer kernels in both:
 // BIOQUANT_CUDA_GEMM=0 keeps cuBLAS's handle out of the picture). A limit with no room for the KV
 // cache is a clear error that leaves the cache as it was.
-TEST(GpuParity, MemoryLimitTakesPromptInRoundsThatFit) {
-  SKIP_WITHOUT_GPU();
-  auto model = Model::load(biomed_tiny_dir());
-  ThreadPool pool(2);
+TEST_F(GpuTrainedModel, MemoryLimitTakesPromptInRoundsThatFit) {
   const ModelConfig& c = model->config();
   const std::vector<int32_t> prompt = biomed_tiny_prompt(300);
   const size_t vocab = static_cast<size_t>(c.vocab);
@@ -474,10 +479,7 @@ std::vector<int32_t> long_context_ids(int64_t n, int64_t vocab) {
 // share (60001 positions over 16 blocks per head), so the step also stays a CUDA graph. The last token
 // decoded after a 60000-token prompt against the same 60001 tokens as one prompt (the tiled prompt
 // attention), both with f32 matmuls (no cuBLAS) and a bf16 cache.
-TEST(GpuParity, DecodeAttentionPastFiftyThousandPositions) {
-  SKIP_WITHOUT_GPU();
-  auto model = Model::load(biomed_tiny_dir());
-  ThreadPool pool(2);
+TEST_F(GpuTrainedModel, DecodeAttentionPastFiftyThousandPositions) {
   const ModelConfig& c = model->config();
   const int64_t len = 60000;
   const std::vector<int32_t> ids = long_context_ids(len + 1, c.vocab);
@@ -502,10 +504,7 @@ TEST(GpuParity, DecodeAttentionPastFiftyThousandPositions) {
 // 30000 positions with the default splits is the H100's bit for bit; one block per head would hold
 // 117 KB of scores, which the H100 runs and the 99 KB card refuses with a clear error, its cache left
 // as it was; a card with less than the prompt attention's 82 KB is refused when the decoder is made.
-TEST(GpuParity, CardsWithLessSharedMemoryDecodeTheSame) {
-  SKIP_WITHOUT_GPU();
-  auto model = Model::load(biomed_tiny_dir());
-  ThreadPool pool(2);
+TEST_F(GpuTrainedModel, CardsWithLessSharedMemoryDecodeTheSame) {
   const ModelConfig& c = model->config();
   const int64_t len = 30000;
   const std::vector<int32_t> ids = long_context_ids(len + 1, c.vocab);

@@ -1319,8 +1319,9 @@ __host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_byt
 // KV group, attention over the cache (the new position from shared memory, rounded as stored), and,
 // when aq is given, the output quantized per 32 for the output projection's integer kernels. Three
 // launches (RoPE + store, attention, quantization) cost more than their work on small contexts.
-// Grid: (heads, splits); head_dim a multiple of 32, at most 256. Shared: q, k, v of the head, then
-// the scores. Scores: a thread per position; values: a thread per dimension.
+// Grid: (heads, splits); head_dim a multiple of 32, at most 256. Shared: q, k, v of the head, the
+// staged cache rows (decode_stage_bytes), then the scores. Scores: a thread per position; values: a
+// thread per dimension.
 // Long contexts are split over the grid's y blocks (flash-decoding): with one block per head, 32
 // blocks of a 132-SM card each walked the whole context (8B q4_k on an H100, 4096 positions in the
 // cache: 129 tok/s; split 16 ways, 300).
@@ -1526,6 +1527,7 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   }
 }
 
+// Its shared memory less the staged rows: q, k, v and `positions` scores.
 constexpr size_t decode_attention_smem(int head_dim, int64_t positions) {
   return static_cast<size_t>(3 * head_dim + (positions + 3) / 4 * 4) * sizeof(float);
 }
