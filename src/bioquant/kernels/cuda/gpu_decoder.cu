@@ -121,18 +121,31 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::Q4_0)>(cons
   o.min_term = 0.0f;
 }
 
+// kquant_scale_min of sub-blocks 2jp and 2jp + 1 of a Q4_K/Q5_K super-block whose 16-byte header (d,
+// dmin, scales[12]) is `head`, by byte permutes of its words: bytes sc(2jp), sc(2jp + 1), m(2jp),
+// m(2jp + 1). Read from a byte array at a run-time index, the header went through local memory (a
+// store and byte loads on each lane's critical path; q4_k decode tg128 379 -> 405 tok/s).
+__device__ __forceinline__ uint32_t kquant_scale_min_pair(const uint4& head, int jp) {
+  const uint32_t jj = (2 * jp) & 3;
+  const uint32_t raw = __byte_perm(head.y, head.z, jj | ((jj + 1) << 4) | ((jj + 4) << 8) | ((jj + 5) << 12));
+  if (jp < 2) return raw & 0x3F3F3F3Fu;  // sub-blocks 0-3: the low 6 bits of scales[j] and scales[j + 4]
+  // 4-7: a nibble of scales[j + 4] and the top 2 bits of scales[j - 4] / scales[j]
+  const uint32_t c = __byte_perm(head.w, 0, jj | ((jj + 1) << 4) | (jj << 8) | ((jj + 1) << 12));
+  return (c & 0x00000F0Fu) | ((c >> 4) & 0x0F0F0000u) | ((raw >> 2) & 0x30303030u);
+}
+__device__ __forceinline__ float half_lo(uint32_t w) { return __half2float(__ushort_as_half(static_cast<uint16_t>(w & 0xFFFF))); }
+__device__ __forceinline__ float half_hi(uint32_t w) { return __half2float(__ushort_as_half(static_cast<uint16_t>(w >> 16))); }
+
 template <bool kQ5>
 __device__ __forceinline__ void decode32_k45(const uint8_t* row, int64_t b, Block32& o) {
   const int64_t sb = b / 8;
   const int j = static_cast<int>(b % 8);
   const uint8_t* blk = row + (kQ5 ? 176 : 144) * sb;  // 16-byte aligned (rows are whole super-blocks)
   const uint4 head = *reinterpret_cast<const uint4*>(blk);
-  uint8_t hb[16];
-  memcpy(hb, &head, 16);
-  const float d = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[0] | (hb[1] << 8))));
-  const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(hb[2] | (hb[3] << 8))));
-  uint8_t sc, m;
-  kquant_scale_min(hb + 4, j, &sc, &m);
+  const float d = half_lo(head.x);
+  const float dmin = half_hi(head.x);
+  const uint32_t scales = kquant_scale_min_pair(head, j / 2) >> (8 * (j % 2));
+  const uint32_t sc = scales & 0xFF, m = (scales >> 16) & 0xFF;
   const uint4* qs = reinterpret_cast<const uint4*>(blk + (kQ5 ? 48 : 16) + 32 * (j / 2));
   const uint4 q0 = qs[0], q1 = qs[1];
   const uint32_t words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
@@ -529,20 +542,8 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const Q4kPairWeights wt = given != nullptr ? *given : load_q4k_pair(job.w + (row + r) * job.row_bytes, p);
-      // kquant_scale_min of sub-blocks 2jp and 2jp + 1 by byte permutes of the header's words (bytes
-      // of `packed`: sc0, sc1, m0, m1). Read from a byte array at a run-time index, the header went
-      // through local memory (a store and six byte loads per pair; tg128 379 -> 405 tok/s).
-      const uint32_t jj = (2 * jp) & 3;
-      const uint32_t raw = __byte_perm(wt.head.y, wt.head.z, jj | ((jj + 1) << 4) | ((jj + 4) << 8) | ((jj + 5) << 12));
-      uint32_t packed;
-      if (jp < 2) {  // sub-blocks 0-3: the low 6 bits of scales[j] and scales[j + 4]
-        packed = raw & 0x3F3F3F3Fu;
-      } else {  // 4-7: a nibble of scales[j + 4] and the top 2 bits of scales[j - 4] / scales[j]
-        const uint32_t c = __byte_perm(wt.head.w, 0, jj | ((jj + 1) << 4) | (jj << 8) | ((jj + 1) << 12));
-        packed = (c & 0x00000F0Fu) | ((c >> 4) & 0x0F0F0000u) | ((raw >> 2) & 0x30303030u);
-      }
-      const float dd = __half2float(__ushort_as_half(static_cast<uint16_t>(wt.head.x & 0xFFFF)));
-      const float dmin = __half2float(__ushort_as_half(static_cast<uint16_t>(wt.head.x >> 16)));
+      const uint32_t packed = kquant_scale_min_pair(wt.head, jp);
+      const float dd = half_lo(wt.head.x), dmin = half_hi(wt.head.x);
       const float sc0 = static_cast<float>(packed & 0xFF), sc1 = static_cast<float>((packed >> 8) & 0xFF);
       const float m0 = static_cast<float>((packed >> 16) & 0xFF), m1 = static_cast<float>(packed >> 24);
       const uint32_t w[8] = {wt.q0.x, wt.q0.y, wt.q0.z, wt.q0.w, wt.q1.x, wt.q1.y, wt.q1.z, wt.q1.w};
