@@ -16,8 +16,6 @@
 #include <optional>
 #include <string_view>
 
-#include "bioquant/core/host_device.h"
-
 namespace bioquant {
 
 enum class QuantType : uint8_t { F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, INT8, NF4, FP4 };
@@ -129,8 +127,9 @@ static_assert(sizeof(BlockQ4_K) == 144, "q4_k block is 144 bytes");
 static_assert(sizeof(BlockQ5_K) == 176, "q5_k block is 176 bytes");
 static_assert(sizeof(BlockQ6_K) == 210, "q6_k block is 210 bytes");
 
-// Unpacks the 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K `scales[12]` (host and GPU).
-BQ_HOST_DEVICE inline void kquant_scale_min(const uint8_t* q, int j, uint8_t* sc, uint8_t* m) {
+// Unpacks the 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K `scales[12]`. (The GPU kernels
+// read the same bits from the header's words: kquant_scale_min_pair in gpu_decoder.cu.)
+inline void kquant_scale_min(const uint8_t* q, int j, uint8_t* sc, uint8_t* m) {
   if (j < 4) {
     *sc = q[j] & 63;
     *m = q[j + 4] & 63;
