@@ -1,6 +1,7 @@
 // CUDA backend (see gpu_decoder.h). One translation unit: the per-format block decoders, the
 // matmul kernels, the elementwise kernels, attention, and the forward pass that strings them.
 #include "bioquant/kernels/cuda/gpu_decoder.h"
+#include "bioquant/kernels/cuda/bnb4_permute_tables.h"
 #include "bioquant/kernels/cuda/gpu_memory_plan.h"
 
 #include <cublas_v2.h>
@@ -17,6 +18,7 @@
 #include <dlfcn.h>
 #include <initializer_list>
 #include <map>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -61,6 +63,10 @@ __device__ __forceinline__ float f32_at(const uint8_t* p) {
 
 __constant__ int16_t c_nf4_q14[16];
 __constant__ int16_t c_fp4_q14[16];
+// The same levels as byte-permute tables (Bnb4PermuteTables: four 2-word tables, then the radix).
+constexpr int kBnb4PermuteWords = 9;
+__constant__ uint32_t c_nf4_permute[kBnb4PermuteWords];
+__constant__ uint32_t c_fp4_permute[kBnb4PermuteWords];
 __constant__ float c_dynamic_map[256];
 
 
@@ -606,54 +612,36 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
 
 // bitsandbytes 4-bit decode (one token, nf4 / fp4): a warp per row, a lane per 64-weight block,
 // the token's activations in shared memory (act_chunk_slot order, bytes swapped in pairs: see
-// below). Each Q1.14 codebook level is split into a signed high byte and an unsigned low byte
-// (level = 256 * hi + lo); the two 16-entry byte tables sit in registers and are looked up eight
-// codes at a time by byte permutes, then multiplied by dp4a: the same integer sums as the 16-bit
-// levels, without the 64 shared-memory lookups per block that bounded the generic kernel.
+// below). Each Q1.14 codebook level is split into two signed bytes (level = radix * hi + lo), and
+// each byte plane is looked up four codes at a time by two byte permutes, one with the codes as
+// they are and one with their top bit flipped (bnb4_permute_tables.h says why two suffice), then
+// multiplied by dp4a: the same integer sums as the 16-bit levels. The permute tables sit in
+// registers; a plain two-half lookup needed a third permute per plane to select between halves,
+// and the integer pipe that runs the permutes bounded the kernel (the dp4a run on the FMA pipe).
 struct Bnb4Tables {
-  uint32_t hi[4], lo[4];  // byte e of word k: entry 4k + e
+  uint32_t hi_direct[2], hi_flipped[2], lo_direct[2], lo_flipped[2];
+  int radix;
 };
-__device__ __forceinline__ Bnb4Tables bnb4_tables(const int16_t* book) {
-  Bnb4Tables t;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    t.hi[k] = t.lo[k] = 0;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int level = book[4 * k + e];
-      t.hi[k] |= static_cast<uint32_t>((level >> 8) & 0xFF) << (8 * e);
-      t.lo[k] |= static_cast<uint32_t>(level & 0xFF) << (8 * e);
-    }
-  }
-  return t;
-}
-// Table bytes for the eight codes of w (code i = bits 4i..4i+3) in code order: codes 0-3 in out[0],
-// 4-7 in out[1]. sel: per code, its byte's place (0-3) plus 4 when the code is 8 or more.
-__device__ __forceinline__ void bnb4_lookup8(const uint32_t* table, uint32_t w, uint32_t sel, uint32_t* out) {
-  const uint32_t idx = w & 0x77777777u;  // the code's entry within its half of the table
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const uint32_t low = __byte_perm(table[0], table[1], idx >> (16 * i));
-    const uint32_t high = __byte_perm(table[2], table[3], idx >> (16 * i));
-    out[i] = __byte_perm(low, high, sel >> (16 * i));
-  }
-}
-__device__ __forceinline__ int dp4a_unsigned_signed(uint32_t a, int b, int c) {
-  int d;
-  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+// prmt.b32 in its generic mode (a selector's top bit gives the picked byte's sign).
+__device__ __forceinline__ uint32_t byte_permute_signed(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
   return d;
 }
-// Sum over the eight weights of code word w times their activations x[0..1]. In a byte, the
-// element with the lower index has the HIGH nibble (bitsandbytes), so code i belongs to element
-// i ^ 1: the activations are stored with the bytes of each pair swapped to match.
-__device__ __forceinline__ int bnb4_dot8(const Bnb4Tables& t, uint32_t w, const int* x) {
-  const uint32_t sel = 0x32103210u | ((w & 0x88888888u) >> 1);
-  uint32_t hi[2], lo[2];
-  bnb4_lookup8(t.hi, w, sel, hi);
-  bnb4_lookup8(t.lo, w, sel, lo);
-  const int h = __dp4a(static_cast<int>(hi[1]), x[1], __dp4a(static_cast<int>(hi[0]), x[0], 0));
-  const int l = dp4a_unsigned_signed(lo[1], x[1], dp4a_unsigned_signed(lo[0], x[0], 0));
-  return 256 * h + l;
+// Adds the byte-plane sums of the eight weights of code word w (code i = bits 4i..4i+3) times their
+// activations x[0..1] to hi and lo. In a byte, the element with the lower index has the HIGH nibble
+// (bitsandbytes), so code i belongs to element i ^ 1: the activations are stored with the bytes of
+// each pair swapped to match.
+__device__ __forceinline__ void bnb4_dot8(const Bnb4Tables& t, uint32_t w, const int* x, int& hi, int& lo) {
+  const uint32_t f = w ^ 0x88888888u;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // codes 4i..4i+3 (a permute reads the selector's low 16 bits)
+    const uint32_t wi = w >> (16 * i), fi = f >> (16 * i);
+    hi = __dp4a(static_cast<int>(byte_permute_signed(t.hi_direct[0], t.hi_direct[1], wi)), x[i], hi);
+    hi = __dp4a(static_cast<int>(byte_permute_signed(t.hi_flipped[0], t.hi_flipped[1], fi)), x[i], hi);
+    lo = __dp4a(static_cast<int>(byte_permute_signed(t.lo_direct[0], t.lo_direct[1], wi)), x[i], lo);
+    lo = __dp4a(static_cast<int>(byte_permute_signed(t.lo_flipped[0], t.lo_flipped[1], fi)), x[i], lo);
+  }
 }
 
 // kPipelined: each lane's next block is loaded while it multiplies the current one, and the warp's
@@ -675,7 +663,7 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
   }
   await_inputs();
   extern __shared__ int4 act_shared[];
-  __shared__ uint32_t tables_shared[8];
+  __shared__ uint32_t tables_shared[kBnb4PermuteWords];
   {
     const int4* src = reinterpret_cast<const int4*>(q);
     for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) {
@@ -686,24 +674,22 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
       v.w = static_cast<int>(__byte_perm(v.w, 0, 0x2301));
       act_shared[act_chunk_slot(c)] = v;
     }
-    if (threadIdx.x == 0) {
-      const Bnb4Tables t = bnb4_tables(T == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14);
-      for (int k = 0; k < 4; ++k) {
-        tables_shared[k] = t.hi[k];
-        tables_shared[4 + k] = t.lo[k];
-      }
-    }
+    const uint32_t* permute = T == static_cast<int>(QuantType::NF4) ? c_nf4_permute : c_fp4_permute;
+    if (threadIdx.x < kBnb4PermuteWords) tables_shared[threadIdx.x] = permute[threadIdx.x];
     __syncthreads();
   }
-  // The tables come from shared memory so that they sit in vector registers: built from constants
-  // they are warp-uniform, the compiler kept half of them in uniform registers, which PRMT cannot
-  // read, and paid a move before each lookup.
+  // The tables come from shared memory so that they sit in vector registers: read from constants
+  // they are warp-uniform, the compiler kept some in uniform registers, which PRMT cannot read, and
+  // paid a move before each lookup.
   Bnb4Tables tables;
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    tables.hi[k] = tables_shared[k];
-    tables.lo[k] = tables_shared[4 + k];
+  for (int k = 0; k < 2; ++k) {
+    tables.hi_direct[k] = tables_shared[k];
+    tables.hi_flipped[k] = tables_shared[2 + k];
+    tables.lo_direct[k] = tables_shared[4 + k];
+    tables.lo_flipped[k] = tables_shared[6 + k];
   }
+  tables.radix = static_cast<int>(tables_shared[8]);
   bool preloaded = kPipelined;
   for (int64_t r = first; r < jobs.total_rows; r += warps) {
     int64_t row = r;
@@ -732,8 +718,12 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
       const int x[16] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w, a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // the block's two 32-blocks: elements 0-15 (lo) and 16-31 (hi) of each
-        const int lo = bnb4_dot8(tables, w[4 * h], x + 8 * h) + bnb4_dot8(tables, w[4 * h + 1], x + 8 * h + 2);
-        const int hi = bnb4_dot8(tables, w[4 * h + 2], x + 8 * h + 4) + bnb4_dot8(tables, w[4 * h + 3], x + 8 * h + 6);
+        int lo_hi = 0, lo_lo = 0, hi_hi = 0, hi_lo = 0;  // (32-block half, byte plane)
+        bnb4_dot8(tables, w[4 * h], x + 8 * h, lo_hi, lo_lo);
+        bnb4_dot8(tables, w[4 * h + 1], x + 8 * h + 2, lo_hi, lo_lo);
+        bnb4_dot8(tables, w[4 * h + 2], x + 8 * h + 4, hi_hi, hi_lo);
+        bnb4_dot8(tables, w[4 * h + 3], x + 8 * h + 6, hi_hi, hi_lo);
+        const int lo = tables.radix * lo_hi + lo_lo, hi = tables.radix * hi_hi + hi_lo;
         const int64_t b = 2 * p + h;
         acc += d[b] * (scale * static_cast<float>(lo) + scale * static_cast<float>(hi));  // no minimum: s unused
       }
@@ -2991,6 +2981,21 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
     }
     CUDA_OK(cudaMemcpyToSymbol(c_nf4_q14, nf4, sizeof nf4));
     CUDA_OK(cudaMemcpyToSymbol(c_fp4_q14, fp4, sizeof fp4));
+    const auto upload_permute = [](const int16_t* levels, const void* symbol, const char* name) {
+      const std::optional<Bnb4PermuteTables> t = bnb4_permute_tables(levels);
+      if (!t) throw Error(std::string("internal: no byte-permute tables for the ") + name + " codebook");
+      uint32_t words[kBnb4PermuteWords];
+      for (int k = 0; k < 2; ++k) {
+        words[k] = t->hi_direct[k];
+        words[2 + k] = t->hi_flipped[k];
+        words[4 + k] = t->lo_direct[k];
+        words[6 + k] = t->lo_flipped[k];
+      }
+      words[8] = static_cast<uint32_t>(t->radix);
+      CUDA_OK(cudaMemcpyToSymbol(symbol, words, sizeof words));  // the symbol's address: the C API
+    };
+    upload_permute(nf4, c_nf4_permute, "nf4");
+    upload_permute(fp4, c_fp4_permute, "fp4");
     CUDA_OK(cudaMemcpyToSymbol(c_dynamic_map, bnb_dynamic_map(), 256 * sizeof(float)));
   }
   const ModelConfig& c = model.config();
