@@ -495,19 +495,22 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
 // and high nibbles), so every weight byte is loaded once; a warp takes R adjacent rows, so each
 // activation load serves R rows (the activations, re-read by every row, otherwise load the L1 more
 // than the weights do); dp4a dot products.
-// Shared-memory copy of one token's int8 activations for the q4_k decode kernel. Lane p reads the
-// 16-byte chunks 4p..4p+3; stored as is, the 8 lanes a shared load serves at a time would hit two
-// of the eight 16-byte bank groups (4-way conflicts). XOR-ing the chunk's place within its 128-byte
-// row with the row's index (mod 4) spreads them over all eight.
-__device__ __forceinline__ int act_chunk_slot(int c) { return (c & ~7) | ((c & 7) ^ ((c >> 3) & 3)); }
+// Shared-memory copy of one token's int8 activations for the q4_k and nf4/fp4 decode kernels. Lane p
+// reads the 16-byte chunks 4p..4p+3; stored as is, the 8 lanes a shared load serves at a time would
+// hit two of the eight 16-byte bank groups (4-way conflicts). A 16-byte pad after every 8 chunks
+// (two lanes' share) spreads them over all eight, and keeps each lane's four chunks adjacent, so
+// that they are one address plus constant offsets (an XOR swizzle cost ~12 integer instructions
+// per block of the nf4 loop).
+__device__ __forceinline__ int act_chunk_slot(int c) { return c + (c >> 3); }
+__host__ __device__ constexpr size_t act_shared_bytes(int64_t cols) { return static_cast<size_t>(cols + cols / 8); }
 
 // The weights of q4_k pair p of a row: its super-block's header and the 32-byte run of qs.
 struct Q4kPairWeights {
   uint4 head, q0, q1;
 };
-__device__ __forceinline__ Q4kPairWeights load_q4k_pair(const uint8_t* row, int64_t p) {
-  const uint8_t* blk = row + 144 * (p / 4);
-  const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * (p % 4));
+__device__ __forceinline__ Q4kPairWeights load_q4k_pair(const uint8_t* row, int p) {
+  const uint8_t* blk = row + 144 * (p >> 2);  // p >= 0
+  const uint4* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * (p & 3));
   return {*reinterpret_cast<const uint4*>(blk), qs[0], qs[1]};
 }
 constexpr int kQ4kPreload = 2;  // pairs per lane loaded before the activations are waited for
@@ -519,21 +522,20 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
   const int lane = threadIdx.x % 32;
   QJob job;
   if (!locate_row(jobs, row, job)) return;
-  const int64_t pairs = cols / 64;
+  const int pairs = static_cast<int>(cols / 64);  // 32-bit index arithmetic (rows are < 2^31 bytes)
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-  const auto pair = [&](int64_t p, const Q4kPairWeights* given) {
-    const int jp = static_cast<int>(p % 4);
-    const int64_t b0 = 2 * p;
+  const auto pair = [&](int p, const Q4kPairWeights* given) {
+    const int jp = p & 3;
+    const int b0 = 2 * p;
     int4 a0, a1, a2, a3;
     if constexpr (kShared) {
-      const int4* a = reinterpret_cast<const int4*>(q);
-      const int c = 4 * static_cast<int>(p);
-      a0 = a[act_chunk_slot(c)];
-      a1 = a[act_chunk_slot(c + 1)];
-      a2 = a[act_chunk_slot(c + 2)];
-      a3 = a[act_chunk_slot(c + 3)];
+      const int4* a = reinterpret_cast<const int4*>(q) + act_chunk_slot(4 * p);
+      a0 = a[0];
+      a1 = a[1];
+      a2 = a[2];
+      a3 = a[3];
     } else {
       const int4* a = reinterpret_cast<const int4*>(q + 32 * b0);
       a0 = a[0];
@@ -543,8 +545,10 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
     }
     const int x0[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     const int x1[8] = {a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
-    const float dx0 = d[b0], dx1 = d[b0 + 1];
-    const float sx0 = static_cast<float>(s[b0]), sx1 = static_cast<float>(s[b0 + 1]);
+    const float2 dx = reinterpret_cast<const float2*>(d)[p];  // b0 is even: one 8-byte load each
+    const int2 sx = reinterpret_cast<const int2*>(s)[p];
+    const float dx0 = dx.x, dx1 = dx.y;
+    const float sx0 = static_cast<float>(sx.x), sx1 = static_cast<float>(sx.y);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const Q4kPairWeights wt = given != nullptr ? *given : load_q4k_pair(job.w + (row + r) * job.row_bytes, p);
@@ -563,7 +567,7 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
       acc[r] += dx1 * (dd * sc1 * static_cast<float>(hi) - dmin * m1 * sx1);
     }
   };
-  int64_t p = lane;
+  int p = lane;
   if constexpr (kPre) {
 #pragma unroll
     for (int k = 0; k < kQ4kPreload; ++k, p += 32)
@@ -592,7 +596,7 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
     if (locate_row(jobs, row, job)) {
 #pragma unroll
       for (int k = 0; k < kQ4kPreload; ++k) {
-        const int64_t p = threadIdx.x % 32 + 32 * k;
+        const int p = static_cast<int>(threadIdx.x % 32) + 32 * k;
         if (p < cols / 64) pre[k] = load_q4k_pair(job.w + row * job.row_bytes, p);
       }
     }
@@ -646,11 +650,13 @@ __device__ __forceinline__ void bnb4_dot8(const Bnb4Tables& t, uint32_t w, const
 
 // kPipelined: each lane's next block is loaded while it multiplies the current one, and the warp's
 // first row's first block before the wait (the weights are never written by kernels; +1-2%).
+// At most 64 registers (four blocks per SM): unbounded, the compiler took 90 (two blocks) and nf4
+// decoded at 313 tok/s against 347-354 (H100).
 template <int T, bool kPipelined = false>
-__global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+__global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
                                    const int* /*s: no minimum term*/) {
   const int lane = threadIdx.x % 32;
-  const int64_t nb = cols / 64;
+  const int nb = static_cast<int>(cols / 64);  // cols <= 32K (the launch checks)
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   uint32_t next[8];
@@ -663,7 +669,7 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
   }
   await_inputs();
   extern __shared__ int4 act_shared[];
-  __shared__ uint32_t tables_shared[kBnb4PermuteWords];
+  __shared__ uint32_t tables_shared[kBnb4PermuteWords * 32];  // a copy per lane: see below
   {
     const int4* src = reinterpret_cast<const int4*>(q);
     for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) {
@@ -675,21 +681,22 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
       act_shared[act_chunk_slot(c)] = v;
     }
     const uint32_t* permute = T == static_cast<int>(QuantType::NF4) ? c_nf4_permute : c_fp4_permute;
-    if (threadIdx.x < kBnb4PermuteWords) tables_shared[threadIdx.x] = permute[threadIdx.x];
+    for (int i = threadIdx.x; i < kBnb4PermuteWords * 32; i += blockDim.x) tables_shared[i] = permute[i / 32];
     __syncthreads();
   }
-  // The tables come from shared memory so that they sit in vector registers: read from constants
-  // they are warp-uniform, the compiler kept some in uniform registers, which PRMT cannot read, and
-  // paid a move before each lookup.
+  // Each lane reads its own copy of the tables, so that they sit in vector registers: values the
+  // compiler can see are warp-uniform it kept partly in uniform registers, which PRMT cannot read,
+  // and paid a move before each lookup (57 moves in the loop over a 64-weight block, in the SASS).
   Bnb4Tables tables;
+  const uint32_t* mine = tables_shared + lane;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    tables.hi_direct[k] = tables_shared[k];
-    tables.hi_flipped[k] = tables_shared[2 + k];
-    tables.lo_direct[k] = tables_shared[4 + k];
-    tables.lo_flipped[k] = tables_shared[6 + k];
+    tables.hi_direct[k] = mine[32 * k];
+    tables.hi_flipped[k] = mine[32 * (2 + k)];
+    tables.lo_direct[k] = mine[32 * (4 + k)];
+    tables.lo_flipped[k] = mine[32 * (6 + k)];
   }
-  tables.radix = static_cast<int>(tables_shared[8]);
+  tables.radix = static_cast<int>(tables_shared[32 * 8]);
   bool preloaded = kPipelined;
   for (int64_t r = first; r < jobs.total_rows; r += warps) {
     int64_t row = r;
@@ -700,7 +707,7 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
     if constexpr (kPipelined)
       if (!preloaded && lane < nb) next_absmax = bnb4_block<8>(wr, cols, job.dq, lane, 0, next);
     preloaded = false;
-    for (int64_t p = lane; p < nb; p += 32) {
+    for (int p = lane; p < nb; p += 32) {  // 32-bit index arithmetic (cols <= 32K here)
       uint32_t w[8];
       float scale;
       if constexpr (kPipelined) {  // this block's words were loaded last iteration; the next one's go out now
@@ -711,11 +718,10 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
       } else {
         scale = bnb4_block<8>(wr, cols, job.dq, p, 0, w) * (1.0f / 16384.0f);
       }
-      const int4* a = act_shared;
-      const int c = 4 * static_cast<int>(p);
-      const int4 a0 = a[act_chunk_slot(c)], a1 = a[act_chunk_slot(c + 1)], a2 = a[act_chunk_slot(c + 2)],
-                 a3 = a[act_chunk_slot(c + 3)];
+      const int4* a = act_shared + act_chunk_slot(4 * p);
+      const int4 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
       const int x[16] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w, a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
+      const float2 dx = reinterpret_cast<const float2*>(d)[p];  // the two 32-blocks' scales: one 8-byte load
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // the block's two 32-blocks: elements 0-15 (lo) and 16-31 (hi) of each
         int lo_hi = 0, lo_lo = 0, hi_hi = 0, hi_lo = 0;  // (32-block half, byte plane)
@@ -724,8 +730,7 @@ __global__ void bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, co
         bnb4_dot8(tables, w[4 * h + 2], x + 8 * h + 4, hi_hi, hi_lo);
         bnb4_dot8(tables, w[4 * h + 3], x + 8 * h + 6, hi_hi, hi_lo);
         const int lo = tables.radix * lo_hi + lo_lo, hi = tables.radix * hi_hi + hi_lo;
-        const int64_t b = 2 * p + h;
-        acc += d[b] * (scale * static_cast<float>(lo) + scale * static_cast<float>(hi));  // no minimum: s unused
+        acc += (h == 0 ? dx.x : dx.y) * (scale * static_cast<float>(lo) + scale * static_cast<float>(hi));  // no minimum
       }
     }
     store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
@@ -2447,9 +2452,9 @@ struct GpuDecoder::Impl {
           constexpr int T = decltype(format)::value;
           constexpr bool kBnb4 = T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4);
           if (kBnb4 && nt == 1 && variant == 5 && cols % 64 == 0 && cols <= 32 * 1024) {
-            launch_with(dependent, bnb4_decode_kernel<T>, grid, kThreads, static_cast<size_t>(cols), group, cols, q, d, s);
+            launch_with(dependent, bnb4_decode_kernel<T>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
           } else if (kBnb4 && nt == 1 && variant == 6 && cols % 64 == 0 && cols <= 32 * 1024) {
-            launch_with(dependent, bnb4_decode_kernel<T, true>, grid, kThreads, static_cast<size_t>(cols), group, cols, q, d, s);
+            launch_with(dependent, bnb4_decode_kernel<T, true>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
           } else if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
             launch_q4k_decode(group, grid, cols, q, d, s, dependent);
           } else if (nt == 1 && variant == 4) {
@@ -2489,7 +2494,7 @@ struct GpuDecoder::Impl {
     with_rows_per_warp(group, grid, 1, [&](auto rows, unsigned g) {
       if (persist_blocks > 0) g = std::min(g, persist_blocks);
       if (q4k_shared_activations && cols <= 32 * 1024)
-        launch_with(dependent, q4k_decode_kernel<decltype(rows)::value, true>, g, 256, static_cast<size_t>(cols), group,
+        launch_with(dependent, q4k_decode_kernel<decltype(rows)::value, true>, g, 256, act_shared_bytes(cols), group,
                     cols, q, d, s);
       else
         launch_with(dependent, q4k_decode_kernel<decltype(rows)::value, false>, g, 256, 0, group, cols, q, d, s);
