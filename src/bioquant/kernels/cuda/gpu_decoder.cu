@@ -1469,32 +1469,39 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   }
   cp_async_wait_all();
   __syncthreads();
-  for (int64_t sidx = threadIdx.x; sidx < count; sidx += blockDim.x) {
+  // Scores: four adjacent lanes per position, each over every fourth 8-element chunk of the head
+  // (the four read adjacent 16-byte chunks), then added across the four: a thread per position
+  // summed a chain of head_dim dependent adds, the kernel's longest. head_dim % 32 == 0, so the
+  // chunks split evenly, at most 8 per lane (head_dim <= 256), all loaded before the adds.
+  const int quarter = threadIdx.x & 3, chunks = head_dim / 8;
+  for (int64_t base = 0; base < count; base += blockDim.x / 4) {  // block-uniform: every lane shuffles
+    const int64_t sidx = base + threadIdx.x / 4;
     const int64_t p = first + s_begin + sidx;
     float acc = 0.0f;
-    if (p == pos) {
-      for (int i = 0; i < head_dim; ++i) acc += qs[i] * kn[i];
-    } else {
-      // Up to 64 elements' loads in flight, then their products in order (head_dim % 32 == 0).
+    if (sidx < count && p == pos) {
+      for (int c = quarter; c < chunks; c += 4)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc += qs[8 * c + e] * kn[8 * c + e];
+    } else if (sidx < count) {
       const int64_t at = p * kv_dim + g * head_dim;
       const bool in_stage = sidx < staged;
       const KV* row = in_stage ? k_stage + sidx * stage_ld : k_cache + at;
       const __half* row_scale = !std::is_same_v<KV, int8_t> ? nullptr : in_stage ? ks_stage + sidx * (head_dim / 32) : k_scale + at / 32;
-      for (int i0 = 0; i0 < head_dim; i0 += 64) {
-        float kv8[8][8];
+      float kv8[8][8];
 #pragma unroll
-        for (int c = 0; c < 8; ++c)
-          if (i0 + 8 * c < head_dim) load8_kv(row, row_scale, i0 + 8 * c, kv8[c]);
+      for (int j = 0; j < 8; ++j)
+        if (quarter + 4 * j < chunks) load8_kv(row, row_scale, 8 * (quarter + 4 * j), kv8[j]);
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          if (i0 + 8 * c < head_dim) {
+      for (int j = 0; j < 8; ++j) {
+        if (quarter + 4 * j < chunks) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc += qs[i0 + 8 * c + e] * kv8[c][e];
-          }
+          for (int e = 0; e < 8; ++e) acc += qs[8 * (quarter + 4 * j) + e] * kv8[j][e];
         }
       }
     }
-    scores[sidx] = attention_score(acc, scale, softcap);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    if (quarter == 0 && sidx < count) scores[sidx] = attention_score(acc, scale, softcap);
   }
   __syncthreads();
   float m = 0.0f;
