@@ -1139,10 +1139,22 @@ __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x
   const int64_t t = blockIdx.x;
   const float* xr = x + t * n;
   const float* ar = add != nullptr ? add + t * n : nullptr;
+  // The row's first kCached * blockDim.x values with all their loads in flight (one round trip to
+  // L2, not one per element a thread sums), then any rest; the same order of adds either way.
+  constexpr int kCached = 8;
+  float cached[kCached];
+#pragma unroll
+  for (int k = 0; k < kCached; ++k) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    cached[k] = i < n ? (ar != nullptr ? xr[i] + ar[i] : xr[i]) : 0.0f;
+  }
   float ss = 0.0f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float v = ar != nullptr ? xr[i] + ar[i] : xr[i];
-    ss += v * v;
+#pragma unroll
+  for (int k = 0; k < kCached; ++k)
+    if (threadIdx.x + static_cast<int64_t>(k) * blockDim.x < n) ss += cached[k] * cached[k];
+  for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) {
+    const float u = ar != nullptr ? xr[i] + ar[i] : xr[i];
+    ss += u * u;
   }
   const float total = block_sum(ss, red);
   const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
