@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """HF transformers bf16 baseline on the GPU for a real-size shape with random weights: prefill
-throughput of one forward pass and batch-1 `generate` tokens/s, the figures `bioquant bench
---device cuda` is compared with (run both in the same device call: cards differ).
+throughput of one forward pass and batch-1 `generate` tokens/s (its first call, then the best of the
+warm calls), the figures `bioquant bench --device cuda` is compared with (run both in the same device
+call: cards differ).
 
 usage: hf_gpu_baseline.py [--shape llama3-8b] [--prompt 512] [--gen 64] [--reps 3]
 Prints one JSON object.
@@ -50,7 +51,11 @@ def main():
             prefill.append(args.prompt / (time.perf_counter() - t0))
 
         short = ids[:, :8]
-        model.generate(short, max_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(short, max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False)
+        torch.cuda.synchronize()
+        first = (out.shape[1] - short.shape[1]) / (time.perf_counter() - t0)
         decode = []
         for _ in range(args.reps):
             torch.cuda.synchronize()
@@ -62,7 +67,7 @@ def main():
     print(json.dumps({
         "shape": args.shape, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "dtype": "bf16", "prefill_tokens": args.prompt, "prefill_tok_s": max(prefill), "prefill_all": prefill,
-        "generate_tokens": args.gen, "generate_tok_s": max(decode), "generate_all": decode,
+        "generate_tokens": args.gen, "generate_tok_s": max(decode), "generate_all": decode, "first_generate_tok_s": first,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
     }))
 
