@@ -502,7 +502,7 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
 // that they are one address plus constant offsets (an XOR swizzle cost ~12 integer instructions
 // per block of the nf4 loop).
 __device__ __forceinline__ int act_chunk_slot(int c) { return c + (c >> 3); }
-__host__ __device__ constexpr size_t act_shared_bytes(int64_t cols) { return static_cast<size_t>(cols + cols / 8); }
+constexpr size_t act_shared_bytes(int64_t cols) { return static_cast<size_t>(cols + cols / 8); }
 
 // The weights of q4_k pair p of a row: its super-block's header and the 32-byte run of qs.
 struct Q4kPairWeights {
@@ -1092,29 +1092,39 @@ __device__ __forceinline__ float block_softmax_in_place(float* scores, int64_t l
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w   (one block per row; in place allowed). The row
 // is read once into registers with all its loads in flight: a decode step normalises a single row,
 // and a loop of dependent passes over it cost more than a matmul of the small matrices.
-__global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, float* out) {
-  __shared__ float red[32];
-  constexpr int kCached = 8;
-  const float* xr = x + blockIdx.x * n;
-  float* o = out + blockIdx.x * n;
-  float v[kCached];
+constexpr int kNormCached = 8;  // row values per thread held in registers by the norm kernels
+// This thread's share of the sum of squares of row x (+ add, when given): its first kNormCached values
+// (columns threadIdx.x + k * blockDim.x) loaded together into v, then any rest one by one; the
+// same order of adds either way.
+__device__ __forceinline__ float thread_sum_squares(const float* x, const float* add, int64_t n, float* v) {
+#pragma unroll
+  for (int k = 0; k < kNormCached; ++k) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    v[k] = i < n ? (add != nullptr ? x[i] + add[i] : x[i]) : 0.0f;
+  }
   float ss = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kCached; ++k) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    v[k] = i < n ? xr[i] : 0.0f;
+  for (int k = 0; k < kNormCached; ++k) ss += v[k] * v[k];  // columns past n add +0
+  for (int64_t i = threadIdx.x + static_cast<int64_t>(kNormCached) * blockDim.x; i < n; i += blockDim.x) {
+    const float u = add != nullptr ? x[i] + add[i] : x[i];
+    ss += u * u;
   }
-#pragma unroll
-  for (int k = 0; k < kCached; ++k) ss += v[k] * v[k];
-  for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
-  const float total = block_sum(ss, red);
+  return ss;
+}
+
+__global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, float* out) {
+  __shared__ float red[32];
+  const float* xr = x + blockIdx.x * n;
+  float* o = out + blockIdx.x * n;
+  float v[kNormCached];
+  const float total = block_sum(thread_sum_squares(xr, nullptr, n, v), red);
   const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
 #pragma unroll
-  for (int k = 0; k < kCached; ++k) {
+  for (int k = 0; k < kNormCached; ++k) {
     const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
     if (i < n) o[i] = v[k] * scale * w[i];
   }
-  for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+  for (int64_t i = threadIdx.x + static_cast<int64_t>(kNormCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
 constexpr int64_t kSlicedNormRows = kGpuSlicedNormRows;
@@ -1139,24 +1149,9 @@ __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x
   const int64_t t = blockIdx.x;
   const float* xr = x + t * n;
   const float* ar = add != nullptr ? add + t * n : nullptr;
-  // The row's first kCached * blockDim.x values with all their loads in flight (one round trip to
-  // L2, not one per element a thread sums), then any rest; the same order of adds either way.
-  constexpr int kCached = 8;
-  float cached[kCached];
-#pragma unroll
-  for (int k = 0; k < kCached; ++k) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    cached[k] = i < n ? (ar != nullptr ? xr[i] + ar[i] : xr[i]) : 0.0f;
-  }
-  float ss = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kCached; ++k)
-    if (threadIdx.x + static_cast<int64_t>(k) * blockDim.x < n) ss += cached[k] * cached[k];
-  for (int64_t i = threadIdx.x + static_cast<int64_t>(kCached) * blockDim.x; i < n; i += blockDim.x) {
-    const float u = ar != nullptr ? xr[i] + ar[i] : xr[i];
-    ss += u * u;
-  }
-  const float total = block_sum(ss, red);
+  // The row's values loaded together (one round trip to L2, not one per element a thread sums).
+  float cached[kNormCached];
+  const float total = block_sum(thread_sum_squares(xr, ar, n, cached), red);
   const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
   const int lane = threadIdx.x % 32;
   const int64_t end = min(n, (blockIdx.y + 1) * slice);
