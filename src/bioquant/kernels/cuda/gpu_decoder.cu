@@ -306,6 +306,27 @@ __device__ __forceinline__ void quantize_lane(float v, int lane, int64_t t, int6
   }
 }
 
+// The same with two activations per lane, columns 2l and 2l + 1 of block b in lane l of a 16-lane half
+// of the warp (the other half holds another block; every lane calling). Identical results: the same
+// absmax, scale and rounding, and an integer sum. Only `store` lanes write.
+__device__ __forceinline__ void quantize_pair(float v0, float v1, int lane, int64_t b, bool store, int8_t* q, float* d, int* s) {
+  float amax = fmaxf(fabsf(v0), fabsf(v1));
+#pragma unroll
+  for (int o = 8; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float dd = amax / 127.0f;
+  const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+  const int q0 = __float2int_rn(v0 * id), q1 = __float2int_rn(v1 * id);
+  int sum = q0 + q1;
+#pragma unroll
+  for (int o = 8; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (!store) return;
+  *reinterpret_cast<char2*>(q + 32 * b + 2 * (lane % 16)) = make_char2(static_cast<signed char>(q0), static_cast<signed char>(q1));
+  if (lane % 16 == 0) {
+    d[b] = dd;
+    s[b] = sum;
+  }
+}
+
 __global__ void quantize_act_kernel(const float* x, int64_t cols, int64_t nblk, int64_t n_tokens, int8_t* q, float* d,
                                     int* s) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -1332,7 +1353,25 @@ __device__ __forceinline__ void load8_kv(const int8_t* cache, const __half* scal
   for (int k = 0; k < 8; ++k) o[k] = static_cast<float>(static_cast<int8_t>(w[k / 4] >> (8 * (k % 4)))) * d;
 }
 
-// Asynchronous copies into shared memory (sm_80+): issued, then waited for with cp_async_wait_all
+// Elements i and i + 1 of a cache (i even), as floats (q8: times their block's scale), as load_kv.
+__device__ __forceinline__ void load2_kv(const float* cache, const __half*, int64_t i, float& a, float& b) {
+  const float2 u = *reinterpret_cast<const float2*>(cache + i);
+  a = u.x;
+  b = u.y;
+}
+__device__ __forceinline__ void load2_kv(const __nv_bfloat16* cache, const __half*, int64_t i, float& a, float& b) {
+  const uint32_t w = *reinterpret_cast<const uint32_t*>(cache + i);
+  a = __uint_as_float(w << 16);
+  b = __uint_as_float(w & 0xFFFF0000u);
+}
+__device__ __forceinline__ void load2_kv(const int8_t* cache, const __half* scale, int64_t i, float& a, float& b) {
+  const uint32_t w = *reinterpret_cast<const uint16_t*>(cache + i);
+  const float d = __half2float(scale[i / 32]);
+  a = static_cast<float>(static_cast<int8_t>(w & 0xFFu)) * d;
+  b = static_cast<float>(static_cast<int8_t>(w >> 8)) * d;
+}
+
+// Asynchronous copies into shared memory (sm_80+): issued, committed as groups, then waited for with cp_async_wait_group
 // (each thread its own; a __syncthreads after makes them visible to the block).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -1342,7 +1381,10 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// Copies issued since the last commit form a group; wait until at most `pending` groups are in flight.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int pending>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory"); }
 
 // The decode attention's staged cache rows: stage_len positions of K and of V for one KV head, rows
 // padded by 16 bytes (a thread per position reading its row: 8 lanes of a 16-byte phase land on
@@ -1353,14 +1395,67 @@ __host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_byt
          (kv_bytes == 1 ? (2 * static_cast<size_t>(stage_len) * (head_dim / 32) * 2 + 15) / 16 * 16 : 0);
 }
 
-// Decode attention (one new token of a sequence), fused: RoPE of the token's q head and of its k
-// head (as rope_store_kernel), the new k and v stored into the cache by the first q head of each
-// KV group, attention over the cache (the new position from shared memory, rounded as stored), and,
-// when aq is given, the output quantized per 32 for the output projection's integer kernels. Three
-// launches (RoPE + store, attention, quantization) cost more than their work on small contexts.
-// Grid: (heads, splits); head_dim a multiple of 32, at most 256. Shared: q, k, v of the head, the
-// staged cache rows (decode_stage_bytes), then the scores. Scores: a thread per position; values: a
-// thread per dimension.
+// Decode attention's threads per query head (its reductions: block_max / block_sum over a block of
+// this many threads, the same order of adds whatever the heads per block).
+constexpr int kDecodeHeadThreads = 128, kDecodeMaxHeads = 4;
+
+// block_max / block_sum / block_exp_in_place for the kDecodeHeadThreads threads of one query head
+// (threadIdx.x / kDecodeHeadThreads), every thread of the block calling: the same partials and order
+// of adds as a block of kDecodeHeadThreads threads.
+__device__ __forceinline__ float head_max(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  constexpr int kWarps = kDecodeHeadThreads / 32;
+  const int warp = threadIdx.x / 32, first = warp / kWarps * kWarps;
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) red[warp] = v;
+  __syncthreads();
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) m = fmaxf(m, red[first + i]);
+  return m;
+}
+__device__ __forceinline__ float head_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  constexpr int kWarps = kDecodeHeadThreads / 32;
+  const int warp = threadIdx.x / 32, first = warp / kWarps * kWarps;
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) red[warp] = v;
+  __syncthreads();
+  float part[kWarps];
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) part[i] = red[first + i];
+  float total = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) total += part[i];
+  return total;
+}
+__device__ __forceinline__ float head_exp_in_place(float* scores, int64_t len, float* red, float* max_out) {
+  const int tid = threadIdx.x % kDecodeHeadThreads;
+  float m = -INFINITY;
+  for (int64_t s = tid; s < len; s += kDecodeHeadThreads) m = fmaxf(m, scores[s]);
+  m = head_max(m, red);
+  *max_out = m;
+  float sum = 0.0f;
+  for (int64_t s = tid; s < len; s += kDecodeHeadThreads) {
+    const float e = expf(scores[s] - m);
+    scores[s] = e;
+    sum += e;
+  }
+  return head_sum(sum, red);
+}
+
+// Decode attention (one new token of a sequence), fused: RoPE of the token's q heads and of their k
+// head (as rope_store_kernel), the new k and v stored into the cache by the KV group's first q head,
+// attention over the cache (the new position from shared memory, rounded as stored), and, when aq is
+// given, the output quantized per 32 for the output projection's integer kernels. Three launches
+// (RoPE + store, attention, quantization) cost more than their work on small contexts.
+// A block serves up to kDecodeMaxHeads query heads of one KV group (blockDim.x / kDecodeHeadThreads;
+// grid.x = KV heads * the blocks a group takes), kDecodeHeadThreads threads each: the group's cached
+// K and V rows are read from memory once for all of them. head_dim a multiple of 32, at most 256.
+// Shared memory: q, k, v of each head, the staged cache rows (decode_stage_bytes), then each head's
+// scores (score_ld apart). Scores: four lanes per position; values: a thread per dimension.
 // Long contexts are split over the grid's y blocks (flash-decoding): with one block per head, 32
 // blocks of a 132-SM card each walked the whole context (8B q4_k on an H100, 4096 positions in the
 // cache: 129 tok/s; split 16 ways, 300).
@@ -1368,16 +1463,24 @@ __host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_byt
 // and leaves its partial softmax (max, sum, unnormalised output) in `part`; the head's last block to
 // finish (counted in `done`, which it resets) adds them up in split order, so results do not depend
 // on which block finishes when.
-template <class KV>
-__global__ void attention_decode_kernel(const float* q, const float* k, const float* v, const float* inv_freq,
-                                        const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim,
-                                        int rotary_dim, KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale,
-                                        int64_t window, float scale, float softcap, float* out, int8_t* aq, float* ad,
-                                        int* as, int min_chunk, float* part, int* done, int stage_len) {
+template <class KV, int kChunks>
+__global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
+    attention_decode_kernel(const float* q, const float* k, const float* v, const float* inv_freq,
+                            const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim, int rotary_dim,
+                            KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale, int64_t window, float scale,
+                            float softcap, float* out, int8_t* aq, float* ad, int* as, int min_chunk, float* part,
+                            int* done, int stage_len, int score_ld) {
   extern __shared__ float decode_smem[];
   __shared__ float red[32];
-  __shared__ bool last_block;
-  const int h = blockIdx.x, group = n_heads / n_kv_heads, g = h / group;
+  __shared__ bool last_block[kDecodeMaxHeads];
+  __shared__ float head_sums[kDecodeMaxHeads];
+  const int heads_here = blockDim.x / kDecodeHeadThreads, sub = threadIdx.x / kDecodeHeadThreads;
+  const int tid = threadIdx.x % kDecodeHeadThreads;
+  const int group = n_heads / n_kv_heads, parts = (group + heads_here - 1) / heads_here;
+  const int g = blockIdx.x / parts, local = blockIdx.x % parts * heads_here + sub;
+  // A block's last heads may lie past its group: their threads stage and synchronise, write nothing.
+  const bool active = local < group;
+  const int h = g * group + min(local, group - 1);
   const int64_t pos = *pos0_ptr;  // uploaded before the step's first kernel: readable before the wait
   const int64_t first = window > 0 ? max(static_cast<int64_t>(0), pos - window + 1) : 0;
   const int64_t len = pos - first + 1;
@@ -1389,43 +1492,47 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   const bool has_new = s_begin + count == len && count > 0;  // this split holds the new position
   const int64_t cached = has_new ? count - 1 : count;        // positions read from the cache
   const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = rotary_dim / 2;
-  float* qs = decode_smem;
+  float* qs = decode_smem + 3 * head_dim * sub;
   float* kn = qs + head_dim;
   float* vn = kn + head_dim;
-  // The split's first stage_len cached rows of K and V go to shared memory in one round of 16-byte
-  // asynchronous copies, started before the wait: they were written by earlier steps, and the scores
-  // and values then read them from there instead of waiting on the cache load by load (up to six
-  // dependent round trips at 60 positions). Same values, same order of adds.
+  // The split's first stage_len cached rows of K and V (all of them when they fit) go to shared
+  // memory in one round of 16-byte asynchronous copies, started before the wait: they were written by
+  // earlier steps, and the scores and values then read them from there instead of waiting on the
+  // cache load by load. Same values, same order of adds.
   constexpr int kvb = static_cast<int>(sizeof(KV));
   const int stage_ld = decode_stage_row(head_dim, kvb) / kvb;  // elements per staged row
   const int staged = static_cast<int>(min(cached, static_cast<int64_t>(stage_len)));
-  KV* k_stage = reinterpret_cast<KV*>(vn + head_dim);
+  KV* k_stage = reinterpret_cast<KV*>(decode_smem + 3 * head_dim * heads_here);
   KV* v_stage = k_stage + static_cast<int64_t>(stage_len) * stage_ld;
   __half* ks_stage = reinterpret_cast<__half*>(v_stage + static_cast<int64_t>(stage_len) * stage_ld);
   __half* vs_stage = ks_stage + stage_len * (head_dim / 32);
-  float* scores = reinterpret_cast<float*>(reinterpret_cast<char*>(k_stage) + decode_stage_bytes(head_dim, kvb, stage_len));
-  {
+  float* const scores_base =
+      reinterpret_cast<float*>(reinterpret_cast<char*>(k_stage) + decode_stage_bytes(head_dim, kvb, stage_len));
+  float* scores = scores_base + static_cast<int64_t>(score_ld) * sub;
+  // Two groups of copies: the keys (needed first, by the scores), then the values.
+  for (int which = 0; which < 2; ++which) {
+    const KV* src = which == 0 ? k_cache : v_cache;
+    KV* dst = which == 0 ? k_stage : v_stage;
     const int row_chunks = head_dim * kvb / 16;
     for (int c = threadIdx.x; c < staged * row_chunks; c += blockDim.x) {
       const int sp = c / row_chunks, e = (c % row_chunks) * (16 / kvb);
-      const int64_t at = (first + s_begin + sp) * kv_dim + g * head_dim + e;
-      cp_async16(k_stage + sp * stage_ld + e, k_cache + at);
-      cp_async16(v_stage + sp * stage_ld + e, v_cache + at);
+      cp_async16(dst + sp * stage_ld + e, src + (first + s_begin + sp) * kv_dim + g * head_dim + e);
     }
     if constexpr (std::is_same_v<KV, int8_t>) {  // scales two at a time (head_dim, kv_dim multiples of 64)
+      const __half* src_scale = which == 0 ? k_scale : v_scale;
+      __half* dst_scale = which == 0 ? ks_stage : vs_stage;
       const int pairs = head_dim / 64;
       for (int c = threadIdx.x; c < staged * pairs; c += blockDim.x) {
         const int sp = c / pairs, e = 2 * (c % pairs);
-        const int64_t at = ((first + s_begin + sp) * kv_dim + g * head_dim) / 32 + e;
-        cp_async4(ks_stage + sp * (head_dim / 32) + e, k_scale + at);
-        cp_async4(vs_stage + sp * (head_dim / 32) + e, v_scale + at);
+        cp_async4(dst_scale + sp * (head_dim / 32) + e, src_scale + ((first + s_begin + sp) * kv_dim + g * head_dim) / 32 + e);
       }
     }
+    cp_async_commit();
   }
   await_then_allow();
   const int lane = threadIdx.x % 32;
-  const bool writer = h % group == 0 && split == 0;
-  for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {  // warp-uniform bound (head_dim % 32 == 0)
+  const bool writer = local == 0 && split == 0;
+  for (int i = tid; i - lane < head_dim; i += kDecodeHeadThreads) {  // warp-uniform bound (head_dim % 32 == 0)
     const float* qh = q + h * head_dim;
     const float* kh = k + g * head_dim;
     float qv = qh[i], kv = kh[i];
@@ -1474,15 +1581,21 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
     kn[i] = kv;
     vn[i] = vv;
   }
-  cp_async_wait_all();
+  cp_async_wait_group<1>();  // the keys
   __syncthreads();
   // Scores: four adjacent lanes per position, each over every fourth 8-element chunk of the head
   // (the four read adjacent 16-byte chunks), then added across the four: a thread per position
   // summed a chain of head_dim dependent adds, the kernel's longest. head_dim % 32 == 0, so the
   // chunks split evenly, at most 8 per lane (head_dim <= 256), all loaded before the adds.
-  const int quarter = threadIdx.x & 3, chunks = head_dim / 8;
-  for (int64_t base = 0; base < count; base += blockDim.x / 4) {  // block-uniform: every lane shuffles
-    const int64_t sidx = base + threadIdx.x / 4;
+  const int quarter = tid & 3, chunks = head_dim / 8;
+  float qr[kChunks][8];  // this lane's chunks of q (kChunks >= head_dim / 32)
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qr[j][e] = quarter + 4 * j < chunks ? qs[8 * (quarter + 4 * j) + e] : 0.0f;
+  const int64_t my_count = active ? count : 0;  // positions this head scores
+  for (int64_t base = 0; base < my_count; base += kDecodeHeadThreads / 4) {  // warp-uniform: every lane shuffles
+    const int64_t sidx = base + tid / 4;
     const int64_t p = first + s_begin + sidx;
     float acc = 0.0f;
     if (sidx < count && p == pos) {
@@ -1494,15 +1607,15 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
       const bool in_stage = sidx < staged;
       const KV* row = in_stage ? k_stage + sidx * stage_ld : k_cache + at;
       const __half* row_scale = !std::is_same_v<KV, int8_t> ? nullptr : in_stage ? ks_stage + sidx * (head_dim / 32) : k_scale + at / 32;
-      float kv8[8][8];
+      float kv8[kChunks][8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < kChunks; ++j)
         if (quarter + 4 * j < chunks) load8_kv(row, row_scale, 8 * (quarter + 4 * j), kv8[j]);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kChunks; ++j) {
         if (quarter + 4 * j < chunks) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc += qs[8 * (quarter + 4 * j) + e] * kv8[j][e];
+          for (int e = 0; e < 8; ++e) acc += qr[j][e] * kv8[j][e];
         }
       }
     }
@@ -1512,37 +1625,68 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   }
   __syncthreads();
   float m = 0.0f;
-  const float sum = block_exp_in_place(scores, count, red, &m);
-  float* part_head = part + static_cast<int64_t>(h) * gridDim.y * (head_dim + 2);
-  for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {
-    float acc = 0.0f;
-    const int64_t vi = (first + s_begin) * kv_dim + g * head_dim + i;
-    int64_t sidx = 0;
-    for (; sidx < staged; ++sidx)
-      acc += scores[sidx] * load_kv(v_stage + sidx * stage_ld, vs_stage + sidx * (head_dim / 32), i);
-    // kVBatch cache loads in flight at a time (one at a time, each waited for, the loop took ~10 us
-    // of a decode step at 100 positions); the sum keeps its order. Splitting the positions over more
-    // threads (512 per block, partial sums added after) measured slower.
-    constexpr int kVBatch = 32;
-    for (; sidx + kVBatch <= cached; sidx += kVBatch) {
-      float vv[kVBatch];
+  const float sum = head_exp_in_place(scores, my_count, red, &m);
+  if (tid == 0) head_sums[sub] = sum;
+  cp_async_wait_group<0>();  // the values
+  __syncthreads();
+  // Values: a thread per (head, pair of dimensions), all the block's heads reading the same staged
+  // rows; each output's sum over positions in position order (as a thread per dimension summed it).
+  const int pairs = head_dim / 2;
+  for (int t = threadIdx.x; t - lane < heads_here * pairs; t += blockDim.x) {  // warp-uniform bound
+    const int vsub = min(t / pairs, heads_here - 1), i = 2 * (t % pairs);
+    const int vlocal = blockIdx.x % parts * heads_here + vsub;
+    // Lanes 16k..16k+15 hold one head's 32 dimensions (head_dim % 32 == 0): quantize_pair's groups.
+    const bool valid = t < heads_here * pairs && vlocal < group;
+    const int vh = g * group + min(vlocal, group - 1);
+    const float* sc = scores_base + static_cast<int64_t>(score_ld) * vsub;
+    float a0 = 0.0f, a1 = 0.0f;
+    if (valid) {
+      const int64_t vi = (first + s_begin) * kv_dim + g * head_dim + i;
+      int64_t sidx = 0;
+      for (; sidx < staged; ++sidx) {
+        float x0, x1;
+        load2_kv(v_stage + sidx * stage_ld, vs_stage + sidx * (head_dim / 32), i, x0, x1);
+        a0 += sc[sidx] * x0;
+        a1 += sc[sidx] * x1;
+      }
+      // Cached rows past the staged ones: kVBatch loads in flight at a time (the sums keep their order).
+      constexpr int kVBatch = 16;
+      for (; sidx + kVBatch <= cached; sidx += kVBatch) {
+        float x[kVBatch][2];
 #pragma unroll
-      for (int u = 0; u < kVBatch; ++u) vv[u] = load_kv(v_cache, v_scale, vi + (sidx + u) * kv_dim);
+        for (int u = 0; u < kVBatch; ++u) load2_kv(v_cache, v_scale, vi + (sidx + u) * kv_dim, x[u][0], x[u][1]);
 #pragma unroll
-      for (int u = 0; u < kVBatch; ++u) acc += scores[sidx + u] * vv[u];
+        for (int u = 0; u < kVBatch; ++u) {
+          a0 += sc[sidx + u] * x[u][0];
+          a1 += sc[sidx + u] * x[u][1];
+        }
+      }
+      for (; sidx < cached; ++sidx) {
+        float x0, x1;
+        load2_kv(v_cache, v_scale, vi + sidx * kv_dim, x0, x1);
+        a0 += sc[sidx] * x0;
+        a1 += sc[sidx] * x1;
+      }
+      if (has_new) {
+        const float* vnew = decode_smem + 3 * head_dim * vsub + 2 * head_dim;
+        a0 += sc[count - 1] * vnew[i];
+        a1 += sc[count - 1] * vnew[i + 1];
+      }
     }
-    for (; sidx < cached; ++sidx) acc += scores[sidx] * load_kv(v_cache, v_scale, vi + sidx * kv_dim);
-    if (has_new) acc += scores[count - 1] * vn[i];
     if (splits == 1) {
-      const float o = acc * (1.0f / sum);
-      out[h * head_dim + i] = o;
-      if (aq != nullptr) quantize_lane(o, lane, 0, (h * head_dim + i) / 32, q_dim / 32, aq, ad, as);
-    } else {
-      part_head[split * (head_dim + 2) + i] = acc;
+      const float inv = 1.0f / head_sums[vsub];
+      const float o0 = a0 * inv, o1 = a1 * inv;
+      if (valid) *reinterpret_cast<float2*>(out + vh * head_dim + i) = make_float2(o0, o1);
+      if (aq != nullptr) quantize_pair(o0, o1, lane, (vh * head_dim + i) / 32, valid, aq, ad, as);
+    } else if (valid) {
+      float* part_v = part + static_cast<int64_t>(vh) * gridDim.y * (head_dim + 2) + split * (head_dim + 2);
+      part_v[i] = a0;
+      part_v[i + 1] = a1;
     }
   }
+  float* part_head = part + static_cast<int64_t>(h) * gridDim.y * (head_dim + 2);
   if (splits == 1) return;
-  if (threadIdx.x == 0) {
+  if (tid == 0 && active) {
     part_head[split * (head_dim + 2) + head_dim] = m;
     part_head[split * (head_dim + 2) + head_dim + 1] = sum;
   }
@@ -1550,12 +1694,13 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   // its count, and the last block's reads of the others' after it.
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    last_block = atomicAdd(&done[h], 1) == splits - 1;
-    if (last_block) done[h] = 0;  // ready for the next launch
+  if (tid == 0) {
+    const bool last = active && atomicAdd(&done[h], 1) == splits - 1;
+    if (last) done[h] = 0;  // ready for the next launch
+    last_block[sub] = last;
   }
   __syncthreads();
-  if (!last_block) return;
+  if (!last_block[sub]) return;
   __threadfence();
   float m_all = -INFINITY;
   for (int y = 0; y < splits; ++y) m_all = fmaxf(m_all, __ldcg(part_head + y * (head_dim + 2) + head_dim));
@@ -1563,7 +1708,7 @@ __global__ void attention_decode_kernel(const float* q, const float* k, const fl
   for (int y = 0; y < splits; ++y)
     total += __ldcg(part_head + y * (head_dim + 2) + head_dim + 1) *
              expf(__ldcg(part_head + y * (head_dim + 2) + head_dim) - m_all);
-  for (int i = threadIdx.x; i - lane < head_dim; i += blockDim.x) {
+  for (int i = tid; i - lane < head_dim; i += kDecodeHeadThreads) {
     float acc = 0.0f;
     for (int y = 0; y < splits; ++y)
       acc += __ldcg(part_head + y * (head_dim + 2) + i) * expf(__ldcg(part_head + y * (head_dim + 2) + head_dim) - m_all);
@@ -1981,21 +2126,39 @@ struct GpuDecoder::Impl {
   // Measured (8B q4_k, H100, tg at 4096 positions): 8 splits 288 tok/s, 16 305, 32 285.
   int attention_splits = std::min(env_int("BIOQUANT_CUDA_SPLITS", 0), 64);
   int attention_min_chunk = env_int("BIOQUANT_CUDA_SPLIT_MIN", 128);
-  // Cached positions per decode attention block staged in shared memory (attention_decode_kernel;
-  // BIOQUANT_CUDA_STAGE=n, 1: none). A q8 cache needs head_dim and kv_dim multiples of 64 (its scales
-  // copied in pairs).
-  int attention_stage = env_int("BIOQUANT_CUDA_STAGE", 64);
-  int stage_len() const {
+  // Query heads per decode attention block (attention_decode_kernel; BIOQUANT_CUDA_ATTN_HEADS=1..4):
+  // the heads of a KV group that share a block read its cache once.
+  int attention_heads = std::clamp(env_int("BIOQUANT_CUDA_ATTN_HEADS", kDecodeMaxHeads), 1, kDecodeMaxHeads);
+  // Halved while the heads' scores for splits of split_len positions outgrow the shared memory.
+  int decode_heads_per_block(int64_t split_len) const {
     const ModelConfig& c = model.config();
-    if (attention_stage < 8) return 0;
+    int heads = static_cast<int>(std::min<int64_t>(attention_heads, c.n_heads / c.n_kv_heads));
+    while (heads > 1 && decode_attention_smem(static_cast<int>(c.head_dim), split_len) * static_cast<size_t>(heads) > decode_smem_bytes)
+      heads /= 2;
+    return heads;
+  }
+  // Cached positions per decode attention block staged in shared memory (attention_decode_kernel):
+  // the whole split when it fits beside the heads' scores, else as many as fit; BIOQUANT_CUDA_STAGE=n
+  // stages at most n (1: none). A q8 cache needs head_dim and kv_dim multiples of 64 (its scales
+  // copied in pairs).
+  int attention_stage = env_int("BIOQUANT_CUDA_STAGE", 0);
+  int stage_len(int64_t split_len) const {
+    const ModelConfig& c = model.config();
+    if (attention_stage == 1) return 0;
     if (kv_type == KvType::Q8 && (c.head_dim % 64 != 0 || c.kv_dim() % 64 != 0)) return 0;
-    return attention_stage / 8 * 8;
+    const int d = static_cast<int>(c.head_dim);
+    const size_t fixed = decode_attention_smem(d, split_len) * static_cast<size_t>(decode_heads_per_block(split_len));
+    int64_t n = (split_len + 7) / 8 * 8;
+    if (attention_stage > 1) n = std::min<int64_t>(n, attention_stage / 8 * 8);
+    while (n > 0 && fixed + decode_stage_bytes(d, kv_bytes(), static_cast<int>(n)) > decode_smem_bytes) n -= 8;
+    return static_cast<int>(n);
   }
   int kv_bytes() const { return kv_type == KvType::F32 ? 4 : kv_type == KvType::BF16 ? 2 : 1; }
   // The fused decode attention's shared memory for splits of up to split_len positions.
   size_t decode_smem(int64_t split_len) const {
     const int d = static_cast<int>(model.config().head_dim);
-    return decode_attention_smem(d, split_len) + decode_stage_bytes(d, kv_bytes(), stage_len());
+    return decode_attention_smem(d, split_len) * static_cast<size_t>(decode_heads_per_block(split_len)) +
+           decode_stage_bytes(d, kv_bytes(), stage_len(split_len));
   }
   // Decode steps take the fused attention kernel (attention_decode_kernel) when the head fits it.
   bool fused_decode_ok() const {
@@ -2734,14 +2897,17 @@ struct GpuDecoder::Impl {
                     std::to_string(attention_splits) + " blocks per head (BIOQUANT_CUDA_SPLITS)");
           // No more blocks per head than the context can give work to (a graph is captured for the cache's capacity).
           const int64_t split_blocks = std::min<int64_t>(attention_splits, std::max<int64_t>(1, (smem_len + attention_min_chunk - 1) / attention_min_chunk));
-          launch_with(dependent_decode && n == 1, attention_decode_kernel<KV>,
-                 dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(split_blocks)), 128,
-                 decode_smem(split_len), q, work.k + sg.row0 * kvd,
+          const int heads_per_block = decode_heads_per_block(split_len);
+          const int64_t blocks_per_group = (c.n_heads / c.n_kv_heads + heads_per_block - 1) / heads_per_block;
+          // Each lane's chunks of q in registers: 4 for heads up to 128 wide, 8 up to 256.
+          launch_with(dependent_decode && n == 1, c.head_dim <= 128 ? attention_decode_kernel<KV, 4> : attention_decode_kernel<KV, 8>,
+                 dim3(static_cast<unsigned>(c.n_kv_heads * blocks_per_group), static_cast<unsigned>(split_blocks)),
+                 heads_per_block * kDecodeHeadThreads, decode_smem(split_len), q, work.k + sg.row0 * kvd,
                  work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                  static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window,
                  c.attention_scale(), c.attn_softcap, out, quant_o ? work.aq + sg.row0 * nblk_o * 32 : nullptr,
                  work.ad + sg.row0 * nblk_o, work.as + sg.row0 * nblk_o, attention_min_chunk, work.attn_part,
-                 work.attn_done, stage_len());
+                 work.attn_done, stage_len(split_len), static_cast<int>((split_len + 3) / 4 * 4));
           continue;
         }
         // Prompts long enough for the tensor-core matmuls also take their attention there, when the
@@ -2975,18 +3141,21 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   check(dynamic_room(attention_prefill_kernel<float>, usable_smem) >= prefill_smem,
         "CUDA: " + cuda_device_description(device) + " has " + std::to_string(usable_smem / 1024) +
             " KB of shared memory per block; the attention kernels need " + std::to_string(prefill_smem / 1024 + 1) + " KB");
-  impl_->decode_smem_bytes = dynamic_room(attention_decode_kernel<float>, usable_smem);
+  impl_->decode_smem_bytes = dynamic_room(attention_decode_kernel<float, 8>, usable_smem);
   impl_->attention_smem_limit = std::min(kAttentionSmemBytes, dynamic_room(attention_kernel<float>, usable_smem));
   const int attention_smem = static_cast<int>(std::min(kAttentionSmemBytes, dynamic_room(attention_kernel<float>, card_smem)));
-  const int decode_smem = static_cast<int>(dynamic_room(attention_decode_kernel<float>, card_smem));
+  const int decode_smem = static_cast<int>(dynamic_room(attention_decode_kernel<float, 8>, card_smem));
   const int prefill = static_cast<int>(prefill_smem);
   const auto allow = [](auto kernel, int bytes) { CUDA_OK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)); };
   allow(attention_kernel<float>, attention_smem);
   allow(attention_kernel<__nv_bfloat16>, attention_smem);
   allow(attention_kernel<int8_t>, attention_smem);
-  allow(attention_decode_kernel<float>, decode_smem);
-  allow(attention_decode_kernel<__nv_bfloat16>, decode_smem);
-  allow(attention_decode_kernel<int8_t>, decode_smem);
+  allow(attention_decode_kernel<float, 4>, decode_smem);
+  allow(attention_decode_kernel<__nv_bfloat16, 4>, decode_smem);
+  allow(attention_decode_kernel<int8_t, 4>, decode_smem);
+  allow(attention_decode_kernel<float, 8>, decode_smem);
+  allow(attention_decode_kernel<__nv_bfloat16, 8>, decode_smem);
+  allow(attention_decode_kernel<int8_t, 8>, decode_smem);
   allow(attention_prefill_kernel<float>, prefill);
   allow(attention_prefill_kernel<__nv_bfloat16>, prefill);
   allow(attention_prefill_kernel<int8_t>, prefill);
