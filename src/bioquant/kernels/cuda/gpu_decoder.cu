@@ -1511,12 +1511,20 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
   float* scores = scores_base + static_cast<int64_t>(score_ld) * sub;
   // Two groups of copies: the keys (needed first, by the scores), then the values.
   for (int which = 0; which < 2; ++which) {
-    const KV* src = which == 0 ? k_cache : v_cache;
+    const KV* src = (which == 0 ? k_cache : v_cache) + (first + s_begin) * kv_dim + g * head_dim;
     KV* dst = which == 0 ? k_stage : v_stage;
-    const int row_chunks = head_dim * kvb / 16;
+    // Chunk c = threadIdx.x + k * blockDim.x of the staged rows: row sp, 16-byte chunk e, stepped
+    // without a division per copy.
+    const int row_chunks = head_dim * kvb / 16, step_rows = blockDim.x / row_chunks, step_chunks = blockDim.x % row_chunks;
+    int sp = threadIdx.x / row_chunks, e = threadIdx.x % row_chunks;
     for (int c = threadIdx.x; c < staged * row_chunks; c += blockDim.x) {
-      const int sp = c / row_chunks, e = (c % row_chunks) * (16 / kvb);
-      cp_async16(dst + sp * stage_ld + e, src + (first + s_begin + sp) * kv_dim + g * head_dim + e);
+      cp_async16(dst + sp * stage_ld + e * (16 / kvb), src + static_cast<int64_t>(sp) * kv_dim + e * (16 / kvb));
+      sp += step_rows;
+      e += step_chunks;
+      if (e >= row_chunks) {
+        e -= row_chunks;
+        ++sp;
+      }
     }
     if constexpr (std::is_same_v<KV, int8_t>) {  // scales two at a time (head_dim, kv_dim multiples of 64)
       const __half* src_scale = which == 0 ? k_scale : v_scale;
@@ -1629,59 +1637,82 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
   if (tid == 0) head_sums[sub] = sum;
   cp_async_wait_group<0>();  // the values
   __syncthreads();
-  // Values: a thread per (head, pair of dimensions), all the block's heads reading the same staged
-  // rows; each output's sum over positions in position order (as a thread per dimension summed it).
-  const int pairs = head_dim / 2;
-  for (int t = threadIdx.x; t - lane < heads_here * pairs; t += blockDim.x) {  // warp-uniform bound
-    const int vsub = min(t / pairs, heads_here - 1), i = 2 * (t % pairs);
-    const int vlocal = blockIdx.x % parts * heads_here + vsub;
-    // Lanes 16k..16k+15 hold one head's 32 dimensions (head_dim % 32 == 0): quantize_pair's groups.
-    const bool valid = t < heads_here * pairs && vlocal < group;
-    const int vh = g * group + min(vlocal, group - 1);
-    const float* sc = scores_base + static_cast<int64_t>(score_ld) * vsub;
-    float a0 = 0.0f, a1 = 0.0f;
-    if (valid) {
-      const int64_t vi = (first + s_begin) * kv_dim + g * head_dim + i;
+  // Values: a thread per pair of dimensions of two heads (one when the block has an odd number), all
+  // the block's heads reading the same staged rows, their scores four positions at a time; each
+  // output's sum over positions in position order (as a thread per dimension summed it).
+  const int pairs = head_dim / 2, per_thread = heads_here % 2 == 0 ? 2 : 1, head_sets = heads_here / per_thread;
+  for (int t = threadIdx.x; t - lane < head_sets * pairs; t += blockDim.x) {  // warp-uniform bound
+    const int va = min(t / pairs, head_sets - 1) * per_thread, vb = va + per_thread - 1, i = 2 * (t % pairs);
+    const int la = blockIdx.x % parts * heads_here + va, lb = la + per_thread - 1;
+    // Lanes 16k..16k+15 hold 32 dimensions of each of their heads (head_dim % 32 == 0): quantize_pair's groups.
+    const bool in_range = t < head_sets * pairs;
+    const bool valid_a = in_range && la < group, valid_b = in_range && per_thread == 2 && lb < group;
+    const int ha = g * group + min(la, group - 1), hb = g * group + min(lb, group - 1);
+    const float* sa = scores_base + static_cast<int64_t>(score_ld) * va;
+    const float* sb = scores_base + static_cast<int64_t>(score_ld) * vb;
+    float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
+    const auto add = [&](float pa, float pb, float x0, float x1) {
+      a0 += pa * x0;
+      a1 += pa * x1;
+      b0 += pb * x0;
+      b1 += pb * x1;
+    };
+    if (valid_a) {
       int64_t sidx = 0;
+      for (; sidx + 4 <= staged; sidx += 4) {  // score_ld % 4 == 0: aligned
+        const float4 pa = *reinterpret_cast<const float4*>(sa + sidx), pb = *reinterpret_cast<const float4*>(sb + sidx);
+        float x[4][2];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          load2_kv(v_stage + (sidx + u) * stage_ld, vs_stage + (sidx + u) * (head_dim / 32), i, x[u][0], x[u][1]);
+        add(pa.x, pb.x, x[0][0], x[0][1]);
+        add(pa.y, pb.y, x[1][0], x[1][1]);
+        add(pa.z, pb.z, x[2][0], x[2][1]);
+        add(pa.w, pb.w, x[3][0], x[3][1]);
+      }
       for (; sidx < staged; ++sidx) {
         float x0, x1;
         load2_kv(v_stage + sidx * stage_ld, vs_stage + sidx * (head_dim / 32), i, x0, x1);
-        a0 += sc[sidx] * x0;
-        a1 += sc[sidx] * x1;
+        add(sa[sidx], sb[sidx], x0, x1);
       }
       // Cached rows past the staged ones: kVBatch loads in flight at a time (the sums keep their order).
+      const int64_t vi = (first + s_begin) * kv_dim + g * head_dim + i;
       constexpr int kVBatch = 16;
       for (; sidx + kVBatch <= cached; sidx += kVBatch) {
         float x[kVBatch][2];
 #pragma unroll
         for (int u = 0; u < kVBatch; ++u) load2_kv(v_cache, v_scale, vi + (sidx + u) * kv_dim, x[u][0], x[u][1]);
 #pragma unroll
-        for (int u = 0; u < kVBatch; ++u) {
-          a0 += sc[sidx + u] * x[u][0];
-          a1 += sc[sidx + u] * x[u][1];
-        }
+        for (int u = 0; u < kVBatch; ++u) add(sa[sidx + u], sb[sidx + u], x[u][0], x[u][1]);
       }
       for (; sidx < cached; ++sidx) {
         float x0, x1;
         load2_kv(v_cache, v_scale, vi + sidx * kv_dim, x0, x1);
-        a0 += sc[sidx] * x0;
-        a1 += sc[sidx] * x1;
+        add(sa[sidx], sb[sidx], x0, x1);
       }
-      if (has_new) {
-        const float* vnew = decode_smem + 3 * head_dim * vsub + 2 * head_dim;
-        a0 += sc[count - 1] * vnew[i];
-        a1 += sc[count - 1] * vnew[i + 1];
-      }
+      if (has_new) add(sa[count - 1], sb[count - 1], vn[i], vn[i + 1]);  // every head's vn holds the new v
     }
     if (splits == 1) {
-      const float inv = 1.0f / head_sums[vsub];
-      const float o0 = a0 * inv, o1 = a1 * inv;
-      if (valid) *reinterpret_cast<float2*>(out + vh * head_dim + i) = make_float2(o0, o1);
-      if (aq != nullptr) quantize_pair(o0, o1, lane, (vh * head_dim + i) / 32, valid, aq, ad, as);
-    } else if (valid) {
-      float* part_v = part + static_cast<int64_t>(vh) * gridDim.y * (head_dim + 2) + split * (head_dim + 2);
-      part_v[i] = a0;
-      part_v[i + 1] = a1;
+      const float inv_a = 1.0f / head_sums[va], inv_b = 1.0f / head_sums[vb];
+      const float oa0 = a0 * inv_a, oa1 = a1 * inv_a, ob0 = b0 * inv_b, ob1 = b1 * inv_b;
+      if (valid_a) *reinterpret_cast<float2*>(out + ha * head_dim + i) = make_float2(oa0, oa1);
+      if (valid_b) *reinterpret_cast<float2*>(out + hb * head_dim + i) = make_float2(ob0, ob1);
+      if (aq != nullptr) {
+        quantize_pair(oa0, oa1, lane, (ha * head_dim + i) / 32, valid_a, aq, ad, as);
+        if (per_thread == 2) quantize_pair(ob0, ob1, lane, (hb * head_dim + i) / 32, valid_b, aq, ad, as);
+      }
+    } else {
+      const int64_t split_at = static_cast<int64_t>(split) * (head_dim + 2) + i;
+      if (valid_a) {
+        float* pa = part + static_cast<int64_t>(ha) * gridDim.y * (head_dim + 2) + split_at;
+        pa[0] = a0;
+        pa[1] = a1;
+      }
+      if (valid_b) {
+        float* pb = part + static_cast<int64_t>(hb) * gridDim.y * (head_dim + 2) + split_at;
+        pb[0] = b0;
+        pb[1] = b1;
+      }
     }
   }
   float* part_head = part + static_cast<int64_t>(h) * gridDim.y * (head_dim + 2);
