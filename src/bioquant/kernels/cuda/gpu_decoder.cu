@@ -1455,7 +1455,8 @@ __device__ __forceinline__ float head_exp_in_place(float* scores, int64_t len, f
 // grid.x = KV heads * the blocks a group takes), kDecodeHeadThreads threads each: the group's cached
 // K and V rows are read from memory once for all of them. head_dim a multiple of 32, at most 256.
 // Shared memory: q, k, v of each head, the staged cache rows (decode_stage_bytes), then each head's
-// scores (score_ld apart). Scores: four lanes per position; values: a thread per dimension.
+// scores (score_ld apart). Scores: four lanes per position; values: a thread per pair of dimensions of
+// two heads. Every sum in the order the one-head-per-block kernel used: identical results.
 // Long contexts are split over the grid's y blocks (flash-decoding): with one block per head, 32
 // blocks of a 132-SM card each walked the whole context (8B q4_k on an H100, 4096 positions in the
 // cache: 129 tok/s; split 16 ways, 300).
