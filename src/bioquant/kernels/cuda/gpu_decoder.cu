@@ -1053,10 +1053,15 @@ class Cublas {
 // ---------------------------------------------------------------------------------------------
 // Elementwise kernels.
 
+// Reductions over the block (kGroup = 0) or over each group of kGroup threads (threadIdx.x / kGroup,
+// kGroup a multiple of 32), every thread of the block calling: butterflies within the warps, then the
+// group's warps in warp order. red: one float per warp of the block.
+template <int kGroup = 0>
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = (blockDim.x + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int nwarps = kGroup > 0 ? kGroup / 32 : (blockDim.x + 31) / 32, first = kGroup > 0 ? warp / nwarps * nwarps : 0;
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
@@ -1064,22 +1069,24 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   // nwarps waited for each read before its add).
   float part[32];
 #pragma unroll
-  for (int i = 0; i < 32; ++i) part[i] = i < nwarps ? red[i] : 0.0f;
+  for (int i = 0; i < 32; ++i) part[i] = i < nwarps ? red[first + i] : 0.0f;
   float total = 0.0f;
 #pragma unroll
   for (int i = 0; i < 32; ++i)
     if (i < nwarps) total += part[i];
   return total;
 }
+template <int kGroup = 0>
 __device__ __forceinline__ float block_max(float v, float* red) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = (blockDim.x + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int nwarps = kGroup > 0 ? kGroup / 32 : (blockDim.x + 31) / 32, first = kGroup > 0 ? warp / nwarps * nwarps : 0;
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
   float m = -INFINITY;
-  for (int i = 0; i < nwarps; ++i) m = fmaxf(m, red[i]);
+  for (int i = 0; i < nwarps; ++i) m = fmaxf(m, red[first + i]);
   return m;
 }
 
@@ -1089,20 +1096,22 @@ __device__ __forceinline__ float attention_score(float dot, float scale, float s
   return softcap > 0.0f ? tanhf(s / softcap) * softcap : s;
 }
 
-// scores[0, len) (shared memory, every thread of the block calling) -> exp(score - m), in place,
-// m the largest score (into *max_out); returns their sum.
+// scores[0, len) (shared memory; the block's or, with kGroup, the thread's group's) -> exp(score - m),
+// in place, m the largest score (into *max_out); returns their sum.
+template <int kGroup = 0>
 __device__ __forceinline__ float block_exp_in_place(float* scores, int64_t len, float* red, float* max_out) {
+  const int tid = kGroup > 0 ? threadIdx.x % kGroup : threadIdx.x, stride = kGroup > 0 ? kGroup : blockDim.x;
   float m = -INFINITY;
-  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) m = fmaxf(m, scores[s]);
-  m = block_max(m, red);
+  for (int64_t s = tid; s < len; s += stride) m = fmaxf(m, scores[s]);
+  m = block_max<kGroup>(m, red);
   *max_out = m;
   float sum = 0.0f;
-  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) {
+  for (int64_t s = tid; s < len; s += stride) {
     const float e = expf(scores[s] - m);
     scores[s] = e;
     sum += e;
   }
-  return block_sum(sum, red);
+  return block_sum<kGroup>(sum, red);
 }
 // The same; returns 1 / the sum (the softmax's normaliser).
 __device__ __forceinline__ float block_softmax_in_place(float* scores, int64_t len, float* red) {
@@ -1386,10 +1395,14 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int pending>
 __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory"); }
 
-// The decode attention's staged cache rows: stage_len positions of K and of V for one KV head, rows
-// padded by 16 bytes (a thread per position reading its row: 8 lanes of a 16-byte phase land on
-// distinct banks), then (q8) their fp16 scales. Bytes of shared memory, a multiple of 16.
-__host__ __device__ constexpr int decode_stage_row(int head_dim, int kv_bytes) { return head_dim * kv_bytes + 16; }
+// The decode attention's staged cache rows: stage_len positions of K and of V for one KV head, then
+// (q8) their fp16 scales. Bytes of shared memory, a multiple of 16. Rows are padded to an odd multiple
+// of 64 bytes: the scores' 16-byte reads of two adjacent positions (8 lanes, one phase) then fall on
+// the two halves of the banks instead of overlapping.
+__host__ __device__ constexpr int decode_stage_row(int head_dim, int kv_bytes) {
+  const int bytes = head_dim * kv_bytes;  // a multiple of 32
+  return bytes + (64 - bytes % 128 + 128) % 128;
+}
 __host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_bytes, int stage_len) {
   return 2 * static_cast<size_t>(stage_len) * decode_stage_row(head_dim, kv_bytes) +
          (kv_bytes == 1 ? (2 * static_cast<size_t>(stage_len) * (head_dim / 32) * 2 + 15) / 16 * 16 : 0);
@@ -1398,53 +1411,6 @@ __host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_byt
 // Decode attention's threads per query head (its reductions: block_max / block_sum over a block of
 // this many threads, the same order of adds whatever the heads per block).
 constexpr int kDecodeHeadThreads = 128, kDecodeMaxHeads = 4;
-
-// block_max / block_sum / block_exp_in_place for the kDecodeHeadThreads threads of one query head
-// (threadIdx.x / kDecodeHeadThreads), every thread of the block calling: the same partials and order
-// of adds as a block of kDecodeHeadThreads threads.
-__device__ __forceinline__ float head_max(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  constexpr int kWarps = kDecodeHeadThreads / 32;
-  const int warp = threadIdx.x / 32, first = warp / kWarps * kWarps;
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) red[warp] = v;
-  __syncthreads();
-  float m = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kWarps; ++i) m = fmaxf(m, red[first + i]);
-  return m;
-}
-__device__ __forceinline__ float head_sum(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  constexpr int kWarps = kDecodeHeadThreads / 32;
-  const int warp = threadIdx.x / 32, first = warp / kWarps * kWarps;
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) red[warp] = v;
-  __syncthreads();
-  float part[kWarps];
-#pragma unroll
-  for (int i = 0; i < kWarps; ++i) part[i] = red[first + i];
-  float total = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kWarps; ++i) total += part[i];
-  return total;
-}
-__device__ __forceinline__ float head_exp_in_place(float* scores, int64_t len, float* red, float* max_out) {
-  const int tid = threadIdx.x % kDecodeHeadThreads;
-  float m = -INFINITY;
-  for (int64_t s = tid; s < len; s += kDecodeHeadThreads) m = fmaxf(m, scores[s]);
-  m = head_max(m, red);
-  *max_out = m;
-  float sum = 0.0f;
-  for (int64_t s = tid; s < len; s += kDecodeHeadThreads) {
-    const float e = expf(scores[s] - m);
-    scores[s] = e;
-    sum += e;
-  }
-  return head_sum(sum, red);
-}
 
 // Decode attention (one new token of a sequence), fused: RoPE of the token's q heads and of their k
 // head (as rope_store_kernel), the new k and v stored into the cache by the KV group's first q head,
@@ -1634,7 +1600,8 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
   }
   __syncthreads();
   float m = 0.0f;
-  const float sum = head_exp_in_place(scores, my_count, red, &m);
+  // Each head's reductions over its 128 threads, as a 128-thread block reduced them.
+  const float sum = block_exp_in_place<kDecodeHeadThreads>(scores, my_count, red, &m);
   if (tid == 0) head_sums[sub] = sum;
   cp_async_wait_group<0>();  // the values
   __syncthreads();
