@@ -639,6 +639,43 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
   }
 }
 
+// Decode steps (one new token at a time, a fixed token sequence) of the fused attention kernel against
+// the CPU engine, the GPU's separate kernels (BIOQUANT_CUDA_FUSED=2, which read the same cache) and the
+// fused kernel with every context split over blocks (5 splits of at least one position: some splits
+// get no position at some lengths): the largest logit differences and the steps with another top token.
+struct DecodeComparison {
+  float worst_cpu = 0.0f, worst_sep = 0.0f, worst_split = 0.0f, max_ref = 0.0f;
+  int flips = 0, split_flips = 0;
+};
+DecodeComparison compare_fused_decode(const Model& model, ThreadPool& pool, KvType kv, int64_t steps) {
+  const int64_t vocab = model.config().vocab;
+  Decoder cpu(model, pool);
+  Decoder fused(model, pool, 0, kv);
+  const auto separate = gpu_decoder(model, pool, kv, {{"BIOQUANT_CUDA_FUSED", "2"}});
+  const auto split = gpu_decoder(model, pool, kv, {{"BIOQUANT_CUDA_SPLITS", "5"}, {"BIOQUANT_CUDA_SPLIT_MIN", "1"}});
+  KVCache c_cpu(model.config(), steps), c_fused(model.config(), steps), c_sep(model.config(), steps),
+      c_split(model.config(), steps);
+  std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size()), sp(a.size());
+  DecodeComparison d;
+  const auto top = [](const std::vector<float>& l) { return std::max_element(l.begin(), l.end()) - l.begin(); };
+  for (int64_t i = 0; i < steps; ++i) {
+    const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
+    cpu.forward(&token, 1, c_cpu, 1, a.data());
+    fused.forward(&token, 1, c_fused, 1, b.data());
+    separate->forward(&token, 1, c_sep, 1, r.data());
+    split->forward(&token, 1, c_split, 1, sp.data());
+    for (int64_t j = 0; j < vocab; ++j) {
+      d.max_ref = std::max(d.max_ref, std::fabs(a[j]));
+      d.worst_cpu = std::max(d.worst_cpu, std::fabs(a[j] - b[j]));
+      d.worst_sep = std::max(d.worst_sep, std::fabs(r[j] - b[j]));
+      d.worst_split = std::max(d.worst_split, std::fabs(sp[j] - b[j]));
+    }
+    d.flips += top(b) != top(r);
+    d.split_flips += top(b) != top(sp);
+  }
+  return d;
+}
+
 // Decode steps (one new token at a time) run the fused attention kernel: RoPE, the cache store,
 // attention and the output projection's activation quantization in one launch. Every step's logits
 // against the CPU engine (f32 KV cache: the bounds of the header; bf16 and q8 caches: against the
@@ -647,7 +684,7 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
 TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
   SKIP_WITHOUT_GPU();
   const ModelConfig base = tiny_config(8, 2, 32);  // GQA 4:1
-  const int64_t steps = 24, vocab = base.vocab;
+  const int64_t steps = 24;
   ThreadPool pool(2);
   for (const char* feature : {"plain", "window", "softcaps", "half-rotary", "all"}) {
     const std::string fs = feature;
@@ -668,47 +705,49 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
       const QuantRecipe recipe = parse_quant_recipe(dq ? "nf4" : name, dq, "all");
       auto model = make_synthetic_model(c, DType::F32, 11, pool, name == "f32" ? nullptr : &recipe);
       for (const KvType kv : {KvType::F32, KvType::BF16, KvType::Q8}) {
-        Decoder cpu(*model, pool);
-        Decoder fused(*model, pool, 0, kv);
-        const auto separate = gpu_decoder(*model, pool, kv, {{"BIOQUANT_CUDA_FUSED", "2"}});
-        // The fused kernel with every context split over blocks (5 splits of at least one position:
-        // some splits get no position at some lengths).
-        const auto split = gpu_decoder(*model, pool, kv, {{"BIOQUANT_CUDA_SPLITS", "5"}, {"BIOQUANT_CUDA_SPLIT_MIN", "1"}});
-        KVCache c_cpu(model->config(), steps), c_fused(model->config(), steps), c_sep(model->config(), steps),
-            c_split(model->config(), steps);
-        std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size()), sp(a.size());
-        float worst_cpu = 0.0f, worst_sep = 0.0f, worst_split = 0.0f, max_ref = 0.0f;
-        int flips = 0, split_flips = 0;
-        for (int64_t i = 0; i < steps; ++i) {
-          const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
-          cpu.forward(&token, 1, c_cpu, 1, a.data());
-          fused.forward(&token, 1, c_fused, 1, b.data());
-          separate->forward(&token, 1, c_sep, 1, r.data());
-          split->forward(&token, 1, c_split, 1, sp.data());
-          for (int64_t j = 0; j < vocab; ++j) {
-            max_ref = std::max(max_ref, std::fabs(a[j]));
-            worst_cpu = std::max(worst_cpu, std::fabs(a[j] - b[j]));
-            worst_sep = std::max(worst_sep, std::fabs(r[j] - b[j]));
-            worst_split = std::max(worst_split, std::fabs(sp[j] - b[j]));
-          }
-          const auto top = [](const std::vector<float>& l) { return std::max_element(l.begin(), l.end()) - l.begin(); };
-          flips += top(b) != top(r);
-          split_flips += top(b) != top(sp);
-        }
-        const float unit = std::max(1.0f, max_ref);
+        const DecodeComparison d = compare_fused_decode(*model, pool, kv, steps);
+        const float unit = std::max(1.0f, d.max_ref);
         if (kv == KvType::F32) {
-          EXPECT_LE(worst_cpu, (name == "f32" ? 1e-3f : 5e-2f) * unit) << feature << " " << f;
+          EXPECT_LE(d.worst_cpu, (name == "f32" ? 1e-3f : 5e-2f) * unit) << feature << " " << f;
         }
         // Same cache values; the two attention kernels sum in other orders (and a quantized
         // activation may round the other way after that).
-        EXPECT_LE(worst_sep, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
-        EXPECT_LE(flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
-        EXPECT_LE(worst_split, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
-        EXPECT_LE(split_flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
+        EXPECT_LE(d.worst_sep, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
+        EXPECT_LE(d.flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
+        EXPECT_LE(d.worst_split, (name == "f32" ? 1e-4f : 5e-2f) * unit) << feature << " " << f << " kv " << static_cast<int>(kv);
+        EXPECT_LE(d.split_flips, name == "f32" ? 0 : 2) << feature << " " << f << " kv " << static_cast<int>(kv);
         std::printf("decode %-11s %-6s kv %d: max|fused-cpu| %.2e, max|fused-separate| %.2e, max|fused-split| %.2e "
                     "(max|logit| %.2f), top-token differences %d / %d\n",
-                    feature, f, static_cast<int>(kv), worst_cpu, worst_sep, worst_split, max_ref, flips, split_flips);
+                    feature, f, static_cast<int>(kv), d.worst_cpu, d.worst_sep, d.worst_split, d.max_ref, d.flips, d.split_flips);
       }
+    }
+  }
+}
+
+// The fused decode attention's block shapes: a block serves up to 4 query heads of a KV group, so
+// groups of 6 (a second block with two heads and two idle), 3 (an odd number: a thread per head in
+// the values), 8 (two blocks per group), and heads 64, 128 and 256 wide (each lane's q chunks in
+// registers: 4 or 8 of them). f32 weights: the plain bounds of DecodeStepsMatchTheCpuEngine.
+TEST(GpuParity, DecodeAttentionBlockShapesMatchTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  ThreadPool pool(2);
+  const int64_t shapes[][3] = {{12, 2, 32}, {6, 2, 64}, {16, 2, 128}, {4, 2, 256}};
+  for (const auto& [heads, kv_heads, head_dim] : shapes) {
+    const ModelConfig c = tiny_config(heads, kv_heads, head_dim);
+    auto model = make_synthetic_model(c, DType::F32, 13, pool, nullptr);
+    for (const KvType kv : {KvType::F32, KvType::BF16, KvType::Q8}) {
+      const DecodeComparison d = compare_fused_decode(*model, pool, kv, 20);
+      const float unit = std::max(1.0f, d.max_ref);
+      if (kv == KvType::F32) {
+        EXPECT_LE(d.worst_cpu, 1e-3f * unit) << heads << "/" << kv_heads << "x" << head_dim;
+      }
+      EXPECT_LE(d.worst_sep, 1e-4f * unit) << heads << "/" << kv_heads << "x" << head_dim << " kv " << static_cast<int>(kv);
+      EXPECT_LE(d.worst_split, 1e-4f * unit) << heads << "/" << kv_heads << "x" << head_dim << " kv " << static_cast<int>(kv);
+      EXPECT_EQ(d.flips + d.split_flips, 0) << heads << "/" << kv_heads << "x" << head_dim << " kv " << static_cast<int>(kv);
+      std::printf("decode heads %2lld/%lld x %3lld kv %d: max|fused-cpu| %.2e, max|fused-separate| %.2e, "
+                  "max|fused-split| %.2e (max|logit| %.2f)\n",
+                  static_cast<long long>(heads), static_cast<long long>(kv_heads), static_cast<long long>(head_dim),
+                  static_cast<int>(kv), d.worst_cpu, d.worst_sep, d.worst_split, d.max_ref);
     }
   }
 }
