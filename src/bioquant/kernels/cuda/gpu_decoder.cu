@@ -63,8 +63,9 @@ __device__ __forceinline__ float f32_at(const uint8_t* p) {
 
 __constant__ int16_t c_nf4_q14[16];
 __constant__ int16_t c_fp4_q14[16];
-// The same levels as byte-permute tables (Bnb4PermuteTables: four 2-word tables, then the radix).
-constexpr int kBnb4PermuteWords = 9;
+// The same levels as byte-permute tables (a Bnb4PermuteTables as words: four 2-word tables, then the radix).
+constexpr int kBnb4PermuteWords = sizeof(Bnb4PermuteTables) / sizeof(uint32_t);
+static_assert(kBnb4PermuteWords == 9, "Bnb4PermuteTables: 8 table words and the radix");
 __constant__ uint32_t c_nf4_permute[kBnb4PermuteWords];
 __constant__ uint32_t c_fp4_permute[kBnb4PermuteWords];
 __constant__ float c_dynamic_map[256];
@@ -643,10 +644,6 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
 // multiplied by dp4a: the same integer sums as the 16-bit levels. The permute tables sit in
 // registers; a plain two-half lookup needed a third permute per plane to select between halves,
 // and the integer pipe that runs the permutes bounded the kernel (the dp4a run on the FMA pipe).
-struct Bnb4Tables {
-  uint32_t hi_direct[2], hi_flipped[2], lo_direct[2], lo_flipped[2];
-  int radix;
-};
 // prmt.b32 in its generic mode (a selector's top bit gives the picked byte's sign).
 __device__ __forceinline__ uint32_t byte_permute_signed(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
@@ -657,7 +654,7 @@ __device__ __forceinline__ uint32_t byte_permute_signed(uint32_t a, uint32_t b, 
 // activations x[0..1] to hi and lo. In a byte, the element with the lower index has the HIGH nibble
 // (bitsandbytes), so code i belongs to element i ^ 1: the activations are stored with the bytes of
 // each pair swapped to match.
-__device__ __forceinline__ void bnb4_dot8(const Bnb4Tables& t, uint32_t w, const int* x, int& hi, int& lo) {
+__device__ __forceinline__ void bnb4_dot8(const Bnb4PermuteTables& t, uint32_t w, const int* x, int& hi, int& lo) {
   const uint32_t f = w ^ 0x88888888u;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {  // codes 4i..4i+3 (a permute reads the selector's low 16 bits)
@@ -708,7 +705,7 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
   // Each lane reads its own copy of the tables, so that they sit in vector registers: values the
   // compiler can see are warp-uniform it kept partly in uniform registers, which PRMT cannot read,
   // and paid a move before each lookup (57 moves in the loop over a 64-weight block, in the SASS).
-  Bnb4Tables tables;
+  Bnb4PermuteTables tables;
   const uint32_t* mine = tables_shared + lane;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
@@ -717,7 +714,7 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
     tables.lo_direct[k] = mine[32 * (4 + k)];
     tables.lo_flipped[k] = mine[32 * (6 + k)];
   }
-  tables.radix = static_cast<int>(tables_shared[32 * 8]);
+  tables.radix = static_cast<int32_t>(tables_shared[32 * 8]);
   bool preloaded = kPipelined;
   for (int64_t r = first; r < jobs.total_rows; r += warps) {
     int64_t row = r;
@@ -1717,9 +1714,11 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
   }
 }
 
-// Its shared memory less the staged rows: q, k, v and `positions` scores.
+// Floats between two heads' scores in one block, for splits of up to `positions`.
+constexpr int64_t decode_score_ld(int64_t positions) { return (positions + 3) / 4 * 4; }
+// Its shared memory per head less the staged rows: q, k, v and `positions` scores.
 constexpr size_t decode_attention_smem(int head_dim, int64_t positions) {
-  return static_cast<size_t>(3 * head_dim + (positions + 3) / 4 * 4) * sizeof(float);
+  return static_cast<size_t>(3 * head_dim + decode_score_ld(positions)) * sizeof(float);
 }
 // attention_kernel's scores (one block per head and token, the whole context): padded, the compiler may
 // read them three at a time past the last one used.
@@ -2147,7 +2146,11 @@ struct GpuDecoder::Impl {
     if (kv_type == KvType::Q8 && (c.head_dim % 64 != 0 || c.kv_dim() % 64 != 0)) return 0;
     const int d = static_cast<int>(c.head_dim);
     const size_t fixed = decode_attention_smem(d, split_len) * static_cast<size_t>(decode_heads_per_block(split_len));
-    int64_t n = (split_len + 7) / 8 * 8;
+    if (fixed >= decode_smem_bytes) return 0;
+    // Rows of K and V (and, q8, their scales) that fit the room left, in multiples of 8; the q8 scales'
+    // rounding to 16 bytes may take one step of 8 back.
+    const size_t per_row = 2 * static_cast<size_t>(decode_stage_row(d, kv_bytes())) + (kv_type == KvType::Q8 ? 4 * static_cast<size_t>(d / 32) : 0);
+    int64_t n = std::min<int64_t>((split_len + 7) / 8 * 8, static_cast<int64_t>((decode_smem_bytes - fixed) / per_row) / 8 * 8);
     if (attention_stage > 1) n = std::min<int64_t>(n, attention_stage / 8 * 8);
     while (n > 0 && fixed + decode_stage_bytes(d, kv_bytes(), static_cast<int>(n)) > decode_smem_bytes) n -= 8;
     return static_cast<int>(n);
@@ -2906,7 +2909,7 @@ struct GpuDecoder::Impl {
                  static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window,
                  c.attention_scale(), c.attn_softcap, out, quant_o ? work.aq + sg.row0 * nblk_o * 32 : nullptr,
                  work.ad + sg.row0 * nblk_o, work.as + sg.row0 * nblk_o, attention_min_chunk, work.attn_part,
-                 work.attn_done, stage_len(split_len), static_cast<int>((split_len + 3) / 4 * 4));
+                 work.attn_done, stage_len(split_len), static_cast<int>(decode_score_ld(split_len)));
           continue;
         }
         // Prompts long enough for the tensor-core matmuls also take their attention there, when the
@@ -3171,15 +3174,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
     const auto upload_permute = [](const int16_t* levels, const void* symbol, const char* name) {
       const std::optional<Bnb4PermuteTables> t = bnb4_permute_tables(levels);
       if (!t) throw Error(std::string("internal: no byte-permute tables for the ") + name + " codebook");
-      uint32_t words[kBnb4PermuteWords];
-      for (int k = 0; k < 2; ++k) {
-        words[k] = t->hi_direct[k];
-        words[2 + k] = t->hi_flipped[k];
-        words[4 + k] = t->lo_direct[k];
-        words[6 + k] = t->lo_flipped[k];
-      }
-      words[8] = static_cast<uint32_t>(t->radix);
-      CUDA_OK(cudaMemcpyToSymbol(symbol, words, sizeof words));  // the symbol's address: the C API
+      CUDA_OK(cudaMemcpyToSymbol(symbol, &*t, sizeof(Bnb4PermuteTables)));  // the symbol's address: the C API
     };
     upload_permute(nf4, c_nf4_permute, "nf4");
     upload_permute(fp4, c_fp4_permute, "fp4");
