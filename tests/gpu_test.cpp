@@ -30,11 +30,13 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/engine/generator.h"
+#include "bioquant/eval/backend.h"
 #include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/quantize.h"
 #include "bioquant/model/synthetic.h"
+#include "bioquant/tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace bioquant {
@@ -796,6 +798,56 @@ TEST(GpuParity, TrainedModelAgreesInEveryFormat) {
                 f, r.max_err, r.max_ref, same_f32, same_bf16, want.size(), steps.max_err, steps.argmax_mismatches,
                 steps.worst_flip_margin);
   }
+}
+
+// A prompt prefix copied between GPU caches (K, V and the q8 cache's scales): continuing the copy
+// gives the logits of continuing the original, bit for bit (the same kernels on the same rows).
+// Then eval's batched answers on the GPU against one by one on the GPU (tensor cores for the
+// batch's stacked prompt rows: an answer may differ at a near-tie).
+TEST(GpuParity, CopiedPrefixAndBatchedAnswers) {
+  SKIP_WITHOUT_GPU();
+  auto model = Model::load(biomed_tiny_dir());
+  const ModelConfig& c = model->config();
+  const size_t vocab = static_cast<size_t>(c.vocab);
+  ThreadPool pool(2);
+  const std::vector<int32_t> all = biomed_tiny_prompt(40);
+  for (const KvType kv : {KvType::F32, KvType::BF16, KvType::Q8}) {
+    Decoder gpu(*model, pool, 0, kv);
+    for (const int64_t n : {int64_t{40}, int64_t{23}}) {
+      KVCache original(c, 64), shared(c, 64), copy(c, 48);
+      std::vector<float> want(vocab), got(vocab);
+      gpu.forward(all.data(), 40, original, 0, nullptr);  // one pass each: the same K and V
+      original.truncate(n);
+      gpu.forward(all.data(), 40, shared, 0, nullptr);
+      gpu.copy_prefix(shared, copy, n);
+      ASSERT_EQ(copy.size(), n);
+      std::vector<int32_t> tail(all.begin() + n, all.end());
+      tail.insert(tail.end(), {5, 9, 14});
+      gpu.forward(tail.data(), static_cast<int64_t>(tail.size()), original, 1, want.data());
+      gpu.forward(tail.data(), static_cast<int64_t>(tail.size()), copy, 1, got.data());
+      EXPECT_EQ(got, want) << static_cast<int>(kv) << " " << n;
+      for (const int32_t t : {3, 8, 21}) {  // decode steps (the one-token graph) on both
+        gpu.forward(&t, 1, original, 1, want.data());
+        gpu.forward(&t, 1, copy, 1, got.data());
+        EXPECT_EQ(got, want) << static_cast<int>(kv) << " " << n << " decode";
+      }
+    }
+  }
+  const auto tokenizer = load_tokenizer(biomed_tiny_dir());
+  eval::LocalBackend one(*model, *tokenizer, pool, true, 0), many(*model, *tokenizer, pool, true, 0);
+  const std::string task = "TASK: answer the question with yes, no or maybe.\n\nQuestion: ";
+  std::vector<std::string> prompts;
+  for (const char* q : {"Does aspirin reduce fever?", "Is metformin used for type 2 diabetes?", "Does", "Do statins lower LDL?",
+                        "Is insulin a hormone?", "Does smoking cause lung cancer?", "Is cisplatin nephrotoxic?"})
+    prompts.push_back(task + q);
+  std::vector<std::string> want;
+  for (const auto& p : prompts) want.push_back(one.generate(p, 24));
+  const std::vector<std::string> got = many.generate_batch(prompts, 24);
+  ASSERT_EQ(got.size(), want.size());
+  size_t same = 0;
+  for (size_t i = 0; i < got.size(); ++i) same += got[i] == want[i];
+  std::printf("batched answers on the GPU: %zu of %zu as one by one\n", same, got.size());
+  EXPECT_GE(same + 1, got.size());
 }
 
 }  // namespace

@@ -164,6 +164,38 @@ TEST(ServeDecoder, ForwardBatchValidatesBeforeTouchingCaches) {
   EXPECT_EQ(a.size(), 4);
 }
 
+// A prompt's prefix computed once and copied into other caches: continuing each copy gives the
+// logits of the whole sequence run in one cache, bit for bit; bad copies are refused.
+TEST(ServeDecoder, CopiedPrefixContinuesAsTheOriginal) {
+  auto model = Model::load(demo_model());
+  ThreadPool pool(2);
+  Decoder decoder(*model, pool);
+  const ModelConfig& c = model->config();
+  const size_t vocab = static_cast<size_t>(c.vocab);
+  const std::vector<int32_t> prefix = {1, 17, 42, 9, 300, 7, 5}, rest = {11, 12, 13};
+  KVCache whole(c, 32), shared(c, 32), copy(c, 16);
+  std::vector<float> want(vocab), got(vocab);
+  std::vector<int32_t> all = prefix;
+  all.insert(all.end(), rest.begin(), rest.end());
+  decoder.forward(all.data(), static_cast<int64_t>(all.size()), whole, 1, want.data());
+  decoder.forward(prefix.data(), static_cast<int64_t>(prefix.size()), shared, 0, nullptr);
+  for (const int64_t n : {int64_t{7}, int64_t{4}}) {  // all of it, then part of it (the rest re-run)
+    decoder.copy_prefix(shared, copy, n);
+    EXPECT_EQ(copy.size(), n);
+    const std::vector<int32_t> tail(all.begin() + n, all.end());
+    decoder.forward(tail.data(), static_cast<int64_t>(tail.size()), copy, 1, got.data());
+    EXPECT_EQ(got, want) << n;
+  }
+  EXPECT_EQ(shared.size(), 7);  // the source is untouched
+  KVCache small(c, 4);
+  EXPECT_THROW(decoder.copy_prefix(shared, small, 5), Error);   // more than the target holds
+  EXPECT_THROW(decoder.copy_prefix(shared, copy, 8), Error);    // more than the source has
+  EXPECT_THROW(decoder.copy_prefix(shared, shared, 3), Error);  // onto itself
+  EXPECT_THROW(decoder.copy_prefix(shared, copy, -1), Error);
+  decoder.copy_prefix(shared, small, 0);
+  EXPECT_EQ(small.size(), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stop strings
 
@@ -430,6 +462,38 @@ std::string local_answer(const std::string& prompt, int max_tokens) {
   ThreadPool pool(1);
   eval::LocalBackend local(*demo().model, *demo().tokenizer, pool, true);
   return local.generate(prompt, max_tokens);
+}
+
+// eval --batch: prompts answered together are answered as one by one (plain weights on the CPU:
+// bit-identical logits), whatever their lengths, shared prefixes, budgets and EOS; the shared
+// prefix is computed once.
+TEST(EvalBackend, BatchedAnswersAreTheOneByOneAnswers) {
+  ThreadPool pool(2);
+  eval::LocalBackend one(*demo().model, *demo().tokenizer, pool, true), many(*demo().model, *demo().tokenizer, pool, true);
+  const std::string task = "TASK: answer the question with yes, no or maybe.\n\nQuestion: ";
+  const std::vector<std::string> prompts = {task + "Does aspirin reduce fever?",
+                                            task + "Is metformin used for type 2 diabetes?",
+                                            task + "Does",  // a prefix of the others, nearly
+                                            task + "Does aspirin reduce fever?",
+                                            "Name the chemicals: Cisplatin and 5-fluorouracil were given."};
+  for (const int budget : {0, 1, 12, 40}) {
+    std::vector<std::string> want;
+    for (const auto& p : prompts) want.push_back(one.generate(p, budget));
+    EXPECT_EQ(many.generate_batch(prompts, budget), want) << budget;
+    const std::vector<std::string> first3(prompts.begin(), prompts.begin() + 3);
+    EXPECT_EQ(many.generate_batch(first3, budget), std::vector<std::string>(want.begin(), want.begin() + 3)) << budget;
+  }
+  // Reuse: the task line shared by the first three is computed once, then kept for the next batch.
+  const eval::BackendCounters before = many.counters();
+  const std::vector<std::string> again(prompts.begin(), prompts.begin() + 2);
+  EXPECT_EQ(many.generate_batch(again, 4), (std::vector<std::string>{one.generate(again[0], 4), one.generate(again[1], 4)}));
+  const eval::BackendCounters& after = many.counters();
+  int64_t tokens = 0;
+  for (const auto& p : again) tokens += static_cast<int64_t>(many.encode_prompt(p).size());
+  const int64_t computed = after.prompt_tokens_computed - before.prompt_tokens_computed;
+  EXPECT_EQ(after.prompts - before.prompts, 2);
+  EXPECT_EQ(computed + after.prompt_tokens_reused - before.prompt_tokens_reused, tokens);
+  EXPECT_LT(computed, tokens / 2) << "the shared instruction was recomputed";
 }
 
 TEST(ServeHttp, HealthAndModels) {

@@ -133,7 +133,7 @@ Run add_eval(CLI::App& app) {
     std::string tasks, data_dir, split, method = "zero-shot", scoring = "generate", style = "bioquant";
     std::string out = "bioquant-eval", db = "bioquant.sqlite", backend = "local", endpoint, api_model;
     std::vector<std::string> task_files;
-    int shots = 5, max_new = 0, bootstrap = 1000;
+    int shots = 5, max_new = 0, bootstrap = 1000, batch = 1;
     uint64_t seed = 1234;
     int64_t limit = 0;
     bool no_chat = false, quiet = false, no_db = false;
@@ -151,6 +151,10 @@ Run add_eval(CLI::App& app) {
   app.add_flag("--no-chat-template", f->no_chat, "send prompts as plain text even if the model has a chat template");
   app.add_option("--limit", f->limit, "evaluate the first N examples of each split (0 = all)")->check(CLI::NonNegativeNumber);
   app.add_option("--max-new-tokens", f->max_new, "answer budget (default: per task; cot adds 384)")->check(CLI::Range(0, 8192));
+  app.add_option("--batch", f->batch,
+                 "examples answered together in generate scoring (default 1): one pass reads the weights for all; "
+                 "quantized or on a GPU, answers may differ from --batch 1 at near-ties")
+      ->check(CLI::Range(1, 256));
   app.add_option("--out", f->out, "output directory (default bioquant-eval)");
   app.add_option("--db", f->db, "SQLite results database (default bioquant.sqlite)");
   app.add_flag("--no-db", f->no_db, "do not record the run in a database");
@@ -173,6 +177,7 @@ Run add_eval(CLI::App& app) {
     o.chen2023 = f->style == "chen2023";
     o.limit = f->limit;
     o.max_new_tokens = f->max_new;
+    o.batch = f->batch;
     o.out_dir = f->out;
     o.db_path = f->no_db ? "" : f->db;
     o.score.replicates = f->bootstrap;

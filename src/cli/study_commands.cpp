@@ -44,7 +44,7 @@ Run add_sweep(CLI::App& app) {
   struct Flags {
     std::string plan, db = "bioquant.sqlite", data_dir, shard, out;
     std::vector<std::string> task_files;
-    int threads = 0;
+    int threads = 0, batch = 1;
     bool quiet = false, verbose = false, dry_run = false;
   };
   auto f = std::make_shared<Flags>();
@@ -57,6 +57,8 @@ Run add_sweep(CLI::App& app) {
   app.add_option("--out", f->out, "directory of the cells' eval outputs (default: <db name>-sweep beside the database)");
   app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
   app.add_option("--threads", f->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--batch", f->batch, "examples answered together in generate scoring (default 1; as eval --batch)")
+      ->check(CLI::Range(1, 256));
   app.add_flag("--dry-run", f->dry_run, "list the cells (and which are finished) without running any");
   app.add_flag("--quiet", f->quiet, "no progress lines");
   app.add_flag("--verbose", f->verbose, "the evaluation's per-example progress lines too");
@@ -69,6 +71,7 @@ Run add_sweep(CLI::App& app) {
     if (!f->data_dir.empty()) o.data_dir = f->data_dir;
     if (!f->shard.empty()) o.shard = parse_shard(f->shard);
     o.threads = f->threads;
+    o.batch = f->batch;
     o.version = BIOQUANT_VERSION;
     o.progress = !f->quiet;
     o.example_progress = f->verbose;

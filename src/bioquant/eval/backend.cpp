@@ -66,7 +66,7 @@ bool LocalBackend::is_eos(int32_t id) const {
   return std::find(eos.begin(), eos.end(), id) != eos.end() || (tokenizer_.eos_id() && *tokenizer_.eos_id() == id);
 }
 
-void LocalBackend::ensure_capacity(int64_t tokens) {
+void LocalBackend::warn_context(int64_t tokens) {
   const int64_t trained = model_.config().max_positions;
   if (!warned_context_ && trained > 0 && tokens > trained) {
     std::fprintf(stderr, "warning: a prompt plus its answer needs %lld positions, more than the model's %lld; "
@@ -74,6 +74,10 @@ void LocalBackend::ensure_capacity(int64_t tokens) {
                  static_cast<long long>(trained));
     warned_context_ = true;
   }
+}
+
+void LocalBackend::ensure_capacity(int64_t tokens) {
+  warn_context(tokens);
   if (cache_ && cache_->capacity() >= tokens) return;
   // Grow geometrically; the sequence held so far is recomputed into the new cache (rare).
   int64_t capacity = std::max<int64_t>(tokens, 512);
@@ -121,6 +125,96 @@ std::string LocalBackend::generate(const std::string& prompt, int max_new_tokens
     if (i + 1 < max_new_tokens) feed({next});
   }
   return tokenizer_.decode(out, /*skip_special=*/true);
+}
+
+std::vector<std::string> Backend::generate_batch(const std::vector<std::string>& prompts, int max_new_tokens) {
+  std::vector<std::string> out;
+  out.reserve(prompts.size());
+  for (const std::string& p : prompts) out.push_back(generate(p, max_new_tokens));
+  return out;
+}
+
+std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::string>& prompts, int max_new_tokens) {
+  if (prompts.size() <= 1) return Backend::generate_batch(prompts, max_new_tokens);
+  const size_t batch = prompts.size();
+  std::vector<std::vector<int32_t>> ids;
+  size_t shortest = std::numeric_limits<size_t>::max(), longest = 0;
+  for (const std::string& p : prompts) {
+    ids.push_back(encode_prompt(p));
+    check(!ids.back().empty(), "the prompt encodes to no tokens");
+    shortest = std::min(shortest, ids.back().size());
+    longest = std::max(longest, ids.back().size());
+  }
+  const int64_t budget = std::max(max_new_tokens, 0);
+  // The prefix every prompt shares, less at least its last token (whose logits each sequence needs).
+  size_t prefix = 0;
+  while (prefix + 1 < shortest &&
+         std::all_of(ids.begin(), ids.end(), [&](const auto& v) { return v[prefix] == ids[0][prefix]; }))
+    ++prefix;
+
+  // The shared prefix in cache_ (reusing what it holds of it), as start() does for one prompt.
+  warn_context(static_cast<int64_t>(longest) + 1);
+  if (!cache_ || cache_->capacity() < static_cast<int64_t>(prefix) + 1) sequence_.clear();
+  ensure_capacity(static_cast<int64_t>(prefix) + 1);
+  size_t common = 0;
+  const size_t limit = std::min(sequence_.size(), prefix);
+  while (common < limit && sequence_[common] == ids[0][common]) ++common;
+  cache_->truncate(static_cast<int64_t>(common));
+  sequence_.resize(common);
+  if (prefix > common) {
+    decoder_.forward(ids[0].data() + common, static_cast<int64_t>(prefix - common), *cache_, 0, nullptr);
+    sequence_.insert(sequence_.end(), ids[0].begin() + static_cast<std::ptrdiff_t>(common),
+                     ids[0].begin() + static_cast<std::ptrdiff_t>(prefix));
+  }
+  int64_t total = 0;
+  for (const auto& v : ids) total += static_cast<int64_t>(v.size());
+  const int64_t computed = static_cast<int64_t>(prefix - common) + total - static_cast<int64_t>(batch * prefix);
+  counters_.prompts += static_cast<int64_t>(batch);
+  counters_.prompt_tokens_computed += computed;
+  counters_.prompt_tokens_reused += total - computed;
+
+  // Each sequence's cache: the prefix copied in, then the rest of its prompt, all in one pass.
+  const int64_t capacity = std::max<int64_t>(static_cast<int64_t>(longest) + budget + 1, 512);
+  if (batch_caches_.size() < batch) batch_caches_.resize(batch);
+  const size_t vocab = static_cast<size_t>(model_.config().vocab);
+  std::vector<float> logits(batch * vocab);
+  std::vector<DecodeSegment> segments;
+  for (size_t i = 0; i < batch; ++i) {
+    auto& cache = batch_caches_[i];
+    if (!cache || cache->capacity() < static_cast<int64_t>(ids[i].size()) + budget + 1)
+      cache = std::make_unique<KVCache>(model_.config(), std::max(capacity, cache ? 2 * cache->capacity() : 0));
+    decoder_.copy_prefix(*cache_, *cache, static_cast<int64_t>(prefix));
+    segments.push_back({ids[i].data() + prefix, static_cast<int64_t>(ids[i].size() - prefix), cache.get(), 1,
+                        logits.data() + i * vocab});
+  }
+  decoder_.forward_batch(segments);
+
+  // Decode: every running sequence's next token together, as generate()'s loop does one at a time.
+  std::vector<std::vector<int32_t>> out(batch);
+  std::vector<int32_t> next(batch);
+  std::vector<size_t> running(batch);
+  for (size_t i = 0; i < batch; ++i) running[i] = i;
+  for (int64_t step = 0; step < budget && !running.empty(); ++step) {
+    segments.clear();
+    std::vector<size_t> still;
+    for (size_t i : running) {
+      next[i] = argmax(logits.data() + i * vocab, static_cast<int64_t>(vocab));
+      if (is_eos(next[i])) continue;
+      out[i].push_back(next[i]);
+      counters_.generated_tokens += 1;
+      if (step + 1 < budget) {
+        warn_context(static_cast<int64_t>(ids[i].size() + out[i].size()) + 1);
+        still.push_back(i);
+        segments.push_back({&next[i], 1, batch_caches_[i].get(), 1, logits.data() + i * vocab});
+      }
+    }
+    if (!segments.empty()) decoder_.forward_batch(segments);
+    running = std::move(still);
+  }
+  std::vector<std::string> texts;
+  texts.reserve(batch);
+  for (const auto& o : out) texts.push_back(tokenizer_.decode(o, /*skip_special=*/true));
+  return texts;
 }
 
 namespace {

@@ -39,6 +39,8 @@ class Backend {
   virtual std::string describe() const = 0;
   // Free-text answer to `prompt` (the user's message; a chat template, if any, is applied here).
   virtual std::string generate(const std::string& prompt, int max_new_tokens) = 0;
+  // generate() of each prompt, in order; a backend may run them together (this one: one by one).
+  virtual std::vector<std::string> generate_batch(const std::vector<std::string>& prompts, int max_new_tokens);
   // Whether choose() works (local models only).
   virtual bool can_choose() const { return false; }
   // The answer text built segment by segment: fixed text is fed as is; at a choice, `constrained`
@@ -72,6 +74,14 @@ class LocalBackend : public Backend {
 
   std::string describe() const override;
   std::string generate(const std::string& prompt, int max_new_tokens) override;
+  // The prompts decoded together (Decoder::forward_batch): their longest common token prefix is
+  // computed once (or reused from the previous prompts) and copied into each sequence's KV cache,
+  // the rest of every prompt goes through in one pass, then each step decodes one token of every
+  // sequence still running, reading the weights once for all. Greedy and EOS as generate(). With
+  // 16/32-bit weights on the CPU the answers are generate()'s to the bit; quantized weights (whose
+  // one-token kernels sum in another order than the many-token ones) and GPUs (tensor cores for
+  // long batches) round differently, so an answer may differ where two tokens nearly tie.
+  std::vector<std::string> generate_batch(const std::vector<std::string>& prompts, int max_new_tokens) override;
   bool can_choose() const override { return true; }
   std::string choose(const std::string& prompt, const std::vector<AnswerSegment>& plan, ScoringMode mode) override;
 
@@ -84,6 +94,7 @@ class LocalBackend : public Backend {
   void start(const std::vector<int32_t>& prompt);  // prefill with prefix reuse; logits_ = next-token logits
   void feed(const std::vector<int32_t>& ids);       // extend the sequence
   void ensure_capacity(int64_t tokens);
+  void warn_context(int64_t tokens);  // once, when a prompt plus its answer passes the trained context
   bool is_eos(int32_t id) const;
 
   const Model& model_;
@@ -93,6 +104,7 @@ class LocalBackend : public Backend {
   std::string chat_template_;
   std::unique_ptr<KVCache> cache_;
   std::vector<int32_t> sequence_;  // tokens in the cache, in order
+  std::vector<std::unique_ptr<KVCache>> batch_caches_;  // generate_batch's sequences, kept for the next batch
   std::vector<float> logits_;      // next-token logits after sequence_
   bool warned_context_ = false;
 };

@@ -330,12 +330,30 @@ json run_eval(const EvalOptions& o, Backend& backend) {
       std::ofstream append(samples_path, std::ios::app | std::ios::binary);
       check(static_cast<bool>(append), samples_path + ": cannot open for writing");
       size_t count = resumed;
-      for (const auto& ex : examples) {
-        if (done.count(ex.id)) continue;
-        const std::string text = build_prompt(task, prompt, shots, ex);
+      std::vector<const Example*> todo;
+      for (const auto& ex : examples)
+        if (!done.count(ex.id)) todo.push_back(&ex);
+      // Free text is generated `batch` examples at a time; each answer is still written (and
+      // flushed) in the examples' order, so an interrupted run resumes where it stopped.
+      const size_t group = scoring == ScoringMode::generate ? static_cast<size_t>(std::max(o.batch, 1)) : 1;
+      std::vector<std::string> texts, outputs;
+      for (size_t next = 0; next < todo.size(); ++next) {
+        const Example& ex = *todo[next];
+        const size_t slot = next % group;
+        if (slot == 0) {
+          const size_t end = std::min(todo.size(), next + group);
+          texts.clear();
+          for (size_t i = next; i < end; ++i) texts.push_back(build_prompt(task, prompt, shots, *todo[i]));
+          if (scoring == ScoringMode::generate) {
+            outputs = backend.generate_batch(texts, max_new);
+            check(outputs.size() == texts.size(), "internal: the backend answered " + std::to_string(outputs.size()) +
+                                                      " of " + std::to_string(texts.size()) + " prompts");
+          }
+        }
+        const std::string& text = texts[slot];
         std::string output;
         if (scoring == ScoringMode::generate) {
-          output = backend.generate(text, max_new);
+          output = outputs.at(slot);
         } else {
           std::vector<AnswerSegment> plan = answer_plan(task, ex);
           if (cot) {  // reason freely, then choose the answer after an "Answer:" line
@@ -390,6 +408,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     summary["prompt_style"] = style;
     summary["chat_template"] = o.chat;
     summary["max_new_tokens"] = max_new;
+    summary["batch"] = scoring == ScoringMode::generate ? std::max(o.batch, 1) : 1;
     summary["config_hash"] = config_hash;
     summary["resumed_examples"] = resumed;
     summary["prompt_tokens_computed"] = computed;

@@ -34,6 +34,10 @@ struct EvalOptions {
   std::string db_path = "bioquant.sqlite";  // "" = no database
   ScoreOptions score;
   bool progress = true;                  // progress lines on stderr
+  // Examples answered together in generate scoring (Backend::generate_batch); recorded, not in the
+  // config hash: answers are those of 1 on the CPU with 16/32-bit weights, and may differ at
+  // near-ties with quantized weights or on a GPU (see LocalBackend::generate_batch).
+  int batch = 1;
   // Recorded with the run (identity of what was evaluated).
   std::string version, model, model_hash, quant, backend, device;
   int threads = 0;

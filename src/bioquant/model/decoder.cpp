@@ -68,6 +68,31 @@ void Decoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64_t 
   forward_batch(std::span<const DecodeSegment>(&segment, 1));
 }
 
+void Decoder::copy_prefix(const KVCache& from, KVCache& to, int64_t n) {
+  check(&from != &to, "copy_prefix: the source and target are the same KV cache");
+  check(n >= 0 && n <= from.size(), "copy_prefix: " + std::to_string(n) + " positions asked of a KV cache holding " +
+                                        std::to_string(from.size()));
+  check(n <= to.capacity(), "copy_prefix: " + std::to_string(n) + " positions exceed the KV cache of " +
+                                std::to_string(to.capacity()));
+  check(from.kv_dim_ == to.kv_dim_ && from.n_layers_ == to.n_layers_, "copy_prefix: KV caches of different models");
+  if (n > 0) {
+    if (gpu_) {
+      gpu_->copy_prefix(from, to, n);
+    } else {
+      check(!from.k_.empty(), "copy_prefix: the source KV cache has no positions on this device");
+      to.ensure_host();
+      const size_t row = static_cast<size_t>(n * to.kv_dim_);
+      for (int64_t l = 0; l < to.n_layers_; ++l) {
+        const size_t src = static_cast<size_t>(l * from.capacity_ * from.kv_dim_);
+        const size_t dst = static_cast<size_t>(l * to.capacity_ * to.kv_dim_);
+        std::copy_n(from.k_.data() + src, row, to.k_.data() + dst);
+        std::copy_n(from.v_.data() + src, row, to.v_.data() + dst);
+      }
+    }
+  }
+  to.size_ = n;
+}
+
 void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   const ModelConfig& c = model_.config();
   const ModelWeights& w = model_.weights();

@@ -76,6 +76,11 @@ class Decoder {
   // needs n > 0 and a cache of its own. Validates everything before touching any cache.
   void forward_batch(std::span<const DecodeSegment> segments);
 
+  // Makes `to` hold the first n positions of `from` (both this decoder's caches): a prompt prefix
+  // computed once and shared by several sequences. Throws Error when n exceeds what `from` holds or
+  // what `to` can, or when the two are the same cache.
+  void copy_prefix(const KVCache& from, KVCache& to, int64_t n);
+
   const Model& model() const { return model_; }
   // The GPU backend, or null on the CPU.
   GpuDecoder* gpu() const { return gpu_.get(); }

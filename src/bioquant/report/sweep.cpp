@@ -298,6 +298,7 @@ GroupResult run_group(const SweepPlan& plan, const SweepOptions& o, const std::v
     e.chat = backend.applies_chat_template();
     e.limit = plan.limit;
     e.max_new_tokens = plan.max_new_tokens;
+    e.batch = o.batch;
     e.out_dir = c.out_dir;
     e.db_path = o.db_path;
     e.progress = o.example_progress;

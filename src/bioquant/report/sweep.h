@@ -69,6 +69,7 @@ struct SweepOptions {
   std::optional<std::string> data_dir;
   Shard shard;
   int threads = 0;
+  int batch = 1;                     // eval's examples answered together (EvalOptions::batch)
   std::string version;               // recorded with every run
   bool progress = true;              // a line per cell on `log`
   bool example_progress = false;     // the runner's per-example lines too

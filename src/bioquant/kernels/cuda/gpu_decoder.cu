@@ -3235,6 +3235,29 @@ void GpuDecoder::forward_batch(std::span<const DecodeSegment> segments) {
   }
 }
 
+void GpuDecoder::copy_prefix(const KVCache& from, const KVCache& to, int64_t n) {
+  CUDA_OK(cudaSetDevice(impl_->device));
+  const auto src = impl_->caches.find(&from);
+  check(src != impl_->caches.end(), "copy_prefix: the source KV cache has no positions on this GPU");
+  const DevKv s = src->second;  // a copy: kv_for may rehash the map
+  const DevKv& d = impl_->kv_for(to);
+  // Layout [layer][position][kv_dim] (q8 scales: [layer][position][kv_dim / 32]): one strided copy
+  // of n positions per layer, for each of K, V and their scales, on the decoder's stream (after the
+  // steps that wrote the source).
+  const size_t layers = static_cast<size_t>(impl_->model.config().n_layers);
+  const auto copy = [&](const void* from_ptr, void* to_ptr, size_t bytes_per_layer) {
+    const size_t row = bytes_per_layer / static_cast<size_t>(s.capacity), width = row * static_cast<size_t>(n);
+    CUDA_OK(cudaMemcpy2DAsync(to_ptr, row * static_cast<size_t>(d.capacity), from_ptr, bytes_per_layer, width, layers,
+                              cudaMemcpyDeviceToDevice, impl_->stream));
+  };
+  copy(s.k, d.k, s.values_bytes / layers);
+  copy(s.v, d.v, s.values_bytes / layers);
+  if (s.scale_bytes > 0) {
+    copy(s.k_scale, d.k_scale, s.scale_bytes / layers);
+    copy(s.v_scale, d.v_scale, s.scale_bytes / layers);
+  }
+}
+
 int64_t GpuDecoder::prompt_chunk(std::span<const DecodeSegment> segments) {
   CUDA_OK(cudaSetDevice(impl_->device));
   return impl_->fit_prompt_chunk(segments);

@@ -77,6 +77,9 @@ class GpuDecoder {
   // prompts into rounds of this many. BIOQUANT_CUDA_PROMPT_CHUNK chooses it; otherwise, under a memory
   // limit (set_cuda_memory_limit), the largest that fits what the limit leaves.
   int64_t prompt_chunk(std::span<const DecodeSegment> segments);
+  // As Decoder::copy_prefix (validated there): the first n positions of from's K/V into to's,
+  // device to device.
+  void copy_prefix(const KVCache& from, const KVCache& to, int64_t n);
   // Frees the GPU K/V of a cache that is going away.
   void release(const KVCache& cache);
 
