@@ -641,6 +641,78 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
   }
 }
 
+// Batched decode steps (every sequence one new token, its rows stacked through the matmuls, the
+// attention of all sequences in one launch) against each sequence's steps alone. The batched
+// attention launch is the per-sequence launches to the bit. With 4 sequences the matmuls take the
+// several-token integer kernels: the same sums as the one-token kernels where those are the same
+// block-per-lane loop (bf16, q8_0, q4_0, q6_k, int8, q5_k: bit for bit), another order for q4_k's pair
+// and nf4/fp4's 64-block kernels; 20 sequences multiply on tensor cores (bf16 activations). One
+// attention block per head everywhere (with splits, a batch's split sizes follow its longest sequence).
+TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int32_t> ids = biomed_tiny_prompt(64);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 20; ++i) {
+    const auto from = ids.begin() + i % 7;
+    prompts.emplace_back(from, from + 1 + (i * 5) % 40);  // 1 to 40 tokens
+  }
+  ThreadPool pool(2);
+  for (const char* f : {"bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8", "nf4", "fp4"}) {
+    const std::string name = f;
+    const bool same_sums = name != "q4_k" && name != "nf4" && name != "fp4";
+    auto model = Model::load(biomed_tiny_dir());
+    if (name != "bf16") quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f)), pool);
+    const ModelConfig& c = model->config();
+    const size_t vocab = static_cast<size_t>(c.vocab);
+    for (const int batch : {4, 20}) {
+      const auto together = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_SPLITS", "1"}});
+      const auto launches = gpu_decoder(*model, pool, KvType::BF16,
+                                        {{"BIOQUANT_CUDA_SPLITS", "1"}, {"BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", "1"}});
+      const auto alone = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_SPLITS", "1"}});
+      std::vector<std::unique_ptr<KVCache>> ct, cl, ca;
+      std::vector<float> got(static_cast<size_t>(batch) * vocab), per_launch(got.size()), want(got.size());
+      std::vector<int32_t> next(static_cast<size_t>(batch));
+      for (int i = 0; i < batch; ++i) {
+        const auto& p = prompts[static_cast<size_t>(i)];
+        for (auto* caches : {&ct, &cl, &ca}) caches->push_back(std::make_unique<KVCache>(c, 64));
+        together->forward(p.data(), static_cast<int64_t>(p.size()), *ct.back(), 1, got.data() + i * vocab);
+        launches->forward(p.data(), static_cast<int64_t>(p.size()), *cl.back(), 1, per_launch.data() + i * vocab);
+        alone->forward(p.data(), static_cast<int64_t>(p.size()), *ca.back(), 1, want.data() + i * vocab);
+      }
+      Compared r;
+      int launch_differences = 0;
+      for (int step = 0; step < 4; ++step) {
+        std::vector<DecodeSegment> segs_t, segs_l;
+        for (int i = 0; i < batch; ++i) {
+          const size_t u = static_cast<size_t>(i);
+          const float* l = want.data() + u * vocab;
+          next[u] = static_cast<int32_t>(std::max_element(l, l + vocab) - l);
+          segs_t.push_back({&next[u], 1, ct[u].get(), 1, got.data() + u * vocab});
+          segs_l.push_back({&next[u], 1, cl[u].get(), 1, per_launch.data() + u * vocab});
+        }
+        together->forward_batch(segs_t);
+        launches->forward_batch(segs_l);
+        for (int i = 0; i < batch; ++i)
+          alone->forward(&next[static_cast<size_t>(i)], 1, *ca[static_cast<size_t>(i)], 1, want.data() + i * vocab);
+        launch_differences += got != per_launch;
+        for (int i = 0; i < batch; ++i) r.add(want.data() + i * vocab, got.data() + i * vocab, static_cast<int64_t>(vocab));
+      }
+      EXPECT_EQ(launch_differences, 0) << f << " batch " << batch;
+      if (same_sums && batch == 4) {
+        EXPECT_EQ(r.max_err, 0.0f) << f;
+      } else {
+        EXPECT_LE(r.max_err, 5e-2f * std::max(1.0f, r.max_ref)) << f << " batch " << batch;
+        // Another top token only where the sequence-alone run's own top two are within the error.
+        if (r.argmax_mismatches > 0) {
+          EXPECT_LE(r.worst_flip_margin, 2.0f * r.max_err) << f << " batch " << batch;
+        }
+      }
+      std::printf("batched decode %-5s x %2d: max|batched-alone| %.2e (max|logit| %.2f), top-token differences %d "
+                  "(alone's margin <= %.2e)\n", f, batch, r.max_err, r.max_ref, r.argmax_mismatches, r.worst_flip_margin);
+    }
+  }
+}
+
 // Decode steps (one new token at a time, a fixed token sequence) of the fused attention kernel against
 // the CPU engine, the GPU's separate kernels (BIOQUANT_CUDA_FUSED=2, which read the same cache) and the
 // fused kernel with every context split over blocks (5 splits of at least one position: some splits

@@ -638,6 +638,7 @@ Run add_bench(CLI::App& app) {
   auto no_bandwidth = std::make_shared<bool>(false);
   auto ctx = std::make_shared<int64_t>(0);
   auto depth = std::make_shared<int64_t>(0);
+  auto sequences = std::make_shared<int64_t>(1);
   auto random_rows = std::make_shared<bool>(false);
   add_model_flags(app, *opts, false);
   auto* syn = app.add_option("--synthetic", *synthetic, "random-weight model of a named shape (llama-1b, llama3-8b, ...)");
@@ -658,6 +659,10 @@ Run add_bench(CLI::App& app) {
                  "tokens already in the KV cache when each test starts (default 0; as llama-bench's -d): decode and "
                  "prompt speed at that context")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("-b,--sequences", *sequences,
+                 "sequences decoded together in the tg test (default 1): one step reads the weights once for all; "
+                 "t/s counts the tokens of all")
+      ->check(CLI::Range(1, 1024));
   return [=]() {
     const int device = check_device(*opts);
     check(!opts->model.empty() || !synthetic->empty(), "give --model PATH or --synthetic NAME");
@@ -685,19 +690,24 @@ Run add_bench(CLI::App& app) {
     }
     const ModelConfig& c = model->config();
     Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device));
-    KVCache cache(c, std::max(needed, *ctx));
+    // One cache per decoded sequence (the pp test uses the first).
+    std::vector<std::unique_ptr<KVCache>> caches;
+    for (int64_t i = 0; i < *sequences; ++i) caches.push_back(std::make_unique<KVCache>(c, std::max(needed, *ctx)));
+    KVCache& cache = *caches.front();
     std::mt19937 rng(42);
     std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab - 1));
-    std::vector<float> logits(static_cast<size_t>(c.vocab));
+    std::vector<float> logits(static_cast<size_t>(c.vocab * *sequences));
     using Clock = std::chrono::steady_clock;
 
-    // Empties the cache, then fills it with `depth` random tokens (untimed).
+    // Empties the caches, then fills each with `depth` random tokens (untimed).
     auto fill_depth = [&]() {
-      cache.clear();
-      if (*depth == 0) return;
-      std::vector<int32_t> ids(static_cast<size_t>(*depth));
-      for (auto& id : ids) id = token(rng);
-      decoder.forward(ids.data(), *depth, cache, 1, logits.data());
+      for (auto& k : caches) {
+        k->clear();
+        if (*depth == 0) continue;
+        std::vector<int32_t> ids(static_cast<size_t>(*depth));
+        for (auto& id : ids) id = token(rng);
+        decoder.forward(ids.data(), *depth, *k, 1, logits.data());
+      }
     };
     auto run_pp = [&]() {
       std::vector<int32_t> ids(static_cast<size_t>(*n_prompt));
@@ -709,12 +719,18 @@ Run add_bench(CLI::App& app) {
     };
     auto run_tg = [&]() {
       fill_depth();
+      std::vector<int32_t> ids(caches.size());
+      std::vector<DecodeSegment> step;
       const auto t0 = Clock::now();
       for (int64_t i = 0; i < *n_gen; ++i) {
-        const int32_t id = token(rng);
-        decoder.forward(&id, 1, cache, 1, logits.data());
+        step.clear();
+        for (size_t s = 0; s < caches.size(); ++s) {
+          ids[s] = token(rng);
+          step.push_back({&ids[s], 1, caches[s].get(), 1, logits.data() + s * static_cast<size_t>(c.vocab)});
+        }
+        decoder.forward_batch(step);
       }
-      return static_cast<double>(*n_gen) / std::chrono::duration<double>(Clock::now() - t0).count();
+      return static_cast<double>(*n_gen * *sequences) / std::chrono::duration<double>(Clock::now() - t0).count();
     };
     std::vector<double> pp, tg;
     if (*n_prompt > 0) {
@@ -733,7 +749,7 @@ Run add_bench(CLI::App& app) {
     }
     const Stats pps = stats(pp), tgs = stats(tg);
     const double matrix_gb = static_cast<double>(model->matrix_bytes()) / 1e9;
-    const double tg_gbps = tgs.mean * matrix_gb;
+    const double tg_gbps = tgs.mean / static_cast<double>(*sequences) * matrix_gb;  // a step reads the weights once
     // The ceiling of a decode step: the CPU's streaming read, or the GPU's device-to-device copy.
     const double membw = *no_bandwidth ? 0.0 : decoder.gpu() ? cuda_copy_bandwidth(device) : measure_read_bandwidth(pool);
     json out = {{"model", name},
@@ -746,6 +762,7 @@ Run add_bench(CLI::App& app) {
                 {"n_prompt", *n_prompt},
                 {"n_gen", *n_gen},
                 {"depth", *depth},
+                {"sequences", *sequences},
                 {"repetitions", *reps},
                 {"pp_tokens_per_s", pps.mean},
                 {"pp_sd", pps.sd},
@@ -779,15 +796,16 @@ Run add_bench(CLI::App& app) {
     report_gpu_memory(decoder);
     std::printf("| model | params | weights | threads | isa | test | t/s |\n|---|---|---|---|---|---|---|\n");
     const double billions = static_cast<double>(c.parameter_count()) / 1e9;
-    const std::string at = *depth > 0 ? " @ d" + std::to_string(*depth) : "";
+    const std::string at = (*depth > 0 ? " @ d" + std::to_string(*depth) : "");
+    const std::string times = *sequences > 1 ? " x " + std::to_string(*sequences) + " seqs" : "";
     if (*n_prompt > 0)
       std::printf("| %s | %.2f B | %s | %d | %s | pp%lld%s | %.2f ± %.2f |\n", name.c_str(), billions,
                   model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_prompt,
                   at.c_str(), pps.mean, pps.sd);
     if (*n_gen > 0)
-      std::printf("| %s | %.2f B | %s | %d | %s | tg%lld%s | %.2f ± %.2f |\n", name.c_str(), billions,
+      std::printf("| %s | %.2f B | %s | %d | %s | tg%lld%s%s | %.2f ± %.2f |\n", name.c_str(), billions,
                   model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_gen,
-                  at.c_str(), tgs.mean, tgs.sd);
+                  times.c_str(), at.c_str(), tgs.mean, tgs.sd);
     if (*n_gen > 0) {
       std::printf("tg weight reads: %.2f GB/s", tg_gbps);
       if (membw > 0)

@@ -1409,6 +1409,15 @@ __host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_byt
 // this many threads, the same order of adds whatever the heads per block).
 constexpr int kDecodeHeadThreads = 128, kDecodeMaxHeads = 4;
 
+// One sequence's KV cache in a batched decode attention launch (blockIdx.z: the sequence).
+struct DecodeKvRef {
+  void* k;
+  void* v;
+  __half* k_scale;
+  __half* v_scale;
+  int64_t capacity;  // positions: a layer's K (and V) is capacity * kv_dim values
+};
+
 // Decode attention (one new token of a sequence), fused: RoPE of the token's q heads and of their k
 // head (as rope_store_kernel), the new k and v stored into the cache by the KV group's first q head,
 // attention over the cache (the new position from shared memory, rounded as stored), and, when aq is
@@ -1433,7 +1442,28 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
                             const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim, int rotary_dim,
                             KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale, int64_t window, float scale,
                             float softcap, float* out, int8_t* aq, float* ad, int* as, int min_chunk, float* part,
-                            int* done, int stage_len, int score_ld) {
+                            int* done, int stage_len, int score_ld, const DecodeKvRef* refs, int layer) {
+  if (refs != nullptr) {  // batched decode: sequence blockIdx.z, its row, position, cache and buffers
+    const int64_t z = blockIdx.z, qd = static_cast<int64_t>(n_heads) * head_dim, kvd = static_cast<int64_t>(n_kv_heads) * head_dim;
+    const DecodeKvRef r = refs[z];
+    const int64_t layer_elems = r.capacity * kvd;
+    k_cache = static_cast<KV*>(r.k) + layer * layer_elems;
+    v_cache = static_cast<KV*>(r.v) + layer * layer_elems;
+    k_scale = r.k_scale != nullptr ? r.k_scale + layer * layer_elems / 32 : nullptr;
+    v_scale = r.v_scale != nullptr ? r.v_scale + layer * layer_elems / 32 : nullptr;
+    q += z * qd;
+    k += z * kvd;
+    v += z * kvd;
+    pos0_ptr += z;
+    out += z * qd;
+    if (aq != nullptr) {
+      aq += z * qd;
+      ad += z * qd / 32;
+      as += z * qd / 32;
+    }
+    part += z * n_heads * gridDim.y * (head_dim + 2);
+    done += z * n_heads;
+  }
   extern __shared__ float decode_smem[];
   __shared__ float red[32];
   __shared__ bool last_block[kDecodeMaxHeads];
@@ -2084,6 +2114,17 @@ struct GpuDecoder::Impl {
   Cublas blas;
   // Prompt GEMM buffers (bf16 activations, one dequantized chunk of rows), grown on demand.
   DevBuf gemm_x, gemm_w[2];
+  // Batched decode attention (one launch for up to kBatchAttentionSeqs sequences): per sequence its
+  // heads' finished-split counters, split results and KV cache (DecodeKvRef), grown as batches need.
+  static constexpr int64_t kBatchAttentionSeqs = 64;
+  bool batch_attention_on = env_int("BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", 0) != 1;  // 1: a launch per sequence
+  DevBuf batch_attn;
+  std::vector<DecodeKvRef> host_refs;
+  struct BatchAttention {
+    int* done = nullptr;
+    float* part = nullptr;
+    DecodeKvRef* refs = nullptr;  // null: each sequence its own launch
+  };
   // Chunk c + 1 is dequantized on a side stream while chunk c multiplies (memory-bound work under
   // compute-bound work); events hand each buffer back and forth.
   cudaStream_t dequant_stream = nullptr;
@@ -2096,6 +2137,21 @@ struct GpuDecoder::Impl {
   static int env_int(const char* name, int fallback) {
     const char* v = std::getenv(name);
     return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : fallback;
+  }
+  // A decode step of at least this many sequences (one new token each) multiplies on tensor cores
+  // too: the integer kernels' cost grows with the rows (each extra token costs about half a one-token
+  // matvec), the dequantize + GEMM's hardly does. Measured (H200, 8B shape, tokens/s of the batch):
+  // q4_k 8 sequences 819 integer / 597 GEMM, 16: 811 / 980, 64: 803 / 2033; nf4 alike; bf16 8: 361 /
+  // 1065. So 16 for quantized weights, 8 for plain ones; BIOQUANT_CUDA_BATCH_GEMM sets it.
+  int64_t batch_gemm_min = env_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
+  bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
+    if (!tensor_cores() || layers.empty()) return false;
+    const QuantType t = layers.front().wq.type;
+    const bool plain = t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
+    if (static_cast<int64_t>(segments.size()) < (batch_gemm_min > 0 ? batch_gemm_min : plain ? 8 : 16)) return false;
+    for (const DecodeSegment& sg : segments)
+      if (sg.n != 1) return false;
+    return true;
   }
   // Decode (one token) kernel variant, BIOQUANT_CUDA_DECODE=1|2|3|4|5|6|8 to compare: 1 = one-token
   // kernel, 2 = that with its block loop unrolled twice, 3 = q4_k's pair kernel, 4 = BIOQUANT_CUDA_ROWS
@@ -2240,6 +2296,7 @@ struct GpuDecoder::Impl {
     for (DevBuf& b : work_bufs) mem.free(b.ptr, b.n, b.pool);
     for (DevBuf& b : owned) mem.free(b.ptr, b.n, b.pool);
     mem.free(gemm_x.ptr, gemm_x.n, Pool::Work);
+    mem.free(batch_attn.ptr, batch_attn.n, Pool::Work);
     for (int b = 0; b < 2; ++b) {
       mem.free(gemm_w[b].ptr, gemm_w[b].n, Pool::Work);
       if (tile_ready[b]) cudaEventDestroy(tile_ready[b]);
@@ -2422,6 +2479,7 @@ struct GpuDecoder::Impl {
         rows += r;
         if (mode != kInteger && r >= kGemmMinTokens) gemm_rows_needed += r;
       }
+      if (mode != kInteger && batch_decode_gemm(segments)) gemm_rows_needed = rows;
       size_t add = pending_kv;
       if (rows > work.tokens || logit_rows > work.logit_rows) {
         const size_t want = work_bytes(std::max(rows, work.tokens), std::max(logit_rows, work.logit_rows));
@@ -2728,6 +2786,25 @@ struct GpuDecoder::Impl {
     const DecodeSegment* segment;
   };
 
+  // The step's batched attention buffers: done counters zeroed, the sequences' caches uploaded.
+  BatchAttention batch_attention_buffers(const std::vector<Seg>& segs) {
+    const ModelConfig& c = model.config();
+    const int64_t seqs = static_cast<int64_t>(segs.size()), nz = std::min(seqs, kBatchAttentionSeqs);
+    const size_t done_bytes = static_cast<size_t>(kBatchAttentionSeqs * c.n_heads) * sizeof(int);
+    const size_t part_bytes = static_cast<size_t>(nz * c.n_heads * attention_splits * (c.head_dim + 2)) * sizeof(float);
+    const size_t refs_bytes = static_cast<size_t>(seqs) * sizeof(DecodeKvRef);
+    auto* base = static_cast<char*>(grow(batch_attn, done_bytes + part_bytes + refs_bytes));
+    BatchAttention b;
+    b.done = reinterpret_cast<int*>(base);
+    b.part = reinterpret_cast<float*>(base + done_bytes);
+    b.refs = reinterpret_cast<DecodeKvRef*>(base + done_bytes + part_bytes);
+    host_refs.clear();
+    for (const Seg& sg : segs) host_refs.push_back({sg.kv->k, sg.kv->v, sg.kv->k_scale, sg.kv->v_scale, sg.kv->capacity});
+    CUDA_OK(cudaMemsetAsync(b.done, 0, done_bytes, stream));
+    CUDA_OK(cudaMemcpyAsync(b.refs, host_refs.data(), refs_bytes, cudaMemcpyHostToDevice, stream));
+    return b;
+  }
+
   template <class KV>
   void forward_impl(std::span<const DecodeSegment> segments) {
     const ModelConfig& c = model.config();
@@ -2749,6 +2826,7 @@ struct GpuDecoder::Impl {
     for (const DecodeSegment* sg : order) gemm_rows += sg->n;
     for (const DecodeSegment& sg : segments)
       if (!(tensor_cores() && sg.n >= kGemmMinTokens)) order.push_back(&sg);
+    if (batch_decode_gemm(segments)) gemm_rows = n;
     std::vector<Seg> segs;
     int64_t smem_len = 0, row = 0;
     for (const DecodeSegment* sg : order) {
@@ -2832,6 +2910,10 @@ struct GpuDecoder::Impl {
     const bool fused_decode = fused_decode_ok();
     bool all_single = true;
     for (const Seg& sg : segs) all_single = all_single && sg.n == 1;
+    const BatchAttention batch = fused_decode && all_single && segs.size() > 1 && batch_attention_on
+                                     ? batch_attention_buffers(segs)
+                                     : BatchAttention{};
+    const bool batch_decode_step = all_single && n > 1 && gemm_rows == n;  // see batch_gemm_min
     // The residual stream alternates between two buffers (the fused norm reads one while writing the
     // other); the norm's output goes to work.normed.
     // Column slices of the fused norm: 256 columns per block for a few rows (decode), whole rows for
@@ -2882,7 +2964,40 @@ struct GpuDecoder::Impl {
       // projection inside the fused attention kernel.
       const bool quant_o = fused_decode && all_single && integer_path(n, {&l.wo});
       bool attn_bf16 = false;  // the attention output is in step_bf16 too
+      // The fused decode attention's shape for the step (its longest sequence).
+      const int64_t nblk_o = qd / 32;
+      const auto decode_attention = [&](const float* q, const float* k_new, const float* v_new, const int64_t* pos,
+                                        KV* kc, KV* vc, __half* ks, __half* vs, float* out, int8_t* aq, float* ad, int* as,
+                                        float* part, int* done, const DecodeKvRef* refs, unsigned sequences) {
+        const int64_t split_len = decode_split_len(smem_len);
+        check(decode_smem(split_len) <= decode_smem_bytes,
+              "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long for " +
+                  std::to_string(attention_splits) + " blocks per head (BIOQUANT_CUDA_SPLITS)");
+        // No more blocks per head than the context can give work to (a graph is captured for the cache's capacity).
+        const int64_t split_blocks = std::min<int64_t>(attention_splits, std::max<int64_t>(1, (smem_len + attention_min_chunk - 1) / attention_min_chunk));
+        const int heads_per_block = decode_heads_per_block(split_len);
+        const int64_t blocks_per_group = (c.n_heads / c.n_kv_heads + heads_per_block - 1) / heads_per_block;
+        // Each lane's chunks of q in registers: 4 for heads up to 128 wide, 8 up to 256.
+        launch_with(dependent_decode && n == 1, c.head_dim <= 128 ? attention_decode_kernel<KV, 4> : attention_decode_kernel<KV, 8>,
+               dim3(static_cast<unsigned>(c.n_kv_heads * blocks_per_group), static_cast<unsigned>(split_blocks), sequences),
+               heads_per_block * kDecodeHeadThreads, decode_smem(split_len), q, k_new, v_new, inv_freq, pos,
+               static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
+               static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window, c.attention_scale(), c.attn_softcap, out, aq, ad,
+               as, attention_min_chunk, part, done, stage_len(split_len), static_cast<int>(decode_score_ld(split_len)), refs,
+               static_cast<int>(li));
+      };
+      if (batch.refs != nullptr) {
+        // A decode step of several sequences: one launch per kBatchAttentionSeqs of them (blockIdx.z),
+        // each block finding its sequence's cache in batch.refs (sequence i is row i, position i).
+        for (int64_t z0 = 0; z0 < static_cast<int64_t>(segs.size()); z0 += kBatchAttentionSeqs) {
+          const unsigned nz = static_cast<unsigned>(std::min<int64_t>(kBatchAttentionSeqs, static_cast<int64_t>(segs.size()) - z0));
+          decode_attention(work.q + z0 * qd, work.k + z0 * kvd, work.v + z0 * kvd, work.pos + z0, nullptr, nullptr, nullptr,
+                           nullptr, work.attn + z0 * qd, quant_o ? work.aq + z0 * nblk_o * 32 : nullptr, work.ad + z0 * nblk_o,
+                           work.as + z0 * nblk_o, batch.part, batch.done, batch.refs + z0, nz);
+        }
+      }
       for (const Seg& sg : segs) {
+        if (batch.refs != nullptr) break;
         const size_t layer_elems = static_cast<size_t>(sg.kv->capacity * kvd);
         KV* kc = static_cast<KV*>(sg.kv->k) + li * layer_elems;
         KV* vc = static_cast<KV*>(sg.kv->v) + li * layer_elems;
@@ -2892,24 +3007,9 @@ struct GpuDecoder::Impl {
         float* out = work.attn + sg.row0 * qd;
         const int64_t* pos = work.pos + sg.index;
         if (fused_decode && sg.n == 1) {
-          const int64_t nblk_o = qd / 32;
-          const int64_t split_len = decode_split_len(smem_len);
-          check(decode_smem(split_len) <= decode_smem_bytes,
-                "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long for " +
-                    std::to_string(attention_splits) + " blocks per head (BIOQUANT_CUDA_SPLITS)");
-          // No more blocks per head than the context can give work to (a graph is captured for the cache's capacity).
-          const int64_t split_blocks = std::min<int64_t>(attention_splits, std::max<int64_t>(1, (smem_len + attention_min_chunk - 1) / attention_min_chunk));
-          const int heads_per_block = decode_heads_per_block(split_len);
-          const int64_t blocks_per_group = (c.n_heads / c.n_kv_heads + heads_per_block - 1) / heads_per_block;
-          // Each lane's chunks of q in registers: 4 for heads up to 128 wide, 8 up to 256.
-          launch_with(dependent_decode && n == 1, c.head_dim <= 128 ? attention_decode_kernel<KV, 4> : attention_decode_kernel<KV, 8>,
-                 dim3(static_cast<unsigned>(c.n_kv_heads * blocks_per_group), static_cast<unsigned>(split_blocks)),
-                 heads_per_block * kDecodeHeadThreads, decode_smem(split_len), q, work.k + sg.row0 * kvd,
-                 work.v + sg.row0 * kvd, inv_freq, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
-                 static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window,
-                 c.attention_scale(), c.attn_softcap, out, quant_o ? work.aq + sg.row0 * nblk_o * 32 : nullptr,
-                 work.ad + sg.row0 * nblk_o, work.as + sg.row0 * nblk_o, attention_min_chunk, work.attn_part,
-                 work.attn_done, stage_len(split_len), static_cast<int>(decode_score_ld(split_len)));
+          decode_attention(q, work.k + sg.row0 * kvd, work.v + sg.row0 * kvd, pos, kc, vc, ks, vs, out,
+                           quant_o ? work.aq + sg.row0 * nblk_o * 32 : nullptr, work.ad + sg.row0 * nblk_o,
+                           work.as + sg.row0 * nblk_o, work.attn_part, work.attn_done, nullptr, 1);
           continue;
         }
         // Prompts long enough for the tensor-core matmuls also take their attention there, when the
@@ -3016,6 +3116,7 @@ struct GpuDecoder::Impl {
       gemm_rows = 0;
       for (const Seg& sg : segs)
         if (tensor_cores() && sg.n_logits >= kGemmMinTokens) gemm_rows += sg.n_logits;
+      if (batch_decode_step) gemm_rows = n_logits;  // see batch_gemm_min
       matmul(work.h, n_logits, output, work.logits);
       gemm_rows = step_gemm_rows;
       if (c.final_softcap > 0.0f)
