@@ -3103,13 +3103,21 @@ struct GpuDecoder::Impl {
     CUDA_OK(cudaGetLastError());
     if (n_logits > 0) {
       // Each sequence's last rows, normalised into consecutive rows of work.h.
+      // A run of sequences whose logit rows follow each other in x (decode steps: every row) is one launch.
       int64_t out_row = 0;
-      for (const Seg& sg : segs) {
-        if (sg.n_logits == 0) continue;
-        const float* last = x + (sg.row0 + sg.n - sg.n_logits) * hd;
-        launch(rms_norm_kernel, static_cast<unsigned>(sg.n_logits), 1024, 0, last, final_norm, c.norm_eps, hd,
-                                                                                   work.h + out_row * hd);
-        out_row += sg.n_logits;
+      for (size_t i = 0; i < segs.size();) {
+        if (segs[i].n_logits == 0) {
+          ++i;
+          continue;
+        }
+        const int64_t first = segs[i].row0 + segs[i].n - segs[i].n_logits;
+        int64_t rows = segs[i].n_logits;
+        size_t j = i + 1;
+        for (; j < segs.size() && segs[j].n == segs[j].n_logits && segs[j].row0 == first + rows; ++j) rows += segs[j].n;
+        launch(rms_norm_kernel, static_cast<unsigned>(rows), 1024, 0, x + first * hd, final_norm, c.norm_eps, hd,
+               work.h + out_row * hd);
+        out_row += rows;
+        i = j;
       }
       // The output matmul's rows: each sequence's logit rows on the GEMM when it has that many.
       const int64_t step_gemm_rows = gemm_rows;
