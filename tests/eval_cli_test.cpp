@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -309,6 +311,14 @@ class FakeOpenAIServer {
       const json body = json::parse(req.body);
       const std::string prompt = body["messages"][0]["content"];
       ++requests_;
+      {  // requests answered at once (eval --batch sends them together)
+        const int now = ++in_flight_;
+        int seen = most_in_flight_.load();
+        while (now > seen && !most_in_flight_.compare_exchange_weak(seen, now)) {
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      --in_flight_;
       std::string answer = "I cannot tell.";
       for (const auto& [needle, a] : answers_)
         if (prompt.find(needle) != std::string::npos) answer = a;
@@ -332,13 +342,14 @@ class FakeOpenAIServer {
   }
   int port() const { return port_; }
   int requests() const { return requests_; }
+  int most_in_flight() const { return most_in_flight_; }
 
  private:
   std::map<std::string, std::string> answers_;
   httplib::Server server_;
   std::thread thread_;
   int port_ = 0;
-  std::atomic<int> requests_{0};
+  std::atomic<int> requests_{0}, in_flight_{0}, most_in_flight_{0};
 };
 
 TEST(EvalCli, OpenAIBackendAgainstALoopbackServer) {
@@ -360,6 +371,18 @@ TEST(EvalCli, OpenAIBackendAgainstALoopbackServer) {
   EXPECT_EQ(t["score"], 1.0);
   EXPECT_EQ(t["prompt_tokens_computed"], 500);
   EXPECT_EQ(read_runs(dir.file("runs.sqlite"))[0]["backend"], "openai " + endpoint);
+  EXPECT_EQ(server.most_in_flight(), 1);
+  // --batch 4: the requests go together (a batching server decodes them together); the same answers.
+  r = test::run_cli({"eval", "--backend", "openai", "--endpoint", endpoint, "--tasks", "pubmedqa", "--limit", "5",
+                     "--data-dir", data_dir(), "--out", dir.file("batched"), "--no-db", "--quiet", "--batch", "4"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(server.requests(), 10);
+  EXPECT_GE(server.most_in_flight(), 2);
+  EXPECT_LE(server.most_in_flight(), 4);
+  const json tb = json::parse(test::read_file(dir.file("batched/results.json")))["tasks"]["pubmedqa"];
+  EXPECT_EQ(tb["score"], 1.0);
+  EXPECT_EQ(tb["prompt_tokens_computed"], 500);
+  EXPECT_EQ(read_lines(dir.file("batched/samples/pubmedqa.jsonl")), read_lines(dir.file("out/samples/pubmedqa.jsonl")));
   // Scoring modes that need logits are refused with a reason; so are server errors.
   r = test::run_cli({"eval", "--backend", "openai", "--endpoint", endpoint, "--tasks", "pubmedqa", "--limit", "1",
                      "--data-dir", data_dir(), "--out", dir.file("o2"), "--no-db", "--scoring", "loglik"});

@@ -1,6 +1,7 @@
 #include "bioquant/eval/openai_backend.h"
 
 #include <chrono>
+#include <exception>
 #include <thread>
 
 #include <httplib.h>
@@ -13,7 +14,7 @@ namespace bioquant::eval {
 using nlohmann::json;
 
 struct OpenAIBackend::Impl {
-  std::unique_ptr<httplib::Client> client;
+  std::string host;       // scheme://host[:port]
   std::string base_path;  // e.g. "/v1"
 };
 
@@ -27,11 +28,7 @@ OpenAIBackend::OpenAIBackend(OpenAIOptions options) : options_(std::move(options
   impl_->base_path = path_start == std::string::npos ? "" : url.substr(path_start);
   while (!impl_->base_path.empty() && impl_->base_path.back() == '/') impl_->base_path.pop_back();
   check(host.size() > scheme_end + 3, "--endpoint has no host: \"" + url + "\"");
-  impl_->client = std::make_unique<httplib::Client>(host);
-  impl_->client->set_connection_timeout(10);
-  impl_->client->set_read_timeout(options_.timeout_seconds);
-  impl_->client->set_write_timeout(60);
-  if (!options_.api_key.empty()) impl_->client->set_bearer_token_auth(options_.api_key);
+  impl_->host = host;
 }
 
 OpenAIBackend::~OpenAIBackend() = default;
@@ -40,7 +37,48 @@ std::string OpenAIBackend::describe() const {
   return "openai-compatible server " + options_.endpoint + (options_.model.empty() ? "" : " (" + options_.model + ")");
 }
 
+void OpenAIBackend::count(const Answer& a) {
+  counters_.prompts += 1;
+  counters_.prompt_tokens_computed += a.prompt_tokens;
+  counters_.generated_tokens += a.completion_tokens;
+}
+
 std::string OpenAIBackend::generate(const std::string& prompt, int max_new_tokens) {
+  const Answer a = request(prompt, max_new_tokens);
+  count(a);
+  return a.text;
+}
+
+std::vector<std::string> OpenAIBackend::generate_batch(const std::vector<std::string>& prompts, int max_new_tokens) {
+  std::vector<Answer> answers(prompts.size());
+  std::vector<std::exception_ptr> errors(prompts.size());
+  std::vector<std::thread> threads;
+  threads.reserve(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i)
+    threads.emplace_back([&, i] {
+      try {
+        answers[i] = request(prompts[i], max_new_tokens);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    });
+  for (std::thread& t : threads) t.join();
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
+  std::vector<std::string> texts;
+  for (const Answer& a : answers) {
+    count(a);
+    texts.push_back(a.text);
+  }
+  return texts;
+}
+
+OpenAIBackend::Answer OpenAIBackend::request(const std::string& prompt, int max_new_tokens) const {
+  httplib::Client client(impl_->host);
+  client.set_connection_timeout(10);
+  client.set_read_timeout(options_.timeout_seconds);
+  client.set_write_timeout(60);
+  if (!options_.api_key.empty()) client.set_bearer_token_auth(options_.api_key);
   json body = {{"model", options_.model.empty() ? "default" : options_.model},
                {"max_tokens", max_new_tokens},
                {"temperature", 0},
@@ -57,7 +95,7 @@ std::string OpenAIBackend::generate(const std::string& prompt, int max_new_token
   std::string last_error;
   for (int attempt = 0; attempt <= options_.retries; ++attempt) {
     if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(500 * attempt));
-    auto res = impl_->client->Post(path, payload, "application/json");
+    auto res = client.Post(path, payload, "application/json");
     if (!res) {
       last_error = "cannot reach " + options_.endpoint + " (" + httplib::to_string(res.error()) + ")";
       continue;
@@ -80,22 +118,24 @@ std::string OpenAIBackend::generate(const std::string& prompt, int max_new_token
     if (answer.is_object() && answer.contains("choices") && answer["choices"].is_array() && !answer["choices"].empty())
       choice = &answer["choices"][0];
     check(choice && choice->is_object(), options_.endpoint + ": the answer has no choices[0]: " + snippet);
-    counters_.prompts += 1;
+    Answer out;
     if (answer.contains("usage") && answer["usage"].is_object()) {
       const json& u = answer["usage"];
       if (u.contains("prompt_tokens") && u["prompt_tokens"].is_number_integer())
-        counters_.prompt_tokens_computed += u["prompt_tokens"].get<int64_t>();
+        out.prompt_tokens = u["prompt_tokens"].get<int64_t>();
       if (u.contains("completion_tokens") && u["completion_tokens"].is_number_integer())
-        counters_.generated_tokens += u["completion_tokens"].get<int64_t>();
+        out.completion_tokens = u["completion_tokens"].get<int64_t>();
     }
     if (options_.chat) {
       check(choice->contains("message") && (*choice)["message"].is_object(),
             options_.endpoint + ": choices[0] has no message: " + snippet);
       const json& content = (*choice)["message"].value("content", json());
-      return content.is_string() ? content.get<std::string>() : "";  // null content = empty answer
+      if (content.is_string()) out.text = content.get<std::string>();  // null content = empty answer
+      return out;
     }
     const json& text = choice->value("text", json());
-    return text.is_string() ? text.get<std::string>() : "";
+    if (text.is_string()) out.text = text.get<std::string>();
+    return out;
   }
   throw Error("openai backend: " + last_error);
 }

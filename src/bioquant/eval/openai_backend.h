@@ -2,8 +2,10 @@
 // POST {endpoint}/chat/completions (or /completions without a chat template), greedy (temperature 0).
 // The way to evaluate models larger than this machine; free-text (generate) scoring only.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "bioquant/eval/backend.h"
 
@@ -24,8 +26,18 @@ class OpenAIBackend : public Backend {
   ~OpenAIBackend() override;
   std::string describe() const override;
   std::string generate(const std::string& prompt, int max_new_tokens) override;
+  // The prompts as concurrent requests (a connection each), so a server that batches (vLLM,
+  // bioquant serve) decodes them together; answers in the prompts' order, the first error thrown
+  // once all have finished.
+  std::vector<std::string> generate_batch(const std::vector<std::string>& prompts, int max_new_tokens) override;
 
  private:
+  struct Answer {
+    std::string text;
+    int64_t prompt_tokens = 0, completion_tokens = 0;
+  };
+  Answer request(const std::string& prompt, int max_new_tokens) const;  // a connection of its own
+  void count(const Answer& a);
   struct Impl;
   OpenAIOptions options_;
   std::unique_ptr<Impl> impl_;
