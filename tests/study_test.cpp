@@ -27,6 +27,7 @@
 #include "bioquant/eval/store.h"
 #include "bioquant/eval/task.h"
 #include "bioquant/io/safetensors.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/report/estimate.h"
 #include "bioquant/report/recommend.h"
@@ -146,8 +147,13 @@ TEST(StudyPlan, ParsesAndRejectsUnknownKeysAndBadValues) {
   bad["limit"] = "2";
   rejects(bad, "\"limit\" must be an integer");
   bad = small_plan();
-  bad["device"] = "cuda";
-  rejects(bad, "CPU only");
+  bad["device"] = "tpu";
+  rejects(bad, "unknown device 'tpu'");
+  bad["device"] = "cuda:x";
+  rejects(bad, "unknown device 'cuda:x'");
+  json gpu = small_plan();
+  gpu["device"] = "cuda:1";  // the name is valid; whether the GPU is there, each worker checks
+  EXPECT_EQ(parse_sweep_plan(gpu, "plan.json").device, "cuda:1");
   bad = small_plan();
   bad["scoring"] = "vibes";
   rejects(bad, "vibes");
@@ -326,6 +332,34 @@ TEST(StudySweep, ShardsSplitTheCellsAndShareOneDatabase) {
   EXPECT_EQ(eval::read_runs(db).size(), 3u);
   // Outputs go beside the database unless --out says otherwise.
   EXPECT_TRUE(fs::is_directory(dir.file("r-sweep")));
+}
+
+// A plan for the GPU: without one, the first worker stops the sweep with a one-line error before it
+// loads a model, and nothing is recorded; with one, its cells run there (recorded as such), here
+// with --batch 2.
+TEST(StudySweep, GpuPlansRunOnTheGpuOrSayItIsMissing) {
+  REQUIRE_DATA();
+  test::TempDir dir;
+  const json plan = {{"models", {demo_model()}}, {"precisions", {"q4_k"}}, {"tasks", {"pubmedqa", "hoc"}},
+                     {"methods", {"zero-shot"}}, {"limit", 3},           {"max_new_tokens", 4}, {"device", "cuda"}};
+  test::write_file(dir.file("plan.json"), plan.dump());
+  const std::string db = dir.file("r.sqlite");
+  const auto r = test::run_cli({"sweep", dir.file("plan.json"), "--db", db, "--data-dir", data_dir(), "--quiet", "--batch", "2"});
+  if (cuda_device_count() == 0) {
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("device 'cuda' is not available"), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(count_rows(db), 0u);
+    return;
+  }
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["ran"], 2);
+  const auto rows = eval::read_runs(db);
+  ASSERT_EQ(rows.size(), 2u);
+  for (const auto& row : rows) {
+    EXPECT_EQ(row["device"], "cuda");
+    EXPECT_EQ(json::parse(row["result_json"].get<std::string>())["batch"], 2);
+  }
 }
 
 // Regression (found by the sweep): MedQA's files have no id column, so dev and test rows share

@@ -22,6 +22,7 @@
 #include "bioquant/eval/runner.h"
 #include "bioquant/eval/store.h"
 #include "bioquant/eval/task.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/quantize.h"
 #include "bioquant/tokenizer/tokenizer.h"
@@ -151,7 +152,12 @@ SweepPlan parse_sweep_plan(const json& plan, const std::string& where, const std
   p.seed = static_cast<uint64_t>(integer(plan, "seed", where, 1234, 0));
   p.split = text(plan, "split", where, "");
   p.device = text(plan, "device", where, "cpu");
-  check(p.device == "cpu", where + ": device '" + p.device + "' is not available: this build runs on the CPU only");
+  // The name only: whether the device is there is checked in the worker, before it loads a model (this
+  // process must not initialise CUDA, which does not survive into the forked workers).
+  const bool cuda_name = p.device == "cuda" || (p.device.rfind("cuda:", 0) == 0 && p.device.size() > 5 &&
+                                                p.device.size() < 9 &&
+                                                p.device.find_first_not_of("0123456789", 5) == std::string::npos);
+  check(p.device == "cpu" || cuda_name, where + ": unknown device '" + p.device + "' (cpu, cuda or cuda:N)");
   p.scoring = text(plan, "scoring", where, "generate");
   try {
     eval::parse_scoring_mode(p.scoring);
@@ -268,6 +274,7 @@ GroupResult run_group(const SweepPlan& plan, const SweepOptions& o, const std::v
                       size_t position, size_t total, double seconds_before) {
   GroupResult out;
   const SweepCell& first = *cells.front();
+  const int device = parse_device(plan.device);  // before any model work: a missing GPU fails at once
   ThreadPool pool(o.threads);
   const auto load0 = Clock::now();
   auto model = Model::load(first.model);
@@ -277,7 +284,7 @@ GroupResult run_group(const SweepPlan& plan, const SweepOptions& o, const std::v
     if (!p.note.empty() && o.progress) std::fprintf(o.log, "note: %s: %s\n", p.name.c_str(), p.note.c_str());
   quantize_model(*model, tensor_plan, pool);
   auto tokenizer = load_tokenizer(first.model);
-  eval::LocalBackend backend(*model, *tokenizer, pool, /*use_chat_template=*/true);
+  eval::LocalBackend backend(*model, *tokenizer, pool, /*use_chat_template=*/true, device);
   if (o.progress) {
     std::fprintf(o.log, "sweep: loaded %s as %s (%s weights, %.1f MiB) in %s\n", first.model_name.c_str(),
                  first.precision.c_str(), model->weight_dtype().c_str(),

@@ -7,7 +7,8 @@
 //    "precisions": ["bf16", "int8", "nf4", "q4_k"],   quant names (or q4_k_m; "nf4+dq" = double quant)
 //    "tasks": ["medqa", ...] or "all",
 //    "methods": ["zero-shot", "few-shot"],
-//    optional: "shots" (5), "limit" (0 = whole split), "split" (each task's default), "device" ("cpu"),
+//    optional: "shots" (5), "limit" (0 = whole split), "split" (each task's default), "device" ("cpu";
+//              "cuda" or "cuda:N": the GPU, checked by each worker before it loads a model),
 //              "scoring" ("generate"), "max_new_tokens" (0 = the task's budget), "seed" (1234)}
 // Any other key is an error. A cell is one (model, precision, task, method); its key (a hash of
 // everything that defines it, the model's fingerprint included) is recorded in the runs table's
