@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bioquant/eval/task.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "test_util.h"
 
 namespace bioquant::eval {
@@ -88,6 +89,30 @@ TEST(DemoModel, DemoRunsEveryTaskAtEveryPrecision) {
   const std::string html = test::read_file(dir.file("demo/report/index.html"));
   EXPECT_NE(html.find("<svg"), std::string::npos);
   EXPECT_NE(html.find("q4_k"), std::string::npos);
+}
+
+// demo --device: an unknown name or a missing GPU is a one-line error before any work; on a GPU the
+// table gains each precision's GPU peak.
+TEST(DemoModel, DemoOnTheGpuOrAOneLineError) {
+  if (data_dir().empty()) GTEST_SKIP() << "../shared/bionlp not present";
+  test::TempDir dir;
+  auto r = test::run_cli({"demo", "--device", "tpu", "--data-dir", data_dir(), "--out", dir.file("bad")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("unknown device 'tpu'"), std::string::npos) << r.err;
+  r = test::run_cli({"demo", "--device", "cuda", "--limit", "1", "--precisions", "bf16,q4_k", "--tasks", "pubmedqa,hoc",
+                     "--batch", "2", "--data-dir", data_dir(), "--out", dir.file("gpu")});
+  if (cuda_device_count() == 0) {
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("device 'cuda' is not available"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(dir.file("gpu/demo.json")));
+    return;
+  }
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("GPU peak (MiB)"), std::string::npos) << r.out;
+  const json demo = json::parse(test::read_file(dir.file("gpu/demo.json")));
+  EXPECT_EQ(demo["device"], "cuda");
+  ASSERT_EQ(demo["precisions"].size(), 2u);
+  for (const auto& p : demo["precisions"]) EXPECT_GT(p["gpu_peak_allocated_bytes"].get<double>(), 0.0);
 }
 
 }  // namespace

@@ -72,9 +72,9 @@ std::vector<json> read_sample_lines(const std::string& path) {
 
 Run add_demo(CLI::App& app) {
   struct Flags {
-    std::string model, data_dir, out = "bioquant-demo", precisions = "bf16,int8,nf4,q4_k", tasks = "all";
+    std::string model, data_dir, out = "bioquant-demo", precisions = "bf16,int8,nf4,q4_k", tasks = "all", device = "cpu";
     int64_t limit = 25;
-    int threads = 0;
+    int threads = 0, batch = 1;
   };
   auto f = std::make_shared<Flags>();
   app.add_option("--model", f->model, "model directory (default: the shipped models/biomed-tiny)");
@@ -84,8 +84,11 @@ Run add_demo(CLI::App& app) {
   app.add_option("--precisions", f->precisions, "comma-separated (default bf16,int8,nf4,q4_k)");
   app.add_option("--tasks", f->tasks, "tasks (default all)");
   app.add_option("--threads", f->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--device", f->device, "cpu (default), cuda or cuda:N");
+  app.add_option("--batch", f->batch, "examples answered together (default 1; as eval --batch)")->check(CLI::Range(1, 256));
   return [=]() {
     const auto t_start = std::chrono::steady_clock::now();
+    const int device = parse_device(f->device);
     const std::string model_dir = f->model.empty() ? default_model_dir() : f->model;
     std::vector<std::string> precisions;
     {
@@ -112,7 +115,8 @@ Run add_demo(CLI::App& app) {
     base.model = model_dir;
     base.model_hash = model_fingerprint(model_dir);
     base.backend = "local";
-    base.device = "cpu";
+    base.device = f->device;
+    base.batch = f->batch;
     fs::create_directories(f->out);
     std::fprintf(stderr, "demo: %s on %zu tasks x %zu precisions, %lld examples each (results in %s)\n",
                  model_dir.c_str(), base.tasks.size(), precisions.size(), static_cast<long long>(f->limit),
@@ -121,7 +125,7 @@ Run add_demo(CLI::App& app) {
     struct PrecisionRun {
       std::string name;
       json results;
-      size_t weight_bytes = 0, peak_rss = 0;
+      size_t weight_bytes = 0, peak_rss = 0, gpu_peak = 0;
       double seconds = 0;
     };
     std::vector<PrecisionRun> runs;
@@ -135,7 +139,7 @@ Run add_demo(CLI::App& app) {
       ThreadPool pool(c.threads);
       auto model = open_model(c, pool);
       auto tokenizer = load_tokenizer(model_dir);
-      LocalBackend backend(*model, *tokenizer, pool, true);
+      LocalBackend backend(*model, *tokenizer, pool, true, device);
       EvalOptions o = base;
       o.chat = backend.applies_chat_template();
       o.quant = c.quant.empty() ? "none" : c.quant;
@@ -149,6 +153,7 @@ Run add_demo(CLI::App& app) {
       run.results = run_eval(o, backend);
       run.weight_bytes = model->weight_bytes();
       run.peak_rss = peak_rss_bytes();
+      run.gpu_peak = backend.gpu_peak_bytes();
       run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (!peak_reset) std::fprintf(stderr, "note: peak RSS could not be reset; it is the process's peak so far\n");
       runs.push_back(std::move(run));
@@ -197,13 +202,20 @@ Run add_demo(CLI::App& app) {
       summary["tasks"][t->name] = row;
     }
     std::printf("(* = the paired bootstrap 95%% CI of the change against %s excludes 0)\n\n", runs.front().name.c_str());
-    std::printf("%-10s %14s %16s %10s\n", "precision", "weights (MiB)", "peak RSS (MiB)", "time (s)");
+    const bool gpu = device >= 0;
+    std::printf("%-10s %14s %16s%s %10s\n", "precision", "weights (MiB)", "peak RSS (MiB)", gpu ? "  GPU peak (MiB)" : "",
+                "time (s)");
     for (const auto& r : runs) {
-      std::printf("%-10s %14.1f %16.1f %10.1f\n", r.name.c_str(), static_cast<double>(r.weight_bytes) / (1 << 20),
-                  static_cast<double>(r.peak_rss) / (1 << 20), r.seconds);
-      summary["precisions"].push_back({{"precision", r.name}, {"weight_bytes", r.weight_bytes},
-                                       {"peak_rss_bytes", r.peak_rss}, {"seconds", r.seconds}});
+      std::printf("%-10s %14.1f %16.1f", r.name.c_str(), static_cast<double>(r.weight_bytes) / (1 << 20),
+                  static_cast<double>(r.peak_rss) / (1 << 20));
+      if (gpu) std::printf(" %15.1f", static_cast<double>(r.gpu_peak) / (1 << 20));
+      std::printf(" %10.1f\n", r.seconds);
+      json entry = {{"precision", r.name}, {"weight_bytes", r.weight_bytes}, {"peak_rss_bytes", r.peak_rss},
+                    {"seconds", r.seconds}};
+      if (gpu) entry["gpu_peak_allocated_bytes"] = r.gpu_peak;
+      summary["precisions"].push_back(entry);
     }
+    summary["device"] = f->device;
     // The HTML report (charts, tables) over every run in the demo's database.
     report::ReportOptions ro;
     ro.out_dir = (fs::path(f->out) / "report").string();
