@@ -7,6 +7,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/quantize.h"
 #include "bioquant/model/decoder.h"
@@ -286,6 +287,22 @@ TEST(QuantFidelity, KlDivergenceOrdersTheFormats) {
   EXPECT_GE(r["q8_0"]["same_top_rate"].get<double>(), 0.95);
   EXPECT_GE(r["int8"]["same_top_rate"].get<double>(), 0.95);
   for (auto& [q, j] : r) RecordProperty("kld_" + q, std::to_string(j["kld_mean"].get<double>()));
+  // --device cuda: both models on the GPU (prompt chunks on tensor cores there, so not the CPU's
+  // numbers, but the same ordering of magnitude); without a GPU, a one-line error.
+  const auto gpu = test::run_cli({"kld", "--base", model, "--quant", "q4_k", "--text", dir.file("abstracts.txt"),
+                                  "--max-tokens", "2048", "--json", "--device", "cuda"});
+  if (cuda_device_count() == 0) {
+    EXPECT_NE(gpu.exit_code, 0);
+    EXPECT_NE(gpu.err.find("device 'cuda' is not available"), std::string::npos) << gpu.err;
+    return;
+  }
+  ASSERT_EQ(gpu.exit_code, 0) << gpu.err;
+  const nlohmann::json g = nlohmann::json::parse(gpu.out);
+  EXPECT_EQ(g["device"], "cuda");
+  EXPECT_EQ(g["positions"], r["q4_k"]["positions"]);
+  EXPECT_GT(g["kld_mean"].get<double>(), 0.0);
+  EXPECT_LT(g["kld_mean"].get<double>(), 4.0 * kld("q4_k") + 0.01);
+  EXPECT_GE(g["same_top_rate"].get<double>(), 0.8);
 }
 
 }  // namespace

@@ -527,11 +527,14 @@ Run add_kld(CLI::App& app) {
   app.add_option("--ctx", *chunk, "tokens per chunk (default 512; each starts with BOS)")->check(CLI::Range(2, 1 << 20));
   app.add_option("--max-tokens", *max_tokens, "compare at most this many tokens (default 8192)")->check(CLI::PositiveNumber);
   app.add_option("--threads", base->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--device", base->device, "cpu (default), cuda or cuda:N: both models run there");
+  app.add_option("--kv-cache", base->kv_cache, "with --device cuda: the GPU KV cache, bf16 (default), f32 or q8");
   app.add_flag("--json", *as_json, "print one JSON object");
   (void)m;
   (void)q;
   return [=]() {
     check(!other->empty() || !base->quant.empty(), "give --model PATH2 or --quant Q");
+    const int device = check_device(*base);  // before any model loads
     ThreadPool pool(base->threads);
     Common plain = *base;
     plain.quant.clear();
@@ -550,7 +553,8 @@ Run add_kld(CLI::App& app) {
     }
     std::vector<int32_t> ids = tok->encode(content, false);
     if (static_cast<int64_t>(ids.size()) > *max_tokens) ids.resize(static_cast<size_t>(*max_tokens));
-    Decoder d_ref(*reference, pool), d_model(*model, pool);
+    const KvType kv = apply_gpu_flags(*base, device);
+    Decoder d_ref(*reference, pool, device, kv), d_model(*model, pool, device, kv);
     const auto t0 = std::chrono::steady_clock::now();
     const FidelityStats s = compare_models(d_ref, d_model, ids, *chunk, tok->bos_id() ? *tok->bos_id() : -1,
                                            [](int64_t done, int64_t total) {
@@ -574,6 +578,7 @@ Run add_kld(CLI::App& app) {
                 {"ppl_model", s.ppl_model},
                 {"weight_bytes_base", reference->weight_bytes()},
                 {"weight_bytes_model", model->weight_bytes()},
+                {"device", base->device},
                 {"seconds", secs}};
     if (*as_json) {
       std::printf("%s\n", out.dump().c_str());
