@@ -50,6 +50,7 @@ std::string OpenAIBackend::generate(const std::string& prompt, int max_new_token
 }
 
 std::vector<std::string> OpenAIBackend::generate_batch(const std::vector<std::string>& prompts, int max_new_tokens) {
+  if (prompts.size() <= 1) return Backend::generate_batch(prompts, max_new_tokens);
   std::vector<Answer> answers(prompts.size());
   std::vector<std::exception_ptr> errors(prompts.size());
   std::vector<std::thread> threads;
