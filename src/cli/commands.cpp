@@ -801,7 +801,7 @@ Run add_bench(CLI::App& app) {
     report_gpu_memory(decoder);
     std::printf("| model | params | weights | threads | isa | test | t/s |\n|---|---|---|---|---|---|---|\n");
     const double billions = static_cast<double>(c.parameter_count()) / 1e9;
-    const std::string at = (*depth > 0 ? " @ d" + std::to_string(*depth) : "");
+    const std::string at = *depth > 0 ? " @ d" + std::to_string(*depth) : "";
     const std::string times = *sequences > 1 ? " x " + std::to_string(*sequences) + " seqs" : "";
     if (*n_prompt > 0)
       std::printf("| %s | %.2f B | %s | %d | %s | pp%lld%s | %.2f ± %.2f |\n", name.c_str(), billions,

@@ -87,17 +87,22 @@ void LocalBackend::ensure_capacity(int64_t tokens) {
     decoder_.forward(sequence_.data(), static_cast<int64_t>(sequence_.size()), *cache_, 1, logits_.data());
 }
 
-void LocalBackend::start(const std::vector<int32_t>& prompt) {
-  check(!prompt.empty(), "the prompt encodes to no tokens");
-  if (!cache_ || cache_->capacity() < static_cast<int64_t>(prompt.size()) + 1) sequence_.clear();
-  ensure_capacity(static_cast<int64_t>(prompt.size()) + 1);
-  // Longest common prefix with what the cache holds, keeping at least the last prompt token to run
-  // (its logits are the first answer token's distribution).
+size_t LocalBackend::keep_cached_prefix(const std::vector<int32_t>& tokens, size_t limit, int64_t capacity) {
+  // A cache too small is replaced; what it held is not worth recomputing into the new one.
+  if (!cache_ || cache_->capacity() < capacity) sequence_.clear();
+  ensure_capacity(capacity);
   size_t common = 0;
-  const size_t limit = std::min(sequence_.size(), prompt.size() - 1);
-  while (common < limit && sequence_[common] == prompt[common]) ++common;
+  const size_t n = std::min(sequence_.size(), limit);
+  while (common < n && sequence_[common] == tokens[common]) ++common;
   cache_->truncate(static_cast<int64_t>(common));
   sequence_.resize(common);
+  return common;
+}
+
+void LocalBackend::start(const std::vector<int32_t>& prompt) {
+  check(!prompt.empty(), "the prompt encodes to no tokens");
+  // Keeps at least the last prompt token to run (its logits are the first answer token's distribution).
+  const size_t common = keep_cached_prefix(prompt, prompt.size() - 1, static_cast<int64_t>(prompt.size()) + 1);
   counters_.prompts += 1;
   counters_.prompt_tokens_reused += static_cast<int64_t>(common);
   counters_.prompt_tokens_computed += static_cast<int64_t>(prompt.size() - common);
@@ -154,13 +159,7 @@ std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::str
 
   // The shared prefix in cache_ (reusing what it holds of it), as start() does for one prompt.
   warn_context(static_cast<int64_t>(longest) + 1);
-  if (!cache_ || cache_->capacity() < static_cast<int64_t>(prefix) + 1) sequence_.clear();
-  ensure_capacity(static_cast<int64_t>(prefix) + 1);
-  size_t common = 0;
-  const size_t limit = std::min(sequence_.size(), prefix);
-  while (common < limit && sequence_[common] == ids[0][common]) ++common;
-  cache_->truncate(static_cast<int64_t>(common));
-  sequence_.resize(common);
+  const size_t common = keep_cached_prefix(ids[0], prefix, static_cast<int64_t>(prefix) + 1);
   if (prefix > common) {
     decoder_.forward(ids[0].data() + common, static_cast<int64_t>(prefix - common), *cache_, 0, nullptr);
     sequence_.insert(sequence_.end(), ids[0].begin() + static_cast<std::ptrdiff_t>(common),

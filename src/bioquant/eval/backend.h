@@ -94,6 +94,9 @@ class LocalBackend : public Backend {
   void start(const std::vector<int32_t>& prompt);  // prefill with prefix reuse; logits_ = next-token logits
   void feed(const std::vector<int32_t>& ids);       // extend the sequence
   void ensure_capacity(int64_t tokens);
+  // Truncates cache_ and sequence_ to their longest common prefix with tokens[0, limit), in a cache of
+  // at least `capacity` positions; returns that prefix's length.
+  size_t keep_cached_prefix(const std::vector<int32_t>& tokens, size_t limit, int64_t capacity);
   void warn_context(int64_t tokens);  // once, when a prompt plus its answer passes the trained context
   bool is_eos(int32_t id) const;
 

@@ -154,10 +154,11 @@ SweepPlan parse_sweep_plan(const json& plan, const std::string& where, const std
   p.device = text(plan, "device", where, "cpu");
   // The name only: whether the device is there is checked in the worker, before it loads a model (this
   // process must not initialise CUDA, which does not survive into the forked workers).
-  const bool cuda_name = p.device == "cuda" || (p.device.rfind("cuda:", 0) == 0 && p.device.size() > 5 &&
-                                                p.device.size() < 9 &&
-                                                p.device.find_first_not_of("0123456789", 5) == std::string::npos);
-  check(p.device == "cpu" || cuda_name, where + ": unknown device '" + p.device + "' (cpu, cuda or cuda:N)");
+  try {
+    parse_device_name(p.device);
+  } catch (const Error& e) {
+    throw Error(where + ": " + e.what());
+  }
   p.scoring = text(plan, "scoring", where, "generate");
   try {
     eval::parse_scoring_mode(p.scoring);

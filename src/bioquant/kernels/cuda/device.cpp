@@ -5,17 +5,18 @@
 
 namespace bioquant {
 
-int parse_device(const std::string& device) {
+int parse_device_name(const std::string& device) {
   if (device == "cpu") return -1;
-  int index = -1;
-  if (device == "cuda") {
-    index = 0;
-  } else if (device.rfind("cuda:", 0) == 0 && device.size() > 5 && device.size() < 9 &&
-             device.find_first_not_of("0123456789", 5) == std::string::npos) {
-    index = std::stoi(device.substr(5));
-  } else {
-    throw Error("unknown device '" + device + "' (cpu, cuda or cuda:N)");
-  }
+  if (device == "cuda") return 0;
+  if (device.rfind("cuda:", 0) == 0 && device.size() > 5 && device.size() < 9 &&
+      device.find_first_not_of("0123456789", 5) == std::string::npos)
+    return std::stoi(device.substr(5));
+  throw Error("unknown device '" + device + "' (cpu, cuda or cuda:N)");
+}
+
+int parse_device(const std::string& device) {
+  const int index = parse_device_name(device);
+  if (index < 0) return index;
   const int n = cuda_device_count();
 #ifdef BIOQUANT_HAVE_CUDA
   check(index < n, "device '" + device + "' is not available: " + std::to_string(n) + " CUDA device(s) found");

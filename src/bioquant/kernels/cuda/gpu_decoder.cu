@@ -1409,13 +1409,15 @@ __host__ __device__ constexpr size_t decode_stage_bytes(int head_dim, int kv_byt
 // this many threads, the same order of adds whatever the heads per block).
 constexpr int kDecodeHeadThreads = 128, kDecodeMaxHeads = 4;
 
-// One sequence's KV cache in a batched decode attention launch (blockIdx.z: the sequence).
-struct DecodeKvRef {
-  void* k;
-  void* v;
-  __half* k_scale;
-  __half* v_scale;
-  int64_t capacity;  // positions: a layer's K (and V) is capacity * kv_dim values
+// A KV cache on the GPU: K and V laid out [layer][position][kv_dim] (capacity positions a layer);
+// also what a batched decode attention launch reads per sequence (blockIdx.z: the sequence).
+struct DevKv {
+  void* k = nullptr;
+  void* v = nullptr;
+  __half* k_scale = nullptr;  // q8 only
+  __half* v_scale = nullptr;
+  size_t values_bytes = 0, scale_bytes = 0;  // of each of K and V
+  int64_t capacity = 0;
 };
 
 // Decode attention (one new token of a sequence), fused: RoPE of the token's q heads and of their k
@@ -1442,10 +1444,10 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
                             const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim, int rotary_dim,
                             KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale, int64_t window, float scale,
                             float softcap, float* out, int8_t* aq, float* ad, int* as, int min_chunk, float* part,
-                            int* done, int stage_len, int score_ld, const DecodeKvRef* refs, int layer) {
+                            int* done, int stage_len, int score_ld, const DevKv* refs, int layer) {
   if (refs != nullptr) {  // batched decode: sequence blockIdx.z, its row, position, cache and buffers
     const int64_t z = blockIdx.z, qd = static_cast<int64_t>(n_heads) * head_dim, kvd = static_cast<int64_t>(n_kv_heads) * head_dim;
-    const DecodeKvRef r = refs[z];
+    const DevKv r = refs[z];
     const int64_t layer_elems = r.capacity * kvd;
     k_cache = static_cast<KV*>(r.k) + layer * layer_elems;
     v_cache = static_cast<KV*>(r.v) + layer * layer_elems;
@@ -2079,15 +2081,6 @@ struct DevLayer {
   const float *q_norm = nullptr, *k_norm = nullptr;
 };
 
-struct DevKv {
-  void* k = nullptr;
-  void* v = nullptr;
-  __half* k_scale = nullptr;  // q8 only
-  __half* v_scale = nullptr;
-  size_t values_bytes = 0, scale_bytes = 0;  // of each of K and V
-  int64_t capacity = 0;
-};
-
 // Writes the rows of a synthetic matrix straight into device memory: a thread per row.
 __global__ void random_rows_kernel(QuantType t, bool dq, int64_t cols, uint64_t seed, int64_t rows, size_t row_bytes,
                                    uint8_t* out) {
@@ -2115,15 +2108,15 @@ struct GpuDecoder::Impl {
   // Prompt GEMM buffers (bf16 activations, one dequantized chunk of rows), grown on demand.
   DevBuf gemm_x, gemm_w[2];
   // Batched decode attention (one launch for up to kBatchAttentionSeqs sequences): per sequence its
-  // heads' finished-split counters, split results and KV cache (DecodeKvRef), grown as batches need.
+  // heads' finished-split counters, split results and KV cache (its DevKv), grown as batches need.
   static constexpr int64_t kBatchAttentionSeqs = 64;
   bool batch_attention_on = env_int("BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", 0) != 1;  // 1: a launch per sequence
   DevBuf batch_attn;
-  std::vector<DecodeKvRef> host_refs;
+  std::vector<DevKv> host_refs;
   struct BatchAttention {
     int* done = nullptr;
     float* part = nullptr;
-    DecodeKvRef* refs = nullptr;  // null: each sequence its own launch
+    DevKv* refs = nullptr;  // null: each sequence its own launch
   };
   // Chunk c + 1 is dequantized on a side stream while chunk c multiplies (memory-bound work under
   // compute-bound work); events hand each buffer back and forth.
@@ -2794,14 +2787,14 @@ struct GpuDecoder::Impl {
     const int64_t seqs = static_cast<int64_t>(segs.size()), nz = std::min(seqs, kBatchAttentionSeqs);
     const size_t done_bytes = static_cast<size_t>(kBatchAttentionSeqs * c.n_heads) * sizeof(int);
     const size_t part_bytes = static_cast<size_t>(nz * c.n_heads * attention_splits * (c.head_dim + 2)) * sizeof(float);
-    const size_t refs_bytes = static_cast<size_t>(seqs) * sizeof(DecodeKvRef);
+    const size_t refs_bytes = static_cast<size_t>(seqs) * sizeof(DevKv);
     auto* base = static_cast<char*>(grow(batch_attn, done_bytes + part_bytes + refs_bytes));
     BatchAttention b;
     b.done = reinterpret_cast<int*>(base);
     b.part = reinterpret_cast<float*>(base + done_bytes);
-    b.refs = reinterpret_cast<DecodeKvRef*>(base + done_bytes + part_bytes);
+    b.refs = reinterpret_cast<DevKv*>(base + done_bytes + part_bytes);
     host_refs.clear();
-    for (const Seg& sg : segs) host_refs.push_back({sg.kv->k, sg.kv->v, sg.kv->k_scale, sg.kv->v_scale, sg.kv->capacity});
+    for (const Seg& sg : segs) host_refs.push_back(*sg.kv);
     CUDA_OK(cudaMemsetAsync(b.done, 0, done_bytes, stream));
     CUDA_OK(cudaMemcpyAsync(b.refs, host_refs.data(), refs_bytes, cudaMemcpyHostToDevice, stream));
     return b;
@@ -2970,7 +2963,7 @@ struct GpuDecoder::Impl {
       const int64_t nblk_o = qd / 32;
       const auto decode_attention = [&](const float* q, const float* k_new, const float* v_new, const int64_t* pos,
                                         KV* kc, KV* vc, __half* ks, __half* vs, float* out, int8_t* aq, float* ad, int* as,
-                                        float* part, int* done, const DecodeKvRef* refs, unsigned sequences) {
+                                        float* part, int* done, const DevKv* refs, unsigned sequences) {
         const int64_t split_len = decode_split_len(smem_len);
         check(decode_smem(split_len) <= decode_smem_bytes,
               "CUDA attention: a context of " + std::to_string(smem_len) + " positions is too long for " +
@@ -3350,8 +3343,8 @@ void GpuDecoder::copy_prefix(const KVCache& from, const KVCache& to, int64_t n) 
   CUDA_OK(cudaSetDevice(impl_->device));
   const auto src = impl_->caches.find(&from);
   check(src != impl_->caches.end(), "copy_prefix: the source KV cache has no positions on this GPU");
-  const DevKv s = src->second;  // a copy: kv_for may rehash the map
-  const DevKv& d = impl_->kv_for(to);
+  const DevKv& s = src->second;
+  const DevKv& d = impl_->kv_for(to);  // allocated on first use (std::map: s stays valid)
   // Layout [layer][position][kv_dim] (q8 scales: [layer][position][kv_dim / 32]): one strided copy
   // of n positions per layer, for each of K, V and their scales, on the decoder's stream (after the
   // steps that wrote the source).

@@ -27,6 +27,9 @@ std::string cuda_device_description(int device);
 // Parses "cuda" / "cuda:N" (returns N, 0 for "cuda"); -1 for "cpu"; throws Error for anything else
 // or for a CUDA device that is not there.
 int parse_device(const std::string& device);
+// The name alone, without asking the driver (so without initialising CUDA, as a process that will
+// fork workers must not): the same values and the same error for a malformed name.
+int parse_device_name(const std::string& device);
 
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written, best of 5 over 1 GiB): the
 // ceiling a weight-streaming decode step is measured against.
