@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <span>
@@ -920,6 +922,90 @@ TEST(GpuParity, CopiedPrefixAndBatchedAnswers) {
   for (size_t i = 0; i < got.size(); ++i) same += got[i] == want[i];
   std::printf("batched answers on the GPU: %zu of %zu as one by one\n", same, got.size());
   EXPECT_GE(same + 1, got.size());
+}
+
+// Exact numerics (kernels/exact.h): the CPU engine and the GPU compute the same logits bit for bit,
+// on every Foundation fixture architecture and the trained model, in every format: the prompt's
+// logits, then 32 greedy steps, each step's logits equal and so the same continuation. This is
+// acceptance point 1's "greedy continuations identical"; the default (fast) kernels are held to the
+// tolerances above.
+TEST(GpuParity, ExactNumericsAreBitIdenticalToTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  ThreadPool pool(2);
+  struct Case {
+    std::string dir;
+    std::vector<int32_t> prompt;
+  };
+  std::vector<Case> cases;
+  for (const char* variant : kVariants) {
+    const std::string dir = test::fixtures_dir() + "/models/" + variant;
+    const json ref = json::parse(test::read_file(dir + "/reference.json"));
+    std::vector<int32_t> tokens = ref["tokens"].get<std::vector<int32_t>>();
+    tokens.resize(std::min<size_t>(tokens.size(), 40));
+    cases.push_back({dir + "/f32", tokens});
+  }
+  cases.push_back({biomed_tiny_dir(), biomed_tiny_prompt()});
+  const char* const formats[] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8", "nf4", "fp4", "nf4+dq", "q4_k_m"};
+  int checked = 0;
+  for (const Case& cs : cases) {
+    for (const char* f : formats) {
+      const std::string name = f;
+      const bool dq = name == "nf4+dq";
+      auto model = Model::load(cs.dir);
+      if (name != "f32") {
+        const std::string fmt = dq ? "nf4" : name;
+        quantize_model(*model, plan_quantization(*model, parse_quant_recipe(fmt, dq, fmt == "q4_k_m" ? "default" : "all")), pool);
+      }
+      const ModelConfig& c = model->config();
+      const int64_t vocab = c.vocab, steps = 32, n = static_cast<int64_t>(cs.prompt.size());
+      Decoder cpu(*model, pool, -1, KvType::F32, true), gpu(*model, pool, 0, KvType::F32, true);
+      KVCache kc(c, n + steps), kg(c, n + steps);
+      std::vector<float> a(static_cast<size_t>(n * vocab)), b(a.size());
+      cpu.forward(cs.prompt.data(), n, kc, n, a.data());
+      gpu.forward(cs.prompt.data(), n, kg, n, b.data());
+      const std::string what = cs.dir + " " + name;
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what << ": prompt logits";
+      std::vector<int32_t> cont_cpu, cont_gpu;
+      float min_margin = 1e30f;
+      for (int64_t s = 0; s < steps; ++s) {
+        const float* la = a.data() + (s == 0 ? (n - 1) * vocab : 0);
+        const float* lb = b.data() + (s == 0 ? (n - 1) * vocab : 0);
+        const int32_t ta = static_cast<int32_t>(std::max_element(la, la + vocab) - la);
+        const int32_t tb = static_cast<int32_t>(std::max_element(lb, lb + vocab) - lb);
+        std::vector<float> sorted(la, la + vocab);
+        std::nth_element(sorted.begin(), sorted.begin() + 1, sorted.end(), std::greater<float>());
+        min_margin = std::min(min_margin, sorted[0] - sorted[1]);
+        cont_cpu.push_back(ta);
+        cont_gpu.push_back(tb);
+        cpu.forward(&ta, 1, kc, 1, a.data());
+        gpu.forward(&tb, 1, kg, 1, b.data());
+        ASSERT_EQ(std::memcmp(a.data(), b.data(), static_cast<size_t>(vocab) * sizeof(float)), 0) << what << ": step " << s;
+      }
+      EXPECT_EQ(cont_gpu, cont_cpu) << what;
+      ++checked;
+      std::printf("exact %-50s %-7s prompt %2lld + %lld greedy steps bit-identical (smallest top-2 margin %.2e)\n",
+                  cs.dir.substr(cs.dir.find_last_of('/', cs.dir.size() - 5) + 1).c_str(), f, static_cast<long long>(n),
+                  static_cast<long long>(steps), min_margin);
+    }
+  }
+  EXPECT_EQ(checked, static_cast<int>(cases.size() * std::size(formats)));
+  // Batched: two sequences in one GPU step give each one's logits alone.
+  auto model = Model::load(biomed_tiny_dir());
+  quantize_model(*model, plan_quantization(*model, parse_quant_recipe("q6_k")), pool);
+  Decoder gpu(*model, pool, 0, KvType::F32, true);
+  const std::vector<int32_t> p1 = biomed_tiny_prompt(), p2(p1.begin() + 3, p1.end());
+  const int64_t vocab = model->config().vocab;
+  KVCache alone1(model->config(), 64), alone2(model->config(), 64), both1(model->config(), 64), both2(model->config(), 64);
+  std::vector<float> w1(static_cast<size_t>(vocab)), w2(w1.size()), g1(w1.size()), g2(w1.size());
+  gpu.forward(p1.data(), static_cast<int64_t>(p1.size()), alone1, 1, w1.data());
+  gpu.forward(p2.data(), static_cast<int64_t>(p2.size()), alone2, 1, w2.data());
+  const DecodeSegment segs[] = {{p1.data(), static_cast<int64_t>(p1.size()), &both1, 1, g1.data()},
+                                {p2.data(), static_cast<int64_t>(p2.size()), &both2, 1, g2.data()}};
+  gpu.forward_batch(segs);
+  EXPECT_EQ(g1, w1);
+  EXPECT_EQ(g2, w2);
+  // An exact GPU decoder refuses another KV cache type.
+  EXPECT_THROW(Decoder(*model, pool, 0, KvType::BF16, true), Error);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
+#include "bioquant/kernels/cpu/exact_ops.h"
 #include "bioquant/kernels/cpu/ops.h"
 #include "bioquant/kernels/cuda/gpu_decoder.h"
 
@@ -22,12 +23,13 @@ void KVCache::ensure_host() {
   v_.resize(n);
 }
 
-Decoder::Decoder(const Model& model, ThreadPool& pool, int device, KvType kv) : model_(model), pool_(pool) {
+Decoder::Decoder(const Model& model, ThreadPool& pool, int device, KvType kv, bool exact)
+    : model_(model), pool_(pool), exact_(exact) {
   const ModelConfig& c = model.config();
   inv_freq_.resize(static_cast<size_t>(c.rotary_dim() / 2));
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data());
   if (device >= 0) {
-    gpu_ = std::make_unique<GpuDecoder>(model, device, kv);
+    gpu_ = std::make_unique<GpuDecoder>(model, device, kv, exact);
     return;
   }
   for (const auto& [name, m] : model.named_matrices())
@@ -54,10 +56,15 @@ void Decoder::attention(int64_t layer, const float* q, const std::vector<Row>& r
     thread_local std::vector<float> scores;
     scores.resize(static_cast<size_t>(len));
     const float* qh = q + t * c.q_dim() + h * d;
+    float* o = out + t * c.q_dim() + h * d;
+    if (exact_) {
+      exact::attention_head(qh, cache.k(layer, first) + g * d, cache.v(layer, first) + g * d, c.kv_dim(), len, d, scale,
+                            c.attn_softcap, scores.data(), o);
+      return;
+    }
     for (int64_t s = 0; s < len; ++s) scores[s] = k.dot(qh, cache.k(layer, first + s) + g * d, d) * scale;
     if (c.attn_softcap > 0.0f) softcap(scores.data(), len, c.attn_softcap);
     softmax(scores.data(), len);
-    float* o = out + t * c.q_dim() + h * d;
     std::fill(o, o + d, 0.0f);
     for (int64_t s = 0; s < len; ++s) k.axpy(scores[s], cache.v(layer, first + s) + g * d, o, d);
   });
@@ -177,57 +184,81 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   const int64_t half = c.rotary_dim() / 2;
   std::vector<float> cos_tab(static_cast<size_t>(n * half)), sin_tab(cos_tab.size());
   for (int64_t t = 0; t < n; ++t) {
+    if (exact_) {
+      exact::rope_table(rows[static_cast<size_t>(t)].pos, inv_freq_.data(), half, cos_tab.data() + t * half,
+                        sin_tab.data() + t * half);
+      continue;
+    }
     for (int64_t i = 0; i < half; ++i) {
       const float angle = static_cast<float>(rows[static_cast<size_t>(t)].pos) * inv_freq_[i];
       cos_tab[t * half + i] = std::cos(angle);
       sin_tab[t * half + i] = std::sin(angle);
     }
   }
+  // The steps, in the default kernels or in exact numerics (kernels/exact.h).
+  const auto norm = [&](const float* in, const std::vector<float>& weight, int64_t n_rows, int64_t width, float* out) {
+    if (exact_) exact::rms_norm(in, weight.data(), c.norm_eps, n_rows, width, out);
+    else rms_norm(in, weight.data(), c.norm_eps, n_rows, width, out);
+  };
+  const auto mat = [&](const float* in, int64_t n_rows, const Matrix& m, float* out) {
+    if (exact_) exact::matmul(in, n_rows, m, out, pool_);
+    else matmul(in, n_rows, m, out, pool_);
+  };
+  const auto mat_group = [&](const float* in, std::span<const MatmulJob> jobs) {
+    if (!exact_) return matmul_group(in, n, jobs, pool_);
+    for (const MatmulJob& j : jobs) exact::matmul(in, n, *j.w, j.y, pool_);
+  };
+  const auto rotate = [&](float* head, const float* cs, const float* sn) {
+    if (exact_) exact::rope(head, c.rotary_dim(), cs, sn);
+    else rope_rotate(head, c.rotary_dim(), cs, sn);
+  };
 
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const LayerWeights& l = w.layers[static_cast<size_t>(li)];
-    rms_norm(x.data(), l.attn_norm.data(), c.norm_eps, n, hd, h.data());
+    norm(x.data(), l.attn_norm, n, hd, h.data());
     const MatmulJob qkv[] = {{&l.wq, q.data()}, {&l.wk, kbuf.data()}, {&l.wv, vbuf.data()}};
-    matmul_group(h.data(), n, qkv, pool_);
+    mat_group(h.data(), qkv);
     if (!l.bq.empty()) {
       add_bias(q.data(), l.bq.data(), n, qd);
       add_bias(kbuf.data(), l.bk.data(), n, kvd);
       add_bias(vbuf.data(), l.bv.data(), n, kvd);
     }
     if (c.qk_norm) {
-      rms_norm(q.data(), l.q_norm.data(), c.norm_eps, n * c.n_heads, d, q.data());
-      rms_norm(kbuf.data(), l.k_norm.data(), c.norm_eps, n * c.n_kv_heads, d, kbuf.data());
+      norm(q.data(), l.q_norm, n * c.n_heads, d, q.data());
+      norm(kbuf.data(), l.k_norm, n * c.n_kv_heads, d, kbuf.data());
     }
     for (int64_t t = 0; t < n; ++t) {
       const float* cs = cos_tab.data() + t * half;
       const float* sn = sin_tab.data() + t * half;
-      for (int64_t hh = 0; hh < c.n_heads; ++hh) rope_rotate(q.data() + t * qd + hh * d, c.rotary_dim(), cs, sn);
-      for (int64_t hh = 0; hh < c.n_kv_heads; ++hh) rope_rotate(kbuf.data() + t * kvd + hh * d, c.rotary_dim(), cs, sn);
+      for (int64_t hh = 0; hh < c.n_heads; ++hh) rotate(q.data() + t * qd + hh * d, cs, sn);
+      for (int64_t hh = 0; hh < c.n_kv_heads; ++hh) rotate(kbuf.data() + t * kvd + hh * d, cs, sn);
       const Row& row = rows[static_cast<size_t>(t)];
       std::copy_n(kbuf.data() + t * kvd, kvd, row.cache->k(li, row.pos));
       std::copy_n(vbuf.data() + t * kvd, kvd, row.cache->v(li, row.pos));
     }
     attention(li, q.data(), rows, attn.data());
-    matmul(attn.data(), n, l.wo, h.data(), pool_);
+    mat(attn.data(), n, l.wo, h.data());
     if (!l.bo.empty()) add_bias(h.data(), l.bo.data(), n, hd);
-    if (c.sandwich_norms) rms_norm(h.data(), l.attn_post_norm.data(), c.norm_eps, n, hd, h.data());
+    if (c.sandwich_norms) norm(h.data(), l.attn_post_norm, n, hd, h.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
 
-    rms_norm(x.data(), l.ffn_norm.data(), c.norm_eps, n, hd, h.data());
+    norm(x.data(), l.ffn_norm, n, hd, h.data());
     const MatmulJob gate_up[] = {{&l.w_gate, gate.data()}, {&l.w_up, up.data()}};
-    matmul_group(h.data(), n, gate_up, pool_);
+    mat_group(h.data(), gate_up);
     if (!l.b_gate.empty()) {
       add_bias(gate.data(), l.b_gate.data(), n, ff);
       add_bias(up.data(), l.b_up.data(), n, ff);
     }
-    if (c.activation == Activation::GeluTanh) {
+    if (exact_) {
+      exact::act_mul(gate.data(), up.data(), n * ff, c.activation == Activation::GeluTanh);
+    } else if (c.activation == Activation::GeluTanh) {
       gelu_tanh_mul(gate.data(), up.data(), n * ff);
     } else {
       silu_mul(gate.data(), up.data(), n * ff);
     }
-    matmul(gate.data(), n, l.w_down, h.data(), pool_);
+    mat(gate.data(), n, l.w_down, h.data());
     if (!l.b_down.empty()) add_bias(h.data(), l.b_down.data(), n, hd);
-    if (c.sandwich_norms) rms_norm(h.data(), l.ffn_post_norm.data(), c.norm_eps, n, hd, h.data());
+    if (c.sandwich_norms) norm(h.data(), l.ffn_post_norm, n, hd, h.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
   }
   for (const DecodeSegment& sg : segments) sg.cache->size_ += sg.n;
@@ -246,15 +277,18 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     }
     last = picked.data();
   }
-  rms_norm(last, w.final_norm.data(), c.norm_eps, n_out, hd, h.data());
+  norm(last, w.final_norm, n_out, hd, h.data());
   float* logits = segments.size() == 1 ? segments[0].logits : nullptr;
   std::vector<float> all;
   if (!logits) {
     all.resize(static_cast<size_t>(n_out * c.vocab));
     logits = all.data();
   }
-  matmul(h.data(), n_out, w.output, logits, pool_);
-  if (c.final_softcap > 0.0f) softcap(logits, n_out * c.vocab, c.final_softcap);
+  mat(h.data(), n_out, w.output, logits);
+  if (c.final_softcap > 0.0f) {
+    if (exact_) exact::softcap(logits, n_out * c.vocab, c.final_softcap);
+    else softcap(logits, n_out * c.vocab, c.final_softcap);
+  }
   if (segments.size() > 1) {
     int64_t out = 0;
     for (const DecodeSegment& sg : segments) {

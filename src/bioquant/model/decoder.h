@@ -61,7 +61,9 @@ class Decoder {
  public:
   // device: -1 = CPU; N = CUDA device N (see parse_device in kernels/cuda/gpu_decoder.h), whose
   // KV caches are kept in `kv` (bf16 by default; the CPU's are f32).
-  Decoder(const Model& model, ThreadPool& pool, int device = -1, KvType kv = KvType::BF16);
+  // exact: exact numerics (kernels/exact.h): the CPU and the GPU compute the same logits bit for bit
+  // (so the same greedy continuation), slower than the default kernels; on a GPU it needs kv = F32.
+  Decoder(const Model& model, ThreadPool& pool, int device = -1, KvType kv = KvType::BF16, bool exact = false);
   ~Decoder();
 
   // Runs `n` tokens at positions cache.size() .. cache.size() + n - 1 and appends them to the
@@ -82,6 +84,7 @@ class Decoder {
   void copy_prefix(const KVCache& from, KVCache& to, int64_t n);
 
   const Model& model() const { return model_; }
+  bool exact() const { return exact_; }
   // The GPU backend, or null on the CPU.
   GpuDecoder* gpu() const { return gpu_.get(); }
 
@@ -95,6 +98,7 @@ class Decoder {
   const Model& model_;
   ThreadPool& pool_;
   std::vector<float> inv_freq_;
+  bool exact_ = false;
   std::unique_ptr<GpuDecoder> gpu_;
 };
 

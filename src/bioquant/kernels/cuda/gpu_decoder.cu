@@ -25,6 +25,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/kernels/cpu/ops.h"
+#include "bioquant/kernels/exact.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/quant/quant.h"
@@ -2088,12 +2089,165 @@ __global__ void random_rows_kernel(QuantType t, bool dq, int64_t cols, uint64_t 
   if (r < rows) random_rows::make_row(t, dq, cols, seed, r, out + static_cast<size_t>(r) * row_bytes);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Exact numerics (kernels/exact.h): the CPU engine's exact steps (kernels/cpu/exact_ops.cpp), the
+// same floats bit for bit. Speed is secondary: byte loads, one warp per output, no graphs.
+
+// Adds each lane's partial in lane order (exact::canonical_sum's second half); every lane gets it.
+template <class T>
+__device__ T exact_lane_order_sum(T partial) {
+  T s = T(0);
+  for (int l = 0; l < 32; ++l) s = exact::add(s, __shfl_sync(0xffffffffu, partial, l));
+  return s;
+}
+
+// A warp per row (blockDim.x = 32 * rows per block): out = x * scale * w; in place allowed.
+__global__ void exact_rms_norm_kernel(const float* x, const float* w, float eps, int64_t rows, int64_t n, float* out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const float* xr = x + r * n;
+  double p = 0.0;
+  for (int64_t i = lane; i < n; i += 32) {
+    const double v = static_cast<double>(xr[i]);
+    p = exact::add(p, exact::mul(v, v));
+  }
+  const float scale = exact::rms_scale(exact_lane_order_sum(p), n, eps);
+  for (int64_t i = lane; i < n; i += 32) out[r * n + i] = exact::mul(exact::mul(xr[i], scale), w[i]);
+}
+
+// A thread per (token, 32-column block): activation quants and scales (exact::quantize_block).
+__global__ void exact_quantize_kernel(const float* x, int64_t n_tokens, int64_t cols, int64_t nblk, int8_t* q, float* d) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_tokens * nblk) return;
+  const int64_t t = i / nblk, b = i % nblk;
+  d[i] = exact::quantize_block(x + t * cols + 32 * b, cols - 32 * b < 32 ? cols - 32 * b : 32, q + 32 * i);
+}
+
+// A warp per (row, token) of a quantized matrix: lane l takes blocks l, l + 32, ...
+__global__ void exact_qmatvec_kernel(QuantType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, bool dq,
+                                     const int8_t* q, const float* d, int64_t n_tokens, float* y) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t t = blockIdx.y;
+  if (r >= rows || t >= n_tokens) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t nblk = (cols + 31) / 32;
+  const uint8_t* row = w + static_cast<size_t>(r) * row_bytes;
+  const int16_t* book = type == QuantType::NF4 ? c_nf4_q14 : c_fp4_q14;
+  float p = 0.0f;
+  for (int64_t b = lane; b < nblk; b += 32) {
+    exact::Levels lv;
+    exact::decode_block(type, row, cols, b, dq, book, c_dynamic_map, lv);
+    p = exact::add(p, exact::block_term(lv, q + (t * nblk + b) * 32, d[t * nblk + b]));
+  }
+  const float sum = exact_lane_order_sum(p);
+  if (lane == 0) y[t * rows + r] = exact::finish_row(type, row, sum);
+}
+
+// The same for plain (f32/f16/bf16) rows: lane l takes columns l, l + 32, ...
+__global__ void exact_plain_matvec_kernel(QuantType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
+                                          const float* x, int64_t n_tokens, float* y) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t t = blockIdx.y;
+  if (r >= rows || t >= n_tokens) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const uint8_t* row = w + static_cast<size_t>(r) * row_bytes;
+  float p = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) p = exact::add(p, exact::mul(exact::plain_value(type, row, i), x[t * cols + i]));
+  const float sum = exact_lane_order_sum(p);
+  if (lane == 0) y[t * rows + r] = sum;
+}
+
+// A block per token: RoPE of its q and k heads at position pos0 + token, then K and V into the f32 cache.
+__global__ void exact_rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, int64_t pos0, int n_heads,
+                                        int n_kv_heads, int head_dim, int rotary_dim, float* k_cache, float* v_cache) {
+  const int64_t t = blockIdx.x, pos = pos0 + t;
+  const int half = rotary_dim / 2, kvd = n_kv_heads * head_dim;
+  float* qt = q + t * n_heads * head_dim;
+  float* kt = k + t * kvd;
+  for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * half; j += blockDim.x) {
+    const int head = j / half, i = j % half;
+    float* x = head < n_heads ? qt + head * head_dim : kt + (head - n_heads) * head_dim;
+    float s, c;
+    exact::sin_cos(exact::mul(exact::to_float(pos), inv_freq[i]), &s, &c);
+    exact::rope_pair(x[i], x[i + half], c, s);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
+    k_cache[pos * kvd + j] = kt[j];
+    v_cache[pos * kvd + j] = v[t * kvd + j];
+  }
+}
+
+// A block (4 warps) per (query head, token) of one sequence: exact::attention_head over the f32 cache.
+// Shared memory: the scores of the positions attended to.
+__global__ void exact_attention_kernel(const float* q, const float* k_cache, const float* v_cache, int64_t pos0, int n_heads,
+                                       int n_kv_heads, int head_dim, int64_t window, float scale, float cap, float* out) {
+  extern __shared__ float scores[];
+  __shared__ float shared_max, shared_inv;
+  const int h = blockIdx.x;
+  const int64_t t = blockIdx.y, pos = pos0 + t;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t kvd = static_cast<int64_t>(n_kv_heads) * head_dim, g = h / (n_heads / n_kv_heads);
+  const int64_t first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0, len = pos - first + 1;
+  const float* qh = q + (t * n_heads + h) * head_dim;
+  const float* kb = k_cache + first * kvd + g * head_dim;
+  const float* vb = v_cache + first * kvd + g * head_dim;
+  for (int64_t s = warp; s < len; s += warps) {
+    float p = 0.0f;
+    for (int i = lane; i < head_dim; i += 32) p = exact::add(p, exact::mul(qh[i], kb[s * kvd + i]));
+    float sc = exact::mul(exact_lane_order_sum(p), scale);
+    if (cap > 0.0f) sc = exact::softcap(sc, cap);
+    if (lane == 0) scores[s] = sc;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    // The maximum (any order gives it) and then the sum of exponentials in canonical order.
+    float m = scores[0];
+    for (int64_t s = lane; s < len; s += 32) m = scores[s] > m ? scores[s] : m;
+    for (int o = 16; o > 0; o /= 2) {
+      const float other = __shfl_xor_sync(0xffffffffu, m, o);
+      m = other > m ? other : m;
+    }
+    if (lane == 0) shared_max = m;
+  }
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) scores[s] = exact::exp_f(exact::sub(scores[s], shared_max));
+  __syncthreads();
+  if (warp == 0) {
+    double p = 0.0;
+    for (int64_t s = lane; s < len; s += 32) p = exact::add(p, static_cast<double>(scores[s]));
+    const double total = exact_lane_order_sum(p);
+    if (lane == 0) shared_inv = exact::to_float(exact::div(1.0, total));
+  }
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) scores[s] = exact::mul(scores[s], shared_inv);
+  __syncthreads();
+  for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+    float o = 0.0f;
+    for (int64_t s = 0; s < len; ++s) o = exact::add(o, exact::mul(scores[s], vb[s * kvd + i]));
+    out[(t * n_heads + h) * head_dim + i] = o;
+  }
+}
+
+__global__ void exact_act_mul_kernel(float* a, const float* b, int64_t n, bool gelu) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) a[i] = gelu ? exact::gelu_tanh_mul(a[i], b[i]) : exact::silu_mul(a[i], b[i]);
+}
+
+__global__ void exact_softcap_kernel(float* x, int64_t n, float cap) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = exact::softcap(x[i], cap);
+}
+
 }  // namespace
 
 struct GpuDecoder::Impl {
   const Model& model;
   int device;
   KvType kv_type;
+  bool exact;  // exact numerics (forward_exact)
+  size_t exact_smem_limit = 0;  // exact_attention_kernel's score buffer, at most
   cudaStream_t stream = nullptr;
   Allocator mem;
   std::vector<DevBuf> owned;
@@ -2278,7 +2432,7 @@ struct GpuDecoder::Impl {
   uint8_t* arena = nullptr;
   size_t arena_size = 0, arena_used = 0;
 
-  Impl(const Model& m, int dev, KvType kv) : model(m), device(dev), kv_type(kv) {}
+  Impl(const Model& m, int dev, KvType kv, bool exact_numerics) : model(m), device(dev), kv_type(kv), exact(exact_numerics) {}
 
   ~Impl() {
     cudaSetDevice(device);
@@ -2800,6 +2954,137 @@ struct GpuDecoder::Impl {
     return b;
   }
 
+  // Host side of a step: the embedding rows (Gemma's scaled by sqrt(hidden)) into the pinned buffer.
+  void stage_embeddings(const std::vector<Seg>& segs) {
+    const ModelConfig& c = model.config();
+    const int64_t hd = c.hidden;
+    const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
+    for (const Seg& sg : segs) {
+      for (int64_t t = 0; t < sg.n; ++t) {
+        float* row = work.host_x + (sg.row0 + t) * hd;
+        model.weights().embed.row_to_f32(sg.segment->tokens[t], row);
+        if (c.embed_scale)
+          for (int64_t j = 0; j < hd; ++j) row[j] *= embed_scale;
+      }
+    }
+  }
+
+  // ---- Exact numerics (kernels/exact.h): the CPU engine's exact steps, bit for bit ----
+  DevBuf exact_act;  // activation quants and scales of the exact matmuls
+  void exact_matmul(const float* x, int64_t n, const DevMatrix& m, float* y) {
+    const unsigned row_blocks = static_cast<unsigned>((m.rows + 7) / 8);
+    if (m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16) {
+      launch(exact_plain_matvec_kernel, dim3(row_blocks, static_cast<unsigned>(n)), 256, 0, m.type, m.data, m.row_bytes, m.rows,
+             m.cols, x, n, y);
+      return;
+    }
+    const int64_t nblk = (m.cols + 31) / 32;
+    auto* base = static_cast<char*>(grow(exact_act, static_cast<size_t>(n * nblk) * (32 + sizeof(float))));
+    auto* q = reinterpret_cast<int8_t*>(base);
+    auto* d = reinterpret_cast<float*>(base + n * nblk * 32);
+    launch(exact_quantize_kernel, blocks_for(n * nblk), 256, 0, x, n, m.cols, nblk, q, d);
+    launch(exact_qmatvec_kernel, dim3(row_blocks, static_cast<unsigned>(n)), 256, 0, m.type, m.data, m.row_bytes, m.rows, m.cols,
+           m.dq, q, d, n, y);
+  }
+  void exact_norm(const float* x, const float* w, int64_t rows, int64_t n, float* out) {
+    launch(exact_rms_norm_kernel, static_cast<unsigned>((rows + 7) / 8), 256, 0, x, w, model.config().norm_eps, rows, n, out);
+  }
+
+  void forward_exact(std::span<const DecodeSegment> segments) {
+    const ModelConfig& c = model.config();
+    const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate;
+    int64_t n = 0, n_out = 0;
+    for (const DecodeSegment& sg : segments) {
+      n += sg.n;
+      n_out += sg.n_logits;
+    }
+    ensure_work(n, std::max<int64_t>(n_out, 1));
+    std::vector<Seg> segs;
+    int64_t row = 0, longest = 0;
+    for (const DecodeSegment& sg : segments) {
+      segs.push_back({row, sg.n, sg.n_logits, static_cast<int64_t>(segs.size()), &kv_for(*sg.cache), &sg});
+      work.host_pos[segs.size() - 1] = sg.cache->size();
+      longest = std::max(longest, sg.cache->size() + sg.n);
+      row += sg.n;
+    }
+    const size_t score_bytes = static_cast<size_t>(longest) * sizeof(float);
+    check(score_bytes <= exact_smem_limit, "CUDA exact attention: a context of " + std::to_string(longest) +
+                                               " positions is too long (at most " + std::to_string(exact_smem_limit / 4) + ")");
+    stage_embeddings(segs);
+    CUDA_OK(cudaMemcpyAsync(work.x, work.host_x, static_cast<size_t>(n * hd) * sizeof(float), cudaMemcpyHostToDevice, stream));
+    float* x = work.x;
+    for (int64_t li = 0; li < c.n_layers; ++li) {
+      const DevLayer& l = layers[static_cast<size_t>(li)];
+      exact_norm(x, l.attn_norm, n, hd, work.normed);
+      exact_matmul(work.normed, n, l.wq, work.q);
+      exact_matmul(work.normed, n, l.wk, work.k);
+      exact_matmul(work.normed, n, l.wv, work.v);
+      if (l.bq) {
+        launch(add_bias_kernel, blocks_for(n * qd), 256, 0, work.q, l.bq, n, qd);
+        launch(add_bias_kernel, blocks_for(n * kvd), 256, 0, work.k, l.bk, n, kvd);
+        launch(add_bias_kernel, blocks_for(n * kvd), 256, 0, work.v, l.bv, n, kvd);
+      }
+      if (c.qk_norm) {
+        exact_norm(work.q, l.q_norm, n * c.n_heads, c.head_dim, work.q);
+        exact_norm(work.k, l.k_norm, n * c.n_kv_heads, c.head_dim, work.k);
+      }
+      const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
+      for (const Seg& sg : segs) {
+        const size_t layer_elems = static_cast<size_t>(sg.kv->capacity * kvd);
+        float* kc = static_cast<float*>(sg.kv->k) + li * layer_elems;
+        float* vc = static_cast<float*>(sg.kv->v) + li * layer_elems;
+        const int64_t pos0 = work.host_pos[sg.index];
+        launch(exact_rope_store_kernel, static_cast<unsigned>(sg.n), 256, 0, work.q + sg.row0 * qd, work.k + sg.row0 * kvd,
+               work.v + sg.row0 * kvd, inv_freq, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+               static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc);
+        launch(exact_attention_kernel, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128,
+               static_cast<size_t>(pos0 + sg.n) * sizeof(float), work.q + sg.row0 * qd, kc, vc, pos0, static_cast<int>(c.n_heads),
+               static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap,
+               work.attn + sg.row0 * qd);
+      }
+      exact_matmul(work.attn, n, l.wo, work.h);
+      if (l.bo) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.bo, n, hd);
+      if (c.sandwich_norms) exact_norm(work.h, l.attn_post_norm, n, hd, work.h);
+      launch(add_kernel, blocks_for(n * hd), 256, 0, x, work.h, n * hd);
+
+      exact_norm(x, l.ffn_norm, n, hd, work.normed);
+      exact_matmul(work.normed, n, l.w_gate, work.gate);
+      exact_matmul(work.normed, n, l.w_up, work.up);
+      if (l.b_gate) {
+        launch(add_bias_kernel, blocks_for(n * ff), 256, 0, work.gate, l.b_gate, n, ff);
+        launch(add_bias_kernel, blocks_for(n * ff), 256, 0, work.up, l.b_up, n, ff);
+      }
+      launch(exact_act_mul_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n * ff, c.activation == Activation::GeluTanh);
+      exact_matmul(work.gate, n, l.w_down, work.h);
+      if (l.b_down) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.b_down, n, hd);
+      if (c.sandwich_norms) exact_norm(work.h, l.ffn_post_norm, n, hd, work.h);
+      launch(add_kernel, blocks_for(n * hd), 256, 0, x, work.h, n * hd);
+    }
+    if (n_out > 0) {
+      int64_t out_row = 0;  // each sequence's logit rows, normalised into consecutive rows of work.h
+      for (const Seg& sg : segs) {
+        if (sg.n_logits == 0) continue;
+        exact_norm(x + (sg.row0 + sg.n - sg.n_logits) * hd, final_norm, sg.n_logits, hd, work.h + out_row * hd);
+        out_row += sg.n_logits;
+      }
+      exact_matmul(work.h, n_out, output, work.logits);
+      if (c.final_softcap > 0.0f)
+        launch(exact_softcap_kernel, blocks_for(n_out * c.vocab), 256, 0, work.logits, n_out * c.vocab, c.final_softcap);
+      CUDA_OK(cudaMemcpyAsync(work.host_logits, work.logits, static_cast<size_t>(n_out * c.vocab) * sizeof(float),
+                              cudaMemcpyDeviceToHost, stream));
+    }
+    CUDA_OK(cudaGetLastError());
+    CUDA_OK(cudaStreamSynchronize(stream));
+    int64_t out_row = 0;
+    for (const Seg& sg : segs) {
+      if (sg.n_logits > 0)
+        std::memcpy(sg.segment->logits, work.host_logits + out_row * c.vocab,
+                    static_cast<size_t>(sg.n_logits * c.vocab) * sizeof(float));
+      out_row += sg.n_logits;
+    }
+    sample_device_memory();
+  }
+
   template <class KV>
   void forward_impl(std::span<const DecodeSegment> segments) {
     const ModelConfig& c = model.config();
@@ -2831,17 +3116,7 @@ struct GpuDecoder::Impl {
       smem_len = std::max(smem_len, sg->cache->size() + sg->n);
       row += sg->n;
     }
-    const int64_t hd = c.hidden;
-    // Host side of the step: embedding rows and the positions, into pinned buffers.
-    const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
-    for (const Seg& sg : segs) {
-      for (int64_t t = 0; t < sg.n; ++t) {
-        float* row = work.host_x + (sg.row0 + t) * hd;
-        w.embed.row_to_f32(sg.segment->tokens[t], row);
-        if (c.embed_scale)
-          for (int64_t j = 0; j < hd; ++j) row[j] *= embed_scale;
-      }
-    }
+    stage_embeddings(segs);
     // Attention's score buffer: the whole cache when replaying a graph (any position), else what is used.
     const KVCache& first_cache = *segments[0].cache;
     const int64_t graph_smem_len = segs[0].kv->capacity;
@@ -3181,7 +3456,9 @@ double cuda_copy_bandwidth(int device) {
   return 2.0 * static_cast<double>(n) / (static_cast<double>(best_ms) * 1e-3) / 1e9;
 }
 
-GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::make_unique<Impl>(model, device, kv)) {
+GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
+    : impl_(std::make_unique<Impl>(model, device, kv, exact)) {
+  check(!exact || kv == KvType::F32, "exact numerics need an f32 KV cache (--kv-cache f32), as the CPU engine keeps");
   check(device >= 0 && device < cuda_device_count(), "no CUDA device " + std::to_string(device) + " (" +
                                                          std::to_string(cuda_device_count()) + " found)");
   CUDA_OK(cudaSetDevice(device));
@@ -3265,6 +3542,8 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv) : impl_(std::m
   allow(attention_prefill_kernel<float>, prefill);
   allow(attention_prefill_kernel<__nv_bfloat16>, prefill);
   allow(attention_prefill_kernel<int8_t>, prefill);
+  impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
+  allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   {
     int16_t nf4[16], fp4[16];
     const float* cb_nf4 = nf4_codebook();
@@ -3333,7 +3612,10 @@ void GpuDecoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64
 void GpuDecoder::forward_batch(std::span<const DecodeSegment> segments) {
   CUDA_OK(cudaSetDevice(impl_->device));
   switch (impl_->kv_type) {
-    case KvType::F32: impl_->forward_impl<float>(segments); break;
+    case KvType::F32:
+      if (impl_->exact) impl_->forward_exact(segments);
+      else impl_->forward_impl<float>(segments);
+      break;
     case KvType::BF16: impl_->forward_impl<__nv_bfloat16>(segments); break;
     case KvType::Q8: impl_->forward_impl<int8_t>(segments); break;
   }

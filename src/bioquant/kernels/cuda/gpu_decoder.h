@@ -63,7 +63,8 @@ KvType parse_kv_type(const std::string& name);
 class GpuDecoder {
  public:
   // kv: storage of the KV caches this decoder allocates (bf16 halves their size).
-  GpuDecoder(const Model& model, int device, KvType kv = KvType::BF16);
+  // exact: exact numerics (kernels/exact.h), the CPU engine's exact floats bit for bit; needs kv = F32.
+  GpuDecoder(const Model& model, int device, KvType kv = KvType::BF16, bool exact = false);
   ~GpuDecoder();
   GpuDecoder(const GpuDecoder&) = delete;
   GpuDecoder& operator=(const GpuDecoder&) = delete;

@@ -14,7 +14,7 @@ double cuda_copy_bandwidth(int) { throw Error("this build has no CUDA backend");
 
 struct GpuDecoder::Impl {};
 
-GpuDecoder::GpuDecoder(const Model&, int, KvType) {
+GpuDecoder::GpuDecoder(const Model&, int, KvType, bool) {
   throw Error("this build has no CUDA backend (configure with -DBIOQUANT_CUDA=ON)");
 }
 GpuDecoder::~GpuDecoder() = default;
