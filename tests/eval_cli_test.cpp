@@ -19,6 +19,7 @@
 #include "bioquant/eval/prompts.h"
 #include "bioquant/eval/store.h"
 #include "bioquant/eval/task.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "test_util.h"
 
 namespace bioquant::eval {
@@ -255,6 +256,47 @@ TEST(EvalCli, BatchedRunGivesTheOneByOneSamples) {
   test::TempDir dir;
   const auto r = run_eval(dir.file("out"), {"--tasks", "hoc", "--batch", "0", "--no-db"});
   EXPECT_NE(r.exit_code, 0);
+}
+
+// Exact numerics: recorded with the run and in its config hash; the samples do not depend on how
+// the examples are batched even with quantized weights (the default kernels' may, at near-ties), nor
+// on the device: on a GPU machine the same run on the GPU writes the CPU's samples.
+TEST(EvalCli, ExactRunsGiveTheSameSamplesBatchedAndOnEveryDevice) {
+  REQUIRE_DATA();
+  test::TempDir dir;
+  const std::vector<std::string> common = {"--tasks", "hoc,pubmedqa", "--limit", "4", "--quant", "q4_k",
+                                           "--max-new-tokens", "16", "--no-db", "--exact"};
+  std::vector<std::string> batched = common, plain = common;
+  batched.insert(batched.end(), {"--batch", "3"});
+  plain.pop_back();  // without --exact
+  auto r = run_eval(dir.file("one"), common);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = run_eval(dir.file("three"), batched);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = run_eval(dir.file("default"), plain);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json a = json::parse(test::read_file(dir.file("one/results.json")));
+  const json d = json::parse(test::read_file(dir.file("default/results.json")));
+  EXPECT_EQ(a["numerics"], "exact");
+  EXPECT_EQ(d["numerics"], "default");
+  for (const std::string task : {"hoc", "pubmedqa"}) {
+    EXPECT_NE(a["tasks"][task]["config_hash"], d["tasks"][task]["config_hash"]) << task;
+    EXPECT_EQ(read_lines(dir.file("one/samples/" + task + ".jsonl")), read_lines(dir.file("three/samples/" + task + ".jsonl")))
+        << task;
+  }
+  if (cuda_device_count() > 0) {
+    std::vector<std::string> gpu = common;
+    gpu.insert(gpu.end(), {"--device", "cuda"});
+    r = run_eval(dir.file("gpu"), gpu);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    for (const std::string task : {"hoc", "pubmedqa"})
+      EXPECT_EQ(read_lines(dir.file("one/samples/" + task + ".jsonl")), read_lines(dir.file("gpu/samples/" + task + ".jsonl")))
+          << task;
+  }
+  // No exact LLM.int8 outlier path; --exact keeps an f32 cache.
+  r = run_eval(dir.file("bad"), {"--tasks", "hoc", "--quant", "int8", "--int8-threshold", "6", "--exact", "--no-db"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--exact has no LLM.int8 outlier decomposition"), std::string::npos) << r.err;
 }
 
 TEST(EvalCli, InterruptedRunResumes) {

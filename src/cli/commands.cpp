@@ -33,6 +33,10 @@ namespace bioquant::cli {
 using nlohmann::json;
 
 
+constexpr const char* kExactHelp =
+    "exact numerics: the same logits, bit for bit, on the CPU and on any GPU (one summation order, no fused "
+    "multiply-add; slower; the GPU's KV cache in f32)";
+
 void add_model_flags(CLI::App& app, Common& c, bool required) {
   auto* opt = app.add_option("--model", c.model, "Hugging Face model directory or GGUF file");
   if (required) opt->required();
@@ -50,6 +54,7 @@ void add_model_flags(CLI::App& app, Common& c, bool required) {
   app.add_option("--int8-threshold", c.int8_threshold,
                  "int8: LLM.int8 outlier threshold, features at or above it run in f32 (0 = off; bitsandbytes: 6)")
       ->check(CLI::NonNegativeNumber);
+  app.add_flag("--exact", c.exact, kExactHelp);
 }
 
 std::optional<QuantRecipe> recipe_of(const Common& c) {
@@ -88,11 +93,14 @@ int check_device(const Common& c) {
   check(device >= 0 || c.gpu_memory_gib == 0.0, "--gpu-memory applies to --device cuda");
   check(device >= 0 || c.kv_cache.empty(), "--kv-cache applies to --device cuda (the CPU engine keeps its cache in f32)");
   if (!c.kv_cache.empty()) parse_kv_type(c.kv_cache);  // a bad name fails here, before the model loads
+  check(!c.exact || c.kv_cache.empty() || c.kv_cache == "f32", "--exact keeps the KV cache in f32: drop --kv-cache " + c.kv_cache);
+  check(!c.exact || c.int8_threshold == 0.0f, "--exact has no LLM.int8 outlier decomposition: drop --int8-threshold");
   return device;
 }
 
 KvType apply_gpu_flags(const Common& c, int device) {
   if (device >= 0) set_cuda_memory_limit(static_cast<size_t>(c.gpu_memory_gib * 1024.0 * 1024.0 * 1024.0));
+  if (c.exact) return KvType::F32;
   return c.kv_cache.empty() ? KvType::BF16 : parse_kv_type(c.kv_cache);
 }
 
@@ -359,7 +367,7 @@ Run add_logits(CLI::App& app) {
     const ModelConfig& c = model->config();
     check(*last <= static_cast<int64_t>(ids.size()),
           "--last " + std::to_string(*last) + " exceeds the " + std::to_string(ids.size()) + " positions given");
-    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device));
+    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device), opts->exact);
     KVCache cache(c, static_cast<int64_t>(ids.size()));
     const int64_t n = static_cast<int64_t>(ids.size());
     std::vector<float> logits(static_cast<size_t>(n * c.vocab));
@@ -438,7 +446,7 @@ Run add_generate(CLI::App& app) {
       ids = parse_token_list(*tokens);
     }
     check(!ids.empty(), "the prompt encodes to no tokens");
-    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device));
+    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device), opts->exact);
     GenerateOptions options = *gen;
     options.stop_at_eos = !*ignore_eos;
     std::unique_ptr<StreamDecoder> stream;
@@ -529,6 +537,7 @@ Run add_kld(CLI::App& app) {
   app.add_option("--threads", base->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
   app.add_option("--device", base->device, "cpu (default), cuda or cuda:N: both models run there");
   app.add_option("--kv-cache", base->kv_cache, "with --device cuda: the GPU KV cache, bf16 (default), f32 or q8");
+  app.add_flag("--exact", base->exact, kExactHelp);
   app.add_flag("--json", *as_json, "print one JSON object");
   (void)m;
   (void)q;
@@ -554,7 +563,7 @@ Run add_kld(CLI::App& app) {
     std::vector<int32_t> ids = tok->encode(content, false);
     if (static_cast<int64_t>(ids.size()) > *max_tokens) ids.resize(static_cast<size_t>(*max_tokens));
     const KvType kv = apply_gpu_flags(*base, device);
-    Decoder d_ref(*reference, pool, device, kv), d_model(*model, pool, device, kv);
+    Decoder d_ref(*reference, pool, device, kv, base->exact), d_model(*model, pool, device, kv, base->exact);
     const auto t0 = std::chrono::steady_clock::now();
     const FidelityStats s = compare_models(d_ref, d_model, ids, *chunk, tok->bos_id() ? *tok->bos_id() : -1,
                                            [](int64_t done, int64_t total) {
@@ -694,7 +703,7 @@ Run add_bench(CLI::App& app) {
       name = opts->model;
     }
     const ModelConfig& c = model->config();
-    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device));
+    Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device), opts->exact);
     // One cache per decoded sequence (the pp test uses the first).
     std::vector<std::unique_ptr<KVCache>> caches;
     for (int64_t i = 0; i < *sequences; ++i) caches.push_back(std::make_unique<KVCache>(c, std::max(needed, *ctx)));
@@ -763,7 +772,7 @@ Run add_bench(CLI::App& app) {
                 {"weight_dtype", model->weight_dtype()},
                 {"weight_bytes_per_token", model->matrix_bytes()},
                 {"threads", pool.size()},
-                {"isa", decoder.gpu() ? "cuda" : cpu_kernels().isa},
+                {"isa", std::string(decoder.gpu() ? "cuda" : cpu_kernels().isa) + (opts->exact ? " exact" : "")},
                 {"n_prompt", *n_prompt},
                 {"n_gen", *n_gen},
                 {"depth", *depth},
@@ -782,7 +791,7 @@ Run add_bench(CLI::App& app) {
       out["device"] = cuda_device_description(device);
       out["gpu_weight_bytes"] = m.weights;
       out["gpu_kv_bytes"] = m.kv_cache;
-      out["kv_cache"] = opts->kv_cache.empty() ? "bf16" : opts->kv_cache;
+      out["kv_cache"] = opts->exact ? "f32" : opts->kv_cache.empty() ? "bf16" : opts->kv_cache;
       out["gpu_prompt_matmuls"] = decoder.gpu()->prompt_matmuls();
       out["gpu_peak_allocated_bytes"] = m.peak_allocated;
       out["gpu_device_peak_used_bytes"] = m.device_used_peak;

@@ -24,6 +24,7 @@ struct Common {
   float int8_threshold = 0.0f;
   std::string kv_cache;  // GPU KV cache type; empty = the backend's default
   double gpu_memory_gib = 0.0;  // --gpu-memory: the GPU's memory as the run may use it (0: all of it)
+  bool exact = false;           // --exact: exact numerics (the same logits on the CPU and any GPU)
 };
 
 void add_model_flags(CLI::App& app, Common& c, bool required = true);
@@ -35,7 +36,7 @@ void report_peak_memory();
 // GPU flags (--kv-cache, --gpu-memory) given for the CPU: before any model is loaded.
 int check_device(const Common& c);
 // Applies the GPU flags (checked by check_device) before a decoder is made: --gpu-memory's limit
-// (set_cuda_memory_limit), and returns --kv-cache's type (bf16 when not given).
+// (set_cuda_memory_limit), and returns --kv-cache's type (bf16 when not given; f32 with --exact).
 KvType apply_gpu_flags(const Common& c, int device);
 // The GPU's memory as the run left it (stderr), beside the host's peak RSS; nothing on the CPU.
 void report_gpu_memory(const Decoder& decoder);

@@ -216,12 +216,13 @@ Run add_eval(CLI::App& app) {
       o.model_hash = model_fingerprint(c->model);
       model = open_model(*c, *pool);
       tokenizer = load_tokenizer(c->model);
-      auto local = std::make_unique<LocalBackend>(*model, *tokenizer, *pool, !f->no_chat, device, apply_gpu_flags(*c, device));
+      auto local = std::make_unique<LocalBackend>(*model, *tokenizer, *pool, !f->no_chat, device, apply_gpu_flags(*c, device), c->exact);
       o.chat = local->applies_chat_template();
       backend = std::move(local);
       o.model = c->model;
       o.backend = "local";
       o.device = c->device;
+      o.exact = c->exact;
       o.threads = static_cast<int>(pool->size());
       o.weight_bytes = static_cast<int64_t>(model->weight_bytes());
     }

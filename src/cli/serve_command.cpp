@@ -98,6 +98,7 @@ Run add_serve(CLI::App& app) {
     o.scheduler.context = f->ctx;
     o.scheduler.device = device;
     o.scheduler.kv = apply_gpu_flags(*c, device);
+    o.scheduler.exact = c->exact;
 
     // SIGINT/SIGTERM are taken by this thread only (sigwait below): every thread started from here
     // on inherits the mask.

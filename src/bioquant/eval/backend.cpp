@@ -34,8 +34,8 @@ std::string Backend::choose(const std::string&, const std::vector<AnswerSegment>
 }
 
 LocalBackend::LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template,
-                           int device, KvType kv)
-    : model_(model), tokenizer_(tokenizer), decoder_(model, pool, device, kv) {
+                           int device, KvType kv, bool exact)
+    : model_(model), tokenizer_(tokenizer), decoder_(model, pool, device, kv, exact) {
   chat_ = use_chat_template && !tokenizer.chat_template().empty();
   chat_template_ = tokenizer.chat_template();
   logits_.resize(static_cast<size_t>(model.config().vocab));

@@ -68,8 +68,9 @@ class LocalBackend : public Backend {
  public:
   // use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
   // device: -1 CPU, N CUDA device N.
+  // exact: exact numerics (Decoder's): the same answers on the CPU and on any GPU.
   LocalBackend(const Model& model, const Tokenizer& tokenizer, ThreadPool& pool, bool use_chat_template, int device = -1,
-               KvType kv = KvType::BF16);
+               KvType kv = KvType::BF16, bool exact = false);
   ~LocalBackend() override;
 
   std::string describe() const override;

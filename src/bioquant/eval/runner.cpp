@@ -252,6 +252,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
   results["quant"] = o.quant;
   results["backend"] = o.backend;
   results["device"] = o.device;
+  results["numerics"] = o.exact ? "exact" : "default";
   results["threads"] = o.threads;
   results["weight_bytes"] = o.weight_bytes;
   if (!results.contains("tasks") || !results["tasks"].is_object()) results["tasks"] = json::object();
@@ -305,7 +306,8 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     }
     if (scoring != ScoringMode::generate) check(backend.can_choose(), backend.describe() + " only generates text; --scoring " +
                                                                           scoring_mode_name(scoring) + " needs a local model (--model)");
-    const json config = task_config(o, task, split, style, max_new, shots);
+    json config = task_config(o, task, split, style, max_new, shots);
+    if (o.exact) config["numerics"] = "exact";  // absent by default: earlier runs' hashes stay valid
     const std::string config_hash = sha256_hex(config.dump()).substr(0, 16);
 
     const std::string samples_path = (fs::path(o.out_dir) / "samples" / (task.name + ".jsonl")).string();

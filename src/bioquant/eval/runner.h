@@ -40,6 +40,9 @@ struct EvalOptions {
   int batch = 1;
   // Recorded with the run (identity of what was evaluated).
   std::string version, model, model_hash, quant, backend, device;
+  // Exact numerics (Decoder's): part of the config hash when on (its answers are the same on every
+  // device, but may differ from the default kernels' at near-ties).
+  bool exact = false;
   int threads = 0;
   int64_t weight_bytes = 0;
   std::string sweep_cell;                // bioquant sweep's cell key, recorded with each row ("" = none)

@@ -83,7 +83,7 @@ struct Scheduler::Sequence {
 };
 
 Scheduler::Scheduler(const Model& model, ThreadPool& pool, SchedulerOptions options)
-    : model_(model), decoder_(model, pool, options.device, options.kv), options_(options) {
+    : model_(model), decoder_(model, pool, options.device, options.kv, options.exact), options_(options) {
   check(options_.max_batch >= 1, "max batch must be at least 1");
   check(options_.max_pending >= options_.max_batch, "the request queue must hold at least one batch");
   check(options_.prefill_chunk >= 2, "prefill chunk must be at least 2 tokens");

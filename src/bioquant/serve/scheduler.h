@@ -36,6 +36,7 @@ struct SchedulerOptions {
   std::vector<int32_t> extra_eos_ids;  // ids that also end a sequence, besides the model's (the tokenizer's EOS)
   int device = -1;                     // -1: CPU; N: CUDA device N (the batch's rows share every matmul there too)
   KvType kv = KvType::BF16;            // GPU KV cache type
+  bool exact = false;                  // exact numerics (Decoder's): the same answers on any device
 };
 
 struct GenerationRequest {

@@ -3679,6 +3679,7 @@ int GpuDecoder::device() const { return impl_->device; }
 int64_t GpuDecoder::prompt_gemm_tokens() const { return impl_->tensor_cores() ? Impl::kGemmMinTokens : 0; }
 
 std::string GpuDecoder::prompt_matmuls() const {
+  if (impl_->exact) return "exact numerics (one warp per output, no tensor cores)";
   const std::string batches = " for batches of " + std::to_string(Impl::kGemmMinTokens) + "+ tokens";
   if (impl_->blas.ready()) return impl_->blas.status() + batches;
   if (impl_->mma_fallback)
