@@ -41,7 +41,9 @@ void add_model_flags(CLI::App& app, Common& c, bool required) {
   auto* opt = app.add_option("--model", c.model, "Hugging Face model directory or GGUF file");
   if (required) opt->required();
   app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
-  app.add_option("--device", c.device, cuda_device_count() > 0 ? "cpu (default), cuda or cuda:N" : "cpu (default); cuda or cuda:N in a build with the CUDA backend and a GPU");
+  // (No driver call here: every command's options are built at start-up, and a process that touched
+  // CUDA cannot use it in the workers it forks: sweep's.)
+  app.add_option("--device", c.device, "cpu (default), cuda or cuda:N (a build with the CUDA backend and a GPU)");
   app.add_option("--kv-cache", c.kv_cache, "GPU KV cache: bf16 (default), f32, or q8 (int8 + fp16 scale per 32 values)");
   app.add_option("--gpu-memory", c.gpu_memory_gib,
                  "GiB of GPU memory the run may use, CUDA context included (default: the card's): allocations past it "
@@ -814,11 +816,11 @@ Run add_bench(CLI::App& app) {
     const std::string times = *sequences > 1 ? " x " + std::to_string(*sequences) + " seqs" : "";
     if (*n_prompt > 0)
       std::printf("| %s | %.2f B | %s | %d | %s | pp%lld%s | %.2f ± %.2f |\n", name.c_str(), billions,
-                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_prompt,
+                  model->weight_dtype().c_str(), pool.size(), out["isa"].get<std::string>().c_str(), (long long)*n_prompt,
                   at.c_str(), pps.mean, pps.sd);
     if (*n_gen > 0)
       std::printf("| %s | %.2f B | %s | %d | %s | tg%lld%s%s | %.2f ± %.2f |\n", name.c_str(), billions,
-                  model->weight_dtype().c_str(), pool.size(), decoder.gpu() ? "cuda" : cpu_kernels().isa, (long long)*n_gen,
+                  model->weight_dtype().c_str(), pool.size(), out["isa"].get<std::string>().c_str(), (long long)*n_gen,
                   times.c_str(), at.c_str(), tgs.mean, tgs.sd);
     if (*n_gen > 0) {
       std::printf("tg weight reads: %.2f GB/s", tg_gbps);

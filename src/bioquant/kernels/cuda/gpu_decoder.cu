@@ -2124,38 +2124,52 @@ __global__ void exact_quantize_kernel(const float* x, int64_t n_tokens, int64_t 
   d[i] = exact::quantize_block(x + t * cols + 32 * b, cols - 32 * b < 32 ? cols - 32 * b : 32, q + 32 * i);
 }
 
-// A warp per (row, token) of a quantized matrix: lane l takes blocks l, l + 32, ...
+// A warp per (row, up to kExactTokens tokens) of a quantized matrix: lane l takes blocks l, l + 32, ...,
+// each decoded once for the warp's tokens (each token's sum in its own canonical order).
+constexpr int kExactTokens = 8;
 __global__ void exact_qmatvec_kernel(QuantType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, bool dq,
                                      const int8_t* q, const float* d, int64_t n_tokens, float* y) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t t = blockIdx.y;
-  if (r >= rows || t >= n_tokens) return;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kExactTokens;
+  if (r >= rows) return;
+  const int nt = static_cast<int>(n_tokens - t0 < kExactTokens ? n_tokens - t0 : kExactTokens);
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int64_t nblk = (cols + 31) / 32;
   const uint8_t* row = w + static_cast<size_t>(r) * row_bytes;
   const int16_t* book = type == QuantType::NF4 ? c_nf4_q14 : c_fp4_q14;
-  float p = 0.0f;
+  float p[kExactTokens] = {};
   for (int64_t b = lane; b < nblk; b += 32) {
     exact::Levels lv;
     exact::decode_block(type, row, cols, b, dq, book, c_dynamic_map, lv);
-    p = exact::add(p, exact::block_term(lv, q + (t * nblk + b) * 32, d[t * nblk + b]));
+    for (int t = 0; t < nt; ++t) {
+      const int64_t i = (t0 + t) * nblk + b;
+      p[t] = exact::add(p[t], exact::block_term(lv, q + i * 32, d[i]));
+    }
   }
-  const float sum = exact_lane_order_sum(p);
-  if (lane == 0) y[t * rows + r] = exact::finish_row(type, row, sum);
+  for (int t = 0; t < nt; ++t) {
+    const float sum = exact_lane_order_sum(p[t]);
+    if (lane == 0) y[(t0 + t) * rows + r] = exact::finish_row(type, row, sum);
+  }
 }
 
 // The same for plain (f32/f16/bf16) rows: lane l takes columns l, l + 32, ...
 __global__ void exact_plain_matvec_kernel(QuantType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
                                           const float* x, int64_t n_tokens, float* y) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t t = blockIdx.y;
-  if (r >= rows || t >= n_tokens) return;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kExactTokens;
+  if (r >= rows) return;
+  const int nt = static_cast<int>(n_tokens - t0 < kExactTokens ? n_tokens - t0 : kExactTokens);
   const int lane = static_cast<int>(threadIdx.x % 32);
   const uint8_t* row = w + static_cast<size_t>(r) * row_bytes;
-  float p = 0.0f;
-  for (int64_t i = lane; i < cols; i += 32) p = exact::add(p, exact::mul(exact::plain_value(type, row, i), x[t * cols + i]));
-  const float sum = exact_lane_order_sum(p);
-  if (lane == 0) y[t * rows + r] = sum;
+  float p[kExactTokens] = {};
+  for (int64_t i = lane; i < cols; i += 32) {
+    const float wi = exact::plain_value(type, row, i);
+    for (int t = 0; t < nt; ++t) p[t] = exact::add(p[t], exact::mul(wi, x[(t0 + t) * cols + i]));
+  }
+  for (int t = 0; t < nt; ++t) {
+    const float sum = exact_lane_order_sum(p[t]);
+    if (lane == 0) y[(t0 + t) * rows + r] = sum;
+  }
 }
 
 // A block per token: RoPE of its q and k heads at position pos0 + token, then K and V into the f32 cache.
@@ -2973,8 +2987,9 @@ struct GpuDecoder::Impl {
   DevBuf exact_act;  // activation quants and scales of the exact matmuls
   void exact_matmul(const float* x, int64_t n, const DevMatrix& m, float* y) {
     const unsigned row_blocks = static_cast<unsigned>((m.rows + 7) / 8);
+    const unsigned token_blocks = static_cast<unsigned>((n + kExactTokens - 1) / kExactTokens);
     if (m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16) {
-      launch(exact_plain_matvec_kernel, dim3(row_blocks, static_cast<unsigned>(n)), 256, 0, m.type, m.data, m.row_bytes, m.rows,
+      launch(exact_plain_matvec_kernel, dim3(row_blocks, token_blocks), 256, 0, m.type, m.data, m.row_bytes, m.rows,
              m.cols, x, n, y);
       return;
     }
@@ -2983,7 +2998,7 @@ struct GpuDecoder::Impl {
     auto* q = reinterpret_cast<int8_t*>(base);
     auto* d = reinterpret_cast<float*>(base + n * nblk * 32);
     launch(exact_quantize_kernel, blocks_for(n * nblk), 256, 0, x, n, m.cols, nblk, q, d);
-    launch(exact_qmatvec_kernel, dim3(row_blocks, static_cast<unsigned>(n)), 256, 0, m.type, m.data, m.row_bytes, m.rows, m.cols,
+    launch(exact_qmatvec_kernel, dim3(row_blocks, token_blocks), 256, 0, m.type, m.data, m.row_bytes, m.rows, m.cols,
            m.dq, q, d, n, y);
   }
   void exact_norm(const float* x, const float* w, int64_t rows, int64_t n, float* out) {
