@@ -3005,6 +3005,10 @@ struct GpuDecoder::Impl {
     launch(exact_rms_norm_kernel, static_cast<unsigned>((rows + 7) / 8), 256, 0, x, w, model.config().norm_eps, rows, n, out);
   }
 
+  // exact_attention_kernel's scores, padded as attention_smem_bytes: the compiler's vector loads of the
+  // final loop's scores may read up to three past the last (compute-sanitizer: 12-byte reads).
+  static size_t exact_score_bytes(int64_t positions) { return attention_smem_bytes(positions); }
+
   void forward_exact(std::span<const DecodeSegment> segments) {
     const ModelConfig& c = model.config();
     const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate;
@@ -3022,9 +3026,9 @@ struct GpuDecoder::Impl {
       longest = std::max(longest, sg.cache->size() + sg.n);
       row += sg.n;
     }
-    const size_t score_bytes = static_cast<size_t>(longest) * sizeof(float);
+    const size_t score_bytes = exact_score_bytes(longest);
     check(score_bytes <= exact_smem_limit, "CUDA exact attention: a context of " + std::to_string(longest) +
-                                               " positions is too long (at most " + std::to_string(exact_smem_limit / 4) + ")");
+                                               " positions is too long (at most " + std::to_string(exact_smem_limit / 4 - 8) + ")");
     stage_embeddings(segs);
     CUDA_OK(cudaMemcpyAsync(work.x, work.host_x, static_cast<size_t>(n * hd) * sizeof(float), cudaMemcpyHostToDevice, stream));
     float* x = work.x;
@@ -3053,7 +3057,7 @@ struct GpuDecoder::Impl {
                work.v + sg.row0 * kvd, inv_freq, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc);
         launch(exact_attention_kernel, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128,
-               static_cast<size_t>(pos0 + sg.n) * sizeof(float), work.q + sg.row0 * qd, kc, vc, pos0, static_cast<int>(c.n_heads),
+               exact_score_bytes(pos0 + sg.n), work.q + sg.row0 * qd, kc, vc, pos0, static_cast<int>(c.n_heads),
                static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim), window, c.attention_scale(), c.attn_softcap,
                work.attn + sg.row0 * qd);
       }
