@@ -2460,6 +2460,7 @@ struct GpuDecoder::Impl {
     for (DevBuf& b : owned) mem.free(b.ptr, b.n, b.pool);
     mem.free(gemm_x.ptr, gemm_x.n, Pool::Work);
     mem.free(batch_attn.ptr, batch_attn.n, Pool::Work);
+    mem.free(exact_act.ptr, exact_act.n, Pool::Work);
     for (int b = 0; b < 2; ++b) {
       mem.free(gemm_w[b].ptr, gemm_w[b].n, Pool::Work);
       if (tile_ready[b]) cudaEventDestroy(tile_ready[b]);
