@@ -15,6 +15,9 @@
 // weights, f32 accumulation, as HF transformers + bitsandbytes compute): held to 2e-2 * max(1, max|cpu|)
 // against the CPU engine on the same weights dequantized to f32; with a bf16 KV cache their attention
 // runs there too (bf16 queries and probabilities), within the bf16 cache's bound.
+// Exact numerics (Decoder's exact mode, kernels/exact.h) have no tolerance: the GPU's logits equal the
+// CPU engine's bit for bit, in every architecture and format, so greedy continuations are identical
+// (GpuParity.ExactNumericsAreBitIdenticalToTheCpuEngine).
 #include <gtest/gtest.h>
 
 #include <algorithm>

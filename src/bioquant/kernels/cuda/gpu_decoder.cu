@@ -2969,6 +2969,18 @@ struct GpuDecoder::Impl {
     return b;
   }
 
+  // Waits for the step, then copies each sequence's logit rows from the pinned buffer to its caller.
+  void deliver_logits(const std::vector<Seg>& segs) {
+    CUDA_OK(cudaStreamSynchronize(stream));
+    const int64_t vocab = model.config().vocab;
+    int64_t out_row = 0;
+    for (const Seg& sg : segs) {
+      if (sg.n_logits > 0)
+        std::memcpy(sg.segment->logits, work.host_logits + out_row * vocab, static_cast<size_t>(sg.n_logits * vocab) * sizeof(float));
+      out_row += sg.n_logits;
+    }
+  }
+
   // Host side of a step: the embedding rows (Gemma's scaled by sqrt(hidden)) into the pinned buffer.
   void stage_embeddings(const std::vector<Seg>& segs) {
     const ModelConfig& c = model.config();
@@ -3094,14 +3106,7 @@ struct GpuDecoder::Impl {
                               cudaMemcpyDeviceToHost, stream));
     }
     CUDA_OK(cudaGetLastError());
-    CUDA_OK(cudaStreamSynchronize(stream));
-    int64_t out_row = 0;
-    for (const Seg& sg : segs) {
-      if (sg.n_logits > 0)
-        std::memcpy(sg.segment->logits, work.host_logits + out_row * c.vocab,
-                    static_cast<size_t>(sg.n_logits * c.vocab) * sizeof(float));
-      out_row += sg.n_logits;
-    }
+    deliver_logits(segs);
     sample_device_memory();
   }
 
@@ -3168,14 +3173,7 @@ struct GpuDecoder::Impl {
       }
       CUDA_OK(cudaGraphLaunch(graph.exec, stream));
     }
-    CUDA_OK(cudaStreamSynchronize(stream));
-    int64_t out_row = 0;
-    for (const Seg& sg : segs) {
-      if (sg.n_logits > 0)
-        std::memcpy(sg.segment->logits, work.host_logits + out_row * c.vocab,
-                    static_cast<size_t>(sg.n_logits * c.vocab) * sizeof(float));
-      out_row += sg.n_logits;
-    }
+    deliver_logits(segs);
     // The device's use is sampled after every step that could have changed it (allocations, first
     // launches loading kernels, a graph's instantiation); a replayed graph cannot, and cudaMemGetInfo
     // cost ~1% of a decode step's time (H200, q4_k 8B: 451-459 -> 457-460 tok/s).
