@@ -147,6 +147,13 @@ TEST(StudyPlan, ParsesAndRejectsUnknownKeysAndBadValues) {
   bad["limit"] = "2";
   rejects(bad, "\"limit\" must be an integer");
   bad = small_plan();
+  bad["numerics"] = "fast";
+  rejects(bad, "\"numerics\" must be \"default\" or \"exact\"");
+  json exact = small_plan();
+  exact["numerics"] = "exact";
+  EXPECT_TRUE(parse_sweep_plan(exact, "plan.json").exact);
+  EXPECT_FALSE(parse_sweep_plan(small_plan(), "plan.json").exact);
+  bad = small_plan();
   bad["device"] = "tpu";
   rejects(bad, "unknown device 'tpu'");
   bad["device"] = "cuda:x";
@@ -359,6 +366,27 @@ TEST(StudySweep, GpuPlansRunOnTheGpuOrSayItIsMissing) {
   for (const auto& row : rows) {
     EXPECT_EQ(row["device"], "cuda");
     EXPECT_EQ(json::parse(row["result_json"].get<std::string>())["batch"], 2);
+  }
+  // An exact plan: its cells are new cells (another key) and give the CPU's exact samples.
+  json exact = plan;
+  exact["numerics"] = "exact";
+  test::write_file(dir.file("exact.json"), exact.dump());
+  const auto e = test::run_cli({"sweep", dir.file("exact.json"), "--db", db, "--data-dir", data_dir(), "--quiet"});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  EXPECT_EQ(json::parse(e.out)["ran"], 2);
+  exact["device"] = "cpu";
+  test::write_file(dir.file("exact-cpu.json"), exact.dump());
+  const auto ec = test::run_cli({"sweep", dir.file("exact-cpu.json"), "--db", db, "--data-dir", data_dir(), "--quiet"});
+  ASSERT_EQ(ec.exit_code, 0) << ec.err;
+  std::map<std::string, std::vector<double>> scores;  // task -> exact scores (GPU, CPU)
+  for (const auto& row : eval::read_runs(db)) {
+    const json config = json::parse(row["config_json"].get<std::string>());
+    if (config.value("numerics", "") == "exact") scores[row["task"].get<std::string>()].push_back(row["score"].get<double>());
+  }
+  ASSERT_EQ(scores.size(), 2u);
+  for (const auto& [task, s] : scores) {
+    ASSERT_EQ(s.size(), 2u) << task;
+    EXPECT_EQ(s[0], s[1]) << task;
   }
 }
 

@@ -37,7 +37,8 @@ namespace {
 
 const std::vector<std::string>& known_keys() {
   static const std::vector<std::string> keys = {"models", "precisions", "tasks",  "methods",        "shots", "limit",
-                                                "split",  "device",     "scoring", "max_new_tokens", "seed"};
+                                                "split",  "device",     "scoring", "max_new_tokens", "seed",
+                                                "numerics"};
   return keys;
 }
 
@@ -152,6 +153,9 @@ SweepPlan parse_sweep_plan(const json& plan, const std::string& where, const std
   p.seed = static_cast<uint64_t>(integer(plan, "seed", where, 1234, 0));
   p.split = text(plan, "split", where, "");
   p.device = text(plan, "device", where, "cpu");
+  const std::string numerics = text(plan, "numerics", where, "default");
+  check(numerics == "default" || numerics == "exact", where + ": \"numerics\" must be \"default\" or \"exact\"");
+  p.exact = numerics == "exact";
   // The name only: whether the device is there is checked in the worker, before it loads a model (this
   // process must not initialise CUDA, which does not survive into the forked workers).
   try {
@@ -208,11 +212,12 @@ std::vector<SweepCell> enumerate_cells(const SweepPlan& plan, const std::vector<
         const bool few = eval::parse_prompt_method(method) == eval::PromptMethod::few_shot;
         // What makes a cell's outputs (the examples it covers aside): its directory holds them, so
         // a larger limit resumes a smaller one.
-        const json variant = {{"model_hash", model_hashes[mi]}, {"precision", precision},
-                              {"method", method},              {"shots", few ? plan.shots : 0},
-                              {"seed", plan.seed},             {"scoring", plan.scoring},
-                              {"split", plan.split},           {"max_new_tokens", plan.max_new_tokens},
-                              {"device", plan.device}};
+        json variant = {{"model_hash", model_hashes[mi]}, {"precision", precision},
+                        {"method", method},              {"shots", few ? plan.shots : 0},
+                        {"seed", plan.seed},             {"scoring", plan.scoring},
+                        {"split", plan.split},           {"max_new_tokens", plan.max_new_tokens},
+                        {"device", plan.device}};
+        if (plan.exact) variant["numerics"] = "exact";  // absent by default: earlier plans' cells keep their keys
         const std::string variant_hash = sha256_hex(variant.dump()).substr(0, 8);
         for (const auto& task : plan.tasks) {
           SweepCell c;
@@ -285,7 +290,8 @@ GroupResult run_group(const SweepPlan& plan, const SweepOptions& o, const std::v
     if (!p.note.empty() && o.progress) std::fprintf(o.log, "note: %s: %s\n", p.name.c_str(), p.note.c_str());
   quantize_model(*model, tensor_plan, pool);
   auto tokenizer = load_tokenizer(first.model);
-  eval::LocalBackend backend(*model, *tokenizer, pool, /*use_chat_template=*/true, device);
+  eval::LocalBackend backend(*model, *tokenizer, pool, /*use_chat_template=*/true, device,
+                             plan.exact ? KvType::F32 : KvType::BF16, plan.exact);
   if (o.progress) {
     std::fprintf(o.log, "sweep: loaded %s as %s (%s weights, %.1f MiB) in %s\n", first.model_name.c_str(),
                  first.precision.c_str(), model->weight_dtype().c_str(),
@@ -316,6 +322,7 @@ GroupResult run_group(const SweepPlan& plan, const SweepOptions& o, const std::v
     e.quant = c.precision;
     e.backend = "local";
     e.device = plan.device;
+    e.exact = plan.exact;
     e.threads = pool.size();
     e.weight_bytes = static_cast<int64_t>(model->weight_bytes());
     e.sweep_cell = c.key;

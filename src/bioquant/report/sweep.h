@@ -34,6 +34,7 @@ struct SweepPlan {
   int64_t limit = 0;
   std::string split;                 // "" = each task's default
   std::string device = "cpu";
+  bool exact = false;                // "numerics": "exact" (Decoder's exact numerics)
   std::string scoring = "generate";
   int max_new_tokens = 0;
   uint64_t seed = 1234;
