@@ -8,6 +8,30 @@
 #include "bioquant/kernels/exact.h"
 
 namespace bioquant::exact {
+namespace {
+
+// The hot loops of the quantized matmul, cloned for AVX-512 and AVX2 (GCC picks one at load time):
+// only the integer dot products vectorise; every float operation is the same scalar IEEE operation
+// in each clone (-ffp-contract=off, no reassociation), so the results do not depend on the clone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BQ_EXACT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BQ_EXACT_CLONES
+#endif
+
+BQ_EXACT_CLONES void decode_row(QuantType t, const uint8_t* row, int64_t cols, int64_t nblk, bool dq, const int16_t* book,
+                                const float* dynamic_map, Levels* levels) {
+  for (int64_t b = 0; b < nblk; ++b) {
+    levels[b] = Levels{};
+    decode_block(t, row, cols, b, dq, book, dynamic_map, levels[b]);
+  }
+}
+
+BQ_EXACT_CLONES float row_sum(const Levels* levels, int64_t nblk, const int8_t* qt, const float* dt) {
+  return canonical_sum<float>(nblk, [&](int64_t b) { return block_term(levels[b], qt + 32 * b, dt[b]); });
+}
+
+}  // namespace
 
 void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -60,17 +84,9 @@ void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadP
     std::vector<Levels> levels(static_cast<size_t>(nblk));
     for (int64_t o = static_cast<int64_t>(ci) * 16; o < std::min(rows, static_cast<int64_t>(ci) * 16 + 16); ++o) {
       const uint8_t* row = w.data + static_cast<size_t>(o) * rb;
-      for (int64_t b = 0; b < nblk; ++b) {
-        levels[static_cast<size_t>(b)] = Levels{};
-        decode_block(w.type, row, cols, b, w.double_quant, book, dynamic_map, levels[static_cast<size_t>(b)]);
-      }
-      for (int64_t t = 0; t < n_tokens; ++t) {
-        const int8_t* qt = qx.data() + t * nblk * 32;
-        const float* dt = dx.data() + t * nblk;
-        const float sum = canonical_sum<float>(
-            nblk, [&](int64_t b) { return block_term(levels[static_cast<size_t>(b)], qt + 32 * b, dt[b]); });
-        y[t * rows + o] = finish_row(w.type, row, sum);
-      }
+      decode_row(w.type, row, cols, nblk, w.double_quant, book, dynamic_map, levels.data());
+      for (int64_t t = 0; t < n_tokens; ++t)
+        y[t * rows + o] = finish_row(w.type, row, row_sum(levels.data(), nblk, qx.data() + t * nblk * 32, dx.data() + t * nblk));
     }
   });
 }
