@@ -369,12 +369,9 @@ BQ_HOST_DEVICE inline void decode_block(QuantType t, const uint8_t* row, int64_t
   }
 }
 
-// The float term of one 32-column block: qx its activation quants, dx their scale.
-BQ_HOST_DEVICE inline float block_term(const Levels& w, const int8_t* qx, float dx) {
-  int32_t lo = 0, hi = 0, sum_q = 0;  // exact integers (separate loops: each vectorises on the CPU)
-  for (int i = 0; i < 16; ++i) lo += w.lv[i] * qx[i];
-  for (int i = 16; i < 32; ++i) hi += w.lv[i] * qx[i];
-  for (int i = 0; i < 32; ++i) sum_q += qx[i];
+// The float term of one 32-column block from its exact integer sums: lo and hi the level x quant dot
+// products of its two 16-column halves, sum_q the sum of its 32 quants, dx their scale.
+BQ_HOST_DEVICE inline float block_float(const Levels& w, int32_t lo, int32_t hi, int32_t sum_q, float dx) {
   float inner;
   if (w.split) {
     inner = add(mul(w.scale_lo, to_float(lo)), mul(w.scale_hi, to_float(hi)));
@@ -383,6 +380,15 @@ BQ_HOST_DEVICE inline float block_term(const Levels& w, const int8_t* qx, float 
   }
   if (w.has_min) inner = sub(inner, mul(w.min, to_float(sum_q)));
   return mul(dx, inner);
+}
+
+// The float term of one 32-column block: qx its activation quants, dx their scale.
+BQ_HOST_DEVICE inline float block_term(const Levels& w, const int8_t* qx, float dx) {
+  int32_t lo = 0, hi = 0, sum_q = 0;  // exact integers (separate loops: each vectorises on the CPU)
+  for (int i = 0; i < 16; ++i) lo += w.lv[i] * qx[i];
+  for (int i = 16; i < 32; ++i) hi += w.lv[i] * qx[i];
+  for (int i = 0; i < 32; ++i) sum_q += qx[i];
+  return block_float(w, lo, hi, sum_q, dx);
 }
 
 // The row's sum of block terms into its output (int8: times the row's absmax / 127).

@@ -2127,49 +2127,67 @@ __global__ void exact_quantize_kernel(const float* x, int64_t n_tokens, int64_t 
 // A warp per (row, up to kExactTokens tokens) of a quantized matrix: lane l takes blocks l, l + 32, ...,
 // each decoded once for the warp's tokens (each token's sum in its own canonical order).
 constexpr int kExactTokens = 8;
+template <int NT>  // tokens per warp at most: 1 (decode) or kExactTokens
 __global__ void exact_qmatvec_kernel(QuantType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols, bool dq,
                                      const int8_t* q, const float* d, int64_t n_tokens, float* y) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kExactTokens;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * NT;
   if (r >= rows) return;
-  const int nt = static_cast<int>(n_tokens - t0 < kExactTokens ? n_tokens - t0 : kExactTokens);
+  const int nt = static_cast<int>(n_tokens - t0 < NT ? n_tokens - t0 : NT);
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int64_t nblk = (cols + 31) / 32;
   const uint8_t* row = w + static_cast<size_t>(r) * row_bytes;
   const int16_t* book = type == QuantType::NF4 ? c_nf4_q14 : c_fp4_q14;
-  float p[kExactTokens] = {};
+  const bool bytes = type != QuantType::NF4 && type != QuantType::FP4;  // levels fit int8: dp4a
+  float p[NT] = {};
   for (int64_t b = lane; b < nblk; b += 32) {
     exact::Levels lv;
     exact::decode_block(type, row, cols, b, dq, book, c_dynamic_map, lv);
-    for (int t = 0; t < nt; ++t) {
+    int packed[8];
+    for (int k = 0; k < 8; ++k)
+      packed[k] = static_cast<int>((lv.lv[4 * k] & 0xFF) | ((lv.lv[4 * k + 1] & 0xFF) << 8) |
+                                   ((lv.lv[4 * k + 2] & 0xFF) << 16) | (static_cast<uint32_t>(lv.lv[4 * k + 3] & 0xFF) << 24));
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {  // a fixed bound: p stays in registers
+      if (t >= nt) break;
       const int64_t i = (t0 + t) * nblk + b;
-      p[t] = exact::add(p[t], exact::block_term(lv, q + i * 32, d[i]));
+      if (!bytes) {
+        p[t] = exact::add(p[t], exact::block_term(lv, q + i * 32, d[i]));
+        continue;
+      }
+      // The same exact integer sums as block_term's loops, four products per instruction.
+      const int* qw = reinterpret_cast<const int*>(q + i * 32);  // 32-byte aligned blocks
+      int lo = 0, hi = 0, sum_q = 0;
+      for (int k = 0; k < 4; ++k) {
+        const int a = qw[k], c = qw[4 + k];
+        lo = __dp4a(packed[k], a, lo);
+        hi = __dp4a(packed[4 + k], c, hi);
+        sum_q = __dp4a(0x01010101, c, __dp4a(0x01010101, a, sum_q));
+      }
+      p[t] = exact::add(p[t], exact::block_float(lv, lo, hi, sum_q, d[i]));
     }
   }
-  for (int t = 0; t < nt; ++t) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (t >= nt) break;
     const float sum = exact_lane_order_sum(p[t]);
     if (lane == 0) y[(t0 + t) * rows + r] = exact::finish_row(type, row, sum);
   }
 }
 
-// The same for plain (f32/f16/bf16) rows: lane l takes columns l, l + 32, ...
+// A warp per (row, token) of a plain (f32/f16/bf16) matrix: lane l takes columns l, l + 32, ... (one
+// token per warp: measured faster than several for these, whose rows need no decoding).
 __global__ void exact_plain_matvec_kernel(QuantType type, const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
                                           const float* x, int64_t n_tokens, float* y) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kExactTokens;
-  if (r >= rows) return;
-  const int nt = static_cast<int>(n_tokens - t0 < kExactTokens ? n_tokens - t0 : kExactTokens);
+  const int64_t t = blockIdx.y;
+  if (r >= rows || t >= n_tokens) return;
   const int lane = static_cast<int>(threadIdx.x % 32);
   const uint8_t* row = w + static_cast<size_t>(r) * row_bytes;
-  float p[kExactTokens] = {};
-  for (int64_t i = lane; i < cols; i += 32) {
-    const float wi = exact::plain_value(type, row, i);
-    for (int t = 0; t < nt; ++t) p[t] = exact::add(p[t], exact::mul(wi, x[(t0 + t) * cols + i]));
-  }
-  for (int t = 0; t < nt; ++t) {
-    const float sum = exact_lane_order_sum(p[t]);
-    if (lane == 0) y[(t0 + t) * rows + r] = sum;
-  }
+  float p = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) p = exact::add(p, exact::mul(exact::plain_value(type, row, i), x[t * cols + i]));
+  const float sum = exact_lane_order_sum(p);
+  if (lane == 0) y[t * rows + r] = sum;
 }
 
 // A block per token: RoPE of its q and k heads at position pos0 + token, then K and V into the f32 cache.
@@ -3002,7 +3020,7 @@ struct GpuDecoder::Impl {
     const unsigned row_blocks = static_cast<unsigned>((m.rows + 7) / 8);
     const unsigned token_blocks = static_cast<unsigned>((n + kExactTokens - 1) / kExactTokens);
     if (m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16) {
-      launch(exact_plain_matvec_kernel, dim3(row_blocks, token_blocks), 256, 0, m.type, m.data, m.row_bytes, m.rows,
+      launch(exact_plain_matvec_kernel, dim3(row_blocks, static_cast<unsigned>(n)), 256, 0, m.type, m.data, m.row_bytes, m.rows,
              m.cols, x, n, y);
       return;
     }
@@ -3011,7 +3029,7 @@ struct GpuDecoder::Impl {
     auto* q = reinterpret_cast<int8_t*>(base);
     auto* d = reinterpret_cast<float*>(base + n * nblk * 32);
     launch(exact_quantize_kernel, blocks_for(n * nblk), 256, 0, x, n, m.cols, nblk, q, d);
-    launch(exact_qmatvec_kernel, dim3(row_blocks, token_blocks), 256, 0, m.type, m.data, m.row_bytes, m.rows, m.cols,
+    launch(n == 1 ? exact_qmatvec_kernel<1> : exact_qmatvec_kernel<kExactTokens>, dim3(row_blocks, token_blocks), 256, 0, m.type, m.data, m.row_bytes, m.rows, m.cols,
            m.dq, q, d, n, y);
   }
   void exact_norm(const float* x, const float* w, int64_t rows, int64_t n, float* out) {
