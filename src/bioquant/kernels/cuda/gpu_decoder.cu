@@ -2138,30 +2138,36 @@ __global__ void exact_qmatvec_kernel(QuantType type, const uint8_t* w, size_t ro
   const int64_t nblk = (cols + 31) / 32;
   const uint8_t* row = w + static_cast<size_t>(r) * row_bytes;
   const int16_t* book = type == QuantType::NF4 ? c_nf4_q14 : c_fp4_q14;
-  const bool bytes = type != QuantType::NF4 && type != QuantType::FP4;  // levels fit int8: dp4a
+  const bool bytes = type != QuantType::NF4 && type != QuantType::FP4;  // levels fit int8: dp4a; else 16-bit: dp2a
   float p[NT] = {};
   for (int64_t b = lane; b < nblk; b += 32) {
     exact::Levels lv;
     exact::decode_block(type, row, cols, b, dq, book, c_dynamic_map, lv);
-    int packed[8];
-    for (int k = 0; k < 8; ++k)
-      packed[k] = static_cast<int>((lv.lv[4 * k] & 0xFF) | ((lv.lv[4 * k + 1] & 0xFF) << 8) |
-                                   ((lv.lv[4 * k + 2] & 0xFF) << 16) | (static_cast<uint32_t>(lv.lv[4 * k + 3] & 0xFF) << 24));
+    int packed[16];  // four byte levels per word (8 words), or two 16-bit levels per word (16 words)
+    if (bytes) {
+      for (int k = 0; k < 8; ++k)
+        packed[k] = static_cast<int>((lv.lv[4 * k] & 0xFF) | ((lv.lv[4 * k + 1] & 0xFF) << 8) |
+                                     ((lv.lv[4 * k + 2] & 0xFF) << 16) | (static_cast<uint32_t>(lv.lv[4 * k + 3] & 0xFF) << 24));
+    } else {
+      for (int k = 0; k < 16; ++k)
+        packed[k] = static_cast<int>((lv.lv[2 * k] & 0xFFFF) | (static_cast<uint32_t>(lv.lv[2 * k + 1] & 0xFFFF) << 16));
+    }
 #pragma unroll
     for (int t = 0; t < NT; ++t) {  // a fixed bound: p stays in registers
       if (t >= nt) break;
       const int64_t i = (t0 + t) * nblk + b;
-      if (!bytes) {
-        p[t] = exact::add(p[t], exact::block_term(lv, q + i * 32, d[i]));
-        continue;
-      }
-      // The same exact integer sums as block_term's loops, four products per instruction.
+      // The same exact integer sums as block_term's loops, two or four products per instruction.
       const int* qw = reinterpret_cast<const int*>(q + i * 32);  // 32-byte aligned blocks
       int lo = 0, hi = 0, sum_q = 0;
       for (int k = 0; k < 4; ++k) {
         const int a = qw[k], c = qw[4 + k];
-        lo = __dp4a(packed[k], a, lo);
-        hi = __dp4a(packed[4 + k], c, hi);
+        if (bytes) {
+          lo = __dp4a(packed[k], a, lo);
+          hi = __dp4a(packed[4 + k], c, hi);
+        } else {
+          lo = __dp2a_hi(packed[2 * k + 1], a, __dp2a_lo(packed[2 * k], a, lo));
+          hi = __dp2a_hi(packed[8 + 2 * k + 1], c, __dp2a_lo(packed[8 + 2 * k], c, hi));
+        }
         sum_q = __dp4a(0x01010101, c, __dp4a(0x01010101, a, sum_q));
       }
       p[t] = exact::add(p[t], exact::block_float(lv, lo, hi, sum_q, d[i]));
