@@ -18,6 +18,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "bioquant/core/host_device.h"
 #include "bioquant/quant/quant.h"
@@ -28,68 +29,33 @@
 
 namespace bioquant::exact {
 
-// ---- One rounding per operation ----
-BQ_HOST_DEVICE inline float add(float a, float b) {
+// ---- One rounding per operation (T: float or double) ----
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
+#define BQ_EXACT_OP(name, op, f_rn, d_rn)                                  \
+  template <class T>                                                     \
+  BQ_HOST_DEVICE inline T name(T a, T b) {                               \
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>); \
+    if constexpr (std::is_same_v<T, float>) return f_rn(a, b);           \
+    else return d_rn(a, b);                                              \
+  }
 #else
-  return a + b;
+#define BQ_EXACT_OP(name, op, f_rn, d_rn)                                  \
+  template <class T>                                                     \
+  BQ_HOST_DEVICE inline T name(T a, T b) {                               \
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>); \
+    return a op b;                                                       \
+  }
 #endif
-}
-BQ_HOST_DEVICE inline float sub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-BQ_HOST_DEVICE inline float mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-BQ_HOST_DEVICE inline float div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+BQ_EXACT_OP(add, +, __fadd_rn, __dadd_rn)
+BQ_EXACT_OP(sub, -, __fsub_rn, __dsub_rn)
+BQ_EXACT_OP(mul, *, __fmul_rn, __dmul_rn)
+BQ_EXACT_OP(div, /, __fdiv_rn, __ddiv_rn)
+#undef BQ_EXACT_OP
 BQ_HOST_DEVICE inline float sqrt_f(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
 #else
   return std::sqrt(a);
-#endif
-}
-BQ_HOST_DEVICE inline double add(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-BQ_HOST_DEVICE inline double sub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-BQ_HOST_DEVICE inline double mul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-BQ_HOST_DEVICE inline double div(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
 #endif
 }
 BQ_HOST_DEVICE inline float to_float(double v) {

@@ -199,6 +199,10 @@ float block_absmax(const float* x, int64_t n) {
 const float* nf4_codebook() { return kNf4; }
 const float* fp4_codebook() { return kFp4; }
 const float* bnb_dynamic_map() { return kDynamicMap; }
+void bnb_codebook_q14(QuantType t, int16_t* out) {
+  const float* cb = t == QuantType::NF4 ? kNf4 : kFp4;
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<int16_t>(std::nearbyint(cb[i] * 16384.0f));  // |v| <= 16384: exact product
+}
 
 namespace detail {
 

@@ -89,6 +89,9 @@ const char* quant_gemm_isa_name();
 const float* nf4_codebook();
 const float* fp4_codebook();
 const float* bnb_dynamic_map();
+// The nf4/fp4 codebook in Q1.14, round-half-even(codebook * 16384): the integer levels every kernel
+// (CPU, GPU, exact) multiplies int8 activations by; off by at most 2^-15 of the block absmax.
+void bnb_codebook_q14(QuantType t, int16_t* out);
 
 // ---- Block layouts (ggml-common.h, byte for byte). Scales are IEEE fp16 bit patterns. ----
 inline constexpr int64_t kQK = 32;    // q8_0, q4_0 block

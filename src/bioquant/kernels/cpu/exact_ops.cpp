@@ -75,10 +75,7 @@ void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadP
       dx[static_cast<size_t>(t * nblk + b)] =
           quantize_block(x + t * cols + 32 * b, std::min<int64_t>(32, cols - 32 * b), qx.data() + (t * nblk + b) * 32);
   int16_t book[16] = {};
-  if (w.type == QuantType::NF4 || w.type == QuantType::FP4) {
-    const float* cb = w.type == QuantType::NF4 ? nf4_codebook() : fp4_codebook();
-    for (int i = 0; i < 16; ++i) book[i] = static_cast<int16_t>(round_half_even(mul(cb[i], 16384.0f)));
-  }
+  if (w.type == QuantType::NF4 || w.type == QuantType::FP4) bnb_codebook_q14(w.type, book);
   const float* dynamic_map = bnb_dynamic_map();
   pool.parallel_for(chunks, [&](size_t ci) {
     std::vector<Levels> levels(static_cast<size_t>(nblk));

@@ -280,7 +280,7 @@ struct Book {
 
 inline Book bnb_book(QuantType t) {
   int16_t tab[16];
-  bnb_codebook_i16(t, tab);
+  bnb_codebook_q14(t, tab);
   alignas(16) uint8_t lo[16], hi[16];
   for (int i = 0; i < 16; ++i) {
     lo[i] = static_cast<uint8_t>(tab[i] & 0xFF);

@@ -403,7 +403,7 @@ void pair_rows(int64_t begin, int64_t end, Two&& two) {
 
 inline __m512i bnb_book16(QuantType t) {
   alignas(64) int16_t tab[32] = {};
-  bnb_codebook_i16(t, tab);
+  bnb_codebook_q14(t, tab);
   return _mm512_load_si512(tab);
 }
 

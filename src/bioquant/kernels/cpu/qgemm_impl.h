@@ -103,13 +103,8 @@ inline float bnb_block_absmax(const uint8_t* row, int64_t nb, int64_t b, bool do
   return bnb_dynamic_map()[code] * nested + offset;
 }
 
-// nf4/fp4 codebook in Q1.14 for the integer kernels: round-half-even(codebook * 16384); off by at
-// most 2^-15 of the block absmax from the f32 codebook (100x below the activation rounding).
+// nf4/fp4 levels in Q1.14 (bnb_codebook_q14, quant.h): their scale back to the codebook.
 constexpr float kBnbCodeScale = 1.0f / 16384.0f;
-inline void bnb_codebook_i16(QuantType t, int16_t* out) {
-  const float* cb = t == QuantType::NF4 ? nf4_codebook() : fp4_codebook();
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<int16_t>(q_round(cb[i] * 16384.0f));
-}
 
 // Absmax of blocks b0..b0+15 (clamped to nb), double quant decoded, into out[16].
 inline void bnb_absmax16(const uint8_t* row, int64_t nb, int64_t b0, bool dq, float* out) {

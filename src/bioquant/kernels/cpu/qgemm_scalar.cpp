@@ -139,7 +139,7 @@ float dot_row(const WeightView& w, const uint8_t* row, const ActQ& a, int64_t t)
     case QuantType::NF4:
     case QuantType::FP4: {
       int16_t cb[16];
-      bnb_codebook_i16(w.type, cb);
+      bnb_codebook_q14(w.type, cb);
       const int64_t nb = cols / 64;
       for (int64_t b = 0; b < nb; ++b) {
         const float absmax = bnb_block_absmax(row, nb, b, w.double_quant);

@@ -3587,13 +3587,9 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   {
-    int16_t nf4[16], fp4[16];
-    const float* cb_nf4 = nf4_codebook();
-    const float* cb_fp4 = fp4_codebook();
-    for (int i = 0; i < 16; ++i) {  // Q1.14 as the CPU kernels (round half to even)
-      nf4[i] = static_cast<int16_t>(std::nearbyint(cb_nf4[i] * 16384.0f));
-      fp4[i] = static_cast<int16_t>(std::nearbyint(cb_fp4[i] * 16384.0f));
-    }
+    int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
+    bnb_codebook_q14(QuantType::NF4, nf4);
+    bnb_codebook_q14(QuantType::FP4, fp4);
     CUDA_OK(cudaMemcpyToSymbol(c_nf4_q14, nf4, sizeof nf4));
     CUDA_OK(cudaMemcpyToSymbol(c_fp4_q14, fp4, sizeof fp4));
     const auto upload_permute = [](const int16_t* levels, const void* symbol, const char* name) {
