@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bioquant/core/error.h"
@@ -650,8 +651,8 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
 // attention of all sequences in one launch) against each sequence's steps alone. The batched
 // attention launch is the per-sequence launches to the bit. With 4 sequences the matmuls take the
 // several-token integer kernels: the same sums as the one-token kernels where those are the same
-// block-per-lane loop (bf16, q8_0, q4_0, q6_k, int8, q5_k: bit for bit), another order for q4_k's pair
-// and nf4/fp4's 64-block kernels; 20 sequences multiply on tensor cores (bf16 activations). One
+// block-per-lane loop (bf16, q8_0, q4_0, int8, q5_k: bit for bit, unless a matrix is q6_k), another order
+// for q4_k's pair, q6_k's half-super-block and nf4/fp4's 64-block kernels; 20 sequences multiply on tensor cores (bf16 activations). One
 // attention block per head everywhere (with splits, a batch's split sizes follow its longest sequence).
 TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
   SKIP_WITHOUT_GPU();
@@ -664,9 +665,11 @@ TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
   ThreadPool pool(2);
   for (const char* f : {"bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "int8", "nf4", "fp4"}) {
     const std::string name = f;
-    const bool same_sums = name != "q4_k" && name != "nf4" && name != "fp4";
     auto model = Model::load(biomed_tiny_dir());
     if (name != "bf16") quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f)), pool);
+    bool q6k = false;  // k-quant recipes keep the output matrix in q6_k
+    for (const auto& [matrix_name, m] : std::as_const(*model).named_matrices()) q6k = q6k || m->type == QuantType::Q6_K;
+    const bool same_sums = name != "q4_k" && name != "nf4" && name != "fp4" && !q6k;
     const ModelConfig& c = model->config();
     const size_t vocab = static_cast<size_t>(c.vocab);
     for (const int batch : {4, 20}) {
@@ -801,6 +804,48 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
       }
     }
   }
+}
+
+// q6_k one-token decode on its own kernel (a lane per half super-block, rounds of 16 super-blocks
+// staged in shared memory): a one-layer model 4096 wide with an MLP 4352 wide (the down projection:
+// a whole round and a partial one of one super-block), every matrix q6_k. Each decode step against
+// the CPU engine, and against the generic kernel (BIOQUANT_CUDA_Q6K=2).
+TEST(GpuParity, WideQ6kDecodeKernelMatchesTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c = tiny_config(32, 8, 128);
+  c.hidden = 4096;
+  c.intermediate = 4352;
+  c.n_layers = 1;
+  c.layer_sliding.assign(1, false);
+  c.tie_embeddings = false;
+  ThreadPool pool(2);
+  const QuantRecipe recipe = parse_quant_recipe("q6_k", false, "all");
+  auto model = make_synthetic_model(c, DType::F32, 17, pool, &recipe);
+  ASSERT_EQ(model->weights().output.type, QuantType::Q6_K);
+  Decoder cpu(*model, pool);
+  Decoder gpu(*model, pool, 0, KvType::F32);
+  const auto generic = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q6K", "2"}});
+  const int64_t steps = 8, vocab = c.vocab;
+  KVCache k_cpu(c, steps), k_gpu(c, steps), k_generic(c, steps);
+  std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), g(a.size());
+  float max_ref = 0.0f, worst_cpu = 0.0f, worst_generic = 0.0f;
+  for (int64_t i = 0; i < steps; ++i) {
+    const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
+    cpu.forward(&token, 1, k_cpu, 1, a.data());
+    gpu.forward(&token, 1, k_gpu, 1, b.data());
+    generic->forward(&token, 1, k_generic, 1, g.data());
+    for (int64_t j = 0; j < vocab; ++j) {
+      max_ref = std::max(max_ref, std::fabs(a[j]));
+      worst_cpu = std::max(worst_cpu, std::fabs(a[j] - b[j]));
+      worst_generic = std::max(worst_generic, std::fabs(g[j] - b[j]));
+    }
+  }
+  const float unit = std::max(1.0f, max_ref);
+  EXPECT_GT(max_ref, 0.1f);
+  EXPECT_LE(worst_cpu, 5e-2f * unit);
+  EXPECT_LE(worst_generic, 5e-2f * unit);
+  std::printf("wide q6_k decode: max|gpu-cpu| %.2e, max|q6k kernel - generic| %.2e (max|logit| %.3f)\n", worst_cpu,
+              worst_generic, max_ref);
 }
 
 // The fused decode attention's block shapes: a block serves up to 4 query heads of a KV group, so

@@ -70,6 +70,7 @@ static_assert(kBnb4PermuteWords == 9, "Bnb4PermuteTables: 8 table words and the 
 __constant__ uint32_t c_nf4_permute[kBnb4PermuteWords];
 __constant__ uint32_t c_fp4_permute[kBnb4PermuteWords];
 __constant__ float c_dynamic_map[256];
+__constant__ unsigned c_early_blocks;  // see allow_dependents_in_last_wave
 
 
 template <int T>
@@ -391,11 +392,38 @@ __device__ __forceinline__ void await_then_allow() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The matvecs' blocks among the grid's last c_early_blocks (2 per SM) let the kernel after them launch
+// at their start; the others when they end. The next kernel's blocks are then placed while the last
+// ones drain, and wait (griddepcontrol.wait still waits for the whole grid), without taking slots that
+// blocks of the matvec still need: all blocks letting it launch at their start measured 3-7% slower
+// (H100), 4 per SM (every block of a one-wave matvec) no faster than none. H200, 8B, tg128, same call:
+// q4_k 520 -> 531-533 tok/s (1 per SM 525, 3 per SM 529.5), nf4 408.6 -> 414.1 (BIOQUANT_CUDA_EARLY=N:
+// N - 1 per SM; 1: none).
+__device__ __forceinline__ void allow_dependents_in_last_wave() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.x - blockIdx.x <= c_early_blocks) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void await_inputs() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+// Asynchronous copies into shared memory (sm_80+): issued, committed as groups, then waited for with cp_async_wait_group
+// (each thread its own; a __syncthreads after makes them visible to the block).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+// Copies issued since the last commit form a group; wait until at most `pending` groups are in flight.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int pending>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory"); }
 
 // Quantized matmul: one warp per output row, lanes over activation blocks, up to NT tokens per pass
 // (the row's blocks are decoded once per pass).
@@ -488,6 +516,7 @@ __device__ __forceinline__ void qmatvec_rows(const QJobs& jobs, int64_t row, int
 
 template <int T, int R>
 __global__ void qmatvec_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  allow_dependents_in_last_wave();
   await_inputs();
   __shared__ int16_t book[16];
   if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
@@ -503,6 +532,7 @@ __global__ void qmatvec_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
 template <int T, int NT, int U = 0>
 __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s, int64_t nblk,
                                int64_t n_tokens) {
+  allow_dependents_in_last_wave();
   await_inputs();
   __shared__ int16_t book[16];
   if constexpr (T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4)) {
@@ -525,7 +555,7 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
 // that they are one address plus constant offsets (an XOR swizzle cost ~12 integer instructions
 // per block of the nf4 loop).
 __device__ __forceinline__ int act_chunk_slot(int c) { return c + (c >> 3); }
-constexpr size_t act_shared_bytes(int64_t cols) { return static_cast<size_t>(cols + cols / 8); }
+__host__ __device__ constexpr size_t act_shared_bytes(int64_t cols) { return static_cast<size_t>(cols + cols / 8); }
 
 // The weights of q4_k pair p of a row: its super-block's header and the 32-byte run of qs.
 struct Q4kPairWeights {
@@ -611,6 +641,7 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
 // await_inputs) then have them on the way while the kernel before finishes.
 template <int R, bool kShared>
 __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  allow_dependents_in_last_wave();
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   Q4kPairWeights pre[kQ4kPreload];
   if constexpr (R == 1) {
@@ -674,6 +705,7 @@ __device__ __forceinline__ void bnb4_dot8(const Bnb4PermuteTables& t, uint32_t w
 template <int T, bool kPipelined = false>
 __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
                                    const int* /*s: no minimum term*/) {
+  allow_dependents_in_last_wave();
   const int lane = threadIdx.x % 32;
   const int nb = static_cast<int>(cols / 64);  // cols <= 32K (the launch checks)
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
@@ -751,6 +783,125 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
         const int lo = tables.radix * lo_hi + lo_lo, hi = tables.radix * hi_hi + hi_lo;
         acc += (h == 0 ? dx.x : dx.y) * (scale * static_cast<float>(lo) + scale * static_cast<float>(hi));  // no minimum
       }
+    }
+    store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
+  }
+}
+
+// q6_k one-token decode: a warp per row, a lane per half super-block (128 weights), in rounds of up
+// to 16 super-blocks (32 halves, one per lane). The blocks are 210 bytes (2-byte aligned), so the
+// generic kernel's lane per 32-weight block loaded ~80 scattered words per 128 weights (its ql bytes
+// twice, its qh bytes four times): 2.36 TB/s on the 8B shape's output matrix (H200; the q4_k model's
+// tg128 501 -> 520 tok/s with this kernel, q4_k_m's, whose down projections are q6_k, 455 -> 466). Here the warp
+// first copies the round's bytes into shared memory with 16-byte copies (the first round before the
+// dependent-launch wait: weights are never written), then each lane reads its half once. Rows are
+// 2-byte aligned (unless their super-blocks are a multiple of 8), so the copies start at the 16-byte
+// boundary below the row (up to 14 bytes of the row before, or none for the matrix's first row) and
+// end at the one above the round (up to 15 bytes of the next row, or of the matrix's zeroed tail).
+constexpr int kQ6kRoundBlocks = 16, kQ6kRoundBytes = 210 * kQ6kRoundBlocks, kQ6kStageBytes = kQ6kRoundBytes + 16;
+constexpr int64_t kQ6kMaxCols = 32 * 1024;
+__host__ __device__ constexpr size_t q6k_decode_smem(int64_t cols) { return act_shared_bytes(cols) + 8 * kQ6kStageBytes; }
+
+// N words from shared memory at the 2-byte-aligned p (funnel shifts over aligned words).
+template <int N>
+__device__ __forceinline__ void shared_words(const uint8_t* p, uint32_t* w) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uint32_t* base = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
+  const uint32_t shift = 8 * static_cast<uint32_t>(a & 3);
+  uint32_t r[N + 1];
+#pragma unroll
+  for (int k = 0; k <= N; ++k) r[k] = base[k];
+#pragma unroll
+  for (int k = 0; k < N; ++k) w[k] = __funnelshift_r(r[k], r[k + 1], shift);
+}
+
+// Round `round` of a row (super-blocks 16 * round on) into the warp's stage from the 16-byte boundary
+// below it, as one async group; the round starts (row mod 16) bytes into the stage.
+__device__ __forceinline__ void q6k_stage_round(const uint8_t* row, int blocks, int round, uint8_t* stage, int lane) {
+  const int in_round = min(kQ6kRoundBlocks, blocks - kQ6kRoundBlocks * round);
+  const uintptr_t start = reinterpret_cast<uintptr_t>(row + static_cast<int64_t>(round) * kQ6kRoundBytes);
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(start & ~uintptr_t{15});
+  const int chunks = (static_cast<int>(start & 15) + 210 * in_round + 15) / 16;
+  for (int c = lane; c < chunks; c += 32) cp_async16(stage + 16 * c, src + 16 * c);
+  cp_async_commit();
+}
+
+__global__ void __launch_bounds__(256) q6k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+                                                         const int* s) {
+  allow_dependents_in_last_wave();
+  extern __shared__ int4 act_shared[];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  uint8_t* stage = reinterpret_cast<uint8_t*>(act_shared) + act_shared_bytes(cols) + warp * kQ6kStageBytes;
+  const int blocks = static_cast<int>(cols / 256);  // super-blocks per row
+  const int rounds = (blocks + kQ6kRoundBlocks - 1) / kQ6kRoundBlocks;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  {
+    int64_t row = first;
+    QJob job;
+    if (locate_row(jobs, row, job)) q6k_stage_round(job.w + row * job.row_bytes, blocks, 0, stage, lane);
+  }
+  await_inputs();
+  {
+    const int4* src = reinterpret_cast<const int4*>(q);
+    for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) act_shared[act_chunk_slot(c)] = src[c];
+    __syncthreads();
+  }
+  const int sb = lane / 2, e = lane % 2;  // this lane's super-block in a round, and its half
+  bool staged = true;
+  for (int64_t r = first; r < jobs.total_rows; r += warps) {
+    int64_t row = r;
+    QJob job;
+    if (!locate_row(jobs, row, job)) break;
+    const uint8_t* wr = job.w + row * job.row_bytes;
+    float acc = 0.0f;
+    for (int round = 0; round < rounds; ++round) {
+      if (!staged) q6k_stage_round(wr, blocks, round, stage, lane);
+      staged = false;
+      cp_async_wait_group<0>();
+      __syncwarp();
+      const bool mine = kQ6kRoundBlocks * round + sb < blocks;  // a last partial round leaves lanes idle
+      const uint8_t* blk = stage + (reinterpret_cast<uintptr_t>(wr) & 15) + 210 * sb;  // rounds are 16-byte multiples
+      uint32_t ql[16], qh[8], sc[2];
+      float dd = 0.0f;
+      if (mine) {
+        shared_words<16>(blk + 64 * e, ql);
+        shared_words<8>(blk + 128 + 32 * e, qh);
+        shared_words<2>(blk + 192 + 8 * e, sc);
+        dd = half_at(blk + 208);
+      }
+      __syncwarp();  // the stage is read: the next round may overwrite it
+      if (!mine) continue;
+      const int half = 2 * (kQ6kRoundBlocks * round + sb) + e;  // this lane's 128 columns: activation blocks 4 * half + g
+      float part = 0.0f;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {  // activation block g: elements 32g..32g+31 of the half
+        const int4* ag = act_shared + act_chunk_slot(8 * half + 2 * g);
+        const int4 x0 = ag[0], x1 = ag[1];
+        const int x[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        int lo = 0, hi = 0, xs_lo = 0;  // integer sums of the two 16-element sub-blocks, and the first's activations
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          // Elements l = 4k..4k+3 of group g: the low nibbles of ql[l] (g even) or ql[l + 32] (g odd),
+          // the high ones for g >= 2; bits 2g, 2g+1 of qh[l] above them. Levels 0..63 (less 32 below).
+          const uint32_t lw = g & 1 ? ql[k + 8] : ql[k];
+          const uint32_t low = (g >= 2 ? lw >> 4 : lw) & 0x0F0F0F0Fu;
+          const uint32_t high = ((qh[k] >> (2 * g)) & 0x03030303u) << 4;
+          const int w = static_cast<int>(low | high);
+          if (k < 4) {
+            lo = __dp4a(w, x[k], lo);
+            xs_lo = __dp4a(0x01010101, x[k], xs_lo);
+          } else {
+            hi = __dp4a(w, x[k], hi);
+          }
+        }
+        const int b = 4 * half + g;
+        const int xs_hi = s[b] - xs_lo;  // s: the activation block's sum
+        const int sc_lo = static_cast<int8_t>(sc[g / 2] >> (16 * (g % 2)));
+        const int sc_hi = static_cast<int8_t>(sc[g / 2] >> (16 * (g % 2) + 8));
+        part += d[b] * static_cast<float>(sc_lo * (lo - 32 * xs_lo) + sc_hi * (hi - 32 * xs_hi));
+      }
+      acc += dd * part;
     }
     store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
   }
@@ -1377,21 +1528,6 @@ __device__ __forceinline__ void load2_kv(const int8_t* cache, const __half* scal
   a = static_cast<float>(static_cast<int8_t>(w & 0xFFu)) * d;
   b = static_cast<float>(static_cast<int8_t>(w >> 8)) * d;
 }
-
-// Asynchronous copies into shared memory (sm_80+): issued, committed as groups, then waited for with cp_async_wait_group
-// (each thread its own; a __syncthreads after makes them visible to the block).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
-}
-// Copies issued since the last commit form a group; wait until at most `pending` groups are in flight.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int pending>
-__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory"); }
 
 // The decode attention's staged cache rows: stage_len positions of K and of V for one KV head, then
 // (q8) their fp16 scales. Bytes of shared memory, a multiple of 16. Rows are padded to an odd multiple
@@ -2355,6 +2491,7 @@ struct GpuDecoder::Impl {
   int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 0);
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = env_int("BIOQUANT_CUDA_SHARED", 1) == 1;
+  bool q6k_decode = env_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
   bool dependent_decode = env_int("BIOQUANT_CUDA_PDL", 1) == 1;
   // Decode attention in one kernel with RoPE, the cache store and the output quantization
@@ -2868,7 +3005,8 @@ struct GpuDecoder::Impl {
         const float* d = work.ad + (act_row0 + t0) * nblk;
         const int* s = work.as + (act_row0 + t0) * nblk;
         // Measured (8B shape, H100): q4_k's pair kernel; int8, q5_k, nf4, fp4 the kernel of two rows
-        // per warp; q8_0, q4_0, q6_k (word loads + dp4a) the one-token kernel with its loop unrolled twice.
+        // per warp; q8_0, q4_0 (word loads + dp4a) the one-token kernel with its loop unrolled twice; q6_k
+        // (whole super-blocks) its own kernel (H200), else that one.
         const bool rows_kernel = type == QuantType::INT8 || type == QuantType::Q5_K || type == QuantType::NF4 ||
                                  type == QuantType::FP4;
         const bool bnb4 = type == QuantType::NF4 || type == QuantType::FP4;
@@ -2880,6 +3018,9 @@ struct GpuDecoder::Impl {
             launch_with(dependent, bnb4_decode_kernel<T>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
           } else if (kBnb4 && nt == 1 && variant == 6 && cols % 64 == 0 && cols <= 32 * 1024) {
             launch_with(dependent, bnb4_decode_kernel<T, true>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
+          } else if (T == static_cast<int>(QuantType::Q6_K) && nt == 1 && q6k_decode && cols % 256 == 0 &&
+                     cols <= kQ6kMaxCols) {
+            launch_with(dependent, q6k_decode_kernel, grid, kThreads, q6k_decode_smem(cols), group, cols, q, d, s);
           } else if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
             launch_q4k_decode(group, grid, cols, q, d, s, dependent);
           } else if (nt == 1 && variant == 4) {
@@ -3586,6 +3727,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   allow(attention_prefill_kernel<int8_t>, prefill);
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
+  allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);
@@ -3600,6 +3742,8 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
     upload_permute(nf4, c_nf4_permute, "nf4");
     upload_permute(fp4, c_fp4_permute, "fp4");
     CUDA_OK(cudaMemcpyToSymbol(c_dynamic_map, bnb_dynamic_map(), 256 * sizeof(float)));
+    const unsigned early = static_cast<unsigned>((Impl::env_int("BIOQUANT_CUDA_EARLY", 3) - 1) * sms);
+    CUDA_OK(cudaMemcpyToSymbol(c_early_blocks, &early, sizeof early));
   }
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
