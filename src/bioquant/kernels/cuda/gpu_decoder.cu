@@ -75,9 +75,9 @@ __constant__ unsigned c_early_blocks;  // see allow_dependents_in_last_wave
 
 template <int T>
 __device__ __forceinline__ void decode32(const uint8_t* row, int64_t cols, int64_t b, bool dq, const int16_t* book, Block32& o);
-// N * 4 bytes from p, whatever its alignment (q8_0, q4_0 and q6_k blocks are 2-byte aligned), as
-// little-endian words: aligned 4-byte loads (one more than N) joined by funnel shifts, instead of
-// N * 4 byte loads. Reads up to 3 bytes past the end (callers stay inside their block).
+// N * 4 bytes from p (global or shared memory), whatever its alignment (q8_0, q4_0 and q6_k blocks are
+// 2-byte aligned), as little-endian words: aligned 4-byte loads (one more than N) joined by funnel
+// shifts, instead of N * 4 byte loads. Reads up to 3 bytes past the end (callers stay inside their block).
 constexpr size_t kMatrixTail = kGpuMatrixTail;  // see upload_matrix
 
 template <int N>
@@ -802,19 +802,6 @@ constexpr int kQ6kRoundBlocks = 16, kQ6kRoundBytes = 210 * kQ6kRoundBlocks, kQ6k
 constexpr int64_t kQ6kMaxCols = 32 * 1024;
 __host__ __device__ constexpr size_t q6k_decode_smem(int64_t cols) { return act_shared_bytes(cols) + 8 * kQ6kStageBytes; }
 
-// N words from shared memory at the 2-byte-aligned p (funnel shifts over aligned words).
-template <int N>
-__device__ __forceinline__ void shared_words(const uint8_t* p, uint32_t* w) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  const uint32_t* base = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
-  const uint32_t shift = 8 * static_cast<uint32_t>(a & 3);
-  uint32_t r[N + 1];
-#pragma unroll
-  for (int k = 0; k <= N; ++k) r[k] = base[k];
-#pragma unroll
-  for (int k = 0; k < N; ++k) w[k] = __funnelshift_r(r[k], r[k + 1], shift);
-}
-
 // Round `round` of a row (super-blocks 16 * round on) into the warp's stage from the 16-byte boundary
 // below it, as one async group; the round starts (row mod 16) bytes into the stage.
 __device__ __forceinline__ void q6k_stage_round(const uint8_t* row, int blocks, int round, uint8_t* stage, int lane) {
@@ -865,9 +852,9 @@ __global__ void __launch_bounds__(256) q6k_decode_kernel(QJobs jobs, int64_t col
       uint32_t ql[16], qh[8], sc[2];
       float dd = 0.0f;
       if (mine) {
-        shared_words<16>(blk + 64 * e, ql);
-        shared_words<8>(blk + 128 + 32 * e, qh);
-        shared_words<2>(blk + 192 + 8 * e, sc);
+        load_words<16>(blk + 64 * e, ql);
+        load_words<8>(blk + 128 + 32 * e, qh);
+        load_words<2>(blk + 192 + 8 * e, sc);
         dd = half_at(blk + 208);
       }
       __syncwarp();  // the stage is read: the next round may overwrite it
