@@ -651,9 +651,9 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
 // attention of all sequences in one launch) against each sequence's steps alone. The batched
 // attention launch is the per-sequence launches to the bit. With 4 sequences the matmuls take the
 // several-token integer kernels: the same sums as the one-token kernels where those are the same
-// block-per-lane loop (bf16, q8_0, q4_0, int8, q5_k: bit for bit, unless a matrix is q6_k), another order
-// for q4_k's pair, q6_k's half-super-block and nf4/fp4's 64-block kernels; 20 sequences multiply on tensor cores (bf16 activations). One
-// attention block per head everywhere (with splits, a batch's split sizes follow its longest sequence).
+// block-per-lane loop (bf16, q8_0, q4_0, int8, q5_k: bit for bit, unless a matrix is q6_k), another
+// order for q4_k's pair, q6_k's half-super-block and nf4/fp4's 64-block kernels; 20 sequences multiply
+// on tensor cores (bf16 activations). One attention block per head everywhere (with splits, a batch's split sizes follow its longest sequence).
 TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
   SKIP_WITHOUT_GPU();
   const std::vector<int32_t> ids = biomed_tiny_prompt(64);
@@ -828,24 +828,21 @@ TEST(GpuParity, WideQ6kDecodeKernelMatchesTheCpuEngine) {
   const int64_t steps = 8, vocab = c.vocab;
   KVCache k_cpu(c, steps), k_gpu(c, steps), k_generic(c, steps);
   std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), g(a.size());
-  float max_ref = 0.0f, worst_cpu = 0.0f, worst_generic = 0.0f;
+  Compared to_cpu, to_generic;
   for (int64_t i = 0; i < steps; ++i) {
     const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
     cpu.forward(&token, 1, k_cpu, 1, a.data());
     gpu.forward(&token, 1, k_gpu, 1, b.data());
     generic->forward(&token, 1, k_generic, 1, g.data());
-    for (int64_t j = 0; j < vocab; ++j) {
-      max_ref = std::max(max_ref, std::fabs(a[j]));
-      worst_cpu = std::max(worst_cpu, std::fabs(a[j] - b[j]));
-      worst_generic = std::max(worst_generic, std::fabs(g[j] - b[j]));
-    }
+    to_cpu.add(a.data(), b.data(), vocab);
+    to_generic.add(g.data(), b.data(), vocab);
   }
-  const float unit = std::max(1.0f, max_ref);
-  EXPECT_GT(max_ref, 0.1f);
-  EXPECT_LE(worst_cpu, 5e-2f * unit);
-  EXPECT_LE(worst_generic, 5e-2f * unit);
-  std::printf("wide q6_k decode: max|gpu-cpu| %.2e, max|q6k kernel - generic| %.2e (max|logit| %.3f)\n", worst_cpu,
-              worst_generic, max_ref);
+  const float unit = std::max(1.0f, to_cpu.max_ref);
+  EXPECT_GT(to_cpu.max_ref, 0.1f);
+  EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
+  EXPECT_LE(to_generic.max_err, 5e-2f * unit);
+  std::printf("wide q6_k decode: max|gpu-cpu| %.2e, max|q6k kernel - generic| %.2e (max|logit| %.3f)\n", to_cpu.max_err,
+              to_generic.max_err, to_cpu.max_ref);
 }
 
 // The fused decode attention's block shapes: a block serves up to 4 query heads of a KV group, so

@@ -791,8 +791,8 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
 // q6_k one-token decode: a warp per row, a lane per half super-block (128 weights), in rounds of up
 // to 16 super-blocks (32 halves, one per lane). The blocks are 210 bytes (2-byte aligned), so the
 // generic kernel's lane per 32-weight block loaded ~80 scattered words per 128 weights (its ql bytes
-// twice, its qh bytes four times): 2.36 TB/s on the 8B shape's output matrix (H200; the q4_k model's
-// tg128 501 -> 520 tok/s with this kernel, q4_k_m's, whose down projections are q6_k, 455 -> 466). Here the warp
+// twice, its qh bytes four times): 2.36 TB/s on the 8B shape's output matrix. H200, tg128, same call:
+// q4_k 501 -> 520 tok/s with this kernel, q4_k_m (some down projections q6_k) 454 -> 466. Here the warp
 // first copies the round's bytes into shared memory with 16-byte copies (the first round before the
 // dependent-launch wait: weights are never written), then each lane reads its half once. Rows are
 // 2-byte aligned (unless their super-blocks are a multiple of 8), so the copies start at the 16-byte
