@@ -175,6 +175,25 @@ std::unique_ptr<Decoder> gpu_decoder(const Model& model, ThreadPool& pool, KvTyp
   return std::make_unique<Decoder>(model, pool, 0, kv);
 }
 
+// A knob set to 0 or to a typo is an error that names it, not the default in disguise; unset, empty
+// and positive values make a decoder.
+TEST(GpuKnobs, ZeroOrATypoIsAnErrorNotTheDefault) {
+  SKIP_WITHOUT_GPU();
+  ThreadPool pool(2);
+  auto model = make_synthetic_model(tiny_config(4, 2, 32), DType::F32, 3, pool, nullptr);
+  for (const char* bad : {"0", "-1", "2x", "off", "99999999999"}) {
+    try {
+      gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q6K", bad}});
+      ADD_FAILURE() << "BIOQUANT_CUDA_Q6K=" << bad << " made a decoder";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("BIOQUANT_CUDA_Q6K=") + bad + ": expected a positive integer"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  for (const char* good : {"", "1", "2"}) EXPECT_NO_THROW(gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q6K", good}}));
+}
+
 // The trained demo model (models/biomed-tiny) and its reference prompt's token ids, repeated to
 // `length` tokens when given.
 std::string biomed_tiny_dir() { return test::fixtures_dir() + "/../../models/biomed-tiny"; }

@@ -2442,9 +2442,17 @@ struct GpuDecoder::Impl {
   // with at least kGemmMinTokens tokens in it (stacked first), so a sequence's arithmetic does not
   // depend on what it is batched with.
   int64_t gemm_rows = 0;
+  // A BIOQUANT_CUDA_* knob: unset (or empty) is the default, else a positive integer. The switches'
+  // "off" is 2, and a 0 or a typo is an error: read as the default, it made an A/B comparison compare a
+  // setting with itself.
   static int env_int(const char* name, int fallback) {
     const char* v = std::getenv(name);
-    return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : fallback;
+    if (v == nullptr || *v == '\0') return fallback;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    check(*end == '\0' && n > 0 && n <= (1L << 30), std::string(name) + "=" + v +
+                                                       ": expected a positive integer (unset for the default; a switch's off is 2)");
+    return static_cast<int>(n);
   }
   // A decode step of at least this many sequences (one new token each) multiplies on tensor cores
   // too: the integer kernels' cost grows with the rows (each extra token costs about half a one-token
