@@ -176,7 +176,7 @@ std::unique_ptr<Decoder> gpu_decoder(const Model& model, ThreadPool& pool, KvTyp
 }
 
 // A knob set to 0 or to a typo is an error that names it, not the default in disguise; unset, empty
-// and positive values make a decoder.
+// and valid values make a decoder.
 TEST(GpuKnobs, ZeroOrATypoIsAnErrorNotTheDefault) {
   SKIP_WITHOUT_GPU();
   ThreadPool pool(2);
@@ -192,6 +192,19 @@ TEST(GpuKnobs, ZeroOrATypoIsAnErrorNotTheDefault) {
     }
   }
   for (const char* good : {"", "1", "2"}) EXPECT_NO_THROW(gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q6K", good}}));
+  // The two knobs that are not positive integers: the prompt GEMM's and the per-thread stack's.
+  for (const auto& [knob, bad] : {std::pair{"BIOQUANT_CUDA_GEMM", "cublas"}, std::pair{"BIOQUANT_CUDA_STACK", "64k"},
+                                  std::pair{"BIOQUANT_CUDA_STACK", "-1"}}) {
+    try {
+      gpu_decoder(*model, pool, KvType::F32, {{knob, bad}});
+      ADD_FAILURE() << knob << "=" << bad << " made a decoder";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string(knob) + "=" + bad + ": expected"), std::string::npos) << e.what();
+    }
+  }
+  for (const auto& [knob, good] : {std::pair{"BIOQUANT_CUDA_GEMM", "mma"}, std::pair{"BIOQUANT_CUDA_GEMM", "0"},
+                                   std::pair{"BIOQUANT_CUDA_STACK", "1024"}})
+    EXPECT_NO_THROW(gpu_decoder(*model, pool, KvType::F32, {{knob, good}})) << knob << "=" << good;
 }
 
 // The trained demo model (models/biomed-tiny) and its reference prompt's token ids, repeated to

@@ -1099,10 +1099,13 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
 }
 
 // BIOQUANT_CUDA_GEMM: "0" prompts on the integer kernels only, "mma" on tensor cores without cuBLAS
-// (dequant_mma_kernel), unset: cuBLAS.
+// (dequant_mma_kernel), unset: cuBLAS; anything else is an error (not cuBLAS in disguise).
 std::string gemm_knob() {
   const char* e = std::getenv("BIOQUANT_CUDA_GEMM");
-  return e != nullptr ? e : "";
+  const std::string knob = e != nullptr ? e : "";
+  check(knob.empty() || knob == "0" || knob == "mma",
+        "BIOQUANT_CUDA_GEMM=" + knob + ": expected 0 (the integer kernels) or mma (tensor cores without cuBLAS); unset for cuBLAS");
+  return knob;
 }
 
 // cuBLAS, opened at run time: the binary does not depend on a library of hundreds of MB that
@@ -3661,7 +3664,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   // more, so 64 bytes costs nothing but the memory it frees (BIOQUANT_CUDA_STACK=bytes to compare).
   {
     const char* e = std::getenv("BIOQUANT_CUDA_STACK");
-    const size_t stack = e != nullptr ? static_cast<size_t>(std::strtoull(e, nullptr, 10)) : kThreadStackBytes;
+    if (e != nullptr && *e == '\0') e = nullptr;
+    char* end = nullptr;
+    const size_t stack = e != nullptr ? static_cast<size_t>(std::strtoull(e, &end, 10)) : kThreadStackBytes;
+    check(e == nullptr || (*end == '\0' && e[0] >= '0' && e[0] <= '9' && stack <= (size_t{1} << 20)),
+          std::string("BIOQUANT_CUDA_STACK=") + (e != nullptr ? e : "") + ": expected bytes per thread (0 to 1048576)");
     size_t current = 0;
     CUDA_OK(cudaDeviceGetLimit(&current, cudaLimitStackSize));
     if (e != nullptr || stack < current) CUDA_OK(cudaDeviceSetLimit(cudaLimitStackSize, stack));
