@@ -3,6 +3,7 @@
 #include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/kernels/cuda/bnb4_permute_tables.h"
 #include "bioquant/kernels/cuda/gpu_memory_plan.h"
+#include "bioquant/kernels/cuda/knobs.h"
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -1098,23 +1099,13 @@ __global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
   if (i < n) out[i] = __float2bfloat16_rn(x[i]);
 }
 
-// BIOQUANT_CUDA_GEMM: "0" prompts on the integer kernels only, "mma" on tensor cores without cuBLAS
-// (dequant_mma_kernel), unset: cuBLAS; anything else is an error (not cuBLAS in disguise).
-std::string gemm_knob() {
-  const char* e = std::getenv("BIOQUANT_CUDA_GEMM");
-  const std::string knob = e != nullptr ? e : "";
-  check(knob.empty() || knob == "0" || knob == "mma",
-        "BIOQUANT_CUDA_GEMM=" + knob + ": expected 0 (the integer kernels) or mma (tensor cores without cuBLAS); unset for cuBLAS");
-  return knob;
-}
-
 // cuBLAS, opened at run time: the binary does not depend on a library of hundreds of MB that
 // CPU-only machines (and CI) lack; without it (or with BIOQUANT_CUDA_GEMM=0) prompts run on the
 // integer kernels.
 class Cublas {
  public:
   void open(cudaStream_t stream) {
-    if (const std::string knob = gemm_knob(); knob == "0" || knob == "mma") {
+    if (const std::string knob = cuda_gemm_knob(); knob == "0" || knob == "mma") {
       status_ = "off (BIOQUANT_CUDA_GEMM=" + knob + ")";
       return;
     }
@@ -2428,7 +2419,7 @@ struct GpuDecoder::Impl {
   // Batched decode attention (one launch for up to kBatchAttentionSeqs sequences): per sequence its
   // heads' finished-split counters, split results and KV cache (its DevKv), grown as batches need.
   static constexpr int64_t kBatchAttentionSeqs = 64;
-  bool batch_attention_on = env_int("BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", 0) != 1;  // 1: a launch per sequence
+  bool batch_attention_on = cuda_knob_int("BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", 0) != 1;  // 1: a launch per sequence
   DevBuf batch_attn;
   std::vector<DevKv> host_refs;
   struct BatchAttention {
@@ -2445,24 +2436,12 @@ struct GpuDecoder::Impl {
   // with at least kGemmMinTokens tokens in it (stacked first), so a sequence's arithmetic does not
   // depend on what it is batched with.
   int64_t gemm_rows = 0;
-  // A BIOQUANT_CUDA_* knob: unset (or empty) is the default, else a positive integer. The switches'
-  // "off" is 2, and a 0 or a typo is an error: read as the default, it made an A/B comparison compare a
-  // setting with itself.
-  static int env_int(const char* name, int fallback) {
-    const char* v = std::getenv(name);
-    if (v == nullptr || *v == '\0') return fallback;
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    check(*end == '\0' && n > 0 && n <= (1L << 30), std::string(name) + "=" + v +
-                                                       ": expected a positive integer (unset for the default; a switch's off is 2)");
-    return static_cast<int>(n);
-  }
   // A decode step of at least this many sequences (one new token each) multiplies on tensor cores
   // too: the integer kernels' cost grows with the rows (each extra token costs about half a one-token
   // matvec), the dequantize + GEMM's hardly does. Measured (H200, 8B shape, tokens/s of the batch):
   // q4_k 8 sequences 819 integer / 597 GEMM, 16: 811 / 980, 64: 803 / 2033; nf4 alike; bf16 8: 361 /
   // 1065. So 16 for quantized weights, 8 for plain ones; BIOQUANT_CUDA_BATCH_GEMM sets it.
-  int64_t batch_gemm_min = env_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
+  int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
     // cuBLAS only: the WMMA fallback was slower than the integer kernels up to ~32 sequences (16: 423
     // against 811 tok/s, q4_k, H200).
@@ -2479,32 +2458,32 @@ struct GpuDecoder::Impl {
   // rows per warp, 5 = the nf4/fp4 byte-permute kernel, 6 = that with each block's codes loaded an
   // iteration ahead, 8 = the 8-token prompt kernel; unset: the fastest measured per format (nf4/fp4: 6,
   // with double quantization 5).
-  int decode_variant = env_int("BIOQUANT_CUDA_DECODE", 0);
-  bool group_launches = env_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
+  int decode_variant = cuda_knob_int("BIOQUANT_CUDA_DECODE", 0);
+  bool group_launches = cuda_knob_int("BIOQUANT_CUDA_GROUP", 1) == 1;  // BIOQUANT_CUDA_GROUP=2: one launch per matrix
   // BIOQUANT_CUDA_PERSIST=k: decode grids of k blocks per SM whose warps loop over rows (0: a warp per row).
   unsigned persist_blocks = 0;
   // Rows per warp of the one-token kernels (BIOQUANT_CUDA_ROWS=1|2|4). Measured (8B shape, H100): q4_k
   // 1 (with its activations in shared memory: 307 tok/s against 288 for 2 rows from global memory);
   // the rows kernel of int8, q5_k, nf4, fp4: 2 (nf4 with dp2a: 260 tok/s, 1 row 265, 4 rows 209).
-  int decode_rows = env_int("BIOQUANT_CUDA_ROWS", 0);
+  int decode_rows = cuda_knob_int("BIOQUANT_CUDA_ROWS", 0);
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
-  bool q4k_shared_activations = env_int("BIOQUANT_CUDA_SHARED", 1) == 1;
-  bool q6k_decode = env_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
+  bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
+  bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
-  bool dependent_decode = env_int("BIOQUANT_CUDA_PDL", 1) == 1;
+  bool dependent_decode = cuda_knob_int("BIOQUANT_CUDA_PDL", 1) == 1;
   // Decode attention in one kernel with RoPE, the cache store and the output quantization
   // (BIOQUANT_CUDA_FUSED=2: the separate kernels).
-  bool fused_attention = env_int("BIOQUANT_CUDA_FUSED", 1) == 1;
+  bool fused_attention = cuda_knob_int("BIOQUANT_CUDA_FUSED", 1) == 1;
   // Prompt tokens of a sequence per step (see GpuDecoder::prompt_chunk).
-  int64_t prompt_chunk = env_int("BIOQUANT_CUDA_PROMPT_CHUNK", 0);
+  int64_t prompt_chunk = cuda_knob_int("BIOQUANT_CUDA_PROMPT_CHUNK", 0);
   // Splits of a decode attention head over blocks (BIOQUANT_CUDA_SPLITS=1: one block per head; unset:
   // about four blocks per SM, at most kGpuMaxAttentionSplits), each of at least BIOQUANT_CUDA_SPLIT_MIN positions.
   // Measured (8B q4_k, H100, tg at 4096 positions): 8 splits 288 tok/s, 16 305, 32 285.
-  int attention_splits = std::min(env_int("BIOQUANT_CUDA_SPLITS", 0), 64);
-  int attention_min_chunk = env_int("BIOQUANT_CUDA_SPLIT_MIN", 128);
+  int attention_splits = std::min(cuda_knob_int("BIOQUANT_CUDA_SPLITS", 0), 64);
+  int attention_min_chunk = cuda_knob_int("BIOQUANT_CUDA_SPLIT_MIN", 128);
   // Query heads per decode attention block (attention_decode_kernel; BIOQUANT_CUDA_ATTN_HEADS=1..4):
   // the heads of a KV group that share a block read its cache once.
-  int attention_heads = std::clamp(env_int("BIOQUANT_CUDA_ATTN_HEADS", kDecodeMaxHeads), 1, kDecodeMaxHeads);
+  int attention_heads = std::clamp(cuda_knob_int("BIOQUANT_CUDA_ATTN_HEADS", kDecodeMaxHeads), 1, kDecodeMaxHeads);
   // Halved while the heads' scores for splits of split_len positions outgrow the shared memory.
   int decode_heads_per_block(int64_t split_len) const {
     const ModelConfig& c = model.config();
@@ -2517,7 +2496,7 @@ struct GpuDecoder::Impl {
   // the whole split when it fits beside the heads' scores, else as many as fit; BIOQUANT_CUDA_STAGE=n
   // stages at most n (1: none). A q8 cache needs head_dim and kv_dim multiples of 64 (its scales
   // copied in pairs).
-  int attention_stage = env_int("BIOQUANT_CUDA_STAGE", 0);
+  int attention_stage = cuda_knob_int("BIOQUANT_CUDA_STAGE", 0);
   int stage_len(int64_t split_len) const {
     const ModelConfig& c = model.config();
     if (attention_stage == 1) return 0;
@@ -2561,7 +2540,7 @@ struct GpuDecoder::Impl {
   // kAttentionSmemBytes for attention_kernel. Set by GpuDecoder::GpuDecoder.
   size_t decode_smem_bytes = 0, attention_smem_limit = 0;
   // Prompt attention on tensor cores with a bf16 cache (BIOQUANT_CUDA_TC_ATTENTION=2: the f32 tiled kernel).
-  bool tensor_core_attention = env_int("BIOQUANT_CUDA_TC_ATTENTION", 1) == 1;
+  bool tensor_core_attention = cuda_knob_int("BIOQUANT_CUDA_TC_ATTENTION", 1) == 1;
   // Each of the two dequantized-row buffers (BIOQUANT_CUDA_TILE_MB to choose). Measured on an H100, 8B
   // q4_k pp512: 64 MB 18.5k tok/s, 48 MB 17.7k, 32 MB 14.1k (before the tensor-core attention); a 70B
   // model gets 32 MB (7% slower prompts than 48 MB) to keep its prompt workspace small.
@@ -2935,7 +2914,7 @@ struct GpuDecoder::Impl {
   // Prompt rows multiply on tensor cores: through cuBLAS, or, without it (a memory limit gave it up, or
   // libcublas.so.13 is absent), through dequant_mma_kernel. BIOQUANT_CUDA_GEMM=0: neither.
   bool tensor_cores() const { return blas.ready() || mma_fallback; }
-  bool mma_fallback = gemm_knob() != "0";
+  bool mma_fallback = cuda_gemm_knob() != "0";
 
   // Rows [0, gemm_rows) on tensor cores, the others on the integer (or plain) kernels. With
   // prequantized, the activations of all n rows are already in work.aq/ad/as.
@@ -3663,15 +3642,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   // most 32 bytes, cuBLAS's GEMMs need none, and the driver raises the limit for a kernel that needs
   // more, so 64 bytes costs nothing but the memory it frees (BIOQUANT_CUDA_STACK=bytes to compare).
   {
-    const char* e = std::getenv("BIOQUANT_CUDA_STACK");
-    if (e != nullptr && *e == '\0') e = nullptr;
-    char* end = nullptr;
-    const size_t stack = e != nullptr ? static_cast<size_t>(std::strtoull(e, &end, 10)) : kThreadStackBytes;
-    check(e == nullptr || (*end == '\0' && e[0] >= '0' && e[0] <= '9' && stack <= (size_t{1} << 20)),
-          std::string("BIOQUANT_CUDA_STACK=") + (e != nullptr ? e : "") + ": expected bytes per thread (0 to 1048576)");
+    const std::optional<size_t> knob = cuda_stack_knob();
+    const size_t stack = knob.value_or(kThreadStackBytes);
     size_t current = 0;
     CUDA_OK(cudaDeviceGetLimit(&current, cudaLimitStackSize));
-    if (e != nullptr || stack < current) CUDA_OK(cudaDeviceSetLimit(cudaLimitStackSize, stack));
+    if (knob || stack < current) CUDA_OK(cudaDeviceSetLimit(cudaLimitStackSize, stack));
   }
   CUDA_OK(cudaStreamCreate(&impl_->stream));
   CUDA_OK(cudaStreamCreateWithFlags(&impl_->dequant_stream, cudaStreamNonBlocking));
@@ -3684,11 +3659,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->sample_device_memory();
   impl_->blas_bytes = impl_->device_used_peak > before_blas ? impl_->device_used_peak - before_blas : 0;
   impl_->device_used_at_start = impl_->device_used_peak;
-  impl_->gemm_tile_bytes = static_cast<size_t>(Impl::env_int("BIOQUANT_CUDA_TILE_MB", 0)) << 20;
+  impl_->gemm_tile_bytes = static_cast<size_t>(cuda_knob_int("BIOQUANT_CUDA_TILE_MB", 0)) << 20;
   if (impl_->gemm_tile_bytes == 0) impl_->gemm_tile_bytes = gpu_gemm_tile_bytes(model.weight_bytes());
   int sms = 0;
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (const int k = Impl::env_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
+  if (const int k = cuda_knob_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
   if (impl_->attention_splits == 0)
     impl_->attention_splits = gpu_attention_splits(sms, static_cast<int>(model.config().n_heads));
   // Shared memory per block (opt-in) sizes the attention kernels' score buffers: long contexts
@@ -3699,7 +3674,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   int smem_optin = 0;
   CUDA_OK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   size_t card_smem = static_cast<size_t>(smem_optin), usable_smem = card_smem;
-  if (const int kb = Impl::env_int("BIOQUANT_CUDA_SMEM_KB", 0); kb > 0) usable_smem = std::min(usable_smem, static_cast<size_t>(kb) * 1024);
+  if (const int kb = cuda_knob_int("BIOQUANT_CUDA_SMEM_KB", 0); kb > 0) usable_smem = std::min(usable_smem, static_cast<size_t>(kb) * 1024);
   const auto dynamic_room = [&](auto kernel, size_t total) {  // what `total` leaves beside the kernel's static shared memory
     cudaFuncAttributes a{};
     CUDA_OK(cudaFuncGetAttributes(&a, kernel));
@@ -3744,7 +3719,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
     upload_permute(nf4, c_nf4_permute, "nf4");
     upload_permute(fp4, c_fp4_permute, "fp4");
     CUDA_OK(cudaMemcpyToSymbol(c_dynamic_map, bnb_dynamic_map(), 256 * sizeof(float)));
-    const unsigned early = static_cast<unsigned>((Impl::env_int("BIOQUANT_CUDA_EARLY", 3) - 1) * sms);
+    const unsigned early = static_cast<unsigned>((cuda_knob_int("BIOQUANT_CUDA_EARLY", 3) - 1) * sms);
     CUDA_OK(cudaMemcpyToSymbol(c_early_blocks, &early, sizeof early));
   }
   const ModelConfig& c = model.config();
