@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "bioquant/core/error.h"
+#include "test_util.h"
 
 namespace bioquant {
 namespace {
@@ -23,16 +23,7 @@ struct Knob {
   const char* name_;
 };
 
-// The error's message, or "" when `f` does not throw.
-template <class F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST(CudaKnobs, IntegerKnobsArePositiveOrAnErrorNamingThem) {
   const char* name = "BIOQUANT_CUDA_TEST_KNOB";

@@ -4,13 +4,13 @@
 
 #include <chrono>
 #include <cmath>
-#include <functional>
 #include <string>
 #include <vector>
 
 #include "bioquant/core/error.h"
 #include "bioquant/eval/metrics.h"
 #include "bioquant/eval/stats.h"
+#include "test_util.h"
 
 namespace bioquant::eval {
 namespace {
@@ -26,14 +26,7 @@ Prediction plabel(const std::string& label) { return Prediction{true, {label}, {
 Prediction plabels(std::vector<std::string> labels) { return Prediction{true, std::move(labels), {}}; }
 Prediction unparsed() { return Prediction{}; }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 // ---------------------------------------------------------------------------------------------------
 // names

@@ -12,9 +12,19 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "bioquant/core/error.h"
 #include "bioquant/io/safetensors.h"
 
 namespace bioquant::test {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
 
 TempDir::TempDir() {
   const char* base = std::getenv("TMPDIR");

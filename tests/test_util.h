@@ -1,6 +1,7 @@
 // Shared helpers for the tests: temporary directories, tiny model directories, running the CLI.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,9 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// The message of the bioquant::Error that f throws, or "(no error)".
+std::string error_of(const std::function<void()>& f);
 
 void write_file(const std::string& path, const std::string& content);
 std::string read_file(const std::string& path);
