@@ -145,5 +145,25 @@ TEST(Cli, GpuMemoryLimitNeedsTheGpu) {
   expect_clean_error(run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "--gpu-memory", "-1"}), "--gpu-memory");
 }
 
+// Out-of-range numbers name what was expected (CLI11's own checks printed the largest double, 300
+// digits, as the range's end), and infinities and NaNs are out of range too.
+TEST(Cli, NumberChecksSayWhatTheyExpected) {
+  const auto bench = [](std::initializer_list<std::string> extra) {
+    std::vector<std::string> args{"bench", "--synthetic", "tiny", "-p", "8", "-n", "4"};
+    args.insert(args.end(), extra);
+    return run_cli(args);
+  };
+  expect_clean_error(bench({"--gpu-memory", "0"}), "--gpu-memory: expected a number above 0, got '0'");
+  expect_clean_error(bench({"--gpu-memory", "inf"}), "--gpu-memory: expected a number above 0, got 'inf'");
+  expect_clean_error(bench({"--gpu-memory", "nan"}), "--gpu-memory: expected a number above 0, got 'nan'");
+  expect_clean_error(bench({"-r", "0"}), "--repetitions: expected a number above 0, got '0'");
+  expect_clean_error(bench({"--threads", "-1"}), "--threads: expected a number of 0 or more, got '-1'");
+  expect_clean_error(bench({"-p", "12x"}), "--n-prompt: expected a number of 0 or more, got '12x'");
+  for (const auto& r : {bench({"-r", "0"}), bench({"--threads", "-2"})})
+    EXPECT_LT(r.err.size(), 120u) << r.err;
+  expect_clean_error(run_cli({"generate", "--model", "x", "--tokens", "1", "--temperature", "-1"}),
+                     "--temperature: expected a number of 0 or more, got '-1'");
+}
+
 }  // namespace
 }  // namespace bioquant

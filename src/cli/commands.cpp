@@ -32,6 +32,27 @@ namespace bioquant::cli {
 
 using nlohmann::json;
 
+namespace {
+// A validator that parses the option's text as a number and checks it with `ok`.
+CLI::Validator number_check(bool (*ok)(double), const char* expected, const char* name) {
+  return CLI::Validator(
+      [ok, expected](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        if (text.empty() || end != text.c_str() + text.size() || !std::isfinite(v) || !ok(v))
+          return std::string("expected ") + expected + ", got '" + text + "'";
+        return {};
+      },
+      name);
+}
+}  // namespace
+
+CLI::Validator positive_number() {
+  return number_check([](double v) { return v > 0; }, "a number above 0", "POSITIVE");
+}
+CLI::Validator non_negative_number() {
+  return number_check([](double v) { return v >= 0; }, "a number of 0 or more", "NONNEGATIVE");
+}
 
 constexpr const char* kExactHelp =
     "exact numerics: the same logits, bit for bit, on the CPU and on any GPU (one summation order, no fused "
@@ -40,7 +61,7 @@ constexpr const char* kExactHelp =
 void add_model_flags(CLI::App& app, Common& c, bool required) {
   auto* opt = app.add_option("--model", c.model, "Hugging Face model directory or GGUF file");
   if (required) opt->required();
-  app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", c.threads, "CPU threads (default: all cores)")->check(non_negative_number());
   // (No driver call here: every command's options are built at start-up, and a process that touched
   // CUDA cannot use it in the workers it forks: sweep's.)
   app.add_option("--device", c.device, "cpu (default), cuda or cuda:N (a build with the CUDA backend and a GPU)");
@@ -48,14 +69,14 @@ void add_model_flags(CLI::App& app, Common& c, bool required) {
   app.add_option("--gpu-memory", c.gpu_memory_gib,
                  "GiB of GPU memory the run may use, CUDA context included (default: the card's): allocations past it "
                  "fail, long prompts go in rounds that fit; to try a smaller card's fit on a larger one")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   app.add_option("--quant", c.quant, "quantize on load: " + quant_names_list());
   app.add_flag("--double-quant", c.double_quant, "nf4/fp4: quantize the block scales too (~4.13 bits/weight)");
   app.add_option("--quant-policy", c.quant_policy,
                  "default (bitsandbytes: linear layers only; GGUF types: + embedding, output q6_k), all, linear");
   app.add_option("--int8-threshold", c.int8_threshold,
                  "int8: LLM.int8 outlier threshold, features at or above it run in f32 (0 = off; bitsandbytes: 6)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   app.add_flag("--exact", c.exact, kExactHelp);
 }
 
@@ -219,11 +240,11 @@ Run add_info(CLI::App& app) {
   auto as_json = std::make_shared<bool>(false);
   auto ctx = std::make_shared<int64_t>(4096);
   add_model_flags(app, *opts);
-  app.add_option("--ctx", *ctx, "context length for the KV-cache estimate")->check(CLI::PositiveNumber);
+  app.add_option("--ctx", *ctx, "context length for the KV-cache estimate")->check(positive_number());
   app.add_flag("--json", *as_json, "print one JSON object");
   auto batch = std::make_shared<int64_t>(512);
   app.add_option("--batch", *batch, "tokens per forward pass for the activation estimate (default 512)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   return [=]() {
     auto model = Model::load(opts->model);
     const ModelConfig& c = model->config();
@@ -360,7 +381,7 @@ Run add_logits(CLI::App& app) {
   auto last = std::make_shared<int64_t>(1);
   add_model_flags(app, *opts);
   app.add_option("--tokens", *tokens, "comma-separated token ids, e.g. 1,2,3")->required();
-  app.add_option("--last", *last, "print logits of the last K positions (default 1)")->check(CLI::NonNegativeNumber);
+  app.add_option("--last", *last, "print logits of the last K positions (default 1)")->check(non_negative_number());
   return [=]() {
     const int device = check_device(*opts);
     const std::vector<int32_t> ids = parse_token_list(*tokens);
@@ -405,10 +426,10 @@ Run add_generate(CLI::App& app) {
   p->excludes(t);
   app.add_flag("--chat", *chat, "wrap the prompt in the model's chat template");
   app.add_option("--max-new-tokens", gen->max_new_tokens, "tokens to generate (default 64)")
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("--temperature", gen->sampling.temperature, "0 = greedy (default)")->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
+  app.add_option("--temperature", gen->sampling.temperature, "0 = greedy (default)")->check(non_negative_number());
   app.add_option("--top-k", gen->sampling.top_k, "sample among the k most likely (0 = off)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   app.add_option("--top-p", gen->sampling.top_p, "nucleus sampling mass (1 = off)")->check(CLI::Range(0.0, 1.0));
   app.add_option("--seed", gen->sampling.seed, "sampling seed (default 0)");
   app.add_flag("--ignore-eos", *ignore_eos, "keep generating past EOS tokens");
@@ -494,7 +515,7 @@ Run add_quantize(CLI::App& app) {
   app.add_flag("--double-quant", opts->double_quant, "nf4/fp4: quantize the block scales too");
   app.add_option("--quant-policy", opts->quant_policy, "default, all or linear (see bioquant info --help)");
   app.add_option("--name", *name, "general.name to record (default: the model path)");
-  app.add_option("--threads", opts->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", opts->threads, "CPU threads (default: all cores)")->check(non_negative_number());
   return [=]() {
     check(out_path->size() > 5 && out_path->compare(out_path->size() - 5, 5, ".gguf") == 0, "--out must name a .gguf file");
     Common c = *opts;
@@ -535,8 +556,8 @@ Run add_kld(CLI::App& app) {
   app.add_option("--quant-policy", base->quant_policy, "default, all or linear");
   app.add_option("--text", *text, "text file (plain text, or JSON lines of strings / {\"text\"})")->required();
   app.add_option("--ctx", *chunk, "tokens per chunk (default 512; each starts with BOS)")->check(CLI::Range(2, 1 << 20));
-  app.add_option("--max-tokens", *max_tokens, "compare at most this many tokens (default 8192)")->check(CLI::PositiveNumber);
-  app.add_option("--threads", base->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--max-tokens", *max_tokens, "compare at most this many tokens (default 8192)")->check(positive_number());
+  app.add_option("--threads", base->threads, "CPU threads (default: all cores)")->check(non_negative_number());
   app.add_option("--device", base->device, "cpu (default), cuda or cuda:N: both models run there");
   app.add_option("--kv-cache", base->kv_cache, "with --device cuda: the GPU KV cache, bf16 (default), f32 or q8");
   app.add_flag("--exact", base->exact, kExactHelp);
@@ -664,17 +685,17 @@ Run add_bench(CLI::App& app) {
                "(always so with --device cuda, where they are made in GPU memory)");
   app.add_option("--dtype", *dtype, "weight dtype of a synthetic model: bf16 (default), f16, f32")
       ->check(CLI::IsMember({"bf16", "f16", "f32"}));
-  app.add_option("-p,--n-prompt", *n_prompt, "prompt tokens (default 512; 0 skips)")->check(CLI::NonNegativeNumber);
-  app.add_option("-n,--n-gen", *n_gen, "generated tokens (default 128; 0 skips)")->check(CLI::NonNegativeNumber);
-  app.add_option("-r,--repetitions", *reps, "repetitions (default 3)")->check(CLI::PositiveNumber);
+  app.add_option("-p,--n-prompt", *n_prompt, "prompt tokens (default 512; 0 skips)")->check(non_negative_number());
+  app.add_option("-n,--n-gen", *n_gen, "generated tokens (default 128; 0 skips)")->check(non_negative_number());
+  app.add_option("-r,--repetitions", *reps, "repetitions (default 3)")->check(positive_number());
   app.add_flag("--json", *as_json, "print one JSON object");
   app.add_flag("--no-bandwidth", *no_bandwidth, "skip the memory-bandwidth probe");
   app.add_option("--ctx", *ctx, "KV cache capacity in tokens (default: just enough for the test; set it to measure memory at a context)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   app.add_option("-d,--depth", *depth,
                  "tokens already in the KV cache when each test starts (default 0; as llama-bench's -d): decode and "
                  "prompt speed at that context")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   app.add_option("-b,--sequences", *sequences,
                  "sequences decoded together in the tg test (default 1): one step reads the weights once for all; "
                  "t/s counts the tokens of all")

@@ -14,6 +14,11 @@
 
 namespace bioquant::cli {
 
+// Number checks for options. CLI11's PositiveNumber / NonNegativeNumber print the largest double
+// (300 digits) as their range; these say what was expected. Non-finite values are refused too.
+CLI::Validator positive_number();
+CLI::Validator non_negative_number();
+
 struct Common {
   std::string model;
   int threads = 0;

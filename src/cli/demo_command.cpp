@@ -78,12 +78,12 @@ Run add_demo(CLI::App& app) {
   };
   auto f = std::make_shared<Flags>();
   app.add_option("--model", f->model, "model directory (default: the shipped models/biomed-tiny)");
-  app.add_option("--limit", f->limit, "examples per task (default 25; 0 = the whole split)")->check(CLI::NonNegativeNumber);
+  app.add_option("--limit", f->limit, "examples per task (default 25; 0 = the whole split)")->check(non_negative_number());
   app.add_option("--data-dir", f->data_dir, "benchmark data (default: $BIOQUANT_DATA, else ../shared/bionlp)");
   app.add_option("--out", f->out, "output directory (default bioquant-demo)");
   app.add_option("--precisions", f->precisions, "comma-separated (default bf16,int8,nf4,q4_k)");
   app.add_option("--tasks", f->tasks, "tasks (default all)");
-  app.add_option("--threads", f->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", f->threads, "CPU threads (default: all cores)")->check(non_negative_number());
   app.add_option("--device", f->device, "cpu (default), cuda or cuda:N");
   app.add_option("--batch", f->batch, "examples answered together (default 1; as eval --batch)")->check(CLI::Range(1, 256));
   return [=]() {

@@ -149,7 +149,7 @@ Run add_eval(CLI::App& app) {
   app.add_option("--scoring", f->scoring, "generate (free text + parser, default), constrained or loglik");
   app.add_option("--prompt-style", f->style, "bioquant (default) or chen2023 (prompt_chen2023.txt from the data)");
   app.add_flag("--no-chat-template", f->no_chat, "send prompts as plain text even if the model has a chat template");
-  app.add_option("--limit", f->limit, "evaluate the first N examples of each split (0 = all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--limit", f->limit, "evaluate the first N examples of each split (0 = all)")->check(non_negative_number());
   app.add_option("--max-new-tokens", f->max_new, "answer budget (default: per task; cot adds 384)")->check(CLI::Range(0, 8192));
   app.add_option("--batch", f->batch,
                  "examples answered together in generate scoring (default 1): one pass reads the weights for all; "
@@ -317,7 +317,7 @@ Run add_compare_runs(CLI::App& app) {
   app.add_option("--tasks", f->tasks, "only these tasks (default: every task both runs have)");
   app.add_option("--bootstrap", f->bootstrap, "paired bootstrap replicates (default 1000)")->check(CLI::Range(100, 100000));
   app.add_option("--seed", f->seed, "bootstrap seed (default 1234)");
-  app.add_option("--show-flips", f->show, "flipped example ids to list per direction (default 5)")->check(CLI::NonNegativeNumber);
+  app.add_option("--show-flips", f->show, "flipped example ids to list per direction (default 5)")->check(non_negative_number());
   app.add_flag("--json", f->json_out, "print one JSON object");
   return [=]() {
     const auto [dir_a, res_a] = read_results(f->a);
@@ -418,7 +418,7 @@ Run add_prompts(CLI::App& app) {
   app.add_option("--method", f->method, "zero-shot (default), few-shot or cot");
   app.add_option("--shots", f->shots, "few-shot examples (default 5)")->check(CLI::Range(1, 64));
   app.add_option("--seed", f->seed, "seed of the few-shot draw (default 1234)");
-  app.add_option("--limit", f->limit, "first N examples (0 = all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--limit", f->limit, "first N examples (0 = all)")->check(non_negative_number());
   app.add_option("--model", f->model, "model whose tokenizer and chat template to apply (needed for --ids)");
   app.add_flag("--no-chat-template", f->no_chat, "do not apply the model's chat template");
   app.add_flag("--answers", f->answers, "add the gold answer in the study's output format");

@@ -56,7 +56,7 @@ Run add_sweep(CLI::App& app) {
   app.add_option("--shard", f->shard, "i/n: run every n-th cell from the i-th (1-based), for parallel processes");
   app.add_option("--out", f->out, "directory of the cells' eval outputs (default: <db name>-sweep beside the database)");
   app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
-  app.add_option("--threads", f->threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", f->threads, "CPU threads (default: all cores)")->check(non_negative_number());
   app.add_option("--batch", f->batch, "examples answered together in generate scoring (default 1; as eval --batch)")
       ->check(CLI::Range(1, 256));
   app.add_flag("--dry-run", f->dry_run, "list the cells (and which are finished) without running any");
@@ -145,9 +145,9 @@ Run add_estimate(CLI::App& app) {
   app.add_flag("--double-quant", f->o.double_quant, "nf4/fp4: quantize the block scales too");
   app.add_option("--quant-policy", f->o.quant_policy, "default, all or linear (as for --quant)");
   app.add_option("--dtype", f->dtype, "storage dtype of the weights (default: config.json's torch_dtype; synthetic: bf16)");
-  app.add_option("--ctx", f->o.ctx, "KV-cache positions (default 4096)")->check(CLI::PositiveNumber);
-  app.add_option("--batch", f->o.batch, "tokens per forward pass (default 512)")->check(CLI::PositiveNumber);
-  app.add_option("--threads", f->o.threads, "CPU threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--ctx", f->o.ctx, "KV-cache positions (default 4096)")->check(positive_number());
+  app.add_option("--batch", f->o.batch, "tokens per forward pass (default 512)")->check(positive_number());
+  app.add_option("--threads", f->o.threads, "CPU threads (default: all cores)")->check(non_negative_number());
   app.add_option("--device", f->o.device, "cpu (default) or cuda (the GPU's memory; needs no GPU)");
   app.add_option("--kv-cache", f->o.kv_cache, "with --device cuda: the GPU KV cache, bf16 (default), f32 or q8");
   app.add_flag("--json", f->json_out, "print one JSON object");
@@ -235,7 +235,7 @@ Run add_recommend(CLI::App& app) {
                                         "the best method measured");
   app.add_option("--model", f->models, "also consider this model (repeatable); unmeasured pairs are sized by estimate");
   app.add_option("--precisions", f->precisions, "with --model: the precisions to consider (default bf16,int8,nf4,q4_k)");
-  app.add_option("--ctx", f->ctx, "KV-cache positions for estimated memory (default 4096)")->check(CLI::PositiveNumber);
+  app.add_option("--ctx", f->ctx, "KV-cache positions for estimated memory (default 4096)")->check(positive_number());
   app.add_flag("--json", f->json_out, "print one JSON object");
   return [=]() {
     RecommendOptions o;
