@@ -49,6 +49,12 @@ TEST(EvalTasks, UnknownTaskSuggestsTheClosestName) {
     EXPECT_NE(std::string(e.what()).find("pubmedqa"), std::string::npos);
   }
   EXPECT_THROW(select_tasks("hoc,,medqa"), Error);
+  const auto message = [](const std::string& name) { return test::error_of([&] { find_task(name); }); };
+  EXPECT_NE(message("ncbi").find("did you mean ncbi-disease?"), std::string::npos) << message("ncbi");
+  EXPECT_NE(message("pubmed").find("did you mean pubmedqa?"), std::string::npos) << message("pubmed");
+  EXPECT_NE(message("litcov1d").find("did you mean litcovid?"), std::string::npos) << message("litcov1d");
+  EXPECT_EQ(message("nope").find("did you mean"), std::string::npos) << message("nope");  // 3 edits from hoc
+  EXPECT_EQ(message("xyz").find("did you mean"), std::string::npos) << message("xyz");
 }
 
 TEST(EvalTasks, NerReaderCountsSentencesAndEntities) {

@@ -1,6 +1,7 @@
 #include "bioquant/eval/task.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <map>
@@ -460,12 +461,16 @@ const TaskSpec& find_task(const std::string& name) {
   for (const auto& t : all_tasks())
     if (t.name == name) return t;
   std::vector<std::string> names;
+  // Suggest only a close name: a few edits for its length (a third of it, at least one), or one the
+  // given name begins (3+ characters). "nope" was "did you mean hoc?" with a flat bound of 3 edits.
   std::string best;
-  size_t best_distance = 4;  // suggest only close names
+  size_t best_distance = SIZE_MAX;
   for (const auto& t : all_tasks()) {
     names.push_back(t.name);
     const size_t d = edit_distance(name, t.name);
-    if (d < best_distance) best_distance = d, best = t.name;
+    const bool close = d <= std::max<size_t>(1, std::min(name.size(), t.name.size()) / 3) ||
+                       (name.size() >= 3 && t.name.rfind(name, 0) == 0);
+    if (close && d < best_distance) best_distance = d, best = t.name;
   }
   throw Error("unknown task \"" + name + "\"" + (best.empty() ? "" : " (did you mean " + best + "?)") +
               "; tasks: " + join(names, ", "));
