@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <map>
 #include <string>
+#include <unistd.h>
 
 #include "bioquant/core/error.h"
 #include "cli/commands.h"
@@ -81,7 +82,13 @@ int main(int argc, char** argv) {
   } catch (const bioquant::Error& e) {
     std::fprintf(stderr, "error: %s\n", one_line(e.what()).c_str());
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "error: out of memory\n");
+    // Say how much there was and where to find what a run needs (a 70B model at bf16 on a small machine).
+    const double ram_gib = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE)) /
+                           (1024.0 * 1024.0 * 1024.0);
+    std::fprintf(stderr,
+                 "error: out of memory (this machine has %.1f GiB of RAM; 'bioquant estimate' predicts a run's peak by "
+                 "precision)\n",
+                 ram_gib);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: internal: %s\n", one_line(e.what()).c_str());
   }
