@@ -5,6 +5,8 @@
 // that size can reach with one launch per matrix, whatever its arithmetic. Then eight layers' matrices
 // read by one launch per matrix against one resident grid with a barrier between matrices (what a
 // persistent decode kernel would be), with and without each warp's next loads issued before a barrier.
+// Last, what one dependency between steps costs by itself: an empty kernel's boundary in a CUDA graph
+// (plain, or a programmatic dependent launch as the decoder's) against a grid barrier.
 // Usage: build/bench/bioquant_cuda_read_bench (a GPU needed).
 #include <cuda_runtime.h>
 
@@ -128,6 +130,95 @@ __global__ void persistent_read(Phases ph, unsigned* counter, uint32_t* out) {
   keep(acc ^ pre, out);
 }
 
+// One step of a chain of empty kernels: with `dependent`, as the decoder's decode kernels are launched
+// (programmatic dependent launch: the next kernel may start at once, then waits for this one), else a
+// plain launch. Block 0 adds one to *out, so each step reads what the one before wrote.
+__global__ void empty_step(int dependent, uint32_t* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (dependent) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
+#endif
+  if (blockIdx.x == 0 && threadIdx.x == 0) *out += 1;
+}
+
+// The same steps as grid barriers inside one resident grid.
+__global__ void barrier_steps(int steps, unsigned* counter, uint32_t* out) {
+  for (int i = 0; i < steps; ++i) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) *out += 1;
+    grid_barrier(counter, static_cast<unsigned>(i + 1) * gridDim.x);
+  }
+}
+
+// What one dependency between decode steps costs when nothing else runs: a kernel boundary in a CUDA
+// graph (plain or programmatic dependent launch) against a grid barrier, `blocks` blocks of 256 threads.
+bool boundary_costs(int blocks, uint32_t* out) {
+  constexpr int kSteps = 256;
+  cudaStream_t stream;
+  if (!ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream")) return false;
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  const auto time_best = [&](auto&& run) {
+    float best = 1e30f;
+    for (int rep = 0; rep < 10; ++rep) {
+      cudaEventRecord(start, stream);
+      run();
+      cudaEventRecord(stop, stream);
+      if (!ok(cudaEventSynchronize(stop), "boundary steps")) return -1.0f;
+      float ms = 0.0f;
+      cudaEventElapsedTime(&ms, start, stop);
+      if (ms < best) best = ms;
+    }
+    return best * 1e3f / kSteps;
+  };
+  float per_step[3] = {0, 0, 0};
+  for (int dependent = 0; dependent < 2; ++dependent) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    if (!ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture")) return false;
+    for (int i = 0; i < kSteps; ++i) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(static_cast<unsigned>(blocks));
+      config.blockDim = dim3(256);
+      config.stream = stream;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      if (dependent) {
+        config.attrs = &attr;
+        config.numAttrs = 1;
+      }
+      if (!ok(cudaLaunchKernelEx(&config, empty_step, dependent, out), "step launch")) return false;
+    }
+    if (!ok(cudaStreamEndCapture(stream, &graph), "capture end") ||
+        !ok(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate"))
+      return false;
+    per_step[dependent] = time_best([&] { cudaGraphLaunch(exec, stream); });
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+  unsigned* counter = nullptr;
+  if (!ok(cudaMalloc(&counter, 4), "counter")) return false;
+  per_step[2] = time_best([&] {
+    cudaMemsetAsync(counter, 0, 4, stream);
+    int steps = kSteps;
+    void* args[] = {&steps, &counter, &out};
+    ok(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(barrier_steps), dim3(static_cast<unsigned>(blocks)), dim3(256),
+                                   args, 0, stream),
+       "cooperative launch");
+  });
+  cudaFree(counter);
+  std::printf("%4d blocks: a step costs %.2f us as a plain launch in a graph, %.2f us as a dependent launch, %.2f us "
+              "as a grid barrier\n",
+              blocks, per_step[0], per_step[1], per_step[2]);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+  return true;
+}
+
 }  // namespace
 
 int main() {
@@ -229,6 +320,9 @@ int main() {
     }
     cudaFree(counter);
   }
+  // Then what a dependency between steps costs by itself (empty steps).
+  for (const int per_sm : {1, 2, 4})
+    if (!boundary_costs(prop.multiProcessorCount * per_sm, out)) return 1;
   cudaFree(buf);
   cudaFree(out);
   return 0;
