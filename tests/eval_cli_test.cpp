@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -207,6 +208,7 @@ TEST(EvalCli, EveryMethodAndScoringModeRunsOnAllTasks) {
       EXPECT_EQ(rows[0]["method"], method);
       EXPECT_EQ(rows[0]["config_hash"].get<std::string>().size(), 16u);
       EXPECT_GT(rows[0]["peak_rss_bytes"].get<int64_t>(), 0);
+      EXPECT_TRUE(rows[0]["gpu_peak_bytes"].is_null());  // a CPU run
     }
   }
 }
@@ -286,12 +288,23 @@ TEST(EvalCli, ExactRunsGiveTheSameSamplesBatchedAndOnEveryDevice) {
   }
   if (cuda_device_count() > 0) {
     std::vector<std::string> gpu = common;
-    gpu.insert(gpu.end(), {"--device", "cuda"});
+    gpu.erase(std::find(gpu.begin(), gpu.end(), "--no-db"));
+    gpu.insert(gpu.end(), {"--device", "cuda", "--db", dir.file("gpu.sqlite")});
     r = run_eval(dir.file("gpu"), gpu);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     for (const std::string task : {"hoc", "pubmedqa"})
       EXPECT_EQ(read_lines(dir.file("one/samples/" + task + ".jsonl")), read_lines(dir.file("gpu/samples/" + task + ".jsonl")))
           << task;
+    // The card's peak use goes to results.json and to each row of the runs table (recommend --device cuda).
+    const json g = json::parse(test::read_file(dir.file("gpu/results.json")));
+    EXPECT_GT(g["gpu_device_peak_bytes"].get<int64_t>(), g["gpu_peak_allocated_bytes"].get<int64_t>());
+    const auto rows = read_runs(dir.file("gpu.sqlite"));
+    ASSERT_EQ(rows.size(), 2u);
+    for (const auto& row : rows) {  // each task's row: the peak so far
+      EXPECT_GT(row["gpu_peak_bytes"].get<int64_t>(), 0);
+      EXPECT_LE(row["gpu_peak_bytes"].get<int64_t>(), g["gpu_device_peak_bytes"].get<int64_t>());
+    }
+    EXPECT_EQ(rows[1]["gpu_peak_bytes"], g["gpu_device_peak_bytes"]);  // the last task's row: the run's peak
   }
   // No exact LLM.int8 outlier path; --exact keeps an f32 cache.
   r = run_eval(dir.file("bad"), {"--tasks", "hoc", "--quant", "int8", "--int8-threshold", "6", "--exact", "--no-db"});

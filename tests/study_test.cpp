@@ -633,6 +633,33 @@ size_t pixels_of(const Image& img, const std::string& hex) {
   return n;
 }
 
+// Runs on a GPU: the memory table and CSVs carry the card's peak, and the charts place such pairs by it
+// (their host RSS is not what they need of the card).
+TEST(StudyReport, GpuRunsShowTheCardsPeak) {
+  test::TempDir dir;
+  const double GiB = 1024.0 * 1024 * 1024;
+  auto row = [&](const std::string& quant, const std::string& task, double score, double rss, std::optional<double> gpu) {
+    return json{{"model", "/m/med-8b"}, {"model_hash", "h"}, {"quant", quant}, {"task", task},
+                {"method", "zero-shot"}, {"shots", 0}, {"scoring", "generate"}, {"split", "sample200"},
+                {"metric", "accuracy"}, {"score", score}, {"ci_low", score - 0.1}, {"ci_high", score + 0.1},
+                {"n", 200}, {"device", gpu ? "cuda" : "cpu"}, {"peak_rss_bytes", rss}, {"weight_bytes", rss / 2},
+                {"gpu_peak_bytes", gpu ? json(*gpu) : json(nullptr)}};
+  };
+  const std::string db = dir.file("gpu.sqlite");
+  eval::record_runs(db, {row("bf16", "medqa", 0.5, 3 * GiB, 16 * GiB), row("nf4", "medqa", 0.375, 2 * GiB, 6 * GiB),
+                         row("q4_k", "medqa", 0.25, 5 * GiB, std::nullopt)});
+  const auto r = test::run_cli({"report", "--db", db, "--out", dir.file("report")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string memory = test::read_file(dir.file("report/memory.csv"));
+  EXPECT_EQ(memory.substr(0, memory.find("\r\n")), "model,precision,peak RSS (MiB),weights (MiB),GPU peak (MiB),results");
+  EXPECT_NE(memory.find("med-8b,nf4,2048.0,1024.0,6144.0,1"), std::string::npos) << memory;
+  EXPECT_NE(memory.find("med-8b,q4_k,5120.0,2560.0,,1"), std::string::npos) << memory;
+  EXPECT_NE(test::read_file(dir.file("report/results.csv")).find(",16384.0,cuda,"), std::string::npos);
+  const std::string html = test::read_file(dir.file("report/index.html"));
+  EXPECT_NE(html.find("med-8b nf4: peak 6.00 GiB (GPU)"), std::string::npos);  // the bar's title
+  EXPECT_NE(html.find("med-8b q4_k: peak 5.00 GiB (RSS)"), std::string::npos);
+}
+
 TEST(StudyReport, WritesEveryFileAndRendersInHeadlessChromiumWithCharts) {
   test::TempDir dir;
   const Crafted c = craft_database(dir);
@@ -813,6 +840,69 @@ TEST(StudyRecommend, RanksTheCraftedDatabaseAndSaysWhy) {
   expect_one_line_error(test::run_cli({"recommend", "--budget", "4 parsecs", "--db", db}), "unknown unit 'parsecs'");
   expect_one_line_error(test::run_cli({"recommend", "--budget", "4GiB", "--db", dir.file("none.sqlite")}), "does not exist");
   expect_one_line_error(test::run_cli({"recommend", "--budget", "4GiB", "--db", db, "--tasks", "medqaa"}), "medqaa");
+}
+
+// A GPU budget is held against what runs on a GPU used of their card (the runs table's gpu_peak_bytes),
+// never against a host's RSS; pairs without such a run are sized by the GPU estimate.
+TEST(StudyRecommend, GpuBudgetUsesTheCardsPeak) {
+  test::TempDir dir;
+  fs::create_directories(dir.file("small-model"));
+  test::copy_file(demo_model() + "/config.json", dir.file("small-model/config.json"));
+  const double GiB = 1024.0 * 1024 * 1024;
+  auto row = [](const std::string& model, const std::string& quant, const std::string& task, double score,
+                std::optional<double> rss, std::optional<double> gpu) {
+    return json{{"model", model}, {"model_hash", model + "-hash"}, {"quant", quant}, {"task", task},
+                {"method", "zero-shot"}, {"shots", 0}, {"scoring", "generate"}, {"split", "sample200"},
+                {"metric", "accuracy"}, {"score", score}, {"n", 200}, {"device", gpu ? "cuda" : "cpu"},
+                {"peak_rss_bytes", rss ? json(*rss) : json(nullptr)}, {"gpu_peak_bytes", gpu ? json(*gpu) : json(nullptr)}};
+  };
+  const std::string mid = "/models/mid-8b", small = dir.file("small-model");
+  const std::string db = dir.file("gpu.sqlite");
+  eval::record_runs(db, {row(mid, "bf16", "medqa", 0.75, 3 * GiB, 16.5 * GiB),  // on a GPU: little host memory
+                         row(mid, "nf4", "medqa", 0.625, 2 * GiB, 6 * GiB),
+                         row(mid, "q4_k", "medqa", 0.5, 5 * GiB, std::nullopt),  // on the CPU only
+                         row(small, "bf16", "medqa", 0.25, std::nullopt, std::nullopt)});
+  const auto stored = eval::read_runs(db);
+  ASSERT_EQ(stored.size(), 4u);
+  EXPECT_EQ(stored[0]["gpu_peak_bytes"], static_cast<int64_t>(16.5 * GiB));
+  EXPECT_TRUE(stored[2]["gpu_peak_bytes"].is_null());
+
+  RecommendOptions o;
+  o.budget_bytes = 10 * GiB;
+  o.device = "cuda";
+  Recommendation r = recommend(stored, o);
+  std::vector<std::string> ranked;
+  for (const auto& c : r.ranked) ranked.push_back(c.model_name + " " + c.precision);
+  EXPECT_EQ(ranked, (std::vector<std::string>{"mid-8b nf4", "small-model bf16"}));
+  EXPECT_EQ(*r.ranked[0].memory_bytes, 6 * GiB);
+  EXPECT_EQ(r.ranked[1].memory_source, "estimated");
+  std::map<std::string, std::string> excluded;
+  for (const auto& c : r.excluded) excluded[c.model_name + " " + c.precision] = c.reason;
+  EXPECT_EQ(excluded["mid-8b bf16"], "needs 16.50 GiB (measured) > budget 10.00 GiB");  // not its 3 GiB of RSS
+  EXPECT_EQ(excluded["mid-8b q4_k"],
+            "memory unknown: no peak measured on a GPU and no config.json at /models/mid-8b to estimate from");
+  const double small_gpu = *r.ranked[1].memory_bytes;
+
+  // The same database against a host's memory: the GPU runs' RSS is not what a CPU run would need.
+  o.device = "cpu";
+  r = recommend(stored, o);
+  ranked.clear();
+  for (const auto& c : r.ranked) ranked.push_back(c.model_name + " " + c.precision);
+  EXPECT_EQ(ranked, (std::vector<std::string>{"mid-8b q4_k", "small-model bf16"}));
+  EXPECT_EQ(*r.ranked[0].memory_bytes, 5 * GiB);
+  // The GPU estimate carries the CUDA context and the card's buffers that a CPU run does not have.
+  EXPECT_GT(small_gpu, *r.ranked[1].memory_bytes + 100.0 * 1024 * 1024);
+
+  auto cli = test::run_cli({"recommend", "--budget", "10GiB", "--db", db, "--device", "cuda", "--json"});
+  ASSERT_EQ(cli.exit_code, 0) << cli.err;
+  const json j = json::parse(cli.out);
+  EXPECT_EQ(j["device"], "cuda");
+  EXPECT_EQ(j["recommended"]["precision"], "nf4");
+  cli = test::run_cli({"recommend", "--budget", "10GiB", "--db", db, "--device", "cuda:0"});
+  ASSERT_EQ(cli.exit_code, 0) << cli.err;
+  EXPECT_NE(cli.out.find("budget 10.00 GiB of GPU memory"), std::string::npos) << cli.out;
+  expect_one_line_error(test::run_cli({"recommend", "--budget", "10GiB", "--db", db, "--device", "gpu"}),
+                        "--device: expected cpu or cuda, got 'gpu'");
 }
 
 // ---------------------------------------------------------------- estimate (acceptance 3)

@@ -44,6 +44,9 @@ LocalBackend::LocalBackend(const Model& model, const Tokenizer& tokenizer, Threa
 LocalBackend::~LocalBackend() = default;
 
 size_t LocalBackend::gpu_peak_bytes() const { return decoder_.gpu() ? decoder_.gpu()->memory().peak_allocated : 0; }
+size_t LocalBackend::gpu_device_peak_bytes() const {
+  return decoder_.gpu() ? decoder_.gpu()->memory().device_used_peak : 0;
+}
 
 std::string LocalBackend::describe() const {
   return std::string("local model (") + (chat_ ? "chat template" : "plain prompt") + ")";

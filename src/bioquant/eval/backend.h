@@ -52,6 +52,9 @@ class Backend {
   const BackendCounters& counters() const { return counters_; }
   // Highest GPU memory this backend's model has held (our allocations), 0 when it runs elsewhere.
   virtual size_t gpu_peak_bytes() const { return 0; }
+  // The GPU's own peak use while it ran (cudaMemGetInfo: the CUDA context and cuBLAS included): what a
+  // card needs for this run. 0 when it runs elsewhere.
+  virtual size_t gpu_device_peak_bytes() const { return 0; }
 
  protected:
   BackendCounters counters_;
@@ -88,6 +91,7 @@ class LocalBackend : public Backend {
 
   bool applies_chat_template() const { return chat_; }
   size_t gpu_peak_bytes() const override;
+  size_t gpu_device_peak_bytes() const override;
   const Decoder& decoder() const { return decoder_; }
   std::vector<int32_t> encode_prompt(const std::string& prompt) const;
 

@@ -33,6 +33,8 @@ const std::vector<Column>& columns() {
       {"generated_tokens", "INTEGER"}, {"seconds", "REAL"},       {"peak_rss_bytes", "INTEGER"},
       {"weight_bytes", "INTEGER"},   {"config_json", "TEXT"},     {"result_json", "TEXT"},
       {"out_dir", "TEXT"},           {"samples", "TEXT"},         {"sweep_cell", "TEXT"},
+      // The GPU's peak use (cudaMemGetInfo, the CUDA context included) of a run on a GPU; NULL on the CPU.
+      {"gpu_peak_bytes", "INTEGER"},
   };
   return cols;
 }

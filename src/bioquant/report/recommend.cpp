@@ -30,10 +30,12 @@ std::string join(const std::vector<std::string>& v) {
 }
 
 // Estimated peak of a pair that was never measured: from the model's config.json / GGUF header.
-std::optional<double> estimated_memory(const std::string& model, const std::string& precision, int64_t ctx) {
+std::optional<double> estimated_memory(const std::string& model, const std::string& precision, int64_t ctx,
+                                       const std::string& device) {
   try {
     EstimateOptions o;
     o.ctx = ctx;
+    o.device = device;
     if (precision != "none") {
       const bool dq = precision.size() > 3 && precision.compare(precision.size() - 3, 3, "+dq") == 0;
       o.quant = dq ? precision.substr(0, precision.size() - 3) : precision;
@@ -49,8 +51,11 @@ std::optional<double> estimated_memory(const std::string& model, const std::stri
 
 Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& o) {
   check(o.budget_bytes > 0, "--budget must be positive");
+  check(o.device == "cpu" || o.device == "cuda", "--device: expected cpu or cuda, got '" + o.device + "'");
+  const bool gpu = o.device == "cuda";
   const std::vector<RunResult> results = latest_results(rows);
   Recommendation rec;
+  rec.device = o.device;
   if (o.tasks.empty()) {
     std::set<std::string> seen;
     for (const auto& r : results)
@@ -76,8 +81,10 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
       pairs.push_back(c);
     }
     Candidate& c = *find_pair(r.model, r.precision);
-    if (r.peak_rss_bytes) {
-      c.memory_bytes = std::max(c.memory_bytes.value_or(0.0), *r.peak_rss_bytes);
+    // The budget's kind of memory only: a run on the CPU says nothing of a GPU's, and a GPU run's host
+    // RSS nothing of its card's.
+    if (const std::optional<double> peak = gpu ? r.gpu_peak_bytes : r.gpu_peak_bytes ? std::nullopt : r.peak_rss_bytes) {
+      c.memory_bytes = std::max(c.memory_bytes.value_or(0.0), *peak);
       c.memory_source = "measured";
     }
     if (std::find(rec.tasks.begin(), rec.tasks.end(), r.task) == rec.tasks.end()) continue;
@@ -107,7 +114,7 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
 
   for (auto& c : pairs) {
     if (!c.memory_bytes) {
-      c.memory_bytes = estimated_memory(c.model, c.precision, o.ctx);
+      c.memory_bytes = estimated_memory(c.model, c.precision, o.ctx, o.device);
       if (c.memory_bytes) c.memory_source = "estimated";
     }
     std::vector<std::string> missing;
@@ -127,7 +134,8 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
     else if (!missing.empty())
       why.push_back("not measured on " + join(missing) + (o.method == "best" ? "" : " with method " + o.method));
     if (!c.memory_bytes)
-      why.push_back("memory unknown: no measured peak and no config.json at " + c.model + " to estimate from");
+      why.push_back(std::string("memory unknown: no ") + (gpu ? "peak measured on a GPU" : "measured peak") +
+                    " and no config.json at " + c.model + " to estimate from");
     else if (!c.fits)
       why.push_back("needs " + format_bytes(*c.memory_bytes) + " (" + c.memory_source + ") > budget " +
                     format_bytes(o.budget_bytes));
@@ -189,7 +197,8 @@ json Recommendation::to_json(double budget_bytes) const {
                 {"task_scores", scores},
                 {"reason", c.reason}};
   };
-  json out = {{"budget_bytes", budget_bytes}, {"tasks", tasks}, {"ranked", json::array()}, {"excluded", json::array()}};
+  json out = {{"budget_bytes", budget_bytes}, {"device", device}, {"tasks", tasks}, {"ranked", json::array()},
+              {"excluded", json::array()}};
   for (const auto& c : ranked) out["ranked"].push_back(cand(c));
   for (const auto& c : excluded) out["excluded"].push_back(cand(c));
   out["recommended"] = ranked.empty() ? json(nullptr) : cand(ranked.front());

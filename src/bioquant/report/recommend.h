@@ -22,6 +22,9 @@ struct RecommendOptions {
   std::vector<std::string> tasks;  // empty = every task in the database
   std::string method = "best";     // a method name, or best (per task, the best one measured)
   int64_t ctx = 4096;              // KV-cache positions for estimated memory
+  // Whose memory the budget is: "cpu" (the runs' peak RSS; estimates for the CPU engine) or "cuda" (the
+  // GPU's peak use of runs made on a GPU; estimates for the GPU).
+  std::string device = "cpu";
   // Pairs without runs to consider too (their memory is estimated; they cannot be ranked).
   std::vector<std::pair<std::string, std::string>> extra_pairs;  // (model path, precision)
 };
@@ -40,6 +43,7 @@ struct Candidate {
 };
 
 struct Recommendation {
+  std::string device;               // whose memory the budget is (RecommendOptions::device)
   std::vector<std::string> tasks;
   std::vector<Candidate> ranked;    // best first
   std::vector<Candidate> excluded;

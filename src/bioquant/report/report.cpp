@@ -504,19 +504,23 @@ std::string heatmap(const std::string& title, const std::string& base_precision,
 struct MemoryRow {
   std::string model_name, precision;
   std::optional<double> peak, weights;
+  std::optional<double> gpu_peak;  // runs on a GPU: the card's peak use
   size_t results = 0;
+  // The memory the pair needs where it ran: the card's for runs on a GPU, else the host's.
+  std::optional<double> shown() const { return gpu_peak ? gpu_peak : peak; }
 };
 
 std::string memory_bars(const std::vector<MemoryRow>& rows) {
   const double L = 190, R = 90, bar = 18, gap = 8, T = 28;
   double maxv = 0;
-  for (const auto& r : rows) maxv = std::max({maxv, r.peak.value_or(0), r.weights.value_or(0)});
+  for (const auto& r : rows) maxv = std::max({maxv, r.shown().value_or(0), r.weights.value_or(0)});
   const bool gib = maxv >= 2.0 * 1024 * 1024 * 1024;
   const double unit = gib ? 1024.0 * 1024.0 * 1024.0 : 1024.0 * 1024.0;
   const double W = 760, H = T + (bar + gap) * static_cast<double>(rows.size()) + 40;
   Svg svg(W, H, "peak memory by precision");
   svg.rect(0, 0, W, H, "#ffffff");
-  svg.text(4, 16, "Peak memory (RSS) by model and precision; inner bar: weights", "start", 13, " font-weight=\"600\"");
+  svg.text(4, 16, "Peak memory by model and precision (GPU: the card's, else RSS); inner bar: weights", "start", 13,
+           " font-weight=\"600\"");
   const double xmax = maxv > 0 ? maxv / unit * 1.05 : 1;
   auto X = [&](double v) { return L + v / xmax * (W - L - R); };
   const double bottom = T + (bar + gap) * static_cast<double>(rows.size());
@@ -529,13 +533,15 @@ std::string memory_bars(const std::vector<MemoryRow>& rows) {
     const auto& r = rows[i];
     const double y = T + (bar + gap) * static_cast<double>(i);
     svg.text(L - 6, y + bar / 2 + 4, r.model_name + " " + (r.precision == "none" ? "as stored" : r.precision), "end", 11);
-    if (r.peak) {
-      svg.raw("<g><title>" + html_escape(r.model_name + " " + r.precision + ": peak " + format_bytes(*r.peak) +
+    if (const std::optional<double> peak = r.shown()) {
+      svg.raw("<g><title>" + html_escape(r.model_name + " " + r.precision + ": peak " + format_bytes(*peak) +
+                                         (r.gpu_peak ? " (GPU)" : " (RSS)") +
                                          (r.weights ? ", weights " + format_bytes(*r.weights) : "")) +
               "</title>");
-      svg.rect(L, y, X(*r.peak / unit) - L, bar, precision_color(r.precision), " fill-opacity=\"0.55\"");
+      svg.rect(L, y, X(*peak / unit) - L, bar, precision_color(r.precision), " fill-opacity=\"0.55\"");
       if (r.weights) svg.rect(L, y + 4, X(*r.weights / unit) - L, bar - 8, precision_color(r.precision));
-      svg.text(X(*r.peak / unit) + 4, y + bar / 2 + 4, fixed(*r.peak / unit, gib ? 2 : 1), "start", 10);
+      svg.text(X(*peak / unit) + 4, y + bar / 2 + 4, fixed(*peak / unit, gib ? 2 : 1) + (r.gpu_peak ? " GPU" : ""),
+               "start", 10);
       svg.raw("</g>");
     } else {
       svg.text(L + 4, y + bar / 2 + 4, "not measured", "start", 10, " fill=\"#999\"");
@@ -614,18 +620,19 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
   std::vector<MemoryRow> memory;
   for (const auto& m : models)
     for (const auto& p : precisions) {
-      MemoryRow row{m, p, std::nullopt, std::nullopt, 0};
+      MemoryRow row{m, p, std::nullopt, std::nullopt, std::nullopt, 0};
       for (const auto& r : results) {
         if (r.model_name != m || r.precision != p) continue;
         ++row.results;
         if (r.peak_rss_bytes) row.peak = std::max(row.peak.value_or(0), *r.peak_rss_bytes);
         if (r.weight_bytes) row.weights = std::max(row.weights.value_or(0), *r.weight_bytes);
+        if (r.gpu_peak_bytes) row.gpu_peak = std::max(row.gpu_peak.value_or(0), *r.gpu_peak_bytes);
       }
       if (row.results) memory.push_back(row);
     }
   auto peak_of = [&](const RunResult& r) -> std::optional<double> {
     for (const auto& m : memory)
-      if (m.model_name == r.model_name && m.precision == r.precision) return m.peak;
+      if (m.model_name == r.model_name && m.precision == r.precision) return m.shown();
     return std::nullopt;
   };
 
@@ -681,6 +688,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
       {"precision", false, [](const MemoryRow& r) { return r.precision == "none" ? std::string("as stored") : r.precision; }},
       {"peak RSS (MiB)", true, [](const MemoryRow& r) { return r.peak ? fixed(mib(*r.peak), 1) : std::string(); }},
       {"weights (MiB)", true, [](const MemoryRow& r) { return r.weights ? fixed(mib(*r.weights), 1) : std::string(); }},
+      {"GPU peak (MiB)", true, [](const MemoryRow& r) { return r.gpu_peak ? fixed(mib(*r.gpu_peak), 1) : std::string(); }},
       {"results", true, [](const MemoryRow& r) { return std::to_string(r.results); }}};
   const Table memory_table = make_table("Memory by precision", memory_fields, memory);
 
@@ -703,6 +711,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
       {"seconds", true, [](const RunResult& r) { return fixed(r.seconds, 2); }},
       {"peak_rss_mib", true, [](const RunResult& r) { return r.peak_rss_bytes ? fixed(mib(*r.peak_rss_bytes), 1) : ""; }},
       {"weights_mib", true, [](const RunResult& r) { return r.weight_bytes ? fixed(mib(*r.weight_bytes), 1) : ""; }},
+      {"gpu_peak_mib", true, [](const RunResult& r) { return r.gpu_peak_bytes ? fixed(mib(*r.gpu_peak_bytes), 1) : ""; }},
       {"device", false, [](const RunResult& r) { return r.device; }},
       {"created_at", false, [](const RunResult& r) { return r.created_at; }}};
   const Table results_table = make_table("All results", result_fields, results);
@@ -739,12 +748,13 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
   html += "<div class=\"chart\">" + legend(precisions) + "</div>\n";
   const bool gib = [&] {
     double maxv = 0;
-    for (const auto& m : memory) maxv = std::max(maxv, m.peak.value_or(0));
+    for (const auto& m : memory) maxv = std::max(maxv, m.shown().value_or(0));
     return maxv >= 2.0 * 1024 * 1024 * 1024;
   }();
   for (const auto& [skey, slabel] : settings) {
     html += "<h2>" + html_escape(slabel) + "</h2>\n";
-    html += "<h3>Score vs. peak memory per task (dashed: Pareto front; outlined points are on it)</h3><div class=\"grid\">";
+    html += "<h3>Score vs. peak memory per task (a GPU's for pairs run on one, else RSS; dashed: Pareto front; outlined "
+            "points are on it)</h3><div class=\"grid\">";
     for (const auto& t : tasks) {
       std::vector<Point> points;
       for (const auto& r : results) {

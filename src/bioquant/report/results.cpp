@@ -84,6 +84,7 @@ std::vector<RunResult> latest_results(const std::vector<json>& rows) {
     r.seconds = num(row, "seconds");
     r.peak_rss_bytes = opt_num(row, "peak_rss_bytes");
     r.weight_bytes = opt_num(row, "weight_bytes");
+    r.gpu_peak_bytes = opt_num(row, "gpu_peak_bytes");
     r.samples = str(row, "samples");
     const std::string result_text = str(row, "result_json");
     if (!result_text.empty()) {

@@ -22,6 +22,7 @@ struct RunResult {
   int64_t n = 0, unparsed = 0;
   double seconds = 0;
   std::optional<double> peak_rss_bytes, weight_bytes;
+  std::optional<double> gpu_peak_bytes;       // runs on a GPU: the device's peak use
   std::string samples;                        // "" when unknown
   std::vector<std::string> labels;            // the metric's label set
 };
