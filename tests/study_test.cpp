@@ -366,7 +366,14 @@ TEST(StudySweep, GpuPlansRunOnTheGpuOrSayItIsMissing) {
   for (const auto& row : rows) {
     EXPECT_EQ(row["device"], "cuda");
     EXPECT_EQ(json::parse(row["result_json"].get<std::string>())["batch"], 2);
+    EXPECT_GT(row["gpu_peak_bytes"].get<int64_t>(), 100 << 20);  // the card's use, its CUDA context included
   }
+  // recommend --device cuda sizes the pair by that peak.
+  const auto rec = test::run_cli({"recommend", "--budget", "80GiB", "--db", db, "--device", "cuda", "--json"});
+  ASSERT_EQ(rec.exit_code, 0) << rec.err;
+  const json recommended = json::parse(rec.out)["recommended"];
+  EXPECT_EQ(recommended["memory_source"], "measured");
+  EXPECT_EQ(recommended["memory_bytes"], rows[1]["gpu_peak_bytes"].get<double>());
   // An exact plan: its cells are new cells (another key) and give the CPU's exact samples.
   json exact = plan;
   exact["numerics"] = "exact";
