@@ -910,6 +910,15 @@ TEST(StudyRecommend, GpuBudgetUsesTheCardsPeak) {
   EXPECT_NE(cli.out.find("budget 10.00 GiB of GPU memory"), std::string::npos) << cli.out;
   expect_one_line_error(test::run_cli({"recommend", "--budget", "10GiB", "--db", db, "--device", "gpu"}),
                         "--device: expected cpu or cuda, got 'gpu'");
+  // Unsaid, the budget is the memory of where the measured runs ran: here both, so it must be said.
+  expect_one_line_error(test::run_cli({"recommend", "--budget", "10GiB", "--db", db}), "--device cpu or --device cuda");
+  const std::string gpu_db = dir.file("gpu-only.sqlite");
+  eval::record_runs(gpu_db, {stored[0], stored[1]});
+  o.device = "auto";
+  r = recommend(eval::read_runs(gpu_db), o);
+  EXPECT_EQ(r.device, "cuda");
+  ASSERT_EQ(r.ranked.size(), 1u);
+  EXPECT_EQ(*r.ranked[0].memory_bytes, 6 * GiB);
 }
 
 // ---------------------------------------------------------------- estimate (acceptance 3)

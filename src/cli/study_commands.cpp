@@ -222,7 +222,7 @@ Run add_estimate(CLI::App& app) {
 
 Run add_recommend(CLI::App& app) {
   struct Flags {
-    std::string budget, tasks, db = "bioquant.sqlite", method = "best", precisions, device = "cpu";
+    std::string budget, tasks, db = "bioquant.sqlite", method = "best", precisions, device = "auto";
     std::vector<std::string> models;
     int64_t ctx = 4096;
     bool json_out = false;
@@ -230,8 +230,8 @@ Run add_recommend(CLI::App& app) {
   auto f = std::make_shared<Flags>();
   app.add_option("--budget", f->budget, "memory budget, e.g. 40GiB, 24GB, 512MiB")->required();
   app.add_option("--device", f->device,
-                 "whose memory the budget is: cpu (default: the runs' peak RSS) or cuda (a GPU's: the device's peak "
-                 "use in runs made on a GPU; GPU estimates for the rest)");
+                 "whose memory the budget is: cpu (the runs' peak RSS) or cuda (a GPU's: the card's peak use in runs "
+                 "made on one; GPU estimates for the rest); default: where the measured runs ran");
   app.add_option("--tasks", f->tasks, "comma-separated tasks to average over (default: every task in the database)");
   app.add_option("--db", f->db, "SQLite results database (default bioquant.sqlite)");
   app.add_option("--method", f->method, "score with this method only (zero-shot, few-shot, cot); default best: per task "
@@ -267,7 +267,7 @@ Run add_recommend(CLI::App& app) {
     std::string tasks;
     for (const auto& t : r.tasks) tasks += (tasks.empty() ? "" : ", ") + t;
     std::printf("budget %s%s; mean score over %s\n", format_bytes(o.budget_bytes).c_str(),
-                o.device == "cuda" ? " of GPU memory" : "", tasks.c_str());
+                r.device == "cuda" ? " of GPU memory" : "", tasks.c_str());
     if (r.ranked.empty()) std::printf("nothing fits: no measured pair within the budget\n");
     for (const auto& c : r.ranked)
       std::printf("%2d. %-24s %-8s score %.4f  memory %-11s %s\n", c.rank, c.model_name.c_str(), c.precision.c_str(),

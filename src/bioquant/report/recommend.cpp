@@ -51,11 +51,22 @@ std::optional<double> estimated_memory(const std::string& model, const std::stri
 
 Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& o) {
   check(o.budget_bytes > 0, "--budget must be positive");
-  check(o.device == "cpu" || o.device == "cuda", "--device: expected cpu or cuda, got '" + o.device + "'");
-  const bool gpu = o.device == "cuda";
+  check(o.device == "cpu" || o.device == "cuda" || o.device == "auto",
+        "--device: expected cpu or cuda, got '" + o.device + "'");
   const std::vector<RunResult> results = latest_results(rows);
   Recommendation rec;
   rec.device = o.device;
+  if (rec.device == "auto") {
+    bool on_gpu = false, on_cpu = false;
+    for (const auto& r : results) {
+      on_gpu = on_gpu || r.gpu_peak_bytes.has_value();
+      on_cpu = on_cpu || (!r.gpu_peak_bytes && r.peak_rss_bytes);
+    }
+    check(!(on_gpu && on_cpu), "the results hold runs measured on the CPU and on a GPU: say whose memory the budget is "
+                               "(--device cpu or --device cuda)");
+    rec.device = on_gpu ? "cuda" : "cpu";
+  }
+  const bool gpu = rec.device == "cuda";
   if (o.tasks.empty()) {
     std::set<std::string> seen;
     for (const auto& r : results)
@@ -114,7 +125,7 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
 
   for (auto& c : pairs) {
     if (!c.memory_bytes) {
-      c.memory_bytes = estimated_memory(c.model, c.precision, o.ctx, o.device);
+      c.memory_bytes = estimated_memory(c.model, c.precision, o.ctx, rec.device);
       if (c.memory_bytes) c.memory_source = "estimated";
     }
     std::vector<std::string> missing;

@@ -22,9 +22,10 @@ struct RecommendOptions {
   std::vector<std::string> tasks;  // empty = every task in the database
   std::string method = "best";     // a method name, or best (per task, the best one measured)
   int64_t ctx = 4096;              // KV-cache positions for estimated memory
-  // Whose memory the budget is: "cpu" (the runs' peak RSS; estimates for the CPU engine) or "cuda" (the
-  // GPU's peak use of runs made on a GPU; estimates for the GPU).
-  std::string device = "cpu";
+  // Whose memory the budget is: "cpu" (the runs' peak RSS; estimates for the CPU engine), "cuda" (the
+  // GPU's peak use of runs made on a GPU; estimates for the GPU), or "auto": where the measured runs
+  // ran (an error when some ran on the CPU and some on a GPU; cpu when none was measured).
+  std::string device = "auto";
   // Pairs without runs to consider too (their memory is estimated; they cannot be ranked).
   std::vector<std::pair<std::string, std::string>> extra_pairs;  // (model path, precision)
 };
