@@ -125,7 +125,7 @@ Run add_demo(CLI::App& app) {
     struct PrecisionRun {
       std::string name;
       json results;
-      size_t weight_bytes = 0, peak_rss = 0, gpu_peak = 0;
+      size_t weight_bytes = 0, peak_rss = 0, gpu_peak = 0, card_peak = 0;
       double seconds = 0;
     };
     std::vector<PrecisionRun> runs;
@@ -154,6 +154,7 @@ Run add_demo(CLI::App& app) {
       run.weight_bytes = model->weight_bytes();
       run.peak_rss = peak_rss_bytes();
       run.gpu_peak = backend.gpu_peak_bytes();
+      run.card_peak = backend.gpu_device_peak_bytes();  // each precision's decoder is gone before the next
       run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (!peak_reset) std::fprintf(stderr, "note: peak RSS could not be reset; it is the process's peak so far\n");
       runs.push_back(std::move(run));
@@ -203,16 +204,22 @@ Run add_demo(CLI::App& app) {
     }
     std::printf("(* = the paired bootstrap 95%% CI of the change against %s excludes 0)\n\n", runs.front().name.c_str());
     const bool gpu = device >= 0;
-    std::printf("%-10s %14s %16s%s %10s\n", "precision", "weights (MiB)", "peak RSS (MiB)", gpu ? "  GPU peak (MiB)" : "",
-                "time (s)");
+    // On a GPU: our allocations at their peak, and the card's own peak use (CUDA context included): what a
+    // card needs for the run, as the runs table records it.
+    std::printf("%-10s %14s %16s%s %10s\n", "precision", "weights (MiB)", "peak RSS (MiB)",
+                gpu ? "  GPU peak (MiB)  card peak (MiB)" : "", "time (s)");
     for (const auto& r : runs) {
       std::printf("%-10s %14.1f %16.1f", r.name.c_str(), static_cast<double>(r.weight_bytes) / (1 << 20),
                   static_cast<double>(r.peak_rss) / (1 << 20));
-      if (gpu) std::printf(" %15.1f", static_cast<double>(r.gpu_peak) / (1 << 20));
+      if (gpu)
+        std::printf(" %15.1f %16.1f", static_cast<double>(r.gpu_peak) / (1 << 20), static_cast<double>(r.card_peak) / (1 << 20));
       std::printf(" %10.1f\n", r.seconds);
       json entry = {{"precision", r.name}, {"weight_bytes", r.weight_bytes}, {"peak_rss_bytes", r.peak_rss},
                     {"seconds", r.seconds}};
-      if (gpu) entry["gpu_peak_allocated_bytes"] = r.gpu_peak;
+      if (gpu) {
+        entry["gpu_peak_allocated_bytes"] = r.gpu_peak;
+        entry["gpu_device_peak_bytes"] = r.card_peak;
+      }
       summary["precisions"].push_back(entry);
     }
     summary["device"] = f->device;
