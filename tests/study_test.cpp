@@ -909,7 +909,7 @@ TEST(StudyRecommend, GpuBudgetUsesTheCardsPeak) {
   ASSERT_EQ(cli.exit_code, 0) << cli.err;
   EXPECT_NE(cli.out.find("budget 10.00 GiB of GPU memory"), std::string::npos) << cli.out;
   expect_one_line_error(test::run_cli({"recommend", "--budget", "10GiB", "--db", db, "--device", "gpu"}),
-                        "--device: expected cpu or cuda, got 'gpu'");
+                        "unknown device 'gpu' (cpu, cuda or cuda:N)");
   // Unsaid, the budget is the memory of where the measured runs ran: here both, so it must be said.
   expect_one_line_error(test::run_cli({"recommend", "--budget", "10GiB", "--db", db}), "--device cpu or --device cuda");
   const std::string gpu_db = dir.file("gpu-only.sqlite");

@@ -247,8 +247,8 @@ Run add_recommend(CLI::App& app) {
       for (const auto* t : eval::select_tasks(f->tasks)) o.tasks.push_back(t->name);
     if (f->method != "best") o.method = eval::prompt_method_name(eval::parse_prompt_method(f->method));
     o.ctx = f->ctx;
-    // cuda:N names a card; the budget is then that card's kind of memory.
-    o.device = f->device.rfind("cuda", 0) == 0 && (f->device.size() == 4 || f->device[4] == ':') ? "cuda" : f->device;
+    // cuda:N names a card; the budget is then that card's kind of memory (the name alone: no driver call).
+    if (f->device != "auto") o.device = parse_device_name(f->device) < 0 ? "cpu" : "cuda";
     const std::vector<std::string> precisions =
         f->precisions.empty() ? std::vector<std::string>{"bf16", "int8", "nf4", "q4_k"} : split_list(f->precisions);
     check(f->precisions.empty() || !f->models.empty(), "--precisions needs --model");

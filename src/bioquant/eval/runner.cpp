@@ -423,8 +423,8 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     results["tasks"][task.name] = summary;
     results["peak_rss_bytes"] = peak_rss_bytes();
     if (backend.gpu_peak_bytes() > 0) results["gpu_peak_allocated_bytes"] = backend.gpu_peak_bytes();
-    const size_t gpu_peak = backend.gpu_device_peak_bytes();
-    if (gpu_peak > 0) results["gpu_device_peak_bytes"] = gpu_peak;
+    const size_t card_peak = backend.gpu_device_peak_bytes();  // the runs table's gpu_peak_bytes
+    if (card_peak > 0) results["gpu_device_peak_bytes"] = card_peak;
     results["updated_at"] = utc_now();
     write_file_atomically(results_path, [&](std::ostream& out) { out << results.dump(2) << '\n'; });
 
@@ -442,7 +442,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
                   {"config_json", config.dump()}, {"result_json", summary.dump()},
                   {"out_dir", o.out_dir}, {"samples", samples_path},
                   {"sweep_cell", o.sweep_cell.empty() ? json(nullptr) : json(o.sweep_cell)},
-                  {"gpu_peak_bytes", gpu_peak > 0 ? json(gpu_peak) : json(nullptr)}};
+                  {"gpu_peak_bytes", card_peak > 0 ? json(card_peak) : json(nullptr)}};
       record_runs(o.db_path, {row});
     }
   }

@@ -94,7 +94,9 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
     Candidate& c = *find_pair(r.model, r.precision);
     // The budget's kind of memory only: a run on the CPU says nothing of a GPU's, and a GPU run's host
     // RSS nothing of its card's.
-    if (const std::optional<double> peak = gpu ? r.gpu_peak_bytes : r.gpu_peak_bytes ? std::nullopt : r.peak_rss_bytes) {
+    const bool ran_on_gpu = r.gpu_peak_bytes.has_value();
+    const std::optional<double> peak = gpu ? r.gpu_peak_bytes : ran_on_gpu ? std::nullopt : r.peak_rss_bytes;
+    if (peak) {
       c.memory_bytes = std::max(c.memory_bytes.value_or(0.0), *peak);
       c.memory_source = "measured";
     }
