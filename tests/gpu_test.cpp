@@ -877,6 +877,94 @@ TEST(GpuParity, WideQ6kDecodeKernelMatchesTheCpuEngine) {
               to_generic.max_err, to_cpu.max_ref);
 }
 
+// q4_k passes of 2-16 tokens (batched decode steps, prompts on the integer path) multiply on the
+// tensor cores (q4k_mma_kernel): the same integer sums per 32-weight block as the dp4a kernel, added
+// in another order. A 4096-wide model with a 4352-wide MLP: the 8 warps of a block take 2 super-blocks
+// of a row each (the MLP's 17: one warp takes 3); batches of 2, 5, 8, 13 and 16 sequences fill one
+// or two mma tiles partly or wholly; a 20-token prompt is a pass of 16 and one of 4.
+// The two orders of adds give logits ~1e-6 apart, except where an activation lies that close to a
+// rounding boundary of its int8 quantization before the next matmul, and a level flips (~1e-2 of a
+// logit, as the CPU engine's own differences): so most rows must agree to 1e-4, and all within the
+// quantized bound. A kernel that mixed rows, tokens or scales would miss on every row.
+TEST(GpuParity, Q4kTensorCorePassesMatchTheDp4aKernel) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c = tiny_config(32, 8, 128);
+  c.hidden = 4096;
+  c.intermediate = 4352;
+  c.n_layers = 1;
+  c.layer_sliding.assign(1, false);
+  c.tie_embeddings = false;
+  ThreadPool pool(2);
+  const QuantRecipe recipe = parse_quant_recipe("q4_k", false, "all");
+  auto model = make_synthetic_model(c, DType::F32, 23, pool, &recipe);
+  ASSERT_EQ(model->weights().output.type, QuantType::Q4_K);
+  const int64_t vocab = c.vocab;
+  // Prompts and every batch on the integer kernels (no cuBLAS), so that they all take the passes.
+  const auto mma = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_BATCH_GEMM", "64"}});
+  const auto dp4a = gpu_decoder(*model, pool, KvType::F32,
+                                {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_BATCH_GEMM", "64"}, {"BIOQUANT_CUDA_BATCH_MMA", "2"}});
+  Decoder cpu(*model, pool);
+  Compared to_dp4a, to_cpu;
+  int rows = 0, tight_rows = 0;
+  const auto add_row = [&](const float* with_mma, const float* with_dp4a, const float* on_cpu) {
+    Compared row;
+    row.add(with_dp4a, with_mma, vocab);
+    to_dp4a.add(with_dp4a, with_mma, vocab);
+    to_cpu.add(on_cpu, with_mma, vocab);
+    ++rows;
+    tight_rows += row.max_err <= 1e-4f * std::max(1.0f, row.max_ref);
+  };
+  // A 20-token prompt: every position's logits.
+  std::vector<int32_t> prompt(20);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 37 + 5) % vocab);
+  {
+    const int64_t n = static_cast<int64_t>(prompt.size());
+    KVCache km(c, n), kd(c, n), kc(c, n);
+    std::vector<float> a(static_cast<size_t>(n * vocab)), b(a.size()), r(a.size());
+    mma->forward(prompt.data(), n, km, n, a.data());
+    dp4a->forward(prompt.data(), n, kd, n, b.data());
+    cpu.forward(prompt.data(), n, kc, n, r.data());
+    for (int64_t i = 0; i < n; ++i) add_row(a.data() + i * vocab, b.data() + i * vocab, r.data() + i * vocab);
+  }
+  // Batched decode steps: each sequence a 1-3 token prompt, then two steps of one token each.
+  for (const int batch : {2, 5, 8, 13, 16}) {
+    std::vector<std::unique_ptr<KVCache>> km, kd, kc;
+    std::vector<float> a(static_cast<size_t>(batch * vocab)), b(a.size()), r(a.size());
+    std::vector<int32_t> next(static_cast<size_t>(batch));
+    for (int i = 0; i < batch; ++i) {
+      for (auto* k : {&km, &kd, &kc}) k->push_back(std::make_unique<KVCache>(c, 8));
+      const int64_t n = 1 + i % 3;
+      mma->forward(prompt.data() + i, n, *km.back(), 1, a.data() + i * vocab);
+      dp4a->forward(prompt.data() + i, n, *kd.back(), 1, b.data() + i * vocab);
+      cpu.forward(prompt.data() + i, n, *kc.back(), 1, r.data() + i * vocab);
+    }
+    for (int step = 0; step < 2; ++step) {
+      std::vector<DecodeSegment> sm, sd;
+      for (int i = 0; i < batch; ++i) {
+        const size_t u = static_cast<size_t>(i);
+        next[u] = static_cast<int32_t>((step * 101 + i * 13 + 3) % vocab);
+        sm.push_back({&next[u], 1, km[u].get(), 1, a.data() + u * vocab});
+        sd.push_back({&next[u], 1, kd[u].get(), 1, b.data() + u * vocab});
+      }
+      mma->forward_batch(sm);
+      dp4a->forward_batch(sd);
+      for (int i = 0; i < batch; ++i) cpu.forward(&next[static_cast<size_t>(i)], 1, *kc[static_cast<size_t>(i)], 1, r.data() + i * vocab);
+      for (int i = 0; i < batch; ++i) add_row(a.data() + i * vocab, b.data() + i * vocab, r.data() + i * vocab);
+    }
+  }
+  const float unit = std::max(1.0f, to_cpu.max_ref);
+  EXPECT_GT(to_cpu.max_ref, 0.1f);
+  EXPECT_GE(tight_rows, rows * 3 / 4) << tight_rows << " of " << rows << " rows within 1e-4";
+  EXPECT_LE(to_dp4a.max_err, 5e-2f * unit);
+  EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
+  if (to_dp4a.argmax_mismatches > 0) {
+    EXPECT_LE(to_dp4a.worst_flip_margin, 2.0f * to_dp4a.max_err);  // only at a near-tie
+  }
+  std::printf("q4_k tensor-core passes: %d of %d rows within 1e-4 of the dp4a kernel's; max|mma-dp4a| %.2e, "
+              "max|mma-cpu| %.2e (max|logit| %.3f)\n",
+              tight_rows, rows, to_dp4a.max_err, to_cpu.max_err, to_cpu.max_ref);
+}
+
 // The fused decode attention's block shapes: a block serves up to 4 query heads of a KV group, so
 // groups of 6 (a second block with two heads and two idle), 3 (an odd number: a thread per head in
 // the values), 8 (two blocks per group), and heads 64, 128 and 256 wide (each lane's q chunks in

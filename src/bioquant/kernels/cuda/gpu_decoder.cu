@@ -558,6 +558,18 @@ __global__ void qmatmul_kernel(QJobs jobs, int64_t cols, const int8_t* q, const 
 __device__ __forceinline__ int act_chunk_slot(int c) { return c + (c >> 3); }
 __host__ __device__ constexpr size_t act_shared_bytes(int64_t cols) { return static_cast<size_t>(cols + cols / 8); }
 
+// Integers to floats without I2F, which issues at an eighth of the float rate on sm_90 (with one per
+// sum, scale and min it bounded the kernel): the bits of 1.5 * 2^23 plus n read as a float are
+// 1.5 * 2^23 + n exactly for |n| < 2^22. The mma adds the offset to its sums as their start value.
+constexpr int kMagicInt = 0x4B400000;
+constexpr float kMagicFloat = 12582912.0f;
+__device__ __forceinline__ float small_int_to_float(int n) { return __int_as_float(n + kMagicInt) - kMagicFloat; }
+// Byte i (0..3) of w as a float: one byte permute into the low mantissa byte of 2^23.
+template <int i>
+__device__ __forceinline__ float byte_to_float(uint32_t w) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650 | i)) - 8388608.0f;
+}
+
 // The weights of q4_k pair p of a row: its super-block's header and the 32-byte run of qs.
 struct Q4kPairWeights {
   uint4 head, q0, q1;
@@ -667,6 +679,137 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   if (first * R < jobs.total_rows) q4k_decode_rows<R, kShared, R == 1>(jobs, first * R, cols, q, d, s, pre);
   for (int64_t r = first + warps; r * R < jobs.total_rows; r += warps) q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
+}
+
+// q4_k for several tokens at once (2-8 per pass: batched decode steps, short prompts) on the tensor
+// cores: int8 mma.sync m16n8k32 of the rows' 4-bit levels (0..15, signed bytes as they are) against
+// the tokens' int8 activations. One mma per 32-weight sub-block gives exactly the integer sums the
+// dp4a kernels compute, each then scaled as theirs are: dx * (d * sc * S - dmin * m * sx). The dp4a
+// kernels pay their unpacking, dp4a and scales once per token; here one mma serves 8 tokens.
+// A block takes 16 rows; its 8 warps split their super-blocks (warp w: w, w + 8, ...), and the warps'
+// partial sums are added in warp order through shared memory (the same result every run).
+// Fragments (PTX ISA, m16n8k32 .s8): lane (g, t) = (lane / 4, lane % 4) holds A's rows g and g + 8
+// at k = 4t..4t+3 (a0, a1) and 16+4t..16+4t+3 (a2, a3), B's column g at the same k (b0, b1), and C's
+// rows g and g + 8 at columns 2t and 2t + 1. The order of k inside one mma is free when A and B
+// agree: lane t takes weights 8t..8t+7 of the sub-block (one 8-byte load of the 32-byte run whose
+// low and high nibbles hold a pair of sub-blocks) and the same 8 activations.
+constexpr int kQ4kMmaRows = 16;
+constexpr int kQ4kMmaTokens = 8;
+__device__ __forceinline__ void mma_s8_m16n8k32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(kMagicInt));
+#else
+  c[0] = c[1] = c[2] = c[3] = 0;  // the host pass (the device code is built for sm_80 and up)
+#endif
+}
+
+template <int NTILE>
+__global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+                                                      const int* s, int64_t nblk, int64_t n_tokens) {
+  allow_dependents_in_last_wave();
+  await_inputs();
+  constexpr int kTokens = 8 * NTILE;  // tokens per pass: NTILE mma columns of 8
+  __shared__ float partial[8][kQ4kMmaRows * kTokens];
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kQ4kMmaRows;
+  QJob job;
+  if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
+  const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 of the tile
+  const uint8_t* wg8 = wg + 8 * job.row_bytes;
+  // Tile n: B's column g is token 8n + g, C's columns 2t and 2t + 1 tokens 8n + 2t and 8n + 2t + 1.
+  // Tokens past n_tokens: zero activations and scales, nothing loaded for them.
+  bool has_col[NTILE], has_c0[NTILE], has_c1[NTILE];
+  const int8_t* xq[NTILE];
+  const float *dx0p[NTILE], *dx1p[NTILE];
+  const int *sx0p[NTILE], *sx1p[NTILE];
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+    const int col = 8 * n + g, c0 = 8 * n + 2 * t, c1 = c0 + 1;
+    has_col[n] = col < n_tokens;
+    has_c0[n] = c0 < n_tokens;
+    has_c1[n] = c1 < n_tokens;
+    xq[n] = q + static_cast<int64_t>(has_col[n] ? col : 0) * nblk * 32;
+    dx0p[n] = d + static_cast<int64_t>(has_c0[n] ? c0 : 0) * nblk;
+    dx1p[n] = d + static_cast<int64_t>(has_c1[n] ? c1 : 0) * nblk;
+    sx0p[n] = s + static_cast<int64_t>(has_c0[n] ? c0 : 0) * nblk;
+    sx1p[n] = s + static_cast<int64_t>(has_c1[n] ? c1 : 0) * nblk;
+  }
+  float acc[NTILE][4] = {};
+  const int superblocks = static_cast<int>(cols / 256);
+  for (int sb = warp; sb < superblocks; sb += 8) {
+    const uint8_t* bg = wg + 144 * static_cast<int64_t>(sb);
+    const uint8_t* bg8 = wg8 + 144 * static_cast<int64_t>(sb);
+    const uint4 hg = *reinterpret_cast<const uint4*>(bg), hg8 = *reinterpret_cast<const uint4*>(bg8);
+    uint2 wa[4], wb[4];
+#pragma unroll
+    for (int jp = 0; jp < 4; ++jp) {
+      wa[jp] = *reinterpret_cast<const uint2*>(bg + 16 + 32 * jp + 8 * t);
+      wb[jp] = *reinterpret_cast<const uint2*>(bg8 + 16 + 32 * jp + 8 * t);
+    }
+    const float dg = half_lo(hg.x), mg = half_hi(hg.x), dg8 = half_lo(hg8.x), mg8 = half_hi(hg8.x);
+#pragma unroll
+    for (int jp = 0; jp < 4; ++jp) {
+      const int b0 = 8 * sb + 2 * jp;  // even: the pair's scales are one 8-byte load per token
+      const uint32_t pg = kquant_scale_min_pair(hg, jp), pg8 = kquant_scale_min_pair(hg8, jp);
+      float2 dx0[NTILE], dx1[NTILE];
+      int2 sx0[NTILE], sx1[NTILE];
+#pragma unroll
+      for (int n = 0; n < NTILE; ++n) {
+        dx0[n] = has_c0[n] ? *reinterpret_cast<const float2*>(dx0p[n] + b0) : make_float2(0.0f, 0.0f);
+        dx1[n] = has_c1[n] ? *reinterpret_cast<const float2*>(dx1p[n] + b0) : make_float2(0.0f, 0.0f);
+        sx0[n] = has_c0[n] ? *reinterpret_cast<const int2*>(sx0p[n] + b0) : make_int2(0, 0);
+        sx1[n] = has_c1[n] ? *reinterpret_cast<const int2*>(sx1p[n] + b0) : make_int2(0, 0);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int b = b0 + h;
+        const int shift = 4 * h;
+        const uint32_t a0 = (wa[jp].x >> shift) & 0x0F0F0F0Fu, a1 = (wb[jp].x >> shift) & 0x0F0F0F0Fu;
+        const uint32_t a2 = (wa[jp].y >> shift) & 0x0F0F0F0Fu, a3 = (wb[jp].y >> shift) & 0x0F0F0F0Fu;
+        const float scale_g = dg * (h == 0 ? byte_to_float<0>(pg) : byte_to_float<1>(pg));
+        const float min_g = mg * (h == 0 ? byte_to_float<2>(pg) : byte_to_float<3>(pg));
+        const float scale_g8 = dg8 * (h == 0 ? byte_to_float<0>(pg8) : byte_to_float<1>(pg8));
+        const float min_g8 = mg8 * (h == 0 ? byte_to_float<2>(pg8) : byte_to_float<3>(pg8));
+#pragma unroll
+        for (int n = 0; n < NTILE; ++n) {
+          const uint2 x = has_col[n] ? *reinterpret_cast<const uint2*>(xq[n] + 32 * static_cast<int64_t>(b) + 8 * t)
+                                     : make_uint2(0u, 0u);
+          int c[4];
+          mma_s8_m16n8k32(c, a0, a1, a2, a3, x.x, x.y);
+          const float dxa = h == 0 ? dx0[n].x : dx0[n].y, dxb = h == 0 ? dx1[n].x : dx1[n].y;
+          const float sxa = small_int_to_float(h == 0 ? sx0[n].x : sx0[n].y);
+          const float sxb = small_int_to_float(h == 0 ? sx1[n].x : sx1[n].y);
+          // c[i] = kMagicInt + S (|S| <= 32 * 15 * 128 < 2^22)
+          acc[n][0] += dxa * (scale_g * (__int_as_float(c[0]) - kMagicFloat) - min_g * sxa);
+          acc[n][1] += dxb * (scale_g * (__int_as_float(c[1]) - kMagicFloat) - min_g * sxb);
+          acc[n][2] += dxa * (scale_g8 * (__int_as_float(c[2]) - kMagicFloat) - min_g8 * sxa);
+          acc[n][3] += dxb * (scale_g8 * (__int_as_float(c[3]) - kMagicFloat) - min_g8 * sxb);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+    partial[warp][g * kTokens + 8 * n + 2 * t] = acc[n][0];
+    partial[warp][g * kTokens + 8 * n + 2 * t + 1] = acc[n][1];
+    partial[warp][(g + 8) * kTokens + 8 * n + 2 * t] = acc[n][2];
+    partial[warp][(g + 8) * kTokens + 8 * n + 2 * t + 1] = acc[n][3];
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < kQ4kMmaRows * kTokens; i += static_cast<int>(blockDim.x)) {
+    const int r = i % kQ4kMmaRows, tok = i / kQ4kMmaRows;
+    if (tok < n_tokens) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) v += partial[w][r * kTokens + tok];
+      job.y[tok * job.rows + row0 + r] = v;
+    }
+  }
 }
 
 // bitsandbytes 4-bit decode (one token, nf4 / fp4): a warp per row, a lane per 64-weight block,
@@ -2442,13 +2585,22 @@ struct GpuDecoder::Impl {
   // q4_k 8 sequences 819 integer / 597 GEMM, 16: 811 / 980, 64: 803 / 2033; nf4 alike; bf16 8: 361 /
   // 1065. So 16 for quantized weights, 8 for plain ones; BIOQUANT_CUDA_BATCH_GEMM sets it.
   int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
+  bool all_layers_q4k() const {
+    for (const DevLayer& l : layers)
+      for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
+        if (m->type != QuantType::Q4_K) return false;
+    return true;
+  }
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
     // cuBLAS only: the WMMA fallback was slower than the integer kernels up to ~32 sequences (16: 423
     // against 811 tok/s, q4_k, H200).
     if (!blas.ready() || layers.empty()) return false;
     const QuantType t = layers.front().wq.type;
     const bool plain = t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
-    if (static_cast<int64_t>(segments.size()) < (batch_gemm_min > 0 ? batch_gemm_min : plain ? 8 : 16)) return false;
+    // q4_k layers multiply passes of up to 16 tokens on the tensor cores themselves (q4k_mma_kernel):
+    // H200, 8B q4_k, 16 sequences 1663 tok/s against 1204 through cuBLAS, 24 a tie (1715 / 1706).
+    const int64_t fallback = plain ? 8 : q4k_mma && all_layers_q4k() ? 24 : 16;
+    if (static_cast<int64_t>(segments.size()) < (batch_gemm_min > 0 ? batch_gemm_min : fallback)) return false;
     for (const DecodeSegment& sg : segments)
       if (sg.n != 1) return false;
     return true;
@@ -2469,6 +2621,8 @@ struct GpuDecoder::Impl {
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
+  // q4_k passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel).
+  bool q4k_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
   bool dependent_decode = cuda_knob_int("BIOQUANT_CUDA_PDL", 1) == 1;
   // Decode attention in one kernel with RoPE, the cache store and the output quantization
@@ -2975,8 +3129,12 @@ struct GpuDecoder::Impl {
       group.total_rows = total_rows;
       const bool dependent = dependent_decode && n == 1;
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
-      for (int64_t t0 = 0; t0 < n; t0 += 8) {
-        const int64_t nt = std::min<int64_t>(8, n - t0);
+      // q4_k passes of up to 16 tokens on the tensor cores (q4k_mma_kernel), other formats' of up to 8.
+      const bool q4k_mma_pass = type == QuantType::Q4_K && q4k_mma && n > 1 && cols % 256 == 0 &&
+                                rows_multiple_of(group, kQ4kMmaRows);
+      const int64_t pass_tokens = q4k_mma_pass ? 2 * kQ4kMmaTokens : 8;
+      for (int64_t t0 = 0; t0 < n; t0 += pass_tokens) {
+        const int64_t nt = std::min<int64_t>(pass_tokens, n - t0);
         for (int i = 0; i < group.count; ++i) group.job[i].y = jobs[first + i].y + t0 * jobs[first + i].m->rows;
         const int8_t* q = work.aq + (act_row0 + t0) * nblk * 32;
         const float* d = work.ad + (act_row0 + t0) * nblk;
@@ -3006,6 +3164,12 @@ struct GpuDecoder::Impl {
             launch_with(dependent, qmatmul_kernel<T, 1, 2>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (nt == 1 && variant == 1) {
             launch_with(dependent, qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
+          } else if (q4k_mma_pass) {
+            const unsigned tiles = static_cast<unsigned>(total_rows / kQ4kMmaRows);
+            if (nt > 8)
+              launch(q4k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+            else
+              launch(q4k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else {
             launch(qmatmul_kernel<T, 8>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           }
@@ -3013,6 +3177,12 @@ struct GpuDecoder::Impl {
       }
       first = last;
     }
+  }
+
+  static bool rows_multiple_of(const QJobs& group, int64_t k) {
+    for (int i = 0; i < group.count; ++i)
+      if (group.job[i].rows % k != 0) return false;
+    return true;
   }
 
   // Calls go(std::integral_constant<int, R>{}, grid) with R rows per warp: `rows` (or decode_rows when
