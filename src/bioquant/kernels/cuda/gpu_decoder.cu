@@ -695,16 +695,49 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
 // low and high nibbles hold a pair of sub-blocks) and the same 8 activations.
 constexpr int kQ4kMmaRows = 16;
 constexpr int kQ4kMmaTokens = 8;
-__device__ __forceinline__ void mma_s8_m16n8k32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                uint32_t b0, uint32_t b1) {
+// D = A * B + C, with C given as four values (a chain of mma) or one value for all four.
+__device__ __forceinline__ void mma_s8_m16n8k32(int (&dst)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t b0, uint32_t b1, const int (&c)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%10, %10, %10, %10};"
-      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(kMagicInt));
+      "{%10, %11, %12, %13};"
+      : "=r"(dst[0]), "=r"(dst[1]), "=r"(dst[2]), "=r"(dst[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
 #else
-  c[0] = c[1] = c[2] = c[3] = 0;  // the host pass (the device code is built for sm_80 and up)
+  dst[0] = dst[1] = dst[2] = dst[3] = 0;  // the host pass (the device code is built for sm_80 and up)
+  (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1, (void)c;
 #endif
+}
+__device__ __forceinline__ void mma_s8_m16n8k32(int (&dst)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t b0, uint32_t b1, int start) {
+  const int c[4] = {start, start, start, start};
+  mma_s8_m16n8k32(dst, a0, a1, a2, a3, b0, b1, c);
+}
+
+// The end of the mma kernels: each warp's partial sums of the tile's 16 rows x 8 * NTILE tokens (C's
+// layout: rows g, g + 8, tokens 8n + 2t, 8n + 2t + 1), added in warp order and stored.
+template <int NTILE>
+__device__ __forceinline__ void store_mma_partials(const float (&acc)[NTILE][4], float (*partial)[kQ4kMmaRows * 8 * NTILE],
+                                                   int warp, int g, int t, int64_t n_tokens, const QJob& job,
+                                                   int64_t row0) {
+  constexpr int kTokens = 8 * NTILE;
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+    partial[warp][g * kTokens + 8 * n + 2 * t] = acc[n][0];
+    partial[warp][g * kTokens + 8 * n + 2 * t + 1] = acc[n][1];
+    partial[warp][(g + 8) * kTokens + 8 * n + 2 * t] = acc[n][2];
+    partial[warp][(g + 8) * kTokens + 8 * n + 2 * t + 1] = acc[n][3];
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < kQ4kMmaRows * kTokens; i += static_cast<int>(blockDim.x)) {
+    const int r = i % kQ4kMmaRows, tok = i / kQ4kMmaRows;
+    if (tok < n_tokens) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) v += partial[w][r * kTokens + tok];
+      job.y[tok * job.rows + row0 + r] = v;
+    }
+  }
 }
 
 template <int NTILE>
@@ -780,7 +813,7 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
           const uint2 x = has_col[n] ? *reinterpret_cast<const uint2*>(xq[n] + 32 * static_cast<int64_t>(b) + 8 * t)
                                      : make_uint2(0u, 0u);
           int c[4];
-          mma_s8_m16n8k32(c, a0, a1, a2, a3, x.x, x.y);
+          mma_s8_m16n8k32(c, a0, a1, a2, a3, x.x, x.y, kMagicInt);
           const float dxa = h == 0 ? dx0[n].x : dx0[n].y, dxb = h == 0 ? dx1[n].x : dx1[n].y;
           const float sxa = small_int_to_float(h == 0 ? sx0[n].x : sx0[n].y);
           const float sxb = small_int_to_float(h == 0 ? sx1[n].x : sx1[n].y);
@@ -793,23 +826,7 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
       }
     }
   }
-#pragma unroll
-  for (int n = 0; n < NTILE; ++n) {
-    partial[warp][g * kTokens + 8 * n + 2 * t] = acc[n][0];
-    partial[warp][g * kTokens + 8 * n + 2 * t + 1] = acc[n][1];
-    partial[warp][(g + 8) * kTokens + 8 * n + 2 * t] = acc[n][2];
-    partial[warp][(g + 8) * kTokens + 8 * n + 2 * t + 1] = acc[n][3];
-  }
-  __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < kQ4kMmaRows * kTokens; i += static_cast<int>(blockDim.x)) {
-    const int r = i % kQ4kMmaRows, tok = i / kQ4kMmaRows;
-    if (tok < n_tokens) {
-      float v = 0.0f;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) v += partial[w][r * kTokens + tok];
-      job.y[tok * job.rows + row0 + r] = v;
-    }
-  }
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job, row0);
 }
 
 // bitsandbytes 4-bit decode (one token, nf4 / fp4): a warp per row, a lane per 64-weight block,
@@ -930,6 +947,104 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
     }
     store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
   }
+}
+
+// nf4 / fp4 passes of 2-16 tokens on the tensor cores, as q4k_mma_kernel: a block takes 16 rows, its 8
+// warps split the row's 64-weight blocks (warp w: w, w + 8, ...). Each Q1.14 level is radix * hi + lo
+// (bnb4_permute_tables.h): lane t looks up the byte planes of its 8 codes of a 32-weight half (code
+// word t of the half) by the decode kernel's byte permutes, direct and flipped, and four chained mma
+// give each plane's exact integer sums, S = radix * S_hi + S_lo, the dp4a kernel's block sums. The
+// codes' nibbles are first swapped in pairs (bitsandbytes puts the lower element in the high nibble),
+// so the permuted bytes follow the activations' order.
+template <int T, int NTILE>
+__global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+                                                       int64_t nblk, int64_t n_tokens) {
+  allow_dependents_in_last_wave();
+  await_inputs();
+  constexpr int kTokens = 8 * NTILE;
+  __shared__ float partial[8][kQ4kMmaRows * kTokens];
+  __shared__ uint32_t tables_shared[kBnb4PermuteWords * 32];  // a copy per lane (see bnb4_decode_kernel)
+  {
+    const uint32_t* permute = T == static_cast<int>(QuantType::NF4) ? c_nf4_permute : c_fp4_permute;
+    for (int i = static_cast<int>(threadIdx.x); i < kBnb4PermuteWords * 32; i += static_cast<int>(blockDim.x))
+      tables_shared[i] = permute[i / 32];
+    __syncthreads();
+  }
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  Bnb4PermuteTables tables;
+  const uint32_t* mine = tables_shared + lane;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    tables.hi_direct[k] = mine[32 * k];
+    tables.hi_flipped[k] = mine[32 * (2 + k)];
+    tables.lo_direct[k] = mine[32 * (4 + k)];
+    tables.lo_flipped[k] = mine[32 * (6 + k)];
+  }
+  const int32_t radix = static_cast<int32_t>(tables_shared[32 * 8]);
+  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kQ4kMmaRows;
+  QJob job;
+  if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
+  const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 of the tile
+  const uint8_t* wg8 = wg + 8 * job.row_bytes;
+  bool has_col[NTILE], has_c0[NTILE], has_c1[NTILE];
+  const int8_t* xq[NTILE];
+  const float *dx0p[NTILE], *dx1p[NTILE];
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+    const int col = 8 * n + g, c0 = 8 * n + 2 * t, c1 = c0 + 1;
+    has_col[n] = col < n_tokens;
+    has_c0[n] = c0 < n_tokens;
+    has_c1[n] = c1 < n_tokens;
+    xq[n] = q + static_cast<int64_t>(has_col[n] ? col : 0) * nblk * 32;
+    dx0p[n] = d + static_cast<int64_t>(has_c0[n] ? c0 : 0) * nblk;
+    dx1p[n] = d + static_cast<int64_t>(has_c1[n] ? c1 : 0) * nblk;
+  }
+  // The A registers of one byte plane for code words wa (row g) and wb (row g + 8), nibbles swapped.
+  const auto plane = [](const uint32_t (&tab)[2], uint32_t wa, uint32_t wb, uint32_t (&a)[4]) {
+    a[0] = byte_permute_signed(tab[0], tab[1], wa);        // row g, elements 8t..8t+3
+    a[1] = byte_permute_signed(tab[0], tab[1], wb);        // row g + 8
+    a[2] = byte_permute_signed(tab[0], tab[1], wa >> 16);  // row g, elements 8t+4..8t+7
+    a[3] = byte_permute_signed(tab[0], tab[1], wb >> 16);
+  };
+  const auto swap_nibbles = [](uint32_t w) { return ((w >> 4) & 0x0F0F0F0Fu) | ((w & 0x0F0F0F0Fu) << 4); };
+  float acc[NTILE][4] = {};
+  const int blocks = static_cast<int>(cols / 64);
+  for (int p = warp; p < blocks; p += 8) {
+    uint32_t cg[2], cg8[2];  // code words t and 4 + t: lane t's 8 codes of each 32-weight half
+    const float absmax_g = bnb4_block<1>(wg, cols, job.dq, p, 4 * t, &cg[0]);
+    bnb4_block<1>(wg, cols, job.dq, p, 16 + 4 * t, &cg[1]);
+    const float absmax_g8 = bnb4_block<1>(wg8, cols, job.dq, p, 4 * t, &cg8[0]);
+    bnb4_block<1>(wg8, cols, job.dq, p, 16 + 4 * t, &cg8[1]);
+    const float scale_g = absmax_g * (1.0f / 16384.0f), scale_g8 = absmax_g8 * (1.0f / 16384.0f);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int b = 2 * p + h;  // the activations' 32-block
+      const uint32_t wa = swap_nibbles(cg[h]), wb = swap_nibbles(cg8[h]);
+      const uint32_t fa = wa ^ 0x88888888u, fb = wb ^ 0x88888888u;
+      uint32_t hd[4], hf[4], ld[4], lf[4];
+      plane(tables.hi_direct, wa, wb, hd);
+      plane(tables.hi_flipped, fa, fb, hf);
+      plane(tables.lo_direct, wa, wb, ld);
+      plane(tables.lo_flipped, fa, fb, lf);
+#pragma unroll
+      for (int n = 0; n < NTILE; ++n) {
+        const uint2 x = has_col[n] ? *reinterpret_cast<const uint2*>(xq[n] + 32 * static_cast<int64_t>(b) + 8 * t)
+                                   : make_uint2(0u, 0u);
+        int direct_hi[4], s_hi[4], direct_lo[4], s_lo[4];
+        mma_s8_m16n8k32(direct_hi, hd[0], hd[1], hd[2], hd[3], x.x, x.y, 0);
+        mma_s8_m16n8k32(s_hi, hf[0], hf[1], hf[2], hf[3], x.x, x.y, direct_hi);
+        mma_s8_m16n8k32(direct_lo, ld[0], ld[1], ld[2], ld[3], x.x, x.y, 0);
+        mma_s8_m16n8k32(s_lo, lf[0], lf[1], lf[2], lf[3], x.x, x.y, direct_lo);
+        const float dxa = has_c0[n] ? dx0p[n][b] : 0.0f, dxb = has_c1[n] ? dx1p[n][b] : 0.0f;
+        acc[n][0] += dxa * scale_g * static_cast<float>(radix * s_hi[0] + s_lo[0]);
+        acc[n][1] += dxb * scale_g * static_cast<float>(radix * s_hi[1] + s_lo[1]);
+        acc[n][2] += dxa * scale_g8 * static_cast<float>(radix * s_hi[2] + s_lo[2]);
+        acc[n][3] += dxb * scale_g8 * static_cast<float>(radix * s_hi[3] + s_lo[3]);
+      }
+    }
+  }
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job, row0);
 }
 
 // q6_k one-token decode: a warp per row, a lane per half super-block (128 weights), in rounds of up
@@ -2585,10 +2700,11 @@ struct GpuDecoder::Impl {
   // q4_k 8 sequences 819 integer / 597 GEMM, 16: 811 / 980, 64: 803 / 2033; nf4 alike; bf16 8: 361 /
   // 1065. So 16 for quantized weights, 8 for plain ones; BIOQUANT_CUDA_BATCH_GEMM sets it.
   int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
-  bool all_layers_q4k() const {
+  static bool mma_format(QuantType t) { return t == QuantType::Q4_K || t == QuantType::NF4 || t == QuantType::FP4; }
+  bool all_layers_mma() const {
     for (const DevLayer& l : layers)
       for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
-        if (m->type != QuantType::Q4_K) return false;
+        if (!mma_format(m->type)) return false;
     return true;
   }
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
@@ -2597,9 +2713,9 @@ struct GpuDecoder::Impl {
     if (!blas.ready() || layers.empty()) return false;
     const QuantType t = layers.front().wq.type;
     const bool plain = t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
-    // q4_k layers multiply passes of up to 16 tokens on the tensor cores themselves (q4k_mma_kernel):
-    // H200, 8B q4_k, 16 sequences 1663 tok/s against 1204 through cuBLAS, 24 a tie (1715 / 1706).
-    const int64_t fallback = plain ? 8 : q4k_mma && all_layers_q4k() ? 24 : 16;
+    // q4_k, nf4 and fp4 layers multiply passes of up to 16 tokens on the tensor cores themselves (the
+    // mma kernels): H200, 8B q4_k, 16 sequences 1663 tok/s against 1204 through cuBLAS, 24 a tie (1715 / 1706).
+    const int64_t fallback = plain ? 8 : batch_mma && all_layers_mma() ? 24 : 16;
     if (static_cast<int64_t>(segments.size()) < (batch_gemm_min > 0 ? batch_gemm_min : fallback)) return false;
     for (const DecodeSegment& sg : segments)
       if (sg.n != 1) return false;
@@ -2621,8 +2737,9 @@ struct GpuDecoder::Impl {
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
-  // q4_k passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel).
-  bool q4k_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
+  // q4_k, nf4 and fp4 passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on
+  // qmatmul_kernel).
+  bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
   bool dependent_decode = cuda_knob_int("BIOQUANT_CUDA_PDL", 1) == 1;
   // Decode attention in one kernel with RoPE, the cache store and the output quantization
@@ -3129,10 +3246,11 @@ struct GpuDecoder::Impl {
       group.total_rows = total_rows;
       const bool dependent = dependent_decode && n == 1;
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
-      // q4_k passes of up to 16 tokens on the tensor cores (q4k_mma_kernel), other formats' of up to 8.
-      const bool q4k_mma_pass = type == QuantType::Q4_K && q4k_mma && n > 1 && cols % 256 == 0 &&
-                                rows_multiple_of(group, kQ4kMmaRows);
-      const int64_t pass_tokens = q4k_mma_pass ? 2 * kQ4kMmaTokens : 8;
+      // q4_k, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel, bnb4_mma_kernel),
+      // other formats' of up to 8.
+      const bool mma_pass = batch_mma && n > 1 && mma_format(type) && cols % (type == QuantType::Q4_K ? 256 : 64) == 0 &&
+                            rows_multiple_of(group, kQ4kMmaRows);
+      const int64_t pass_tokens = mma_pass ? 2 * kQ4kMmaTokens : 8;
       for (int64_t t0 = 0; t0 < n; t0 += pass_tokens) {
         const int64_t nt = std::min<int64_t>(pass_tokens, n - t0);
         for (int i = 0; i < group.count; ++i) group.job[i].y = jobs[first + i].y + t0 * jobs[first + i].m->rows;
@@ -3164,12 +3282,19 @@ struct GpuDecoder::Impl {
             launch_with(dependent, qmatmul_kernel<T, 1, 2>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (nt == 1 && variant == 1) {
             launch_with(dependent, qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
-          } else if (q4k_mma_pass) {
+          } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || kBnb4)) {
             const unsigned tiles = static_cast<unsigned>(total_rows / kQ4kMmaRows);
-            if (nt > 8)
-              launch(q4k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
-            else
-              launch(q4k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+            if constexpr (T == static_cast<int>(QuantType::Q4_K)) {
+              if (nt > 8)
+                launch(q4k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+              else
+                launch(q4k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+            } else if constexpr (kBnb4) {
+              if (nt > 8)
+                launch(bnb4_mma_kernel<T, 2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+              else
+                launch(bnb4_mma_kernel<T, 1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+            }
           } else {
             launch(qmatmul_kernel<T, 8>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           }
