@@ -2680,6 +2680,24 @@ struct GpuDecoder::Impl {
   bool batch_attention_on = cuda_knob_int("BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", 0) != 1;  // 1: a launch per sequence
   DevBuf batch_attn;
   std::vector<DevKv> host_refs;
+  // Batched decode steps (every sequence one new token, the integer kernels) replay a graph too, once
+  // the same caches have stepped together twice in a row: a batch whose sequences change every step
+  // (continuous batching as sequences finish) would pay a capture each step. Its caches' K/V table is
+  // copied in from pinned memory (graph_refs), refilled before each replay. BIOQUANT_CUDA_BATCH_GRAPH=2: none.
+  bool batch_graphs_on = cuda_knob_int("BIOQUANT_CUDA_BATCH_GRAPH", 1) == 1;
+  struct BatchGraph {
+    cudaGraphExec_t exec = nullptr;
+    std::vector<const KVCache*> caches;  // the step's sequences, in order
+    uint64_t generation = 0;
+    void* attn = nullptr;  // batch_attn's buffer when captured
+  } batch_graph;
+  std::vector<const KVCache*> last_batch;  // the previous batched decode step's caches
+  DevKv* graph_refs = nullptr;              // pinned, kBatchAttentionSeqs entries
+  bool capturing_batch = false;
+  void drop_batch_graph() {
+    if (batch_graph.exec) cudaGraphExecDestroy(batch_graph.exec);
+    batch_graph = BatchGraph{};
+  }
   struct BatchAttention {
     int* done = nullptr;
     float* part = nullptr;
@@ -2860,6 +2878,8 @@ struct GpuDecoder::Impl {
   ~Impl() {
     cudaSetDevice(device);
     drop_graph();
+    drop_batch_graph();
+    if (graph_refs) cudaFreeHost(graph_refs);
     free_pinned();
     for (auto& [cache, c] : caches) {
       const_cast<KVCache*>(cache)->on_release = nullptr;
@@ -3370,6 +3390,9 @@ struct GpuDecoder::Impl {
 
   void release(const KVCache& cache) {
     if (graph.cache == &cache) drop_graph();
+    if (std::find(batch_graph.caches.begin(), batch_graph.caches.end(), &cache) != batch_graph.caches.end())
+      drop_batch_graph();
+    if (std::find(last_batch.begin(), last_batch.end(), &cache) != last_batch.end()) last_batch.clear();
     auto it = caches.find(&cache);
     if (it == caches.end()) return;
     cudaSetDevice(device);
@@ -3402,7 +3425,12 @@ struct GpuDecoder::Impl {
     host_refs.clear();
     for (const Seg& sg : segs) host_refs.push_back(*sg.kv);
     CUDA_OK(cudaMemsetAsync(b.done, 0, done_bytes, stream));
-    CUDA_OK(cudaMemcpyAsync(b.refs, host_refs.data(), refs_bytes, cudaMemcpyHostToDevice, stream));
+    if (capturing_batch) {  // a graph's copy node reads pinned memory, refilled before each replay
+      std::copy(host_refs.begin(), host_refs.end(), graph_refs);
+      CUDA_OK(cudaMemcpyAsync(b.refs, graph_refs, refs_bytes, cudaMemcpyHostToDevice, stream));
+    } else {
+      CUDA_OK(cudaMemcpyAsync(b.refs, host_refs.data(), refs_bytes, cudaMemcpyHostToDevice, stream));
+    }
     return b;
   }
 
@@ -3584,7 +3612,49 @@ struct GpuDecoder::Impl {
     const int64_t graph_smem_len = segs[0].kv->capacity;
     const bool use_graph = segments.size() == 1 && n == 1 && n_out == 1 && decode_attention_fits(graph_smem_len);
     bool replay = false;  // an instantiated graph launched again: it allocates nothing
-    if (!use_graph) {
+    // A batched decode step on the integer kernels (see batch_graph): the attention sized for the
+    // largest cache's capacity, as a one-sequence graph is for its cache's.
+    const int64_t seqs = static_cast<int64_t>(segs.size());
+    int64_t batch_len = 0;
+    for (const Seg& sg : segs) batch_len = std::max(batch_len, sg.kv->capacity);
+    const bool batch_step = batch_graphs_on && seqs > 1 && seqs <= kBatchAttentionSeqs && n == seqs && n_out == seqs &&
+                            gemm_rows == 0 && fused_decode_ok() && batch_attention_on && decode_attention_fits(batch_len);
+    std::vector<const KVCache*> batch_key;
+    if (batch_step)
+      for (const Seg& sg : segs) batch_key.push_back(sg.segment->cache);
+    const bool batch_graph_ready = batch_step && batch_graph.exec != nullptr && batch_graph.caches == batch_key &&
+                                   batch_graph.generation == work.generation && batch_graph.attn == batch_attn.ptr;
+    const bool capture_batch = batch_step && !batch_graph_ready && batch_key == last_batch;
+    last_batch = batch_step ? batch_key : std::vector<const KVCache*>{};
+    if (batch_graph_ready) {
+      for (size_t i = 0; i < segs.size(); ++i) graph_refs[i] = *segs[i].kv;
+      CUDA_OK(cudaGraphLaunch(batch_graph.exec, stream));
+      replay = true;
+    } else if (capture_batch) {
+      drop_batch_graph();
+      if (graph_refs == nullptr) CUDA_OK(cudaMallocHost(&graph_refs, static_cast<size_t>(kBatchAttentionSeqs) * sizeof(DevKv)));
+      cudaGraph_t g = nullptr;
+      CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      capturing_batch = true;
+      try {
+        enqueue_step<KV>(segs, n, n_out, batch_len);
+      } catch (...) {
+        capturing_batch = false;
+        cudaStreamEndCapture(stream, &g);
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();  // a launch error invalidated the capture: not the next call's error
+        throw;
+      }
+      capturing_batch = false;
+      CUDA_OK(cudaStreamEndCapture(stream, &g));
+      const cudaError_t e = cudaGraphInstantiate(&batch_graph.exec, g, 0);
+      cudaGraphDestroy(g);
+      CUDA_OK(e);
+      batch_graph.caches = batch_key;
+      batch_graph.generation = work.generation;
+      batch_graph.attn = batch_attn.ptr;
+      CUDA_OK(cudaGraphLaunch(batch_graph.exec, stream));
+    } else if (!use_graph) {
       enqueue_step<KV>(segs, n, n_out, smem_len);
     } else {
       const bool stale = graph.exec == nullptr || graph.cache != &first_cache || graph.generation != work.generation;
