@@ -838,18 +838,25 @@ TEST(GpuParity, DecodeStepsMatchTheCpuEngine) {
   }
 }
 
-// q6_k one-token decode on its own kernel (a lane per half super-block, rounds of 16 super-blocks
-// staged in shared memory): a one-layer model 4096 wide with an MLP 4352 wide (the down projection:
-// a whole round and a partial one of one super-block), every matrix q6_k. Each decode step against
-// the CPU engine, and against the generic kernel (BIOQUANT_CUDA_Q6K=2).
-TEST(GpuParity, WideQ6kDecodeKernelMatchesTheCpuEngine) {
-  SKIP_WITHOUT_GPU();
+// One layer 4096 wide with a 4352-wide MLP (the 8B shape's width; 4352 = 17 super-blocks of 256, so
+// that the kernels' rounds and warps end partly filled), untied output.
+ModelConfig wide_one_layer_config() {
   ModelConfig c = tiny_config(32, 8, 128);
   c.hidden = 4096;
   c.intermediate = 4352;
   c.n_layers = 1;
   c.layer_sliding.assign(1, false);
   c.tie_embeddings = false;
+  return c;
+}
+
+// q6_k one-token decode on its own kernel (a lane per half super-block, rounds of 16 super-blocks
+// staged in shared memory): a one-layer model 4096 wide with an MLP 4352 wide (the down projection:
+// a whole round and a partial one of one super-block), every matrix q6_k. Each decode step against
+// the CPU engine, and against the generic kernel (BIOQUANT_CUDA_Q6K=2).
+TEST(GpuParity, WideQ6kDecodeKernelMatchesTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = wide_one_layer_config();
   ThreadPool pool(2);
   const QuantRecipe recipe = parse_quant_recipe("q6_k", false, "all");
   auto model = make_synthetic_model(c, DType::F32, 17, pool, &recipe);
@@ -1015,12 +1022,7 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
 // prompt is a pass of 16 and one of 4. nf4 also with double quantization (byte-aligned blocks).
 TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
   SKIP_WITHOUT_GPU();
-  ModelConfig c = tiny_config(32, 8, 128);
-  c.hidden = 4096;
-  c.intermediate = 4352;
-  c.n_layers = 1;
-  c.layer_sliding.assign(1, false);
-  c.tie_embeddings = false;
+  const ModelConfig c = wide_one_layer_config();
   ThreadPool pool(2);
   const struct {
     const char* name;
