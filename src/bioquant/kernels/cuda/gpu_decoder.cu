@@ -693,8 +693,8 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
 // rows g and g + 8 at columns 2t and 2t + 1. The order of k inside one mma is free when A and B
 // agree: lane t takes weights 8t..8t+7 of the sub-block (one 8-byte load of the 32-byte run whose
 // low and high nibbles hold a pair of sub-blocks) and the same 8 activations.
-constexpr int kQ4kMmaRows = 16;
-constexpr int kQ4kMmaTokens = 8;
+constexpr int kMmaRows = 16;
+constexpr int kMmaTileTokens = 8;
 // D = A * B + C, with C given as four values (a chain of mma) or one value for all four.
 __device__ __forceinline__ void mma_s8_m16n8k32(int (&dst)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                 uint32_t b0, uint32_t b1, const int (&c)[4]) {
@@ -717,7 +717,7 @@ __device__ __forceinline__ void mma_s8_m16n8k32(int (&dst)[4], uint32_t a0, uint
 // The end of the mma kernels: each warp's partial sums of the tile's 16 rows x 8 * NTILE tokens (C's
 // layout: rows g, g + 8, tokens 8n + 2t, 8n + 2t + 1), added in warp order and stored.
 template <int NTILE>
-__device__ __forceinline__ void store_mma_partials(const float (&acc)[NTILE][4], float (*partial)[kQ4kMmaRows * 8 * NTILE],
+__device__ __forceinline__ void store_mma_partials(const float (&acc)[NTILE][4], float (*partial)[kMmaRows * 8 * NTILE],
                                                    int warp, int g, int t, int64_t n_tokens, const QJob& job,
                                                    int64_t row0) {
   constexpr int kTokens = 8 * NTILE;
@@ -729,8 +729,8 @@ __device__ __forceinline__ void store_mma_partials(const float (&acc)[NTILE][4],
     partial[warp][(g + 8) * kTokens + 8 * n + 2 * t + 1] = acc[n][3];
   }
   __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < kQ4kMmaRows * kTokens; i += static_cast<int>(blockDim.x)) {
-    const int r = i % kQ4kMmaRows, tok = i / kQ4kMmaRows;
+  for (int i = static_cast<int>(threadIdx.x); i < kMmaRows * kTokens; i += static_cast<int>(blockDim.x)) {
+    const int r = i % kMmaRows, tok = i / kMmaRows;
     if (tok < n_tokens) {
       float v = 0.0f;
 #pragma unroll
@@ -746,10 +746,10 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
   allow_dependents_in_last_wave();
   await_inputs();
   constexpr int kTokens = 8 * NTILE;  // tokens per pass: NTILE mma columns of 8
-  __shared__ float partial[8][kQ4kMmaRows * kTokens];
+  __shared__ float partial[8][kMmaRows * kTokens];
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
-  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kQ4kMmaRows;
+  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
   QJob job;
   if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
   const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 of the tile
@@ -962,7 +962,7 @@ __global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols,
   allow_dependents_in_last_wave();
   await_inputs();
   constexpr int kTokens = 8 * NTILE;
-  __shared__ float partial[8][kQ4kMmaRows * kTokens];
+  __shared__ float partial[8][kMmaRows * kTokens];
   __shared__ uint32_t tables_shared[kBnb4PermuteWords * 32];  // a copy per lane (see bnb4_decode_kernel)
   {
     const uint32_t* permute = T == static_cast<int>(QuantType::NF4) ? c_nf4_permute : c_fp4_permute;
@@ -982,7 +982,7 @@ __global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols,
     tables.lo_flipped[k] = mine[32 * (6 + k)];
   }
   const int32_t radix = static_cast<int32_t>(tables_shared[32 * 8]);
-  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kQ4kMmaRows;
+  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
   QJob job;
   if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
   const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 of the tile
@@ -3269,8 +3269,8 @@ struct GpuDecoder::Impl {
       // q4_k, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel, bnb4_mma_kernel),
       // other formats' of up to 8.
       const bool mma_pass = batch_mma && n > 1 && mma_format(type) && cols % (type == QuantType::Q4_K ? 256 : 64) == 0 &&
-                            rows_multiple_of(group, kQ4kMmaRows);
-      const int64_t pass_tokens = mma_pass ? 2 * kQ4kMmaTokens : 8;
+                            rows_multiple_of(group, kMmaRows);
+      const int64_t pass_tokens = mma_pass ? 2 * kMmaTileTokens : 8;
       for (int64_t t0 = 0; t0 < n; t0 += pass_tokens) {
         const int64_t nt = std::min<int64_t>(pass_tokens, n - t0);
         for (int i = 0; i < group.count; ++i) group.job[i].y = jobs[first + i].y + t0 * jobs[first + i].m->rows;
@@ -3303,7 +3303,7 @@ struct GpuDecoder::Impl {
           } else if (nt == 1 && variant == 1) {
             launch_with(dependent, qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || kBnb4)) {
-            const unsigned tiles = static_cast<unsigned>(total_rows / kQ4kMmaRows);
+            const unsigned tiles = static_cast<unsigned>(total_rows / kMmaRows);
             if constexpr (T == static_cast<int>(QuantType::Q4_K)) {
               if (nt > 8)
                 launch(q4k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
