@@ -718,7 +718,7 @@ __device__ __forceinline__ void mma_s8_m16n8k32(int (&dst)[4], uint32_t a0, uint
 // layout: rows g, g + 8, tokens 8n + 2t, 8n + 2t + 1), added in warp order and stored.
 template <int NTILE>
 __device__ __forceinline__ void store_mma_partials(const float (&acc)[NTILE][4], float (*partial)[kMmaRows * 8 * NTILE],
-                                                   int warp, int g, int t, int64_t n_tokens, const QJob& job,
+                                                   int warp, int g, int t, int64_t n_tokens, float* y, int64_t rows,
                                                    int64_t row0) {
   constexpr int kTokens = 8 * NTILE;
 #pragma unroll
@@ -735,7 +735,7 @@ __device__ __forceinline__ void store_mma_partials(const float (&acc)[NTILE][4],
       float v = 0.0f;
 #pragma unroll
       for (int w = 0; w < 8; ++w) v += partial[w][r * kTokens + tok];
-      job.y[tok * job.rows + row0 + r] = v;
+      y[tok * rows + row0 + r] = v;
     }
   }
 }
@@ -826,7 +826,7 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
       }
     }
   }
-  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job, row0);
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
 }
 
 // bitsandbytes 4-bit decode (one token, nf4 / fp4): a warp per row, a lane per 64-weight block,
@@ -1044,7 +1044,7 @@ __global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols,
       }
     }
   }
-  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job, row0);
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
 }
 
 // q6_k one-token decode: a warp per row, a lane per half super-block (128 weights), in rounds of up
@@ -1191,6 +1191,95 @@ __global__ void bf16_matmul_vec_kernel(const uint8_t* w, size_t row_bytes, int64
     }
   }
   store_row_sums<NT>(acc, n_tokens, rows, row, lane, y);
+}
+
+// tf32 mma m16n8k8, accumulating into d. Fragments (PTX ISA): lane (g, t) holds A's rows g and g + 8
+// at k = t (a0, a1) and k = t + 4 (a2, a3), B's column g at k = t and t + 4, and C as the int8 mma's.
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
+#endif
+}
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+#else
+  return __float_as_uint(x);
+#endif
+}
+
+// bf16 weights times 2-16 tokens of f32 activations (batched decode steps; prompts without cuBLAS) on
+// the tensor cores: tf32 mma m16n8k8. A bf16 weight is exactly a tf32 (its 16 low bits zero); each
+// activation is split into two tf32, hi = tf32(x) and lo = tf32(x - hi), and multiplied twice, so the
+// products keep ~22 of f32's 24 bits (activations rounded to bf16, as cuBLAS's path does, would keep
+// 8). bf16_matmul_vec_kernel<8> reloaded every token's activations for each weight (16 bytes of them
+// per weight byte at 8 tokens) and was bound by those loads: nf4's bf16 output matrix took 1.16 ms of an
+// 8-sequence step (8B shape, H200). Here each weight and activation load serves a 16 x 8 tile.
+// A block takes 16 rows; its 8 warps split the row's 32-column chunks (warp w: w, w + 8, ...) and add
+// their partial sums in warp order (store_mma_partials). Lane t takes columns 8t..8t+7 of a chunk (one
+// 16-byte load per row): mma j gets its columns 8t + 2j (k = t) and 8t + 2j + 1 (k = t + 4).
+template <int NTILE>
+__global__ void __launch_bounds__(256) bf16_mma_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
+                                                       const float* x, int64_t n_tokens, float* y) {
+  constexpr int kTokens = 8 * NTILE;
+  __shared__ float partial[8][kMmaRows * kTokens];
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;  // rows: a multiple of 16 (the launch checks)
+  const uint8_t* wg = w + (row0 + g) * row_bytes + 16 * t;  // rows g and g + 8 of the tile, lane t's columns
+  const uint8_t* wg8 = wg + 8 * row_bytes;
+  bool has_col[NTILE];
+  const float* xr[NTILE];  // B's column g of tile n: token 8n + g (zeros past n_tokens)
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+    const int col = 8 * n + g;
+    has_col[n] = col < n_tokens;
+    xr[n] = x + static_cast<int64_t>(has_col[n] ? col : 0) * cols + 8 * t;
+  }
+  float acc[NTILE][4] = {};
+  const int chunks = static_cast<int>(cols / 32);
+  int c = warp;
+  uint4 next_a = make_uint4(0u, 0u, 0u, 0u), next_b = next_a;
+  if (c < chunks) {
+    next_a = *reinterpret_cast<const uint4*>(wg + 64 * static_cast<int64_t>(c));
+    next_b = *reinterpret_cast<const uint4*>(wg8 + 64 * static_cast<int64_t>(c));
+  }
+  for (; c < chunks; c += 8) {
+    // This chunk's weights were loaded last iteration; the next chunk's go out now.
+    const uint32_t ua[4] = {next_a.x, next_a.y, next_a.z, next_a.w}, ub[4] = {next_b.x, next_b.y, next_b.z, next_b.w};
+    if (c + 8 < chunks) {
+      next_a = *reinterpret_cast<const uint4*>(wg + 64 * static_cast<int64_t>(c + 8));
+      next_b = *reinterpret_cast<const uint4*>(wg8 + 64 * static_cast<int64_t>(c + 8));
+    }
+#pragma unroll
+    for (int n = 0; n < NTILE; ++n) {
+      float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
+      if (has_col[n]) {
+        const float4* xv = reinterpret_cast<const float4*>(xr[n] + 32 * static_cast<int64_t>(c));
+        x0 = xv[0];
+        x1 = xv[1];
+      }
+      const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t a0 = ua[j] << 16, a2 = ua[j] & 0xFFFF0000u;  // row g: columns 8t + 2j, 8t + 2j + 1
+        const uint32_t a1 = ub[j] << 16, a3 = ub[j] & 0xFFFF0000u;  // row g + 8
+        const uint32_t hi0 = to_tf32(xs[2 * j]), hi1 = to_tf32(xs[2 * j + 1]);
+        const uint32_t lo0 = to_tf32(xs[2 * j] - __uint_as_float(hi0)), lo1 = to_tf32(xs[2 * j + 1] - __uint_as_float(hi1));
+        mma_tf32_m16n8k8(acc[n], a0, a1, a2, a3, hi0, hi1);
+        mma_tf32_m16n8k8(acc[n], a0, a1, a2, a3, lo0, lo1);
+      }
+    }
+  }
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, y, rows, row0);
 }
 
 template <int T, int NT>
@@ -2755,8 +2844,8 @@ struct GpuDecoder::Impl {
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
-  // q4_k, nf4 and fp4 passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on
-  // qmatmul_kernel).
+  // q4_k, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8
+  // on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
   bool dependent_decode = cuda_knob_int("BIOQUANT_CUDA_PDL", 1) == 1;
@@ -3371,6 +3460,19 @@ struct GpuDecoder::Impl {
     constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
     const unsigned grid = static_cast<unsigned>((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const int t = static_cast<int>(m.type);
+    if (t == static_cast<int>(QuantType::BF16) && batch_mma && n > 1 && m.cols % 32 == 0 && m.rows % kMmaRows == 0) {
+      const unsigned tiles = static_cast<unsigned>(m.rows / kMmaRows);
+      for (int64_t t0 = 0; t0 < n; t0 += 2 * kMmaTileTokens) {
+        const int64_t nt = std::min<int64_t>(2 * kMmaTileTokens, n - t0);
+        const float* xt = x + t0 * m.cols;
+        float* yt = y + t0 * m.rows;
+        if (nt > kMmaTileTokens)
+          launch(bf16_mma_kernel<2>, tiles, kThreads, 0, m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt);
+        else
+          launch(bf16_mma_kernel<1>, tiles, kThreads, 0, m.data, m.row_bytes, m.rows, m.cols, xt, nt, yt);
+      }
+      return;
+    }
     for (int64_t t0 = 0; t0 < n; t0 += 8) {
       const int64_t nt = std::min<int64_t>(8, n - t0);
       const float* xt = x + t0 * m.cols;

@@ -5,7 +5,8 @@
 // Weights are uploaded once, in their stored format (the same bytes as on the CPU). Numerics follow
 // the CPU engine: activations of quantized matmuls are quantized to int8 per 32 columns exactly as
 // quant_gemm does, the integer dot products are exact, only the f32 summation order differs; plain
-// (f32/f16/bf16) matmuls run in f32. With exact numerics (kernels/exact.h) every step follows the CPU
+// (f32/f16/bf16) matmuls run in f32 (bf16 passes of 2-16 tokens: tf32 tensor cores with each activation
+// split in two, ~22 bits of its 24). With exact numerics (kernels/exact.h) every step follows the CPU
 // engine's exact mode to the bit instead. The token embedding stays in host memory (as llama.cpp keeps
 // token_embd on the CPU): a forward pass uploads the rows it needs.
 #pragma once
