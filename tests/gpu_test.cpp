@@ -1027,11 +1027,12 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
               name.c_str(), tight_rows, rows, static_cast<double>(tight), to_dp4a.max_err, to_cpu.max_err, to_cpu.max_ref);
 }
 
-// q4_k, nf4 and fp4 passes of 2-16 tokens (batched decode steps, prompts on the integer path) multiply
-// on the tensor cores (q4k_mma_kernel, bnb4_mma_kernel): the same integer sums per 32-weight block as
-// the dp4a kernel, added in another order. A 4096-wide model with a 4352-wide MLP: the 8 warps of a
-// block take 2 q4_k super-blocks of a row each (the MLP's 17: one warp takes 3; nf4: 8 or 9 blocks of
-// 64); batches of 2, 5, 8, 13 and 16 sequences fill one or two mma tiles partly or wholly; a 20-token
+// q4_k, q6_k, nf4 and fp4 passes of 2-16 tokens (batched decode steps, prompts on the integer path)
+// multiply on the tensor cores (q4k_mma_kernel, q6k_mma_kernel, bnb4_mma_kernel): the same integer sums
+// per 32-weight block as the dp4a kernel, added in another order. A 4096-wide model with a 4352-wide
+// MLP: the 8 warps of a block take 2 super-blocks of a row each (the MLP's 17: one warp takes 3; nf4: 8
+// or 9 blocks of 64; q6_k: every other super-block 4-byte aligned, and in the down projection's rows,
+// 3570 bytes long, every other row); batches of 2, 5, 8, 13 and 16 sequences fill one or two mma tiles partly or wholly; a 20-token
 // prompt is a pass of 16 and one of 4. nf4 also with double quantization (byte-aligned blocks). bf16
 // (bf16_mma_kernel, tf32) against bf16_matmul_vec_kernel: 128 chunks of 32 columns, 16 per warp.
 TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
@@ -1042,8 +1043,8 @@ TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
     const char* name;
     bool double_quant;
     QuantType type;
-  } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"nf4", false, QuantType::NF4}, {"nf4", true, QuantType::NF4},
-                 {"fp4", false, QuantType::FP4}};
+  } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"q6_k", false, QuantType::Q6_K}, {"nf4", false, QuantType::NF4},
+                 {"nf4", true, QuantType::NF4}, {"fp4", false, QuantType::FP4}};
   for (const auto& f : formats) {
     const QuantRecipe recipe = parse_quant_recipe(f.name, f.double_quant, "all");
     auto model = make_synthetic_model(c, DType::F32, 23, pool, &recipe);

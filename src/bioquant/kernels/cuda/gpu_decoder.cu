@@ -740,6 +740,41 @@ __device__ __forceinline__ void store_mma_partials(const float (&acc)[NTILE][4],
   }
 }
 
+// The tokens lane (g, t) of an int8 mma kernel serves in each 8-token tile n: B's column g (token
+// 8n + g: its int8 activations) and C's columns 2t and 2t + 1 (tokens 8n + 2t and 8n + 2t + 1: their
+// scales, and their sums for formats with a minimum). Tokens past n_tokens: zero activations and
+// scales, nothing loaded for them.
+template <int NTILE>
+struct MmaTokens {
+  bool has_col[NTILE], has_c0[NTILE], has_c1[NTILE];
+  const int8_t* xq[NTILE];
+  const float *dx0[NTILE], *dx1[NTILE];
+  const int *sx0[NTILE], *sx1[NTILE];  // null without s
+  __device__ __forceinline__ MmaTokens(int g, int t, int64_t n_tokens, const int8_t* q, const float* d, const int* s,
+                                       int64_t nblk) {
+#pragma unroll
+    for (int n = 0; n < NTILE; ++n) {
+      const int col = 8 * n + g, c0 = 8 * n + 2 * t, c1 = c0 + 1;
+      has_col[n] = col < n_tokens;
+      has_c0[n] = c0 < n_tokens;
+      has_c1[n] = c1 < n_tokens;
+      const int64_t o0 = static_cast<int64_t>(has_c0[n] ? c0 : 0) * nblk, o1 = static_cast<int64_t>(has_c1[n] ? c1 : 0) * nblk;
+      xq[n] = q + static_cast<int64_t>(has_col[n] ? col : 0) * nblk * 32;
+      dx0[n] = d + o0;
+      dx1[n] = d + o1;
+      sx0[n] = s != nullptr ? s + o0 : nullptr;
+      sx1[n] = s != nullptr ? s + o1 : nullptr;
+    }
+  }
+  // Token 8n + g's activations [32 b + offset, + bytes) (zeros past n_tokens).
+  __device__ __forceinline__ uint2 x8(int n, int64_t b, int offset) const {
+    return has_col[n] ? *reinterpret_cast<const uint2*>(xq[n] + 32 * b + offset) : make_uint2(0u, 0u);
+  }
+  __device__ __forceinline__ uint32_t x4(int n, int64_t b, int offset) const {
+    return has_col[n] ? *reinterpret_cast<const uint32_t*>(xq[n] + 32 * b + offset) : 0u;
+  }
+};
+
 template <int NTILE>
 __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
                                                       const int* s, int64_t nblk, int64_t n_tokens) {
@@ -754,24 +789,7 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
   if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
   const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 of the tile
   const uint8_t* wg8 = wg + 8 * job.row_bytes;
-  // Tile n: B's column g is token 8n + g, C's columns 2t and 2t + 1 tokens 8n + 2t and 8n + 2t + 1.
-  // Tokens past n_tokens: zero activations and scales, nothing loaded for them.
-  bool has_col[NTILE], has_c0[NTILE], has_c1[NTILE];
-  const int8_t* xq[NTILE];
-  const float *dx0p[NTILE], *dx1p[NTILE];
-  const int *sx0p[NTILE], *sx1p[NTILE];
-#pragma unroll
-  for (int n = 0; n < NTILE; ++n) {
-    const int col = 8 * n + g, c0 = 8 * n + 2 * t, c1 = c0 + 1;
-    has_col[n] = col < n_tokens;
-    has_c0[n] = c0 < n_tokens;
-    has_c1[n] = c1 < n_tokens;
-    xq[n] = q + static_cast<int64_t>(has_col[n] ? col : 0) * nblk * 32;
-    dx0p[n] = d + static_cast<int64_t>(has_c0[n] ? c0 : 0) * nblk;
-    dx1p[n] = d + static_cast<int64_t>(has_c1[n] ? c1 : 0) * nblk;
-    sx0p[n] = s + static_cast<int64_t>(has_c0[n] ? c0 : 0) * nblk;
-    sx1p[n] = s + static_cast<int64_t>(has_c1[n] ? c1 : 0) * nblk;
-  }
+  const MmaTokens<NTILE> tok(g, t, n_tokens, q, d, s, nblk);
   float acc[NTILE][4] = {};
   const int superblocks = static_cast<int>(cols / 256);
   for (int sb = warp; sb < superblocks; sb += 8) {
@@ -793,10 +811,10 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
       int2 sx0[NTILE], sx1[NTILE];
 #pragma unroll
       for (int n = 0; n < NTILE; ++n) {
-        dx0[n] = has_c0[n] ? *reinterpret_cast<const float2*>(dx0p[n] + b0) : make_float2(0.0f, 0.0f);
-        dx1[n] = has_c1[n] ? *reinterpret_cast<const float2*>(dx1p[n] + b0) : make_float2(0.0f, 0.0f);
-        sx0[n] = has_c0[n] ? *reinterpret_cast<const int2*>(sx0p[n] + b0) : make_int2(0, 0);
-        sx1[n] = has_c1[n] ? *reinterpret_cast<const int2*>(sx1p[n] + b0) : make_int2(0, 0);
+        dx0[n] = tok.has_c0[n] ? *reinterpret_cast<const float2*>(tok.dx0[n] + b0) : make_float2(0.0f, 0.0f);
+        dx1[n] = tok.has_c1[n] ? *reinterpret_cast<const float2*>(tok.dx1[n] + b0) : make_float2(0.0f, 0.0f);
+        sx0[n] = tok.has_c0[n] ? *reinterpret_cast<const int2*>(tok.sx0[n] + b0) : make_int2(0, 0);
+        sx1[n] = tok.has_c1[n] ? *reinterpret_cast<const int2*>(tok.sx1[n] + b0) : make_int2(0, 0);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -810,8 +828,7 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
         const float min_g8 = mg8 * (h == 0 ? byte_to_float<2>(pg8) : byte_to_float<3>(pg8));
 #pragma unroll
         for (int n = 0; n < NTILE; ++n) {
-          const uint2 x = has_col[n] ? *reinterpret_cast<const uint2*>(xq[n] + 32 * static_cast<int64_t>(b) + 8 * t)
-                                     : make_uint2(0u, 0u);
+          const uint2 x = tok.x8(n, b, 8 * t);
           int c[4];
           mma_s8_m16n8k32(c, a0, a1, a2, a3, x.x, x.y, kMagicInt);
           const float dxa = h == 0 ? dx0[n].x : dx0[n].y, dxb = h == 0 ? dx1[n].x : dx1[n].y;
@@ -987,19 +1004,7 @@ __global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols,
   if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
   const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 of the tile
   const uint8_t* wg8 = wg + 8 * job.row_bytes;
-  bool has_col[NTILE], has_c0[NTILE], has_c1[NTILE];
-  const int8_t* xq[NTILE];
-  const float *dx0p[NTILE], *dx1p[NTILE];
-#pragma unroll
-  for (int n = 0; n < NTILE; ++n) {
-    const int col = 8 * n + g, c0 = 8 * n + 2 * t, c1 = c0 + 1;
-    has_col[n] = col < n_tokens;
-    has_c0[n] = c0 < n_tokens;
-    has_c1[n] = c1 < n_tokens;
-    xq[n] = q + static_cast<int64_t>(has_col[n] ? col : 0) * nblk * 32;
-    dx0p[n] = d + static_cast<int64_t>(has_c0[n] ? c0 : 0) * nblk;
-    dx1p[n] = d + static_cast<int64_t>(has_c1[n] ? c1 : 0) * nblk;
-  }
+  const MmaTokens<NTILE> tok(g, t, n_tokens, q, d, nullptr, nblk);
   // The A registers of one byte plane for code words wa (row g) and wb (row g + 8), nibbles swapped.
   const auto plane = [](const uint32_t (&tab)[2], uint32_t wa, uint32_t wb, uint32_t (&a)[4]) {
     a[0] = byte_permute_signed(tab[0], tab[1], wa);        // row g, elements 8t..8t+3
@@ -1029,18 +1034,130 @@ __global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols,
       plane(tables.lo_flipped, fa, fb, lf);
 #pragma unroll
       for (int n = 0; n < NTILE; ++n) {
-        const uint2 x = has_col[n] ? *reinterpret_cast<const uint2*>(xq[n] + 32 * static_cast<int64_t>(b) + 8 * t)
-                                   : make_uint2(0u, 0u);
+        const uint2 x = tok.x8(n, b, 8 * t);
         int direct_hi[4], s_hi[4], direct_lo[4], s_lo[4];
         mma_s8_m16n8k32(direct_hi, hd[0], hd[1], hd[2], hd[3], x.x, x.y, 0);
         mma_s8_m16n8k32(s_hi, hf[0], hf[1], hf[2], hf[3], x.x, x.y, direct_hi);
         mma_s8_m16n8k32(direct_lo, ld[0], ld[1], ld[2], ld[3], x.x, x.y, 0);
         mma_s8_m16n8k32(s_lo, lf[0], lf[1], lf[2], lf[3], x.x, x.y, direct_lo);
-        const float dxa = has_c0[n] ? dx0p[n][b] : 0.0f, dxb = has_c1[n] ? dx1p[n][b] : 0.0f;
+        const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
         acc[n][0] += dxa * scale_g * static_cast<float>(radix * s_hi[0] + s_lo[0]);
         acc[n][1] += dxb * scale_g * static_cast<float>(radix * s_hi[1] + s_lo[1]);
         acc[n][2] += dxa * scale_g8 * static_cast<float>(radix * s_hi[2] + s_lo[2]);
         acc[n][3] += dxb * scale_g8 * static_cast<float>(radix * s_hi[3] + s_lo[3]);
+      }
+    }
+  }
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
+}
+
+// D = A * B for one k16 step (int8, m16n8k16): A's rows g and g + 8 at k = 4t..4t+3 (a0, a1), B's
+// column g at the same k, C as the k32 form's.
+__device__ __forceinline__ void mma_s8_m16n8k16(int (&dst)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %7, %7, %7};"
+      : "=r"(dst[0]), "=r"(dst[1]), "=r"(dst[2]), "=r"(dst[3])
+      : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+#else
+  dst[0] = dst[1] = dst[2] = dst[3] = 0;
+  (void)a0, (void)a1, (void)b0;
+#endif
+}
+
+// One q6_k super-block's bytes that lane t of a q6k_mma_kernel tile needs from one row: words 4t of each
+// 16-byte run of ql (8) and qh (4), all 16 scales, d. Blocks are 210 bytes, so a row's super-block is
+// 4-byte aligned or 2 off (every other one when rows are a multiple of 4 bytes long, as in all the
+// study's shapes: the same for all a warp's super-blocks, which are 8 apart): word loads, or half-word pairs.
+struct Q6kLaneBytes {
+  uint32_t ql[8], qh[4], sc[4];
+  float d;
+};
+template <bool kAligned>
+__device__ __forceinline__ uint32_t q6k_word(const uint8_t* p) {
+  if constexpr (kAligned) return *reinterpret_cast<const uint32_t*>(p);
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+  return static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+}
+template <bool kAligned>
+__device__ __forceinline__ void q6k_lane_bytes(const uint8_t* blk, int t, Q6kLaneBytes& o) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o.ql[i] = q6k_word<kAligned>(blk + 16 * i + 4 * t);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o.qh[i] = q6k_word<kAligned>(blk + 128 + 16 * i + 4 * t);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o.sc[i] = q6k_word<kAligned>(blk + 192 + 4 * i);
+  o.d = half_at(blk + 208);
+}
+// Four weights' levels less 32, as signed bytes: the low nibbles of ql (shifted), bits 2k..2k+1 of qh
+// above them (0..63 per byte); + 96 cannot carry out of a byte, and flipping the top bit subtracts 128.
+__device__ __forceinline__ uint32_t q6k_levels(uint32_t ql, uint32_t qh, int ql_shift, int qh_shift) {
+  const uint32_t q = ((ql >> ql_shift) & 0x0F0F0F0Fu) | (((qh >> qh_shift) & 0x03030303u) << 4);
+  return (q + 0x60606060u) ^ 0x80808080u;
+}
+
+// q6_k passes of 2-16 tokens on the tensor cores (the output matrix of q4_k models, some down and value
+// projections of q4_k_m), as q4k_mma_kernel: a block takes 16 rows, its 8 warps split the super-blocks.
+// Each 16-weight sub-block has its own scale, so one int8 mma m16n8k16 per sub-block: the exact sums
+// S = sum (q - 32) x of q6k_decode_kernel, combined per activation block as sc0 * S0 + sc1 * S1 (< 2^24,
+// exact), then scaled by d and the activations' scale. Super-block layout (ggml): weight 128h + 32k + l
+// (h < 2, k < 4, l < 32) has the low nibble of ql[64h + 32(k & 1) + l] (the high one for k >= 2), bits
+// 2k, 2k + 1 of qh[32h + l], scale sc[8h + 2k + l / 16]. Lane t takes l = 16s + 4t..16s + 4t + 3 of
+// sub-block s: word 4t of a 16-byte run of ql and of qh, against the same 4 activations.
+template <int NTILE>
+__global__ void __launch_bounds__(256) q6k_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+                                                      int64_t nblk, int64_t n_tokens) {
+  allow_dependents_in_last_wave();
+  await_inputs();
+  constexpr int kTokens = 8 * NTILE;
+  __shared__ float partial[8][kMmaRows * kTokens];
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
+  QJob job;
+  if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
+  const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 (the same alignment)
+  const uint8_t* wg8 = wg + 8 * job.row_bytes;
+  const MmaTokens<NTILE> tok(g, t, n_tokens, q, d, nullptr, nblk);
+  float acc[NTILE][4] = {};
+  const int superblocks = static_cast<int>(cols / 256);
+  for (int sb = warp; sb < superblocks; sb += 8) {
+    const uint8_t* bg = wg + 210 * static_cast<int64_t>(sb);
+    const uint8_t* bg8 = wg8 + 210 * static_cast<int64_t>(sb);
+    Q6kLaneBytes rg, rg8;
+    if ((reinterpret_cast<uintptr_t>(bg) & 3) == 0) {
+      q6k_lane_bytes<true>(bg, t, rg);
+      q6k_lane_bytes<true>(bg8, t, rg8);
+    } else {
+      q6k_lane_bytes<false>(bg, t, rg);
+      q6k_lane_bytes<false>(bg8, t, rg8);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t b = 8 * static_cast<int64_t>(sb) + 4 * h + k;  // the activations' 32-block
+        uint32_t ag[2], ag8[2];  // sub-blocks 0 and 1
+        int scg[2], scg8[2];
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+          const int j = 4 * h + 2 * (k & 1) + sub;  // ql's 16-byte run
+          ag[sub] = q6k_levels(rg.ql[j], rg.qh[2 * h + sub], 4 * (k >> 1), 2 * k);
+          ag8[sub] = q6k_levels(rg8.ql[j], rg8.qh[2 * h + sub], 4 * (k >> 1), 2 * k);
+          const int byte = 8 * (2 * (k & 1) + sub);  // scale 8h + 2k + sub: word 2h + k / 2
+          scg[sub] = static_cast<int8_t>(rg.sc[2 * h + (k >> 1)] >> byte);
+          scg8[sub] = static_cast<int8_t>(rg8.sc[2 * h + (k >> 1)] >> byte);
+        }
+#pragma unroll
+        for (int n = 0; n < NTILE; ++n) {
+          int s0[4], s1[4];
+          mma_s8_m16n8k16(s0, ag[0], ag8[0], tok.x4(n, b, 4 * t));
+          mma_s8_m16n8k16(s1, ag[1], ag8[1], tok.x4(n, b, 16 + 4 * t));
+          const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
+          acc[n][0] += dxa * rg.d * static_cast<float>(scg[0] * s0[0] + scg[1] * s1[0]);
+          acc[n][1] += dxb * rg.d * static_cast<float>(scg[0] * s0[1] + scg[1] * s1[1]);
+          acc[n][2] += dxa * rg8.d * static_cast<float>(scg8[0] * s0[2] + scg8[1] * s1[2]);
+          acc[n][3] += dxb * rg8.d * static_cast<float>(scg8[0] * s0[3] + scg8[1] * s1[3]);
+        }
       }
     }
   }
@@ -2807,7 +2924,11 @@ struct GpuDecoder::Impl {
   // q4_k 8 sequences 819 integer / 597 GEMM, 16: 811 / 980, 64: 803 / 2033; nf4 alike; bf16 8: 361 /
   // 1065. So 16 for quantized weights, 8 for plain ones; BIOQUANT_CUDA_BATCH_GEMM sets it.
   int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
-  static bool mma_format(QuantType t) { return t == QuantType::Q4_K || t == QuantType::NF4 || t == QuantType::FP4; }
+  static bool mma_format(QuantType t) {
+    return t == QuantType::Q4_K || t == QuantType::Q6_K || t == QuantType::NF4 || t == QuantType::FP4;
+  }
+  // The columns an mma kernel's rows must be a multiple of: whole super-blocks, or nf4/fp4 blocks of 64.
+  static int64_t mma_cols(QuantType t) { return t == QuantType::Q4_K || t == QuantType::Q6_K ? 256 : 64; }
   bool all_layers_mma() const {
     for (const DevLayer& l : layers)
       for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
@@ -2820,7 +2941,7 @@ struct GpuDecoder::Impl {
     if (!blas.ready() || layers.empty()) return false;
     const QuantType t = layers.front().wq.type;
     const bool plain = t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
-    // q4_k, nf4 and fp4 layers multiply passes of up to 16 tokens on the tensor cores themselves (the
+    // q4_k, q6_k, nf4 and fp4 layers multiply passes of up to 16 tokens on the tensor cores themselves (the
     // mma kernels): H200, 8B q4_k, 16 sequences 1663 tok/s against 1204 through cuBLAS, 24 a tie (1715 / 1706).
     const int64_t fallback = plain ? 8 : batch_mma && all_layers_mma() ? 24 : 16;
     if (static_cast<int64_t>(segments.size()) < (batch_gemm_min > 0 ? batch_gemm_min : fallback)) return false;
@@ -2844,8 +2965,8 @@ struct GpuDecoder::Impl {
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
-  // q4_k, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8
-  // on qmatmul_kernel / bf16_matmul_vec_kernel).
+  // q4_k, q6_k, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2:
+  // passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
   bool dependent_decode = cuda_knob_int("BIOQUANT_CUDA_PDL", 1) == 1;
@@ -3355,9 +3476,9 @@ struct GpuDecoder::Impl {
       group.total_rows = total_rows;
       const bool dependent = dependent_decode && n == 1;
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
-      // q4_k, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel, bnb4_mma_kernel),
-      // other formats' of up to 8.
-      const bool mma_pass = batch_mma && n > 1 && mma_format(type) && cols % (type == QuantType::Q4_K ? 256 : 64) == 0 &&
+      // q4_k, q6_k, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel,
+      // q6k_mma_kernel, bnb4_mma_kernel), other formats' of up to 8.
+      const bool mma_pass = batch_mma && n > 1 && mma_format(type) && cols % mma_cols(type) == 0 &&
                             rows_multiple_of(group, kMmaRows);
       const int64_t pass_tokens = mma_pass ? 2 * kMmaTileTokens : 8;
       for (int64_t t0 = 0; t0 < n; t0 += pass_tokens) {
@@ -3391,13 +3512,18 @@ struct GpuDecoder::Impl {
             launch_with(dependent, qmatmul_kernel<T, 1, 2>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (nt == 1 && variant == 1) {
             launch_with(dependent, qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
-          } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || kBnb4)) {
+          } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q6_K) || kBnb4)) {
             const unsigned tiles = static_cast<unsigned>(total_rows / kMmaRows);
             if constexpr (T == static_cast<int>(QuantType::Q4_K)) {
               if (nt > 8)
                 launch(q4k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
               else
                 launch(q4k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+            } else if constexpr (T == static_cast<int>(QuantType::Q6_K)) {
+              if (nt > 8)
+                launch(q6k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+              else
+                launch(q6k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (kBnb4) {
               if (nt > 8)
                 launch(bnb4_mma_kernel<T, 2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
