@@ -1061,6 +1061,64 @@ __global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols,
   store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
 }
 
+// 4 bytes at a 2-byte aligned address (q6_k blocks are 210 bytes): one word load where the caller knows it
+// is 4-byte aligned, else two half-word loads.
+template <bool kAligned>
+__device__ __forceinline__ uint32_t word_b2(const uint8_t* p) {
+  if constexpr (kAligned) return *reinterpret_cast<const uint32_t*>(p);
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+  return static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+}
+
+// int8 (bitsandbytes LLM.int8 rows: [f32 absmax][cols x int8], the int8 part 4-byte aligned) passes of 2-16
+// tokens on the tensor cores, as q4k_mma_kernel: a block takes 16 rows, its 8 warps split the row's 32-weight
+// blocks (warp w: w, w + 8, ...). The weights are the A operand as they are: lane t takes bytes 8t..8t+7 of a
+// block (a0 / a1 the first four of rows g / g + 8, a2 / a3 the next four) against the same 8 activations; one
+// mma gives the dp4a kernels' exact block sums for 8 tokens. The row scale absmax / 127 is applied at the end.
+template <int NTILE>
+__global__ void __launch_bounds__(256) int8_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+                                                       int64_t nblk, int64_t n_tokens) {
+  allow_dependents_in_last_wave();
+  await_inputs();
+  constexpr int kTokens = 8 * NTILE;
+  __shared__ float partial[8][kMmaRows * kTokens];
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
+  QJob job;
+  if (!locate_row(jobs, row0, job)) return;  // the whole block (every job's rows are a multiple of 16)
+  const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;  // rows g and g + 8 of the tile
+  const uint8_t* wg8 = wg + 8 * job.row_bytes;
+  const MmaTokens<NTILE> tok(g, t, n_tokens, q, d, nullptr, nblk);
+  const uint32_t* lg = reinterpret_cast<const uint32_t*>(wg + 4 + 8 * t);  // this lane's words of block 0
+  const uint32_t* lg8 = reinterpret_cast<const uint32_t*>(wg8 + 4 + 8 * t);
+  float acc[NTILE][4] = {};
+  const int blocks = static_cast<int>(cols / 32);
+  for (int b = warp; b < blocks; b += 8) {
+    const uint32_t a0 = lg[8 * b], a2 = lg[8 * b + 1], a1 = lg8[8 * b], a3 = lg8[8 * b + 1];
+#pragma unroll
+    for (int n = 0; n < NTILE; ++n) {
+      int c[4];
+      const uint2 x = tok.x8(n, b, 8 * t);
+      mma_s8_m16n8k32(c, a0, a1, a2, a3, x.x, x.y, kMagicInt);  // c[i] = kMagicInt + S (|S| <= 32 * 127 * 127 < 2^22)
+      const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
+      acc[n][0] += dxa * (__int_as_float(c[0]) - kMagicFloat);
+      acc[n][1] += dxb * (__int_as_float(c[1]) - kMagicFloat);
+      acc[n][2] += dxa * (__int_as_float(c[2]) - kMagicFloat);
+      acc[n][3] += dxb * (__int_as_float(c[3]) - kMagicFloat);
+    }
+  }
+  const float sg = f32_at(wg) / 127.0f, sg8 = f32_at(wg8) / 127.0f;
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+    acc[n][0] *= sg;
+    acc[n][1] *= sg;
+    acc[n][2] *= sg8;
+    acc[n][3] *= sg8;
+  }
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
+}
+
 // D = A * B for one k16 step (int8, m16n8k16): A's rows g and g + 8 at k = 4t..4t+3 (a0, a1), B's
 // column g at the same k, C as the k32 form's.
 __device__ __forceinline__ void mma_s8_m16n8k16(int (&dst)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
@@ -1083,19 +1141,13 @@ struct Q6kLaneBytes {
   float d;
 };
 template <bool kAligned>
-__device__ __forceinline__ uint32_t q6k_word(const uint8_t* p) {
-  if constexpr (kAligned) return *reinterpret_cast<const uint32_t*>(p);
-  const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
-  return static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
-}
-template <bool kAligned>
 __device__ __forceinline__ void q6k_lane_bytes(const uint8_t* blk, int t, Q6kLaneBytes& o) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) o.ql[i] = q6k_word<kAligned>(blk + 16 * i + 4 * t);
+  for (int i = 0; i < 8; ++i) o.ql[i] = word_b2<kAligned>(blk + 16 * i + 4 * t);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) o.qh[i] = q6k_word<kAligned>(blk + 128 + 16 * i + 4 * t);
+  for (int i = 0; i < 4; ++i) o.qh[i] = word_b2<kAligned>(blk + 128 + 16 * i + 4 * t);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) o.sc[i] = q6k_word<kAligned>(blk + 192 + 4 * i);
+  for (int i = 0; i < 4; ++i) o.sc[i] = word_b2<kAligned>(blk + 192 + 4 * i);
   o.d = half_at(blk + 208);
 }
 // Four weights' levels less 32, as signed bytes: the low nibbles of ql (shifted), bits 2k..2k+1 of qh
@@ -2935,10 +2987,13 @@ struct GpuDecoder::Impl {
   // 1065. So 16 for quantized weights, 8 for plain ones; BIOQUANT_CUDA_BATCH_GEMM sets it.
   int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
   static bool mma_format(QuantType t) {
-    return t == QuantType::Q4_K || t == QuantType::Q6_K || t == QuantType::NF4 || t == QuantType::FP4;
+    return t == QuantType::Q4_K || t == QuantType::Q6_K || t == QuantType::NF4 || t == QuantType::FP4 ||
+           t == QuantType::INT8;
   }
-  // The columns an mma kernel's rows must be a multiple of: whole super-blocks, or nf4/fp4 blocks of 64.
-  static int64_t mma_cols(QuantType t) { return t == QuantType::Q4_K || t == QuantType::Q6_K ? 256 : 64; }
+  // The columns an mma kernel's rows must be a multiple of: whole super-blocks, nf4/fp4 blocks of 64, or 32.
+  static int64_t mma_cols(QuantType t) {
+    return t == QuantType::Q4_K || t == QuantType::Q6_K ? 256 : t == QuantType::NF4 || t == QuantType::FP4 ? 64 : 32;
+  }
   bool all_layers_mma() const {
     for (const DevLayer& l : layers)
       for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
@@ -2951,9 +3006,10 @@ struct GpuDecoder::Impl {
     if (!blas.ready() || layers.empty()) return false;
     const QuantType t = layers.front().wq.type;
     const bool plain = t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
-    // q4_k, q6_k, nf4 and fp4 layers multiply passes of up to 16 tokens on the tensor cores themselves (the
-    // mma kernels): H200, 8B, mma / cuBLAS tok/s: q4_k 24 sequences 2051 / 1724, 32: 2201 / 2173, 48: 2166 /
-    // 2924; nf4 24: 1898 / 1711, 32: 2089 / 2128; q4_k_m 24: 1977 / 1720, 32: 2110 / 2156.
+    // q4_k, q6_k, int8, nf4 and fp4 layers multiply passes of up to 16 tokens on the tensor cores themselves
+    // (the mma kernels): H200, 8B, mma / cuBLAS tok/s: q4_k 24 sequences 2051 / 1724, 32: 2201 / 2173, 48:
+    // 2166 / 2924; nf4 24: 1898 / 1711, 32: 2089 / 2128; q4_k_m 24: 1977 / 1720, 32: 2110 / 2156; int8 24:
+    // 1855 / 1681, 32: 2025 / 2106.
     const int64_t fallback = plain ? 8 : batch_mma && all_layers_mma() ? 32 : 16;
     if (static_cast<int64_t>(segments.size()) < (batch_gemm_min > 0 ? batch_gemm_min : fallback)) return false;
     for (const DecodeSegment& sg : segments)
@@ -2976,8 +3032,8 @@ struct GpuDecoder::Impl {
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
-  // q4_k, q6_k, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores (BIOQUANT_CUDA_BATCH_MMA=2:
-  // passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
+  // q4_k, q6_k, int8, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores
+  // (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
   bool dependent_decode = cuda_knob_int("BIOQUANT_CUDA_PDL", 1) == 1;
@@ -3487,8 +3543,10 @@ struct GpuDecoder::Impl {
       group.total_rows = total_rows;
       const bool dependent = dependent_decode && n == 1;
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
-      // q4_k, q6_k, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel,
-      // q6k_mma_kernel, bnb4_mma_kernel), other formats' of up to 8.
+      // q4_k, q6_k, int8, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel,
+      // q6k_mma_kernel, int8_mma_kernel, bnb4_mma_kernel), other formats' (q8_0, q4_0, q5_k) of up to 8.
+      // q8_0's 34-byte blocks, 2-byte aligned, made the same kernel slower than dp4a at 4 sequences (H200,
+      // 8B: 506 against 683 tok/s) and only 9-17% faster at 8-16: its loads, not its arithmetic, bound it.
       const bool mma_pass = batch_mma && n > 1 && mma_format(type) && cols % mma_cols(type) == 0 &&
                             rows_multiple_of(group, kMmaRows);
       const int64_t pass_tokens = mma_pass ? 2 * kMmaTileTokens : 8;
@@ -3523,13 +3581,19 @@ struct GpuDecoder::Impl {
             launch_with(dependent, qmatmul_kernel<T, 1, 2>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (nt == 1 && variant == 1) {
             launch_with(dependent, qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
-          } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q6_K) || kBnb4)) {
+          } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q6_K) ||
+                                  T == static_cast<int>(QuantType::INT8) || kBnb4)) {
             const unsigned tiles = static_cast<unsigned>(total_rows / kMmaRows);
             if constexpr (T == static_cast<int>(QuantType::Q4_K)) {
               if (nt > 8)
                 launch(q4k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
               else
                 launch(q4k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+            } else if constexpr (T == static_cast<int>(QuantType::INT8)) {
+              if (nt > 8)
+                launch(int8_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+              else
+                launch(int8_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (T == static_cast<int>(QuantType::Q6_K)) {
               if (nt > 8)
                 launch(q6k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
