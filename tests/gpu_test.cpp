@@ -701,11 +701,11 @@ TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
     auto model = Model::load(biomed_tiny_dir());
     if (name != "bf16") quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f)), pool);
     // Bit for bit only where every matrix's several-token kernel adds in the one-token kernel's order
-    // (q8_0, q4_0, q5_k): not on the tensor cores (q4_k, q6_k, int8, nf4, fp4, bf16; k-quant recipes keep
+    // (q4_0, q5_k): not on the tensor cores (q4_k, q6_k, int8, q8_0, nf4, fp4, bf16; k-quant recipes keep
     // the output matrix in q6_k, bitsandbytes recipes its stored precision).
     const auto batch_order_differs = [](QuantType t) {
       return t == QuantType::Q4_K || t == QuantType::NF4 || t == QuantType::FP4 || t == QuantType::BF16 ||
-             t == QuantType::Q6_K || t == QuantType::INT8;
+             t == QuantType::Q6_K || t == QuantType::INT8 || t == QuantType::Q8_0;
     };
     const ModelWeights& mw = std::as_const(*model).weights();
     bool same_sums = !batch_order_differs(mw.output.type);
@@ -1027,14 +1027,15 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
               name.c_str(), tight_rows, rows, static_cast<double>(tight), to_dp4a.max_err, to_cpu.max_err, to_cpu.max_ref);
 }
 
-// q4_k, q6_k, int8, nf4 and fp4 passes of 2-16 tokens (batched decode steps, prompts on the integer path)
-// multiply on the tensor cores (q4k_mma_kernel, q6k_mma_kernel, int8_mma_kernel, bnb4_mma_kernel): the
-// same integer sums per 32-weight block as the dp4a kernel, added in another order. A 4096-wide model with a 4352-wide
-// MLP: the 8 warps of a block take 2 super-blocks of a row each (the MLP's 17: one warp takes 3; nf4: 8
-// or 9 blocks of 64; int8: 16 or 17 blocks of 32; q6_k: every other super-block 4-byte aligned, and in the
-// down projection's rows, 3570 bytes long, every other row); batches of 2, 5, 8, 13 and 16 sequences fill one or two mma tiles partly or wholly; a 20-token
-// prompt is a pass of 16 and one of 4. nf4 also with double quantization (byte-aligned blocks). bf16
-// (bf16_mma_kernel, tf32) against bf16_matmul_vec_kernel: 128 chunks of 32 columns, 16 per warp.
+// q4_k, q6_k, int8, q8_0, nf4 and fp4 passes of 2-16 tokens (batched decode steps, prompts on the integer
+// path; q8_0 from 8 tokens) multiply on the tensor cores (q4k_mma_kernel, q6k_mma_kernel, int8_mma_kernel,
+// q80_mma_kernel, bnb4_mma_kernel): the same integer sums per 32-weight block as the dp4a kernel, added in
+// another order. A 4096-wide model with a 4352-wide MLP: the 8 warps of a block take 2 super-blocks of a row
+// each (the MLP's 17: one warp takes 3; nf4: 8 or 9 blocks of 64; int8: 16 or 17 blocks of 32; q8_0: 8 or 9
+// pairs of them; q6_k: every other super-block 4-byte aligned, and in the down projection's rows, 3570 bytes
+// long, every other row); batches of 2, 5, 8, 13 and 16 sequences fill one or two mma tiles partly or wholly;
+// a 20-token prompt is a pass of 16 and one of 4. nf4 also with double quantization (byte-aligned blocks).
+// bf16 (bf16_mma_kernel, tf32) against bf16_matmul_vec_kernel: 128 chunks of 32 columns, 16 per warp.
 TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
   SKIP_WITHOUT_GPU();
   const ModelConfig c = wide_one_layer_config();
@@ -1044,7 +1045,8 @@ TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
     bool double_quant;
     QuantType type;
   } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"q6_k", false, QuantType::Q6_K}, {"int8", false, QuantType::INT8},
-                 {"nf4", false, QuantType::NF4}, {"nf4", true, QuantType::NF4}, {"fp4", false, QuantType::FP4}};
+                 {"q8_0", false, QuantType::Q8_0}, {"nf4", false, QuantType::NF4}, {"nf4", true, QuantType::NF4},
+                 {"fp4", false, QuantType::FP4}};
   for (const auto& f : formats) {
     const QuantRecipe recipe = parse_quant_recipe(f.name, f.double_quant, "all");
     auto model = make_synthetic_model(c, DType::F32, 23, pool, &recipe);

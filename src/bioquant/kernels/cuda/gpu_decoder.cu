@@ -775,7 +775,7 @@ struct MmaTokens {
   }
 };
 
-// The start of the int8 mma kernels (q4_k, q6_k, int8): kTokens = 8 * NTILE tokens per pass, the warps'
+// The start of the int8 mma kernels (q4_k, q6_k, int8, q8_0): kTokens = 8 * NTILE tokens per pass, the warps'
 // partial sums in shared memory, lane (g, t) of warp `warp`, the block's 16 rows located (every job's rows
 // are a multiple of 16, so the whole block returns when it has none), wg / wg8 the starts of rows g and g + 8.
 // A macro, not a helper: a struct holding the same values moved q4_k's kernel from 104 to 100 registers and
@@ -1113,6 +1113,47 @@ __global__ void __launch_bounds__(256) int8_mma_kernel(QJobs jobs, int64_t cols,
     acc[n][1] *= sg;
     acc[n][2] *= sg8;
     acc[n][3] *= sg8;
+  }
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
+}
+
+// q8_0 ([f16 d][32 x int8] blocks) passes of 2-16 tokens on the tensor cores, as int8_mma_kernel but a warp
+// takes a pair of blocks at a time (warp w: pairs w, w + 8, ...). The 34-byte blocks are 2-byte aligned,
+// and the same kernel with a block at a time lost to the dp4a kernel (4 sequences 506 against 683 tok/s,
+// H200, 8B: half-word loads for every other block); a pair is 68 bytes, 4-byte aligned when the row is
+// (rows of an even number of blocks): [d0][qs0][d1][qs1]. Lane t's bytes 8t..8t+7 of qs0 are bytes 2 + 8t..
+// of the pair, two funnel shifts of three words; those of qs1 start at 36 + 8t, two words as they are.
+template <int NTILE>
+__global__ void __launch_bounds__(256) q80_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+                                                      int64_t nblk, int64_t n_tokens) {
+  BQ_MMA_TILE_PROLOGUE(NTILE);
+  const MmaTokens<NTILE> tok(g, t, n_tokens, q, d, nullptr, nblk);
+  float acc[NTILE][4] = {};
+  const int pairs = static_cast<int>(cols / 64);
+  for (int p = warp; p < pairs; p += 8) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(wg + 68 * static_cast<int64_t>(p));  // row g's pair
+    const uint32_t* w8 = reinterpret_cast<const uint32_t*>(wg8 + 68 * static_cast<int64_t>(p));
+    const uint32_t g0 = w[2 * t], g1 = w[2 * t + 1], g2 = w[2 * t + 2];
+    const uint32_t h0 = w8[2 * t], h1 = w8[2 * t + 1], h2 = w8[2 * t + 2];
+    // [block]: the A registers (rows g, g + 8 first four bytes, then the next four) and the blocks' d
+    const uint32_t a0[2] = {__funnelshift_r(g0, g1, 16), w[9 + 2 * t]}, a2[2] = {__funnelshift_r(g1, g2, 16), w[10 + 2 * t]};
+    const uint32_t a1[2] = {__funnelshift_r(h0, h1, 16), w8[9 + 2 * t]}, a3[2] = {__funnelshift_r(h1, h2, 16), w8[10 + 2 * t]};
+    const float dg[2] = {half_lo(w[0]), half_hi(w[8])}, dg8[2] = {half_lo(w8[0]), half_hi(w8[8])};
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int64_t b = 2 * static_cast<int64_t>(p) + k;
+#pragma unroll
+      for (int n = 0; n < NTILE; ++n) {
+        int c[4];
+        const uint2 x = tok.x8(n, b, 8 * t);
+        mma_s8_m16n8k32(c, a0[k], a1[k], a2[k], a3[k], x.x, x.y, kMagicInt);
+        const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
+        acc[n][0] += dxa * dg[k] * (__int_as_float(c[0]) - kMagicFloat);
+        acc[n][1] += dxb * dg[k] * (__int_as_float(c[1]) - kMagicFloat);
+        acc[n][2] += dxa * dg8[k] * (__int_as_float(c[2]) - kMagicFloat);
+        acc[n][3] += dxb * dg8[k] * (__int_as_float(c[3]) - kMagicFloat);
+      }
+    }
   }
   store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
 }
@@ -2976,17 +3017,30 @@ struct GpuDecoder::Impl {
   int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
   static bool mma_format(QuantType t) {
     return t == QuantType::Q4_K || t == QuantType::Q6_K || t == QuantType::NF4 || t == QuantType::FP4 ||
-           t == QuantType::INT8;
+           t == QuantType::INT8 || t == QuantType::Q8_0;
   }
-  // The columns an mma kernel's rows must be a multiple of: whole super-blocks, nf4/fp4 blocks of 64, or 32.
+  // The columns an mma kernel's rows must be a multiple of: whole super-blocks, nf4/fp4 blocks of 64, q8_0
+  // block pairs, int8 blocks of 32.
   static int64_t mma_cols(QuantType t) {
-    return t == QuantType::Q4_K || t == QuantType::Q6_K ? 256 : t == QuantType::NF4 || t == QuantType::FP4 ? 64 : 32;
+    return t == QuantType::Q4_K || t == QuantType::Q6_K ? 256 : t == QuantType::INT8 ? 32 : 64;
   }
-  bool all_layers_mma() const {
+  // The fewest tokens a pass takes the mma kernel with: q8_0's (block pairs, 16 rows a block) is latency-bound
+  // with few tokens: H200, 8B, same call, mma / dp4a: 2 sequences 353 / 492 tok/s, 4: 665 / 671, 8: 1154 / 841.
+  static int64_t mma_min_tokens(QuantType t) { return t == QuantType::Q8_0 ? 8 : 2; }
+  // From how many sequences a decode step of layers in this format is faster through cuBLAS than the mma
+  // kernels (H200, 8B, mma / cuBLAS tok/s): q4_k 24 sequences 2051 / 1724, 32: 2201 / 2173, 48: 2166 / 2924;
+  // nf4 24: 1898 / 1711, 32: 2089 / 2128; q4_k_m 24: 1977 / 1720, 32: 2110 / 2156; int8 24: 1855 / 1681, 32:
+  // 2025 / 2106; q8_0 24: 1469 / 1615 (16: 1610 mma against 1132 cuBLAS).
+  static int64_t mma_gemm_from(QuantType t) { return t == QuantType::Q8_0 ? 24 : 32; }
+  // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel.
+  int64_t layers_mma_gemm_from() const {
+    int64_t from = 1 << 30;
     for (const DevLayer& l : layers)
-      for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
-        if (!mma_format(m->type)) return false;
-    return true;
+      for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+        if (!mma_format(m->type)) return 0;
+        from = std::min(from, mma_gemm_from(m->type));
+      }
+    return from;
   }
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
     // cuBLAS only: the WMMA fallback was slower than the integer kernels up to ~32 sequences (16: 423
@@ -2994,11 +3048,10 @@ struct GpuDecoder::Impl {
     if (!blas.ready() || layers.empty()) return false;
     const QuantType t = layers.front().wq.type;
     const bool plain = t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
-    // q4_k, q6_k, int8, nf4 and fp4 layers multiply passes of up to 16 tokens on the tensor cores themselves
-    // (the mma kernels): H200, 8B, mma / cuBLAS tok/s: q4_k 24 sequences 2051 / 1724, 32: 2201 / 2173, 48:
-    // 2166 / 2924; nf4 24: 1898 / 1711, 32: 2089 / 2128; q4_k_m 24: 1977 / 1720, 32: 2110 / 2156; int8 24:
-    // 1855 / 1681, 32: 2025 / 2106.
-    const int64_t fallback = plain ? 8 : batch_mma && all_layers_mma() ? 32 : 16;
+    // Layers that multiply passes of up to 16 tokens on the tensor cores themselves (the mma kernels) keep
+    // them longer (mma_gemm_from).
+    const int64_t mma_from = batch_mma ? layers_mma_gemm_from() : 0;
+    const int64_t fallback = plain ? 8 : mma_from > 0 ? mma_from : 16;
     if (static_cast<int64_t>(segments.size()) < (batch_gemm_min > 0 ? batch_gemm_min : fallback)) return false;
     for (const DecodeSegment& sg : segments)
       if (sg.n != 1) return false;
@@ -3020,7 +3073,7 @@ struct GpuDecoder::Impl {
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
-  // q4_k, q6_k, int8, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores
+  // q4_k, q6_k, int8, q8_0, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores
   // (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
@@ -3531,11 +3584,9 @@ struct GpuDecoder::Impl {
       group.total_rows = total_rows;
       const bool dependent = dependent_decode && n == 1;
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
-      // q4_k, q6_k, int8, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel,
-      // q6k_mma_kernel, int8_mma_kernel, bnb4_mma_kernel), other formats' (q8_0, q4_0, q5_k) of up to 8.
-      // q8_0's 34-byte blocks, 2-byte aligned, made the same kernel slower than dp4a at 4 sequences (H200,
-      // 8B: 506 against 683 tok/s) and only 9-17% faster at 8-16: its loads, not its arithmetic, bound it.
-      const bool mma_pass = batch_mma && n > 1 && mma_format(type) && cols % mma_cols(type) == 0 &&
+      // q4_k, q6_k, int8, q8_0, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel,
+      // q6k_mma_kernel, int8_mma_kernel, q80_mma_kernel, bnb4_mma_kernel), other formats' (q4_0, q5_k) of up to 8.
+      const bool mma_pass = batch_mma && n >= mma_min_tokens(type) && mma_format(type) && cols % mma_cols(type) == 0 &&
                             rows_multiple_of(group, kMmaRows);
       const int64_t pass_tokens = mma_pass ? 2 * kMmaTileTokens : 8;
       for (int64_t t0 = 0; t0 < n; t0 += pass_tokens) {
@@ -3570,7 +3621,8 @@ struct GpuDecoder::Impl {
           } else if (nt == 1 && variant == 1) {
             launch_with(dependent, qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q6_K) ||
-                                  T == static_cast<int>(QuantType::INT8) || kBnb4)) {
+                                  T == static_cast<int>(QuantType::INT8) || T == static_cast<int>(QuantType::Q8_0) ||
+                                  kBnb4)) {
             const unsigned tiles = static_cast<unsigned>(total_rows / kMmaRows);
             if constexpr (T == static_cast<int>(QuantType::Q4_K)) {
               if (nt > 8)
@@ -3582,6 +3634,11 @@ struct GpuDecoder::Impl {
                 launch(int8_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
               else
                 launch(int8_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+            } else if constexpr (T == static_cast<int>(QuantType::Q8_0)) {
+              if (nt > 8)
+                launch(q80_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+              else
+                launch(q80_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (T == static_cast<int>(QuantType::Q6_K)) {
               if (nt > 8)
                 launch(q6k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
