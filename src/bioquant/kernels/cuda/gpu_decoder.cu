@@ -3010,10 +3010,11 @@ struct GpuDecoder::Impl {
   // depend on what it is batched with.
   int64_t gemm_rows = 0;
   // A decode step of at least this many sequences (one new token each) multiplies on tensor cores
-  // too: the integer kernels' cost grows with the rows (each extra token costs about half a one-token
-  // matvec), the dequantize + GEMM's hardly does. Measured (H200, 8B shape, tokens/s of the batch):
-  // q4_k 8 sequences 819 integer / 597 GEMM, 16: 811 / 980, 64: 803 / 2033; nf4 alike; bf16 8: 361 /
-  // 1065. So 16 for quantized weights, 8 for plain ones; BIOQUANT_CUDA_BATCH_GEMM sets it.
+  // through cuBLAS too: the dp4a kernels' cost grows with the rows (each extra token costs about half a
+  // one-token matvec), the dequantize + GEMM's hardly does. Measured (H200, 8B shape, tokens/s of the
+  // batch): q4_k 8 sequences 819 dp4a / 597 GEMM, 16: 811 / 980, 64: 803 / 2033; nf4 alike; bf16 8: 361 /
+  // 1065. So 16 for quantized weights, 8 for plain ones; later, layers with mma kernels keep them longer
+  // (mma_gemm_from). BIOQUANT_CUDA_BATCH_GEMM sets it.
   int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
   static bool mma_format(QuantType t) {
     return t == QuantType::Q4_K || t == QuantType::Q6_K || t == QuantType::NF4 || t == QuantType::FP4 ||
