@@ -884,6 +884,24 @@ __device__ __forceinline__ void bnb4_dot8(const Bnb4PermuteTables& t, uint32_t w
   }
 }
 
+// The permute tables from their per-lane copies in shared memory (kBnb4PermuteWords x 32 words, word i of
+// lane l at 32 i + l). Each lane reads its own copy, so that they sit in vector registers: values the
+// compiler can see are warp-uniform it kept partly in uniform registers, which PRMT cannot read, and paid a
+// move before each lookup (57 moves in the loop over a 64-weight block, in the SASS).
+__device__ __forceinline__ Bnb4PermuteTables lane_permute_tables(const uint32_t* tables_shared, int lane) {
+  Bnb4PermuteTables tables;
+  const uint32_t* mine = tables_shared + lane;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    tables.hi_direct[k] = mine[32 * k];
+    tables.hi_flipped[k] = mine[32 * (2 + k)];
+    tables.lo_direct[k] = mine[32 * (4 + k)];
+    tables.lo_flipped[k] = mine[32 * (6 + k)];
+  }
+  tables.radix = static_cast<int32_t>(tables_shared[32 * 8]);
+  return tables;
+}
+
 // kPipelined: each lane's next block is loaded while it multiplies the current one, and the warp's
 // first row's first block before the wait (the weights are never written by kernels; +1-2%).
 // At most 64 registers (four blocks per SM): unbounded, the compiler took 90 (two blocks) and nf4
@@ -921,19 +939,7 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
     for (int i = threadIdx.x; i < kBnb4PermuteWords * 32; i += blockDim.x) tables_shared[i] = permute[i / 32];
     __syncthreads();
   }
-  // Each lane reads its own copy of the tables, so that they sit in vector registers: values the
-  // compiler can see are warp-uniform it kept partly in uniform registers, which PRMT cannot read,
-  // and paid a move before each lookup (57 moves in the loop over a 64-weight block, in the SASS).
-  Bnb4PermuteTables tables;
-  const uint32_t* mine = tables_shared + lane;
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    tables.hi_direct[k] = mine[32 * k];
-    tables.hi_flipped[k] = mine[32 * (2 + k)];
-    tables.lo_direct[k] = mine[32 * (4 + k)];
-    tables.lo_flipped[k] = mine[32 * (6 + k)];
-  }
-  tables.radix = static_cast<int32_t>(tables_shared[32 * 8]);
+  Bnb4PermuteTables tables = lane_permute_tables(tables_shared, lane);
   bool preloaded = kPipelined;
   for (int64_t r = first; r < jobs.total_rows; r += warps) {
     int64_t row = r;
@@ -997,15 +1003,7 @@ __global__ void __launch_bounds__(256) bnb4_mma_kernel(QJobs jobs, int64_t cols,
   }
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
-  Bnb4PermuteTables tables;
-  const uint32_t* mine = tables_shared + lane;
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    tables.hi_direct[k] = mine[32 * k];
-    tables.hi_flipped[k] = mine[32 * (2 + k)];
-    tables.lo_direct[k] = mine[32 * (4 + k)];
-    tables.lo_flipped[k] = mine[32 * (6 + k)];
-  }
+  const Bnb4PermuteTables tables = lane_permute_tables(tables_shared, lane);
   const int32_t radix = static_cast<int32_t>(tables_shared[32 * 8]);
   int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
   QJob job;
