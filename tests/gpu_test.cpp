@@ -682,11 +682,13 @@ TEST(GpuParity, BatchedSequencesMatchOneAtATime) {
 
 // Batched decode steps (every sequence one new token, its rows stacked through the matmuls, the
 // attention of all sequences in one launch) against each sequence's steps alone. The batched
-// attention launch is the per-sequence launches to the bit. With 4 sequences the matmuls take the
-// several-token integer kernels: the same sums as the one-token kernels where those are the same
-// block-per-lane loop (bf16, q8_0, q4_0, int8, q5_k: bit for bit, unless a matrix is q6_k), another
-// order for q4_k's pair, q6_k's half-super-block and nf4/fp4's 64-block kernels; 20 sequences multiply
-// on tensor cores (bf16 activations). One attention block per head everywhere (with splits, a batch's split sizes follow its longest sequence).
+// attention launch is the per-sequence launches to the bit. 4 and 20 sequences multiply on the mma
+// kernels (bf16 at 20 through cuBLAS): other orders of adds, within the quantized bound. With the mma
+// kernels off (BIOQUANT_CUDA_BATCH_MMA=2), 4 sequences take the several-token dp4a kernels: the same sums
+// as the one-token kernels where those are the same block-per-lane loop (bf16, q8_0, q4_0, int8, q5_k: bit
+// for bit, unless a matrix is q6_k), another order for q4_k's pair, q6_k's half-super-block and nf4/fp4's
+// 64-block kernels. One attention block per head everywhere (with splits, a batch's split sizes follow its
+// longest sequence).
 TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
   SKIP_WITHOUT_GPU();
   const std::vector<int32_t> ids = biomed_tiny_prompt(64);
@@ -700,12 +702,10 @@ TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
     const std::string name = f;
     auto model = Model::load(biomed_tiny_dir());
     if (name != "bf16") quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f)), pool);
-    // Bit for bit only where every matrix's several-token kernel adds in the one-token kernel's order
-    // (q4_0, q5_k): not on the tensor cores (q4_k, q6_k, int8, q8_0, nf4, fp4, bf16; k-quant recipes keep
-    // the output matrix in q6_k, bitsandbytes recipes its stored precision).
+    // Bit for bit only where every matrix's several-token dp4a kernel adds in the one-token kernel's order
+    // (k-quant recipes keep the output matrix in q6_k, bitsandbytes recipes its stored precision).
     const auto batch_order_differs = [](QuantType t) {
-      return t == QuantType::Q4_K || t == QuantType::NF4 || t == QuantType::FP4 || t == QuantType::BF16 ||
-             t == QuantType::Q6_K || t == QuantType::INT8 || t == QuantType::Q8_0;
+      return t == QuantType::Q4_K || t == QuantType::NF4 || t == QuantType::FP4 || t == QuantType::Q6_K;
     };
     const ModelWeights& mw = std::as_const(*model).weights();
     bool same_sums = !batch_order_differs(mw.output.type);
@@ -714,11 +714,19 @@ TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
         same_sums = same_sums && !batch_order_differs(m->type);
     const ModelConfig& c = model->config();
     const size_t vocab = static_cast<size_t>(c.vocab);
-    for (const int batch : {4, 20}) {
-      const auto together = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_SPLITS", "1"}});
+    struct Run {
+      int batch;
+      bool exact;  // the dp4a kernels (mma off), bit for bit
+    };
+    for (const Run run : {Run{4, false}, Run{20, false}, Run{4, true}}) {
+      const int batch = run.batch;
+      if (run.exact && !same_sums) continue;
+      const char* mma = run.exact ? "2" : "1";
+      const auto together = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_SPLITS", "1"}, {"BIOQUANT_CUDA_BATCH_MMA", mma}});
       const auto launches = gpu_decoder(*model, pool, KvType::BF16,
-                                        {{"BIOQUANT_CUDA_SPLITS", "1"}, {"BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", "1"}});
-      const auto alone = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_SPLITS", "1"}});
+                                        {{"BIOQUANT_CUDA_SPLITS", "1"}, {"BIOQUANT_CUDA_ATTENTION_PER_SEQUENCE", "1"},
+                                         {"BIOQUANT_CUDA_BATCH_MMA", mma}});
+      const auto alone = gpu_decoder(*model, pool, KvType::BF16, {{"BIOQUANT_CUDA_SPLITS", "1"}, {"BIOQUANT_CUDA_BATCH_MMA", mma}});
       std::vector<std::unique_ptr<KVCache>> ct, cl, ca;
       std::vector<float> got(static_cast<size_t>(batch) * vocab), per_launch(got.size()), want(got.size());
       std::vector<int32_t> next(static_cast<size_t>(batch));
@@ -748,7 +756,7 @@ TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
         for (int i = 0; i < batch; ++i) r.add(want.data() + i * vocab, got.data() + i * vocab, static_cast<int64_t>(vocab));
       }
       EXPECT_EQ(launch_differences, 0) << f << " batch " << batch;
-      if (same_sums && batch == 4) {
+      if (run.exact) {
         EXPECT_EQ(r.max_err, 0.0f) << f;
       } else {
         EXPECT_LE(r.max_err, 5e-2f * std::max(1.0f, r.max_ref)) << f << " batch " << batch;
@@ -757,8 +765,9 @@ TEST(GpuParity, BatchedDecodeStepsMatchEachSequenceAlone) {
           EXPECT_LE(r.worst_flip_margin, 2.0f * r.max_err) << f << " batch " << batch;
         }
       }
-      std::printf("batched decode %-5s x %2d: max|batched-alone| %.2e (max|logit| %.2f), top-token differences %d "
-                  "(alone's margin <= %.2e)\n", f, batch, r.max_err, r.max_ref, r.argmax_mismatches, r.worst_flip_margin);
+      std::printf("batched decode %-5s x %2d%s: max|batched-alone| %.2e (max|logit| %.2f), top-token differences %d "
+                  "(alone's margin <= %.2e)\n", f, batch, run.exact ? " (dp4a)" : "", r.max_err, r.max_ref,
+                  r.argmax_mismatches, r.worst_flip_margin);
     }
   }
 }
@@ -1027,12 +1036,12 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
               name.c_str(), tight_rows, rows, static_cast<double>(tight), to_dp4a.max_err, to_cpu.max_err, to_cpu.max_ref);
 }
 
-// q4_k, q6_k, int8, q8_0, nf4 and fp4 passes of 2-16 tokens (batched decode steps, prompts on the integer
-// path; q8_0 from 8 tokens) multiply on the tensor cores (q4k_mma_kernel, q6k_mma_kernel, int8_mma_kernel,
-// q80_mma_kernel, bnb4_mma_kernel): the same integer sums per 32-weight block as the dp4a kernel, added in
-// another order. A 4096-wide model with a 4352-wide MLP: the 8 warps of a block take 2 super-blocks of a row
-// each (the MLP's 17: one warp takes 3; nf4: 8 or 9 blocks of 64; int8: 16 or 17 blocks of 32; q8_0: 8 or 9
-// pairs of them; q6_k: every other super-block 4-byte aligned, and in the down projection's rows, 3570 bytes
+// q4_k, q5_k, q6_k, int8, q8_0, q4_0, nf4 and fp4 passes of 2-16 tokens (batched decode steps, prompts on the
+// integer path; q8_0 from 8 tokens) multiply on the tensor cores (q4k_mma_kernel, q6k_mma_kernel,
+// int8_mma_kernel, q80_mma_kernel, q40_mma_kernel, bnb4_mma_kernel): the same integer sums per 32-weight block
+// as the dp4a kernel, added in another order. A 4096-wide model with a 4352-wide MLP: the 8 warps of a block
+// take 2 super-blocks of a row each (the MLP's 17: one warp takes 3; nf4: 8 or 9 blocks of 64; int8: 16 or 17
+// blocks of 32; q8_0 and q4_0: 8 or 9 pairs of them; q6_k: every other super-block 4-byte aligned, and in the down projection's rows, 3570 bytes
 // long, every other row); batches of 2, 5, 8, 13 and 16 sequences fill one or two mma tiles partly or wholly;
 // a 20-token prompt is a pass of 16 and one of 4. nf4 also with double quantization (byte-aligned blocks).
 // bf16 (bf16_mma_kernel, tf32) against bf16_matmul_vec_kernel: 128 chunks of 32 columns, 16 per warp.
@@ -1044,9 +1053,9 @@ TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
     const char* name;
     bool double_quant;
     QuantType type;
-  } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"q6_k", false, QuantType::Q6_K}, {"int8", false, QuantType::INT8},
-                 {"q8_0", false, QuantType::Q8_0}, {"nf4", false, QuantType::NF4}, {"nf4", true, QuantType::NF4},
-                 {"fp4", false, QuantType::FP4}};
+  } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"q5_k", false, QuantType::Q5_K}, {"q6_k", false, QuantType::Q6_K},
+                 {"int8", false, QuantType::INT8}, {"q8_0", false, QuantType::Q8_0}, {"q4_0", false, QuantType::Q4_0},
+                 {"nf4", false, QuantType::NF4}, {"nf4", true, QuantType::NF4}, {"fp4", false, QuantType::FP4}};
   for (const auto& f : formats) {
     const QuantRecipe recipe = parse_quant_recipe(f.name, f.double_quant, "all");
     auto model = make_synthetic_model(c, DType::F32, 23, pool, &recipe);

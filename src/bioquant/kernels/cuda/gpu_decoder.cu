@@ -793,22 +793,32 @@ struct MmaTokens {
   const uint8_t* wg = job.w + (row0 + g) * job.row_bytes;                          \
   const uint8_t* wg8 = wg + 8 * job.row_bytes
 
-template <int NTILE>
-__global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
-                                                      const int* s, int64_t nblk, int64_t n_tokens) {
+// kQ5: q5_k super-blocks (176 bytes: the same header, then 32 bytes of fifth bits, then the nibbles), weight e
+// of sub-block j having bit j of fifth-bit byte e: lane t's bytes 8t..8t+7 of them, one 8-byte load per row.
+// Its 16-token kernel held to two blocks per SM (148 registers left one): H200, 8B, same call, 12 sequences
+// 1943 against 1419 tok/s, 16: 2222 / 1787, 24: 2132 / 1792. A minimum of 0 is none (q4_k's kernels as before).
+template <int NTILE, bool kQ5 = false>
+__global__ void __launch_bounds__(256, kQ5 && NTILE == 2 ? 2 : 0)
+    q4k_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s, int64_t nblk, int64_t n_tokens) {
   BQ_MMA_TILE_PROLOGUE(NTILE);
+  constexpr int kBlockBytes = kQ5 ? 176 : 144, kNibbles = kQ5 ? 48 : 16;
   const MmaTokens<NTILE> tok(g, t, n_tokens, q, d, s, nblk);
   float acc[NTILE][4] = {};
   const int superblocks = static_cast<int>(cols / 256);
   for (int sb = warp; sb < superblocks; sb += 8) {
-    const uint8_t* bg = wg + 144 * static_cast<int64_t>(sb);
-    const uint8_t* bg8 = wg8 + 144 * static_cast<int64_t>(sb);
+    const uint8_t* bg = wg + kBlockBytes * static_cast<int64_t>(sb);
+    const uint8_t* bg8 = wg8 + kBlockBytes * static_cast<int64_t>(sb);
     const uint4 hg = *reinterpret_cast<const uint4*>(bg), hg8 = *reinterpret_cast<const uint4*>(bg8);
     uint2 wa[4], wb[4];
 #pragma unroll
     for (int jp = 0; jp < 4; ++jp) {
-      wa[jp] = *reinterpret_cast<const uint2*>(bg + 16 + 32 * jp + 8 * t);
-      wb[jp] = *reinterpret_cast<const uint2*>(bg8 + 16 + 32 * jp + 8 * t);
+      wa[jp] = *reinterpret_cast<const uint2*>(bg + kNibbles + 32 * jp + 8 * t);
+      wb[jp] = *reinterpret_cast<const uint2*>(bg8 + kNibbles + 32 * jp + 8 * t);
+    }
+    uint2 fa = make_uint2(0u, 0u), fb = make_uint2(0u, 0u);  // q5_k: the fifth bits
+    if constexpr (kQ5) {
+      fa = *reinterpret_cast<const uint2*>(bg + 16 + 8 * t);
+      fb = *reinterpret_cast<const uint2*>(bg8 + 16 + 8 * t);
     }
     const float dg = half_lo(hg.x), mg = half_hi(hg.x), dg8 = half_lo(hg8.x), mg8 = half_hi(hg8.x);
 #pragma unroll
@@ -828,8 +838,15 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
       for (int h = 0; h < 2; ++h) {
         const int b = b0 + h;
         const int shift = 4 * h;
-        const uint32_t a0 = (wa[jp].x >> shift) & 0x0F0F0F0Fu, a1 = (wb[jp].x >> shift) & 0x0F0F0F0Fu;
-        const uint32_t a2 = (wa[jp].y >> shift) & 0x0F0F0F0Fu, a3 = (wb[jp].y >> shift) & 0x0F0F0F0Fu;
+        uint32_t a0 = (wa[jp].x >> shift) & 0x0F0F0F0Fu, a1 = (wb[jp].x >> shift) & 0x0F0F0F0Fu;
+        uint32_t a2 = (wa[jp].y >> shift) & 0x0F0F0F0Fu, a3 = (wb[jp].y >> shift) & 0x0F0F0F0Fu;
+        if constexpr (kQ5) {
+          const int j = 2 * jp + h;
+          a0 |= ((fa.x >> j) & 0x01010101u) << 4;
+          a1 |= ((fb.x >> j) & 0x01010101u) << 4;
+          a2 |= ((fa.y >> j) & 0x01010101u) << 4;
+          a3 |= ((fb.y >> j) & 0x01010101u) << 4;
+        }
         const float scale_g = dg * (h == 0 ? byte_to_float<0>(pg) : byte_to_float<1>(pg));
         const float min_g = mg * (h == 0 ? byte_to_float<2>(pg) : byte_to_float<3>(pg));
         const float scale_g8 = dg8 * (h == 0 ? byte_to_float<0>(pg8) : byte_to_float<1>(pg8));
@@ -842,7 +859,7 @@ __global__ void __launch_bounds__(256) q4k_mma_kernel(QJobs jobs, int64_t cols, 
           const float dxa = h == 0 ? dx0[n].x : dx0[n].y, dxb = h == 0 ? dx1[n].x : dx1[n].y;
           const float sxa = small_int_to_float(h == 0 ? sx0[n].x : sx0[n].y);
           const float sxb = small_int_to_float(h == 0 ? sx1[n].x : sx1[n].y);
-          // c[i] = kMagicInt + S (|S| <= 32 * 15 * 128 < 2^22)
+          // c[i] = kMagicInt + S (|S| <= 32 * 31 * 128 < 2^22)
           acc[n][0] += dxa * (scale_g * (__int_as_float(c[0]) - kMagicFloat) - min_g * sxa);
           acc[n][1] += dxb * (scale_g * (__int_as_float(c[1]) - kMagicFloat) - min_g * sxb);
           acc[n][2] += dxa * (scale_g8 * (__int_as_float(c[2]) - kMagicFloat) - min_g8 * sxa);
@@ -1146,6 +1163,50 @@ __global__ void __launch_bounds__(256) q80_mma_kernel(QJobs jobs, int64_t cols, 
         const uint2 x = tok.x8(n, b, 8 * t);
         mma_s8_m16n8k32(c, a0[k], a1[k], a2[k], a3[k], x.x, x.y, kMagicInt);
         const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
+        acc[n][0] += dxa * dg[k] * (__int_as_float(c[0]) - kMagicFloat);
+        acc[n][1] += dxb * dg[k] * (__int_as_float(c[1]) - kMagicFloat);
+        acc[n][2] += dxa * dg8[k] * (__int_as_float(c[2]) - kMagicFloat);
+        acc[n][3] += dxb * dg8[k] * (__int_as_float(c[3]) - kMagicFloat);
+      }
+    }
+  }
+  store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
+}
+
+// q4_0's signed levels (nibble - 8) of the four nibbles in the low half of each byte of u, as signed bytes:
+// nibble + 0x78 stays within its byte, and flipping the top bit subtracts 0x80.
+__device__ __forceinline__ uint32_t q40_levels(uint32_t u) { return ((u & 0x0F0F0F0Fu) + 0x78787878u) ^ 0x80808080u; }
+
+// q4_0 ([f16 d][16 bytes: weight i in the low nibble of byte i, weight 16 + i in its high nibble]) passes of
+// 2-16 tokens on the tensor cores, as q80_mma_kernel: a warp takes a pair of blocks at a time, 36 bytes,
+// 4-byte aligned when the row is (rows of an even number of blocks): [d0][qs0][d1][qs1]. Lane t's word of a
+// block's nibbles, bytes 4t..4t+3, holds weights 4t..4t+3 (low nibbles: A's k = 4t.., a0 / a1) and 16 + 4t..
+// (high nibbles: k = 16 + 4t.., a2 / a3), which is the mma's own k order: the activations load as they are.
+// That word of qs0 is bytes 2 + 4t.. of the pair (a funnel shift of two words), of qs1 bytes 20 + 4t.. (one word).
+template <int NTILE>
+__global__ void __launch_bounds__(256) q40_mma_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d,
+                                                      int64_t nblk, int64_t n_tokens) {
+  BQ_MMA_TILE_PROLOGUE(NTILE);
+  const MmaTokens<NTILE> tok(g, t, n_tokens, q, d, nullptr, nblk);
+  float acc[NTILE][4] = {};
+  const int pairs = static_cast<int>(cols / 64);
+  for (int p = warp; p < pairs; p += 8) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(wg + 36 * static_cast<int64_t>(p));  // row g's pair
+    const uint32_t* w8 = reinterpret_cast<const uint32_t*>(wg8 + 36 * static_cast<int64_t>(p));
+    const uint32_t ng[2] = {__funnelshift_r(w[t], w[t + 1], 16), w[5 + t]};
+    const uint32_t ng8[2] = {__funnelshift_r(w8[t], w8[t + 1], 16), w8[5 + t]};
+    const float dg[2] = {half_lo(w[0]), half_hi(w[4])}, dg8[2] = {half_lo(w8[0]), half_hi(w8[4])};
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int64_t b = 2 * static_cast<int64_t>(p) + k;
+      const uint32_t a0 = q40_levels(ng[k]), a2 = q40_levels(ng[k] >> 4);
+      const uint32_t a1 = q40_levels(ng8[k]), a3 = q40_levels(ng8[k] >> 4);
+#pragma unroll
+      for (int n = 0; n < NTILE; ++n) {
+        int c[4];
+        mma_s8_m16n8k32(c, a0, a1, a2, a3, tok.x4(n, b, 4 * t), tok.x4(n, b, 16 + 4 * t), kMagicInt);
+        const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
+        // c[i] = kMagicInt + S (|S| <= 32 * 8 * 127 < 2^22)
         acc[n][0] += dxa * dg[k] * (__int_as_float(c[0]) - kMagicFloat);
         acc[n][1] += dxb * dg[k] * (__int_as_float(c[1]) - kMagicFloat);
         acc[n][2] += dxa * dg8[k] * (__int_as_float(c[2]) - kMagicFloat);
@@ -3015,22 +3076,24 @@ struct GpuDecoder::Impl {
   // (mma_gemm_from). BIOQUANT_CUDA_BATCH_GEMM sets it.
   int64_t batch_gemm_min = cuda_knob_int("BIOQUANT_CUDA_BATCH_GEMM", 0);
   static bool mma_format(QuantType t) {
-    return t == QuantType::Q4_K || t == QuantType::Q6_K || t == QuantType::NF4 || t == QuantType::FP4 ||
-           t == QuantType::INT8 || t == QuantType::Q8_0;
+    return t == QuantType::Q4_K || t == QuantType::Q5_K || t == QuantType::Q6_K || t == QuantType::NF4 ||
+           t == QuantType::FP4 || t == QuantType::INT8 || t == QuantType::Q8_0 || t == QuantType::Q4_0;
   }
   // The columns an mma kernel's rows must be a multiple of: whole super-blocks, nf4/fp4 blocks of 64, q8_0
-  // block pairs, int8 blocks of 32.
+  // and q4_0 block pairs, int8 blocks of 32.
   static int64_t mma_cols(QuantType t) {
-    return t == QuantType::Q4_K || t == QuantType::Q6_K ? 256 : t == QuantType::INT8 ? 32 : 64;
+    return t == QuantType::Q4_K || t == QuantType::Q5_K || t == QuantType::Q6_K ? 256 : t == QuantType::INT8 ? 32 : 64;
   }
-  // The fewest tokens a pass takes the mma kernel with: q8_0's (block pairs, 16 rows a block) is latency-bound
-  // with few tokens: H200, 8B, same call, mma / dp4a: 2 sequences 353 / 492 tok/s, 4: 665 / 671, 8: 1154 / 841.
-  static int64_t mma_min_tokens(QuantType t) { return t == QuantType::Q8_0 ? 8 : 2; }
+  // The fewest tokens a pass takes the mma kernel with: q8_0's and q4_0's (block pairs, 16 rows a block) are
+  // latency-bound with few tokens. H200, 8B, same call, mma / dp4a: q8_0 2 sequences 353 / 492 tok/s, 4: 665 /
+  // 671, 8: 1154 / 841; q4_0 2: 431 / 600, 4: 790 / 821, 6: 1099 / 934, 8: 1354 / 1015.
+  static int64_t mma_min_tokens(QuantType t) { return t == QuantType::Q8_0 ? 8 : t == QuantType::Q4_0 ? 6 : 2; }
   // From how many sequences a decode step of layers in this format is faster through cuBLAS than the mma
   // kernels (H200, 8B, mma / cuBLAS tok/s): q4_k 24 sequences 2051 / 1724, 32: 2201 / 2173, 48: 2166 / 2924;
   // nf4 24: 1898 / 1711, 32: 2089 / 2128; q4_k_m 24: 1977 / 1720, 32: 2110 / 2156; int8 24: 1855 / 1681, 32:
-  // 2025 / 2106; q8_0 24: 1469 / 1615 (16: 1610 mma against 1132 cuBLAS).
-  static int64_t mma_gemm_from(QuantType t) { return t == QuantType::Q8_0 ? 24 : 32; }
+  // 2025 / 2106; q8_0 24: 1469 / 1615 (16: 1610 mma against 1132 cuBLAS); q4_0 24: 1648 / 1703, 32: 1828 /
+  // 2197; q5_k 24: 2132 / 1702 (32: cuBLAS 2169).
+  static int64_t mma_gemm_from(QuantType t) { return t == QuantType::Q8_0 || t == QuantType::Q4_0 ? 24 : 32; }
   // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel.
   int64_t layers_mma_gemm_from() const {
     int64_t from = 1 << 30;
@@ -3072,7 +3135,7 @@ struct GpuDecoder::Impl {
   // Activations of the q4_k decode kernel through shared memory (BIOQUANT_CUDA_SHARED=2: from global).
   bool q4k_shared_activations = cuda_knob_int("BIOQUANT_CUDA_SHARED", 1) == 1;
   bool q6k_decode = cuda_knob_int("BIOQUANT_CUDA_Q6K", 1) == 1;  // 2: q6_k one-token rows on the generic kernel
-  // q4_k, q6_k, int8, q8_0, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores
+  // q4_k, q5_k, q6_k, int8, q8_0, q4_0, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores
   // (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
@@ -3583,8 +3646,8 @@ struct GpuDecoder::Impl {
       group.total_rows = total_rows;
       const bool dependent = dependent_decode && n == 1;
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
-      // q4_k, q6_k, int8, q8_0, nf4 and fp4 passes of up to 16 tokens on the tensor cores (q4k_mma_kernel,
-      // q6k_mma_kernel, int8_mma_kernel, q80_mma_kernel, bnb4_mma_kernel), other formats' (q4_0, q5_k) of up to 8.
+      // Passes of up to 16 tokens on the tensor cores (q4k_mma_kernel for q4_k and q5_k, q6k_mma_kernel,
+      // int8_mma_kernel, q80_mma_kernel, q40_mma_kernel, bnb4_mma_kernel); of up to 8 on qmatmul_kernel otherwise.
       const bool mma_pass = batch_mma && n >= mma_min_tokens(type) && mma_format(type) && cols % mma_cols(type) == 0 &&
                             rows_multiple_of(group, kMmaRows);
       const int64_t pass_tokens = mma_pass ? 2 * kMmaTileTokens : 8;
@@ -3619,15 +3682,22 @@ struct GpuDecoder::Impl {
             launch_with(dependent, qmatmul_kernel<T, 1, 2>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           } else if (nt == 1 && variant == 1) {
             launch_with(dependent, qmatmul_kernel<T, 1>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
-          } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q6_K) ||
-                                  T == static_cast<int>(QuantType::INT8) || T == static_cast<int>(QuantType::Q8_0) ||
+          } else if (mma_pass && (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K) ||
+                                  T == static_cast<int>(QuantType::Q6_K) || T == static_cast<int>(QuantType::INT8) ||
+                                  T == static_cast<int>(QuantType::Q8_0) || T == static_cast<int>(QuantType::Q4_0) ||
                                   kBnb4)) {
             const unsigned tiles = static_cast<unsigned>(total_rows / kMmaRows);
-            if constexpr (T == static_cast<int>(QuantType::Q4_K)) {
+            if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K)) {
+              constexpr bool kQ5 = T == static_cast<int>(QuantType::Q5_K);
               if (nt > 8)
-                launch(q4k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+                launch(q4k_mma_kernel<2, kQ5>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
               else
-                launch(q4k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+                launch(q4k_mma_kernel<1, kQ5>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+            } else if constexpr (T == static_cast<int>(QuantType::Q4_0)) {
+              if (nt > 8)
+                launch(q40_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+              else
+                launch(q40_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (T == static_cast<int>(QuantType::INT8)) {
               if (nt > 8)
                 launch(int8_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
