@@ -973,7 +973,8 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
   // Prompts and every batch on the integer kernels (no cuBLAS), so that they all take the passes.
   const auto mma = gpu_decoder(model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_BATCH_GEMM", "64"}});
   const auto dp4a = gpu_decoder(model, pool, KvType::F32,
-                                {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_BATCH_GEMM", "64"}, {"BIOQUANT_CUDA_BATCH_MMA", "2"}});
+                                {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_BATCH_GEMM", "64"}, {"BIOQUANT_CUDA_BATCH_MMA", "2"},
+                                 {"BIOQUANT_CUDA_Q4K_TWO", "2"}});
   Decoder cpu(model, pool);
   Compared to_dp4a, to_cpu;
   int rows = 0, tight_rows = 0;
@@ -998,7 +999,7 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
     for (int64_t i = 0; i < n; ++i) add_row(a.data() + i * vocab, b.data() + i * vocab, r.data() + i * vocab);
   }
   // Batched decode steps: each sequence a 1-3 token prompt, then two steps of one token each.
-  for (const int batch : {2, 5, 8, 13, 16}) {
+  for (const int batch : {2, 3, 4, 5, 8, 13, 16}) {
     std::vector<std::unique_ptr<KVCache>> km, kd, kc;
     std::vector<float> a(static_cast<size_t>(batch * vocab)), b(a.size()), r(a.size());
     std::vector<int32_t> next(static_cast<size_t>(batch));
@@ -1041,10 +1042,12 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
 // int8_mma_kernel, q80_mma_kernel, q40_mma_kernel, bnb4_mma_kernel): the same integer sums per 32-weight block
 // as the dp4a kernel, added in another order. A 4096-wide model with a 4352-wide MLP: the 8 warps of a block
 // take 2 super-blocks of a row each (the MLP's 17: one warp takes 3; nf4: 8 or 9 blocks of 64; int8: 16 or 17
-// blocks of 32; q8_0 and q4_0: 8 or 9 pairs of them; q6_k: every other super-block 4-byte aligned, and in the down projection's rows, 3570 bytes
-// long, every other row); batches of 2, 5, 8, 13 and 16 sequences fill one or two mma tiles partly or wholly;
-// a 20-token prompt is a pass of 16 and one of 4. nf4 also with double quantization (byte-aligned blocks).
-// bf16 (bf16_mma_kernel, tf32) against bf16_matmul_vec_kernel: 128 chunks of 32 columns, 16 per warp.
+// blocks of 32; q8_0 and q4_0: 8 or 9 pairs of them; q6_k: every other super-block 4-byte aligned, and in the
+// down projection's rows, 3570 bytes long, every other row); batches of 2-5, 8, 13 and 16 sequences fill one or
+// two mma tiles partly or wholly; a 20-token prompt is a pass of 16 and one of 4. nf4 also with double
+// quantization (byte-aligned blocks). bf16 (bf16_mma_kernel, tf32) against bf16_matmul_vec_kernel: 128 chunks of
+// 32 columns, 16 per warp. q4_k's steps of 2 sequences take q4k_decode_tokens_kernel (dp4a, a lane per weight
+// pair) instead, against the same reference.
 TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
   SKIP_WITHOUT_GPU();
   const ModelConfig c = wide_one_layer_config();

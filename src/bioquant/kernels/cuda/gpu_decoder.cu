@@ -644,6 +644,53 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
   for (int r = 0; r < R; ++r) store_row_sums<1>(&acc[r], 1, job.rows, row + r, lane, job.y);
 }
 
+// One row of a q4k_decode_tokens_kernel: q4k_decode_rows<1, true> for NT tokens, each weight pair unpacked
+// once for all of them; token t's activations at q + t * act_shared_bytes(cols) (shared memory), its scales
+// and sums at d / s + t * nblk. pre: the weights of the row's first kQ4kPreload pairs of this lane, or null.
+template <int NT>
+__device__ __forceinline__ void q4k_decode_tokens_row(const QJobs& jobs, int64_t row, int64_t cols, const int8_t* q,
+                                                      const float* d, const int* s, int64_t nblk,
+                                                      const Q4kPairWeights* pre) {
+  const int lane = threadIdx.x % 32;
+  QJob job;
+  if (!locate_row(jobs, row, job)) return;
+  const int pairs = static_cast<int>(cols / 64);
+  float acc[NT] = {};
+  const auto pair = [&](int p, const Q4kPairWeights* given) {
+    const Q4kPairWeights wt = given != nullptr ? *given : load_q4k_pair(job.w + row * job.row_bytes, p);
+    const uint32_t packed = kquant_scale_min_pair(wt.head, p & 3);
+    const float dd = half_lo(wt.head.x), dmin = half_hi(wt.head.x);
+    const float sc0 = dd * static_cast<float>(packed & 0xFF), sc1 = dd * static_cast<float>((packed >> 8) & 0xFF);
+    const float m0 = dmin * static_cast<float>((packed >> 16) & 0xFF), m1 = dmin * static_cast<float>(packed >> 24);
+    const uint32_t w[8] = {wt.q0.x, wt.q0.y, wt.q0.z, wt.q0.w, wt.q1.x, wt.q1.y, wt.q1.z, wt.q1.w};
+#pragma unroll
+    for (int tk = 0; tk < NT; ++tk) {
+      const int4* a = reinterpret_cast<const int4*>(q + tk * act_shared_bytes(cols)) + act_chunk_slot(4 * p);
+      const int4 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+      const int x0[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const int x1[8] = {a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
+      const float2 dx = reinterpret_cast<const float2*>(d + tk * nblk)[p];  // block 2p is even: 8-byte loads
+      const int2 sx = reinterpret_cast<const int2*>(s + tk * nblk)[p];
+      int lo = 0, hi = 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        lo = __dp4a(static_cast<int>(w[k] & 0x0F0F0F0Fu), x0[k], lo);
+        hi = __dp4a(static_cast<int>((w[k] >> 4) & 0x0F0F0F0Fu), x1[k], hi);
+      }
+      acc[tk] += dx.x * (sc0 * static_cast<float>(lo) - m0 * static_cast<float>(sx.x));
+      acc[tk] += dx.y * (sc1 * static_cast<float>(hi) - m1 * static_cast<float>(sx.y));
+    }
+  };
+  int p = lane;
+  if (pre != nullptr) {
+#pragma unroll
+    for (int k = 0; k < kQ4kPreload; ++k, p += 32)
+      if (p < pairs) pair(p, &pre[k]);
+  }
+  for (; p < pairs; p += 32) pair(p, nullptr);
+  store_row_sums<NT>(acc, NT, job.rows, row, lane, job.y);
+}
+
 // A warp per R rows (every job's row count a multiple of R); a grid smaller than that makes each
 // warp loop over row groups (grid stride).
 // kShared: the block first copies the activations (cols bytes, dynamic shared memory) into shared
@@ -679,6 +726,45 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   if (first * R < jobs.total_rows) q4k_decode_rows<R, kShared, R == 1>(jobs, first * R, cols, q, d, s, pre);
   for (int64_t r = first + warps; r * R < jobs.total_rows; r += warps) q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
+}
+
+// q4_k decode steps of NT sequences (one token each): q4k_decode_kernel's warp per row and lane per weight
+// pair, the pair unpacked once for all NT tokens, whose activations are copied into shared memory (NT x
+// act_shared_bytes). The mma kernels' 16-row tiles take a warp's super-blocks one after another, and are
+// latency-bound with few tokens: a 2-sequence step cost 1.77 times a one-token step. H200, 8B, same call,
+// this kernel / q4k_mma_kernel, plain launches: 2 sequences 658 / 607 tok/s, 3: 829 / 880, 4: 930 / 1108;
+// as dependent launches (another call) 3: 897 / 932. So it takes steps of two sequences (710 dependent).
+constexpr int64_t kQ4kTokensMaxCols = 16 * 1024;  // rows of up to 16K weights: 36 KB of shared memory for two tokens
+template <int NT>
+__global__ void q4k_decode_tokens_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s,
+                                         int64_t nblk) {
+  allow_dependents_in_last_wave();
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  Q4kPairWeights pre[kQ4kPreload];
+  {
+    int64_t row = first;
+    QJob job;
+    if (locate_row(jobs, row, job)) {
+#pragma unroll
+      for (int k = 0; k < kQ4kPreload; ++k) {
+        const int p = static_cast<int>(threadIdx.x % 32) + 32 * k;
+        if (p < cols / 64) pre[k] = load_q4k_pair(job.w + row * job.row_bytes, p);
+      }
+    }
+  }
+  await_inputs();
+  extern __shared__ int4 act_shared[];
+  const int64_t chunks = cols / 16, slots = static_cast<int64_t>(act_shared_bytes(cols) / 16);
+  const int4* src = reinterpret_cast<const int4*>(q);
+  for (int64_t i = threadIdx.x; i < NT * chunks; i += blockDim.x) {
+    const int64_t tk = i / chunks, c = i % chunks;
+    act_shared[tk * slots + act_chunk_slot(static_cast<int>(c))] = src[tk * (nblk * 2) + c];
+  }
+  __syncthreads();
+  const int8_t* qs = reinterpret_cast<const int8_t*>(act_shared);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  if (first < jobs.total_rows) q4k_decode_tokens_row<NT>(jobs, first, cols, qs, d, s, nblk, pre);
+  for (int64_t r = first + warps; r < jobs.total_rows; r += warps) q4k_decode_tokens_row<NT>(jobs, r, cols, qs, d, s, nblk, nullptr);
 }
 
 // q4_k for several tokens at once (2-8 per pass: batched decode steps, short prompts) on the tensor
@@ -3138,6 +3224,18 @@ struct GpuDecoder::Impl {
   // q4_k, q5_k, q6_k, int8, q8_0, q4_0, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores
   // (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
+  // q4_k passes of two tokens on q4k_decode_tokens_kernel (BIOQUANT_CUDA_Q4K_TWO=2: the mma kernel).
+  bool q4k_two_tokens = cuda_knob_int("BIOQUANT_CUDA_Q4K_TWO", 1) == 1;
+  // Batched decode steps' kernels as dependent launches too, the mma kernels of the k-quants only
+  // (BIOQUANT_CUDA_PDL_BATCH=2: none; 3: every mma kernel too); batch_step_pdl is set per step. H200, 8B,
+  // same call, tok/s with / without: q4_k 2 sequences 710 / 657, 8: 1934 / 1888; bf16 16: 2400 / 2366;
+  // q8_0 4: 718 / 676.
+  bool dependent_batch = cuda_knob_int("BIOQUANT_CUDA_PDL_BATCH", 1) != 2;
+  bool dependent_batch_mma = cuda_knob_int("BIOQUANT_CUDA_PDL_BATCH", 1) == 3;
+  bool batch_step_pdl = false;
+  // Whether a decode kernel over n rows is launched dependent (see await_inputs): single tokens, and the
+  // rows of a batched decode step (every sequence one token).
+  bool pdl(int64_t n) const { return dependent_decode && (n == 1 || batch_step_pdl); }
   // Decode kernels as programmatic dependent launches (see await_inputs; BIOQUANT_CUDA_PDL=2: plain).
   bool dependent_decode = cuda_knob_int("BIOQUANT_CUDA_PDL", 1) == 1;
   // Decode attention in one kernel with RoPE, the cache store and the output quantization
@@ -3644,13 +3742,21 @@ struct GpuDecoder::Impl {
         ++last;
       }
       group.total_rows = total_rows;
-      const bool dependent = dependent_decode && n == 1;
+      // The mma kernels of a batched decode step: dependent for the k-quants only. H200, 8B, same call, 8 / 16
+      // sequences, dependent / not: q4_k 1934 / 1847, 2263 / 2185 tok/s; q4_k_m 8: 1838 / 1790; nf4 1410 /
+      // 1583, 1984 / 2090; q8_0 1044 / 1198, 1335 / 1705; int8 1512 / 1581, 2127 / 2100 (the other kernels
+      // of the step dependent in both).
+      const bool kquant = type == QuantType::Q4_K || type == QuantType::Q5_K || type == QuantType::Q6_K;
+      const bool dependent = pdl(n), mma_dependent = dependent && (n == 1 || dependent_batch_mma || kquant);
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
       // Passes of up to 16 tokens on the tensor cores (q4k_mma_kernel for q4_k and q5_k, q6k_mma_kernel,
       // int8_mma_kernel, q80_mma_kernel, q40_mma_kernel, bnb4_mma_kernel); of up to 8 on qmatmul_kernel otherwise.
-      const bool mma_pass = batch_mma && n >= mma_min_tokens(type) && mma_format(type) && cols % mma_cols(type) == 0 &&
-                            rows_multiple_of(group, kMmaRows);
-      const int64_t pass_tokens = mma_pass ? 2 * kMmaTileTokens : 8;
+      // q4_k passes of 2 tokens: q4k_decode_tokens_kernel.
+      const bool q4k_tokens = type == QuantType::Q4_K && n == 2 && q4k_two_tokens && decode_variant == 0 &&
+                              cols % 128 == 0 && cols <= kQ4kTokensMaxCols;
+      const bool mma_pass = !q4k_tokens && batch_mma && n >= mma_min_tokens(type) && mma_format(type) &&
+                            cols % mma_cols(type) == 0 && rows_multiple_of(group, kMmaRows);
+      const int64_t pass_tokens = q4k_tokens ? n : mma_pass ? 2 * kMmaTileTokens : 8;
       for (int64_t t0 = 0; t0 < n; t0 += pass_tokens) {
         const int64_t nt = std::min<int64_t>(pass_tokens, n - t0);
         for (int i = 0; i < group.count; ++i) group.job[i].y = jobs[first + i].y + t0 * jobs[first + i].m->rows;
@@ -3676,6 +3782,9 @@ struct GpuDecoder::Impl {
             launch_with(dependent, q6k_decode_kernel, grid, kThreads, q6k_decode_smem(cols), group, cols, q, d, s);
           } else if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
             launch_q4k_decode(group, grid, cols, q, d, s, dependent);
+          } else if (T == static_cast<int>(QuantType::Q4_K) && q4k_tokens) {
+            launch_with(dependent, q4k_decode_tokens_kernel<2>, grid, kThreads, 2 * act_shared_bytes(cols), group, cols, q, d,
+                        s, nblk);
           } else if (nt == 1 && variant == 4) {
             launch_matvec_rows<T>(group, grid, cols, q, d, s, dependent);
           } else if (nt == 1 && variant == 2) {
@@ -3690,37 +3799,37 @@ struct GpuDecoder::Impl {
             if constexpr (T == static_cast<int>(QuantType::Q4_K) || T == static_cast<int>(QuantType::Q5_K)) {
               constexpr bool kQ5 = T == static_cast<int>(QuantType::Q5_K);
               if (nt > 8)
-                launch(q4k_mma_kernel<2, kQ5>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+                launch_with(mma_dependent, q4k_mma_kernel<2, kQ5>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
               else
-                launch(q4k_mma_kernel<1, kQ5>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
+                launch_with(mma_dependent, q4k_mma_kernel<1, kQ5>, tiles, kThreads, 0, group, cols, q, d, s, nblk, nt);
             } else if constexpr (T == static_cast<int>(QuantType::Q4_0)) {
               if (nt > 8)
-                launch(q40_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, q40_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
               else
-                launch(q40_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, q40_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (T == static_cast<int>(QuantType::INT8)) {
               if (nt > 8)
-                launch(int8_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, int8_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
               else
-                launch(int8_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, int8_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (T == static_cast<int>(QuantType::Q8_0)) {
               if (nt > 8)
-                launch(q80_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, q80_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
               else
-                launch(q80_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, q80_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (T == static_cast<int>(QuantType::Q6_K)) {
               if (nt > 8)
-                launch(q6k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, q6k_mma_kernel<2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
               else
-                launch(q6k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, q6k_mma_kernel<1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             } else if constexpr (kBnb4) {
               if (nt > 8)
-                launch(bnb4_mma_kernel<T, 2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, bnb4_mma_kernel<T, 2>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
               else
-                launch(bnb4_mma_kernel<T, 1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
+                launch_with(mma_dependent, bnb4_mma_kernel<T, 1>, tiles, kThreads, 0, group, cols, q, d, nblk, nt);
             }
           } else {
-            launch(qmatmul_kernel<T, 8>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
+            launch_with(dependent, qmatmul_kernel<T, 8>, grid, kThreads, 0, group, cols, q, d, s, nblk, nt);
           }
         });
       }
@@ -4126,6 +4235,7 @@ struct GpuDecoder::Impl {
                                      ? batch_attention_buffers(segs)
                                      : BatchAttention{};
     const bool batch_decode_step = all_single && n > 1 && gemm_rows == n;  // see batch_gemm_min
+    batch_step_pdl = dependent_batch && all_single && n > 1;
     // The residual stream alternates between two buffers (the fused norm reads one while writing the
     // other); the norm's output goes to work.normed.
     // Column slices of the fused norm: 256 columns per block for a few rows (decode), whole rows for
@@ -4142,7 +4252,7 @@ struct GpuDecoder::Impl {
       step_bf16 = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * std::max({hd, qd, ff})) * 2));
     const auto norm_into_h = [&](const float* w, bool quantize) {
       if (fusable) {
-        launch_with(dependent_decode && n == 1, add_norm_quant_kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>((hd + norm_slice - 1) / norm_slice)),
+        launch_with(pdl(n), add_norm_quant_kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>((hd + norm_slice - 1) / norm_slice)),
                1024, 0, x, pending ? work.h : nullptr, x_next, w, c.norm_eps, hd, norm_slice, work.normed, step_bf16,
                quantize ? work.aq : nullptr, work.ad, work.as);
         if (pending && sliced_norm) std::swap(x, x_next);
@@ -4190,7 +4300,7 @@ struct GpuDecoder::Impl {
         const int heads_per_block = decode_heads_per_block(split_len);
         const int64_t blocks_per_group = (c.n_heads / c.n_kv_heads + heads_per_block - 1) / heads_per_block;
         // Each lane's chunks of q in registers: 4 for heads up to 128 wide, 8 up to 256.
-        launch_with(dependent_decode && n == 1, c.head_dim <= 128 ? attention_decode_kernel<KV, 4> : attention_decode_kernel<KV, 8>,
+        launch_with(pdl(n), c.head_dim <= 128 ? attention_decode_kernel<KV, 4> : attention_decode_kernel<KV, 8>,
                dim3(static_cast<unsigned>(c.n_kv_heads * blocks_per_group), static_cast<unsigned>(split_blocks), sequences),
                heads_per_block * kDecodeHeadThreads, decode_smem(split_len), q, k_new, v_new, inv_freq, pos,
                static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
@@ -4300,7 +4410,7 @@ struct GpuDecoder::Impl {
       const bool gelu = c.activation == Activation::GeluTanh;
       const bool quant_down = ff % 32 == 0 && integer_path(n, {&l.w_down});
       if (quant_down) {
-        launch_with(dependent_decode && n == 1, act_mul_quant_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n, ff, gelu, work.aq, work.ad,
+        launch_with(pdl(n), act_mul_quant_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n, ff, gelu, work.aq, work.ad,
                                                                       work.as);
       } else {
         launch(act_mul_kernel, blocks_for(n * ff), 256, 0, work.gate, work.up, n * ff, gelu, step_bf16);
@@ -4487,6 +4597,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
+  allow(q4k_decode_tokens_kernel<2>, static_cast<int>(2 * act_shared_bytes(kQ4kTokensMaxCols)));
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);
