@@ -691,6 +691,18 @@ __device__ __forceinline__ void q4k_decode_tokens_row(const QJobs& jobs, int64_t
   store_row_sums<NT>(acc, NT, job.rows, row, lane, job.y);
 }
 
+// This lane's first kQ4kPreload weight pairs of row `row` (when the grid has it), for a kernel to load before
+// it waits for its inputs.
+__device__ __forceinline__ void preload_q4k_pairs(const QJobs& jobs, int64_t row, int64_t cols, Q4kPairWeights* pre) {
+  QJob job;
+  if (!locate_row(jobs, row, job)) return;
+#pragma unroll
+  for (int k = 0; k < kQ4kPreload; ++k) {
+    const int p = static_cast<int>(threadIdx.x % 32) + 32 * k;
+    if (p < cols / 64) pre[k] = load_q4k_pair(job.w + row * job.row_bytes, p);
+  }
+}
+
 // A warp per R rows (every job's row count a multiple of R); a grid smaller than that makes each
 // warp loop over row groups (grid stride).
 // kShared: the block first copies the activations (cols bytes, dynamic shared memory) into shared
@@ -704,17 +716,7 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
   allow_dependents_in_last_wave();
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   Q4kPairWeights pre[kQ4kPreload];
-  if constexpr (R == 1) {
-    int64_t row = first;
-    QJob job;
-    if (locate_row(jobs, row, job)) {
-#pragma unroll
-      for (int k = 0; k < kQ4kPreload; ++k) {
-        const int p = static_cast<int>(threadIdx.x % 32) + 32 * k;
-        if (p < cols / 64) pre[k] = load_q4k_pair(job.w + row * job.row_bytes, p);
-      }
-    }
-  }
+  if constexpr (R == 1) preload_q4k_pairs(jobs, first, cols, pre);
   await_inputs();
   extern __shared__ int4 act_shared[];
   if constexpr (kShared) {
@@ -741,17 +743,7 @@ __global__ void q4k_decode_tokens_kernel(QJobs jobs, int64_t cols, const int8_t*
   allow_dependents_in_last_wave();
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   Q4kPairWeights pre[kQ4kPreload];
-  {
-    int64_t row = first;
-    QJob job;
-    if (locate_row(jobs, row, job)) {
-#pragma unroll
-      for (int k = 0; k < kQ4kPreload; ++k) {
-        const int p = static_cast<int>(threadIdx.x % 32) + 32 * k;
-        if (p < cols / 64) pre[k] = load_q4k_pair(job.w + row * job.row_bytes, p);
-      }
-    }
-  }
+  preload_q4k_pairs(jobs, first, cols, pre);
   await_inputs();
   extern __shared__ int4 act_shared[];
   const int64_t chunks = cols / 16, slots = static_cast<int64_t>(act_shared_bytes(cols) / 16);
