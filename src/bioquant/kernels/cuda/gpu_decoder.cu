@@ -1210,6 +1210,18 @@ __global__ void __launch_bounds__(256) int8_mma_kernel(QJobs jobs, int64_t cols,
   store_mma_partials<NTILE>(acc, partial, warp, g, t, n_tokens, job.y, job.rows, row0);
 }
 
+// Adds one 32-weight block's mma sums (c[i] = kMagicInt + S, |S| < 2^22) of tile n to acc, scaled by the
+// tokens' scales (C's columns 2t and 2t + 1) and the block's scales in rows g (dg) and g + 8 (dg8).
+template <int NTILE>
+__device__ __forceinline__ void add_block_sums(float (&acc)[4], const int (&c)[4], const MmaTokens<NTILE>& tok, int n,
+                                               int64_t b, float dg, float dg8) {
+  const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
+  acc[0] += dxa * dg * (__int_as_float(c[0]) - kMagicFloat);
+  acc[1] += dxb * dg * (__int_as_float(c[1]) - kMagicFloat);
+  acc[2] += dxa * dg8 * (__int_as_float(c[2]) - kMagicFloat);
+  acc[3] += dxb * dg8 * (__int_as_float(c[3]) - kMagicFloat);
+}
+
 // q8_0 ([f16 d][32 x int8] blocks) passes of 2-16 tokens on the tensor cores, as int8_mma_kernel but a warp
 // takes a pair of blocks at a time (warp w: pairs w, w + 8, ...). The 34-byte blocks are 2-byte aligned,
 // and the same kernel with a block at a time lost to the dp4a kernel (4 sequences 506 against 683 tok/s,
@@ -1240,11 +1252,7 @@ __global__ void __launch_bounds__(256) q80_mma_kernel(QJobs jobs, int64_t cols, 
         int c[4];
         const uint2 x = tok.x8(n, b, 8 * t);
         mma_s8_m16n8k32(c, a0[k], a1[k], a2[k], a3[k], x.x, x.y, kMagicInt);
-        const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
-        acc[n][0] += dxa * dg[k] * (__int_as_float(c[0]) - kMagicFloat);
-        acc[n][1] += dxb * dg[k] * (__int_as_float(c[1]) - kMagicFloat);
-        acc[n][2] += dxa * dg8[k] * (__int_as_float(c[2]) - kMagicFloat);
-        acc[n][3] += dxb * dg8[k] * (__int_as_float(c[3]) - kMagicFloat);
+        add_block_sums(acc[n], c, tok, n, b, dg[k], dg8[k]);
       }
     }
   }
@@ -1283,12 +1291,7 @@ __global__ void __launch_bounds__(256) q40_mma_kernel(QJobs jobs, int64_t cols, 
       for (int n = 0; n < NTILE; ++n) {
         int c[4];
         mma_s8_m16n8k32(c, a0, a1, a2, a3, tok.x4(n, b, 4 * t), tok.x4(n, b, 16 + 4 * t), kMagicInt);
-        const float dxa = tok.has_c0[n] ? tok.dx0[n][b] : 0.0f, dxb = tok.has_c1[n] ? tok.dx1[n][b] : 0.0f;
-        // c[i] = kMagicInt + S (|S| <= 32 * 8 * 127 < 2^22)
-        acc[n][0] += dxa * dg[k] * (__int_as_float(c[0]) - kMagicFloat);
-        acc[n][1] += dxb * dg[k] * (__int_as_float(c[1]) - kMagicFloat);
-        acc[n][2] += dxa * dg8[k] * (__int_as_float(c[2]) - kMagicFloat);
-        acc[n][3] += dxb * dg8[k] * (__int_as_float(c[3]) - kMagicFloat);
+        add_block_sums(acc[n], c, tok, n, b, dg[k], dg8[k]);  // |S| <= 32 * 8 * 127
       }
     }
   }
