@@ -974,7 +974,7 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
   const auto mma = gpu_decoder(model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_BATCH_GEMM", "64"}});
   const auto dp4a = gpu_decoder(model, pool, KvType::F32,
                                 {{"BIOQUANT_CUDA_GEMM", "0"}, {"BIOQUANT_CUDA_BATCH_GEMM", "64"}, {"BIOQUANT_CUDA_BATCH_MMA", "2"},
-                                 {"BIOQUANT_CUDA_Q4K_TWO", "2"}});
+                                 {"BIOQUANT_CUDA_TWO_TOKENS", "2"}});
   Decoder cpu(model, pool);
   Compared to_dp4a, to_cpu;
   int rows = 0, tight_rows = 0;
@@ -1046,8 +1046,8 @@ void check_tensor_core_passes(const Model& model, ThreadPool& pool, const std::s
 // down projection's rows, 3570 bytes long, every other row); batches of 2-5, 8, 13 and 16 sequences fill one or
 // two mma tiles partly or wholly; a 20-token prompt is a pass of 16 and one of 4. nf4 also with double
 // quantization (byte-aligned blocks). bf16 (bf16_mma_kernel, tf32) against bf16_matmul_vec_kernel: 128 chunks of
-// 32 columns, 16 per warp. q4_k's steps of 2 sequences take q4k_decode_tokens_kernel (dp4a, a lane per weight
-// pair) instead, against the same reference.
+// 32 columns, 16 per warp. q4_k's, nf4's and fp4's steps of 2 sequences take q4k_decode_tokens_kernel /
+// bnb4_decode_tokens_kernel instead (dp4a, a lane per weight pair / block), against the same reference.
 TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
   SKIP_WITHOUT_GPU();
   const ModelConfig c = wide_one_layer_config();

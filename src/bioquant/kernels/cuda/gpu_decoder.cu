@@ -736,7 +736,7 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
 // latency-bound with few tokens: a 2-sequence step cost 1.77 times a one-token step. H200, 8B, same call,
 // this kernel / q4k_mma_kernel, plain launches: 2 sequences 658 / 607 tok/s, 3: 829 / 880, 4: 930 / 1108;
 // as dependent launches (another call) 3: 897 / 932. So it takes steps of two sequences (710 dependent).
-constexpr int64_t kQ4kTokensMaxCols = 16 * 1024;  // rows of up to 16K weights: 36 KB of shared memory for two tokens
+constexpr int64_t kTwoTokensMaxCols = 16 * 1024;  // rows of up to 16K weights: 36 KB of shared memory for two tokens
 template <int NT>
 __global__ void q4k_decode_tokens_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s,
                                          int64_t nblk) {
@@ -1072,6 +1072,116 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
       }
     }
     store_row_sums<1>(&acc, 1, job.rows, row, lane, job.y);
+  }
+}
+
+// bnb4_dot8 for NT tokens: the eight codes of w looked up once, against each token's two activation words x[t].
+template <int NT>
+__device__ __forceinline__ void bnb4_dot8_tokens(const Bnb4PermuteTables& t, uint32_t w, const int* const (&x)[NT],
+                                                 int (&hi)[NT], int (&lo)[NT]) {
+  const uint32_t f = w ^ 0x88888888u;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t wi = w >> (16 * i), fi = f >> (16 * i);
+    const int hd = static_cast<int>(byte_permute_signed(t.hi_direct[0], t.hi_direct[1], wi));
+    const int hf = static_cast<int>(byte_permute_signed(t.hi_flipped[0], t.hi_flipped[1], fi));
+    const int ld = static_cast<int>(byte_permute_signed(t.lo_direct[0], t.lo_direct[1], wi));
+    const int lf = static_cast<int>(byte_permute_signed(t.lo_flipped[0], t.lo_flipped[1], fi));
+#pragma unroll
+    for (int k = 0; k < NT; ++k) {
+      const int xi = x[k][i];
+      hi[k] = __dp4a(hf, xi, __dp4a(hd, xi, hi[k]));
+      lo[k] = __dp4a(lf, xi, __dp4a(ld, xi, lo[k]));
+    }
+  }
+}
+
+// nf4 / fp4 decode steps of NT sequences (one token each): bnb4_decode_kernel's warp per row and lane per
+// 64-weight block, each block's codes looked up once for all NT tokens (the byte permutes bound the
+// one-token kernel; the dp4a per token are the added work). The tokens' activations sit in shared memory,
+// NT x act_shared_bytes, each pair of bytes swapped as there. kPipelined as there.
+template <int T, int NT, bool kPipelined>
+__global__ void __launch_bounds__(256, 3) bnb4_decode_tokens_kernel(QJobs jobs, int64_t cols, const int8_t* q,
+                                                                    const float* d, int64_t nblk) {
+  allow_dependents_in_last_wave();
+  const int lane = threadIdx.x % 32;
+  const int nb = static_cast<int>(cols / 64);  // cols <= kTwoTokensMaxCols (the launch checks)
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  uint32_t next[8];
+  float next_absmax = 0.0f;
+  if constexpr (kPipelined) {
+    int64_t row = first;
+    QJob job;
+    if (first < jobs.total_rows && locate_row(jobs, row, job) && lane < nb)
+      next_absmax = bnb4_block<8>(job.w + row * job.row_bytes, cols, job.dq, lane, 0, next);
+  }
+  await_inputs();
+  extern __shared__ int4 act_shared[];
+  __shared__ uint32_t tables_shared[kBnb4PermuteWords * 32];
+  const int64_t chunks = cols / 16, slots = static_cast<int64_t>(act_shared_bytes(cols) / 16);
+  {
+    const int4* src = reinterpret_cast<const int4*>(q);
+    for (int64_t i = threadIdx.x; i < NT * chunks; i += blockDim.x) {
+      const int64_t tk = i / chunks, c = i % chunks;
+      int4 v = src[tk * (nblk * 2) + c];
+      v.x = static_cast<int>(__byte_perm(v.x, 0, 0x2301));
+      v.y = static_cast<int>(__byte_perm(v.y, 0, 0x2301));
+      v.z = static_cast<int>(__byte_perm(v.z, 0, 0x2301));
+      v.w = static_cast<int>(__byte_perm(v.w, 0, 0x2301));
+      act_shared[tk * slots + act_chunk_slot(static_cast<int>(c))] = v;
+    }
+    const uint32_t* permute = T == static_cast<int>(QuantType::NF4) ? c_nf4_permute : c_fp4_permute;
+    for (int i = threadIdx.x; i < kBnb4PermuteWords * 32; i += blockDim.x) tables_shared[i] = permute[i / 32];
+    __syncthreads();
+  }
+  Bnb4PermuteTables tables = lane_permute_tables(tables_shared, lane);
+  bool preloaded = kPipelined;
+  for (int64_t r = first; r < jobs.total_rows; r += warps) {
+    int64_t row = r;
+    QJob job;
+    if (!locate_row(jobs, row, job)) break;
+    const uint8_t* wr = job.w + row * job.row_bytes;
+    float acc[NT] = {};
+    if constexpr (kPipelined)
+      if (!preloaded && lane < nb) next_absmax = bnb4_block<8>(wr, cols, job.dq, lane, 0, next);
+    preloaded = false;
+    for (int p = lane; p < nb; p += 32) {
+      uint32_t w[8];
+      float scale;
+      if constexpr (kPipelined) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) w[k] = next[k];
+        scale = next_absmax * (1.0f / 16384.0f);
+        if (p + 32 < nb) next_absmax = bnb4_block<8>(wr, cols, job.dq, p + 32, 0, next);
+      } else {
+        scale = bnb4_block<8>(wr, cols, job.dq, p, 0, w) * (1.0f / 16384.0f);
+      }
+      const int* xs[NT];  // each token's 16 activation words of this block
+#pragma unroll
+      for (int k = 0; k < NT; ++k) xs[k] = reinterpret_cast<const int*>(act_shared + k * slots + act_chunk_slot(4 * p));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // the block's two 32-blocks
+        int lo_hi[NT] = {}, lo_lo[NT] = {}, hi_hi[NT] = {}, hi_lo[NT] = {};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int* x[NT];
+#pragma unroll
+          for (int k = 0; k < NT; ++k) x[k] = xs[k] + 8 * h + 2 * j;
+          if (j < 2)
+            bnb4_dot8_tokens<NT>(tables, w[4 * h + j], x, lo_hi, lo_lo);
+          else
+            bnb4_dot8_tokens<NT>(tables, w[4 * h + j], x, hi_hi, hi_lo);
+        }
+#pragma unroll
+        for (int k = 0; k < NT; ++k) {
+          const float dx = d[k * nblk + 2 * p + h];
+          const int lo = tables.radix * lo_hi[k] + lo_lo[k], hi = tables.radix * hi_hi[k] + hi_lo[k];
+          acc[k] += dx * (scale * static_cast<float>(lo) + scale * static_cast<float>(hi));  // no minimum
+        }
+      }
+    }
+    store_row_sums<NT>(acc, NT, job.rows, row, lane, job.y);
   }
 }
 
@@ -3219,8 +3329,10 @@ struct GpuDecoder::Impl {
   // q4_k, q5_k, q6_k, int8, q8_0, q4_0, nf4, fp4 and bf16 passes of 2-16 tokens on the tensor cores
   // (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
-  // q4_k passes of two tokens on q4k_decode_tokens_kernel (BIOQUANT_CUDA_Q4K_TWO=2: the mma kernel).
-  bool q4k_two_tokens = cuda_knob_int("BIOQUANT_CUDA_Q4K_TWO", 1) == 1;
+  // q4_k, nf4 and fp4 passes of two tokens on q4k_decode_tokens_kernel / bnb4_decode_tokens_kernel
+  // (BIOQUANT_CUDA_TWO_TOKENS=2: the mma kernels; =3: q4_k's only).
+  bool two_token_kernels = cuda_knob_int("BIOQUANT_CUDA_TWO_TOKENS", 1) != 2;
+  bool two_token_bnb4 = cuda_knob_int("BIOQUANT_CUDA_TWO_TOKENS", 1) == 1;
   // Batched decode steps' kernels as dependent launches too, the mma kernels of the k-quants only
   // (BIOQUANT_CUDA_PDL_BATCH=2: none; 3: every mma kernel too); batch_step_pdl is set per step. H200, 8B,
   // same call, tok/s with / without: q4_k 2 sequences 710 / 657, 8: 1934 / 1888; bf16 16: 2400 / 2366;
@@ -3746,12 +3858,14 @@ struct GpuDecoder::Impl {
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
       // Passes of up to 16 tokens on the tensor cores (q4k_mma_kernel for q4_k and q5_k, q6k_mma_kernel,
       // int8_mma_kernel, q80_mma_kernel, q40_mma_kernel, bnb4_mma_kernel); of up to 8 on qmatmul_kernel otherwise.
-      // q4_k passes of 2 tokens: q4k_decode_tokens_kernel.
-      const bool q4k_tokens = type == QuantType::Q4_K && n == 2 && q4k_two_tokens && decode_variant == 0 &&
-                              cols % 128 == 0 && cols <= kQ4kTokensMaxCols;
-      const bool mma_pass = !q4k_tokens && batch_mma && n >= mma_min_tokens(type) && mma_format(type) &&
+      // q4_k, nf4 and fp4 passes of 2 tokens: q4k_decode_tokens_kernel, bnb4_decode_tokens_kernel.
+      const bool two_tokens = n == 2 && two_token_kernels && decode_variant == 0 && cols % 128 == 0 &&
+                              cols <= kTwoTokensMaxCols &&
+                              (type == QuantType::Q4_K || (type == QuantType::NF4 && two_token_bnb4) ||
+                               (type == QuantType::FP4 && two_token_bnb4));
+      const bool mma_pass = !two_tokens && batch_mma && n >= mma_min_tokens(type) && mma_format(type) &&
                             cols % mma_cols(type) == 0 && rows_multiple_of(group, kMmaRows);
-      const int64_t pass_tokens = q4k_tokens ? n : mma_pass ? 2 * kMmaTileTokens : 8;
+      const int64_t pass_tokens = two_tokens ? n : mma_pass ? 2 * kMmaTileTokens : 8;
       for (int64_t t0 = 0; t0 < n; t0 += pass_tokens) {
         const int64_t nt = std::min<int64_t>(pass_tokens, n - t0);
         for (int i = 0; i < group.count; ++i) group.job[i].y = jobs[first + i].y + t0 * jobs[first + i].m->rows;
@@ -3777,7 +3891,16 @@ struct GpuDecoder::Impl {
             launch_with(dependent, q6k_decode_kernel, grid, kThreads, q6k_decode_smem(cols), group, cols, q, d, s);
           } else if (T == static_cast<int>(QuantType::Q4_K) && nt == 1 && variant == 3) {
             launch_q4k_decode(group, grid, cols, q, d, s, dependent);
-          } else if (T == static_cast<int>(QuantType::Q4_K) && q4k_tokens) {
+          } else if (kBnb4 && two_tokens) {
+            if constexpr (kBnb4) {
+              if (group.job[0].dq)
+                launch_with(dependent, bnb4_decode_tokens_kernel<T, 2, false>, grid, kThreads, 2 * act_shared_bytes(cols),
+                            group, cols, q, d, nblk);
+              else
+                launch_with(dependent, bnb4_decode_tokens_kernel<T, 2, true>, grid, kThreads, 2 * act_shared_bytes(cols),
+                            group, cols, q, d, nblk);
+            }
+          } else if (T == static_cast<int>(QuantType::Q4_K) && two_tokens) {
             launch_with(dependent, q4k_decode_tokens_kernel<2>, grid, kThreads, 2 * act_shared_bytes(cols), group, cols, q, d,
                         s, nblk);
           } else if (nt == 1 && variant == 4) {
@@ -4592,7 +4715,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
-  allow(q4k_decode_tokens_kernel<2>, static_cast<int>(2 * act_shared_bytes(kQ4kTokensMaxCols)));
+  allow(q4k_decode_tokens_kernel<2>, static_cast<int>(2 * act_shared_bytes(kTwoTokensMaxCols)));
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);
