@@ -1099,7 +1099,8 @@ __device__ __forceinline__ void bnb4_dot8_tokens(const Bnb4PermuteTables& t, uin
 // nf4 / fp4 decode steps of NT sequences (one token each): bnb4_decode_kernel's warp per row and lane per
 // 64-weight block, each block's codes looked up once for all NT tokens (the byte permutes bound the
 // one-token kernel; the dp4a per token are the added work). The tokens' activations sit in shared memory,
-// NT x act_shared_bytes, each pair of bytes swapped as there. kPipelined as there.
+// NT x act_shared_bytes, each pair of bytes swapped as there. kPipelined as there. H200, 8B, same call, this
+// kernel / bnb4_mma_kernel, 2 sequences: nf4 613 / 486 tok/s, fp4 613 / 485, nf4 with double quantization 525 / 314.
 template <int T, int NT, bool kPipelined>
 __global__ void __launch_bounds__(256, 3) bnb4_decode_tokens_kernel(QJobs jobs, int64_t cols, const int8_t* q,
                                                                     const float* d, int64_t nblk) {
