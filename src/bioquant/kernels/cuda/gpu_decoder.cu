@@ -3884,9 +3884,11 @@ struct GpuDecoder::Impl {
           constexpr int T = decltype(format)::value;
           constexpr bool kBnb4 = T == static_cast<int>(QuantType::NF4) || T == static_cast<int>(QuantType::FP4);
           if (kBnb4 && nt == 1 && variant == 5 && cols % 64 == 0 && cols <= 32 * 1024) {
-            launch_with(dependent, bnb4_decode_kernel<T>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
+            if constexpr (kBnb4)  // instantiated for nf4 and fp4 only
+              launch_with(dependent, bnb4_decode_kernel<T>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
           } else if (kBnb4 && nt == 1 && variant == 6 && cols % 64 == 0 && cols <= 32 * 1024) {
-            launch_with(dependent, bnb4_decode_kernel<T, true>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
+            if constexpr (kBnb4)
+              launch_with(dependent, bnb4_decode_kernel<T, true>, grid, kThreads, act_shared_bytes(cols), group, cols, q, d, s);
           } else if (T == static_cast<int>(QuantType::Q6_K) && nt == 1 && q6k_decode && cols % 256 == 0 &&
                      cols <= kQ6kMaxCols) {
             launch_with(dependent, q6k_decode_kernel, grid, kThreads, q6k_decode_smem(cols), group, cols, q, d, s);
