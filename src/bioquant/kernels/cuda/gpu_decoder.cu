@@ -730,13 +730,18 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
   for (int64_t r = first + warps; r * R < jobs.total_rows; r += warps) q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
 }
 
+// The two-token kernels' rows: up to 16K weights, so that both tokens' activations (36 KB) and the nf4/fp4
+// permute tables fit the shared memory a block gets without asking (48 KB).
+constexpr int64_t kTwoTokensMaxCols = 16 * 1024;
+static_assert(2 * act_shared_bytes(kTwoTokensMaxCols) + 4 * kBnb4PermuteWords * 32 <= 48 * 1024,
+              "two tokens' activations within the default dynamic shared memory");
+
 // q4_k decode steps of NT sequences (one token each): q4k_decode_kernel's warp per row and lane per weight
 // pair, the pair unpacked once for all NT tokens, whose activations are copied into shared memory (NT x
 // act_shared_bytes). The mma kernels' 16-row tiles take a warp's super-blocks one after another, and are
 // latency-bound with few tokens: a 2-sequence step cost 1.77 times a one-token step. H200, 8B, same call,
 // this kernel / q4k_mma_kernel, plain launches: 2 sequences 658 / 607 tok/s, 3: 829 / 880, 4: 930 / 1108;
 // as dependent launches (another call) 3: 897 / 932. So it takes steps of two sequences (710 dependent).
-constexpr int64_t kTwoTokensMaxCols = 16 * 1024;  // rows of up to 16K weights: 36 KB of shared memory for two tokens
 template <int NT>
 __global__ void q4k_decode_tokens_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s,
                                          int64_t nblk) {
@@ -3331,15 +3336,15 @@ struct GpuDecoder::Impl {
   // (BIOQUANT_CUDA_BATCH_MMA=2: passes of 8 on qmatmul_kernel / bf16_matmul_vec_kernel).
   bool batch_mma = cuda_knob_int("BIOQUANT_CUDA_BATCH_MMA", 1) == 1;
   // q4_k, nf4 and fp4 passes of two tokens on q4k_decode_tokens_kernel / bnb4_decode_tokens_kernel
-  // (BIOQUANT_CUDA_TWO_TOKENS=2: the mma kernels; =3: q4_k's only).
-  bool two_token_kernels = cuda_knob_int("BIOQUANT_CUDA_TWO_TOKENS", 1) != 2;
-  bool two_token_bnb4 = cuda_knob_int("BIOQUANT_CUDA_TWO_TOKENS", 1) == 1;
+  // (BIOQUANT_CUDA_TWO_TOKENS=2: on the mma kernels; =3: nf4's and fp4's on the mma kernels, q4_k's not).
+  int two_tokens_knob = cuda_knob_int("BIOQUANT_CUDA_TWO_TOKENS", 1);
+  bool two_token_q4k = two_tokens_knob != 2, two_token_bnb4 = two_tokens_knob == 1;
   // Batched decode steps' kernels as dependent launches too, the mma kernels of the k-quants only
   // (BIOQUANT_CUDA_PDL_BATCH=2: none; 3: every mma kernel too); batch_step_pdl is set per step. H200, 8B,
   // same call, tok/s with / without: q4_k 2 sequences 710 / 657, 8: 1934 / 1888; bf16 16: 2400 / 2366;
   // q8_0 4: 718 / 676.
-  bool dependent_batch = cuda_knob_int("BIOQUANT_CUDA_PDL_BATCH", 1) != 2;
-  bool dependent_batch_mma = cuda_knob_int("BIOQUANT_CUDA_PDL_BATCH", 1) == 3;
+  int pdl_batch_knob = cuda_knob_int("BIOQUANT_CUDA_PDL_BATCH", 1);
+  bool dependent_batch = pdl_batch_knob != 2, dependent_batch_mma = pdl_batch_knob == 3;
   bool batch_step_pdl = false;
   // Whether a decode kernel over n rows is launched dependent (see await_inputs): single tokens, and the
   // rows of a batched decode step (every sequence one token).
@@ -3855,15 +3860,16 @@ struct GpuDecoder::Impl {
       // 1583, 1984 / 2090; q8_0 1044 / 1198, 1335 / 1705; int8 1512 / 1581, 2127 / 2100 (the other kernels
       // of the step dependent in both).
       const bool kquant = type == QuantType::Q4_K || type == QuantType::Q5_K || type == QuantType::Q6_K;
-      const bool dependent = pdl(n), mma_dependent = dependent && (n == 1 || dependent_batch_mma || kquant);
+      const bool dependent = pdl(n), mma_dependent = dependent && (dependent_batch_mma || kquant);
       const unsigned grid = static_cast<unsigned>((total_rows + kRowsPerBlock - 1) / kRowsPerBlock);
       // Passes of up to 16 tokens on the tensor cores (q4k_mma_kernel for q4_k and q5_k, q6k_mma_kernel,
       // int8_mma_kernel, q80_mma_kernel, q40_mma_kernel, bnb4_mma_kernel); of up to 8 on qmatmul_kernel otherwise.
       // q4_k, nf4 and fp4 passes of 2 tokens: q4k_decode_tokens_kernel, bnb4_decode_tokens_kernel.
-      const bool two_tokens = n == 2 && two_token_kernels && decode_variant == 0 && cols % 128 == 0 &&
-                              cols <= kTwoTokensMaxCols &&
-                              (type == QuantType::Q4_K || (type == QuantType::NF4 && two_token_bnb4) ||
-                               (type == QuantType::FP4 && two_token_bnb4));
+      const bool two_token_format = type == QuantType::Q4_K ? two_token_q4k
+                                    : type == QuantType::NF4 || type == QuantType::FP4 ? two_token_bnb4
+                                                                                       : false;
+      const bool two_tokens = n == 2 && two_token_format && decode_variant == 0 && cols % 128 == 0 &&
+                              cols <= kTwoTokensMaxCols;
       const bool mma_pass = !two_tokens && batch_mma && n >= mma_min_tokens(type) && mma_format(type) &&
                             cols % mma_cols(type) == 0 && rows_multiple_of(group, kMmaRows);
       const int64_t pass_tokens = two_tokens ? n : mma_pass ? 2 * kMmaTileTokens : 8;
@@ -4718,7 +4724,6 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
-  allow(q4k_decode_tokens_kernel<2>, static_cast<int>(2 * act_shared_bytes(kTwoTokensMaxCols)));
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);
