@@ -131,7 +131,7 @@ static_assert(sizeof(BlockQ5_K) == 176, "q5_k block is 176 bytes");
 static_assert(sizeof(BlockQ6_K) == 210, "q6_k block is 210 bytes");
 
 // Unpacks the 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K `scales[12]`. (The GPU kernels
-// read the same bits from the header's words: kquant_scale_min_pair in gpu_decoder.cu.)
+// read the same bits from the header's words: kquant_scale_min_pair in kernels/cuda/block_decoders.cuh.)
 inline void kquant_scale_min(const uint8_t* q, int j, uint8_t* sc, uint8_t* m) {
   if (j < 4) {
     *sc = q[j] & 63;
