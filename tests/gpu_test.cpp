@@ -1194,6 +1194,85 @@ TEST(GpuParity, CopiedPrefixAndBatchedAnswers) {
   EXPECT_GE(same + 1, got.size());
 }
 
+// Host buffers for logits: heap memory without a GPU (what HostFloats gives when not pinned), zeroed
+// and movable.
+TEST(HostFloats, HeapBuffersAreZeroedAndMove) {
+  HostFloats a(1000, false);
+  ASSERT_EQ(a.size(), 1000u);
+  EXPECT_FALSE(a.pinned());
+  EXPECT_TRUE(std::all_of(a.data(), a.data() + a.size(), [](float v) { return v == 0.0f; }));
+  a[999] = 2.5f;
+  HostFloats b = std::move(a);
+  EXPECT_EQ(a.size(), 0u);
+  EXPECT_EQ(a.data(), nullptr);
+  EXPECT_EQ(b[999], 2.5f);
+  b = HostFloats(4, false);
+  EXPECT_EQ(b.size(), 4u);
+  EXPECT_EQ(HostFloats(0, true).data(), nullptr);  // nothing to pin
+}
+
+// A step's logits reach page-locked destinations straight from the device (one copy per run of
+// adjacent rows) and other memory through the decoder's pinned buffer: the same floats either way,
+// whatever the mix: a batch's rows in one page-locked buffer, in pageable memory, in both, with a
+// prompt segment that wants no logits between them; one-sequence decode steps (the graph) too.
+TEST(GpuParity, LogitsReachPageLockedAndPageableMemoryAlike) {
+  SKIP_WITHOUT_GPU();
+  auto model = Model::load(biomed_tiny_dir());
+  const ModelConfig& c = model->config();
+  const size_t vocab = static_cast<size_t>(c.vocab);
+  ThreadPool pool(2);
+  Decoder gpu(*model, pool, 0, KvType::BF16);
+  const std::vector<int32_t> ids = biomed_tiny_prompt(40);
+  constexpr int kSeqs = 4;
+  HostFloats pinned_check(8, true);
+  EXPECT_TRUE(pinned_check.pinned());
+  // Layouts: where sequence i's row goes. 0: one pageable buffer; 1: one page-locked buffer; 2: rows 0-1
+  // page-locked, row 2 pageable, row 3 in another page-locked buffer.
+  std::vector<std::vector<float>> results;
+  for (int layout = 0; layout < 3; ++layout) {
+    std::vector<float> pageable(kSeqs * vocab);
+    HostFloats locked(kSeqs * vocab, true), other(vocab, true);
+    const auto dest = [&](int i) -> float* {
+      if (layout == 0 || (layout == 2 && i == 2)) return pageable.data() + i * vocab;
+      if (layout == 2 && i == 3) return other.data();
+      return locked.data() + i * vocab;
+    };
+    std::vector<std::unique_ptr<KVCache>> caches;
+    KVCache side(c, 64);  // a prompt fed beside the batch, without logits
+    std::vector<DecodeSegment> segs;
+    for (int i = 0; i < kSeqs; ++i) {
+      caches.push_back(std::make_unique<KVCache>(c, 64));
+      segs.push_back({ids.data() + i, 3 + 2 * i, caches.back().get(), 1, dest(i)});
+    }
+    gpu.forward_batch(segs);
+    std::vector<float> seen;
+    const auto keep = [&] {
+      for (int i = 0; i < kSeqs; ++i) seen.insert(seen.end(), dest(i), dest(i) + vocab);
+    };
+    keep();
+    std::vector<int32_t> next(kSeqs);
+    for (int step = 0; step < 4; ++step) {  // decode steps: eager (two), captured, replayed
+      segs.clear();
+      for (int i = 0; i < kSeqs; ++i) {
+        next[static_cast<size_t>(i)] = static_cast<int32_t>(std::max_element(dest(i), dest(i) + vocab) - dest(i));
+        segs.push_back({&next[static_cast<size_t>(i)], 1, caches[static_cast<size_t>(i)].get(), 1, dest(i)});
+        if (i == 1 && step == 0) segs.push_back({ids.data(), 5, &side, 0, nullptr});
+      }
+      gpu.forward_batch(segs);
+      keep();
+    }
+    for (int step = 0; step < 3; ++step) {  // one sequence: the decode graph
+      const int32_t t = next[0] + step;
+      gpu.forward(&t, 1, *caches[0], 1, dest(3));
+      seen.insert(seen.end(), dest(3), dest(3) + vocab);
+    }
+    results.push_back(std::move(seen));
+  }
+  EXPECT_EQ(results[1], results[0]);
+  EXPECT_EQ(results[2], results[0]);
+  EXPECT_GT(*std::max_element(results[0].begin(), results[0].end()), 0.0f);  // logits, not the zeroed buffers
+}
+
 // Exact numerics (kernels/exact.h): the CPU engine and the GPU compute the same logits bit for bit,
 // on every Foundation fixture architecture and the trained model, in every format: the prompt's
 // logits, then 32 greedy steps, each step's logits equal and so the same continuation. This is

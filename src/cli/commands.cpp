@@ -733,7 +733,8 @@ Run add_bench(CLI::App& app) {
     KVCache& cache = *caches.front();
     std::mt19937 rng(42);
     std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab - 1));
-    std::vector<float> logits(static_cast<size_t>(c.vocab * *sequences));
+    // Page-locked on a GPU, as eval's and serve's logits are: steps copy logits straight into it.
+    HostFloats logits(static_cast<size_t>(c.vocab * *sequences), decoder.gpu() != nullptr);
     using Clock = std::chrono::steady_clock;
 
     // Empties the caches, then fills each with `depth` random tokens (untimed).

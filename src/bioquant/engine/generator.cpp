@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "bioquant/core/error.h"
+#include "bioquant/kernels/cuda/gpu_decoder.h"
 
 namespace bioquant {
 
@@ -16,7 +17,7 @@ GenerateResult generate(Decoder& decoder, const std::vector<int32_t>& prompt, co
   result.stop_reason = "length";
   KVCache cache(c, static_cast<int64_t>(prompt.size()) + std::max<int64_t>(options.max_new_tokens, 1));
   Sampler sampler(options.sampling);
-  std::vector<float> logits(static_cast<size_t>(c.vocab));
+  HostFloats logits(static_cast<size_t>(c.vocab), decoder.gpu() != nullptr);
   using Clock = std::chrono::steady_clock;
   auto t0 = Clock::now();
   decoder.forward(prompt.data(), static_cast<int64_t>(prompt.size()), cache, 1, logits.data());

@@ -179,7 +179,8 @@ std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::str
   const int64_t capacity = std::max<int64_t>(static_cast<int64_t>(longest) + budget + 1, 512);
   if (batch_caches_.size() < batch) batch_caches_.resize(batch);
   const size_t vocab = static_cast<size_t>(model_.config().vocab);
-  std::vector<float> logits(batch * vocab);
+  if (batch_logits_.size() < batch * vocab) batch_logits_ = HostFloats(batch * vocab, decoder_.gpu() != nullptr);
+  float* logits = batch_logits_.data();
   std::vector<DecodeSegment> segments;
   for (size_t i = 0; i < batch; ++i) {
     auto& cache = batch_caches_[i];
@@ -187,7 +188,7 @@ std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::str
       cache = std::make_unique<KVCache>(model_.config(), std::max(capacity, cache ? 2 * cache->capacity() : 0));
     decoder_.copy_prefix(*cache_, *cache, static_cast<int64_t>(prefix));
     segments.push_back({ids[i].data() + prefix, static_cast<int64_t>(ids[i].size() - prefix), cache.get(), 1,
-                        logits.data() + i * vocab});
+                        logits + i * vocab});
   }
   decoder_.forward_batch(segments);
 
@@ -200,14 +201,14 @@ std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::str
     segments.clear();
     std::vector<size_t> still;
     for (size_t i : running) {
-      next[i] = argmax(logits.data() + i * vocab, static_cast<int64_t>(vocab));
+      next[i] = argmax(logits + i * vocab, static_cast<int64_t>(vocab));
       if (is_eos(next[i])) continue;
       out[i].push_back(next[i]);
       counters_.generated_tokens += 1;
       if (step + 1 < budget) {
         warn_context(static_cast<int64_t>(ids[i].size() + out[i].size()) + 1);
         still.push_back(i);
-        segments.push_back({&next[i], 1, batch_caches_[i].get(), 1, logits.data() + i * vocab});
+        segments.push_back({&next[i], 1, batch_caches_[i].get(), 1, logits + i * vocab});
       }
     }
     if (!segments.empty()) decoder_.forward_batch(segments);

@@ -5,6 +5,8 @@
 #include <exception>
 #include <numeric>
 
+#include "bioquant/kernels/cuda/gpu_decoder.h"
+
 namespace bioquant::serve {
 
 const char* finish_name(Finish f) {
@@ -72,7 +74,7 @@ struct Scheduler::Sequence {
   GenerationRequest req;
   Sampler sampler;
   std::unique_ptr<KVCache> cache;
-  std::vector<float> logits;
+  HostFloats logits;  // page-locked on a GPU (see HostFloats)
   int64_t prefilled = 0;  // prompt tokens in the cache
   int64_t generated = 0;  // tokens handed out
   int32_t last = -1;      // the token to feed at the next step
@@ -216,7 +218,7 @@ void Scheduler::loop() {
       if (!s.cache) {  // admitted: its cache holds the prompt and every token it may still feed
         const int64_t want = static_cast<int64_t>(s.req.prompt.size()) + s.req.max_tokens;
         s.cache = std::make_unique<KVCache>(model_.config(), std::min(want, context_));
-        s.logits.resize(static_cast<size_t>(vocab));
+        s.logits = HostFloats(static_cast<size_t>(vocab), decoder_.gpu() != nullptr);
       }
       if (s.prefilling()) {
         if (budget <= 0) continue;

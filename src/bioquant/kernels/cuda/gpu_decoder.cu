@@ -952,15 +952,52 @@ struct GpuDecoder::Impl {
     return b;
   }
 
-  // Waits for the step, then copies each sequence's logit rows from the pinned buffer to its caller.
+  // Whether host memory is page-locked (HostFloats, cudaHostAlloc): the copy engine can write it directly.
+  static bool page_locked(const void* p) {
+    cudaPointerAttributes a{};
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return a.type == cudaMemoryTypeHost;
+  }
+
+  // After a step's kernels (work.logits: the segments' logit rows in order), copies each sequence's
+  // rows to its caller and waits: straight from the device into page-locked destinations, a copy per
+  // run of sequences whose destinations follow one another (a batch's rows of one buffer), and
+  // through the pinned host_logits then a host copy into other memory.
   void deliver_logits(const std::vector<Seg>& segs) {
-    CUDA_OK(cudaStreamSynchronize(stream));
     const int64_t vocab = model.config().vocab;
+    const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
+    std::vector<char> direct(segs.size(), 0);
+    for (size_t i = 0; i < segs.size(); ++i) direct[i] = segs[i].n_logits > 0 && page_locked(segs[i].segment->logits);
     int64_t out_row = 0;
-    for (const Seg& sg : segs) {
-      if (sg.n_logits > 0)
-        std::memcpy(sg.segment->logits, work.host_logits + out_row * vocab, static_cast<size_t>(sg.n_logits * vocab) * sizeof(float));
-      out_row += sg.n_logits;
+    bool staged = false;
+    for (size_t i = 0; i < segs.size();) {
+      if (segs[i].n_logits == 0) {
+        ++i;
+        continue;
+      }
+      float* dst = direct[i] ? segs[i].segment->logits : work.host_logits + out_row * vocab;
+      int64_t rows = segs[i].n_logits;
+      size_t j = i + 1;
+      for (; j < segs.size() && segs[j].n_logits > 0 && direct[j] == direct[i] &&
+             (!direct[i] || segs[j].segment->logits == dst + rows * vocab);
+           ++j)
+        rows += segs[j].n_logits;
+      CUDA_OK(cudaMemcpyAsync(dst, work.logits + out_row * vocab, static_cast<size_t>(rows) * row_bytes, cudaMemcpyDeviceToHost,
+                              stream));
+      staged = staged || !direct[i];
+      out_row += rows;
+      i = j;
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+    if (!staged) return;
+    out_row = 0;
+    for (size_t i = 0; i < segs.size(); ++i) {
+      if (segs[i].n_logits > 0 && !direct[i])
+        std::memcpy(segs[i].segment->logits, work.host_logits + out_row * vocab, static_cast<size_t>(segs[i].n_logits) * row_bytes);
+      out_row += segs[i].n_logits;
     }
   }
 
@@ -1085,8 +1122,6 @@ struct GpuDecoder::Impl {
       exact_matmul(work.h, n_out, output, work.logits);
       if (c.final_softcap > 0.0f)
         launch(exact_softcap_kernel, blocks_for(n_out * c.vocab), 256, 0, work.logits, n_out * c.vocab, c.final_softcap);
-      CUDA_OK(cudaMemcpyAsync(work.host_logits, work.logits, static_cast<size_t>(n_out * c.vocab) * sizeof(float),
-                              cudaMemcpyDeviceToHost, stream));
     }
     CUDA_OK(cudaGetLastError());
     deliver_logits(segs);
@@ -1444,8 +1479,6 @@ struct GpuDecoder::Impl {
       if (c.final_softcap > 0.0f)
         launch(softcap_kernel, blocks_for(n_logits * c.vocab), 256, 0, work.logits, n_logits * c.vocab, c.final_softcap);
       CUDA_OK(cudaGetLastError());
-      CUDA_OK(cudaMemcpyAsync(work.host_logits, work.logits, static_cast<size_t>(n_logits * c.vocab) * sizeof(float),
-                              cudaMemcpyDeviceToHost, stream));
     }
   }
 };
@@ -1690,6 +1723,20 @@ void GpuDecoder::copy_prefix(const KVCache& from, const KVCache& to, int64_t n) 
 int64_t GpuDecoder::prompt_chunk(std::span<const DecodeSegment> segments) {
   CUDA_OK(cudaSetDevice(impl_->device));
   return impl_->fit_prompt_chunk(segments);
+}
+
+void* cuda_pinned_alloc(size_t bytes) {
+  void* p = nullptr;
+  const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocPortable);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw Error("CUDA: cannot allocate " + mib_text(bytes) + " of page-locked host memory: " + cudaGetErrorString(e));
+  }
+  return p;
+}
+
+void cuda_pinned_free(void* p) {
+  if (p != nullptr) cudaFreeHost(p);
 }
 
 void set_cuda_memory_limit(size_t bytes) { g_memory_limit = bytes; }

@@ -27,6 +27,8 @@ int GpuDecoder::device() const { return -1; }
 std::string GpuDecoder::prompt_matmuls() const { return {}; }
 int64_t GpuDecoder::prompt_gemm_tokens() const { return 0; }
 int64_t GpuDecoder::prompt_chunk(std::span<const DecodeSegment>) { return 0; }
+void* cuda_pinned_alloc(size_t) { throw Error("this build has no CUDA backend (page-locked memory)"); }
+void cuda_pinned_free(void*) {}
 void set_cuda_memory_limit(size_t) {}
 size_t cuda_memory_limit() { return 0; }
 size_t cuda_memory_used(int) { return 0; }
