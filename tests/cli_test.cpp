@@ -123,6 +123,18 @@ TEST(Cli, BenchRunsOnASyntheticShape) {
   EXPECT_EQ(j["threads"], 1);
 }
 
+TEST(Cli, BenchDecodesGreedily) {
+  // Two sequences, each fed its own top token: the row says so.
+  const auto r = run_cli({"bench", "--synthetic", "tiny", "-p", "0", "-n", "4", "-b", "2", "-r", "1", "--threads", "1",
+                          "--no-bandwidth", "--greedy"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("| tg4 x 2 seqs greedy |"), std::string::npos) << r.out;
+  const auto j = run_cli({"bench", "--synthetic", "tiny", "-p", "0", "-n", "4", "-r", "1", "--threads", "1", "--no-bandwidth",
+                          "--greedy", "--json"});
+  ASSERT_EQ(j.exit_code, 0) << j.err;
+  EXPECT_EQ(json::parse(j.out)["greedy"], true);
+}
+
 TEST(Cli, BenchMeasuresAtADepth) {
   // Each test starts with 24 tokens in the cache: they count against --ctx.
   const auto r = run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "-d", "24", "-r", "1", "--threads", "1",

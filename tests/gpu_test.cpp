@@ -1214,7 +1214,8 @@ TEST(HostFloats, HeapBuffersAreZeroedAndMove) {
 // A step's logits reach page-locked destinations straight from the device (one copy per run of
 // adjacent rows) and other memory through the decoder's pinned buffer: the same floats either way,
 // whatever the mix: a batch's rows in one page-locked buffer, in pageable memory, in both, with a
-// prompt segment that wants no logits between them; one-sequence decode steps (the graph) too.
+// prompt segment that wants no logits between them; one-sequence decode steps (the graph) too. Top
+// tokens computed on the GPU are top_token of those rows.
 TEST(GpuParity, LogitsReachPageLockedAndPageableMemoryAlike) {
   SKIP_WITHOUT_GPU();
   auto model = Model::load(biomed_tiny_dir());
@@ -1271,6 +1272,37 @@ TEST(GpuParity, LogitsReachPageLockedAndPageableMemoryAlike) {
   EXPECT_EQ(results[1], results[0]);
   EXPECT_EQ(results[2], results[0]);
   EXPECT_GT(*std::max_element(results[0].begin(), results[0].end()), 0.0f);  // logits, not the zeroed buffers
+
+  // The same steps again asking for top tokens (top_token_kernel), sequences 1 and 3 with their rows,
+  // 0 and 2 without: top_token of the rows above, and the rows as above.
+  std::vector<std::unique_ptr<KVCache>> caches;
+  KVCache side(c, 64);
+  std::vector<int32_t> tops(kSeqs, -1), fed(kSeqs);
+  HostFloats rows(kSeqs * vocab, true);
+  const auto row_of = [&](int i) { return i % 2 == 0 ? nullptr : rows.data() + i * vocab; };
+  std::vector<DecodeSegment> segs;
+  for (int i = 0; i < kSeqs; ++i) {
+    caches.push_back(std::make_unique<KVCache>(c, 64));
+    segs.push_back({ids.data() + i, 3 + 2 * i, caches.back().get(), 1, row_of(i), &tops[static_cast<size_t>(i)]});
+  }
+  gpu.forward_batch(segs);
+  for (int round = 0; round < 5; ++round) {  // the prompts' rows, then the four decode steps'
+    for (int i = 0; i < kSeqs; ++i) {
+      const float* want = results[0].data() + (static_cast<size_t>(round) * kSeqs + static_cast<size_t>(i)) * vocab;
+      EXPECT_EQ(tops[static_cast<size_t>(i)], top_token(want, c.vocab)) << round << " " << i;
+      if (row_of(i) != nullptr) {
+        EXPECT_TRUE(std::equal(want, want + vocab, row_of(i))) << round << " " << i;
+      }
+    }
+    if (round == 4) break;
+    segs.clear();
+    for (int i = 0; i < kSeqs; ++i) {
+      fed[static_cast<size_t>(i)] = tops[static_cast<size_t>(i)];
+      segs.push_back({&fed[static_cast<size_t>(i)], 1, caches[static_cast<size_t>(i)].get(), 1, row_of(i), &tops[static_cast<size_t>(i)]});
+      if (i == 1 && round == 0) segs.push_back({ids.data(), 5, &side, 0, nullptr});
+    }
+    gpu.forward_batch(segs);
+  }
 }
 
 // Exact numerics (kernels/exact.h): the CPU engine and the GPU compute the same logits bit for bit,

@@ -145,6 +145,56 @@ TEST(ServeDecoder, ForwardBatchRowsAreIndependentOnQuantizedWeights) {
   }
 }
 
+// top_token: the first of equal maxima (std::max_element's choice) at every length and place.
+TEST(ServeDecoder, TopTokenIsTheFirstLargestLogit) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> logit(0.0f, 4.0f);
+  for (const int64_t n : {int64_t{1}, int64_t{7}, int64_t{31}, int64_t{32}, int64_t{33}, int64_t{1000}, int64_t{128256}}) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (int rep = 0; rep < 20; ++rep) {
+      for (auto& x : v) x = logit(rng);
+      if (rep % 4 == 1) v[static_cast<size_t>(rng() % n)] = 100.0f;  // one clear winner anywhere
+      if (rep % 4 == 2 && n > 1) {  // a tie: the lower id wins
+        const size_t a = rng() % static_cast<size_t>(n), b = rng() % static_cast<size_t>(n);
+        v[a] = v[b] = 50.0f;
+      }
+      if (rep % 4 == 3) std::fill(v.begin(), v.end(), -3.0f);  // all equal: id 0
+      EXPECT_EQ(top_token(v.data(), n), std::max_element(v.begin(), v.end()) - v.begin()) << n << " " << rep;
+    }
+  }
+}
+
+// A segment may ask for its top token instead of (or beside) its logits: the same id as top_token of
+// the logits, in a batch or alone; asking for neither buffer, or for a top token without logits, is
+// an error before anything runs.
+TEST(ServeDecoder, ForwardBatchHandsBackTopTokens) {
+  auto model = Model::load(demo_model());
+  const ModelConfig& c = model->config();
+  ThreadPool pool(2);
+  Decoder decoder(*model, pool);
+  const std::vector<int32_t> p0 = {5, 17, 3, 9}, p1 = {8, 2}, p2 = {11, 4, 6};
+  KVCache a(c, 16), b(c, 16), a2(c, 16), b2(c, 16), d(c, 16);
+  std::vector<float> la(static_cast<size_t>(c.vocab)), lb(la.size());
+  int32_t ta = -1, tb = -1, td = -1;
+  std::vector<DecodeSegment> with_logits = {{p0.data(), 4, &a, 1, la.data()}, {p1.data(), 2, &b, 1, lb.data()}};
+  decoder.forward_batch(with_logits);
+  std::vector<DecodeSegment> tops = {{p0.data(), 4, &a2, 1, nullptr, &ta}, {p1.data(), 2, &b2, 1, lb.data(), &tb},
+                                     {p2.data(), 3, &d, 0, nullptr}};
+  decoder.forward_batch(tops);
+  EXPECT_EQ(ta, top_token(la.data(), c.vocab));
+  EXPECT_EQ(tb, top_token(lb.data(), c.vocab));
+  const DecodeSegment alone{&ta, 1, &a2, 1, nullptr, &td};
+  decoder.forward_batch(std::span<const DecodeSegment>(&alone, 1));
+  decoder.forward(&ta, 1, a, 1, la.data());
+  EXPECT_EQ(td, top_token(la.data(), c.vocab));
+  KVCache e(c, 16);
+  const std::vector<DecodeSegment> no_buffer = {{p0.data(), 4, &e, 1, nullptr}};
+  EXPECT_THROW(decoder.forward_batch(no_buffer), Error);
+  const std::vector<DecodeSegment> top_without_logits = {{p0.data(), 4, &e, 0, nullptr, &ta}};
+  EXPECT_THROW(decoder.forward_batch(top_without_logits), Error);
+  EXPECT_EQ(e.size(), 0);
+}
+
 TEST(ServeDecoder, ForwardBatchValidatesBeforeTouchingCaches) {
   auto model = Model::load(demo_model());
   ThreadPool pool(1);

@@ -677,6 +677,7 @@ Run add_bench(CLI::App& app) {
   auto depth = std::make_shared<int64_t>(0);
   auto sequences = std::make_shared<int64_t>(1);
   auto random_rows = std::make_shared<bool>(false);
+  auto greedy = std::make_shared<bool>(false);
   add_model_flags(app, *opts, false);
   auto* syn = app.add_option("--synthetic", *synthetic, "random-weight model of a named shape (llama-1b, llama3-8b, ...)");
   app.get_option("--model")->excludes(syn);
@@ -690,6 +691,9 @@ Run add_bench(CLI::App& app) {
   app.add_option("-r,--repetitions", *reps, "repetitions (default 3)")->check(positive_number());
   app.add_flag("--json", *as_json, "print one JSON object");
   app.add_flag("--no-bandwidth", *no_bandwidth, "skip the memory-bandwidth probe");
+  app.add_flag("--greedy", *greedy,
+               "tg: feed each sequence its top token and hand back only that (as eval's greedy decoding does; on a "
+               "GPU it is found there), instead of random tokens with every step's logits");
   app.add_option("--ctx", *ctx, "KV cache capacity in tokens (default: just enough for the test; set it to measure memory at a context)")
       ->check(non_negative_number());
   app.add_option("-d,--depth", *depth,
@@ -757,14 +761,20 @@ Run add_bench(CLI::App& app) {
     };
     auto run_tg = [&]() {
       fill_depth();
-      std::vector<int32_t> ids(caches.size());
+      std::vector<int32_t> ids(caches.size()), tops(caches.size());
+      for (auto& t : tops) t = token(rng);
       std::vector<DecodeSegment> step;
       const auto t0 = Clock::now();
       for (int64_t i = 0; i < *n_gen; ++i) {
         step.clear();
         for (size_t s = 0; s < caches.size(); ++s) {
-          ids[s] = token(rng);
-          step.push_back({&ids[s], 1, caches[s].get(), 1, logits.data() + s * static_cast<size_t>(c.vocab)});
+          if (*greedy) {
+            ids[s] = tops[s];
+            step.push_back({&ids[s], 1, caches[s].get(), 1, nullptr, &tops[s]});
+          } else {
+            ids[s] = token(rng);
+            step.push_back({&ids[s], 1, caches[s].get(), 1, logits.data() + s * static_cast<size_t>(c.vocab)});
+          }
         }
         decoder.forward_batch(step);
       }
@@ -799,6 +809,7 @@ Run add_bench(CLI::App& app) {
                 {"isa", std::string(decoder.gpu() ? "cuda" : cpu_kernels().isa) + (opts->exact ? " exact" : "")},
                 {"n_prompt", *n_prompt},
                 {"n_gen", *n_gen},
+                {"greedy", *greedy},
                 {"depth", *depth},
                 {"sequences", *sequences},
                 {"repetitions", *reps},
@@ -835,7 +846,7 @@ Run add_bench(CLI::App& app) {
     std::printf("| model | params | weights | threads | isa | test | t/s |\n|---|---|---|---|---|---|---|\n");
     const double billions = static_cast<double>(c.parameter_count()) / 1e9;
     const std::string at = *depth > 0 ? " @ d" + std::to_string(*depth) : "";
-    const std::string times = *sequences > 1 ? " x " + std::to_string(*sequences) + " seqs" : "";
+    const std::string times = (*sequences > 1 ? " x " + std::to_string(*sequences) + " seqs" : "") + (*greedy ? " greedy" : "");
     if (*n_prompt > 0)
       std::printf("| %s | %.2f B | %s | %d | %s | pp%lld%s | %.2f ± %.2f |\n", name.c_str(), billions,
                   model->weight_dtype().c_str(), pool.size(), out["isa"].get<std::string>().c_str(), (long long)*n_prompt,

@@ -4,12 +4,11 @@
 #include <cmath>
 
 #include "bioquant/core/error.h"
+#include "bioquant/model/decoder.h"
 
 namespace bioquant {
 
-int32_t argmax(const float* values, int64_t n) {
-  return static_cast<int32_t>(std::max_element(values, values + n) - values);
-}
+int32_t argmax(const float* values, int64_t n) { return top_token(values, n); }
 
 Sampler::Sampler(const SamplingOptions& options) : options_(options), rng_(options.seed) {
   check(options.temperature >= 0.0f, "temperature must be >= 0");

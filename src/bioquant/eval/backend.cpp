@@ -178,37 +178,35 @@ std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::str
   // Each sequence's cache: the prefix copied in, then the rest of its prompt, all in one pass.
   const int64_t capacity = std::max<int64_t>(static_cast<int64_t>(longest) + budget + 1, 512);
   if (batch_caches_.size() < batch) batch_caches_.resize(batch);
-  const size_t vocab = static_cast<size_t>(model_.config().vocab);
-  if (batch_logits_.size() < batch * vocab) batch_logits_ = HostFloats(batch * vocab, decoder_.gpu() != nullptr);
-  float* logits = batch_logits_.data();
+  // Greedy: each step hands back the sequences' top tokens only (on a GPU, computed there: no logits
+  // come back).
+  std::vector<int32_t> next(batch), fed(batch);
   std::vector<DecodeSegment> segments;
   for (size_t i = 0; i < batch; ++i) {
     auto& cache = batch_caches_[i];
     if (!cache || cache->capacity() < static_cast<int64_t>(ids[i].size()) + budget + 1)
       cache = std::make_unique<KVCache>(model_.config(), std::max(capacity, cache ? 2 * cache->capacity() : 0));
     decoder_.copy_prefix(*cache_, *cache, static_cast<int64_t>(prefix));
-    segments.push_back({ids[i].data() + prefix, static_cast<int64_t>(ids[i].size() - prefix), cache.get(), 1,
-                        logits + i * vocab});
+    segments.push_back({ids[i].data() + prefix, static_cast<int64_t>(ids[i].size() - prefix), cache.get(), 1, nullptr, &next[i]});
   }
   decoder_.forward_batch(segments);
 
   // Decode: every running sequence's next token together, as generate()'s loop does one at a time.
   std::vector<std::vector<int32_t>> out(batch);
-  std::vector<int32_t> next(batch);
   std::vector<size_t> running(batch);
   for (size_t i = 0; i < batch; ++i) running[i] = i;
   for (int64_t step = 0; step < budget && !running.empty(); ++step) {
     segments.clear();
     std::vector<size_t> still;
     for (size_t i : running) {
-      next[i] = argmax(logits + i * vocab, static_cast<int64_t>(vocab));
       if (is_eos(next[i])) continue;
       out[i].push_back(next[i]);
       counters_.generated_tokens += 1;
       if (step + 1 < budget) {
         warn_context(static_cast<int64_t>(ids[i].size() + out[i].size()) + 1);
         still.push_back(i);
-        segments.push_back({&next[i], 1, batch_caches_[i].get(), 1, logits + i * vocab});
+        fed[i] = next[i];
+        segments.push_back({&fed[i], 1, batch_caches_[i].get(), 1, nullptr, &next[i]});
       }
     }
     if (!segments.empty()) decoder_.forward_batch(segments);

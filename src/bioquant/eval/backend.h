@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "bioquant/core/thread_pool.h"
-#include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/decoder.h"
 
 namespace bioquant {
@@ -115,7 +114,6 @@ class LocalBackend : public Backend {
   std::vector<int32_t> sequence_;  // tokens in the cache, in order
   std::vector<std::unique_ptr<KVCache>> batch_caches_;  // generate_batch's sequences, kept for the next batch
   std::vector<float> logits_;      // next-token logits after sequence_
-  HostFloats batch_logits_;        // generate_batch's, a row per sequence (page-locked on a GPU)
   bool warned_context_ = false;
 };
 

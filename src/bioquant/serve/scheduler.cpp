@@ -74,7 +74,8 @@ struct Scheduler::Sequence {
   GenerationRequest req;
   Sampler sampler;
   std::unique_ptr<KVCache> cache;
-  HostFloats logits;  // page-locked on a GPU (see HostFloats)
+  HostFloats logits;  // page-locked on a GPU (see HostFloats); none when greedy()
+  int32_t top = -1;   // greedy(): the step's top token (computed where the decoder runs)
   int64_t prefilled = 0;  // prompt tokens in the cache
   int64_t generated = 0;  // tokens handed out
   int32_t last = -1;      // the token to feed at the next step
@@ -82,6 +83,8 @@ struct Scheduler::Sequence {
   Sequence(std::shared_ptr<Generation> g, GenerationRequest r)
       : gen(std::move(g)), req(std::move(r)), sampler(req.sampling) {}
   bool prefilling() const { return prefilled < static_cast<int64_t>(req.prompt.size()); }
+  // Temperature 0 without log-probabilities: the top token is all a step needs to hand back.
+  bool greedy() const { return req.sampling.temperature == 0.0f && req.logprobs < 0; }
 };
 
 Scheduler::Scheduler(const Model& model, ThreadPool& pool, SchedulerOptions options)
@@ -218,7 +221,7 @@ void Scheduler::loop() {
       if (!s.cache) {  // admitted: its cache holds the prompt and every token it may still feed
         const int64_t want = static_cast<int64_t>(s.req.prompt.size()) + s.req.max_tokens;
         s.cache = std::make_unique<KVCache>(model_.config(), std::min(want, context_));
-        s.logits = HostFloats(static_cast<size_t>(vocab), decoder_.gpu() != nullptr);
+        if (!s.greedy()) s.logits = HostFloats(static_cast<size_t>(vocab), decoder_.gpu() != nullptr);
       }
       if (s.prefilling()) {
         if (budget <= 0) continue;
@@ -231,9 +234,11 @@ void Scheduler::loop() {
         if (take == 1 && left > 1) continue;
         budget -= take;
         prompt_run += take;
-        segments.push_back({s.req.prompt.data() + s.prefilled, take, s.cache.get(), take == left ? 1 : 0, s.logits.data()});
+        const int64_t n_logits = take == left ? 1 : 0;
+        segments.push_back({s.req.prompt.data() + s.prefilled, take, s.cache.get(), n_logits, s.logits.data(),
+                            s.greedy() && n_logits > 0 ? &s.top : nullptr});
       } else {
-        segments.push_back({&s.last, 1, s.cache.get(), 1, s.logits.data()});
+        segments.push_back({&s.last, 1, s.cache.get(), 1, s.logits.data(), s.greedy() ? &s.top : nullptr});
       }
       stepped.push_back(&s);
     }
@@ -258,7 +263,7 @@ void Scheduler::loop() {
         if (s.prefilling()) continue;  // more prompt chunks to come
       }
       TokenOut tok;
-      tok.id = s.sampler.sample(s.logits.data(), vocab);
+      tok.id = s.greedy() ? s.top : s.sampler.sample(s.logits.data(), vocab);
       ++sampled;
       if (s.req.stop_at_eos && is_eos(tok.id)) {
         s.gen->end(Finish::eos);

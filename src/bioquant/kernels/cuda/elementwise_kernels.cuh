@@ -4,6 +4,8 @@
 // the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
 #pragma once
 
+#include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "bioquant/kernels/cuda/device_common.cuh"
@@ -198,6 +200,35 @@ __global__ void act_mul_kernel(float* a, const float* b, int64_t n, bool gelu, _
 __global__ void softcap_kernel(float* x, int64_t n, float cap) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) x[i] = tanhf(x[i] / cap) * cap;
+}
+
+// top_token (model/decoder.h) of each logit row: a block per row (1024 threads), the largest value
+// and, among equal ones, the lowest id. Each thread scans its ids in increasing order keeping the
+// first of its maxima; then the pairs are reduced across the block.
+constexpr int kTopThreads = 1024;
+__device__ __forceinline__ bool top_before(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
+__global__ void __launch_bounds__(kTopThreads) top_token_kernel(const float* logits, int64_t vocab, int* top) {
+  const float* row = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  float best = -INFINITY;
+  int id = INT_MAX;
+  for (int64_t i = threadIdx.x; i < vocab; i += kTopThreads) {
+    const float v = row[i];
+    if (id == INT_MAX || v > best) best = v, id = static_cast<int>(i);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    const float w = __shfl_xor_sync(0xffffffffu, best, o);
+    const int j = __shfl_xor_sync(0xffffffffu, id, o);
+    if (top_before(w, j, best, id)) best = w, id = j;
+  }
+  __shared__ float warp_best[kTopThreads / 32];
+  __shared__ int warp_id[kTopThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_best[threadIdx.x / 32] = best, warp_id[threadIdx.x / 32] = id;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < kTopThreads / 32; ++w)
+    if (top_before(warp_best[w], warp_id[w], best, id)) best = warp_best[w], id = warp_id[w];
+  top[blockIdx.x] = id;
 }
 
 }  // namespace

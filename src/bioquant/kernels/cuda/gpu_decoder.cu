@@ -301,9 +301,11 @@ struct GpuDecoder::Impl {
     int64_t* pos = nullptr;  // each sequence's first position (kernels read it, so a captured graph can replay)
     float* attn_part = nullptr;  // split decode attention: per head and split, the output, max and sum
     int* attn_done = nullptr;    // per head: its splits finished (zero between launches)
+    int* top = nullptr;          // each logit row's top token (top_token_kernel)
     float* host_x = nullptr;       // pinned: embedding rows in
     float* host_logits = nullptr;  // pinned: logits out
     int64_t* host_pos = nullptr;   // pinned
+    int* host_top = nullptr;       // pinned: top tokens out
     int64_t tokens = 0, logit_rows = 0;
     uint64_t generation = 0;  // bumped when the buffers move (a captured graph then goes stale)
   } work;
@@ -322,8 +324,10 @@ struct GpuDecoder::Impl {
     if (work.host_x) cudaFreeHost(work.host_x);
     if (work.host_logits) cudaFreeHost(work.host_logits);
     if (work.host_pos) cudaFreeHost(work.host_pos);
+    if (work.host_top) cudaFreeHost(work.host_top);
     work.host_x = work.host_logits = nullptr;
     work.host_pos = nullptr;
+    work.host_top = nullptr;
   }
   std::vector<DevBuf> work_bufs;
   uint8_t* arena = nullptr;
@@ -472,10 +476,12 @@ struct GpuDecoder::Impl {
     work.pos = reinterpret_cast<int64_t*>(fbuf(n.pos));
     work.attn_part = fbuf(n.attn_part);
     work.attn_done = reinterpret_cast<int*>(fbuf(n.attn_done));
+    work.top = reinterpret_cast<int*>(fbuf(n.top));
     CUDA_OK(cudaMemsetAsync(work.attn_done, 0, static_cast<size_t>(c.n_heads) * sizeof(int), stream));
     CUDA_OK(cudaMallocHost(&work.host_x, static_cast<size_t>(tokens * c.hidden) * sizeof(float)));
     CUDA_OK(cudaMallocHost(&work.host_logits, static_cast<size_t>(logit_rows * c.vocab) * sizeof(float)));
     CUDA_OK(cudaMallocHost(&work.host_pos, static_cast<size_t>(tokens) * sizeof(int64_t)));
+    CUDA_OK(cudaMallocHost(&work.host_top, static_cast<size_t>(logit_rows) * sizeof(int)));
     ++work.generation;
     work.tokens = tokens;
     work.logit_rows = logit_rows;
@@ -962,42 +968,53 @@ struct GpuDecoder::Impl {
     return a.type == cudaMemoryTypeHost;
   }
 
-  // After a step's kernels (work.logits: the segments' logit rows in order), copies each sequence's
-  // rows to its caller and waits: straight from the device into page-locked destinations, a copy per
-  // run of sequences whose destinations follow one another (a batch's rows of one buffer), and
-  // through the pinned host_logits then a host copy into other memory.
+  // After a step's kernels (work.logits: the segments' logit rows in order), hands each sequence what
+  // it asked for and waits. Top tokens: top_token_kernel over the rows, 4 bytes each back. Rows:
+  // straight from the device into page-locked destinations, a copy per run of sequences whose
+  // destinations follow one another (a batch's rows of one buffer); through the pinned host_logits,
+  // then a host copy, into other memory.
   void deliver_logits(const std::vector<Seg>& segs) {
     const int64_t vocab = model.config().vocab;
     const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
-    std::vector<char> direct(segs.size(), 0);
-    for (size_t i = 0; i < segs.size(); ++i) direct[i] = segs[i].n_logits > 0 && page_locked(segs[i].segment->logits);
+    enum Route : char { kNone, kDirect, kStaged };
+    std::vector<Route> route(segs.size(), kNone);
+    int64_t n_out = 0;
+    bool tops = false;
+    for (size_t i = 0; i < segs.size(); ++i) {
+      n_out += segs[i].n_logits;
+      tops = tops || segs[i].segment->top != nullptr;
+      if (segs[i].n_logits > 0 && segs[i].segment->logits != nullptr)
+        route[i] = page_locked(segs[i].segment->logits) ? kDirect : kStaged;
+    }
+    if (tops) {
+      launch(top_token_kernel, static_cast<unsigned>(n_out), kTopThreads, 0, work.logits, vocab, work.top);
+      CUDA_OK(cudaMemcpyAsync(work.host_top, work.top, static_cast<size_t>(n_out) * sizeof(int), cudaMemcpyDeviceToHost, stream));
+    }
     int64_t out_row = 0;
-    bool staged = false;
     for (size_t i = 0; i < segs.size();) {
-      if (segs[i].n_logits == 0) {
+      if (route[i] == kNone) {
+        out_row += segs[i].n_logits;
         ++i;
         continue;
       }
-      float* dst = direct[i] ? segs[i].segment->logits : work.host_logits + out_row * vocab;
+      float* dst = route[i] == kDirect ? segs[i].segment->logits : work.host_logits + out_row * vocab;
       int64_t rows = segs[i].n_logits;
       size_t j = i + 1;
-      for (; j < segs.size() && segs[j].n_logits > 0 && direct[j] == direct[i] &&
-             (!direct[i] || segs[j].segment->logits == dst + rows * vocab);
-           ++j)
+      for (; j < segs.size() && route[j] == route[i] && (route[i] == kStaged || segs[j].segment->logits == dst + rows * vocab); ++j)
         rows += segs[j].n_logits;
       CUDA_OK(cudaMemcpyAsync(dst, work.logits + out_row * vocab, static_cast<size_t>(rows) * row_bytes, cudaMemcpyDeviceToHost,
                               stream));
-      staged = staged || !direct[i];
       out_row += rows;
       i = j;
     }
     CUDA_OK(cudaStreamSynchronize(stream));
-    if (!staged) return;
     out_row = 0;
     for (size_t i = 0; i < segs.size(); ++i) {
-      if (segs[i].n_logits > 0 && !direct[i])
-        std::memcpy(segs[i].segment->logits, work.host_logits + out_row * vocab, static_cast<size_t>(segs[i].n_logits) * row_bytes);
-      out_row += segs[i].n_logits;
+      const DecodeSegment& sg = *segs[i].segment;
+      if (route[i] == kStaged)
+        std::memcpy(sg.logits, work.host_logits + out_row * vocab, static_cast<size_t>(sg.n_logits) * row_bytes);
+      out_row += sg.n_logits;
+      if (sg.top != nullptr) *sg.top = work.host_top[out_row - 1];
     }
   }
 

@@ -15,7 +15,7 @@ size_t aligned(size_t n) { return (n + 255) / 256 * 256; }
 
 size_t GpuWorkSizes::bytes() const {
   int64_t floats = 0;
-  for (int64_t n : {x, x2, h, q, k, v, attn, normed, gate, up, logits, aq, ad, as, pos, attn_part, attn_done}) floats += n;
+  for (int64_t n : {x, x2, h, q, k, v, attn, normed, gate, up, logits, aq, ad, as, pos, attn_part, attn_done, top}) floats += n;
   return static_cast<size_t>(floats) * sizeof(float);
 }
 
@@ -41,6 +41,7 @@ GpuWorkSizes gpu_work_sizes(const ModelConfig& c, int64_t tokens, int64_t logit_
   s.pos = 2 * tokens;  // one first position (int64) per sequence of a batch
   s.attn_part = c.n_heads * attention_splits * (c.head_dim + 2);
   s.attn_done = c.n_heads;
+  s.top = logit_rows;
   return s;
 }
 

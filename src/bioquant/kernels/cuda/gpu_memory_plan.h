@@ -28,6 +28,7 @@ constexpr size_t kGpuMatrixTail = 16;
 struct GpuWorkSizes {
   int64_t x = 0, x2 = 0, h = 0, q = 0, k = 0, v = 0, attn = 0, normed = 0, gate = 0, up = 0, logits = 0;
   int64_t aq = 0, ad = 0, as = 0, pos = 0, attn_part = 0, attn_done = 0;  // aq: int8 values, in floats
+  int64_t top = 0;  // int32 top token ids, one per logit row
   size_t bytes() const;
 };
 GpuWorkSizes gpu_work_sizes(const ModelConfig& c, int64_t tokens, int64_t logit_rows, int attention_splits);
