@@ -300,7 +300,8 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
 }
 
 int32_t top_token(const float* logits, int64_t n) {
-  // The maximum over 16 lanes (vectorised), then the first position holding it: ~8x std::max_element.
+  // The maximum over 16 lanes (vectorised), then the first position holding it: about twice as fast as
+  // std::max_element on a fresh 128K-logit row (memory-bound there).
   constexpr int kLanes = 16;
   if (n < 2 * kLanes) return static_cast<int32_t>(std::max_element(logits, logits + n) - logits);
   float lane_max[kLanes];
