@@ -4,9 +4,9 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <span>
 
 #include "bioquant/core/error.h"
-#include "bioquant/engine/sampler.h"
 #include "bioquant/tokenizer/chat_template.h"
 #include "bioquant/tokenizer/tokenizer.h"
 
@@ -102,7 +102,12 @@ size_t LocalBackend::keep_cached_prefix(const std::vector<int32_t>& tokens, size
   return common;
 }
 
-void LocalBackend::start(const std::vector<int32_t>& prompt) {
+void LocalBackend::run(const std::vector<int32_t>& ids, int32_t* top) {
+  const DecodeSegment segment{ids.data(), static_cast<int64_t>(ids.size()), cache_.get(), 1, top ? nullptr : logits_.data(), top};
+  decoder_.forward_batch(std::span<const DecodeSegment>(&segment, 1));
+}
+
+void LocalBackend::start(const std::vector<int32_t>& prompt, int32_t* top) {
   check(!prompt.empty(), "the prompt encodes to no tokens");
   // Keeps at least the last prompt token to run (its logits are the first answer token's distribution).
   const size_t common = keep_cached_prefix(prompt, prompt.size() - 1, static_cast<int64_t>(prompt.size()) + 1);
@@ -110,27 +115,28 @@ void LocalBackend::start(const std::vector<int32_t>& prompt) {
   counters_.prompt_tokens_reused += static_cast<int64_t>(common);
   counters_.prompt_tokens_computed += static_cast<int64_t>(prompt.size() - common);
   const std::vector<int32_t> rest(prompt.begin() + static_cast<std::ptrdiff_t>(common), prompt.end());
-  decoder_.forward(rest.data(), static_cast<int64_t>(rest.size()), *cache_, 1, logits_.data());
+  run(rest, top);
   sequence_.insert(sequence_.end(), rest.begin(), rest.end());
 }
 
-void LocalBackend::feed(const std::vector<int32_t>& ids) {
+void LocalBackend::feed(const std::vector<int32_t>& ids, int32_t* top) {
   if (ids.empty()) return;
   ensure_capacity(static_cast<int64_t>(sequence_.size() + ids.size()) + 1);
   check(cache_->size() == static_cast<int64_t>(sequence_.size()), "internal: KV cache out of step");
-  decoder_.forward(ids.data(), static_cast<int64_t>(ids.size()), *cache_, 1, logits_.data());
+  run(ids, top);
   sequence_.insert(sequence_.end(), ids.begin(), ids.end());
 }
 
 std::string LocalBackend::generate(const std::string& prompt, int max_new_tokens) {
-  start(encode_prompt(prompt));
+  // Greedy: each pass hands back its top token only (see start).
+  int32_t next = -1;
+  start(encode_prompt(prompt), &next);
   std::vector<int32_t> out;
   for (int i = 0; i < max_new_tokens; ++i) {
-    const int32_t next = argmax(logits_.data(), model_.config().vocab);
     if (is_eos(next)) break;
     out.push_back(next);
     counters_.generated_tokens += 1;
-    if (i + 1 < max_new_tokens) feed({next});
+    if (i + 1 < max_new_tokens) feed({next}, &next);
   }
   return tokenizer_.decode(out, /*skip_special=*/true);
 }

@@ -96,8 +96,11 @@ class LocalBackend : public Backend {
   std::vector<int32_t> encode_prompt(const std::string& prompt) const;
 
  private:
-  void start(const std::vector<int32_t>& prompt);  // prefill with prefix reuse; logits_ = next-token logits
-  void feed(const std::vector<int32_t>& ids);       // extend the sequence
+  // Prefill with prefix reuse, then extend the sequence: logits_ = the next-token logits, or with `top`,
+  // only the greedy next token there (logits_ left as they were; on a GPU no logits come back).
+  void start(const std::vector<int32_t>& prompt, int32_t* top = nullptr);
+  void feed(const std::vector<int32_t>& ids, int32_t* top = nullptr);
+  void run(const std::vector<int32_t>& ids, int32_t* top);  // one pass over ids appended to cache_
   void ensure_capacity(int64_t tokens);
   // Truncates cache_ and sequence_ to their longest common prefix with tokens[0, limit), in a cache of
   // at least `capacity` positions; returns that prefix's length.
