@@ -12,11 +12,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <random>
 #include <set>
 #include <thread>
@@ -26,6 +28,7 @@
 
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/engine/generator.h"
+#include "bioquant/engine/sampler.h"
 #include "bioquant/eval/backend.h"
 #include "bioquant/eval/prompts.h"
 #include "bioquant/model/decoder.h"
@@ -160,6 +163,34 @@ TEST(ServeDecoder, TopTokenIsTheFirstLargestLogit) {
       }
       if (rep % 4 == 3) std::fill(v.begin(), v.end(), -3.0f);  // all equal: id 0
       EXPECT_EQ(top_token(v.data(), n), std::max_element(v.begin(), v.end()) - v.begin()) << n << " " << rep;
+    }
+  }
+}
+
+// sort_by_logit (the sampler's full sort): exactly std::sort's order by (value descending, id ascending),
+// with many ties, both zeros, negatives and a wide range.
+TEST(ServeDecoder, SortByLogitIsTheComparisonSortsOrder) {
+  std::mt19937 rng(5);
+  std::vector<uint64_t> order, scratch;
+  for (const int64_t n : {int64_t{1}, int64_t{2}, int64_t{100}, int64_t{5000}, int64_t{128256}}) {
+    for (int rep = 0; rep < 3; ++rep) {
+      std::vector<float> v(static_cast<size_t>(n));
+      for (auto& x : v) {
+        const uint32_t r = rng();
+        x = rep == 0 ? static_cast<float>(static_cast<int>(r % 64) - 32) / 4.0f  // ties everywhere
+            : rep == 1 ? (r % 3 == 0 ? 0.0f : r % 3 == 1 ? -0.0f : static_cast<float>(static_cast<int>(r % 2001) - 1000))
+                       : std::ldexp(static_cast<float>(r % 1000) - 500.0f, static_cast<int>(rng() % 40) - 20);
+      }
+      std::vector<int32_t> want(static_cast<size_t>(n));
+      std::iota(want.begin(), want.end(), 0);
+      std::sort(want.begin(), want.end(), [&](int32_t a, int32_t b) {
+        return v[static_cast<size_t>(a)] > v[static_cast<size_t>(b)] ||
+               (v[static_cast<size_t>(a)] == v[static_cast<size_t>(b)] && a < b);
+      });
+      sort_by_logit(v.data(), n, order, scratch);
+      ASSERT_EQ(order.size(), want.size());
+      for (size_t i = 0; i < want.size(); ++i)
+        ASSERT_EQ(static_cast<int32_t>(order[i] & 0xFFFFFFFFu), want[i]) << n << " " << rep << " at " << i;
     }
   }
 }
