@@ -791,6 +791,32 @@ TEST(ServeHttp, ConcurrentRequestsAreBatchedAndAnswerAsAlone) {
   for (auto& t : threads) t.join();
   EXPECT_EQ(together, alone) << "batching must not change any answer";
   EXPECT_GT(s.server().stats().max_batch_seen, 1) << "concurrent requests shared decoding steps";
+
+  // Seeded sampling (the sequences of a step sample in parallel, each with its own sampler), some with
+  // log-probabilities: the same text together as alone.
+  const auto sampled = [&](size_t i) {
+    json j = {{"prompt", prompts[i]}, {"max_tokens", 16}, {"temperature", 1.0}, {"top_p", 0.95}, {"seed", 100 + i}};
+    if (i % 3 == 0) j["logprobs"] = 2;
+    return j;
+  };
+  std::vector<json> alone_sampled, together_sampled(prompts.size());
+  {
+    auto c = s.client();
+    for (size_t i = 0; i < prompts.size(); ++i) alone_sampled.push_back(post(*c, "/v1/completions", sampled(i))["choices"][0]);
+  }
+  threads.clear();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto c = s.client();
+      auto r = c->Post("/v1/completions", sampled(i).dump(), "application/json");
+      if (r && r->status == 200) together_sampled[i] = json::parse(r->body)["choices"][0];
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(together_sampled[i]["text"], alone_sampled[i]["text"]) << i;
+    EXPECT_EQ(together_sampled[i]["logprobs"], alone_sampled[i]["logprobs"]) << i;
+  }
 }
 
 TEST(ServeHttp, TaskEndpoints) {

@@ -145,6 +145,7 @@ class Scheduler {
   bool is_eos(int32_t id) const;
 
   const Model& model_;
+  ThreadPool& pool_;  // the decoder's, and the sequences' sampling after each step
   Decoder decoder_;
   SchedulerOptions options_;
   int64_t context_ = 0;
