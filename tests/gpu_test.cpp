@@ -447,6 +447,13 @@ TEST_F(GpuTrainedModel, PromptInRoundsMatchesOneStep) {
   for (size_t i = 0; i < 2; ++i) prompt_rows.add(b.data() + i * vocab, a.data() + i * vocab, static_cast<int64_t>(vocab));
   EXPECT_LE(prompt_rows.max_err, 2e-2f * std::max(1.0f, prompt_rows.max_ref));
   EXPECT_EQ(prompt_rows.argmax_mismatches, 0);
+  // Asking for the top token only: it comes from the last round's row, none from the earlier ones.
+  KVCache c3(c, 301);
+  int32_t top = -1;
+  const DecodeSegment top_only{prompt.data(), 300, &c3, 1, nullptr, &top};
+  rounds->forward_batch(std::span<const DecodeSegment>(&top_only, 1));
+  EXPECT_EQ(c3.size(), 300);
+  EXPECT_EQ(top, top_token(a.data() + vocab, c.vocab));
   const int32_t next = 7;
   rounds->forward(&next, 1, c1, 1, a.data());
   one.forward(&next, 1, c2, 1, b.data());

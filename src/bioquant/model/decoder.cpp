@@ -142,6 +142,7 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
             part.n = chunk;
             part.n_logits = 0;
             part.logits = nullptr;
+            part.top = nullptr;
           }
           round.push_back(part);
           sg.tokens += part.n;

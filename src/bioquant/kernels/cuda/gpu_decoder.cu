@@ -982,7 +982,7 @@ struct GpuDecoder::Impl {
     bool tops = false;
     for (size_t i = 0; i < segs.size(); ++i) {
       n_out += segs[i].n_logits;
-      tops = tops || segs[i].segment->top != nullptr;
+      tops = tops || (segs[i].n_logits > 0 && segs[i].segment->top != nullptr);
       if (segs[i].n_logits > 0 && segs[i].segment->logits != nullptr)
         route[i] = page_locked(segs[i].segment->logits) ? kDirect : kStaged;
     }
@@ -1014,7 +1014,7 @@ struct GpuDecoder::Impl {
       if (route[i] == kStaged)
         std::memcpy(sg.logits, work.host_logits + out_row * vocab, static_cast<size_t>(sg.n_logits) * row_bytes);
       out_row += sg.n_logits;
-      if (sg.top != nullptr) *sg.top = work.host_top[out_row - 1];
+      if (sg.top != nullptr && sg.n_logits > 0) *sg.top = work.host_top[out_row - 1];
     }
   }
 
