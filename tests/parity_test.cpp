@@ -17,7 +17,6 @@
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
 #include "bioquant/engine/generator.h"
-#include "bioquant/engine/sampler.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/tokenizer/tokenizer.h"
 #include "test_util.h"
@@ -68,7 +67,7 @@ void check_parity(const std::string& model_dir, const std::string& variant, cons
       max_err = std::max(max_err, std::fabs(g[i] - w[i]));
     }
     EXPECT_LE(max_err, 1e-3f * std::max(1.0f, max_ref)) << model_dir << " position " << t;
-    EXPECT_EQ(argmax(g, vocab), want_argmax[static_cast<size_t>(t)]) << model_dir << " position " << t;
+    EXPECT_EQ(top_token(g, vocab), want_argmax[static_cast<size_t>(t)]) << model_dir << " position " << t;
   }
 
   // Greedy continuation through the KV cache, one token at a time.
@@ -137,7 +136,7 @@ TEST(ParityVariants, ShippedBiomedTinyModel) {
   std::vector<float> logits(static_cast<size_t>(n * vocab));
   decoder.forward(ids.data(), n, cache, n, logits.data());
   std::vector<int32_t> am;
-  for (int64_t t = 0; t < n; ++t) am.push_back(argmax(logits.data() + t * vocab, vocab));
+  for (int64_t t = 0; t < n; ++t) am.push_back(top_token(logits.data() + t * vocab, vocab));
   EXPECT_EQ(am, ref["argmax_per_position"].get<std::vector<int32_t>>());
   GenerateOptions options;
   options.max_new_tokens = static_cast<int64_t>(ref["greedy_ids"].size());

@@ -398,7 +398,7 @@ Run add_logits(CLI::App& app) {
     json out;
     out["n_vocab"] = c.vocab;
     json argmax_list = json::array();
-    for (int64_t t = 0; t < n; ++t) argmax_list.push_back(argmax(logits.data() + t * c.vocab, c.vocab));
+    for (int64_t t = 0; t < n; ++t) argmax_list.push_back(top_token(logits.data() + t * c.vocab, c.vocab));
     out["argmax"] = argmax_list;
     json rows = json::array();
     for (int64_t t = n - *last; t < n; ++t) {

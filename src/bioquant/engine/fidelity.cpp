@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "bioquant/core/error.h"
-#include "bioquant/engine/sampler.h"
+#include "bioquant/model/decoder.h"
 
 namespace bioquant {
 
@@ -62,7 +62,7 @@ FidelityStats compare_models(Decoder& base, Decoder& model, const std::vector<in
       double kl = 0;
       for (int64_t i = 0; i < vocab; ++i) kl += std::exp(lp[static_cast<size_t>(i)]) * (lp[static_cast<size_t>(i)] - lq[static_cast<size_t>(i)]);
       klds.push_back(std::max(0.0, kl));
-      same += argmax(pa, vocab) == argmax(pb, vocab);
+      same += top_token(pa, vocab) == top_token(pb, vocab);
       if (t + 1 < n) {
         nll_base -= lp[static_cast<size_t>(ids[static_cast<size_t>(t + 1)])];
         nll_model -= lq[static_cast<size_t>(ids[static_cast<size_t>(t + 1)])];

@@ -10,8 +10,6 @@
 
 namespace bioquant {
 
-int32_t argmax(const float* values, int64_t n) { return top_token(values, n); }
-
 void sort_by_logit(const float* values, int64_t n, std::vector<uint64_t>& order, std::vector<uint64_t>& scratch) {
   order.resize(static_cast<size_t>(n));
   scratch.resize(static_cast<size_t>(n));
@@ -43,7 +41,7 @@ Sampler::Sampler(const SamplingOptions& options) : options_(options), rng_(optio
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n) {
-  if (options_.temperature == 0.0f) return argmax(logits, n);
+  if (options_.temperature == 0.0f) return top_token(logits, n);
   candidates_.resize(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) candidates_[i] = {logits[i] / options_.temperature, static_cast<int32_t>(i)};
   auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };

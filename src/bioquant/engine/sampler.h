@@ -28,8 +28,6 @@ class Sampler {
   std::vector<uint64_t> order_, scratch_;  // sort_by_logit's keys
 };
 
-int32_t argmax(const float* values, int64_t n);  // first index of the maximum
-
 // The ids of values[0, n) ordered by value, largest first, lower id first among equal values (what
 // std::sort with that comparison gives, for values without NaN), into order (low 32 bits of each
 // entry; scratch: working space). A stable radix sort: sampling over a 128K vocabulary took ~10 ms a
