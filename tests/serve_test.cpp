@@ -18,6 +18,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
@@ -575,6 +576,118 @@ TEST(EvalBackend, BatchedAnswersAreTheOneByOneAnswers) {
   EXPECT_EQ(after.prompts - before.prompts, 2);
   EXPECT_EQ(computed + after.prompt_tokens_reused - before.prompt_tokens_reused, tokens);
   EXPECT_LT(computed, tokens / 2) << "the shared instruction was recomputed";
+}
+
+// What LocalBackend::choose must answer, computed without its KV-cache reuse: every candidate's
+// context rerun from scratch. loglik: the choice whose tokens' summed log-probabilities after the
+// context are largest (the first of equal sums); constrained: greedy over the choices' tokens, EOS
+// against the continuing tokens where a choice is complete. Returns the choice and, for loglik, the
+// margin to the runner-up (near ties are not the test's business).
+struct Choice {
+  size_t index = 0;
+  double margin = 0;
+};
+std::vector<float> context_logits(Decoder& decoder, const std::vector<int32_t>& ids, int64_t rows) {
+  KVCache cache(decoder.model().config(), static_cast<int64_t>(ids.size()));
+  std::vector<float> out(static_cast<size_t>(rows * decoder.model().config().vocab));
+  decoder.forward(ids.data(), static_cast<int64_t>(ids.size()), cache, rows, out.data());
+  return out;
+}
+Choice reference_choice(Decoder& decoder, const Tokenizer& tok, std::vector<int32_t> context,
+                        const std::vector<std::string>& choices, eval::ScoringMode mode) {
+  const size_t vocab = static_cast<size_t>(decoder.model().config().vocab);
+  std::vector<std::vector<int32_t>> cand;
+  for (const auto& c : choices) cand.push_back(tok.encode(c, false, false));
+  if (mode == eval::ScoringMode::loglik) {
+    std::vector<double> lp;
+    for (const auto& c : cand) {
+      std::vector<int32_t> ids = context;
+      ids.insert(ids.end(), c.begin(), c.end());
+      const int64_t n = static_cast<int64_t>(c.size());
+      const std::vector<float> rows = context_logits(decoder, ids, n + 1);  // from the context's last token on
+      double sum = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        const float* r = rows.data() + static_cast<size_t>(t) * vocab;
+        const float m = *std::max_element(r, r + vocab);
+        double z = 0;
+        for (size_t v = 0; v < vocab; ++v) z += std::exp(static_cast<double>(r[v] - m));
+        sum += static_cast<double>(r[c[static_cast<size_t>(t)]] - m) - std::log(z);
+      }
+      lp.push_back(sum);
+    }
+    Choice best;
+    for (size_t c = 1; c < lp.size(); ++c)
+      if (lp[c] > lp[best.index]) best.index = c;
+    best.margin = std::numeric_limits<double>::infinity();
+    for (size_t c = 0; c < lp.size(); ++c)
+      if (c != best.index) best.margin = std::min(best.margin, lp[best.index] - lp[c]);
+    return best;
+  }
+  std::vector<size_t> alive(cand.size());
+  std::iota(alive.begin(), alive.end(), size_t{0});
+  for (size_t step = 0;; ++step) {
+    std::vector<size_t> complete;
+    for (size_t c : alive)
+      if (cand[c].size() == step) complete.push_back(c);
+    if (complete.size() == alive.size()) return {complete.front(), 0};
+    const std::vector<float> row = context_logits(decoder, context, 1);
+    int32_t best_id = -1;
+    for (size_t c : alive)
+      if (cand[c].size() > step && (best_id < 0 || row[static_cast<size_t>(cand[c][step])] > row[static_cast<size_t>(best_id)]))
+        best_id = cand[c][step];
+    if (!complete.empty()) {
+      float end = -std::numeric_limits<float>::infinity();
+      for (int32_t e : decoder.model().config().eos_ids) end = std::max(end, row[static_cast<size_t>(e)]);
+      if (end >= row[static_cast<size_t>(best_id)]) return {complete.front(), 0};
+    }
+    std::vector<size_t> next;
+    for (size_t c : alive)
+      if (cand[c].size() > step && cand[c][step] == best_id) next.push_back(c);
+    alive = next;
+    context.push_back(best_id);
+  }
+}
+
+// The scoring modes of the multiple-choice tasks pick what the model itself prefers, whatever the
+// order of the choices, with the context kept in the KV cache from one question to the next.
+TEST(EvalBackend, ScoredChoicesAreTheModelsOwnPreference) {
+  ThreadPool pool(2);
+  Decoder decoder(*demo().model, pool);
+  const Tokenizer& tok = *demo().tokenizer;
+  eval::LocalBackend local(*demo().model, tok, pool, true);
+  const std::string task = "TASK: classify the abstract.\n\nAbstract: ";
+  const std::vector<std::string> abstracts = {
+      "Aspirin reduced fever in 40 children.", "Cisplatin caused nephrotoxicity in rats.",
+      "Metformin lowers glucose.", "No effect of vitamin D on fractures was found.",
+      "Tumour growth was inhibited by the drug.", "The virus spread among hospital staff."};
+  // Choices of one to several tokens, one a prefix of another (the constrained EOS rule); the second
+  // set without the first's favourite.
+  const std::vector<std::vector<std::string>> choice_sets = {
+      {"yes", "no", "maybe", "cancer", "cancer treatment", "viral infection spread"},
+      {"maybe", "cancer", "cancer treatment", "viral infection spread", "fever"}};
+  std::set<std::string> winners[2];
+  for (const auto mode : {eval::ScoringMode::loglik, eval::ScoringMode::constrained}) {
+    for (size_t k = 0; k < abstracts.size() * choice_sets.size(); ++k) {
+      const std::string& abstract = abstracts[k / choice_sets.size()];
+      const std::vector<std::string>& choices = choice_sets[k % choice_sets.size()];
+      const std::string prompt = task + abstract;
+      SCOPED_TRACE(std::string(eval::scoring_mode_name(mode)) + ": " + abstract);
+      std::vector<int32_t> context = local.encode_prompt(prompt);
+      const std::string fixed = "Answer:";
+      const auto fixed_ids = tok.encode(fixed, false, false);
+      context.insert(context.end(), fixed_ids.begin(), fixed_ids.end());
+      const Choice want = reference_choice(decoder, tok, context, choices, mode);
+      if (mode == eval::ScoringMode::loglik && want.margin < 1e-3) continue;  // a near tie: either is right
+      winners[mode == eval::ScoringMode::loglik ? 0 : 1].insert(choices[want.index]);
+      const std::vector<eval::AnswerSegment> plan = {{fixed, {}}, {"", choices}};
+      EXPECT_EQ(local.choose(prompt, plan, mode), fixed + choices[want.index]);
+      std::vector<std::string> reversed(choices.rbegin(), choices.rend());
+      EXPECT_EQ(local.choose(prompt, {{fixed, {}}, {"", reversed}}, mode), fixed + choices[want.index]);
+    }
+  }
+  // Not one answer for everything: the comparison tells the choices apart.
+  EXPECT_GE(winners[0].size(), 2u);
+  EXPECT_GE(winners[1].size(), 2u);
 }
 
 TEST(ServeHttp, HealthAndModels) {

@@ -38,7 +38,7 @@ LocalBackend::LocalBackend(const Model& model, const Tokenizer& tokenizer, Threa
     : model_(model), tokenizer_(tokenizer), decoder_(model, pool, device, kv, exact) {
   chat_ = use_chat_template && !tokenizer.chat_template().empty();
   chat_template_ = tokenizer.chat_template();
-  logits_.resize(static_cast<size_t>(model.config().vocab));
+  logits_ = HostFloats(static_cast<size_t>(model.config().vocab), decoder_.gpu() != nullptr);
 }
 
 LocalBackend::~LocalBackend() = default;
@@ -226,7 +226,7 @@ std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::str
 
 namespace {
 
-double log_softmax_at(const std::vector<float>& logits, int32_t id) {
+double log_softmax_at(std::span<const float> logits, int32_t id) {
   float max = -std::numeric_limits<float>::infinity();
   for (float v : logits) max = std::max(max, v);
   double sum = 0;
@@ -260,25 +260,21 @@ std::string LocalBackend::choose(const std::string& prompt, const std::vector<An
       size_t longest = 0;
       for (const auto& c : cand) longest = std::max(longest, c.size());
       ensure_capacity(static_cast<int64_t>(sequence_.size() + longest) + 1);
-      const size_t base = sequence_.size();
-      const std::vector<float> first = logits_;
+      const size_t base = sequence_.size(), vocab = logits_.size();
       double best = -std::numeric_limits<double>::infinity();
+      // Each choice's rows land here (page-locked on a GPU, as logits_); its first token's row is logits_.
+      HostFloats rows(longest * vocab, decoder_.gpu() != nullptr);
       for (size_t c = 0; c < cand.size(); ++c) {
-        double lp = log_softmax_at(first, cand[c][0]);
-        std::vector<float> all(static_cast<size_t>(model_.config().vocab) * cand[c].size());
+        double lp = log_softmax_at({logits_.data(), vocab}, cand[c][0]);
         if (cand[c].size() > 1) {
           const int64_t n = static_cast<int64_t>(cand[c].size());
-          decoder_.forward(cand[c].data(), n, *cache_, n, all.data());
+          decoder_.forward(cand[c].data(), n, *cache_, n, rows.data());
           cache_->truncate(static_cast<int64_t>(base));
-          for (size_t t = 1; t < cand[c].size(); ++t) {
-            std::vector<float> row(all.begin() + static_cast<std::ptrdiff_t>((t - 1) * logits_.size()),
-                                   all.begin() + static_cast<std::ptrdiff_t>(t * logits_.size()));
-            lp += log_softmax_at(row, cand[c][t]);
-          }
+          for (size_t t = 1; t < cand[c].size(); ++t)
+            lp += log_softmax_at({rows.data() + (t - 1) * vocab, vocab}, cand[c][t]);
         }
         if (lp > best) best = lp, chosen = c;
       }
-      logits_ = first;
       feed(cand[chosen]);
     } else {
       // Greedy over the token trie of the choices: at each step only tokens that continue a still

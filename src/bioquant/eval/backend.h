@@ -116,7 +116,7 @@ class LocalBackend : public Backend {
   std::unique_ptr<KVCache> cache_;
   std::vector<int32_t> sequence_;  // tokens in the cache, in order
   std::vector<std::unique_ptr<KVCache>> batch_caches_;  // generate_batch's sequences, kept for the next batch
-  std::vector<float> logits_;      // next-token logits after sequence_
+  HostFloats logits_;  // next-token logits after sequence_ (page-locked on a GPU: see HostFloats)
   bool warned_context_ = false;
 };
 
