@@ -650,11 +650,13 @@ Choice reference_choice(Decoder& decoder, const Tokenizer& tok, std::vector<int3
 
 // The scoring modes of the multiple-choice tasks pick what the model itself prefers, whatever the
 // order of the choices, with the context kept in the KV cache from one question to the next.
-TEST(EvalBackend, ScoredChoicesAreTheModelsOwnPreference) {
+// device >= 0: the backend on that GPU, in exact numerics against the CPU engine's (the same floats).
+void expect_scored_choices_are_the_models_own(int device) {
   ThreadPool pool(2);
-  Decoder decoder(*demo().model, pool);
+  const bool exact = device >= 0;
+  Decoder decoder(*demo().model, pool, -1, KvType::BF16, exact);
   const Tokenizer& tok = *demo().tokenizer;
-  eval::LocalBackend local(*demo().model, tok, pool, true);
+  eval::LocalBackend local(*demo().model, tok, pool, true, device, exact ? KvType::F32 : KvType::BF16, exact);
   const std::string task = "TASK: classify the abstract.\n\nAbstract: ";
   const std::vector<std::string> abstracts = {
       "Aspirin reduced fever in 40 children.", "Cisplatin caused nephrotoxicity in rats.",
@@ -688,6 +690,12 @@ TEST(EvalBackend, ScoredChoicesAreTheModelsOwnPreference) {
   // Not one answer for everything: the comparison tells the choices apart.
   EXPECT_GE(winners[0].size(), 2u);
   EXPECT_GE(winners[1].size(), 2u);
+}
+TEST(EvalBackend, ScoredChoicesAreTheModelsOwnPreference) { expect_scored_choices_are_the_models_own(-1); }
+// On a GPU the scoring rows come back into page-locked memory (HostFloats).
+TEST(GpuEvalBackend, ScoredChoicesAreTheCpuEnginesInExactNumerics) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  expect_scored_choices_are_the_models_own(0);
 }
 
 TEST(ServeHttp, HealthAndModels) {
