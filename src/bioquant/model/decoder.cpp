@@ -30,6 +30,7 @@ Decoder::Decoder(const Model& model, ThreadPool& pool, int device, KvType kv, bo
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data());
   if (device >= 0) {
     gpu_ = std::make_unique<GpuDecoder>(model, device, kv, exact);
+    gpu_->set_host_pool(&pool);
     return;
   }
   for (const auto& [name, m] : model.named_matrices())

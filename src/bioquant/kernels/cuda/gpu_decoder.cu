@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "bioquant/core/error.h"
+#include "bioquant/core/thread_pool.h"
 #include "bioquant/kernels/cpu/ops.h"
 #include "bioquant/kernels/exact.h"
 #include "bioquant/model/decoder.h"
@@ -332,6 +333,8 @@ struct GpuDecoder::Impl {
   std::vector<DevBuf> work_bufs;
   uint8_t* arena = nullptr;
   size_t arena_size = 0, arena_used = 0;
+
+  ThreadPool* host_pool = nullptr;  // see GpuDecoder::set_host_pool
 
   Impl(const Model& m, int dev, KvType kv, bool exact_numerics) : model(m), device(dev), kv_type(kv), exact(exact_numerics) {}
 
@@ -1019,18 +1022,33 @@ struct GpuDecoder::Impl {
   }
 
   // Host side of a step: the embedding rows (Gemma's scaled by sqrt(hidden)) into the pinned buffer.
+  // Long prompts' rows in tasks of kStageRows on the host pool (a task per row cost more than the row).
+  static constexpr int64_t kStageRows = 16;
   void stage_embeddings(const std::vector<Seg>& segs) {
     const ModelConfig& c = model.config();
     const int64_t hd = c.hidden;
     const float embed_scale = c.embed_scale ? std::sqrt(static_cast<float>(hd)) : 1.0f;
-    for (const Seg& sg : segs) {
-      for (int64_t t = 0; t < sg.n; ++t) {
-        float* row = work.host_x + (sg.row0 + t) * hd;
-        model.weights().embed.row_to_f32(sg.segment->tokens[t], row);
+    std::vector<std::pair<int64_t, int32_t>> rows_in;  // (row of the step, token)
+    for (const Seg& sg : segs)
+      for (int64_t t = 0; t < sg.n; ++t) rows_in.emplace_back(sg.row0 + t, sg.segment->tokens[t]);
+    const int64_t rows = static_cast<int64_t>(rows_in.size());
+    const auto stage = [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto [r, token] = rows_in[static_cast<size_t>(i)];
+        float* row = work.host_x + r * hd;
+        model.weights().embed.row_to_f32(token, row);
         if (c.embed_scale)
           for (int64_t j = 0; j < hd; ++j) row[j] *= embed_scale;
       }
+    };
+    if (host_pool == nullptr || host_pool->size() < 2 || rows < 2 * kStageRows) {
+      stage(0, rows);
+      return;
     }
+    host_pool->parallel_for(static_cast<size_t>((rows + kStageRows - 1) / kStageRows), [&](size_t task) {
+      const int64_t begin = static_cast<int64_t>(task) * kStageRows;
+      stage(begin, std::min(rows, begin + kStageRows));
+    });
   }
 
   // ---- Exact numerics (kernels/exact.h): the CPU engine's exact steps, bit for bit ----
@@ -1701,6 +1719,8 @@ void GpuDecoder::forward(const int32_t* tokens, int64_t n, KVCache& cache, int64
   const DecodeSegment segment{tokens, n, &cache, n_logits, logits};
   forward_batch(std::span<const DecodeSegment>(&segment, 1));
 }
+
+void GpuDecoder::set_host_pool(ThreadPool* pool) { impl_->host_pool = pool; }
 
 void GpuDecoder::forward_batch(std::span<const DecodeSegment> segments) {
   CUDA_OK(cudaSetDevice(impl_->device));

@@ -18,6 +18,8 @@
 
 namespace bioquant {
 
+class ThreadPool;
+
 class Model;
 class KVCache;
 struct DecodeSegment;
@@ -113,6 +115,9 @@ class GpuDecoder {
   // matmul, so a batch of decode steps reads the weights once; RoPE, K/V and attention run per
   // sequence. Does not advance the caches' sizes.
   void forward_batch(std::span<const DecodeSegment> segments);
+  // Threads for a step's host side (a long prompt's embedding rows, dequantized on the host: 6 us a
+  // q6_k row of 4096, 3 ms of a 512-token prompt); without a pool, or for a few rows, this thread alone.
+  void set_host_pool(ThreadPool* pool);
   // Most tokens of one sequence in one step of these segments (0: no limit): Decoder splits longer
   // prompts into rounds of this many. BIOQUANT_CUDA_PROMPT_CHUNK chooses it; otherwise, under a memory
   // limit (set_cuda_memory_limit), the largest that fits what the limit leaves.

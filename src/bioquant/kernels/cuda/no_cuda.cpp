@@ -20,6 +20,7 @@ GpuDecoder::GpuDecoder(const Model&, int, KvType, bool) {
 GpuDecoder::~GpuDecoder() = default;
 void GpuDecoder::forward(const int32_t*, int64_t, KVCache&, int64_t, float*) {}
 void GpuDecoder::forward_batch(std::span<const DecodeSegment>) {}
+void GpuDecoder::set_host_pool(ThreadPool*) {}
 void GpuDecoder::copy_prefix(const KVCache&, const KVCache&, int64_t) {}
 void GpuDecoder::release(const KVCache&) {}
 GpuMemory GpuDecoder::memory() const { return {}; }
