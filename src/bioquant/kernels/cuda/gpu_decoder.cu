@@ -1022,7 +1022,7 @@ struct GpuDecoder::Impl {
   }
 
   // Host side of a step: the embedding rows (Gemma's scaled by sqrt(hidden)) into the pinned buffer.
-  // Long prompts' rows in tasks of kStageRows on the host pool (a task per row cost more than the row).
+  // Steps of 2 * kStageRows rows or more (prompts) in tasks of kStageRows on the host pool.
   static constexpr int64_t kStageRows = 16;
   void stage_embeddings(const std::vector<Seg>& segs) {
     const ModelConfig& c = model.config();

@@ -18,9 +18,8 @@
 
 namespace bioquant {
 
-class ThreadPool;
-
 class Model;
+class ThreadPool;
 class KVCache;
 struct DecodeSegment;
 
