@@ -1077,6 +1077,95 @@ TEST(GpuParity, TensorCorePassesMatchTheDp4aKernel) {
   check_tensor_core_passes(*model, pool, "bf16");
 }
 
+// Logits of `n` prompt tokens (every position's) and of one decode step of `batch` sequences (each after
+// a 1-2 token prompt), through a decoder; the batch's rows follow the prompt's.
+std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int64_t n, int batch) {
+  std::vector<int32_t> tokens(static_cast<size_t>(std::max<int64_t>(n, batch + 2)));
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 53 + 11) % c.vocab);
+  std::vector<float> out(static_cast<size_t>((n + batch) * c.vocab));
+  KVCache kv(c, n);
+  d.forward(tokens.data(), n, kv, n, out.data());
+  std::vector<std::unique_ptr<KVCache>> caches;
+  std::vector<int32_t> next(static_cast<size_t>(batch));
+  std::vector<DecodeSegment> step;
+  for (int i = 0; i < batch; ++i) {
+    caches.push_back(std::make_unique<KVCache>(c, 4));
+    float* row = out.data() + (n + i) * c.vocab;
+    d.forward(tokens.data() + i, 1 + i % 2, *caches.back(), 1, row);
+    next[static_cast<size_t>(i)] = static_cast<int32_t>((i * 17 + 5) % c.vocab);
+  }
+  for (int i = 0; i < batch; ++i)
+    step.push_back({&next[static_cast<size_t>(i)], 1, caches[static_cast<size_t>(i)].get(), 1, out.data() + (n + i) * c.vocab});
+  if (batch > 0) d.forward_batch(step);
+  return out;
+}
+
+// q4_k matmuls of up to 64 tokens take q4k_gemm_kernel (weights dequantized in registers, passes of 32
+// tokens, column ranges added in order by the block that ends last) instead of dequantized tiles and
+// cuBLAS. Both multiply the same bf16 weights (bit for bit) and activations, so only the order of the f32
+// adds differs.
+// - Models with no layers (logits = the output matrix times the embedding rows, normed): nothing
+//   amplifies the difference, so every logit within 1e-4 of the tiles'. A vocabulary of 600 (a part
+//   block of 128 rows and a part mma tile) and rows of 4096 and 4352 (16 and 17 super-blocks); prompts of
+//   32, 40 and 64 tokens (one pass, a pass of 32 and one of 8, two full passes) and a decode step of 33
+//   sequences. One column range instead of several: the same within 1e-4; the same run twice: the same bits.
+// - A one-layer model 4096 wide with a 4352-wide MLP, every matrix through the kernel: each logit within
+//   the quantized bound of the CPU engine, as the tiles' are. (Here the layer amplifies the order of adds
+//   through near-ties: a 32-token prompt's logits with one column range and with 8 differ by up to 1.5e-2.)
+TEST(GpuParity, Q4kGemmKernelMatchesTheDequantizedTiles) {
+  SKIP_WITHOUT_GPU();
+  ThreadPool pool(2);
+  const QuantRecipe recipe = parse_quant_recipe("q4_k", false, "all");
+  for (const int64_t hidden : {4096, 4352}) {
+    ModelConfig c = wide_one_layer_config();
+    c.vocab = 600;
+    c.hidden = hidden;
+    c.n_layers = 0;
+    c.layer_sliding.clear();
+    auto model = make_synthetic_model(c, DType::F32, 29, pool, &recipe);
+    ASSERT_EQ(model->weights().output.type, QuantType::Q4_K);
+    const auto fused = gpu_decoder(*model, pool, KvType::F32, {});
+    const auto tiles = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_GEMM", "2"}});
+    const auto one_range = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_GEMM_RANGES", "1"}});
+    for (const int64_t n : {32, 40, 64}) {
+      const int batch = n == 40 ? 33 : 0;
+      const std::vector<float> a = prompt_and_batch_logits(*fused, c, n, batch);
+      const std::vector<float> b = prompt_and_batch_logits(*tiles, c, n, batch);
+      const std::vector<float> o = prompt_and_batch_logits(*one_range, c, n, batch);
+      const std::vector<float> again = prompt_and_batch_logits(*fused, c, n, batch);
+      Compared to_tiles, to_one;
+      to_tiles.add(b.data(), a.data(), static_cast<int64_t>(a.size()));
+      to_one.add(o.data(), a.data(), static_cast<int64_t>(a.size()));
+      const float unit = std::max(1.0f, to_tiles.max_ref);
+      EXPECT_GT(to_tiles.max_ref, 0.1f);
+      EXPECT_LE(to_tiles.max_err, 1e-4f * unit) << hidden << " wide, " << n << " tokens";
+      EXPECT_LE(to_one.max_err, 1e-4f * unit) << hidden << " wide, " << n << " tokens";
+      EXPECT_EQ(std::memcmp(a.data(), again.data(), a.size() * sizeof(float)), 0) << n << " tokens: not the same bits twice";
+      std::printf("q4_k gemm kernel, no layers, %lld wide, %lld tokens + %d sequences: max|fused-tiles| %.2e, "
+                  "max|ranges-one range| %.2e (max|logit| %.3f)\n",
+                  static_cast<long long>(hidden), static_cast<long long>(n), batch, to_tiles.max_err, to_one.max_err,
+                  to_tiles.max_ref);
+    }
+  }
+  ModelConfig c = wide_one_layer_config();
+  c.vocab = 600;
+  auto model = make_synthetic_model(c, DType::F32, 29, pool, &recipe);
+  ASSERT_EQ(model->weights().layers[0].w_down.type, QuantType::Q4_K);
+  const auto fused = gpu_decoder(*model, pool, KvType::F32, {});
+  const auto tiles = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_GEMM", "2"}});
+  Decoder cpu(*model, pool);
+  const std::vector<float> a = prompt_and_batch_logits(*fused, c, 40, 33);
+  const std::vector<float> b = prompt_and_batch_logits(*tiles, c, 40, 33);
+  const std::vector<float> r = prompt_and_batch_logits(cpu, c, 40, 33);
+  Compared to_cpu, tiles_to_cpu;
+  to_cpu.add(r.data(), a.data(), static_cast<int64_t>(a.size()));
+  tiles_to_cpu.add(r.data(), b.data(), static_cast<int64_t>(b.size()));
+  const float unit = std::max(1.0f, to_cpu.max_ref);
+  EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
+  std::printf("q4_k gemm kernel, one layer, 40 tokens + 33 sequences: max|fused-cpu| %.2e, max|tiles-cpu| %.2e (max|logit| %.3f)\n",
+              to_cpu.max_err, tiles_to_cpu.max_err, to_cpu.max_ref);
+}
+
 // The fused decode attention's block shapes: a block serves up to 4 query heads of a KV group, so
 // groups of 6 (a second block with two heads and two idle), 3 (an odd number: a thread per head in
 // the values), 8 (two blocks per group), and heads 64, 128 and 256 wide (each lane's q chunks in

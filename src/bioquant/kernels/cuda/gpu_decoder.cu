@@ -10,6 +10,7 @@
 #include "bioquant/kernels/cuda/qmatvec_kernels.cuh"
 #include "bioquant/kernels/cuda/mma_tiles.cuh"
 #include "bioquant/kernels/cuda/q4k_kernels.cuh"
+#include "bioquant/kernels/cuda/q4k_gemm_kernel.cuh"
 #include "bioquant/kernels/cuda/bnb4_kernels.cuh"
 #include "bioquant/kernels/cuda/block_mma_kernels.cuh"
 #include "bioquant/kernels/cuda/q6k_kernels.cuh"
@@ -157,15 +158,19 @@ struct GpuDecoder::Impl {
   // 2025 / 2106; q8_0 24: 1469 / 1615 (16: 1610 mma against 1132 cuBLAS); q4_0 24: 1648 / 1703, 32: 1828 /
   // 2197; q5_k 24: 2132 / 1702 (32: cuBLAS 2169).
   static int64_t mma_gemm_from(QuantType t) { return t == QuantType::Q8_0 || t == QuantType::Q4_0 ? 24 : 32; }
-  // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel.
+  // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel. Layers all in
+  // q4_k take q4k_gemm_kernel from 16 sequences (H200, 8B, int8 mma / q4k_gemm_kernel tok/s: 16 sequences
+  // 2574 / 2672, 24: 2457 / 3413).
   int64_t layers_mma_gemm_from() const {
     int64_t from = 1 << 30;
+    bool all_q4k = true;
     for (const DevLayer& l : layers)
       for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
         if (!mma_format(m->type)) return 0;
         from = std::min(from, mma_gemm_from(m->type));
+        all_q4k = all_q4k && m->type == QuantType::Q4_K;
       }
-    return from;
+    return all_q4k && q4k_gemm_max >= 16 ? 16 : from;
   }
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
     // cuBLAS only: the WMMA fallback was slower than the integer kernels up to ~32 sequences (16: 423
@@ -606,8 +611,63 @@ struct GpuDecoder::Impl {
     return b.ptr;
   }
 
+  // q4_k matmuls of up to q4k_gemm_max tokens take q4k_gemm_kernel (no dequantized copy), in passes of 64
+  // tokens (BIOQUANT_CUDA_Q4K_GEMM=2: the dequantized tiles as other formats). Its column ranges aim at
+  // q4k_gemm_blocks blocks per matrix (BIOQUANT_CUDA_Q4K_GEMM_BLOCKS: per SM).
+  int64_t q4k_gemm_max = cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM", 1) == 1 ? cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_MAX", 64) : 0;
+  int64_t q4k_gemm_blocks = 0;  // set by GpuDecoder::GpuDecoder
+  int64_t q4k_gemm_max_ranges = std::min(cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_RANGES", kQ4kGemmMaxRanges), kQ4kGemmMaxRanges);
+  // The column ranges' partial sums and the blocks' arrival counts live in the first dequantized-tile
+  // buffer (memory the plan already holds for prompts); the counts are zeroed again after tiles used it.
+  bool tile0_arrivals_zeroed = false;
+  void q4k_gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
+    const int64_t blocks_x = (m.rows + kQ4kGemmRows - 1) / kQ4kGemmRows, superblocks = m.cols / 256;
+    const size_t arrivals_bytes = (static_cast<size_t>(blocks_x) * 4 + 255) & ~size_t{255};
+    const size_t budget = blas.ready() ? gemm_tile_bytes : 0;
+    bool used_tile0 = false;
+    for (int64_t t0 = 0; t0 < n; t0 += kQ4kGemmMaxTokens) {
+      const int64_t cnt = std::min(kQ4kGemmMaxTokens, static_cast<int>(n - t0));
+      const int ntile = cnt <= 8 ? 1 : cnt <= 16 ? 2 : 4;
+      const auto partial_bytes = [&](int64_t ranges) {
+        return arrivals_bytes + static_cast<size_t>(ranges * 8 * ntile * blocks_x * kQ4kGemmRows) * 4;
+      };
+      int64_t ranges = std::clamp<int64_t>((q4k_gemm_blocks + blocks_x - 1) / blocks_x, 1,
+                                           std::clamp<int64_t>(superblocks / 2, 1, q4k_gemm_max_ranges));
+      while (ranges > 1 && partial_bytes(ranges) > budget) --ranges;
+      float* partials = nullptr;
+      unsigned* arrivals = nullptr;
+      if (ranges > 1) {
+        if (gemm_w[0].n < partial_bytes(ranges)) tile0_arrivals_zeroed = false;
+        auto* base = static_cast<uint8_t*>(grow(gemm_w[0], partial_bytes(ranges)));
+        if (!tile0_arrivals_zeroed) {
+          CUDA_OK(cudaMemsetAsync(base, 0, arrivals_bytes, stream));
+          tile0_arrivals_zeroed = true;
+        }
+        arrivals = reinterpret_cast<unsigned*>(base);
+        partials = reinterpret_cast<float*>(base + arrivals_bytes);
+        used_tile0 = true;
+      }
+      const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(ranges));
+      const __nv_bfloat16* xt = xb + t0 * m.cols;
+      float* yt = y + t0 * m.rows;
+      const size_t smem = q4k_gemm_smem(8 * ntile);
+      const auto go = [&](auto kernel) {
+        launch(kernel, grid, 256, smem, m.data, m.row_bytes, m.rows, m.cols, xt, cnt, yt, m.rows, partials, arrivals);
+      };
+      if (ntile == 1) go(q4k_gemm_kernel<1>);
+      else if (ntile == 2) go(q4k_gemm_kernel<2>);
+      else go(q4k_gemm_kernel<4>);
+    }
+    // The dequantizer (on its own stream) waits for this before writing its first tile there again.
+    if (used_tile0) CUDA_OK(cudaEventRecord(tile_free[0], stream));
+  }
+
   // Prompt matmul on tensor cores (see dequant_bf16_kernel); xb: x [n, m.cols] in bf16.
   void gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
+    if (m.type == QuantType::Q4_K && n <= q4k_gemm_max && m.cols % 256 == 0) {
+      q4k_gemm(xb, n, m, y);
+      return;
+    }
     if (!blas.ready()) {  // tensor cores without cuBLAS (see tensor_cores)
       const dim3 grid(static_cast<unsigned>((m.rows + 63) / 64), static_cast<unsigned>((n + 127) / 128));
       with_quantized_format(m.type, "tensor-core kernel", [&](auto format) {
@@ -630,6 +690,7 @@ struct GpuDecoder::Impl {
       const int64_t cnt = std::min(chunk, m.rows - r0);
       const unsigned grid = blocks_for(cnt * (m.cols / 32));
       const uint8_t* w = m.data + static_cast<size_t>(r0) * m.row_bytes;
+      if (b == 0) tile0_arrivals_zeroed = false;
       CUDA_OK(cudaStreamWaitEvent(dequant_stream, tile_free[b], 0));
       with_quantized_format(m.type, "dequantizer", [&](auto format) {
         dequant_bf16_kernel<decltype(format)::value><<<grid, 256, 0, dequant_stream>>>(w, m.row_bytes, cnt, m.cols, m.dq, wb);
@@ -1616,6 +1677,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   int sms = 0;
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   if (const int k = cuda_knob_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
+  impl_->q4k_gemm_blocks = static_cast<int64_t>(cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_BLOCKS", 2)) * sms;
   if (impl_->attention_splits == 0)
     impl_->attention_splits = gpu_attention_splits(sms, static_cast<int>(model.config().n_heads));
   // Shared memory per block (opt-in) sizes the attention kernels' score buffers: long contexts
@@ -1657,6 +1719,9 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
+  allow(q4k_gemm_kernel<1>, static_cast<int>(q4k_gemm_smem(8)));
+  allow(q4k_gemm_kernel<2>, static_cast<int>(q4k_gemm_smem(16)));
+  allow(q4k_gemm_kernel<4>, static_cast<int>(q4k_gemm_smem(32)));
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);

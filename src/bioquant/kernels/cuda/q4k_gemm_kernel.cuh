@@ -1,0 +1,268 @@
+// q4_k matmuls of a few dozen tokens (short prompts, batched decode steps) on the tensor cores, with the
+// weights dequantized in registers: no bf16 copy of the matrix is written and read back.
+// Part of the CUDA backend's single translation unit: included by gpu_decoder.cu (directly or through
+// the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "bioquant/kernels/cuda/block_decoders.cuh"
+#include "bioquant/kernels/cuda/device_common.cuh"
+
+namespace bioquant {
+namespace {
+
+// The prompt path dequantizes every matrix into bf16 tiles and hands them to cuBLAS: 14 GB written and
+// read back per step for an 8B model whatever the step's length, ~11 ms on an H200, which a step of 32
+// tokens (or 32 sequences' one token each) pays in full. This kernel reads the q4_k bytes once and
+// multiplies them as it turns them into bf16 weights.
+//
+// A block takes 128 rows (8 warps x 16) and up to 32 tokens (8 * NTILE; longer steps go in passes) over a
+// range of super-blocks (gridDim.y ranges split the columns; their partial sums are added in range order
+// by the block that finishes last, so every run gives the same result). Each super-block's 128 rows of
+// q4_k bytes and the tokens' 256 bf16 activations are copied into shared memory by cp.async,
+// kQ4kGemmStages deep, so the loads of the next ones are in flight while one multiplies. mma.sync
+// m16n8k16 (bf16 in, f32 sums): lane (g, t) holds rows g and g + 8 at weights 8t..8t+7 of each 32-weight
+// sub-block (8 bytes of the 32-byte run whose low and high nibbles hold a pair of sub-blocks); the order
+// of k inside an mma is free when A and B agree, so the activations it pairs with are one 16-byte load of
+// the same 8 positions.
+//
+// The weights are dequant_bf16_kernel's, bit for bit (scale * level + min_term by one f32 fused
+// multiply-add, then rounded to bf16), so the two paths differ only in the order of the f32 sums. Lane t
+// works out the scales of sub-blocks 2t and 2t + 1 of its two rows and hands them round the row's four lanes.
+constexpr int kQ4kGemmRows = 128;
+constexpr int kQ4kGemmMaxTokens = 32;
+constexpr int kQ4kGemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
+constexpr int kQ4kGemmStages = 3;
+// A token's staged super-block: 256 bf16 and 64 bytes of padding, so the two token rows of a quarter
+// warp's 16-byte loads fall in different banks.
+constexpr int kQ4kGemmStride = 256 + 32;
+constexpr int kQ4kGemmRowBytes = 144;
+constexpr size_t q4k_gemm_stage_bytes(int tokens) {
+  return static_cast<size_t>(kQ4kGemmRows) * kQ4kGemmRowBytes + static_cast<size_t>(tokens) * kQ4kGemmStride * 2;
+}
+constexpr size_t q4k_gemm_smem(int tokens) { return kQ4kGemmStages * q4k_gemm_stage_bytes(tokens); }
+
+__device__ __forceinline__ void mma_bf16_m16n8k16(float (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                  uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  (void)acc, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;  // the host pass
+#endif
+}
+
+// 16 bytes from global into shared memory, or 16 zeros when !valid (nothing read).
+__device__ __forceinline__ void cp_async16_or_zeros(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+
+// A byte of u as a float: the byte put into the mantissa of 2^23, minus 2^23 (exact).
+template <int E>
+__device__ __forceinline__ float q4k_gemm_byte(uint32_t u) {
+  return __int_as_float(static_cast<int>(__byte_perm(u, 0x4B000000u, 0x7440u | E))) - 8388608.0f;
+}
+
+// Sub-blocks 2jp and 2jp + 1 of a q4_k super-block header (d, dmin, scales): their scales d * sc and
+// min_terms -dmin * m, as decode32_k45 has them.
+__device__ __forceinline__ float4 q4k_gemm_scales(const uint4& head, int jp) {
+  const uint32_t pair = kquant_scale_min_pair(head, jp);  // bytes sc, sc', m, m'
+  const float d = half_lo(head.x), dmin = half_hi(head.x);
+  return make_float4(d * q4k_gemm_byte<0>(pair), d * q4k_gemm_byte<1>(pair), -dmin * q4k_gemm_byte<2>(pair),
+                     -dmin * q4k_gemm_byte<3>(pair));
+}
+
+// The four levels in the low nibbles of nib's bytes as bf16 weights scale * level + min_term (one f32
+// fused multiply-add each, rounded, as dequant_bf16_kernel): pairs (0, 1) and (2, 3).
+__device__ __forceinline__ uint2 q4k_gemm_weights(uint32_t nib, float scale, float min_term) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(__fmaf_rn(scale, q4k_gemm_byte<0>(nib), min_term),
+                                                  __fmaf_rn(scale, q4k_gemm_byte<1>(nib), min_term));
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(__fmaf_rn(scale, q4k_gemm_byte<2>(nib), min_term),
+                                                  __fmaf_rn(scale, q4k_gemm_byte<3>(nib), min_term));
+  uint2 out;
+  memcpy(&out.x, &lo, 4);
+  memcpy(&out.y, &hi, 4);
+  return out;
+}
+
+// y[tok * y_ld + r] = sum_k w[r][k] x[tok][k] for rows r < rows and tokens tok < n_tokens (<= 8 * NTILE).
+// x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
+// holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
+// Grid (ceil(rows / 128), ranges), 256 threads, q4k_gemm_smem(8 * NTILE) bytes of dynamic shared memory.
+template <int NTILE>
+__global__ void __launch_bounds__(256) q4k_gemm_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
+                                                       const __nv_bfloat16* x, int64_t n_tokens, float* y, int64_t y_ld,
+                                                       float* partials, unsigned* arrivals) {
+  constexpr int kTokens = 8 * NTILE;
+  constexpr int kStageBytes = kQ4kGemmRows * kQ4kGemmRowBytes + kTokens * kQ4kGemmStride * 2;  // q4k_gemm_stage_bytes
+  extern __shared__ uint4 q4k_gemm_stage[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(q4k_gemm_stage);
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kQ4kGemmRows;
+  const int64_t rg = first_row + 16 * warp + g, rg8 = rg + 8;
+  const int superblocks = static_cast<int>(cols / 256);
+  const int ranges = static_cast<int>(gridDim.y), range = static_cast<int>(blockIdx.y);
+  const int sb_begin = superblocks * range / ranges, sb_end = superblocks * (range + 1) / ranges;
+
+  // Super-block sb into stage buffer b: the block's rows (9 pieces of 16 bytes each; zeros past the
+  // matrix), then the tokens' activations (32 pieces each; zeros past n_tokens). This thread's pieces are
+  // the same in every super-block: their sources (at super-block 0) and places are worked out once.
+  constexpr int kWeightPieces = (kQ4kGemmRows * 9 + 255) / 256, kActPieces = kTokens * 32 / 256;
+  const uint8_t* wsrc[kWeightPieces];
+  int wdst[kWeightPieces];  // -1: none
+  unsigned wvalid = 0;
+#pragma unroll
+  for (int k = 0; k < kWeightPieces; ++k) {
+    const int i = static_cast<int>(threadIdx.x) + 256 * k, r = i / 9, piece = i % 9;
+    const bool in = first_row + r < rows;
+    wvalid |= (in ? 1u : 0u) << k;
+    wsrc[k] = w + (in ? first_row + r : 0) * row_bytes + 16 * piece;
+    wdst[k] = i < kQ4kGemmRows * 9 ? r * kQ4kGemmRowBytes + 16 * piece : -1;
+  }
+  const __nv_bfloat16* xsrc[kActPieces];
+  unsigned xvalid = 0;
+#pragma unroll
+  for (int k = 0; k < kActPieces; ++k) {
+    const int i = static_cast<int>(threadIdx.x) + 256 * k, tok = i / 32, piece = i % 32;
+    xvalid |= (tok < n_tokens ? 1u : 0u) << k;
+    xsrc[k] = x + (tok < n_tokens ? tok : 0) * cols + 8 * piece;
+  }
+  const auto stage = [&](int b, int sb) {
+    uint8_t* dst = smem + b * kStageBytes;
+    const int64_t wofs = kQ4kGemmRowBytes * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
+#pragma unroll
+    for (int k = 0; k < kWeightPieces; ++k)
+      if (wdst[k] >= 0) cp_async16_or_zeros(dst + wdst[k], wsrc[k] + wofs, (wvalid >> k) & 1u);
+    uint8_t* xdst = dst + kQ4kGemmRows * kQ4kGemmRowBytes + static_cast<int>(threadIdx.x / 32) * kQ4kGemmStride * 2 +
+                    16 * static_cast<int>(threadIdx.x % 32);
+#pragma unroll
+    for (int k = 0; k < kActPieces; ++k)
+      cp_async16_or_zeros(xdst + k * 8 * kQ4kGemmStride * 2, xsrc[k] + xofs, (xvalid >> k) & 1u);
+  };
+
+  await_inputs();
+#pragma unroll
+  for (int s = 0; s < kQ4kGemmStages - 1; ++s) {
+    if (sb_begin + s < sb_end) stage(s, sb_begin + s);
+    cp_async_commit();
+  }
+  float acc[NTILE][4] = {};
+  const int src_lane = lane & ~3;  // lane t = 0 of this row pair; lane src_lane + jp worked out pair jp's scales
+  for (int sb = sb_begin, i = 0; sb < sb_end; ++sb, ++i) {
+    cp_async_wait_group<kQ4kGemmStages - 2>();
+    __syncthreads();  // stage i is in; every warp is done with stage i - 1, whose buffer is refilled now
+    if (sb + kQ4kGemmStages - 1 < sb_end) stage((i + kQ4kGemmStages - 1) % kQ4kGemmStages, sb + kQ4kGemmStages - 1);
+    cp_async_commit();
+    const uint8_t* buf = smem + (i % kQ4kGemmStages) * kStageBytes;
+    const uint8_t* wrow = buf + (16 * warp + g) * kQ4kGemmRowBytes;
+    const uint8_t* wrow8 = wrow + 8 * kQ4kGemmRowBytes;
+    const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(buf + kQ4kGemmRows * kQ4kGemmRowBytes) + 8 * t;
+    const float4 my_g = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow), t);
+    const float4 my_g8 = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow8), t);
+#pragma unroll
+    for (int jp = 0; jp < 4; ++jp) {
+      const auto from = [&](float v) { return __shfl_sync(0xFFFFFFFFu, v, src_lane + jp); };
+      const float sc_g[2] = {from(my_g.x), from(my_g.y)}, mt_g[2] = {from(my_g.z), from(my_g.w)};
+      const float sc_g8[2] = {from(my_g8.x), from(my_g8.y)}, mt_g8[2] = {from(my_g8.z), from(my_g8.w)};
+      const uint2 qg = *reinterpret_cast<const uint2*>(wrow + 16 + 32 * jp + 8 * t);
+      const uint2 qg8 = *reinterpret_cast<const uint2*>(wrow8 + 16 + 32 * jp + 8 * t);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int shift = 4 * h;
+        // Weights 8t..8t+3 (first) and 8t+4..8t+7 (second) of sub-block 2jp + h, rows g and g + 8.
+        const uint2 a_first = q4k_gemm_weights((qg.x >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]);
+        const uint2 a_second = q4k_gemm_weights((qg.y >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]);
+        const uint2 a8_first = q4k_gemm_weights((qg8.x >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]);
+        const uint2 a8_second = q4k_gemm_weights((qg8.y >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]);
+        const int sub = 2 * jp + h;
+#pragma unroll
+        for (int n = 0; n < NTILE; ++n) {
+          const uint4 xv = *reinterpret_cast<const uint4*>(xs + (8 * n + g) * kQ4kGemmStride + 32 * sub);
+          mma_bf16_m16n8k16(acc[n], a_first.x, a8_first.x, a_first.y, a8_first.y, xv.x, xv.y);
+          mma_bf16_m16n8k16(acc[n], a_second.x, a8_second.x, a_second.y, a8_second.y, xv.z, xv.w);
+        }
+      }
+    }
+  }
+  cp_async_wait_group<0>();
+
+  // C's layout: rows g, g + 8 at tokens 8n + 2t, 8n + 2t + 1.
+  if (ranges == 1) {
+#pragma unroll
+    for (int n = 0; n < NTILE; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t tok = 8 * n + 2 * t + e;
+        if (tok >= n_tokens) continue;
+        if (rg < rows) y[tok * y_ld + rg] = acc[n][e];
+        if (rg8 < rows) y[tok * y_ld + rg8] = acc[n][2 + e];
+      }
+    }
+    return;
+  }
+  const int64_t padded_rows = static_cast<int64_t>(gridDim.x) * kQ4kGemmRows;
+  float* mine = partials + static_cast<int64_t>(range) * kTokens * padded_rows;
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t tok = 8 * n + 2 * t + e;
+      mine[tok * padded_rows + rg] = acc[n][e];
+      mine[tok * padded_rows + rg8] = acc[n][2 + e];
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) last = atomicAdd(&arrivals[blockIdx.x], 1u) == static_cast<unsigned>(ranges - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // The block's 128 rows x n_tokens sums, 4 rows per thread and two such at a time: each range's float4 of
+  // both loaded before any is added (one wait on the L2, not one per range), then added in range order.
+  const int64_t range_stride = static_cast<int64_t>(kTokens) * padded_rows / 4;  // in float4
+  const float4* src = reinterpret_cast<const float4*>(partials + first_row);
+  const int quads = kQ4kGemmRows / 4 * static_cast<int>(n_tokens);
+  for (int i0 = static_cast<int>(threadIdx.x); i0 < quads; i0 += 2 * 256) {
+    float4 p[2][kQ4kGemmMaxRanges];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int i = i0 + 256 * k;
+      const int64_t at = static_cast<int64_t>(i / 32) * padded_rows / 4 + i % 32;
+#pragma unroll
+      for (int r = 0; r < kQ4kGemmMaxRanges; ++r)
+        if (i < quads && r < ranges) p[k][r] = __ldcg(src + at + r * range_stride);
+    }
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int i = i0 + 256 * k;
+      if (i >= quads) continue;
+      float4 v = p[k][0];
+#pragma unroll
+      for (int r = 1; r < kQ4kGemmMaxRanges; ++r) {
+        if (r >= ranges) break;
+        v.x += p[k][r].x;
+        v.y += p[k][r].y;
+        v.z += p[k][r].z;
+        v.w += p[k][r].w;
+      }
+      const int64_t tok = i / 32, row = first_row + 4 * (i % 32);
+      const float out[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (row + e < rows) y[tok * y_ld + row + e] = out[e];
+    }
+  }
+  if (threadIdx.x == 0) arrivals[blockIdx.x] = 0u;
+}
+
+}  // namespace
+}  // namespace bioquant
