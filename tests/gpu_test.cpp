@@ -1162,6 +1162,7 @@ TEST(GpuParity, Q4kGemmKernelMatchesTheDequantizedTiles) {
   tiles_to_cpu.add(r.data(), b.data(), static_cast<int64_t>(b.size()));
   const float unit = std::max(1.0f, to_cpu.max_ref);
   EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
+  EXPECT_LE(tiles_to_cpu.max_err, 5e-2f * unit);
   std::printf("q4_k gemm kernel, one layer, 40 tokens + 33 sequences: max|fused-cpu| %.2e, max|tiles-cpu| %.2e (max|logit| %.3f)\n",
               to_cpu.max_err, tiles_to_cpu.max_err, to_cpu.max_ref);
 }

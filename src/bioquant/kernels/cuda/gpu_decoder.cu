@@ -611,7 +611,11 @@ struct GpuDecoder::Impl {
     return b.ptr;
   }
 
-  // q4_k matmuls of up to q4k_gemm_max tokens take q4k_gemm_kernel (no dequantized copy), in passes of 64
+  struct Job {
+    const DevMatrix* m;
+    float* y;
+  };
+  // q4_k matmuls of up to q4k_gemm_max tokens take q4k_gemm_kernel (no dequantized copy), in passes of 32
   // tokens (BIOQUANT_CUDA_Q4K_GEMM=2: the dequantized tiles as other formats). Its column ranges aim at
   // q4k_gemm_blocks blocks per matrix (BIOQUANT_CUDA_Q4K_GEMM_BLOCKS: per SM).
   int64_t q4k_gemm_max = cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM", 1) == 1 ? cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_MAX", 64) : 0;
@@ -620,10 +624,27 @@ struct GpuDecoder::Impl {
   // The column ranges' partial sums and the blocks' arrival counts live in the first dequantized-tile
   // buffer (memory the plan already holds for prompts); the counts are zeroed again after tiles used it.
   bool tile0_arrivals_zeroed = false;
-  void q4k_gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
-    const int64_t blocks_x = (m.rows + kQ4kGemmRows - 1) / kQ4kGemmRows, superblocks = m.cols / 256;
-    const size_t arrivals_bytes = (static_cast<size_t>(blocks_x) * 4 + 255) & ~size_t{255};
-    const size_t budget = blas.ready() ? gemm_tile_bytes : 0;
+  bool q4k_gemm_takes(const DevMatrix& m, int64_t n) const {
+    return m.type == QuantType::Q4_K && n <= q4k_gemm_max && m.cols % 256 == 0;
+  }
+  // Up to three matrices of the same input (xb: [n, cols] bf16) in one launch per pass.
+  void q4k_gemm(const __nv_bfloat16* xb, int64_t n, const Job* all, int count) {
+    Q4kGemmJobs jobs{};
+    int64_t blocks_x = 0;
+    for (int i = 0; i < count; ++i) {
+      const DevMatrix& m = *all[i].m;
+      jobs.w[i] = m.data;
+      jobs.row_bytes[i] = m.row_bytes;
+      jobs.rows[i] = m.rows;
+      jobs.first_block[i] = static_cast<int>(blocks_x);
+      blocks_x += (m.rows + kQ4kGemmRows - 1) / kQ4kGemmRows;
+    }
+    for (int i = count; i < 4; ++i) jobs.first_block[i] = static_cast<int>(blocks_x);
+    const int64_t cols = all[0].m->cols, superblocks = cols / 256;
+    // The arrival counts take a fixed place at the buffer's start (zeroed once, left zeroed by every launch):
+    // sized per launch, a larger grid's would reach into the partial sums an earlier one left.
+    constexpr size_t arrivals_bytes = kQ4kGemmArrivalBytes;
+    const size_t budget = blas.ready() && static_cast<size_t>(blocks_x) * 4 <= arrivals_bytes ? gemm_tile_bytes : 0;
     bool used_tile0 = false;
     for (int64_t t0 = 0; t0 < n; t0 += kQ4kGemmMaxTokens) {
       const int64_t cnt = std::min(kQ4kGemmMaxTokens, static_cast<int>(n - t0));
@@ -647,13 +668,11 @@ struct GpuDecoder::Impl {
         partials = reinterpret_cast<float*>(base + arrivals_bytes);
         used_tile0 = true;
       }
+      for (int i = 0; i < count; ++i) jobs.y[i] = all[i].y + t0 * all[i].m->rows;
       const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(ranges));
-      const __nv_bfloat16* xt = xb + t0 * m.cols;
-      float* yt = y + t0 * m.rows;
+      const __nv_bfloat16* xt = xb + t0 * cols;
       const size_t smem = q4k_gemm_smem(8 * ntile);
-      const auto go = [&](auto kernel) {
-        launch(kernel, grid, 256, smem, m.data, m.row_bytes, m.rows, m.cols, xt, cnt, yt, m.rows, partials, arrivals);
-      };
+      const auto go = [&](auto kernel) { launch(kernel, grid, 256, smem, jobs, cols, xt, cnt, partials, arrivals); };
       if (ntile == 1) go(q4k_gemm_kernel<1>);
       else if (ntile == 2) go(q4k_gemm_kernel<2>);
       else go(q4k_gemm_kernel<4>);
@@ -664,8 +683,9 @@ struct GpuDecoder::Impl {
 
   // Prompt matmul on tensor cores (see dequant_bf16_kernel); xb: x [n, m.cols] in bf16.
   void gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
-    if (m.type == QuantType::Q4_K && n <= q4k_gemm_max && m.cols % 256 == 0) {
-      q4k_gemm(xb, n, m, y);
+    if (q4k_gemm_takes(m, n)) {
+      const Job j{&m, y};
+      q4k_gemm(xb, n, &j, 1);
       return;
     }
     if (!blas.ready()) {  // tensor cores without cuBLAS (see tensor_cores)
@@ -702,10 +722,6 @@ struct GpuDecoder::Impl {
     }
   }
 
-  struct Job {
-    const DevMatrix* m;
-    float* y;
-  };
   // y [n, m.rows] = x [n, m.cols] * m^T
   void matmul(const float* x, int64_t n, const DevMatrix& m, float* y, bool prequantized = false,
               const __nv_bfloat16* x_bf16 = nullptr) {
@@ -743,6 +759,20 @@ struct GpuDecoder::Impl {
     int count = 0;
     int64_t r0 = 0;  // first row left to the integer kernels (one value for all of them: same capability)
     const __nv_bfloat16* xb = x_bf16;
+    // Matrices that all take q4k_gemm_kernel for all n rows go in one launch (q, k and v: three small
+    // grids would each leave most of the card idle).
+    bool together = n_all > 1 && n_all <= 3 && gemm_rows >= n;
+    for (int i = 0; i < n_all; ++i)
+      together = together && gemm_capable(*all[i].m) && q4k_gemm_takes(*all[i].m, n) && all[i].m->cols == all[0].m->cols;
+    if (together) {
+      if (xb == nullptr) {
+        auto* converted = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * all[0].m->cols) * 2));
+        launch(to_bf16_kernel, blocks_for(n * all[0].m->cols), 256, 0, x, n * all[0].m->cols, converted);
+        xb = converted;
+      }
+      q4k_gemm(xb, n, all, n_all);
+      return;
+    }
     for (int i = 0; i < n_all; ++i) {
       const DevMatrix& m = *all[i].m;
       const bool plain = m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16;

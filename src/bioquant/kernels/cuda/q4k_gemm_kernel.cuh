@@ -37,6 +37,7 @@ constexpr int kQ4kGemmRows = 128;
 constexpr int kQ4kGemmMaxTokens = 32;
 constexpr int kQ4kGemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
 constexpr int kQ4kGemmStages = 3;
+constexpr size_t kQ4kGemmArrivalBytes = 64 << 10;  // the blocks' arrival counts before the partial sums (16K blocks)
 // A token's staged super-block: 256 bf16 and 64 bytes of padding, so the two token rows of a quarter
 // warp's 16-byte loads fall in different banks.
 constexpr int kQ4kGemmStride = 256 + 32;
@@ -92,22 +93,42 @@ __device__ __forceinline__ uint2 q4k_gemm_weights(uint32_t nib, float scale, flo
   return out;
 }
 
-// y[tok * y_ld + r] = sum_k w[r][k] x[tok][k] for rows r < rows and tokens tok < n_tokens (<= 8 * NTILE).
+// Up to three matrices of one input (q, k and v; gate and up) in one launch: blocks
+// [first_block[i], first_block[i + 1]) take matrix i.
+struct Q4kGemmJobs {
+  const uint8_t* w[3];
+  size_t row_bytes[3];
+  int64_t rows[3];
+  float* y[3];
+  int first_block[4];
+};
+
+// y_i[tok * rows_i + r] = sum_k w_i[r][k] x[tok][k] for rows r < rows_i and tokens tok < n_tokens (<= 8 * NTILE).
 // x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
 // holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
-// Grid (ceil(rows / 128), ranges), 256 threads, q4k_gemm_smem(8 * NTILE) bytes of dynamic shared memory.
+// Grid (the jobs' blocks of 128 rows, ranges), 256 threads, q4k_gemm_smem(8 * NTILE) bytes of dynamic shared memory.
 template <int NTILE>
-__global__ void __launch_bounds__(256) q4k_gemm_kernel(const uint8_t* w, size_t row_bytes, int64_t rows, int64_t cols,
-                                                       const __nv_bfloat16* x, int64_t n_tokens, float* y, int64_t y_ld,
-                                                       float* partials, unsigned* arrivals) {
+__global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
+                                                       int64_t n_tokens, float* partials, unsigned* arrivals) {
   constexpr int kTokens = 8 * NTILE;
   constexpr int kStageBytes = kQ4kGemmRows * kQ4kGemmRowBytes + kTokens * kQ4kGemmStride * 2;  // q4k_gemm_stage_bytes
   extern __shared__ uint4 q4k_gemm_stage[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(q4k_gemm_stage);
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
-  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kQ4kGemmRows;
+  const int job = static_cast<int>(blockIdx.x) >= jobs.first_block[1] ? (static_cast<int>(blockIdx.x) >= jobs.first_block[2] ? 2 : 1) : 0;
+  // Picked by selects, not indexed: a run-time index would copy the parameters into local memory.
+  const auto pick = [job](auto a, auto b, auto c) { return job == 0 ? a : job == 1 ? b : c; };
+  const uint8_t* w = pick(jobs.w[0], jobs.w[1], jobs.w[2]);
+  const size_t row_bytes = pick(jobs.row_bytes[0], jobs.row_bytes[1], jobs.row_bytes[2]);
+  const int64_t rows = pick(jobs.rows[0], jobs.rows[1], jobs.rows[2]), y_ld = rows;
+  float* y = pick(jobs.y[0], jobs.y[1], jobs.y[2]);
+  const int64_t first_row =
+      static_cast<int64_t>(static_cast<int>(blockIdx.x) - pick(jobs.first_block[0], jobs.first_block[1], jobs.first_block[2])) *
+      kQ4kGemmRows;
   const int64_t rg = first_row + 16 * warp + g, rg8 = rg + 8;
+  // The partial sums' rows: this block's 128 after the blocks before it.
+  const int64_t first_partial = static_cast<int64_t>(blockIdx.x) * kQ4kGemmRows, pg = first_partial + 16 * warp + g;
   const int superblocks = static_cast<int>(cols / 256);
   const int ranges = static_cast<int>(gridDim.y), range = static_cast<int>(blockIdx.y);
   const int sb_begin = superblocks * range / ranges, sb_end = superblocks * (range + 1) / ranges;
@@ -215,8 +236,8 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(const uint8_t* w, size_t 
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int64_t tok = 8 * n + 2 * t + e;
-      mine[tok * padded_rows + rg] = acc[n][e];
-      mine[tok * padded_rows + rg8] = acc[n][2 + e];
+      mine[tok * padded_rows + pg] = acc[n][e];
+      mine[tok * padded_rows + pg + 8] = acc[n][2 + e];
     }
   }
   __threadfence();
@@ -229,7 +250,7 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(const uint8_t* w, size_t 
   // The block's 128 rows x n_tokens sums, 4 rows per thread and two such at a time: each range's float4 of
   // both loaded before any is added (one wait on the L2, not one per range), then added in range order.
   const int64_t range_stride = static_cast<int64_t>(kTokens) * padded_rows / 4;  // in float4
-  const float4* src = reinterpret_cast<const float4*>(partials + first_row);
+  const float4* src = reinterpret_cast<const float4*>(partials + first_partial);
   const int quads = kQ4kGemmRows / 4 * static_cast<int>(n_tokens);
   for (int i0 = static_cast<int>(threadIdx.x); i0 < quads; i0 += 2 * 256) {
     float4 p[2][kQ4kGemmMaxRanges];
