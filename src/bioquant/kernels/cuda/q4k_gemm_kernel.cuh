@@ -47,6 +47,9 @@ constexpr size_t q4k_gemm_stage_bytes(int tokens) {
 }
 constexpr size_t q4k_gemm_smem(int tokens) { return kQ4kGemmStages * q4k_gemm_stage_bytes(tokens); }
 
+// bf16 mma m16n8k16, accumulating into acc. Fragments (PTX ISA): lane (g, t) holds A's rows g (a0) and g + 8
+// (a1) at k = 2t, 2t + 1, the same rows at k = 2t + 8, 2t + 9 (a2, a3), B's column g at those k (b0, b1), and C
+// as the int8 mma's (rows g, g + 8 at columns 2t, 2t + 1); the lower half of a register holds the lower k.
 __device__ __forceinline__ void mma_bf16_m16n8k16(float (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                   uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
