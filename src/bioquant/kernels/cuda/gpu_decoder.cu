@@ -618,7 +618,8 @@ struct GpuDecoder::Impl {
   // q4_k matmuls of up to q4k_gemm_max tokens take q4k_gemm_kernel (no dequantized copy), in passes of 32
   // tokens (BIOQUANT_CUDA_Q4K_GEMM=2: the dequantized tiles as other formats). Its column ranges aim at
   // q4k_gemm_blocks blocks per matrix (BIOQUANT_CUDA_Q4K_GEMM_BLOCKS: per SM).
-  int64_t q4k_gemm_max = cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM", 1) == 1 ? cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_MAX", 64) : 0;
+  // (Both knobs read either way: a typo in one is an error whatever the other says.)
+  int64_t q4k_gemm_max = std::min(cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_MAX", 64), cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM", 1) == 1 ? 1 << 30 : 0);
   int64_t q4k_gemm_blocks = 0;  // set by GpuDecoder::GpuDecoder
   int64_t q4k_gemm_max_ranges = std::min(cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_RANGES", kQ4kGemmMaxRanges), kQ4kGemmMaxRanges);
   // The column ranges' partial sums and the blocks' arrival counts live in the first dequantized-tile
