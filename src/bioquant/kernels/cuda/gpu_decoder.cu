@@ -765,28 +765,24 @@ struct GpuDecoder::Impl {
     bool together = n_all > 1 && n_all <= 3 && gemm_rows >= n;
     for (int i = 0; i < n_all; ++i)
       together = together && gemm_capable(*all[i].m) && q4k_gemm_takes(*all[i].m, n) && all[i].m->cols == all[0].m->cols;
-    if (together) {
+    // The matrices of a group share their input: converted to bf16 once, when it is not already.
+    const auto bf16_input = [&](int64_t rows, int64_t cols) {
       if (xb == nullptr) {
-        auto* converted = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * all[0].m->cols) * 2));
-        launch(to_bf16_kernel, blocks_for(n * all[0].m->cols), 256, 0, x, n * all[0].m->cols, converted);
+        auto* converted = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(rows * cols) * 2));
+        launch(to_bf16_kernel, blocks_for(rows * cols), 256, 0, x, rows * cols, converted);
         xb = converted;
       }
-      q4k_gemm(xb, n, all, n_all);
+      return xb;
+    };
+    if (together) {
+      q4k_gemm(bf16_input(n, all[0].m->cols), n, all, n_all);
       return;
     }
     for (int i = 0; i < n_all; ++i) {
       const DevMatrix& m = *all[i].m;
       const bool plain = m.type == QuantType::F32 || m.type == QuantType::F16 || m.type == QuantType::BF16;
       const int64_t g = gemm_capable(m) ? std::min(gemm_rows, n) : 0;
-      if (g > 0) {
-        // The matrices of a group share their input: converted to bf16 once.
-        if (xb == nullptr) {
-          auto* converted = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(g * m.cols) * 2));
-          launch(to_bf16_kernel, blocks_for(g * m.cols), 256, 0, x, g * m.cols, converted);
-          xb = converted;
-        }
-        gemm(xb, g, m, all[i].y);
-      }
+      if (g > 0) gemm(bf16_input(g, m.cols), g, m, all[i].y);
       if (g == n) continue;
       if (plain) {
         plain_matmul(x + g * m.cols, n - g, m, all[i].y + g * m.rows);

@@ -42,7 +42,7 @@ constexpr size_t kQ4kGemmArrivalBytes = 64 << 10;  // the blocks' arrival counts
 // warp's 16-byte loads fall in different banks.
 constexpr int kQ4kGemmStride = 256 + 32;
 constexpr int kQ4kGemmRowBytes = 144;
-constexpr size_t q4k_gemm_stage_bytes(int tokens) {
+__host__ __device__ constexpr size_t q4k_gemm_stage_bytes(int tokens) {
   return static_cast<size_t>(kQ4kGemmRows) * kQ4kGemmRowBytes + static_cast<size_t>(tokens) * kQ4kGemmStride * 2;
 }
 constexpr size_t q4k_gemm_smem(int tokens) { return kQ4kGemmStages * q4k_gemm_stage_bytes(tokens); }
@@ -114,7 +114,7 @@ template <int NTILE>
 __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
   constexpr int kTokens = 8 * NTILE;
-  constexpr int kStageBytes = kQ4kGemmRows * kQ4kGemmRowBytes + kTokens * kQ4kGemmStride * 2;  // q4k_gemm_stage_bytes
+  constexpr int kStageBytes = static_cast<int>(q4k_gemm_stage_bytes(kTokens));
   extern __shared__ uint4 q4k_gemm_stage[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(q4k_gemm_stage);
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
