@@ -1100,8 +1100,8 @@ std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int
   return out;
 }
 
-// q4_k matmuls of up to 64 tokens take q4k_gemm_kernel (weights dequantized in registers, passes of 32
-// tokens, column ranges added in order by the block that ends last) instead of dequantized tiles and
+// q4_k, nf4 and fp4 matmuls of up to 64 tokens take qgemm_kernel (weights dequantized in registers, passes
+// of 32 tokens, column ranges added in order by the block that ends last) instead of dequantized tiles and
 // cuBLAS. Both multiply the same bf16 weights (bit for bit) and activations, so only the order of the f32
 // adds differs.
 // - Models with no layers (logits = the output matrix times the embedding rows, normed): nothing
@@ -1109,62 +1109,76 @@ std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int
 //   block of 128 rows and a part mma tile) and rows of 4096 and 4352 (16 and 17 super-blocks); prompts of
 //   32, 40 and 64 tokens (one pass, a pass of 32 and one of 8, two full passes) and a decode step of 33
 //   sequences. One column range instead of several: the same within 1e-4; the same run twice: the same bits.
-// - A one-layer model 4096 wide with a 4352-wide MLP, every matrix through the kernel: each logit within
+//   nf4 with double quantization (33-byte blocks, not 16-byte pieces) keeps the tiles: the same bits as them.
+// - One-layer models 4096 wide with a 4352-wide MLP, every matrix through the kernel: each logit within
 //   the quantized bound of the CPU engine, as the tiles' are. (Here the layer amplifies the order of adds
 //   through near-ties: a 32-token prompt's logits with one column range and with 8 differ by up to 1.5e-2.)
-TEST(GpuParity, Q4kGemmKernelMatchesTheDequantizedTiles) {
+TEST(GpuParity, QgemmKernelMatchesTheDequantizedTiles) {
   SKIP_WITHOUT_GPU();
   ThreadPool pool(2);
-  const QuantRecipe recipe = parse_quant_recipe("q4_k", false, "all");
-  for (const int64_t hidden : {4096, 4352}) {
+  const struct {
+    const char* name;
+    bool double_quant;
+    QuantType type;
+  } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"nf4", false, QuantType::NF4}, {"fp4", false, QuantType::FP4},
+                 {"nf4", true, QuantType::NF4}};
+  for (const auto& f : formats) {
+    const QuantRecipe recipe = parse_quant_recipe(f.name, f.double_quant, "all");
+    const std::string label = std::string(f.name) + (f.double_quant ? " + dq" : "");
+    for (const int64_t hidden : {4096, 4352}) {
+      ModelConfig c = wide_one_layer_config();
+      c.vocab = 600;
+      c.hidden = hidden;
+      c.n_layers = 0;
+      c.layer_sliding.clear();
+      auto model = make_synthetic_model(c, DType::F32, 29, pool, &recipe);
+      ASSERT_EQ(model->weights().output.type, f.type) << label;
+      const auto fused = gpu_decoder(*model, pool, KvType::F32, {});
+      const auto tiles = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_QGEMM", "2"}});
+      const auto one_range = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_QGEMM_RANGES", "1"}});
+      for (const int64_t n : {32, 40, 64}) {
+        const int batch = n == 40 ? 33 : 0;
+        const std::vector<float> a = prompt_and_batch_logits(*fused, c, n, batch);
+        const std::vector<float> b = prompt_and_batch_logits(*tiles, c, n, batch);
+        const std::vector<float> o = prompt_and_batch_logits(*one_range, c, n, batch);
+        const std::vector<float> again = prompt_and_batch_logits(*fused, c, n, batch);
+        Compared to_tiles, to_one;
+        to_tiles.add(b.data(), a.data(), static_cast<int64_t>(a.size()));
+        to_one.add(o.data(), a.data(), static_cast<int64_t>(a.size()));
+        const float unit = std::max(1.0f, to_tiles.max_ref);
+        EXPECT_GT(to_tiles.max_ref, 0.1f) << label;
+        EXPECT_LE(to_tiles.max_err, 1e-4f * unit) << label << ", " << hidden << " wide, " << n << " tokens";
+        EXPECT_LE(to_one.max_err, 1e-4f * unit) << label << ", " << hidden << " wide, " << n << " tokens";
+        EXPECT_EQ(std::memcmp(a.data(), again.data(), a.size() * sizeof(float)), 0) << label << ", " << n << " tokens: not the same bits twice";
+        if (f.double_quant) {
+          EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << label << ": not through the tiles";
+        }
+        std::printf("%s gemm kernel, no layers, %lld wide, %lld tokens + %d sequences: max|fused-tiles| %.2e, "
+                    "max|ranges-one range| %.2e (max|logit| %.3f)\n",
+                    label.c_str(), static_cast<long long>(hidden), static_cast<long long>(n), batch, to_tiles.max_err,
+                    to_one.max_err, to_tiles.max_ref);
+      }
+    }
+    if (f.type == QuantType::FP4 || f.double_quant) continue;  // nf4's path with fp4's codebook; the tiles
     ModelConfig c = wide_one_layer_config();
     c.vocab = 600;
-    c.hidden = hidden;
-    c.n_layers = 0;
-    c.layer_sliding.clear();
     auto model = make_synthetic_model(c, DType::F32, 29, pool, &recipe);
-    ASSERT_EQ(model->weights().output.type, QuantType::Q4_K);
+    ASSERT_EQ(model->weights().layers[0].w_down.type, f.type) << label;
     const auto fused = gpu_decoder(*model, pool, KvType::F32, {});
-    const auto tiles = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_GEMM", "2"}});
-    const auto one_range = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_GEMM_RANGES", "1"}});
-    for (const int64_t n : {32, 40, 64}) {
-      const int batch = n == 40 ? 33 : 0;
-      const std::vector<float> a = prompt_and_batch_logits(*fused, c, n, batch);
-      const std::vector<float> b = prompt_and_batch_logits(*tiles, c, n, batch);
-      const std::vector<float> o = prompt_and_batch_logits(*one_range, c, n, batch);
-      const std::vector<float> again = prompt_and_batch_logits(*fused, c, n, batch);
-      Compared to_tiles, to_one;
-      to_tiles.add(b.data(), a.data(), static_cast<int64_t>(a.size()));
-      to_one.add(o.data(), a.data(), static_cast<int64_t>(a.size()));
-      const float unit = std::max(1.0f, to_tiles.max_ref);
-      EXPECT_GT(to_tiles.max_ref, 0.1f);
-      EXPECT_LE(to_tiles.max_err, 1e-4f * unit) << hidden << " wide, " << n << " tokens";
-      EXPECT_LE(to_one.max_err, 1e-4f * unit) << hidden << " wide, " << n << " tokens";
-      EXPECT_EQ(std::memcmp(a.data(), again.data(), a.size() * sizeof(float)), 0) << n << " tokens: not the same bits twice";
-      std::printf("q4_k gemm kernel, no layers, %lld wide, %lld tokens + %d sequences: max|fused-tiles| %.2e, "
-                  "max|ranges-one range| %.2e (max|logit| %.3f)\n",
-                  static_cast<long long>(hidden), static_cast<long long>(n), batch, to_tiles.max_err, to_one.max_err,
-                  to_tiles.max_ref);
-    }
+    const auto tiles = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_QGEMM", "2"}});
+    Decoder cpu(*model, pool);
+    const std::vector<float> a = prompt_and_batch_logits(*fused, c, 40, 33);
+    const std::vector<float> b = prompt_and_batch_logits(*tiles, c, 40, 33);
+    const std::vector<float> r = prompt_and_batch_logits(cpu, c, 40, 33);
+    Compared to_cpu, tiles_to_cpu;
+    to_cpu.add(r.data(), a.data(), static_cast<int64_t>(a.size()));
+    tiles_to_cpu.add(r.data(), b.data(), static_cast<int64_t>(b.size()));
+    const float unit = std::max(1.0f, to_cpu.max_ref);
+    EXPECT_LE(to_cpu.max_err, 5e-2f * unit) << label;
+    EXPECT_LE(tiles_to_cpu.max_err, 5e-2f * unit) << label;
+    std::printf("%s gemm kernel, one layer, 40 tokens + 33 sequences: max|fused-cpu| %.2e, max|tiles-cpu| %.2e (max|logit| %.3f)\n",
+                label.c_str(), to_cpu.max_err, tiles_to_cpu.max_err, to_cpu.max_ref);
   }
-  ModelConfig c = wide_one_layer_config();
-  c.vocab = 600;
-  auto model = make_synthetic_model(c, DType::F32, 29, pool, &recipe);
-  ASSERT_EQ(model->weights().layers[0].w_down.type, QuantType::Q4_K);
-  const auto fused = gpu_decoder(*model, pool, KvType::F32, {});
-  const auto tiles = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_GEMM", "2"}});
-  Decoder cpu(*model, pool);
-  const std::vector<float> a = prompt_and_batch_logits(*fused, c, 40, 33);
-  const std::vector<float> b = prompt_and_batch_logits(*tiles, c, 40, 33);
-  const std::vector<float> r = prompt_and_batch_logits(cpu, c, 40, 33);
-  Compared to_cpu, tiles_to_cpu;
-  to_cpu.add(r.data(), a.data(), static_cast<int64_t>(a.size()));
-  tiles_to_cpu.add(r.data(), b.data(), static_cast<int64_t>(b.size()));
-  const float unit = std::max(1.0f, to_cpu.max_ref);
-  EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
-  EXPECT_LE(tiles_to_cpu.max_err, 5e-2f * unit);
-  std::printf("q4_k gemm kernel, one layer, 40 tokens + 33 sequences: max|fused-cpu| %.2e, max|tiles-cpu| %.2e (max|logit| %.3f)\n",
-              to_cpu.max_err, tiles_to_cpu.max_err, to_cpu.max_ref);
 }
 
 // The fused decode attention's block shapes: a block serves up to 4 query heads of a KV group, so

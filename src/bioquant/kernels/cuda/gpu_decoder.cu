@@ -10,7 +10,7 @@
 #include "bioquant/kernels/cuda/qmatvec_kernels.cuh"
 #include "bioquant/kernels/cuda/mma_tiles.cuh"
 #include "bioquant/kernels/cuda/q4k_kernels.cuh"
-#include "bioquant/kernels/cuda/q4k_gemm_kernel.cuh"
+#include "bioquant/kernels/cuda/qgemm_kernel.cuh"
 #include "bioquant/kernels/cuda/bnb4_kernels.cuh"
 #include "bioquant/kernels/cuda/block_mma_kernels.cuh"
 #include "bioquant/kernels/cuda/q6k_kernels.cuh"
@@ -158,19 +158,19 @@ struct GpuDecoder::Impl {
   // 2025 / 2106; q8_0 24: 1469 / 1615 (16: 1610 mma against 1132 cuBLAS); q4_0 24: 1648 / 1703, 32: 1828 /
   // 2197; q5_k 24: 2132 / 1702 (32: cuBLAS 2169).
   static int64_t mma_gemm_from(QuantType t) { return t == QuantType::Q8_0 || t == QuantType::Q4_0 ? 24 : 32; }
-  // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel. Layers all in
-  // q4_k take q4k_gemm_kernel from 16 sequences (H200, 8B, int8 mma / q4k_gemm_kernel tok/s: 16 sequences
-  // 2574 / 2672, 24: 2457 / 3413).
+  // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel. Layers whose
+  // matrices all take qgemm_kernel do so from 16 sequences (H200, 8B, int8 mma / qgemm_kernel tok/s: q4_k 16
+  // sequences 2574 / 2672, 24: 2457 / 3413; nf4 16: 2317 / 3255, 24: 2172 / 4012).
   int64_t layers_mma_gemm_from() const {
     int64_t from = 1 << 30;
-    bool all_q4k = true;
+    bool all_qgemm = true;
     for (const DevLayer& l : layers)
       for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
         if (!mma_format(m->type)) return 0;
         from = std::min(from, mma_gemm_from(m->type));
-        all_q4k = all_q4k && m->type == QuantType::Q4_K;
+        all_qgemm = all_qgemm && qgemm_format(*m);
       }
-    return all_q4k && q4k_gemm_max >= 16 ? 16 : from;
+    return all_qgemm && qgemm_max >= 16 ? 16 : from;
   }
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
     // cuBLAS only: the WMMA fallback was slower than the integer kernels up to ~32 sequences (16: 423
@@ -615,22 +615,26 @@ struct GpuDecoder::Impl {
     const DevMatrix* m;
     float* y;
   };
-  // q4_k matmuls of up to q4k_gemm_max tokens take q4k_gemm_kernel (no dequantized copy), in passes of 32
-  // tokens (BIOQUANT_CUDA_Q4K_GEMM=2: the dequantized tiles as other formats). Its column ranges aim at
-  // q4k_gemm_blocks blocks per matrix (BIOQUANT_CUDA_Q4K_GEMM_BLOCKS: per SM).
+  // q4_k, nf4 and fp4 (without double quantization) matmuls of up to qgemm_max tokens take qgemm_kernel
+  // (no dequantized copy), in passes of 32 tokens (BIOQUANT_CUDA_QGEMM=2: the dequantized tiles as other
+  // formats). Its column ranges aim at qgemm_blocks blocks per matrix (BIOQUANT_CUDA_QGEMM_BLOCKS: per SM).
   // (Both knobs read either way: a typo in one is an error whatever the other says.)
-  int64_t q4k_gemm_max = std::min(cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_MAX", 64), cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM", 1) == 1 ? 1 << 30 : 0);
-  int64_t q4k_gemm_blocks = 0;  // set by GpuDecoder::GpuDecoder
-  int64_t q4k_gemm_max_ranges = std::min(cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_RANGES", kQ4kGemmMaxRanges), kQ4kGemmMaxRanges);
+  int64_t qgemm_max = std::min(cuda_knob_int("BIOQUANT_CUDA_QGEMM_MAX", 64), cuda_knob_int("BIOQUANT_CUDA_QGEMM", 1) == 1 ? 1 << 30 : 0);
+  int64_t qgemm_blocks = 0;  // set by GpuDecoder::GpuDecoder
+  int64_t qgemm_max_ranges = std::min(cuda_knob_int("BIOQUANT_CUDA_QGEMM_RANGES", kQgemmMaxRanges), kQgemmMaxRanges);
   // The column ranges' partial sums and the blocks' arrival counts live in the first dequantized-tile
   // buffer (memory the plan already holds for prompts); the counts are zeroed again after tiles used it.
   bool tile0_arrivals_zeroed = false;
-  bool q4k_gemm_takes(const DevMatrix& m, int64_t n) const {
-    return m.type == QuantType::Q4_K && n <= q4k_gemm_max && m.cols % 256 == 0;
+  // The formats whose 256 weights take 144 bytes of a row (16-byte pieces for cp.async).
+  static bool qgemm_format(const DevMatrix& m) {
+    const bool bnb4 = (m.type == QuantType::NF4 || m.type == QuantType::FP4) && !m.dq;
+    return (m.type == QuantType::Q4_K || bnb4) && m.cols % 256 == 0 &&
+           m.row_bytes == static_cast<size_t>(m.cols / 256) * kQgemmRowBytes;
   }
-  // Up to three matrices of the same input (xb: [n, cols] bf16) in one launch per pass.
-  void q4k_gemm(const __nv_bfloat16* xb, int64_t n, const Job* all, int count) {
-    Q4kGemmJobs jobs{};
+  bool qgemm_takes(const DevMatrix& m, int64_t n) const { return n <= qgemm_max && qgemm_format(m); }
+  // Up to three matrices of the same input (xb: [n, cols] bf16) and format in one launch per pass.
+  void qgemm(const __nv_bfloat16* xb, int64_t n, const Job* all, int count) {
+    QgemmJobs jobs{};
     int64_t blocks_x = 0;
     for (int i = 0; i < count; ++i) {
       const DevMatrix& m = *all[i].m;
@@ -638,23 +642,23 @@ struct GpuDecoder::Impl {
       jobs.row_bytes[i] = m.row_bytes;
       jobs.rows[i] = m.rows;
       jobs.first_block[i] = static_cast<int>(blocks_x);
-      blocks_x += (m.rows + kQ4kGemmRows - 1) / kQ4kGemmRows;
+      blocks_x += (m.rows + kQgemmRows - 1) / kQgemmRows;
     }
     for (int i = count; i < 4; ++i) jobs.first_block[i] = static_cast<int>(blocks_x);
     const int64_t cols = all[0].m->cols, superblocks = cols / 256;
     // The arrival counts take a fixed place at the buffer's start (zeroed once, left zeroed by every launch):
     // sized per launch, a larger grid's would reach into the partial sums an earlier one left.
-    constexpr size_t arrivals_bytes = kQ4kGemmArrivalBytes;
+    constexpr size_t arrivals_bytes = kQgemmArrivalBytes;
     const size_t budget = blas.ready() && static_cast<size_t>(blocks_x) * 4 <= arrivals_bytes ? gemm_tile_bytes : 0;
     bool used_tile0 = false;
-    for (int64_t t0 = 0; t0 < n; t0 += kQ4kGemmMaxTokens) {
-      const int64_t cnt = std::min(kQ4kGemmMaxTokens, static_cast<int>(n - t0));
+    for (int64_t t0 = 0; t0 < n; t0 += kQgemmMaxTokens) {
+      const int64_t cnt = std::min(kQgemmMaxTokens, static_cast<int>(n - t0));
       const int ntile = cnt <= 8 ? 1 : cnt <= 16 ? 2 : 4;
       const auto partial_bytes = [&](int64_t ranges) {
-        return arrivals_bytes + static_cast<size_t>(ranges * 8 * ntile * blocks_x * kQ4kGemmRows) * 4;
+        return arrivals_bytes + static_cast<size_t>(ranges * 8 * ntile * blocks_x * kQgemmRows) * 4;
       };
-      int64_t ranges = std::clamp<int64_t>((q4k_gemm_blocks + blocks_x - 1) / blocks_x, 1,
-                                           std::clamp<int64_t>(superblocks / 2, 1, q4k_gemm_max_ranges));
+      int64_t ranges = std::clamp<int64_t>((qgemm_blocks + blocks_x - 1) / blocks_x, 1,
+                                           std::clamp<int64_t>(superblocks / 2, 1, qgemm_max_ranges));
       while (ranges > 1 && partial_bytes(ranges) > budget) --ranges;
       float* partials = nullptr;
       unsigned* arrivals = nullptr;
@@ -672,11 +676,18 @@ struct GpuDecoder::Impl {
       for (int i = 0; i < count; ++i) jobs.y[i] = all[i].y + t0 * all[i].m->rows;
       const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(ranges));
       const __nv_bfloat16* xt = xb + t0 * cols;
-      const size_t smem = q4k_gemm_smem(8 * ntile);
+      const size_t smem = qgemm_smem(8 * ntile);
       const auto go = [&](auto kernel) { launch(kernel, grid, 256, smem, jobs, cols, xt, cnt, partials, arrivals); };
-      if (ntile == 1) go(q4k_gemm_kernel<1>);
-      else if (ntile == 2) go(q4k_gemm_kernel<2>);
-      else go(q4k_gemm_kernel<4>);
+      const auto by_tokens = [&](auto format) {
+        constexpr int F = decltype(format)::value;
+        if (ntile == 1) go(qgemm_kernel<F, 1>);
+        else if (ntile == 2) go(qgemm_kernel<F, 2>);
+        else go(qgemm_kernel<F, 4>);
+      };
+      const QuantType type = all[0].m->type;
+      if (type == QuantType::NF4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
+      else if (type == QuantType::FP4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
+      else by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
     }
     // The dequantizer (on its own stream) waits for this before writing its first tile there again.
     if (used_tile0) CUDA_OK(cudaEventRecord(tile_free[0], stream));
@@ -684,9 +695,9 @@ struct GpuDecoder::Impl {
 
   // Prompt matmul on tensor cores (see dequant_bf16_kernel); xb: x [n, m.cols] in bf16.
   void gemm(const __nv_bfloat16* xb, int64_t n, const DevMatrix& m, float* y) {
-    if (q4k_gemm_takes(m, n)) {
+    if (qgemm_takes(m, n)) {
       const Job j{&m, y};
-      q4k_gemm(xb, n, &j, 1);
+      qgemm(xb, n, &j, 1);
       return;
     }
     if (!blas.ready()) {  // tensor cores without cuBLAS (see tensor_cores)
@@ -760,11 +771,12 @@ struct GpuDecoder::Impl {
     int count = 0;
     int64_t r0 = 0;  // first row left to the integer kernels (one value for all of them: same capability)
     const __nv_bfloat16* xb = x_bf16;
-    // Matrices that all take q4k_gemm_kernel for all n rows go in one launch (q, k and v: three small
+    // Matrices that all take qgemm_kernel for all n rows go in one launch (q, k and v: three small
     // grids would each leave most of the card idle).
     bool together = n_all > 1 && n_all <= 3 && gemm_rows >= n;
     for (int i = 0; i < n_all; ++i)
-      together = together && gemm_capable(*all[i].m) && q4k_gemm_takes(*all[i].m, n) && all[i].m->cols == all[0].m->cols;
+      together = together && gemm_capable(*all[i].m) && qgemm_takes(*all[i].m, n) && all[i].m->cols == all[0].m->cols &&
+                 all[i].m->type == all[0].m->type;
     // The matrices of a group share their input: converted to bf16 once, when it is not already.
     const auto bf16_input = [&](int64_t rows, int64_t cols) {
       if (xb == nullptr) {
@@ -775,7 +787,7 @@ struct GpuDecoder::Impl {
       return xb;
     };
     if (together) {
-      q4k_gemm(bf16_input(n, all[0].m->cols), n, all, n_all);
+      qgemm(bf16_input(n, all[0].m->cols), n, all, n_all);
       return;
     }
     for (int i = 0; i < n_all; ++i) {
@@ -1704,7 +1716,7 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   int sms = 0;
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   if (const int k = cuda_knob_int("BIOQUANT_CUDA_PERSIST", 0); k > 0) impl_->persist_blocks = static_cast<unsigned>(k * sms);
-  impl_->q4k_gemm_blocks = static_cast<int64_t>(cuda_knob_int("BIOQUANT_CUDA_Q4K_GEMM_BLOCKS", 2)) * sms;
+  impl_->qgemm_blocks = static_cast<int64_t>(cuda_knob_int("BIOQUANT_CUDA_QGEMM_BLOCKS", 2)) * sms;
   if (impl_->attention_splits == 0)
     impl_->attention_splits = gpu_attention_splits(sms, static_cast<int>(model.config().n_heads));
   // Shared memory per block (opt-in) sizes the attention kernels' score buffers: long contexts
@@ -1746,9 +1758,15 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
-  allow(q4k_gemm_kernel<1>, static_cast<int>(q4k_gemm_smem(8)));
-  allow(q4k_gemm_kernel<2>, static_cast<int>(q4k_gemm_smem(16)));
-  allow(q4k_gemm_kernel<4>, static_cast<int>(q4k_gemm_smem(32)));
+  const auto allow_qgemm = [&](auto format) {
+    constexpr int F = decltype(format)::value;
+    allow(qgemm_kernel<F, 1>, static_cast<int>(qgemm_smem(8)));
+    allow(qgemm_kernel<F, 2>, static_cast<int>(qgemm_smem(16)));
+    allow(qgemm_kernel<F, 4>, static_cast<int>(qgemm_smem(32)));
+  };
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);

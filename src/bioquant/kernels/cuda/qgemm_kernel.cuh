@@ -1,5 +1,7 @@
-// q4_k matmuls of a few dozen tokens (short prompts, batched decode steps) on the tensor cores, with the
-// weights dequantized in registers: no bf16 copy of the matrix is written and read back.
+// 4-bit matmuls of a few dozen tokens (short prompts, batched decode steps) on the tensor cores, with the
+// weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats whose 256
+// weights take 144 bytes of a row: q4_k (a super-block) and nf4 / fp4 without double quantization (four
+// 36-byte blocks: an f32 absmax and 32 bytes of codes).
 // Part of the CUDA backend's single translation unit: included by gpu_decoder.cu (directly or through
 // the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
 #pragma once
@@ -17,35 +19,36 @@ namespace {
 
 // The prompt path dequantizes every matrix into bf16 tiles and hands them to cuBLAS: 14 GB written and
 // read back per step for an 8B model whatever the step's length, ~11 ms on an H200, which a step of 32
-// tokens (or 32 sequences' one token each) pays in full. This kernel reads the q4_k bytes once and
+// tokens (or 32 sequences' one token each) pays in full. This kernel reads the quantized bytes once and
 // multiplies them as it turns them into bf16 weights.
 //
 // A block takes 128 rows (8 warps x 16) and up to 32 tokens (8 * NTILE; longer steps go in passes) over a
-// range of super-blocks (gridDim.y ranges split the columns; their partial sums are added in range order
-// by the block that finishes last, so every run gives the same result). Each super-block's 128 rows of
-// q4_k bytes and the tokens' 256 bf16 activations are copied into shared memory by cp.async,
-// kQ4kGemmStages deep, so the loads of the next ones are in flight while one multiplies. mma.sync
-// m16n8k16 (bf16 in, f32 sums): lane (g, t) holds rows g and g + 8 at weights 8t..8t+7 of each 32-weight
-// sub-block (8 bytes of the 32-byte run whose low and high nibbles hold a pair of sub-blocks); the order
-// of k inside an mma is free when A and B agree, so the activations it pairs with are one 16-byte load of
-// the same 8 positions.
+// range of 256-weight pieces of the rows ("super-blocks": gridDim.y ranges split the columns; their partial
+// sums are added in range order by the block that finishes last, so every run gives the same result). Each
+// super-block's 128 rows of 144 bytes and the tokens' 256 bf16 activations are copied into shared memory
+// by cp.async, kQgemmStages deep, so the loads of the next ones are in flight while one multiplies.
+// mma.sync m16n8k16 (bf16 in, f32 sums): lane (g, t) holds rows g and g + 8 at weights 8t..8t+7 of each
+// 32-weight sub-block; the order of k inside an mma is free when A and B agree, so the activations it pairs
+// with are one 16-byte load of the same 8 positions.
 //
-// The weights are dequant_bf16_kernel's, bit for bit (scale * level + min_term by one f32 fused
-// multiply-add, then rounded to bf16), so the two paths differ only in the order of the f32 sums. Lane t
-// works out the scales of sub-blocks 2t and 2t + 1 of its two rows and hands them round the row's four lanes.
-constexpr int kQ4kGemmRows = 128;
-constexpr int kQ4kGemmMaxTokens = 32;
-constexpr int kQ4kGemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
-constexpr int kQ4kGemmStages = 3;
-constexpr size_t kQ4kGemmArrivalBytes = 64 << 10;  // the blocks' arrival counts before the partial sums (16K blocks)
+// The weights are dequant_bf16_kernel's, bit for bit, so the two paths differ only in the order of the f32
+// sums. q4_k: scale * level + min_term by one f32 fused multiply-add, rounded to bf16; lane t works out the
+// scales of sub-blocks 2t and 2t + 1 of its two rows and hands them round the row's four lanes. nf4 / fp4:
+// (absmax / 16384) * level, the Q1.14 level looked up as a float in a 16-entry table in shared memory (16
+// banks: any pattern of lookups is one wavefront), indexed by byte offsets (code * 4) made four at a time.
+constexpr int kQgemmRows = 128;
+constexpr int kQgemmMaxTokens = 32;
+constexpr int kQgemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
+constexpr int kQgemmStages = 3;
+constexpr size_t kQgemmArrivalBytes = 64 << 10;  // the blocks' arrival counts before the partial sums (16K blocks)
 // A token's staged super-block: 256 bf16 and 64 bytes of padding, so the two token rows of a quarter
 // warp's 16-byte loads fall in different banks.
-constexpr int kQ4kGemmStride = 256 + 32;
-constexpr int kQ4kGemmRowBytes = 144;
-__host__ __device__ constexpr size_t q4k_gemm_stage_bytes(int tokens) {
-  return static_cast<size_t>(kQ4kGemmRows) * kQ4kGemmRowBytes + static_cast<size_t>(tokens) * kQ4kGemmStride * 2;
+constexpr int kQgemmStride = 256 + 32;
+constexpr int kQgemmRowBytes = 144;
+__host__ __device__ constexpr size_t qgemm_stage_bytes(int tokens) {
+  return static_cast<size_t>(kQgemmRows) * kQgemmRowBytes + static_cast<size_t>(tokens) * kQgemmStride * 2;
 }
-constexpr size_t q4k_gemm_smem(int tokens) { return kQ4kGemmStages * q4k_gemm_stage_bytes(tokens); }
+constexpr size_t qgemm_smem(int tokens) { return kQgemmStages * qgemm_stage_bytes(tokens); }
 
 // bf16 mma m16n8k16, accumulating into acc. Fragments (PTX ISA): lane (g, t) holds A's rows g (a0) and g + 8
 // (a1) at k = 2t, 2t + 1, the same rows at k = 2t + 8, 2t + 9 (a2, a3), B's column g at those k (b0, b1), and C
@@ -96,9 +99,30 @@ __device__ __forceinline__ uint2 q4k_gemm_weights(uint32_t nib, float scale, flo
   return out;
 }
 
+// nf4 / fp4: the bf16 pair (s * book[code of the first], s * book[code of the second]) of two codes' byte
+// offsets in bytes E (first) of a and b, as dequant_bf16_kernel rounds them (f32 product, then bf16).
+template <int E>
+__device__ __forceinline__ uint32_t bnb4_gemm_pair(const float* book, uint32_t a, uint32_t b, float s) {
+  const char* base = reinterpret_cast<const char*>(book);
+  const float la = *reinterpret_cast<const float*>(base + __byte_perm(a, 0, 0x4440u | E));
+  const float lb = *reinterpret_cast<const float*>(base + __byte_perm(b, 0, 0x4440u | E));
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(__fmaf_rn(s, la, 0.0f), __fmaf_rn(s, lb, 0.0f));
+  uint32_t out;
+  memcpy(&out, &pair, 4);
+  return out;
+}
+
+// Weights 8t..8t+7 of a 32-weight half block from its code word c (bytes 4t..4t+3 of the half; in a byte
+// the lower element has the HIGH nibble, as bitsandbytes stores it): weights 0-3 (first) and 4-7 (second).
+__device__ __forceinline__ void bnb4_gemm_weights(const float* book, uint32_t c, float s, uint2& first, uint2& second) {
+  const uint32_t hi = (c >> 2) & 0x3C3C3C3Cu, lo = (c << 2) & 0x3C3C3C3Cu;  // byte offsets of the even / odd elements
+  first = make_uint2(bnb4_gemm_pair<0>(book, hi, lo, s), bnb4_gemm_pair<1>(book, hi, lo, s));
+  second = make_uint2(bnb4_gemm_pair<2>(book, hi, lo, s), bnb4_gemm_pair<3>(book, hi, lo, s));
+}
+
 // Up to three matrices of one input (q, k and v; gate and up) in one launch: blocks
 // [first_block[i], first_block[i + 1]) take matrix i.
-struct Q4kGemmJobs {
+struct QgemmJobs {
   const uint8_t* w[3];
   size_t row_bytes[3];
   int64_t rows[3];
@@ -109,14 +133,22 @@ struct Q4kGemmJobs {
 // y_i[tok * rows_i + r] = sum_k w_i[r][k] x[tok][k] for rows r < rows_i and tokens tok < n_tokens (<= 8 * NTILE).
 // x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
 // holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
-// Grid (the jobs' blocks of 128 rows, ranges), 256 threads, q4k_gemm_smem(8 * NTILE) bytes of dynamic shared memory.
-template <int NTILE>
-__global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
+// Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(8 * NTILE) bytes of dynamic shared memory.
+// F: QuantType Q4_K, NF4 or FP4 (without double quantization).
+template <int F, int NTILE>
+__global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
   constexpr int kTokens = 8 * NTILE;
-  constexpr int kStageBytes = static_cast<int>(q4k_gemm_stage_bytes(kTokens));
-  extern __shared__ uint4 q4k_gemm_stage[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(q4k_gemm_stage);
+  constexpr int kStageBytes = static_cast<int>(qgemm_stage_bytes(kTokens));
+  extern __shared__ uint4 qgemm_stage[];
+  constexpr bool kBnb4 = F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4);
+  __shared__ float book[16];  // nf4 / fp4: the Q1.14 levels as floats
+  if constexpr (kBnb4) {
+    if (threadIdx.x < 16)
+      book[threadIdx.x] = static_cast<float>((F == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x]);
+    // (the first __syncthreads of the loop below orders these before any lookup)
+  }
+  uint8_t* smem = reinterpret_cast<uint8_t*>(qgemm_stage);
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
   const int job = static_cast<int>(blockIdx.x) >= jobs.first_block[1] ? (static_cast<int>(blockIdx.x) >= jobs.first_block[2] ? 2 : 1) : 0;
@@ -128,10 +160,10 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t
   float* y = pick(jobs.y[0], jobs.y[1], jobs.y[2]);
   const int64_t first_row =
       static_cast<int64_t>(static_cast<int>(blockIdx.x) - pick(jobs.first_block[0], jobs.first_block[1], jobs.first_block[2])) *
-      kQ4kGemmRows;
+      kQgemmRows;
   const int64_t rg = first_row + 16 * warp + g, rg8 = rg + 8;
   // The partial sums' rows: this block's 128 after the blocks before it.
-  const int64_t first_partial = static_cast<int64_t>(blockIdx.x) * kQ4kGemmRows, pg = first_partial + 16 * warp + g;
+  const int64_t first_partial = static_cast<int64_t>(blockIdx.x) * kQgemmRows, pg = first_partial + 16 * warp + g;
   const int superblocks = static_cast<int>(cols / 256);
   const int ranges = static_cast<int>(gridDim.y), range = static_cast<int>(blockIdx.y);
   const int sb_begin = superblocks * range / ranges, sb_end = superblocks * (range + 1) / ranges;
@@ -139,7 +171,7 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t
   // Super-block sb into stage buffer b: the block's rows (9 pieces of 16 bytes each; zeros past the
   // matrix), then the tokens' activations (32 pieces each; zeros past n_tokens). This thread's pieces are
   // the same in every super-block: their sources (at super-block 0) and places are worked out once.
-  constexpr int kWeightPieces = (kQ4kGemmRows * 9 + 255) / 256, kActPieces = kTokens * 32 / 256;
+  constexpr int kWeightPieces = (kQgemmRows * 9 + 255) / 256, kActPieces = kTokens * 32 / 256;
   const uint8_t* wsrc[kWeightPieces];
   int wdst[kWeightPieces];  // -1: none
   unsigned wvalid = 0;
@@ -149,7 +181,7 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t
     const bool in = first_row + r < rows;
     wvalid |= (in ? 1u : 0u) << k;
     wsrc[k] = w + (in ? first_row + r : 0) * row_bytes + 16 * piece;
-    wdst[k] = i < kQ4kGemmRows * 9 ? r * kQ4kGemmRowBytes + 16 * piece : -1;
+    wdst[k] = i < kQgemmRows * 9 ? r * kQgemmRowBytes + 16 * piece : -1;
   }
   const __nv_bfloat16* xsrc[kActPieces];
   unsigned xvalid = 0;
@@ -161,57 +193,75 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t
   }
   const auto stage = [&](int b, int sb) {
     uint8_t* dst = smem + b * kStageBytes;
-    const int64_t wofs = kQ4kGemmRowBytes * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
+    const int64_t wofs = kQgemmRowBytes * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
 #pragma unroll
     for (int k = 0; k < kWeightPieces; ++k)
       if (wdst[k] >= 0) cp_async16_or_zeros(dst + wdst[k], wsrc[k] + wofs, (wvalid >> k) & 1u);
-    uint8_t* xdst = dst + kQ4kGemmRows * kQ4kGemmRowBytes + static_cast<int>(threadIdx.x / 32) * kQ4kGemmStride * 2 +
+    uint8_t* xdst = dst + kQgemmRows * kQgemmRowBytes + static_cast<int>(threadIdx.x / 32) * kQgemmStride * 2 +
                     16 * static_cast<int>(threadIdx.x % 32);
 #pragma unroll
     for (int k = 0; k < kActPieces; ++k)
-      cp_async16_or_zeros(xdst + k * 8 * kQ4kGemmStride * 2, xsrc[k] + xofs, (xvalid >> k) & 1u);
+      cp_async16_or_zeros(xdst + k * 8 * kQgemmStride * 2, xsrc[k] + xofs, (xvalid >> k) & 1u);
   };
 
   await_inputs();
 #pragma unroll
-  for (int s = 0; s < kQ4kGemmStages - 1; ++s) {
+  for (int s = 0; s < kQgemmStages - 1; ++s) {
     if (sb_begin + s < sb_end) stage(s, sb_begin + s);
     cp_async_commit();
   }
   float acc[NTILE][4] = {};
-  const int src_lane = lane & ~3;  // lane t = 0 of this row pair; lane src_lane + jp worked out pair jp's scales
   for (int sb = sb_begin, i = 0; sb < sb_end; ++sb, ++i) {
-    cp_async_wait_group<kQ4kGemmStages - 2>();
+    cp_async_wait_group<kQgemmStages - 2>();
     __syncthreads();  // stage i is in; every warp is done with stage i - 1, whose buffer is refilled now
-    if (sb + kQ4kGemmStages - 1 < sb_end) stage((i + kQ4kGemmStages - 1) % kQ4kGemmStages, sb + kQ4kGemmStages - 1);
+    if (sb + kQgemmStages - 1 < sb_end) stage((i + kQgemmStages - 1) % kQgemmStages, sb + kQgemmStages - 1);
     cp_async_commit();
-    const uint8_t* buf = smem + (i % kQ4kGemmStages) * kStageBytes;
-    const uint8_t* wrow = buf + (16 * warp + g) * kQ4kGemmRowBytes;
-    const uint8_t* wrow8 = wrow + 8 * kQ4kGemmRowBytes;
-    const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(buf + kQ4kGemmRows * kQ4kGemmRowBytes) + 8 * t;
-    const float4 my_g = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow), t);
-    const float4 my_g8 = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow8), t);
+    const uint8_t* buf = smem + (i % kQgemmStages) * kStageBytes;
+    const uint8_t* wrow = buf + (16 * warp + g) * kQgemmRowBytes;
+    const uint8_t* wrow8 = wrow + 8 * kQgemmRowBytes;
+    const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(buf + kQgemmRows * kQgemmRowBytes) + 8 * t;
+    const auto multiply = [&](int sub, const uint2& a_first, const uint2& a_second, const uint2& a8_first,
+                              const uint2& a8_second) {
 #pragma unroll
-    for (int jp = 0; jp < 4; ++jp) {
-      const auto from = [&](float v) { return __shfl_sync(0xFFFFFFFFu, v, src_lane + jp); };
-      const float sc_g[2] = {from(my_g.x), from(my_g.y)}, mt_g[2] = {from(my_g.z), from(my_g.w)};
-      const float sc_g8[2] = {from(my_g8.x), from(my_g8.y)}, mt_g8[2] = {from(my_g8.z), from(my_g8.w)};
-      const uint2 qg = *reinterpret_cast<const uint2*>(wrow + 16 + 32 * jp + 8 * t);
-      const uint2 qg8 = *reinterpret_cast<const uint2*>(wrow8 + 16 + 32 * jp + 8 * t);
+      for (int n = 0; n < NTILE; ++n) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + (8 * n + g) * kQgemmStride + 32 * sub);
+        mma_bf16_m16n8k16(acc[n], a_first.x, a8_first.x, a_first.y, a8_first.y, xv.x, xv.y);
+        mma_bf16_m16n8k16(acc[n], a_second.x, a8_second.x, a_second.y, a8_second.y, xv.z, xv.w);
+      }
+    };
+    if constexpr (kBnb4) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int shift = 4 * h;
-        // Weights 8t..8t+3 (first) and 8t+4..8t+7 (second) of sub-block 2jp + h, rows g and g + 8.
-        const uint2 a_first = q4k_gemm_weights((qg.x >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]);
-        const uint2 a_second = q4k_gemm_weights((qg.y >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]);
-        const uint2 a8_first = q4k_gemm_weights((qg8.x >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]);
-        const uint2 a8_second = q4k_gemm_weights((qg8.y >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]);
-        const int sub = 2 * jp + h;
+      for (int blk = 0; blk < 4; ++blk) {
+        const float s = *reinterpret_cast<const float*>(wrow + 36 * blk) * (1.0f / 16384.0f);
+        const float s8 = *reinterpret_cast<const float*>(wrow8 + 36 * blk) * (1.0f / 16384.0f);
 #pragma unroll
-        for (int n = 0; n < NTILE; ++n) {
-          const uint4 xv = *reinterpret_cast<const uint4*>(xs + (8 * n + g) * kQ4kGemmStride + 32 * sub);
-          mma_bf16_m16n8k16(acc[n], a_first.x, a8_first.x, a_first.y, a8_first.y, xv.x, xv.y);
-          mma_bf16_m16n8k16(acc[n], a_second.x, a8_second.x, a_second.y, a8_second.y, xv.z, xv.w);
+        for (int h = 0; h < 2; ++h) {
+          const int at = 36 * blk + 4 + 16 * h + 4 * t;
+          uint2 a_first, a_second, a8_first, a8_second;
+          bnb4_gemm_weights(book, *reinterpret_cast<const uint32_t*>(wrow + at), s, a_first, a_second);
+          bnb4_gemm_weights(book, *reinterpret_cast<const uint32_t*>(wrow8 + at), s8, a8_first, a8_second);
+          multiply(2 * blk + h, a_first, a_second, a8_first, a8_second);
+        }
+      }
+    } else {
+      const int src_lane = lane & ~3;  // lane t = 0 of this row pair; lane src_lane + jp worked out pair jp's scales
+      const float4 my_g = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow), t);
+      const float4 my_g8 = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow8), t);
+#pragma unroll
+      for (int jp = 0; jp < 4; ++jp) {
+        const auto from = [&](float v) { return __shfl_sync(0xFFFFFFFFu, v, src_lane + jp); };
+        const float sc_g[2] = {from(my_g.x), from(my_g.y)}, mt_g[2] = {from(my_g.z), from(my_g.w)};
+        const float sc_g8[2] = {from(my_g8.x), from(my_g8.y)}, mt_g8[2] = {from(my_g8.z), from(my_g8.w)};
+        const uint2 qg = *reinterpret_cast<const uint2*>(wrow + 16 + 32 * jp + 8 * t);
+        const uint2 qg8 = *reinterpret_cast<const uint2*>(wrow8 + 16 + 32 * jp + 8 * t);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int shift = 4 * h;
+          // Weights 8t..8t+3 (first) and 8t+4..8t+7 (second) of sub-block 2jp + h, rows g and g + 8.
+          multiply(2 * jp + h, q4k_gemm_weights((qg.x >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]),
+                   q4k_gemm_weights((qg.y >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]),
+                   q4k_gemm_weights((qg8.x >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]),
+                   q4k_gemm_weights((qg8.y >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]));
         }
       }
     }
@@ -232,7 +282,7 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t
     }
     return;
   }
-  const int64_t padded_rows = static_cast<int64_t>(gridDim.x) * kQ4kGemmRows;
+  const int64_t padded_rows = static_cast<int64_t>(gridDim.x) * kQgemmRows;
   float* mine = partials + static_cast<int64_t>(range) * kTokens * padded_rows;
 #pragma unroll
   for (int n = 0; n < NTILE; ++n) {
@@ -254,15 +304,15 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t
   // both loaded before any is added (one wait on the L2, not one per range), then added in range order.
   const int64_t range_stride = static_cast<int64_t>(kTokens) * padded_rows / 4;  // in float4
   const float4* src = reinterpret_cast<const float4*>(partials + first_partial);
-  const int quads = kQ4kGemmRows / 4 * static_cast<int>(n_tokens);
+  const int quads = kQgemmRows / 4 * static_cast<int>(n_tokens);
   for (int i0 = static_cast<int>(threadIdx.x); i0 < quads; i0 += 2 * 256) {
-    float4 p[2][kQ4kGemmMaxRanges];
+    float4 p[2][kQgemmMaxRanges];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       const int i = i0 + 256 * k;
       const int64_t at = static_cast<int64_t>(i / 32) * padded_rows / 4 + i % 32;
 #pragma unroll
-      for (int r = 0; r < kQ4kGemmMaxRanges; ++r)
+      for (int r = 0; r < kQgemmMaxRanges; ++r)
         if (i < quads && r < ranges) p[k][r] = __ldcg(src + at + r * range_stride);
     }
 #pragma unroll
@@ -271,7 +321,7 @@ __global__ void __launch_bounds__(256) q4k_gemm_kernel(Q4kGemmJobs jobs, int64_t
       if (i >= quads) continue;
       float4 v = p[k][0];
 #pragma unroll
-      for (int r = 1; r < kQ4kGemmMaxRanges; ++r) {
+      for (int r = 1; r < kQgemmMaxRanges; ++r) {
         if (r >= ranges) break;
         v.x += p[k][r].x;
         v.y += p[k][r].y;
