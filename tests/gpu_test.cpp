@@ -1100,7 +1100,7 @@ std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int
   return out;
 }
 
-// q4_k, nf4 and fp4 matmuls of up to 64 tokens take qgemm_kernel (weights dequantized in registers, passes
+// q4_k, nf4, fp4 and int8 matmuls of up to 64 tokens take qgemm_kernel (weights dequantized in registers, passes
 // of 32 tokens, column ranges added in order by the block that ends last) instead of dequantized tiles and
 // cuBLAS. Both multiply the same bf16 weights (bit for bit) and activations, so only the order of the f32
 // adds differs.
@@ -1108,8 +1108,9 @@ std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int
 //   amplifies the difference, so every logit within 1e-4 of the tiles'. A vocabulary of 600 (a part
 //   block of 128 rows and a part mma tile) and rows of 4096 and 4352 (16 and 17 super-blocks); prompts of
 //   32, 40 and 64 tokens (one pass, a pass of 32 and one of 8, two full passes) and a decode step of 33
-//   sequences. One column range instead of several: the same within 1e-4; the same run twice: the same bits.
-//   nf4 with double quantization (33-byte blocks, not 16-byte pieces) keeps the tiles: the same bits as them.
+//   sequences. One column range instead of several: the same within 1e-4; the same run twice: the same bits;
+//   not the tiles' bits (so the kernel ran). nf4 with double quantization (33-byte blocks, not 16-byte
+//   pieces) keeps the tiles: the same bits as them. int8 rows (4 + cols bytes) start at every 4-byte offset.
 // - One-layer models 4096 wide with a 4352-wide MLP, every matrix through the kernel: each logit within
 //   the quantized bound of the CPU engine, as the tiles' are. (Here the layer amplifies the order of adds
 //   through near-ties: a 32-token prompt's logits with one column range and with 8 differ by up to 1.5e-2.)
@@ -1121,7 +1122,7 @@ TEST(GpuParity, QgemmKernelMatchesTheDequantizedTiles) {
     bool double_quant;
     QuantType type;
   } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"nf4", false, QuantType::NF4}, {"fp4", false, QuantType::FP4},
-                 {"nf4", true, QuantType::NF4}};
+                 {"int8", false, QuantType::INT8}, {"nf4", true, QuantType::NF4}};
   for (const auto& f : formats) {
     const QuantRecipe recipe = parse_quant_recipe(f.name, f.double_quant, "all");
     const std::string label = std::string(f.name) + (f.double_quant ? " + dq" : "");
@@ -1152,6 +1153,8 @@ TEST(GpuParity, QgemmKernelMatchesTheDequantizedTiles) {
         EXPECT_EQ(std::memcmp(a.data(), again.data(), a.size() * sizeof(float)), 0) << label << ", " << n << " tokens: not the same bits twice";
         if (f.double_quant) {
           EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << label << ": not through the tiles";
+        } else {
+          EXPECT_GT(to_tiles.max_err, 0.0f) << label << ": the tiles' bits, so not through the kernel";
         }
         std::printf("%s gemm kernel, no layers, %lld wide, %lld tokens + %d sequences: max|fused-tiles| %.2e, "
                     "max|ranges-one range| %.2e (max|logit| %.3f)\n",

@@ -615,7 +615,7 @@ struct GpuDecoder::Impl {
     const DevMatrix* m;
     float* y;
   };
-  // q4_k, nf4 and fp4 (without double quantization) matmuls of up to qgemm_max tokens take qgemm_kernel
+  // q4_k, nf4 and fp4 (without double quantization) and int8 matmuls of up to qgemm_max tokens take qgemm_kernel
   // (no dequantized copy), in passes of 32 tokens (BIOQUANT_CUDA_QGEMM=2: the dequantized tiles as other
   // formats). Its column ranges aim at qgemm_blocks blocks per matrix (BIOQUANT_CUDA_QGEMM_BLOCKS: per SM).
   // (Both knobs read either way: a typo in one is an error whatever the other says.)
@@ -625,11 +625,17 @@ struct GpuDecoder::Impl {
   // The column ranges' partial sums and the blocks' arrival counts live in the first dequantized-tile
   // buffer (memory the plan already holds for prompts); the counts are zeroed again after tiles used it.
   bool tile0_arrivals_zeroed = false;
-  // The formats whose 256 weights take 144 bytes of a row (16-byte pieces for cp.async).
+  // The formats and layouts qgemm_kernel reads (16-byte pieces for cp.async).
   static bool qgemm_format(const DevMatrix& m) {
-    const bool bnb4 = (m.type == QuantType::NF4 || m.type == QuantType::FP4) && !m.dq;
-    return (m.type == QuantType::Q4_K || bnb4) && m.cols % 256 == 0 &&
-           m.row_bytes == static_cast<size_t>(m.cols / 256) * kQgemmRowBytes;
+    if (m.cols % 256 != 0 || reinterpret_cast<uintptr_t>(m.data) % 16 != 0) return false;
+    const size_t superblocks = static_cast<size_t>(m.cols / 256);
+    switch (m.type) {
+      case QuantType::Q4_K: return m.row_bytes == superblocks * 144;
+      case QuantType::NF4:
+      case QuantType::FP4: return !m.dq && m.row_bytes == superblocks * 144;
+      case QuantType::INT8: return m.row_bytes == static_cast<size_t>(m.cols) + 4;
+      default: return false;
+    }
   }
   bool qgemm_takes(const DevMatrix& m, int64_t n) const { return n <= qgemm_max && qgemm_format(m); }
   // Up to three matrices of the same input (xb: [n, cols] bf16) and format in one launch per pass.
@@ -676,10 +682,10 @@ struct GpuDecoder::Impl {
       for (int i = 0; i < count; ++i) jobs.y[i] = all[i].y + t0 * all[i].m->rows;
       const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(ranges));
       const __nv_bfloat16* xt = xb + t0 * cols;
-      const size_t smem = qgemm_smem(8 * ntile);
-      const auto go = [&](auto kernel) { launch(kernel, grid, 256, smem, jobs, cols, xt, cnt, partials, arrivals); };
       const auto by_tokens = [&](auto format) {
         constexpr int F = decltype(format)::value;
+        const size_t smem = qgemm_smem(F, 8 * ntile);
+        const auto go = [&](auto kernel) { launch(kernel, grid, 256, smem, jobs, cols, xt, cnt, partials, arrivals); };
         if (ntile == 1) go(qgemm_kernel<F, 1>);
         else if (ntile == 2) go(qgemm_kernel<F, 2>);
         else go(qgemm_kernel<F, 4>);
@@ -687,6 +693,7 @@ struct GpuDecoder::Impl {
       const QuantType type = all[0].m->type;
       if (type == QuantType::NF4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
       else if (type == QuantType::FP4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
+      else if (type == QuantType::INT8) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
       else by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
     }
     // The dequantizer (on its own stream) waits for this before writing its first tile there again.
@@ -1760,13 +1767,14 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
   const auto allow_qgemm = [&](auto format) {
     constexpr int F = decltype(format)::value;
-    allow(qgemm_kernel<F, 1>, static_cast<int>(qgemm_smem(8)));
-    allow(qgemm_kernel<F, 2>, static_cast<int>(qgemm_smem(16)));
-    allow(qgemm_kernel<F, 4>, static_cast<int>(qgemm_smem(32)));
+    allow(qgemm_kernel<F, 1>, static_cast<int>(qgemm_smem(F, 8)));
+    allow(qgemm_kernel<F, 2>, static_cast<int>(qgemm_smem(F, 16)));
+    allow(qgemm_kernel<F, 4>, static_cast<int>(qgemm_smem(F, 32)));
   };
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);

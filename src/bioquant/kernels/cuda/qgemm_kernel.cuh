@@ -1,7 +1,7 @@
 // 4-bit matmuls of a few dozen tokens (short prompts, batched decode steps) on the tensor cores, with the
-// weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats whose 256
-// weights take 144 bytes of a row: q4_k (a super-block) and nf4 / fp4 without double quantization (four
-// 36-byte blocks: an f32 absmax and 32 bytes of codes).
+// weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats: q4_k (144
+// bytes per 256 weights), nf4 / fp4 without double quantization (four 36-byte blocks per 256 weights: an f32
+// absmax and 32 bytes of codes) and bitsandbytes-style int8 (an f32 row absmax, then a byte per weight).
 // Part of the CUDA backend's single translation unit: included by gpu_decoder.cu (directly or through
 // the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
 #pragma once
@@ -25,8 +25,8 @@ namespace {
 // A block takes 128 rows (8 warps x 16) and up to 32 tokens (8 * NTILE; longer steps go in passes) over a
 // range of 256-weight pieces of the rows ("super-blocks": gridDim.y ranges split the columns; their partial
 // sums are added in range order by the block that finishes last, so every run gives the same result). Each
-// super-block's 128 rows of 144 bytes and the tokens' 256 bf16 activations are copied into shared memory
-// by cp.async, kQgemmStages deep, so the loads of the next ones are in flight while one multiplies.
+// super-block's 128 rows of quantized bytes and the tokens' 256 bf16 activations are copied into shared
+// memory by cp.async, qgemm_stages(F) deep, so the loads of the next ones are in flight while one multiplies.
 // mma.sync m16n8k16 (bf16 in, f32 sums): lane (g, t) holds rows g and g + 8 at weights 8t..8t+7 of each
 // 32-weight sub-block; the order of k inside an mma is free when A and B agree, so the activations it pairs
 // with are one 16-byte load of the same 8 positions.
@@ -36,19 +36,26 @@ namespace {
 // scales of sub-blocks 2t and 2t + 1 of its two rows and hands them round the row's four lanes. nf4 / fp4:
 // (absmax / 16384) * level, the Q1.14 level looked up as a float in a 16-entry table in shared memory (16
 // banks: any pattern of lookups is one wavefront), indexed by byte offsets (code * 4) made four at a time.
+// int8: (absmax / 127) * level. Its rows (4 + cols bytes) start 4-byte aligned, so a row's 256 bytes of a
+// super-block are staged as the 17 aligned 16-byte pieces around them (the last one only up to the row's
+// bytes) and read from their offset in the first piece.
 constexpr int kQgemmRows = 128;
 constexpr int kQgemmMaxTokens = 32;
 constexpr int kQgemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
-constexpr int kQgemmStages = 3;
 constexpr size_t kQgemmArrivalBytes = 64 << 10;  // the blocks' arrival counts before the partial sums (16K blocks)
 // A token's staged super-block: 256 bf16 and 64 bytes of padding, so the two token rows of a quarter
 // warp's 16-byte loads fall in different banks.
 constexpr int kQgemmStride = 256 + 32;
-constexpr int kQgemmRowBytes = 144;
-__host__ __device__ constexpr size_t qgemm_stage_bytes(int tokens) {
-  return static_cast<size_t>(kQgemmRows) * kQgemmRowBytes + static_cast<size_t>(tokens) * kQgemmStride * 2;
+__host__ __device__ constexpr bool qgemm_int8(int f) { return f == static_cast<int>(QuantType::INT8); }
+// A row's bytes of a super-block: in the matrix, and staged in shared memory (int8: 17 pieces around the 256).
+__host__ __device__ constexpr int qgemm_source_bytes(int f) { return qgemm_int8(f) ? 256 : 144; }
+__host__ __device__ constexpr int qgemm_row_bytes(int f) { return qgemm_int8(f) ? 272 : 144; }
+// Stages in flight: int8's take more room, and two blocks per SM need two of them (3 x 52 KB with 32 tokens).
+__host__ __device__ constexpr int qgemm_stages(int f) { return qgemm_int8(f) ? 2 : 3; }
+__host__ __device__ constexpr size_t qgemm_stage_bytes(int f, int tokens) {
+  return static_cast<size_t>(kQgemmRows) * qgemm_row_bytes(f) + static_cast<size_t>(tokens) * kQgemmStride * 2;
 }
-constexpr size_t qgemm_smem(int tokens) { return kQgemmStages * qgemm_stage_bytes(tokens); }
+constexpr size_t qgemm_smem(int f, int tokens) { return qgemm_stages(f) * qgemm_stage_bytes(f, tokens); }
 
 // bf16 mma m16n8k16, accumulating into acc. Fragments (PTX ISA): lane (g, t) holds A's rows g (a0) and g + 8
 // (a1) at k = 2t, 2t + 1, the same rows at k = 2t + 8, 2t + 9 (a2, a3), B's column g at those k (b0, b1), and C
@@ -65,10 +72,10 @@ __device__ __forceinline__ void mma_bf16_m16n8k16(float (&acc)[4], uint32_t a0, 
 #endif
 }
 
-// 16 bytes from global into shared memory, or 16 zeros when !valid (nothing read).
-__device__ __forceinline__ void cp_async16_or_zeros(void* smem, const void* gmem, bool valid) {
+// The first `bytes` (0-16) of 16 from global into shared memory, the rest zeros (nothing past them read).
+__device__ __forceinline__ void cp_async16_bytes(void* smem, const void* gmem, unsigned bytes) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
 }
 
 // A byte of u as a float: the byte put into the mantissa of 2^23, minus 2^23 (exact).
@@ -120,6 +127,22 @@ __device__ __forceinline__ void bnb4_gemm_weights(const float* book, uint32_t c,
   second = make_uint2(bnb4_gemm_pair<2>(book, hi, lo, s), bnb4_gemm_pair<3>(book, hi, lo, s));
 }
 
+// int8: the four signed bytes of u as bf16 weights s * level (f32 product, rounded, as dequant_bf16_kernel):
+// pairs (0, 1) and (2, 3). A level is its byte with the sign bit flipped, put into the mantissa of 2^23,
+// minus 2^23 + 128 (exact).
+__device__ __forceinline__ uint2 int8_gemm_weights(uint32_t u, float s) {
+  const uint32_t biased = u ^ 0x80808080u;
+  const auto level = [biased](uint32_t sel) {
+    return __int_as_float(static_cast<int>(__byte_perm(biased, 0x4B000000u, 0x7440u | sel))) - 8388736.0f;
+  };
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(__fmaf_rn(s, level(0), 0.0f), __fmaf_rn(s, level(1), 0.0f));
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(__fmaf_rn(s, level(2), 0.0f), __fmaf_rn(s, level(3), 0.0f));
+  uint2 out;
+  memcpy(&out.x, &lo, 4);
+  memcpy(&out.y, &hi, 4);
+  return out;
+}
+
 // Up to three matrices of one input (q, k and v; gate and up) in one launch: blocks
 // [first_block[i], first_block[i + 1]) take matrix i.
 struct QgemmJobs {
@@ -133,13 +156,15 @@ struct QgemmJobs {
 // y_i[tok * rows_i + r] = sum_k w_i[r][k] x[tok][k] for rows r < rows_i and tokens tok < n_tokens (<= 8 * NTILE).
 // x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
 // holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
-// Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(8 * NTILE) bytes of dynamic shared memory.
-// F: QuantType Q4_K, NF4 or FP4 (without double quantization).
+// Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
+// memory. F: QuantType Q4_K, NF4 or FP4 (without double quantization), or INT8; w 16-byte aligned.
 template <int F, int NTILE>
 __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
   constexpr int kTokens = 8 * NTILE;
-  constexpr int kStageBytes = static_cast<int>(qgemm_stage_bytes(kTokens));
+  constexpr int kStageBytes = static_cast<int>(qgemm_stage_bytes(F, kTokens));
+  constexpr int kStages = qgemm_stages(F), kRowBytes = qgemm_row_bytes(F), kPieces = kRowBytes / 16;
+  constexpr bool kInt8 = qgemm_int8(F);
   extern __shared__ uint4 qgemm_stage[];
   constexpr bool kBnb4 = F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4);
   __shared__ float book[16];  // nf4 / fp4: the Q1.14 levels as floats
@@ -168,20 +193,31 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
   const int ranges = static_cast<int>(gridDim.y), range = static_cast<int>(blockIdx.y);
   const int sb_begin = superblocks * range / ranges, sb_end = superblocks * (range + 1) / ranges;
 
-  // Super-block sb into stage buffer b: the block's rows (9 pieces of 16 bytes each; zeros past the
+  // Super-block sb into stage buffer b: the block's rows (kPieces pieces of 16 bytes each; zeros past the
   // matrix), then the tokens' activations (32 pieces each; zeros past n_tokens). This thread's pieces are
-  // the same in every super-block: their sources (at super-block 0) and places are worked out once.
-  constexpr int kWeightPieces = (kQgemmRows * 9 + 255) / 256, kActPieces = kTokens * 32 / 256;
+  // the same in every super-block: their sources (at super-block 0), sizes and places are worked out once.
+  // int8: a row's bytes start `misalign` bytes into its first piece (rows of 4 + cols bytes).
+  const auto int8_start = [&](int64_t row) { return w + row * row_bytes + 4; };
+  const auto misalign = [&](int64_t row) { return static_cast<int>(reinterpret_cast<uintptr_t>(int8_start(row)) & 15u); };
+  constexpr int kWeightPieces = (kQgemmRows * kPieces + 255) / 256, kActPieces = kTokens * 32 / 256;
   const uint8_t* wsrc[kWeightPieces];
   int wdst[kWeightPieces];  // -1: none
-  unsigned wvalid = 0;
+  uint64_t wsize = 0;       // 5 bits per piece: its bytes (0-16)
 #pragma unroll
   for (int k = 0; k < kWeightPieces; ++k) {
-    const int i = static_cast<int>(threadIdx.x) + 256 * k, r = i / 9, piece = i % 9;
+    const int i = static_cast<int>(threadIdx.x) + 256 * k, r = i / kPieces, piece = i % kPieces;
     const bool in = first_row + r < rows;
-    wvalid |= (in ? 1u : 0u) << k;
-    wsrc[k] = w + (in ? first_row + r : 0) * row_bytes + 16 * piece;
-    wdst[k] = i < kQgemmRows * 9 ? r * kQgemmRowBytes + 16 * piece : -1;
+    const int64_t row = in ? first_row + r : 0;
+    int bytes = in ? 16 : 0;
+    if constexpr (kInt8) {
+      const int mis = misalign(row);
+      wsrc[k] = int8_start(row) - mis + 16 * piece;
+      if (piece == kPieces - 1) bytes = in ? mis : 0;  // up to the super-block's last byte
+    } else {
+      wsrc[k] = w + row * row_bytes + 16 * piece;
+    }
+    wsize |= static_cast<uint64_t>(bytes) << (5 * k);
+    wdst[k] = i < kQgemmRows * kPieces ? r * kRowBytes + 16 * piece : -1;
   }
   const __nv_bfloat16* xsrc[kActPieces];
   unsigned xvalid = 0;
@@ -193,33 +229,42 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
   }
   const auto stage = [&](int b, int sb) {
     uint8_t* dst = smem + b * kStageBytes;
-    const int64_t wofs = kQgemmRowBytes * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
+    const int64_t wofs = qgemm_source_bytes(F) * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
 #pragma unroll
     for (int k = 0; k < kWeightPieces; ++k)
-      if (wdst[k] >= 0) cp_async16_or_zeros(dst + wdst[k], wsrc[k] + wofs, (wvalid >> k) & 1u);
-    uint8_t* xdst = dst + kQgemmRows * kQgemmRowBytes + static_cast<int>(threadIdx.x / 32) * kQgemmStride * 2 +
+      if (wdst[k] >= 0) cp_async16_bytes(dst + wdst[k], wsrc[k] + wofs, static_cast<unsigned>(wsize >> (5 * k)) & 31u);
+    uint8_t* xdst = dst + kQgemmRows * kRowBytes + static_cast<int>(threadIdx.x / 32) * kQgemmStride * 2 +
                     16 * static_cast<int>(threadIdx.x % 32);
 #pragma unroll
     for (int k = 0; k < kActPieces; ++k)
-      cp_async16_or_zeros(xdst + k * 8 * kQgemmStride * 2, xsrc[k] + xofs, (xvalid >> k) & 1u);
+      cp_async16_bytes(xdst + k * 8 * kQgemmStride * 2, xsrc[k] + xofs, ((xvalid >> k) & 1u) * 16);
   };
 
   await_inputs();
 #pragma unroll
-  for (int s = 0; s < kQgemmStages - 1; ++s) {
+  for (int s = 0; s < kStages - 1; ++s) {
     if (sb_begin + s < sb_end) stage(s, sb_begin + s);
     cp_async_commit();
   }
   float acc[NTILE][4] = {};
+  // int8: rows g and g + 8 start this far into their staged pieces, and their scales (zero past the matrix).
+  int row_skip = 0, row8_skip = 0;
+  float int8_scale = 0.0f, int8_scale8 = 0.0f;
+  if constexpr (kInt8) {
+    row_skip = misalign(rg < rows ? rg : 0);
+    row8_skip = misalign(rg8 < rows ? rg8 : 0);
+    if (rg < rows) int8_scale = *reinterpret_cast<const float*>(w + rg * row_bytes) / 127.0f;
+    if (rg8 < rows) int8_scale8 = *reinterpret_cast<const float*>(w + rg8 * row_bytes) / 127.0f;
+  }
   for (int sb = sb_begin, i = 0; sb < sb_end; ++sb, ++i) {
-    cp_async_wait_group<kQgemmStages - 2>();
+    cp_async_wait_group<kStages - 2>();
     __syncthreads();  // stage i is in; every warp is done with stage i - 1, whose buffer is refilled now
-    if (sb + kQgemmStages - 1 < sb_end) stage((i + kQgemmStages - 1) % kQgemmStages, sb + kQgemmStages - 1);
+    if (sb + kStages - 1 < sb_end) stage((i + kStages - 1) % kStages, sb + kStages - 1);
     cp_async_commit();
-    const uint8_t* buf = smem + (i % kQgemmStages) * kStageBytes;
-    const uint8_t* wrow = buf + (16 * warp + g) * kQgemmRowBytes;
-    const uint8_t* wrow8 = wrow + 8 * kQgemmRowBytes;
-    const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(buf + kQgemmRows * kQgemmRowBytes) + 8 * t;
+    const uint8_t* buf = smem + (i % kStages) * kStageBytes;
+    const uint8_t* wrow = buf + (16 * warp + g) * kRowBytes + row_skip;
+    const uint8_t* wrow8 = buf + (16 * warp + g + 8) * kRowBytes + row8_skip;
+    const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(buf + kQgemmRows * kRowBytes) + 8 * t;
     const auto multiply = [&](int sub, const uint2& a_first, const uint2& a_second, const uint2& a8_first,
                               const uint2& a8_second) {
 #pragma unroll
@@ -229,7 +274,16 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
         mma_bf16_m16n8k16(acc[n], a_second.x, a8_second.x, a_second.y, a8_second.y, xv.z, xv.w);
       }
     };
-    if constexpr (kBnb4) {
+    if constexpr (kInt8) {
+#pragma unroll
+      for (int sub = 0; sub < 8; ++sub) {
+        // Weights 8t..8t+7 of sub-block sub: 4-byte aligned in shared memory (the rows' skips are).
+        const uint32_t* q = reinterpret_cast<const uint32_t*>(wrow + 32 * sub + 8 * t);
+        const uint32_t* q8 = reinterpret_cast<const uint32_t*>(wrow8 + 32 * sub + 8 * t);
+        multiply(sub, int8_gemm_weights(q[0], int8_scale), int8_gemm_weights(q[1], int8_scale),
+                 int8_gemm_weights(q8[0], int8_scale8), int8_gemm_weights(q8[1], int8_scale8));
+      }
+    } else if constexpr (kBnb4) {
 #pragma unroll
       for (int blk = 0; blk < 4; ++blk) {
         const float s = *reinterpret_cast<const float*>(wrow + 36 * blk) * (1.0f / 16384.0f);
