@@ -158,19 +158,24 @@ struct GpuDecoder::Impl {
   // 2025 / 2106; q8_0 24: 1469 / 1615 (16: 1610 mma against 1132 cuBLAS); q4_0 24: 1648 / 1703, 32: 1828 /
   // 2197; q5_k 24: 2132 / 1702 (32: cuBLAS 2169).
   static int64_t mma_gemm_from(QuantType t) { return t == QuantType::Q8_0 || t == QuantType::Q4_0 ? 24 : 32; }
-  // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel. Layers whose
-  // matrices all take qgemm_kernel do so from 16 sequences (H200, 8B, int8 mma / qgemm_kernel tok/s: q4_k 16
-  // sequences 2574 / 2672, 24: 2457 / 3413; nf4 16: 2317 / 3255, 24: 2172 / 4012).
+  // From how many sequences a decode step of layers in this format is faster through qgemm_kernel than
+  // the mma kernels (H200, 8B, mma / qgemm_kernel tok/s): q4_k 8 sequences 2127 / 1705, 12: 2234 / 2359, 16:
+  // 2574 / 2672, 24: 2457 / 3413; nf4 8: 1706 / 1954, 12: 1901 / 2556, 16: 2347 / 3258, 24: 2171 / 4091; int8
+  // 8: 1699 / 1705, 12: 1908 / 2296, 16: 2375 / 3037, 24: 2199 / 3782.
+  static int64_t qgemm_from(QuantType t) { return t == QuantType::NF4 || t == QuantType::FP4 ? 8 : 12; }
+  // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel; when every
+  // matrix takes qgemm_kernel, the largest qgemm_from of their formats instead.
   int64_t layers_mma_gemm_from() const {
-    int64_t from = 1 << 30;
+    int64_t from = 1 << 30, from_qgemm = 0;
     bool all_qgemm = true;
     for (const DevLayer& l : layers)
       for (const DevMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
         if (!mma_format(m->type)) return 0;
         from = std::min(from, mma_gemm_from(m->type));
         all_qgemm = all_qgemm && qgemm_format(*m);
+        from_qgemm = std::max(from_qgemm, qgemm_from(m->type));
       }
-    return all_qgemm && qgemm_max >= 16 ? 16 : from;
+    return all_qgemm && qgemm_max >= from_qgemm ? from_qgemm : from;
   }
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
     // cuBLAS only: the WMMA fallback was slower than the integer kernels up to ~32 sequences (16: 423
