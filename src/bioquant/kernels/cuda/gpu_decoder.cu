@@ -620,7 +620,7 @@ struct GpuDecoder::Impl {
     const DevMatrix* m;
     float* y;
   };
-  // q4_k, nf4 and fp4 (without double quantization) and int8 matmuls of up to qgemm_max tokens take qgemm_kernel
+  // q4_k, nf4 and fp4 (without double quantization), int8, q8_0 and q6_k matmuls of up to qgemm_max tokens take qgemm_kernel
   // (no dequantized copy), in passes of 32 tokens (BIOQUANT_CUDA_QGEMM=2: the dequantized tiles as other
   // formats). Its column ranges aim at qgemm_blocks blocks per matrix (BIOQUANT_CUDA_QGEMM_BLOCKS: per SM).
   // (Both knobs read either way: a typo in one is an error whatever the other says.)
@@ -639,6 +639,8 @@ struct GpuDecoder::Impl {
       case QuantType::NF4:
       case QuantType::FP4: return !m.dq && m.row_bytes == superblocks * 144;
       case QuantType::INT8: return m.row_bytes == static_cast<size_t>(m.cols) + 4;
+      case QuantType::Q8_0: return m.row_bytes == superblocks * 272;
+      case QuantType::Q6_K: return m.row_bytes == superblocks * 210 && m.row_bytes % 16 == 0;
       default: return false;
     }
   }
@@ -699,6 +701,8 @@ struct GpuDecoder::Impl {
       if (type == QuantType::NF4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
       else if (type == QuantType::FP4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
       else if (type == QuantType::INT8) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
+      else if (type == QuantType::Q8_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{});
+      else if (type == QuantType::Q6_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{});
       else by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
     }
     // The dequantizer (on its own stream) waits for this before writing its first tile there again.
@@ -1780,6 +1784,8 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{});
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{});
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);

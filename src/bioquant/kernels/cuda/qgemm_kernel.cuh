@@ -1,7 +1,8 @@
 // 4-bit matmuls of a few dozen tokens (short prompts, batched decode steps) on the tensor cores, with the
 // weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats: q4_k (144
 // bytes per 256 weights), nf4 / fp4 without double quantization (four 36-byte blocks per 256 weights: an f32
-// absmax and 32 bytes of codes) and bitsandbytes-style int8 (an f32 row absmax, then a byte per weight).
+// absmax and 32 bytes of codes), bitsandbytes-style int8 (an f32 row absmax, then a byte per weight), q8_0
+// (34-byte blocks of 32) and q6_k (210 bytes per 256 weights; rows of a multiple of 16 bytes).
 // Part of the CUDA backend's single translation unit: included by gpu_decoder.cu (directly or through
 // the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
 #pragma once
@@ -38,7 +39,8 @@ namespace {
 // banks: any pattern of lookups is one wavefront), indexed by byte offsets (code * 4) made four at a time.
 // int8: (absmax / 127) * level. Its rows (4 + cols bytes) start 4-byte aligned, so a row's 256 bytes of a
 // super-block are staged as the 17 aligned 16-byte pieces around them (the last one only up to the row's
-// bytes) and read from their offset in the first piece.
+// bytes) and read from their offset in the first piece. q8_0: d * level. q6_k: (d * scale) * level; its
+// super-blocks start 2-byte aligned, so each is staged as the 14 pieces around it, as int8's rows are.
 constexpr int kQgemmRows = 128;
 constexpr int kQgemmMaxTokens = 32;
 constexpr int kQgemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
@@ -46,12 +48,22 @@ constexpr size_t kQgemmArrivalBytes = 64 << 10;  // the blocks' arrival counts b
 // A token's staged super-block: 256 bf16 and 64 bytes of padding, so the two token rows of a quarter
 // warp's 16-byte loads fall in different banks.
 constexpr int kQgemmStride = 256 + 32;
-__host__ __device__ constexpr bool qgemm_int8(int f) { return f == static_cast<int>(QuantType::INT8); }
-// A row's bytes of a super-block: in the matrix, and staged in shared memory (int8: 17 pieces around the 256).
-__host__ __device__ constexpr int qgemm_source_bytes(int f) { return qgemm_int8(f) ? 256 : 144; }
-__host__ __device__ constexpr int qgemm_row_bytes(int f) { return qgemm_int8(f) ? 272 : 144; }
-// Stages in flight: int8's take more room, and two blocks per SM need two of them (3 x 52 KB with 32 tokens).
-__host__ __device__ constexpr int qgemm_stages(int f) { return qgemm_int8(f) ? 2 : 3; }
+template <QuantType T>
+__host__ __device__ constexpr bool qgemm_is(int f) { return f == static_cast<int>(T); }
+// A row's bytes of a super-block: in the matrix, and staged in shared memory (int8: the 17 pieces around its
+// 256; q6_k: the 14 around its 210).
+__host__ __device__ constexpr int qgemm_source_bytes(int f) {
+  return qgemm_is<QuantType::INT8>(f) ? 256 : qgemm_is<QuantType::Q8_0>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 210 : 144;
+}
+__host__ __device__ constexpr int qgemm_row_bytes(int f) {
+  return qgemm_is<QuantType::INT8>(f) || qgemm_is<QuantType::Q8_0>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 224 : 144;
+}
+// Stages in flight: the wider formats' take more room, and two blocks per SM need two of them (int8: 3 x 52
+// KB with 32 tokens).
+__host__ __device__ constexpr int qgemm_stages(int f) { return qgemm_row_bytes(f) > 144 ? 2 : 3; }
+// q8_0 and q6_k held to 128 registers (two blocks per SM): unbounded, ptxas takes 138 and 144 with 32 tokens.
+// 0: no minimum (the others take 94-128 unbounded; an explicit 1 let ptxas take ~127 in every variant).
+__host__ __device__ constexpr int qgemm_min_blocks(int f) { return qgemm_is<QuantType::Q8_0>(f) || qgemm_is<QuantType::Q6_K>(f) ? 2 : 0; }
 __host__ __device__ constexpr size_t qgemm_stage_bytes(int f, int tokens) {
   return static_cast<size_t>(kQgemmRows) * qgemm_row_bytes(f) + static_cast<size_t>(tokens) * kQgemmStride * 2;
 }
@@ -143,6 +155,19 @@ __device__ __forceinline__ uint2 int8_gemm_weights(uint32_t u, float s) {
   return out;
 }
 
+// q6_k: the four 6-bit values (0-63) in v's bytes as bf16 weights s * (value - 32), as int8_gemm_weights.
+__device__ __forceinline__ uint2 q6k_gemm_weights(uint32_t v, float s) {
+  const auto level = [v](uint32_t sel) {
+    return __int_as_float(static_cast<int>(__byte_perm(v, 0x4B000000u, 0x7440u | sel))) - 8388640.0f;
+  };
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(__fmaf_rn(s, level(0), 0.0f), __fmaf_rn(s, level(1), 0.0f));
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(__fmaf_rn(s, level(2), 0.0f), __fmaf_rn(s, level(3), 0.0f));
+  uint2 out;
+  memcpy(&out.x, &lo, 4);
+  memcpy(&out.y, &hi, 4);
+  return out;
+}
+
 // Up to three matrices of one input (q, k and v; gate and up) in one launch: blocks
 // [first_block[i], first_block[i + 1]) take matrix i.
 struct QgemmJobs {
@@ -157,14 +182,16 @@ struct QgemmJobs {
 // x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
 // holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
 // Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
-// memory. F: QuantType Q4_K, NF4 or FP4 (without double quantization), or INT8; w 16-byte aligned.
+// memory. F: QuantType Q4_K, NF4 or FP4 (without double quantization), INT8, Q8_0 or Q6_K (rows of a multiple of
+// 16 bytes); w 16-byte aligned.
 template <int F, int NTILE>
-__global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
+__global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
   constexpr int kTokens = 8 * NTILE;
   constexpr int kStageBytes = static_cast<int>(qgemm_stage_bytes(F, kTokens));
   constexpr int kStages = qgemm_stages(F), kRowBytes = qgemm_row_bytes(F), kPieces = kRowBytes / 16;
-  constexpr bool kInt8 = qgemm_int8(F);
+  constexpr bool kInt8 = qgemm_is<QuantType::INT8>(F), kQ80 = qgemm_is<QuantType::Q8_0>(F),
+                 kQ6k = qgemm_is<QuantType::Q6_K>(F);
   extern __shared__ uint4 qgemm_stage[];
   constexpr bool kBnb4 = F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4);
   __shared__ float book[16];  // nf4 / fp4: the Q1.14 levels as floats
@@ -196,13 +223,15 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
   // Super-block sb into stage buffer b: the block's rows (kPieces pieces of 16 bytes each; zeros past the
   // matrix), then the tokens' activations (32 pieces each; zeros past n_tokens). This thread's pieces are
   // the same in every super-block: their sources (at super-block 0), sizes and places are worked out once.
-  // int8: a row's bytes start `misalign` bytes into its first piece (rows of 4 + cols bytes).
+  // int8: a row's bytes start `misalign` bytes into its first piece (rows of 4 + cols bytes). q6_k: super-block
+  // sb starts (210 * sb) % 16 bytes into its first piece, in every row; its last piece is cut after the 210.
   const auto int8_start = [&](int64_t row) { return w + row * row_bytes + 4; };
   const auto misalign = [&](int64_t row) { return static_cast<int>(reinterpret_cast<uintptr_t>(int8_start(row)) & 15u); };
   constexpr int kWeightPieces = (kQgemmRows * kPieces + 255) / 256, kActPieces = kTokens * 32 / 256;
   const uint8_t* wsrc[kWeightPieces];
   int wdst[kWeightPieces];  // -1: none
   uint64_t wsize = 0;       // 5 bits per piece: its bytes (0-16)
+  unsigned wlast = 0;       // q6_k: the row's last piece
 #pragma unroll
   for (int k = 0; k < kWeightPieces; ++k) {
     const int i = static_cast<int>(threadIdx.x) + 256 * k, r = i / kPieces, piece = i % kPieces;
@@ -217,6 +246,7 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
       wsrc[k] = w + row * row_bytes + 16 * piece;
     }
     wsize |= static_cast<uint64_t>(bytes) << (5 * k);
+    wlast |= (piece == kPieces - 1 ? 1u : 0u) << k;
     wdst[k] = i < kQgemmRows * kPieces ? r * kRowBytes + 16 * piece : -1;
   }
   const __nv_bfloat16* xsrc[kActPieces];
@@ -229,10 +259,15 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
   }
   const auto stage = [&](int b, int sb) {
     uint8_t* dst = smem + b * kStageBytes;
-    const int64_t wofs = qgemm_source_bytes(F) * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
+    const int64_t at = qgemm_source_bytes(F) * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
+    const int64_t wofs = kQ6k ? at & ~int64_t{15} : at;
+    const unsigned q6k_last = static_cast<unsigned>(at & 15) + 2;  // bytes of the last piece up to the 210th
 #pragma unroll
-    for (int k = 0; k < kWeightPieces; ++k)
-      if (wdst[k] >= 0) cp_async16_bytes(dst + wdst[k], wsrc[k] + wofs, static_cast<unsigned>(wsize >> (5 * k)) & 31u);
+    for (int k = 0; k < kWeightPieces; ++k) {
+      unsigned bytes = static_cast<unsigned>(wsize >> (5 * k)) & 31u;
+      if (kQ6k && ((wlast >> k) & 1u) && bytes != 0) bytes = q6k_last;
+      if (wdst[k] >= 0) cp_async16_bytes(dst + wdst[k], wsrc[k] + wofs, bytes);
+    }
     uint8_t* xdst = dst + kQgemmRows * kRowBytes + static_cast<int>(threadIdx.x / 32) * kQgemmStride * 2 +
                     16 * static_cast<int>(threadIdx.x % 32);
 #pragma unroll
@@ -262,8 +297,9 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
     if (sb + kStages - 1 < sb_end) stage((i + kStages - 1) % kStages, sb + kStages - 1);
     cp_async_commit();
     const uint8_t* buf = smem + (i % kStages) * kStageBytes;
-    const uint8_t* wrow = buf + (16 * warp + g) * kRowBytes + row_skip;
-    const uint8_t* wrow8 = buf + (16 * warp + g + 8) * kRowBytes + row8_skip;
+    const int sb_skip = kQ6k ? (210 * sb) & 15 : 0;
+    const uint8_t* wrow = buf + (16 * warp + g) * kRowBytes + row_skip + sb_skip;
+    const uint8_t* wrow8 = buf + (16 * warp + g + 8) * kRowBytes + row8_skip + sb_skip;
     const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(buf + kQgemmRows * kRowBytes) + 8 * t;
     const auto multiply = [&](int sub, const uint2& a_first, const uint2& a_second, const uint2& a8_first,
                               const uint2& a8_second) {
@@ -282,6 +318,45 @@ __global__ void __launch_bounds__(256) qgemm_kernel(QgemmJobs jobs, int64_t cols
         const uint32_t* q8 = reinterpret_cast<const uint32_t*>(wrow8 + 32 * sub + 8 * t);
         multiply(sub, int8_gemm_weights(q[0], int8_scale), int8_gemm_weights(q[1], int8_scale),
                  int8_gemm_weights(q8[0], int8_scale8), int8_gemm_weights(q8[1], int8_scale8));
+      }
+    } else if constexpr (kQ80) {
+#pragma unroll
+      for (int blk = 0; blk < 8; ++blk) {
+        const float d = __half2float(*reinterpret_cast<const __half*>(wrow + 34 * blk));
+        const float d8 = __half2float(*reinterpret_cast<const __half*>(wrow8 + 34 * blk));
+        uint32_t q[2], q8[2];  // levels 8t..8t+7 (2-byte aligned in even blocks)
+        load_words<2>(wrow + 34 * blk + 2 + 8 * t, q);
+        load_words<2>(wrow8 + 34 * blk + 2 + 8 * t, q8);
+        multiply(blk, int8_gemm_weights(q[0], d), int8_gemm_weights(q[1], d), int8_gemm_weights(q8[0], d8),
+                 int8_gemm_weights(q8[1], d8));
+      }
+    } else if constexpr (kQ6k) {
+      // Sub-block j = 4h + quad: low bits in the low (quad < 2) or high nibbles of ql bytes 64h + 32 (quad % 2)..,
+      // high bits 2 quad.. of qh bytes 128 + 32h..; scales (int8) 2j for weights 0-15 (t < 2), 2j + 1 for 16-31.
+      const float d = __half2float(*reinterpret_cast<const __half*>(wrow + 208));
+      const float d8 = __half2float(*reinterpret_cast<const __half*>(wrow8 + 208));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t qh[2], qh8[2];
+        load_words<2>(wrow + 128 + 32 * h + 8 * t, qh);
+        load_words<2>(wrow8 + 128 + 32 * h + 8 * t, qh8);
+#pragma unroll
+        for (int odd = 0; odd < 2; ++odd) {
+          uint32_t ql[2], ql8[2];
+          load_words<2>(wrow + 64 * h + 32 * odd + 8 * t, ql);
+          load_words<2>(wrow8 + 64 * h + 32 * odd + 8 * t, ql8);
+#pragma unroll
+          for (int high = 0; high < 2; ++high) {
+            const int quad = odd + 2 * high, j = 4 * h + quad, sc = 192 + 2 * j + t / 2;
+            const float s = d * static_cast<float>(static_cast<int8_t>(wrow[sc]));
+            const float s8 = d8 * static_cast<float>(static_cast<int8_t>(wrow8[sc]));
+            const auto values = [&](uint32_t lo, uint32_t hi) {
+              return ((lo >> (4 * high)) & 0x0F0F0F0Fu) | (((hi >> (2 * quad)) & 0x03030303u) << 4);
+            };
+            multiply(j, q6k_gemm_weights(values(ql[0], qh[0]), s), q6k_gemm_weights(values(ql[1], qh[1]), s),
+                     q6k_gemm_weights(values(ql8[0], qh8[0]), s8), q6k_gemm_weights(values(ql8[1], qh8[1]), s8));
+          }
+        }
       }
     } else if constexpr (kBnb4) {
 #pragma unroll
