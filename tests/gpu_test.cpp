@@ -1100,7 +1100,7 @@ std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int
   return out;
 }
 
-// q4_k, nf4, fp4, int8, q8_0 and q6_k matmuls of up to 64 tokens take qgemm_kernel (weights dequantized in registers, passes
+// Quantized matmuls (q4_k, q5_k, q6_k, q4_0, q8_0, nf4, fp4, int8) of up to 64 tokens take qgemm_kernel (weights dequantized in registers, passes
 // of 32 tokens, column ranges added in order by the block that ends last) instead of dequantized tiles and
 // cuBLAS. Both multiply the same bf16 weights (bit for bit) and activations, so only the order of the f32
 // adds differs.
@@ -1124,7 +1124,7 @@ TEST(GpuParity, QgemmKernelMatchesTheDequantizedTiles) {
     QuantType type;
   } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"nf4", false, QuantType::NF4}, {"fp4", false, QuantType::FP4},
                  {"int8", false, QuantType::INT8}, {"q8_0", false, QuantType::Q8_0}, {"q6_k", false, QuantType::Q6_K},
-                 {"nf4", true, QuantType::NF4}};
+                 {"q4_0", false, QuantType::Q4_0}, {"q5_k", false, QuantType::Q5_K}, {"nf4", true, QuantType::NF4}};
   for (const auto& f : formats) {
     const QuantRecipe recipe = parse_quant_recipe(f.name, f.double_quant, "all");
     const std::string label = std::string(f.name) + (f.double_quant ? " + dq" : "");

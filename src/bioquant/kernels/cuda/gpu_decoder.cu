@@ -623,7 +623,7 @@ struct GpuDecoder::Impl {
     const DevMatrix* m;
     float* y;
   };
-  // q4_k, nf4 and fp4 (without double quantization), int8, q8_0 and q6_k matmuls of up to qgemm_max tokens take qgemm_kernel
+  // Quantized matmuls (every format but nf4 / fp4 with double quantization) of up to qgemm_max tokens take qgemm_kernel
   // (no dequantized copy), in passes of 32 tokens (BIOQUANT_CUDA_QGEMM=2: the dequantized tiles as other
   // formats). Its column ranges aim at qgemm_blocks blocks per matrix (BIOQUANT_CUDA_QGEMM_BLOCKS: per SM).
   // (Both knobs read either way: a typo in one is an error whatever the other says.)
@@ -638,7 +638,9 @@ struct GpuDecoder::Impl {
     if (m.cols % 256 != 0 || reinterpret_cast<uintptr_t>(m.data) % 16 != 0) return false;
     const size_t superblocks = static_cast<size_t>(m.cols / 256);
     switch (m.type) {
-      case QuantType::Q4_K: return m.row_bytes == superblocks * 144;
+      case QuantType::Q4_K:
+      case QuantType::Q4_0: return m.row_bytes == superblocks * 144;
+      case QuantType::Q5_K: return m.row_bytes == superblocks * 176;
       case QuantType::NF4:
       case QuantType::FP4: return !m.dq && m.row_bytes == superblocks * 144;
       case QuantType::INT8: return m.row_bytes == static_cast<size_t>(m.cols) + 4;
@@ -706,6 +708,8 @@ struct GpuDecoder::Impl {
       else if (type == QuantType::INT8) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
       else if (type == QuantType::Q8_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{});
       else if (type == QuantType::Q6_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{});
+      else if (type == QuantType::Q4_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_0)>{});
+      else if (type == QuantType::Q5_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q5_K)>{});
       else by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
     }
     // The dequantizer (on its own stream) waits for this before writing its first tile there again.
@@ -1789,6 +1793,8 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{});
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{});
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q4_0)>{});
+  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q5_K)>{});
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);

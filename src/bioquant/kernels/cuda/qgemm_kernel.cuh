@@ -2,7 +2,8 @@
 // weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats: q4_k (144
 // bytes per 256 weights), nf4 / fp4 without double quantization (four 36-byte blocks per 256 weights: an f32
 // absmax and 32 bytes of codes), bitsandbytes-style int8 (an f32 row absmax, then a byte per weight), q8_0
-// (34-byte blocks of 32) and q6_k (210 bytes per 256 weights; rows of a multiple of 16 bytes).
+// (34-byte blocks of 32), q4_0 (18-byte blocks of 32), q5_k (176 bytes per 256) and q6_k (210 bytes per 256;
+// rows of a multiple of 16 bytes): every quantized format but nf4 / fp4 with double quantization.
 // Part of the CUDA backend's single translation unit: included by gpu_decoder.cu (directly or through
 // the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
 #pragma once
@@ -39,8 +40,9 @@ namespace {
 // banks: any pattern of lookups is one wavefront), indexed by byte offsets (code * 4) made four at a time.
 // int8: (absmax / 127) * level. Its rows (4 + cols bytes) start 4-byte aligned, so a row's 256 bytes of a
 // super-block are staged as the 17 aligned 16-byte pieces around them (the last one only up to the row's
-// bytes) and read from their offset in the first piece. q8_0: d * level. q6_k: (d * scale) * level; its
-// super-blocks start 2-byte aligned, so each is staged as the 14 pieces around it, as int8's rows are.
+// bytes) and read from their offset in the first piece. q8_0 and q4_0: d * level. q5_k: as q4_k, with the
+// fifth bits. q6_k: (d * scale) * level; its super-blocks start 2-byte aligned, so each is staged as the 14
+// pieces around it, as int8's rows are.
 constexpr int kQgemmRows = 128;
 constexpr int kQgemmMaxTokens = 32;
 constexpr int kQgemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
@@ -53,10 +55,14 @@ __host__ __device__ constexpr bool qgemm_is(int f) { return f == static_cast<int
 // A row's bytes of a super-block: in the matrix, and staged in shared memory (int8: the 17 pieces around its
 // 256; q6_k: the 14 around its 210).
 __host__ __device__ constexpr int qgemm_source_bytes(int f) {
-  return qgemm_is<QuantType::INT8>(f) ? 256 : qgemm_is<QuantType::Q8_0>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 210 : 144;
+  return qgemm_is<QuantType::INT8>(f) ? 256
+         : qgemm_is<QuantType::Q8_0>(f) ? 272
+         : qgemm_is<QuantType::Q6_K>(f) ? 210
+         : qgemm_is<QuantType::Q5_K>(f) ? 176
+                                        : 144;
 }
 __host__ __device__ constexpr int qgemm_row_bytes(int f) {
-  return qgemm_is<QuantType::INT8>(f) || qgemm_is<QuantType::Q8_0>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 224 : 144;
+  return qgemm_is<QuantType::INT8>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 224 : qgemm_source_bytes(f);
 }
 // Stages in flight: the wider formats' take more room, and two blocks per SM need two of them (int8: 3 x 52
 // KB with 32 tokens).
@@ -105,7 +111,7 @@ __device__ __forceinline__ float4 q4k_gemm_scales(const uint4& head, int jp) {
                      -dmin * q4k_gemm_byte<3>(pair));
 }
 
-// The four levels in the low nibbles of nib's bytes as bf16 weights scale * level + min_term (one f32
+// The four levels in nib's bytes (q4_k 0-15, q5_k 0-31) as bf16 weights scale * level + min_term (one f32
 // fused multiply-add each, rounded, as dequant_bf16_kernel): pairs (0, 1) and (2, 3).
 __device__ __forceinline__ uint2 q4k_gemm_weights(uint32_t nib, float scale, float min_term) {
   const __nv_bfloat162 lo = __floats2bfloat162_rn(__fmaf_rn(scale, q4k_gemm_byte<0>(nib), min_term),
@@ -139,26 +145,13 @@ __device__ __forceinline__ void bnb4_gemm_weights(const float* book, uint32_t c,
   second = make_uint2(bnb4_gemm_pair<2>(book, hi, lo, s), bnb4_gemm_pair<3>(book, hi, lo, s));
 }
 
-// int8: the four signed bytes of u as bf16 weights s * level (f32 product, rounded, as dequant_bf16_kernel):
-// pairs (0, 1) and (2, 3). A level is its byte with the sign bit flipped, put into the mantissa of 2^23,
-// minus 2^23 + 128 (exact).
-__device__ __forceinline__ uint2 int8_gemm_weights(uint32_t u, float s) {
-  const uint32_t biased = u ^ 0x80808080u;
-  const auto level = [biased](uint32_t sel) {
-    return __int_as_float(static_cast<int>(__byte_perm(biased, 0x4B000000u, 0x7440u | sel))) - 8388736.0f;
-  };
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(__fmaf_rn(s, level(0), 0.0f), __fmaf_rn(s, level(1), 0.0f));
-  const __nv_bfloat162 hi = __floats2bfloat162_rn(__fmaf_rn(s, level(2), 0.0f), __fmaf_rn(s, level(3), 0.0f));
-  uint2 out;
-  memcpy(&out.x, &lo, 4);
-  memcpy(&out.y, &hi, 4);
-  return out;
-}
-
-// q6_k: the four 6-bit values (0-63) in v's bytes as bf16 weights s * (value - 32), as int8_gemm_weights.
-__device__ __forceinline__ uint2 q6k_gemm_weights(uint32_t v, float s) {
+// The four bytes of v, less kBias, as bf16 weights s * level (f32 product, rounded, as dequant_bf16_kernel):
+// pairs (0, 1) and (2, 3). A byte put into the mantissa of 2^23, minus 2^23 + kBias, is its level (exact).
+// int8 (signed bytes): its bytes with the sign bit flipped, kBias 128; q6_k 32; q4_0 8.
+template <int kBias>
+__device__ __forceinline__ uint2 biased_gemm_weights(uint32_t v, float s) {
   const auto level = [v](uint32_t sel) {
-    return __int_as_float(static_cast<int>(__byte_perm(v, 0x4B000000u, 0x7440u | sel))) - 8388640.0f;
+    return __int_as_float(static_cast<int>(__byte_perm(v, 0x4B000000u, 0x7440u | sel))) - (8388608.0f + kBias);
   };
   const __nv_bfloat162 lo = __floats2bfloat162_rn(__fmaf_rn(s, level(0), 0.0f), __fmaf_rn(s, level(1), 0.0f));
   const __nv_bfloat162 hi = __floats2bfloat162_rn(__fmaf_rn(s, level(2), 0.0f), __fmaf_rn(s, level(3), 0.0f));
@@ -167,6 +160,7 @@ __device__ __forceinline__ uint2 q6k_gemm_weights(uint32_t v, float s) {
   memcpy(&out.y, &hi, 4);
   return out;
 }
+__device__ __forceinline__ uint2 int8_gemm_weights(uint32_t u, float s) { return biased_gemm_weights<128>(u ^ 0x80808080u, s); }
 
 // Up to three matrices of one input (q, k and v; gate and up) in one launch: blocks
 // [first_block[i], first_block[i + 1]) take matrix i.
@@ -182,8 +176,8 @@ struct QgemmJobs {
 // x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
 // holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
 // Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
-// memory. F: QuantType Q4_K, NF4 or FP4 (without double quantization), INT8, Q8_0 or Q6_K (rows of a multiple of
-// 16 bytes); w 16-byte aligned.
+// memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (without double quantization), INT8 or Q6_K (rows of
+// a multiple of 16 bytes); w 16-byte aligned.
 template <int F, int NTILE>
 __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
@@ -191,7 +185,7 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
   constexpr int kStageBytes = static_cast<int>(qgemm_stage_bytes(F, kTokens));
   constexpr int kStages = qgemm_stages(F), kRowBytes = qgemm_row_bytes(F), kPieces = kRowBytes / 16;
   constexpr bool kInt8 = qgemm_is<QuantType::INT8>(F), kQ80 = qgemm_is<QuantType::Q8_0>(F),
-                 kQ6k = qgemm_is<QuantType::Q6_K>(F);
+                 kQ6k = qgemm_is<QuantType::Q6_K>(F), kQ40 = qgemm_is<QuantType::Q4_0>(F), kQ5k = qgemm_is<QuantType::Q5_K>(F);
   extern __shared__ uint4 qgemm_stage[];
   constexpr bool kBnb4 = F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4);
   __shared__ float book[16];  // nf4 / fp4: the Q1.14 levels as floats
@@ -330,6 +324,20 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
         multiply(blk, int8_gemm_weights(q[0], d), int8_gemm_weights(q[1], d), int8_gemm_weights(q8[0], d8),
                  int8_gemm_weights(q8[1], d8));
       }
+    } else if constexpr (kQ40) {
+      const int shift = 4 * (t / 2);  // weights 8t..8t+7: the low (t < 2) or high nibbles of bytes 8 (t % 2)..
+#pragma unroll
+      for (int blk = 0; blk < 8; ++blk) {
+        const float d = __half2float(*reinterpret_cast<const __half*>(wrow + 18 * blk));
+        const float d8 = __half2float(*reinterpret_cast<const __half*>(wrow8 + 18 * blk));
+        uint32_t q[2], q8[2];
+        load_words<2>(wrow + 18 * blk + 2 + 8 * (t % 2), q);
+        load_words<2>(wrow8 + 18 * blk + 2 + 8 * (t % 2), q8);
+        multiply(blk, biased_gemm_weights<8>((q[0] >> shift) & 0x0F0F0F0Fu, d),
+                 biased_gemm_weights<8>((q[1] >> shift) & 0x0F0F0F0Fu, d),
+                 biased_gemm_weights<8>((q8[0] >> shift) & 0x0F0F0F0Fu, d8),
+                 biased_gemm_weights<8>((q8[1] >> shift) & 0x0F0F0F0Fu, d8));
+      }
     } else if constexpr (kQ6k) {
       // Sub-block j = 4h + quad: low bits in the low (quad < 2) or high nibbles of ql bytes 64h + 32 (quad % 2)..,
       // high bits 2 quad.. of qh bytes 128 + 32h..; scales (int8) 2j for weights 0-15 (t < 2), 2j + 1 for 16-31.
@@ -353,8 +361,9 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
             const auto values = [&](uint32_t lo, uint32_t hi) {
               return ((lo >> (4 * high)) & 0x0F0F0F0Fu) | (((hi >> (2 * quad)) & 0x03030303u) << 4);
             };
-            multiply(j, q6k_gemm_weights(values(ql[0], qh[0]), s), q6k_gemm_weights(values(ql[1], qh[1]), s),
-                     q6k_gemm_weights(values(ql8[0], qh8[0]), s8), q6k_gemm_weights(values(ql8[1], qh8[1]), s8));
+            multiply(j, biased_gemm_weights<32>(values(ql[0], qh[0]), s), biased_gemm_weights<32>(values(ql[1], qh[1]), s),
+                     biased_gemm_weights<32>(values(ql8[0], qh8[0]), s8),
+                     biased_gemm_weights<32>(values(ql8[1], qh8[1]), s8));
           }
         }
       }
@@ -376,21 +385,32 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
       const int src_lane = lane & ~3;  // lane t = 0 of this row pair; lane src_lane + jp worked out pair jp's scales
       const float4 my_g = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow), t);
       const float4 my_g8 = q4k_gemm_scales(*reinterpret_cast<const uint4*>(wrow8), t);
+      // q5_k: the fifth bits of weights 8t..8t+7, bit j of each byte for sub-block j (bytes 16-47).
+      uint2 fifth = make_uint2(0, 0), fifth8 = make_uint2(0, 0);
+      if constexpr (kQ5k) {
+        fifth = *reinterpret_cast<const uint2*>(wrow + 16 + 8 * t);
+        fifth8 = *reinterpret_cast<const uint2*>(wrow8 + 16 + 8 * t);
+      }
+      constexpr int kQs = kQ5k ? 48 : 16;  // the nibbles' first byte
 #pragma unroll
       for (int jp = 0; jp < 4; ++jp) {
         const auto from = [&](float v) { return __shfl_sync(0xFFFFFFFFu, v, src_lane + jp); };
         const float sc_g[2] = {from(my_g.x), from(my_g.y)}, mt_g[2] = {from(my_g.z), from(my_g.w)};
         const float sc_g8[2] = {from(my_g8.x), from(my_g8.y)}, mt_g8[2] = {from(my_g8.z), from(my_g8.w)};
-        const uint2 qg = *reinterpret_cast<const uint2*>(wrow + 16 + 32 * jp + 8 * t);
-        const uint2 qg8 = *reinterpret_cast<const uint2*>(wrow8 + 16 + 32 * jp + 8 * t);
+        const uint2 qg = *reinterpret_cast<const uint2*>(wrow + kQs + 32 * jp + 8 * t);
+        const uint2 qg8 = *reinterpret_cast<const uint2*>(wrow8 + kQs + 32 * jp + 8 * t);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int shift = 4 * h;
           // Weights 8t..8t+3 (first) and 8t+4..8t+7 (second) of sub-block 2jp + h, rows g and g + 8.
-          multiply(2 * jp + h, q4k_gemm_weights((qg.x >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]),
-                   q4k_gemm_weights((qg.y >> shift) & 0x0F0F0F0Fu, sc_g[h], mt_g[h]),
-                   q4k_gemm_weights((qg8.x >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]),
-                   q4k_gemm_weights((qg8.y >> shift) & 0x0F0F0F0Fu, sc_g8[h], mt_g8[h]));
+          const int sub = 2 * jp + h;
+          const auto level = [&](uint32_t q, uint32_t high) {
+            return ((q >> shift) & 0x0F0F0F0Fu) | (((high >> sub) & 0x01010101u) << 4);
+          };
+          multiply(sub, q4k_gemm_weights(level(qg.x, fifth.x), sc_g[h], mt_g[h]),
+                   q4k_gemm_weights(level(qg.y, fifth.y), sc_g[h], mt_g[h]),
+                   q4k_gemm_weights(level(qg8.x, fifth8.x), sc_g8[h], mt_g8[h]),
+                   q4k_gemm_weights(level(qg8.y, fifth8.y), sc_g8[h], mt_g8[h]));
         }
       }
     }
