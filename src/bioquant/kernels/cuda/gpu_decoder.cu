@@ -162,9 +162,10 @@ struct GpuDecoder::Impl {
   // the mma kernels (H200, 8B, mma / qgemm_kernel tok/s): q4_k 8 sequences 2127 / 1705, 12: 2234 / 2359, 16:
   // 2574 / 2672, 24: 2457 / 3413; nf4 8: 1706 / 1954, 12: 1901 / 2556, 16: 2347 / 3258, 24: 2171 / 4091; int8
   // 8: 1699 / 1705, 12: 1908 / 2296, 16: 2375 / 3037, 24: 2199 / 3782; q8_0 8: 1264 / 1591, 12: 1455 / 2227;
-  // q4_k_m (q4_k and q6_k) 8: 2003 / 1748, 12: 2113 / 2420, 16: 2446 / 3085.
+  // q4_k_m (q4_k and q6_k) 8: 2003 / 1748, 12: 2113 / 2420, 16: 2446 / 3085; q4_0 8: 1431 / 1730; q5_k 8: 2018 /
+  // 1775, 12: 2165 / 2445.
   static int64_t qgemm_from(QuantType t) {
-    return t == QuantType::NF4 || t == QuantType::FP4 || t == QuantType::Q8_0 ? 8 : 12;
+    return t == QuantType::NF4 || t == QuantType::FP4 || t == QuantType::Q8_0 || t == QuantType::Q4_0 ? 8 : 12;
   }
   // The smallest mma_gemm_from of the layers' formats, or 0 when a layer has no mma kernel; when every
   // matrix takes qgemm_kernel, the largest qgemm_from of their formats instead.
