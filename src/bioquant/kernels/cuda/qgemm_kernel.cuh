@@ -1,4 +1,4 @@
-// 4-bit matmuls of a few dozen tokens (short prompts, batched decode steps) on the tensor cores, with the
+// Quantized matmuls of a few dozen tokens (short prompts, batched decode steps) on the tensor cores, with the
 // weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats: q4_k (144
 // bytes per 256 weights), nf4 / fp4 without double quantization (four 36-byte blocks per 256 weights: an f32
 // absmax and 32 bytes of codes), bitsandbytes-style int8 (an f32 row absmax, then a byte per weight), q8_0
@@ -19,7 +19,7 @@
 namespace bioquant {
 namespace {
 
-// The prompt path dequantizes every matrix into bf16 tiles and hands them to cuBLAS: 14 GB written and
+// The prompt path (65+ tokens) dequantizes every matrix into bf16 tiles and hands them to cuBLAS: 14 GB written and
 // read back per step for an 8B model whatever the step's length, ~11 ms on an H200, which a step of 32
 // tokens (or 32 sequences' one token each) pays in full. This kernel reads the quantized bytes once and
 // multiplies them as it turns them into bf16 weights.
