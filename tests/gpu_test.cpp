@@ -1100,7 +1100,8 @@ std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int
   return out;
 }
 
-// Quantized matmuls (q4_k, q5_k, q6_k, q4_0, q8_0, nf4, fp4, int8) of up to 64 tokens take qgemm_kernel (weights dequantized in registers, passes
+// Quantized matmuls (q4_k, q5_k, q6_k, q4_0, q8_0, nf4, fp4 (both also with double quantization), int8) of up to
+// 64 tokens take qgemm_kernel (weights dequantized in registers, passes
 // of 32 tokens, column ranges added in order by the block that ends last) instead of dequantized tiles and
 // cuBLAS. Both multiply the same bf16 weights (bit for bit) and activations, so only the order of the f32
 // adds differs.
@@ -1109,9 +1110,10 @@ std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int
 //   block of 128 rows and a part mma tile) and rows of 4096 and 4352 (16 and 17 super-blocks); prompts of
 //   32, 40 and 64 tokens (one pass, a pass of 32 and one of 8, two full passes) and a decode step of 33
 //   sequences. One column range instead of several: the same within 1e-4; the same run twice: the same bits;
-//   not the tiles' bits (so the kernel ran). nf4 with double quantization (33-byte blocks, not 16-byte
-//   pieces) keeps the tiles: the same bits as them, as does q6_k 4352 wide (rows of 3570 bytes, not a multiple of
-//   16). int8 rows (4 + cols bytes) start at every 4-byte offset; q6_k super-blocks at every even one.
+//   not the tiles' bits (so the kernel ran). q6_k 4352 wide (rows of 3570 bytes, not a multiple of 16) keeps
+//   the tiles: the same bits as them. int8 rows (4 + cols bytes) start at every 4-byte offset, q6_k super-blocks
+//   at every even one, double-quantized super-blocks (132 bytes after a row header) at any; those also 16640
+//   wide (260 blocks: two groups of block scales).
 // - One-layer models 4096 wide with a 4352-wide MLP, every matrix through the kernel: each logit within
 //   the quantized bound of the CPU engine, as the tiles' are. (Here the layer amplifies the order of adds
 //   through near-ties: a 32-token prompt's logits with one column range and with 8 differ by up to 1.5e-2.)
@@ -1124,11 +1126,13 @@ TEST(GpuParity, QgemmKernelMatchesTheDequantizedTiles) {
     QuantType type;
   } formats[] = {{"q4_k", false, QuantType::Q4_K}, {"nf4", false, QuantType::NF4}, {"fp4", false, QuantType::FP4},
                  {"int8", false, QuantType::INT8}, {"q8_0", false, QuantType::Q8_0}, {"q6_k", false, QuantType::Q6_K},
-                 {"q4_0", false, QuantType::Q4_0}, {"q5_k", false, QuantType::Q5_K}, {"nf4", true, QuantType::NF4}};
+                 {"q4_0", false, QuantType::Q4_0}, {"q5_k", false, QuantType::Q5_K}, {"nf4", true, QuantType::NF4},
+                 {"fp4", true, QuantType::FP4}};
   for (const auto& f : formats) {
     const QuantRecipe recipe = parse_quant_recipe(f.name, f.double_quant, "all");
     const std::string label = std::string(f.name) + (f.double_quant ? " + dq" : "");
-    for (const int64_t hidden : {4096, 4352}) {
+    for (const int64_t hidden : {int64_t{4096}, int64_t{4352}, int64_t{16640}}) {
+      if (hidden == 16640 && !f.double_quant) continue;
       ModelConfig c = wide_one_layer_config();
       c.vocab = 600;
       c.hidden = hidden;
@@ -1139,7 +1143,7 @@ TEST(GpuParity, QgemmKernelMatchesTheDequantizedTiles) {
       const auto fused = gpu_decoder(*model, pool, KvType::F32, {});
       const auto tiles = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_QGEMM", "2"}});
       const auto one_range = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_QGEMM_RANGES", "1"}});
-      const bool through_kernel = !f.double_quant && !(f.type == QuantType::Q6_K && hidden % 2048 != 0);
+      const bool through_kernel = !(f.type == QuantType::Q6_K && hidden % 2048 != 0);
       for (const int64_t n : {32, 40, 64}) {
         const int batch = n == 40 ? 33 : 0;
         const std::vector<float> a = prompt_and_batch_logits(*fused, c, n, batch);
@@ -1165,7 +1169,7 @@ TEST(GpuParity, QgemmKernelMatchesTheDequantizedTiles) {
                     to_one.max_err, to_tiles.max_ref);
       }
     }
-    if (f.type == QuantType::FP4 || f.double_quant) continue;  // nf4's path with fp4's codebook; the tiles
+    if (f.type == QuantType::FP4) continue;  // nf4's path with fp4's codebook
     ModelConfig c = wide_one_layer_config();
     c.vocab = 600;
     auto model = make_synthetic_model(c, DType::F32, 29, pool, &recipe);

@@ -202,6 +202,12 @@ __device__ __forceinline__ void decode32<static_cast<int>(QuantType::INT8)>(cons
   o.min_term = 0.0f;
 }
 
+// A double-quantized block's absmax: its code's map value times its group's scale, plus the row's offset (one
+// fused multiply-add, the same in every kernel).
+__device__ __forceinline__ float bnb4_dq_absmax(float code_value, float group_scale, float offset) {
+  return __fmaf_rn(code_value, group_scale, offset);
+}
+
 // 64-weight block blk of a bitsandbytes 4-bit row: its absmax (the nested one applied with double
 // quantization), and N words of its 32 code bytes from byte `from` on.
 template <int N>
@@ -217,7 +223,7 @@ __device__ __forceinline__ float bnb4_block(const uint8_t* row, int64_t cols, bo
   const int64_t ngroups = (cols / 64 + 255) / 256;
   const uint8_t* p = row + 4 + 4 * ngroups + 33 * blk;
   load_words<N>(p + 1 + from, w);
-  return c_dynamic_map[p[0]] * f32_at(row + 4 + 4 * (blk / 256)) + f32_at(row);
+  return bnb4_dq_absmax(c_dynamic_map[p[0]], f32_at(row + 4 + 4 * (blk / 256)), f32_at(row));
 }
 
 // book: the format's Q1.14 codebook in shared memory (constant memory serialises divergent lookups).

@@ -624,7 +624,7 @@ struct GpuDecoder::Impl {
     const DevMatrix* m;
     float* y;
   };
-  // Quantized matmuls (every format but nf4 / fp4 with double quantization) of up to qgemm_max tokens take qgemm_kernel
+  // Quantized matmuls (every format) of up to qgemm_max tokens take qgemm_kernel
   // (no dequantized copy), in passes of 32 tokens (BIOQUANT_CUDA_QGEMM=2: the dequantized tiles as other
   // formats). Its column ranges aim at qgemm_blocks blocks per matrix (BIOQUANT_CUDA_QGEMM_BLOCKS: per SM).
   // (Both knobs read either way: a typo in one is an error whatever the other says.)
@@ -643,7 +643,10 @@ struct GpuDecoder::Impl {
       case QuantType::Q4_0: return m.row_bytes == superblocks * 144;
       case QuantType::Q5_K: return m.row_bytes == superblocks * 176;
       case QuantType::NF4:
-      case QuantType::FP4: return !m.dq && m.row_bytes == superblocks * 144;
+      case QuantType::FP4: {
+        const size_t dq_header = 4 + 4 * ((static_cast<size_t>(m.cols) / 64 + 255) / 256);
+        return m.row_bytes == (m.dq ? dq_header + superblocks * 132 : superblocks * 144);
+      }
       case QuantType::INT8: return m.row_bytes == static_cast<size_t>(m.cols) + 4;
       case QuantType::Q8_0: return m.row_bytes == superblocks * 272;
       case QuantType::Q6_K: return m.row_bytes == superblocks * 210 && m.row_bytes % 16 == 0;
@@ -695,23 +698,27 @@ struct GpuDecoder::Impl {
       for (int i = 0; i < count; ++i) jobs.y[i] = all[i].y + t0 * all[i].m->rows;
       const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(ranges));
       const __nv_bfloat16* xt = xb + t0 * cols;
-      const auto by_tokens = [&](auto format) {
+      const auto by_tokens = [&](auto format, auto dq) {
         constexpr int F = decltype(format)::value;
-        const size_t smem = qgemm_smem(F, 8 * ntile);
+        constexpr bool DQ = decltype(dq)::value;
+        const size_t smem = qgemm_smem(F, 8 * ntile, DQ);
         const auto go = [&](auto kernel) { launch(kernel, grid, 256, smem, jobs, cols, xt, cnt, partials, arrivals); };
-        if (ntile == 1) go(qgemm_kernel<F, 1>);
-        else if (ntile == 2) go(qgemm_kernel<F, 2>);
-        else go(qgemm_kernel<F, 4>);
+        if (ntile == 1) go(qgemm_kernel<F, 1, DQ>);
+        else if (ntile == 2) go(qgemm_kernel<F, 2, DQ>);
+        else go(qgemm_kernel<F, 4, DQ>);
       };
       const QuantType type = all[0].m->type;
-      if (type == QuantType::NF4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
-      else if (type == QuantType::FP4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
-      else if (type == QuantType::INT8) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
-      else if (type == QuantType::Q8_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{});
-      else if (type == QuantType::Q6_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{});
-      else if (type == QuantType::Q4_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_0)>{});
-      else if (type == QuantType::Q5_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q5_K)>{});
-      else by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
+      const std::false_type plain;
+      if (type == QuantType::NF4 && all[0].m->dq) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{}, std::true_type{});
+      else if (type == QuantType::FP4 && all[0].m->dq) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{}, std::true_type{});
+      else if (type == QuantType::NF4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{}, plain);
+      else if (type == QuantType::FP4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{}, plain);
+      else if (type == QuantType::INT8) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{}, plain);
+      else if (type == QuantType::Q8_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{}, plain);
+      else if (type == QuantType::Q6_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{}, plain);
+      else if (type == QuantType::Q4_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_0)>{}, plain);
+      else if (type == QuantType::Q5_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q5_K)>{}, plain);
+      else by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{}, plain);
     }
     // The dequantizer (on its own stream) waits for this before writing its first tile there again.
     if (used_tile0) CUDA_OK(cudaEventRecord(tile_free[0], stream));
@@ -800,7 +807,7 @@ struct GpuDecoder::Impl {
     bool together = n_all > 1 && n_all <= 3 && gemm_rows >= n;
     for (int i = 0; i < n_all; ++i)
       together = together && gemm_capable(*all[i].m) && qgemm_takes(*all[i].m, n) && all[i].m->cols == all[0].m->cols &&
-                 all[i].m->type == all[0].m->type;
+                 all[i].m->type == all[0].m->type && all[i].m->dq == all[0].m->dq;
     // The matrices of a group share their input: converted to bf16 once, when it is not already.
     const auto bf16_input = [&](int64_t rows, int64_t cols) {
       if (xb == nullptr) {
@@ -1787,6 +1794,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
     allow(qgemm_kernel<F, 1>, static_cast<int>(qgemm_smem(F, 8)));
     allow(qgemm_kernel<F, 2>, static_cast<int>(qgemm_smem(F, 16)));
     allow(qgemm_kernel<F, 4>, static_cast<int>(qgemm_smem(F, 32)));
+    if constexpr (F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4)) {
+      allow(qgemm_kernel<F, 1, true>, static_cast<int>(qgemm_smem(F, 8, true)));
+      allow(qgemm_kernel<F, 2, true>, static_cast<int>(qgemm_smem(F, 16, true)));
+      allow(qgemm_kernel<F, 4, true>, static_cast<int>(qgemm_smem(F, 32, true)));
+    }
   };
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
   allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});

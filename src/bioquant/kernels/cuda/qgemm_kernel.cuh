@@ -2,8 +2,9 @@
 // weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats: q4_k (144
 // bytes per 256 weights), nf4 / fp4 without double quantization (four 36-byte blocks per 256 weights: an f32
 // absmax and 32 bytes of codes), bitsandbytes-style int8 (an f32 row absmax, then a byte per weight), q8_0
-// (34-byte blocks of 32), q4_0 (18-byte blocks of 32), q5_k (176 bytes per 256) and q6_k (210 bytes per 256;
-// rows of a multiple of 16 bytes): every quantized format but nf4 / fp4 with double quantization.
+// (34-byte blocks of 32), q4_0 (18-byte blocks of 32), q5_k (176 bytes per 256), q6_k (210 bytes per 256;
+// rows of a multiple of 16 bytes) and nf4 / fp4 with double quantization (33-byte blocks after a row header):
+// every quantized format.
 // Part of the CUDA backend's single translation unit: included by gpu_decoder.cu (directly or through
 // the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
 #pragma once
@@ -42,7 +43,9 @@ namespace {
 // super-block are staged as the 17 aligned 16-byte pieces around them (the last one only up to the row's
 // bytes) and read from their offset in the first piece. q8_0 and q4_0: d * level. q5_k: as q4_k, with the
 // fifth bits. q6_k: (d * scale) * level; its super-blocks start 2-byte aligned, so each is staged as the 14
-// pieces around it, as int8's rows are.
+// pieces around it, as int8's rows are. nf4 / fp4 with double quantization: absmax = map[code] * group scale +
+// offset (one fused multiply-add, as bnb4_block); their 132-byte super-blocks start at any byte, so they are
+// staged as the 10 pieces around them, the map in shared memory.
 constexpr int kQgemmRows = 128;
 constexpr int kQgemmMaxTokens = 32;
 constexpr int kQgemmMaxRanges = 8;  // column ranges per matrix (the last block's sums load them all at once)
@@ -53,28 +56,35 @@ constexpr int kQgemmStride = 256 + 32;
 template <QuantType T>
 __host__ __device__ constexpr bool qgemm_is(int f) { return f == static_cast<int>(T); }
 // A row's bytes of a super-block: in the matrix, and staged in shared memory (int8: the 17 pieces around its
-// 256; q6_k: the 14 around its 210).
-__host__ __device__ constexpr int qgemm_source_bytes(int f) {
-  return qgemm_is<QuantType::INT8>(f) ? 256
+// 256; q6_k: the 14 around its 210; double-quantized nf4 / fp4 (dq): the 10 around its 132).
+__host__ __device__ constexpr int qgemm_source_bytes(int f, bool dq = false) {
+  return dq ? 132
+         : qgemm_is<QuantType::INT8>(f) ? 256
          : qgemm_is<QuantType::Q8_0>(f) ? 272
          : qgemm_is<QuantType::Q6_K>(f) ? 210
          : qgemm_is<QuantType::Q5_K>(f) ? 176
                                         : 144;
 }
-__host__ __device__ constexpr int qgemm_row_bytes(int f) {
-  return qgemm_is<QuantType::INT8>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 224 : qgemm_source_bytes(f);
+__host__ __device__ constexpr int qgemm_row_bytes(int f, bool dq = false) {
+  return dq ? 160 : qgemm_is<QuantType::INT8>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 224 : qgemm_source_bytes(f);
+}
+// The formats whose super-blocks are staged as the aligned pieces around them, from their first byte.
+__host__ __device__ constexpr bool qgemm_misaligned(int f, bool dq) {
+  return dq || qgemm_is<QuantType::INT8>(f) || qgemm_is<QuantType::Q6_K>(f);
 }
 // Stages in flight: the wider formats' take more room, and two blocks per SM need two of them (int8: 3 x 52
 // KB with 32 tokens).
-__host__ __device__ constexpr int qgemm_stages(int f) { return qgemm_row_bytes(f) > 144 ? 2 : 3; }
-// q8_0 and q6_k held to 128 registers (two blocks per SM): unbounded, ptxas takes 138 and 144 with 32 tokens
-// (H200, 8B, held / unbounded: q8_0 pp32 4437 / 3944 tok/s, q4_k_m 32 sequences 4929 / 4734).
-// 0: no minimum (the others take 94-128 unbounded; an explicit 1 let ptxas take ~127 in every variant).
-__host__ __device__ constexpr int qgemm_min_blocks(int f) { return qgemm_is<QuantType::Q8_0>(f) || qgemm_is<QuantType::Q6_K>(f) ? 2 : 0; }
-__host__ __device__ constexpr size_t qgemm_stage_bytes(int f, int tokens) {
-  return static_cast<size_t>(kQgemmRows) * qgemm_row_bytes(f) + static_cast<size_t>(tokens) * kQgemmStride * 2;
+__host__ __device__ constexpr int qgemm_stages(int f, bool dq = false) { return qgemm_row_bytes(f, dq) > 144 ? 2 : 3; }
+// q8_0, q6_k, int8 and double-quantized nf4 / fp4 held to 128 registers (two blocks per SM): unbounded, ptxas
+// takes 130-144 with 32 tokens (H200, 8B, held / unbounded: q8_0 pp32 4437 / 3944 tok/s, q4_k_m 32 sequences
+// 4929 / 4734). 0: no minimum (the others take 94-128 unbounded; an explicit 1 let ptxas take ~127 in every variant).
+__host__ __device__ constexpr int qgemm_min_blocks(int f, bool dq) {
+  return dq || qgemm_is<QuantType::Q8_0>(f) || qgemm_is<QuantType::Q6_K>(f) || qgemm_is<QuantType::INT8>(f) ? 2 : 0;
 }
-constexpr size_t qgemm_smem(int f, int tokens) { return qgemm_stages(f) * qgemm_stage_bytes(f, tokens); }
+__host__ __device__ constexpr size_t qgemm_stage_bytes(int f, int tokens, bool dq = false) {
+  return static_cast<size_t>(kQgemmRows) * qgemm_row_bytes(f, dq) + static_cast<size_t>(tokens) * kQgemmStride * 2;
+}
+constexpr size_t qgemm_smem(int f, int tokens, bool dq = false) { return qgemm_stages(f, dq) * qgemm_stage_bytes(f, tokens, dq); }
 
 // bf16 mma m16n8k16, accumulating into acc. Fragments (PTX ISA): lane (g, t) holds A's rows g (a0) and g + 8
 // (a1) at k = 2t, 2t + 1, the same rows at k = 2t + 8, 2t + 9 (a2, a3), B's column g at those k (b0, b1), and C
@@ -177,22 +187,26 @@ struct QgemmJobs {
 // x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
 // holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
 // Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
-// memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (without double quantization), INT8 or Q6_K (rows of
+// memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (DQ: with double quantization), INT8 or Q6_K (rows of
 // a multiple of 16 bytes); w 16-byte aligned.
-template <int F, int NTILE>
-__global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
+template <int F, int NTILE, bool DQ = false>
+__global__ void __launch_bounds__(256, qgemm_min_blocks(F, DQ)) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
   constexpr int kTokens = 8 * NTILE;
-  constexpr int kStageBytes = static_cast<int>(qgemm_stage_bytes(F, kTokens));
-  constexpr int kStages = qgemm_stages(F), kRowBytes = qgemm_row_bytes(F), kPieces = kRowBytes / 16;
+  constexpr int kStageBytes = static_cast<int>(qgemm_stage_bytes(F, kTokens, DQ));
+  constexpr int kStages = qgemm_stages(F, DQ), kRowBytes = qgemm_row_bytes(F, DQ), kPieces = kRowBytes / 16;
+  constexpr int kSource = qgemm_source_bytes(F, DQ);
+  constexpr bool kMisaligned = qgemm_misaligned(F, DQ);
   constexpr bool kInt8 = qgemm_is<QuantType::INT8>(F), kQ80 = qgemm_is<QuantType::Q8_0>(F),
                  kQ6k = qgemm_is<QuantType::Q6_K>(F), kQ40 = qgemm_is<QuantType::Q4_0>(F), kQ5k = qgemm_is<QuantType::Q5_K>(F);
   extern __shared__ uint4 qgemm_stage[];
   constexpr bool kBnb4 = F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4);
-  __shared__ float book[16];  // nf4 / fp4: the Q1.14 levels as floats
+  __shared__ float book[16];         // nf4 / fp4: the Q1.14 levels as floats
+  __shared__ float dmap[DQ ? 256 : 1];  // double quantization: the dynamic map of the absmax codes
   if constexpr (kBnb4) {
     if (threadIdx.x < 16)
       book[threadIdx.x] = static_cast<float>((F == static_cast<int>(QuantType::NF4) ? c_nf4_q14 : c_fp4_q14)[threadIdx.x]);
+    if constexpr (DQ) dmap[threadIdx.x] = c_dynamic_map[threadIdx.x];
     // (the first __syncthreads of the loop below orders these before any lookup)
   }
   uint8_t* smem = reinterpret_cast<uint8_t*>(qgemm_stage);
@@ -218,30 +232,25 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
   // Super-block sb into stage buffer b: the block's rows (kPieces pieces of 16 bytes each; zeros past the
   // matrix), then the tokens' activations (32 pieces each; zeros past n_tokens). This thread's pieces are
   // the same in every super-block: their sources (at super-block 0), sizes and places are worked out once.
-  // int8: a row's bytes start `misalign` bytes into its first piece (rows of 4 + cols bytes). q6_k: super-block
-  // sb starts (210 * sb) % 16 bytes into its first piece, in every row; its last piece is cut after the 210.
-  const auto int8_start = [&](int64_t row) { return w + row * row_bytes + 4; };
-  const auto misalign = [&](int64_t row) { return static_cast<int>(reinterpret_cast<uintptr_t>(int8_start(row)) & 15u); };
+  // kMisaligned: a row's super-block sb starts at data(row) + kSource * sb, `skip` = that address % 16 bytes
+  // into its first piece; the last piece is cut after its kSource bytes.
+  const int64_t first_byte = qgemm_is<QuantType::INT8>(F) ? 4 : DQ ? 4 + 4 * ((cols / 64 + 255) / 256) : 0;
+  const auto data = [&](int64_t row) { return w + row * row_bytes + first_byte; };
+  const auto skip = [](const uint8_t* p, int sb) {
+    return static_cast<int>((reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(kSource) * sb) & 15u);
+  };
   constexpr int kWeightPieces = (kQgemmRows * kPieces + 255) / 256, kActPieces = kTokens * 32 / 256;
-  const uint8_t* wsrc[kWeightPieces];
-  int wdst[kWeightPieces];  // -1: none
-  uint64_t wsize = 0;       // 5 bits per piece: its bytes (0-16)
-  unsigned wlast = 0;       // q6_k: the row's last piece
+  const uint8_t* wsrc[kWeightPieces];  // the piece's bytes at super-block 0 (kMisaligned: data(row) + 16 * piece)
+  int wdst[kWeightPieces];             // -1: none
+  uint64_t wpiece = 0;                 // 5 bits each: kMisaligned: the piece's index in its row; else its bytes
+  unsigned win = 0;                    // the piece's row is in the matrix
 #pragma unroll
   for (int k = 0; k < kWeightPieces; ++k) {
     const int i = static_cast<int>(threadIdx.x) + 256 * k, r = i / kPieces, piece = i % kPieces;
     const bool in = first_row + r < rows;
-    const int64_t row = in ? first_row + r : 0;
-    int bytes = in ? 16 : 0;
-    if constexpr (kInt8) {
-      const int mis = misalign(row);
-      wsrc[k] = int8_start(row) - mis + 16 * piece;
-      if (piece == kPieces - 1) bytes = in ? mis : 0;  // up to the super-block's last byte
-    } else {
-      wsrc[k] = w + row * row_bytes + 16 * piece;
-    }
-    wsize |= static_cast<uint64_t>(bytes) << (5 * k);
-    wlast |= (piece == kPieces - 1 ? 1u : 0u) << k;
+    wsrc[k] = data(in ? first_row + r : 0) + 16 * piece;
+    wpiece |= static_cast<uint64_t>(kMisaligned ? piece : in ? 16 : 0) << (5 * k);
+    win |= (in ? 1u : 0u) << k;
     wdst[k] = i < kQgemmRows * kPieces ? r * kRowBytes + 16 * piece : -1;
   }
   const __nv_bfloat16* xsrc[kActPieces];
@@ -254,14 +263,17 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
   }
   const auto stage = [&](int b, int sb) {
     uint8_t* dst = smem + b * kStageBytes;
-    const int64_t at = qgemm_source_bytes(F) * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
-    const int64_t wofs = kQ6k ? at & ~int64_t{15} : at;
-    const unsigned q6k_last = static_cast<unsigned>(at & 15) + 2;  // bytes of the last piece up to the 210th
+    const int64_t wofs = kSource * static_cast<int64_t>(sb), xofs = 256 * static_cast<int64_t>(sb);
 #pragma unroll
     for (int k = 0; k < kWeightPieces; ++k) {
-      unsigned bytes = static_cast<unsigned>(wsize >> (5 * k)) & 31u;
-      if (kQ6k && ((wlast >> k) & 1u) && bytes != 0) bytes = q6k_last;
-      if (wdst[k] >= 0) cp_async16_bytes(dst + wdst[k], wsrc[k] + wofs, bytes);
+      const unsigned field = static_cast<unsigned>(wpiece >> (5 * k)) & 31u;
+      if constexpr (kMisaligned) {
+        const int mis = skip(wsrc[k], sb);
+        const int bytes = (win >> k) & 1u ? min(max(mis + kSource - 16 * static_cast<int>(field), 0), 16) : 0;
+        if (wdst[k] >= 0) cp_async16_bytes(dst + wdst[k], wsrc[k] + wofs - mis, static_cast<unsigned>(bytes));
+      } else {
+        if (wdst[k] >= 0) cp_async16_bytes(dst + wdst[k], wsrc[k] + wofs, field);
+      }
     }
     uint8_t* xdst = dst + kQgemmRows * kRowBytes + static_cast<int>(threadIdx.x / 32) * kQgemmStride * 2 +
                     16 * static_cast<int>(threadIdx.x % 32);
@@ -277,14 +289,20 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
     cp_async_commit();
   }
   float acc[NTILE][4] = {};
-  // int8: rows g and g + 8 start this far into their staged pieces, and their scales (zero past the matrix).
-  int row_skip = 0, row8_skip = 0;
+  // kMisaligned: rows g and g + 8's data (their skips); int8: their scales; double quantization: their
+  // offsets and the group scales (zero past the matrix).
+  const uint8_t* data_g = data(rg < rows ? rg : 0);
+  const uint8_t* data_g8 = data(rg8 < rows ? rg8 : 0);
   float int8_scale = 0.0f, int8_scale8 = 0.0f;
   if constexpr (kInt8) {
-    row_skip = misalign(rg < rows ? rg : 0);
-    row8_skip = misalign(rg8 < rows ? rg8 : 0);
     if (rg < rows) int8_scale = *reinterpret_cast<const float*>(w + rg * row_bytes) / 127.0f;
     if (rg8 < rows) int8_scale8 = *reinterpret_cast<const float*>(w + rg8 * row_bytes) / 127.0f;
+  }
+  float dq_offset = 0.0f, dq_offset8 = 0.0f, dq_group = 0.0f, dq_group8 = 0.0f;
+  int dq_group_at = -1;  // the group whose scales dq_group / dq_group8 hold
+  if constexpr (DQ) {
+    if (rg < rows) dq_offset = f32_at(w + rg * row_bytes);
+    if (rg8 < rows) dq_offset8 = f32_at(w + rg8 * row_bytes);
   }
   for (int sb = sb_begin, i = 0; sb < sb_end; ++sb, ++i) {
     cp_async_wait_group<kStages - 2>();
@@ -292,9 +310,8 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
     if (sb + kStages - 1 < sb_end) stage((i + kStages - 1) % kStages, sb + kStages - 1);
     cp_async_commit();
     const uint8_t* buf = smem + (i % kStages) * kStageBytes;
-    const int sb_skip = kQ6k ? (210 * sb) & 15 : 0;
-    const uint8_t* wrow = buf + (16 * warp + g) * kRowBytes + row_skip + sb_skip;
-    const uint8_t* wrow8 = buf + (16 * warp + g + 8) * kRowBytes + row8_skip + sb_skip;
+    const uint8_t* wrow = buf + (16 * warp + g) * kRowBytes + (kMisaligned ? skip(data_g, sb) : 0);
+    const uint8_t* wrow8 = buf + (16 * warp + g + 8) * kRowBytes + (kMisaligned ? skip(data_g8, sb) : 0);
     const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(buf + kQgemmRows * kRowBytes) + 8 * t;
     const auto multiply = [&](int sub, const uint2& a_first, const uint2& a_second, const uint2& a8_first,
                               const uint2& a8_second) {
@@ -366,6 +383,28 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F)) qgemm_kernel(QgemmJo
                      biased_gemm_weights<32>(values(ql8[0], qh8[0]), s8),
                      biased_gemm_weights<32>(values(ql8[1], qh8[1]), s8));
           }
+        }
+      }
+    } else if constexpr (DQ) {
+      // Blocks 4 sb..4 sb + 3 share a group of 256 blocks (64 super-blocks): its scales read when it changes.
+      if (sb / 64 != dq_group_at) {
+        dq_group_at = sb / 64;
+        if (rg < rows) dq_group = f32_at(w + rg * row_bytes + 4 + 4 * dq_group_at);
+        if (rg8 < rows) dq_group8 = f32_at(w + rg8 * row_bytes + 4 + 4 * dq_group_at);
+      }
+#pragma unroll
+      for (int blk = 0; blk < 4; ++blk) {
+        const float s = bnb4_dq_absmax(dmap[wrow[33 * blk]], dq_group, dq_offset) * (1.0f / 16384.0f);
+        const float s8 = bnb4_dq_absmax(dmap[wrow8[33 * blk]], dq_group8, dq_offset8) * (1.0f / 16384.0f);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t c, c8;  // code word t of half h (any alignment)
+          load_words<1>(wrow + 33 * blk + 1 + 16 * h + 4 * t, &c);
+          load_words<1>(wrow8 + 33 * blk + 1 + 16 * h + 4 * t, &c8);
+          uint2 a_first, a_second, a8_first, a8_second;
+          bnb4_gemm_weights(book, c, s, a_first, a_second);
+          bnb4_gemm_weights(book, c8, s8, a8_first, a8_second);
+          multiply(2 * blk + h, a_first, a_second, a8_first, a8_second);
         }
       }
     } else if constexpr (kBnb4) {
