@@ -707,18 +707,12 @@ struct GpuDecoder::Impl {
         else if (ntile == 2) go(qgemm_kernel<F, 2, DQ>);
         else go(qgemm_kernel<F, 4, DQ>);
       };
-      const QuantType type = all[0].m->type;
-      const std::false_type plain;
-      if (type == QuantType::NF4 && all[0].m->dq) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{}, std::true_type{});
-      else if (type == QuantType::FP4 && all[0].m->dq) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{}, std::true_type{});
-      else if (type == QuantType::NF4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{}, plain);
-      else if (type == QuantType::FP4) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{}, plain);
-      else if (type == QuantType::INT8) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{}, plain);
-      else if (type == QuantType::Q8_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{}, plain);
-      else if (type == QuantType::Q6_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{}, plain);
-      else if (type == QuantType::Q4_0) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_0)>{}, plain);
-      else if (type == QuantType::Q5_K) by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q5_K)>{}, plain);
-      else by_tokens(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{}, plain);
+      with_quantized_format(all[0].m->type, "qgemm kernel", [&](auto format) {
+        if constexpr (qgemm_has_dq(decltype(format)::value)) {
+          if (all[0].m->dq) return by_tokens(format, std::true_type{});
+        }
+        by_tokens(format, std::false_type{});
+      });
     }
     // The dequantizer (on its own stream) waits for this before writing its first tile there again.
     if (used_tile0) CUDA_OK(cudaEventRecord(tile_free[0], stream));
@@ -1789,25 +1783,22 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   impl_->exact_smem_limit = dynamic_room(exact_attention_kernel, usable_smem);
   allow(exact_attention_kernel, static_cast<int>(dynamic_room(exact_attention_kernel, card_smem)));
   allow(q6k_decode_kernel, static_cast<int>(q6k_decode_smem(kQ6kMaxCols)));
-  const auto allow_qgemm = [&](auto format) {
+  // qgemm_kernel's variants: every format with_quantized_format knows (the ones qgemm dispatches through it).
+  const auto allow_qgemm = [&](auto format, auto dq) {
     constexpr int F = decltype(format)::value;
-    allow(qgemm_kernel<F, 1>, static_cast<int>(qgemm_smem(F, 8)));
-    allow(qgemm_kernel<F, 2>, static_cast<int>(qgemm_smem(F, 16)));
-    allow(qgemm_kernel<F, 4>, static_cast<int>(qgemm_smem(F, 32)));
-    if constexpr (F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4)) {
-      allow(qgemm_kernel<F, 1, true>, static_cast<int>(qgemm_smem(F, 8, true)));
-      allow(qgemm_kernel<F, 2, true>, static_cast<int>(qgemm_smem(F, 16, true)));
-      allow(qgemm_kernel<F, 4, true>, static_cast<int>(qgemm_smem(F, 32, true)));
-    }
+    constexpr bool DQ = decltype(dq)::value;
+    allow(qgemm_kernel<F, 1, DQ>, static_cast<int>(qgemm_smem(F, 8, DQ)));
+    allow(qgemm_kernel<F, 2, DQ>, static_cast<int>(qgemm_smem(F, 16, DQ)));
+    allow(qgemm_kernel<F, 4, DQ>, static_cast<int>(qgemm_smem(F, 32, DQ)));
   };
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q4_K)>{});
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::NF4)>{});
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::FP4)>{});
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::INT8)>{});
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q8_0)>{});
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q6_K)>{});
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q4_0)>{});
-  allow_qgemm(std::integral_constant<int, static_cast<int>(QuantType::Q5_K)>{});
+  for (int t = 0; t < kQuantTypeCount; ++t) {
+    const auto type = static_cast<QuantType>(t);
+    if (type == QuantType::F32 || type == QuantType::F16 || type == QuantType::BF16) continue;
+    with_quantized_format(type, "qgemm kernel", [&](auto format) {
+      allow_qgemm(format, std::false_type{});
+      if constexpr (qgemm_has_dq(decltype(format)::value)) allow_qgemm(format, std::true_type{});
+    });
+  }
   {
     int16_t nf4[16], fp4[16];  // Q1.14, as the CPU kernels
     bnb_codebook_q14(QuantType::NF4, nf4);

@@ -68,6 +68,8 @@ __host__ __device__ constexpr int qgemm_source_bytes(int f, bool dq = false) {
 __host__ __device__ constexpr int qgemm_row_bytes(int f, bool dq = false) {
   return dq ? 160 : qgemm_is<QuantType::INT8>(f) ? 272 : qgemm_is<QuantType::Q6_K>(f) ? 224 : qgemm_source_bytes(f);
 }
+// The formats with a double-quantized variant (qgemm_kernel's DQ).
+__host__ __device__ constexpr bool qgemm_has_dq(int f) { return qgemm_is<QuantType::NF4>(f) || qgemm_is<QuantType::FP4>(f); }
 // The formats whose super-blocks are staged as the aligned pieces around them, from their first byte.
 __host__ __device__ constexpr bool qgemm_misaligned(int f, bool dq) {
   return dq || qgemm_is<QuantType::INT8>(f) || qgemm_is<QuantType::Q6_K>(f);
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F, DQ)) qgemm_kernel(Qge
   constexpr bool kInt8 = qgemm_is<QuantType::INT8>(F), kQ80 = qgemm_is<QuantType::Q8_0>(F),
                  kQ6k = qgemm_is<QuantType::Q6_K>(F), kQ40 = qgemm_is<QuantType::Q4_0>(F), kQ5k = qgemm_is<QuantType::Q5_K>(F);
   extern __shared__ uint4 qgemm_stage[];
-  constexpr bool kBnb4 = F == static_cast<int>(QuantType::NF4) || F == static_cast<int>(QuantType::FP4);
+  constexpr bool kBnb4 = qgemm_has_dq(F);
   __shared__ float book[16];         // nf4 / fp4: the Q1.14 levels as floats
   __shared__ float dmap[DQ ? 256 : 1];  // double quantization: the dynamic map of the absmax codes
   if constexpr (kBnb4) {
