@@ -649,7 +649,7 @@ struct GpuDecoder::Impl {
       }
       case QuantType::INT8: return m.row_bytes == static_cast<size_t>(m.cols) + 4;
       case QuantType::Q8_0: return m.row_bytes == superblocks * 272;
-      case QuantType::Q6_K: return m.row_bytes == superblocks * 210 && m.row_bytes % 16 == 0;
+      case QuantType::Q6_K: return m.row_bytes == superblocks * 210;
       default: return false;
     }
   }

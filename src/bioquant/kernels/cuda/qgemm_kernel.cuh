@@ -2,8 +2,8 @@
 // weights dequantized in registers: no bf16 copy of the matrix is written and read back. Formats: q4_k (144
 // bytes per 256 weights), nf4 / fp4 without double quantization (four 36-byte blocks per 256 weights: an f32
 // absmax and 32 bytes of codes), bitsandbytes-style int8 (an f32 row absmax, then a byte per weight), q8_0
-// (34-byte blocks of 32), q4_0 (18-byte blocks of 32), q5_k (176 bytes per 256), q6_k (210 bytes per 256;
-// rows of a multiple of 16 bytes) and nf4 / fp4 with double quantization (33-byte blocks after a row header):
+// (34-byte blocks of 32), q4_0 (18-byte blocks of 32), q5_k (176 bytes per 256), q6_k (210 bytes per 256)
+// and nf4 / fp4 with double quantization (33-byte blocks after a row header):
 // every quantized format.
 // Part of the CUDA backend's single translation unit: included by gpu_decoder.cu (directly or through
 // the files it includes) and nowhere else, so its definitions share that file's anonymous namespace.
@@ -186,11 +186,11 @@ struct QgemmJobs {
 };
 
 // y_i[tok * rows_i + r] = sum_k w_i[r][k] x[tok][k] for rows r < rows_i and tokens tok < n_tokens (<= 8 * NTILE).
-// x: [n_tokens][cols] bf16 (cols a multiple of 256, rows 16-byte aligned). With gridDim.y > 1, partials
+// x: [n_tokens][cols] bf16 (cols a multiple of 256, its rows 16-byte aligned). With gridDim.y > 1, partials
 // holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
 // Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
-// memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (DQ: with double quantization), INT8 or Q6_K (rows of
-// a multiple of 16 bytes); w 16-byte aligned.
+// memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (DQ: with double quantization), INT8 or Q6_K; w 16-byte
+// aligned.
 template <int F, int NTILE, bool DQ = false>
 __global__ void __launch_bounds__(256, qgemm_min_blocks(F, DQ)) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
