@@ -594,38 +594,46 @@ TEST_F(GpuTrainedModel, CardsWithLessSharedMemoryDecodeTheSame) {
   }
 }
 
-// Prompts on tensor cores without cuBLAS (dequant_mma_kernel: what a memory limit too tight for cuBLAS's
-// handle and tiles leaves, and what a machine without libcublas gets): the same bf16 weights and
-// activations as the cuBLAS path, only the f32 summation order differs. A 100-token prompt in every
-// quantized format family, f32 KV cache (the same prompt attention in both): the last rows' logits, then
-// a decode step.
+std::vector<float> prompt_and_batch_logits(Decoder& d, const ModelConfig& c, int64_t n, int batch);
+
+// Prompts on tensor cores without cuBLAS (what a memory limit too tight for cuBLAS's handle and tiles
+// leaves, and what a machine without libcublas gets): qgemm_kernel for prompts of any length (its passes of 32
+// tokens in one launch), or, with BIOQUANT_CUDA_QGEMM=2, dequant_mma_kernel (WMMA). The same bf16 weights and
+// activations as the cuBLAS path, only the f32 summation order differs. Every position's logits of a
+// 100-token prompt in every quantized format family, f32 KV cache; a top token may differ only where
+// cuBLAS's own top two are within twice the error.
 TEST(GpuParity, PromptOnTensorCoresWithoutCublasMatchesCublas) {
   SKIP_WITHOUT_GPU();
   GpuDecoder probe(*Model::load(biomed_tiny_dir()), 0);
   if (probe.prompt_matmuls().rfind("cuBLAS", 0) != 0) GTEST_SKIP() << "no cuBLAS: " << probe.prompt_matmuls();
   ThreadPool pool(2);
-  const std::vector<int32_t> prompt = biomed_tiny_prompt(100);
+  constexpr int64_t kPrompt = 100;
   for (const char* f : {"q4_k", "nf4", "q8_0", "int8", "q6_k"}) {
     auto model = Model::load(biomed_tiny_dir());
     quantize_model(*model, plan_quantization(*model, parse_quant_recipe(f)), pool);
     const ModelConfig& c = model->config();
-    const size_t vocab = static_cast<size_t>(c.vocab);
-    const auto mma = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "mma"}});
+    const auto qgemm = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "mma"}});
+    const auto wmma = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_GEMM", "mma"}, {"BIOQUANT_CUDA_QGEMM", "2"}});
     Decoder cublas(*model, pool, 0, KvType::F32);
-    ASSERT_EQ(mma->gpu()->prompt_matmuls().rfind("tensor cores without cuBLAS", 0), 0u) << mma->gpu()->prompt_matmuls();
-    KVCache c1(c, 101), c2(c, 101);
-    std::vector<float> got(2 * vocab), want(2 * vocab);
-    mma->forward(prompt.data(), 100, c1, 2, got.data());
-    cublas.forward(prompt.data(), 100, c2, 2, want.data());
-    Compared r;
-    for (size_t i = 0; i < 2; ++i) r.add(want.data() + i * vocab, got.data() + i * vocab, static_cast<int64_t>(vocab));
-    const int32_t next = 7;
-    mma->forward(&next, 1, c1, 1, got.data());
-    cublas.forward(&next, 1, c2, 1, want.data());
-    r.add(want.data(), got.data(), static_cast<int64_t>(vocab));
-    EXPECT_LE(r.max_err, 1e-2f * std::max(1.0f, r.max_ref)) << f;
-    EXPECT_EQ(r.argmax_mismatches, 0) << f;
-    std::printf("%-5s prompt on WMMA without cuBLAS vs cuBLAS: max|diff| %.2e (max|logit| %.2f)\n", f, r.max_err, r.max_ref);
+    ASSERT_EQ(qgemm->gpu()->prompt_matmuls().rfind("tensor cores without cuBLAS", 0), 0u) << qgemm->gpu()->prompt_matmuls();
+    const std::vector<float> want = prompt_and_batch_logits(cublas, c, kPrompt, 0);
+    const std::vector<float> got = prompt_and_batch_logits(*qgemm, c, kPrompt, 0);
+    const std::vector<float> got_wmma = prompt_and_batch_logits(*wmma, c, kPrompt, 0);
+    Compared r, r_wmma;
+    for (int64_t i = 0; i < kPrompt; ++i) {
+      const size_t at = static_cast<size_t>(i * c.vocab);
+      r.add(want.data() + at, got.data() + at, c.vocab);
+      r_wmma.add(want.data() + at, got_wmma.data() + at, c.vocab);
+    }
+    for (const auto& [name, cmp] : {std::pair{"qgemm_kernel", r}, std::pair{"WMMA", r_wmma}}) {
+      EXPECT_LE(cmp.max_err, 1e-2f * std::max(1.0f, cmp.max_ref)) << f << ", " << name;
+      EXPECT_LE(cmp.worst_flip_margin, 2 * cmp.max_err) << f << ", " << name << ": " << cmp.argmax_mismatches << " top tokens differ";
+    }
+    EXPECT_NE(std::memcmp(got.data(), got_wmma.data(), got.size() * sizeof(float)), 0) << f << ": qgemm_kernel's logits have WMMA's bits";
+    std::printf("%-5s %lld-token prompt without cuBLAS vs cuBLAS: qgemm_kernel max|diff| %.2e, %d top tokens differ; "
+                "WMMA %.2e, %d (max|logit| %.2f)\n",
+                f, static_cast<long long>(kPrompt), r.max_err, r.argmax_mismatches, r_wmma.max_err, r_wmma.argmax_mismatches,
+                r.max_ref);
   }
 }
 

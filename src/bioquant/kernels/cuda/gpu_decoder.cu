@@ -183,7 +183,8 @@ struct GpuDecoder::Impl {
   }
   bool batch_decode_gemm(std::span<const DecodeSegment> segments) const {
     // cuBLAS only: the WMMA fallback was slower than the integer kernels up to ~32 sequences (16: 423
-    // against 811 tok/s, q4_k, H200).
+    // against 811 tok/s, q4_k, H200); so is qgemm_kernel without the partial sums' buffer (16: 2165
+    // against 2573 tok/s, q4_k, H200).
     if (!blas.ready() || layers.empty()) return false;
     const QuantType t = layers.front().wq.type;
     const bool plain = t == QuantType::F32 || t == QuantType::F16 || t == QuantType::BF16;
@@ -624,7 +625,7 @@ struct GpuDecoder::Impl {
     const DevMatrix* m;
     float* y;
   };
-  // Quantized matmuls (every format) of up to qgemm_max tokens take qgemm_kernel
+  // Quantized matmuls (every format) of up to qgemm_max tokens (without cuBLAS: any number) take qgemm_kernel
   // (no dequantized copy), in passes of 32 tokens (BIOQUANT_CUDA_QGEMM=2: the dequantized tiles as other
   // formats). Its column ranges aim at qgemm_blocks blocks per matrix (BIOQUANT_CUDA_QGEMM_BLOCKS: per SM).
   // (Both knobs read either way: a typo in one is an error whatever the other says.)
@@ -653,7 +654,11 @@ struct GpuDecoder::Impl {
       default: return false;
     }
   }
-  bool qgemm_takes(const DevMatrix& m, int64_t n) const { return n <= qgemm_max && qgemm_format(m); }
+  // Up to qgemm_max tokens with cuBLAS (from ~96 the tiles win); any number without it (a memory limit
+  // that gave it up, no libcublas), where the alternative is dequant_mma_kernel.
+  bool qgemm_takes(const DevMatrix& m, int64_t n) const {
+    return qgemm_max > 0 && (n <= qgemm_max || !blas.ready()) && qgemm_format(m);
+  }
   // Up to three matrices of the same input (xb: [n, cols] bf16) and format in one launch per pass.
   void qgemm(const __nv_bfloat16* xb, int64_t n, const Job* all, int count) {
     QgemmJobs jobs{};
@@ -673,8 +678,8 @@ struct GpuDecoder::Impl {
     constexpr size_t arrivals_bytes = kQgemmArrivalBytes;
     const size_t budget = blas.ready() && static_cast<size_t>(blocks_x) * 4 <= arrivals_bytes ? gemm_tile_bytes : 0;
     bool used_tile0 = false;
-    for (int64_t t0 = 0; t0 < n; t0 += kQgemmMaxTokens) {
-      const int64_t cnt = std::min(kQgemmMaxTokens, static_cast<int>(n - t0));
+    for (int64_t t0 = 0; t0 < n;) {
+      int64_t cnt = std::min(kQgemmMaxTokens, static_cast<int>(n - t0));
       const int ntile = cnt <= 8 ? 1 : cnt <= 16 ? 2 : 4;
       const auto partial_bytes = [&](int64_t ranges) {
         return arrivals_bytes + static_cast<size_t>(ranges * 8 * ntile * blocks_x * kQgemmRows) * 4;
@@ -695,9 +700,14 @@ struct GpuDecoder::Impl {
         partials = reinterpret_cast<float*>(base + arrivals_bytes);
         used_tile0 = true;
       }
+      // One column range: the passes of all the tokens left in one launch (blocks z take tokens 32 z..), so
+      // a long prompt's passes (without cuBLAS) fill the card together instead of one small grid at a time.
+      const int64_t passes = ranges == 1 ? (n - t0 + kQgemmMaxTokens - 1) / kQgemmMaxTokens : 1;
+      if (passes > 1) cnt = n - t0;
       for (int i = 0; i < count; ++i) jobs.y[i] = all[i].y + t0 * all[i].m->rows;
-      const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(ranges));
+      const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(ranges), static_cast<unsigned>(passes));
       const __nv_bfloat16* xt = xb + t0 * cols;
+      t0 += passes * kQgemmMaxTokens;
       const auto by_tokens = [&](auto format, auto dq) {
         constexpr int F = decltype(format)::value;
         constexpr bool DQ = decltype(dq)::value;
@@ -1952,7 +1962,7 @@ std::string GpuDecoder::prompt_matmuls() const {
   const std::string batches = " for batches of " + std::to_string(Impl::kGemmMinTokens) + "+ tokens";
   if (impl_->blas.ready()) return impl_->blas.status() + batches;
   if (impl_->mma_fallback)
-    return "tensor cores without cuBLAS (WMMA on weights dequantized in shared memory)" + batches + "; cuBLAS " +
+    return "tensor cores without cuBLAS (qgemm_kernel, or WMMA on weights dequantized in shared memory)" + batches + "; cuBLAS " +
            impl_->blas.status();
   return "integer kernels; cuBLAS " + impl_->blas.status();
 }

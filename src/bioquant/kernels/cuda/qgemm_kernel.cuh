@@ -185,10 +185,11 @@ struct QgemmJobs {
   int first_block[4];
 };
 
-// y_i[tok * rows_i + r] = sum_k w_i[r][k] x[tok][k] for rows r < rows_i and tokens tok < n_tokens (<= 8 * NTILE).
-// x: [n_tokens][cols] bf16 (cols a multiple of 256, its rows 16-byte aligned). With gridDim.y > 1, partials
-// holds gridDim.y x 8 * NTILE x (gridDim.x * 128) floats and arrivals gridDim.x zeros (left as zeros).
-// Grid (the jobs' blocks of 128 rows, ranges), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
+// y_i[tok * rows_i + r] = sum_k w_i[r][k] x[tok][k] for rows r < rows_i and tokens tok < n_tokens (<= 8 * NTILE *
+// gridDim.z: blocks z take tokens 8 NTILE z.. of them). x: [n_tokens][cols] bf16 (cols a multiple of 256, its rows
+// 16-byte aligned). With gridDim.y > 1 (then gridDim.z == 1), partials holds gridDim.y x 8 * NTILE x (gridDim.x *
+// 128) floats and arrivals gridDim.x zeros (left as zeros).
+// Grid (the jobs' blocks of 128 rows, ranges, passes of 8 NTILE tokens), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
 // memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (DQ: with double quantization), INT8 or Q6_K; w 16-byte
 // aligned.
 template <int F, int NTILE, bool DQ = false>
@@ -221,6 +222,11 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F, DQ)) qgemm_kernel(Qge
   const size_t row_bytes = pick(jobs.row_bytes[0], jobs.row_bytes[1], jobs.row_bytes[2]);
   const int64_t rows = pick(jobs.rows[0], jobs.rows[1], jobs.rows[2]), y_ld = rows;
   float* y = pick(jobs.y[0], jobs.y[1], jobs.y[2]);
+  {  // this block's pass of the tokens (its rows of y: where they are written)
+    const int64_t first_token = static_cast<int64_t>(kTokens) * blockIdx.z;
+    x += first_token * cols;
+    n_tokens = min(n_tokens - first_token, static_cast<int64_t>(kTokens));
+  }
   const int64_t first_row =
       static_cast<int64_t>(static_cast<int>(blockIdx.x) - pick(jobs.first_block[0], jobs.first_block[1], jobs.first_block[2])) *
       kQgemmRows;
@@ -461,6 +467,7 @@ __global__ void __launch_bounds__(256, qgemm_min_blocks(F, DQ)) qgemm_kernel(Qge
 
   // C's layout: rows g, g + 8 at tokens 8n + 2t, 8n + 2t + 1.
   if (ranges == 1) {
+    y += static_cast<int64_t>(kTokens) * blockIdx.z * y_ld;  // (gridDim.z > 1 only with one range)
 #pragma unroll
     for (int n = 0; n < NTILE; ++n) {
 #pragma unroll
