@@ -231,6 +231,79 @@ TEST(SyntheticWeights, RandomRowModelsRunAndGpuOnlyOnesAreRefusedOnTheCpu) {
   EXPECT_THROW(Decoder(*gpu_only, pool), Error);
 }
 
+// The study's other families as synthetic shapes: each has its checkpoint's parameter count (as Hugging Face
+// counts them for mistralai/Mistral-7B-v0.3, Qwen/Qwen3-8B, google/gemma-2-9b, microsoft/Phi-3-mini-4k-instruct,
+// microsoft/phi-4) and its family's traits; shrunk to a small width, each builds the family's tensors
+// (fused q/k/v and gate/up, sandwich norms, q/k norms) and runs, in floats and in q4_k.
+TEST(SyntheticWeights, StudyFamiliesHaveTheirCheckpointsShapes) {
+  const struct {
+    const char* name;
+    const char* model_type;
+    int64_t parameters;
+  } families[] = {{"mistral-7b", "mistral", 7248023552}, {"qwen3-8b", "qwen3", 8190735360},
+                  {"gemma2-9b", "gemma2", 9241705984}, {"phi3-mini", "phi3", 3821079552},
+                  {"phi4-14b", "phi3", 14659507200}};
+  ThreadPool pool(2);
+  for (const auto& f : families) {
+    ModelConfig c = synthetic_config(f.name);
+    EXPECT_EQ(c.model_type, f.model_type) << f.name;
+    EXPECT_EQ(c.parameter_count(), f.parameters) << f.name;
+    if (c.model_type == "gemma2") {
+      EXPECT_EQ(c.head_dim, 256);
+      EXPECT_FLOAT_EQ(c.attn_softcap, 50.0f);
+      EXPECT_FLOAT_EQ(c.final_softcap, 30.0f);
+      EXPECT_FLOAT_EQ(c.query_scale, 1.0f / 16.0f);
+      EXPECT_TRUE(c.tie_embeddings && c.sandwich_norms && c.norm_unit_offset);
+      ASSERT_EQ(c.layer_sliding.size(), 42u);
+      EXPECT_TRUE(c.layer_sliding[0] && !c.layer_sliding[1] && c.layer_sliding[40] && !c.layer_sliding[41]);
+    }
+    EXPECT_EQ(c.fused_qkv && c.fused_gate_up, c.model_type == "phi3") << f.name;
+    EXPECT_EQ(c.qk_norm, c.model_type == "qwen3") << f.name;
+
+    const int64_t group = c.n_heads / c.n_kv_heads;
+    c.hidden = 256;
+    c.intermediate = 512;
+    c.n_heads = 4;
+    c.n_kv_heads = 4 / std::min<int64_t>(group, 4);
+    c.head_dim = 64;
+    c.vocab = 512;
+    c.n_layers = 2;
+    c.layer_sliding.resize(2);
+    if (c.sliding_window > 0) c.sliding_window = 3;  // so the sliding layers' window is crossed below
+    const QuantRecipe recipe = parse_quant_recipe("q4_k");
+    // Floats; floats quantized to q4_k as they are made; q4_k rows made straight (a tied output follows the
+    // embedding in the last two).
+    for (int mode = 0; mode < 3; ++mode) {
+      const SyntheticWeights how = mode == 2 ? SyntheticWeights::RandomRows : SyntheticWeights::Quantized;
+      auto model = make_synthetic_model(c, DType::F32, 7, pool, mode > 0 ? &recipe : nullptr, how);
+      if (c.tie_embeddings) {
+        EXPECT_EQ(model->weights().output.data, model->weights().embed.data) << f.name;
+        EXPECT_EQ(model->weights().output.type, model->weights().embed.type) << f.name;
+      }
+      const LayerWeights& l = model->weights().layers[1];
+      EXPECT_EQ(l.wq.rows, 256);
+      EXPECT_EQ(l.wk.rows, 64 * c.n_kv_heads);
+      EXPECT_EQ(l.w_up.rows, 512);
+      EXPECT_EQ(l.ffn_post_norm.size(), c.sandwich_norms ? 256u : 0u) << f.name;
+      EXPECT_EQ(l.k_norm.size(), c.qk_norm ? 64u : 0u) << f.name;
+      Decoder decoder(*model, pool);
+      KVCache cache(c, 8);
+      const int32_t ids[] = {3, 1, 4, 1, 5, 9};
+      std::vector<float> logits(static_cast<size_t>(6 * c.vocab));
+      decoder.forward(ids, 6, cache, 6, logits.data());
+      float amax = 0.0f;
+      for (float v : logits) {
+        ASSERT_TRUE(std::isfinite(v)) << f.name;
+        amax = std::max(amax, std::fabs(v));
+      }
+      EXPECT_GT(amax, 0.0f) << f.name;
+      if (c.final_softcap > 0.0f) {
+        EXPECT_LT(amax, c.final_softcap) << f.name;
+      }
+    }
+  }
+}
+
 // Peak resident memory of a whole run, measured by the process itself (bench reports VmHWM).
 TEST(QuantMemory, Nf4PeakRssOfA1BModelIsAThirdOfBf16) {
   SKIP_WHERE_RSS_IS_SANITIZED();

@@ -4,6 +4,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
+#include "bioquant/io/hf_config.h"
 #include "bioquant/model/quantize.h"
 #include "bioquant/quant/random_rows.h"
 
@@ -25,6 +26,39 @@ const Shape kShapes[] = {
     {"llama3-8b", "llama", 4096, 32, 32, 8, 14336, 128256, 500000.0f, true, false},
     {"llama3-70b", "llama", 8192, 80, 64, 8, 28672, 128256, 500000.0f, true, false},
     {"qwen2.5-7b", "qwen2", 3584, 28, 28, 4, 18944, 152064, 1000000.0f, false, false},
+};
+
+// The study's other families, as the fields of their config.json that shape the model, read by the parser
+// a checkpoint's goes through (so each family's traits come out as a real one's: Gemma 2's softcaps, sliding
+// layers and sandwich norms, Phi-3's fused matrices, Qwen3's q/k norms).
+struct ConfigShape {
+  const char* name;
+  const char* config_json;
+};
+const ConfigShape kConfigShapes[] = {
+    {"mistral-7b",
+     R"({"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768, "max_position_embeddings": 32768,
+         "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2})"},
+    {"qwen3-8b",
+     R"({"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+         "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false,
+         "bos_token_id": 151643, "eos_token_id": 151645})"},
+    {"gemma2-9b",
+     R"({"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+         "max_position_embeddings": 8192, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+         "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+         "tie_word_embeddings": true, "bos_token_id": 2, "eos_token_id": 1})"},
+    {"phi3-mini",
+     R"({"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096,
+         "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "sliding_window": 2047, "bos_token_id": 1, "eos_token_id": 32000})"},
+    {"phi4-14b",
+     R"({"model_type": "phi3", "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
+         "num_attention_heads": 40, "num_key_value_heads": 10, "vocab_size": 100352, "max_position_embeddings": 16384,
+         "rope_theta": 250000.0, "rms_norm_eps": 1e-5, "bos_token_id": 100257, "eos_token_id": 100265})"},
 };
 
 uint64_t splitmix64(uint64_t& state) {
@@ -60,6 +94,7 @@ const std::vector<std::string>& synthetic_names() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> v;
     for (const Shape& s : kShapes) v.push_back(s.name);
+    for (const ConfigShape& s : kConfigShapes) v.push_back(s.name);
     return v;
   }();
   return names;
@@ -87,6 +122,8 @@ ModelConfig synthetic_config(const std::string& name) {
     c.eos_ids = {2};
     return c;
   }
+  for (const ConfigShape& s : kConfigShapes)
+    if (name == s.name) return parse_hf_config(s.config_json, std::string("synthetic ") + s.name);
   std::string list;
   for (const auto& n : synthetic_names()) list += (list.empty() ? "" : ", ") + n;
   throw Error("unknown synthetic model '" + name + "' (known: " + list + ")");
@@ -109,15 +146,31 @@ std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, u
   vector("model.norm.weight", c.hidden, norm_one);
   for (int64_t i = 0; i < c.n_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    matrix(p + "self_attn.q_proj.weight", c.q_dim(), c.hidden);
-    matrix(p + "self_attn.k_proj.weight", c.kv_dim(), c.hidden);
-    matrix(p + "self_attn.v_proj.weight", c.kv_dim(), c.hidden);
+    if (c.fused_qkv) {
+      matrix(p + "self_attn.qkv_proj.weight", c.q_dim() + 2 * c.kv_dim(), c.hidden);
+    } else {
+      matrix(p + "self_attn.q_proj.weight", c.q_dim(), c.hidden);
+      matrix(p + "self_attn.k_proj.weight", c.kv_dim(), c.hidden);
+      matrix(p + "self_attn.v_proj.weight", c.kv_dim(), c.hidden);
+    }
     matrix(p + "self_attn.o_proj.weight", c.hidden, c.q_dim());
-    matrix(p + "mlp.gate_proj.weight", c.intermediate, c.hidden);
-    matrix(p + "mlp.up_proj.weight", c.intermediate, c.hidden);
+    if (c.fused_gate_up) {
+      matrix(p + "mlp.gate_up_proj.weight", 2 * c.intermediate, c.hidden);
+    } else {
+      matrix(p + "mlp.gate_proj.weight", c.intermediate, c.hidden);
+      matrix(p + "mlp.up_proj.weight", c.intermediate, c.hidden);
+    }
     matrix(p + "mlp.down_proj.weight", c.hidden, c.intermediate);
     vector(p + "input_layernorm.weight", c.hidden, norm_one);
     vector(p + "post_attention_layernorm.weight", c.hidden, norm_one);
+    if (c.sandwich_norms) {
+      vector(p + "pre_feedforward_layernorm.weight", c.hidden, norm_one);
+      vector(p + "post_feedforward_layernorm.weight", c.hidden, norm_one);
+    }
+    if (c.qk_norm) {
+      vector(p + "self_attn.q_norm.weight", c.head_dim, norm_one);
+      vector(p + "self_attn.k_norm.weight", c.head_dim, norm_one);
+    }
     if (c.attn_qkv_bias) {
       vector(p + "self_attn.q_proj.bias", c.q_dim(), 0.0f);
       vector(p + "self_attn.k_proj.bias", c.kv_dim(), 0.0f);
@@ -162,9 +215,11 @@ std::unique_ptr<Model> make_synthetic_model(const ModelConfig& c, DType dtype, u
       continue;
     }
     fill_random(data, dtype, m.rows * m.cols, amplitude, splitmix64(tensor_seed), pool);
-    // Quantize each matrix as soon as it exists, so the 16-bit model is never whole in memory.
-    if (recipe != nullptr) quantize_matrix(*model, m, plan[i], pool, true);
+    // Quantize each matrix as soon as it exists, so the 16-bit model is never whole in memory (a tied
+    // embedding's floats stay until the output is retied below).
+    if (recipe != nullptr) quantize_matrix(*model, m, plan[i], pool, !(c.tie_embeddings && matrices[i].first == "embedding"));
   }
+  model->retie_output();  // a tied output takes the embedding's new storage and format
   return model;
 }
 

@@ -11,7 +11,8 @@
 
 namespace bioquant {
 
-// Named shapes: llama-1b, llama3-8b, llama3-70b, qwen2.5-7b, tiny. Throws Error listing them.
+// Named shapes: tiny, llama-1b, llama3-8b, llama3-70b, qwen2.5-7b, and the study's other families
+// (mistral-7b, qwen3-8b, gemma2-9b, phi3-mini, phi4-14b). Throws Error listing them.
 ModelConfig synthetic_config(const std::string& name);
 const std::vector<std::string>& synthetic_names();
 
