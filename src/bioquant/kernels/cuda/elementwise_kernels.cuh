@@ -88,20 +88,25 @@ constexpr int kNormCached = 8;  // row values per thread held in registers by th
 // This thread's share of the sum of squares of row x (+ add, when given): its first kNormCached values
 // (columns threadIdx.x + k * blockDim.x) loaded together into v, then any rest one by one; the
 // same order of adds either way.
-__device__ __forceinline__ float thread_sum_squares(const float* x, const float* add, int64_t n, float* v) {
+// value(i): the row's value at column i.
+template <class Value>
+__device__ __forceinline__ float thread_sum_squares_of(Value value, int64_t n, float* v) {
 #pragma unroll
   for (int k = 0; k < kNormCached; ++k) {
     const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    v[k] = i < n ? (add != nullptr ? x[i] + add[i] : x[i]) : 0.0f;
+    v[k] = i < n ? value(i) : 0.0f;
   }
   float ss = 0.0f;
 #pragma unroll
   for (int k = 0; k < kNormCached; ++k) ss += v[k] * v[k];  // columns past n add +0
   for (int64_t i = threadIdx.x + static_cast<int64_t>(kNormCached) * blockDim.x; i < n; i += blockDim.x) {
-    const float u = add != nullptr ? x[i] + add[i] : x[i];
+    const float u = value(i);
     ss += u * u;
   }
   return ss;
+}
+__device__ __forceinline__ float thread_sum_squares(const float* x, const float* add, int64_t n, float* v) {
+  return thread_sum_squares_of([&](int64_t i) { return add != nullptr ? x[i] + add[i] : x[i]; }, n, v);
 }
 
 __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, float* out) {
@@ -122,7 +127,8 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
 constexpr int64_t kSlicedNormRows = kGpuSlicedNormRows;
 
 // Fusion of the residual add, RMSNorm and the activation quantization of the matmuls that follow:
-// x_out = x + add (when add is given); out = norm(x_out) * w (also in bf16 into out_bf16 when given, for
+// x_out = x + add (when add is given; with add_w, x + norm(add) * add_w: Gemma 2's norm after each block,
+// the same sum and products as rms_norm_kernel's, so the same bits); out = norm(x_out) * w (also in bf16 into out_bf16 when given, for
 // tensor-core matmuls); (q, d, s) = out quantized per 32 (when q is given, for the integer kernels).
 // Grid (tokens, column slices); 1024 threads per block; n a multiple of 32 (lanes of a warp hold 32
 // consecutive columns, so a block's absmax is a warp reduction), slice a multiple of 32. Every block
@@ -130,8 +136,9 @@ constexpr int64_t kSlicedNormRows = kGpuSlicedNormRows;
 // depend on them) and writes its slice: one token's norm then runs on n / slice SMs instead of as a
 // chain of dependent steps on one. Blocks read x and add while others write, so with several
 // slices x_out and out must alias neither (with one, x_out may be x).
-__global__ void add_norm_quant_kernel(const float* x, const float* add, float* x_out, const float* w, float eps, int64_t n,
-                                      int64_t slice, float* out, __nv_bfloat16* out_bf16, int8_t* q, float* d, int* s) {
+__global__ void add_norm_quant_kernel(const float* x, const float* add, const float* add_w, float* x_out, const float* w,
+                                      float eps, int64_t n, int64_t slice, float* out, __nv_bfloat16* out_bf16, int8_t* q,
+                                      float* d, int* s) {
   // This thread's first weight, loaded before the wait (no kernel writes the weights): after the
   // row's sum it would be a round trip to memory of its own.
   const int64_t i_first = blockIdx.y * slice + threadIdx.x;
@@ -143,14 +150,21 @@ __global__ void add_norm_quant_kernel(const float* x, const float* add, float* x
   const float* ar = add != nullptr ? add + t * n : nullptr;
   // The row's values loaded together (one round trip to L2, not one per element a thread sums).
   float cached[kNormCached];
-  const float total = block_sum(thread_sum_squares(xr, ar, n, cached), red);
+  float add_scale = 1.0f;  // add_w: the added row's own norm
+  if (add_w != nullptr) {
+    add_scale = 1.0f / sqrtf(block_sum(thread_sum_squares(ar, nullptr, n, cached), red) / static_cast<float>(n) + eps);
+  }
+  // Products rounded as rms_norm_kernel's stored ones are (no fused multiply-add into the sum below).
+  const auto added = [&](int64_t i) { return add_w != nullptr ? __fmul_rn(__fmul_rn(ar[i], add_scale), add_w[i]) : ar[i]; };
+  const float total =
+      block_sum(thread_sum_squares_of([&](int64_t i) { return ar != nullptr ? xr[i] + added(i) : xr[i]; }, n, cached), red);
   const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
   const int lane = threadIdx.x % 32;
   const int64_t end = min(n, (blockIdx.y + 1) * slice);
   for (int64_t i = blockIdx.y * slice + threadIdx.x; i - lane < end; i += blockDim.x) {  // warp-uniform bound
     float v = xr[i];
     if (ar != nullptr) {
-      v += ar[i];
+      v += added(i);
       x_out[t * n + i] = v;
     }
     const float o = v * scale * (i == i_first ? w_first : w[i]);

@@ -1424,6 +1424,7 @@ struct GpuDecoder::Impl {
     // Residual adds are deferred into the next norm, which also quantizes the activations of the
     // integer matmuls after it (one launch instead of three).
     bool pending = false;  // work.h holds a residual not yet added into the residual stream
+    const float* pending_norm = nullptr;  // Gemma 2: the norm work.h takes first (fused into the add when it can)
     const bool fusable = hd % 32 == 0;
     const bool fused_decode = fused_decode_ok();
     bool all_single = true;
@@ -1447,14 +1448,19 @@ struct GpuDecoder::Impl {
     __nv_bfloat16* step_bf16 = nullptr;
     if (gemm_rows > 0)
       step_bf16 = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(n * std::max({hd, qd, ff})) * 2));
+    const auto add_pending = [&]() {
+      if (!pending) return;
+      if (pending_norm != nullptr) launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, work.h, pending_norm, c.norm_eps, hd, work.h);
+      launch(add_kernel, blocks_for(n * hd), 256, 0, x, work.h, n * hd);
+    };
     const auto norm_into_h = [&](const float* w, bool quantize) {
       if (fusable) {
         launch_with(pdl(n), add_norm_quant_kernel, dim3(static_cast<unsigned>(n), static_cast<unsigned>((hd + norm_slice - 1) / norm_slice)),
-               1024, 0, x, pending ? work.h : nullptr, x_next, w, c.norm_eps, hd, norm_slice, work.normed, step_bf16,
-               quantize ? work.aq : nullptr, work.ad, work.as);
+               1024, 0, x, pending ? work.h : nullptr, pending ? pending_norm : nullptr, x_next, w, c.norm_eps, hd, norm_slice,
+               work.normed, step_bf16, quantize ? work.aq : nullptr, work.ad, work.as);
         if (pending && sliced_norm) std::swap(x, x_next);
       } else {
-        if (pending) launch(add_kernel, blocks_for(n * hd), 256, 0, x, work.h, n * hd);
+        add_pending();
         launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, x, w, c.norm_eps, hd, work.normed);
       }
       pending = false;
@@ -1590,9 +1596,8 @@ struct GpuDecoder::Impl {
       }
       matmul(work.attn, n, l.wo, work.h, quant_o, attn_bf16 ? step_bf16 : nullptr);
       if (l.bo) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.bo, n, hd);
-      if (c.sandwich_norms)
-        launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, work.h, l.attn_post_norm, c.norm_eps, hd, work.h);
       pending = true;
+      pending_norm = c.sandwich_norms ? l.attn_post_norm : nullptr;
 
       const bool quant_gate_up = fusable && integer_path(n, {&l.w_gate, &l.w_up});
       norm_into_h(l.ffn_norm, quant_gate_up);
@@ -1614,11 +1619,10 @@ struct GpuDecoder::Impl {
       }
       matmul(work.gate, n, l.w_down, work.h, quant_down, quant_down ? nullptr : step_bf16);
       if (l.b_down) launch(add_bias_kernel, blocks_for(n * hd), 256, 0, work.h, l.b_down, n, hd);
-      if (c.sandwich_norms)
-        launch(rms_norm_kernel, static_cast<unsigned>(n), 1024, 0, work.h, l.ffn_post_norm, c.norm_eps, hd, work.h);
       pending = true;
+      pending_norm = c.sandwich_norms ? l.ffn_post_norm : nullptr;
     }
-    if (pending) launch(add_kernel, blocks_for(n * hd), 256, 0, x, work.h, n * hd);
+    add_pending();
     CUDA_OK(cudaGetLastError());
     if (n_logits > 0) {
       // Each sequence's last rows, normalised into consecutive rows of work.h.
