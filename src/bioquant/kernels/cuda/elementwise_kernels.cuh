@@ -109,10 +109,9 @@ __device__ __forceinline__ float thread_sum_squares(const float* x, const float*
   return thread_sum_squares_of([&](int64_t i) { return add != nullptr ? x[i] + add[i] : x[i]; }, n, v);
 }
 
-__global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, float* out) {
+// One row xr -> o by the block (in place allowed).
+__device__ __forceinline__ void rms_norm_row(const float* xr, const float* w, float eps, int64_t n, float* o) {
   __shared__ float red[32];
-  const float* xr = x + blockIdx.x * n;
-  float* o = out + blockIdx.x * n;
   float v[kNormCached];
   const float total = block_sum(thread_sum_squares(xr, nullptr, n, v), red);
   const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
@@ -122,6 +121,19 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
     if (i < n) o[i] = v[k] * scale * w[i];
   }
   for (int64_t i = threadIdx.x + static_cast<int64_t>(kNormCached) * blockDim.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+}
+__global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, float* out) {
+  rms_norm_row(x + blockIdx.x * n, w, eps, n, out + blockIdx.x * n);
+}
+
+// Qwen3's norm of every head of q and of k, in place, in one (dependent) launch: blocks [0, q_rows) take
+// q's head rows, the others k's; the sums and products of rms_norm_kernel with as many threads.
+__global__ void qk_norm_kernel(float* q, float* k, const float* wq, const float* wk, float eps, int64_t head_dim,
+                               int64_t q_rows) {
+  await_then_allow();
+  const int64_t r = blockIdx.x;
+  float* row = r < q_rows ? q + r * head_dim : k + (r - q_rows) * head_dim;
+  rms_norm_row(row, r < q_rows ? wq : wk, eps, head_dim, row);
 }
 
 constexpr int64_t kSlicedNormRows = kGpuSlicedNormRows;

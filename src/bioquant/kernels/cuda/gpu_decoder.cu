@@ -1478,12 +1478,9 @@ struct GpuDecoder::Impl {
         launch(add_bias_kernel, blocks_for(n * kvd), 256, 0, work.k, l.bk, n, kvd);
         launch(add_bias_kernel, blocks_for(n * kvd), 256, 0, work.v, l.bv, n, kvd);
       }
-      if (c.qk_norm) {
-        launch(rms_norm_kernel, static_cast<unsigned>(n * c.n_heads), 128, 0, work.q, l.q_norm, c.norm_eps, c.head_dim,
-                                                                                  work.q);
-        launch(rms_norm_kernel, static_cast<unsigned>(n * c.n_kv_heads), 128, 0, work.k, l.k_norm, c.norm_eps,
-                                                                                     c.head_dim, work.k);
-      }
+      if (c.qk_norm)
+        launch_with(pdl(n), qk_norm_kernel, static_cast<unsigned>(n * (c.n_heads + c.n_kv_heads)), 128, 0, work.q, work.k,
+                    l.q_norm, l.k_norm, c.norm_eps, c.head_dim, n * c.n_heads);
       const int64_t window = c.layer_sliding[static_cast<size_t>(li)] ? c.sliding_window : 0;
       // Decode steps (every sequence one new token) quantize the attention output for the output
       // projection inside the fused attention kernel.
