@@ -140,8 +140,9 @@ constexpr int64_t kSlicedNormRows = kGpuSlicedNormRows;
 
 // Fusion of the residual add, RMSNorm and the activation quantization of the matmuls that follow:
 // x_out = x + add (when add is given; with add_w, x + norm(add) * add_w: Gemma 2's norm after each block,
-// the same sum and products as rms_norm_kernel's, so the same bits); out = norm(x_out) * w (also in bf16 into out_bf16 when given, for
-// tensor-core matmuls); (q, d, s) = out quantized per 32 (when q is given, for the integer kernels).
+// the same sum and products as rms_norm_kernel's, so the same bits); out = norm(x_out) * w (also in bf16 into
+// out_bf16 when given, for tensor-core matmuls); (q, d, s) = out quantized per 32 (when q is given, for the
+// integer kernels).
 // Grid (tokens, column slices); 1024 threads per block; n a multiple of 32 (lanes of a warp hold 32
 // consecutive columns, so a block's absmax is a warp reduction), slice a multiple of 32. Every block
 // sums the squares of its whole row (in the same order whatever the slices, so results do not

@@ -189,9 +189,9 @@ struct QgemmJobs {
 // gridDim.z: blocks z take tokens 8 NTILE z.. of them). x: [n_tokens][cols] bf16 (cols a multiple of 256, its rows
 // 16-byte aligned). With gridDim.y > 1 (then gridDim.z == 1), partials holds gridDim.y x 8 * NTILE x (gridDim.x *
 // 128) floats and arrivals gridDim.x zeros (left as zeros).
-// Grid (the jobs' blocks of 128 rows, ranges, passes of 8 NTILE tokens), 256 threads, qgemm_smem(F, 8 * NTILE) bytes of dynamic shared
-// memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (DQ: with double quantization), INT8 or Q6_K; w 16-byte
-// aligned.
+// Grid (the jobs' blocks of 128 rows, ranges, passes of 8 NTILE tokens), 256 threads, qgemm_smem(F, 8 * NTILE)
+// bytes of dynamic shared memory. F: QuantType Q4_K, Q5_K, Q4_0, Q8_0, NF4 or FP4 (DQ: with double quantization),
+// INT8 or Q6_K; w 16-byte aligned.
 template <int F, int NTILE, bool DQ = false>
 __global__ void __launch_bounds__(256, qgemm_min_blocks(F, DQ)) qgemm_kernel(QgemmJobs jobs, int64_t cols, const __nv_bfloat16* x,
                                                        int64_t n_tokens, float* partials, unsigned* arrivals) {
