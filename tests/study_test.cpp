@@ -1079,9 +1079,8 @@ TEST(StudyEstimate, GpuMemoryMatchesTheMeasuredH100Runs) {
   }
   // The study's other families (tests/fixtures/gpu_memory_h200_families.json: Mistral, Qwen3, Gemma 2, Phi-3-mini,
   // Phi-4 shapes at bf16 / nf4 / q4_k_m, measured on an H200): weights, KV cache and workspace to the byte's 0.01%;
-  // the device's peak within 0.2%, Gemma 2's within 1%: its 256-wide heads' decode attention kernel has a 208-byte
-  // stack frame (ptxas), and the driver grows every resident thread's local memory to it (~39 MB more device
-  // memory, which the estimate does not model).
+  // the device's peak within 0.2% (the driver sizes every resident thread's local memory to the largest stack frame
+  // of a kernel: a frame that grows by 144 bytes costs ~39 MB on an H200, as Gemma 2's decode attention once did).
   const json families = json::parse(test::read_file(test::fixtures_dir() + "/gpu_memory_h200_families.json"));
   ASSERT_EQ(families["runs"].size(), 15u);
   for (const json& run : families["runs"]) {
@@ -1097,8 +1096,7 @@ TEST(StudyEstimate, GpuMemoryMatchesTheMeasuredH100Runs) {
     EXPECT_NEAR(e.weights_resident, run["weights"].get<double>(), 1e-4 * run["weights"].get<double>()) << what;
     EXPECT_NEAR(e.kv_cache, run["kv"].get<double>(), 1e-4 * run["kv"].get<double>()) << what;
     EXPECT_NEAR(e.activations + e.scratch, run["workspace"].get<double>(), 1e-4 * run["workspace"].get<double>()) << what;
-    const double rel = shape.config.model_type == "gemma2" ? 1e-2 : 2e-3;
-    EXPECT_NEAR(e.total, run["device_peak"].get<double>(), rel * run["device_peak"].get<double>()) << what;
+    EXPECT_NEAR(e.total, run["device_peak"].get<double>(), 2e-3 * run["device_peak"].get<double>()) << what;
   }
   // The study's headline: a Llama-3-70B shape at q4_k_m with a q8 cache of 4096 positions needs more
   // than 40 GiB with tensor-core prompts (the context and cuBLAS included); nf4 + double quant fits.

@@ -375,15 +375,22 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
       const bool in_stage = sidx < staged;
       const KV* row = in_stage ? k_stage + sidx * stage_ld : k_cache + at;
       const __half* row_scale = !std::is_same_v<KV, int8_t> ? nullptr : in_stage ? ks_stage + sidx * (head_dim / 32) : k_scale + at / 32;
-      float kv8[kChunks][8];
+      // 256-wide heads: the key's chunks two at a time. q's 8 chunks and all 8 of the key's filled the
+      // 128 registers a thread may have here and spilled: a 208-byte stack frame, which the driver
+      // reserves for every resident thread (38 MB on an H200). Same adds in the same order: same bits.
+      constexpr int kRound = kChunks > 4 ? 2 : kChunks;
 #pragma unroll
-      for (int j = 0; j < kChunks; ++j)
-        if (quarter + 4 * j < chunks) load8_kv(row, row_scale, 8 * (quarter + 4 * j), kv8[j]);
+      for (int j0 = 0; j0 < kChunks; j0 += kRound) {
+        float kv8[kRound][8];
 #pragma unroll
-      for (int j = 0; j < kChunks; ++j) {
-        if (quarter + 4 * j < chunks) {
+        for (int j = 0; j < kRound; ++j)
+          if (quarter + 4 * (j0 + j) < chunks) load8_kv(row, row_scale, 8 * (quarter + 4 * (j0 + j)), kv8[j]);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc += qr[j][e] * kv8[j][e];
+        for (int j = 0; j < kRound; ++j) {
+          if (quarter + 4 * (j0 + j) < chunks) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc += qr[j0 + j][e] * kv8[j][e];
+          }
         }
       }
     }
