@@ -918,6 +918,48 @@ TEST(GpuParity, WideQ6kDecodeKernelMatchesTheCpuEngine) {
               to_generic.max_err, to_cpu.max_ref);
 }
 
+// q4_k rows whose pairs leave lanes idle on q4k_decode_flat_kernel: a one-layer model 3072 wide (Phi-3-mini's
+// width: 48 pairs, two rows a warp; the down projection's 56 pairs stay one row a warp), every matrix q4_k.
+// Each decode step against the CPU engine, and against
+// q4k_decode_kernel (BIOQUANT_CUDA_Q4K_FLAT=2), which adds the same products in another order: the two
+// differ by a rounding at most, which a later activation quantization can turn into a level, so they are
+// held to the quantized bound, as the CPU engine is.
+TEST(GpuParity, FlatQ4kDecodeKernelMatchesTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c = wide_one_layer_config();
+  c.n_heads = 24;
+  c.hidden = 3072;
+  c.intermediate = 3584;
+  ThreadPool pool(2);
+  const QuantRecipe recipe = parse_quant_recipe("q4_k", false, "all");
+  auto model = make_synthetic_model(c, DType::F32, 19, pool, &recipe);
+  ASSERT_EQ(model->weights().output.type, QuantType::Q4_K);
+  Decoder cpu(*model, pool);
+  Decoder gpu(*model, pool, 0, KvType::F32);
+  const auto per_row = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_FLAT", "2"}});
+  const int64_t steps = 8, vocab = c.vocab;
+  KVCache k_cpu(c, steps), k_gpu(c, steps), k_row(c, steps);
+  std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size());
+  Compared to_cpu, to_row, row_to_cpu;
+  for (int64_t i = 0; i < steps; ++i) {
+    const int32_t token = static_cast<int32_t>((i * 67 + 5) % vocab);
+    cpu.forward(&token, 1, k_cpu, 1, a.data());
+    gpu.forward(&token, 1, k_gpu, 1, b.data());
+    per_row->forward(&token, 1, k_row, 1, r.data());
+    to_cpu.add(a.data(), b.data(), vocab);
+    to_row.add(r.data(), b.data(), vocab);
+    row_to_cpu.add(a.data(), r.data(), vocab);
+  }
+  const float unit = std::max(1.0f, to_cpu.max_ref);
+  EXPECT_GT(to_cpu.max_ref, 0.1f);
+  EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
+  EXPECT_LE(row_to_cpu.max_err, 5e-2f * unit);
+  EXPECT_LE(to_row.max_err, 5e-2f * unit);
+  EXPECT_GT(to_row.max_err, 0.0f);  // the flat kernel ran: its order of adds differs
+  std::printf("flat q4_k decode: max|flat-cpu| %.2e, max|warp per row - cpu| %.2e, max|flat - warp per row| %.2e "
+              "(max|logit| %.3f)\n", to_cpu.max_err, row_to_cpu.max_err, to_row.max_err, to_cpu.max_ref);
+}
+
 // Batched decode steps replay a CUDA graph once the same caches step together twice in a row. Its
 // logits equal the eager steps' bit for bit (one attention split, so that the graph's attention
 // sized for the caches' capacity adds in the same order): 6 steps of 5 sequences, then a sequence

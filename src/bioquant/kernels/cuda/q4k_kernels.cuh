@@ -29,6 +29,25 @@ __device__ __forceinline__ Q4kPairWeights load_q4k_pair(const uint8_t* row, int 
 }
 constexpr int kQ4kPreload = 2;  // pairs per lane loaded before the activations are waited for
 
+// One row's pair (weights wt, pair jp of its super-block) against the pair's activations (x0, x1: its two
+// 32-blocks), their scales and sums, added into acc.
+__device__ __forceinline__ void q4k_add_pair(const Q4kPairWeights& wt, int jp, const int (&x0)[8], const int (&x1)[8],
+                                             float dx0, float dx1, float sx0, float sx1, float& acc) {
+  const uint32_t packed = kquant_scale_min_pair(wt.head, jp);
+  const float dd = half_lo(wt.head.x), dmin = half_hi(wt.head.x);
+  const float sc0 = static_cast<float>(packed & 0xFF), sc1 = static_cast<float>((packed >> 8) & 0xFF);
+  const float m0 = static_cast<float>((packed >> 16) & 0xFF), m1 = static_cast<float>(packed >> 24);
+  const uint32_t w[8] = {wt.q0.x, wt.q0.y, wt.q0.z, wt.q0.w, wt.q1.x, wt.q1.y, wt.q1.z, wt.q1.w};
+  int lo = 0, hi = 0;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    lo = __dp4a(static_cast<int>(w[k] & 0x0F0F0F0Fu), x0[k], lo);
+    hi = __dp4a(static_cast<int>((w[k] >> 4) & 0x0F0F0F0Fu), x1[k], hi);
+  }
+  acc += dx0 * (dd * sc0 * static_cast<float>(lo) - dmin * m0 * sx0);
+  acc += dx1 * (dd * sc1 * static_cast<float>(hi) - dmin * m1 * sx1);
+}
+
 // kPre (R == 1): pre holds the weights of the row's first kQ4kPreload pairs of this lane.
 template <int R, bool kShared, bool kPre = false>
 __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, int64_t cols, const int8_t* q,
@@ -66,19 +85,7 @@ __device__ __forceinline__ void q4k_decode_rows(const QJobs& jobs, int64_t row, 
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const Q4kPairWeights wt = given != nullptr ? *given : load_q4k_pair(job.w + (row + r) * job.row_bytes, p);
-      const uint32_t packed = kquant_scale_min_pair(wt.head, jp);
-      const float dd = half_lo(wt.head.x), dmin = half_hi(wt.head.x);
-      const float sc0 = static_cast<float>(packed & 0xFF), sc1 = static_cast<float>((packed >> 8) & 0xFF);
-      const float m0 = static_cast<float>((packed >> 16) & 0xFF), m1 = static_cast<float>(packed >> 24);
-      const uint32_t w[8] = {wt.q0.x, wt.q0.y, wt.q0.z, wt.q0.w, wt.q1.x, wt.q1.y, wt.q1.z, wt.q1.w};
-      int lo = 0, hi = 0;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        lo = __dp4a(static_cast<int>(w[k] & 0x0F0F0F0Fu), x0[k], lo);
-        hi = __dp4a(static_cast<int>((w[k] >> 4) & 0x0F0F0F0Fu), x1[k], hi);
-      }
-      acc[r] += dx0 * (dd * sc0 * static_cast<float>(lo) - dmin * m0 * sx0);
-      acc[r] += dx1 * (dd * sc1 * static_cast<float>(hi) - dmin * m1 * sx1);
+      q4k_add_pair(wt, jp, x0, x1, dx0, dx1, sx0, sx1, acc[r]);
     }
   };
   int p = lane;
@@ -176,6 +183,75 @@ __global__ void q4k_decode_kernel(QJobs jobs, int64_t cols, const int8_t* q, con
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   if (first * R < jobs.total_rows) q4k_decode_rows<R, kShared, R == 1>(jobs, first * R, cols, q, d, s, pre);
   for (int64_t r = first + warps; r * R < jobs.total_rows; r += warps) q4k_decode_rows<R, kShared>(jobs, r * R, cols, q, d, s);
+}
+
+// Rows whose pairs do not fill the lanes evenly (3584 columns: 56 pairs, so 24 lanes take two and 8 take
+// one; 3072: 48, half the lanes one) leave lanes idle while the warp waits on its loads, and the matvec
+// reads fewer bytes per warp: gate/up of a Gemma 2 shape at 2.86 TB/s and of a Phi-3-mini shape at 2.19,
+// against 3.14 for the 8B shape's 64 pairs (H200, ncu, each launch alone). Here a warp takes R rows
+// (those of one job) as one run of R x pairs units, unit u (row u / pairs, pair u % pairs) to lane u % 32:
+// two rows of 48 pairs fill every lane (the launch's choice: see q4k_flat_fills). The activations in shared
+// memory, the first kQ4kPreload units' weights loaded before the dependent-launch wait, as
+// q4k_decode_kernel<1, true>.
+template <int R>
+__global__ void q4k_decode_flat_kernel(QJobs jobs, int64_t cols, const int8_t* q, const float* d, const int* s) {
+  allow_dependents_in_last_wave();
+  const int lane = threadIdx.x % 32;
+  int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * R;  // the warp's first row
+  const int pairs = static_cast<int>(cols / 64), units = R * pairs;
+  QJob job;
+  const bool have = locate_row(jobs, row, job);
+  const uint8_t* w0 = have ? job.w + row * job.row_bytes : nullptr;
+  int ru = lane / pairs, pu = lane % pairs;  // this lane's unit: its row among the R, and pair
+  const auto next_unit = [&] {
+    pu += 32;
+    while (pu >= pairs) {
+      pu -= pairs;
+      ++ru;
+    }
+  };
+  Q4kPairWeights pre[kQ4kPreload];
+  {
+    int r = ru, p = pu;
+#pragma unroll
+    for (int k = 0; k < kQ4kPreload; ++k) {
+      if (have && lane + 32 * k < units) pre[k] = load_q4k_pair(w0 + r * job.row_bytes, p);
+      p += 32;
+      while (p >= pairs) {
+        p -= pairs;
+        ++r;
+      }
+    }
+  }
+  await_inputs();
+  extern __shared__ int4 act_shared[];
+  const int4* src = reinterpret_cast<const int4*>(q);
+  for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) act_shared[act_chunk_slot(c)] = src[c];
+  __syncthreads();
+  if (!have) return;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+  const auto unit = [&](const Q4kPairWeights& wt) {
+    const int4* a = act_shared + act_chunk_slot(4 * pu);
+    const int4 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    const int x0[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    const int x1[8] = {a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
+    const float2 dx = reinterpret_cast<const float2*>(d)[pu];  // blocks 2pu, 2pu + 1: one 8-byte load each
+    const int2 sx = reinterpret_cast<const int2*>(s)[pu];
+    float sum = 0.0f;
+    q4k_add_pair(wt, pu & 3, x0, x1, dx.x, dx.y, static_cast<float>(sx.x), static_cast<float>(sx.y), sum);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (r == ru) acc[r] += sum;
+  };
+  int u = lane;
+#pragma unroll
+  for (int k = 0; k < kQ4kPreload; ++k, u += 32, next_unit())
+    if (u < units) unit(pre[k]);
+  for (; u < units; u += 32, next_unit()) unit(load_q4k_pair(w0 + ru * job.row_bytes, pu));
+#pragma unroll
+  for (int r = 0; r < R; ++r) store_row_sums<1>(&acc[r], 1, job.rows, row + r, lane, job.y);
 }
 
 // The two-token kernels' rows: up to 16K weights, so that both tokens' activations (36 KB) and the nf4/fp4
