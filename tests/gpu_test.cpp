@@ -884,6 +884,34 @@ ModelConfig wide_one_layer_config() {
   return c;
 }
 
+// One-token decode steps (token i: (i * mul + add) % vocab) through the CPU engine, the GPU decoder, and a GPU
+// decoder made with `knobs`: the GPU against the CPU, the knobbed decoder against the GPU and against the CPU.
+struct KnobComparison {
+  Compared gpu_to_cpu, knobs_to_gpu, knobs_to_cpu;
+};
+KnobComparison compare_knob_decode(const Model& model, ThreadPool& pool,
+                                   std::initializer_list<std::pair<const char*, const char*>> knobs, int64_t mul,
+                                   int64_t add) {
+  const ModelConfig& c = model.config();
+  Decoder cpu(model, pool);
+  Decoder gpu(model, pool, 0, KvType::F32);
+  const auto knobbed = gpu_decoder(model, pool, KvType::F32, knobs);
+  const int64_t steps = 8, vocab = c.vocab;
+  KVCache k_cpu(c, steps), k_gpu(c, steps), k_knobbed(c, steps);
+  std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), k(a.size());
+  KnobComparison r;
+  for (int64_t i = 0; i < steps; ++i) {
+    const int32_t token = static_cast<int32_t>((i * mul + add) % vocab);
+    cpu.forward(&token, 1, k_cpu, 1, a.data());
+    gpu.forward(&token, 1, k_gpu, 1, b.data());
+    knobbed->forward(&token, 1, k_knobbed, 1, k.data());
+    r.gpu_to_cpu.add(a.data(), b.data(), vocab);
+    r.knobs_to_gpu.add(k.data(), b.data(), vocab);
+    r.knobs_to_cpu.add(a.data(), k.data(), vocab);
+  }
+  return r;
+}
+
 // q6_k one-token decode on its own kernel (a lane per half super-block, rounds of 16 super-blocks
 // staged in shared memory): a one-layer model 4096 wide with an MLP 4352 wide (the down projection:
 // a whole round and a partial one of one super-block), every matrix q6_k. Each decode step against
@@ -895,21 +923,8 @@ TEST(GpuParity, WideQ6kDecodeKernelMatchesTheCpuEngine) {
   const QuantRecipe recipe = parse_quant_recipe("q6_k", false, "all");
   auto model = make_synthetic_model(c, DType::F32, 17, pool, &recipe);
   ASSERT_EQ(model->weights().output.type, QuantType::Q6_K);
-  Decoder cpu(*model, pool);
-  Decoder gpu(*model, pool, 0, KvType::F32);
-  const auto generic = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q6K", "2"}});
-  const int64_t steps = 8, vocab = c.vocab;
-  KVCache k_cpu(c, steps), k_gpu(c, steps), k_generic(c, steps);
-  std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), g(a.size());
-  Compared to_cpu, to_generic;
-  for (int64_t i = 0; i < steps; ++i) {
-    const int32_t token = static_cast<int32_t>((i * 61 + 7) % vocab);
-    cpu.forward(&token, 1, k_cpu, 1, a.data());
-    gpu.forward(&token, 1, k_gpu, 1, b.data());
-    generic->forward(&token, 1, k_generic, 1, g.data());
-    to_cpu.add(a.data(), b.data(), vocab);
-    to_generic.add(g.data(), b.data(), vocab);
-  }
+  const KnobComparison r = compare_knob_decode(*model, pool, {{"BIOQUANT_CUDA_Q6K", "2"}}, 61, 7);
+  const Compared &to_cpu = r.gpu_to_cpu, &to_generic = r.knobs_to_gpu;
   const float unit = std::max(1.0f, to_cpu.max_ref);
   EXPECT_GT(to_cpu.max_ref, 0.1f);
   EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
@@ -934,22 +949,8 @@ TEST(GpuParity, FlatQ4kDecodeKernelMatchesTheCpuEngine) {
   const QuantRecipe recipe = parse_quant_recipe("q4_k", false, "all");
   auto model = make_synthetic_model(c, DType::F32, 19, pool, &recipe);
   ASSERT_EQ(model->weights().output.type, QuantType::Q4_K);
-  Decoder cpu(*model, pool);
-  Decoder gpu(*model, pool, 0, KvType::F32);
-  const auto per_row = gpu_decoder(*model, pool, KvType::F32, {{"BIOQUANT_CUDA_Q4K_FLAT", "2"}});
-  const int64_t steps = 8, vocab = c.vocab;
-  KVCache k_cpu(c, steps), k_gpu(c, steps), k_row(c, steps);
-  std::vector<float> a(static_cast<size_t>(vocab)), b(a.size()), r(a.size());
-  Compared to_cpu, to_row, row_to_cpu;
-  for (int64_t i = 0; i < steps; ++i) {
-    const int32_t token = static_cast<int32_t>((i * 67 + 5) % vocab);
-    cpu.forward(&token, 1, k_cpu, 1, a.data());
-    gpu.forward(&token, 1, k_gpu, 1, b.data());
-    per_row->forward(&token, 1, k_row, 1, r.data());
-    to_cpu.add(a.data(), b.data(), vocab);
-    to_row.add(r.data(), b.data(), vocab);
-    row_to_cpu.add(a.data(), r.data(), vocab);
-  }
+  const KnobComparison r = compare_knob_decode(*model, pool, {{"BIOQUANT_CUDA_Q4K_FLAT", "2"}}, 67, 5);
+  const Compared &to_cpu = r.gpu_to_cpu, &to_row = r.knobs_to_gpu, &row_to_cpu = r.knobs_to_cpu;
   const float unit = std::max(1.0f, to_cpu.max_ref);
   EXPECT_GT(to_cpu.max_ref, 0.1f);
   EXPECT_LE(to_cpu.max_err, 5e-2f * unit);
