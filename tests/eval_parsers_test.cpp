@@ -139,6 +139,19 @@ TEST(EvalParsersNer, HtmlEntitiesAreDecoded) {
   expect_spans(ner(out, kIndinavir), {{30, 31}});
 }
 
+// Entities of multi-byte characters decode to their UTF-8, then fold as the characters themselves do (an en
+// dash, U+2013, three bytes: "5-FU").
+TEST(EvalParsersNer, MultiByteEntitiesDecodeLikeTheCharacters) {
+  const std::string tail = " were tested on adult Lister hooded rats.";
+  const std::string head =
+      "In this investigation the behavioural effects of chronic (two week) treatment with 5 - FU and (three weeks) "
+      "with Fluoxetine either separately or in combination with <span>";
+  for (const char* fu : {"5\u2013FU", "5&#x2013;FU", "5&#8211;FU", "5&ndash;FU"})
+    expect_spans(ner(head + fu + "</span>" + tail, kFu), {{30, 33}});
+  // Four bytes: the entity and the character give the same prediction.
+  EXPECT_EQ(ner(head + "5&#x1F600;FU</span>" + tail, kFu).spans, ner(head + "5\U0001F600FU</span>" + tail, kFu).spans);
+}
+
 TEST(EvalParsersNer, AlteredCharactersStillProject) {
   // The model misspells the entity and drops the hyphen spacing.
   const std::string out =

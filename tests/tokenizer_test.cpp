@@ -30,6 +30,31 @@ const char* kTinyTokenizerJson = R"({
     "merges": ["a b", "Ġ a", "ab c", "Ġa b", "b c"]}
 })";
 
+// The one UTF-8 encoder (tokenizers, chat templates, output parsers): each length's boundary values, and
+// next_code_point reading back every code point it writes.
+TEST(UnicodeUtf8, EncodesEachLengthAndReadsBack) {
+  const std::pair<uint32_t, std::string> cases[] = {
+      {0x24, "$"},           {0x7F, "\x7F"},         {0x80, "\xC2\x80"},         {0xA2, "\xC2\xA2"},
+      {0x7FF, "\xDF\xBF"}, {0x800, "\xE0\xA0\x80"}, {0x20AC, "\xE2\x82\xAC"}, {0xFFFF, "\xEF\xBF\xBF"},
+      {0x10000, "\xF0\x90\x80\x80"}, {0x10348, "\xF0\x90\x8D\x88"}, {0x10FFFF, "\xF4\x8F\xBF\xBF"}};
+  for (const auto& [cp, bytes] : cases) {
+    std::string out = "x";
+    unicode::append_utf8(out, cp);
+    EXPECT_EQ(out, "x" + bytes) << std::hex << cp;
+    EXPECT_EQ(unicode::utf8_length(static_cast<unsigned char>(bytes[0])), static_cast<int>(bytes.size())) << std::hex << cp;
+  }
+  std::string all;
+  std::vector<uint32_t> written;
+  for (uint32_t cp = 1; cp <= 0x10FFFF; cp += cp < 0x1000 ? 1 : 97) {
+    if (cp >= 0xD800 && cp <= 0xDFFF) continue;  // surrogates are not characters
+    unicode::append_utf8(all, cp);
+    written.push_back(cp);
+  }
+  size_t i = 0;
+  for (const uint32_t cp : written) ASSERT_EQ(unicode::next_code_point(all, i), cp);
+  EXPECT_EQ(i, all.size());
+}
+
 TEST(Tokenizer, HandWorkedByteLevelBpe) {
   TempDir dir;
   test::write_file(dir.file("tokenizer.json"), kTinyTokenizerJson);

@@ -23,6 +23,8 @@
 #include <map>
 #include <set>
 
+#include "bioquant/tokenizer/unicode.h"
+
 namespace bioquant::eval {
 namespace {
 
@@ -640,21 +642,7 @@ size_t decode_entity(std::string_view s, size_t i, std::string& out) {
     cp = it->second;
   }
   std::string enc;
-  if (cp < 0x80) {
-    enc += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    enc += static_cast<char>(0xC0 | (cp >> 6));
-    enc += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    enc += static_cast<char>(0xE0 | (cp >> 12));
-    enc += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    enc += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    enc += static_cast<char>(0xF0 | (cp >> 18));
-    enc += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    enc += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    enc += static_cast<char>(0x80 | (cp & 0x3F));
-  }
+  unicode::append_utf8(enc, cp);
   out += normalize(enc);
   return semi - i + 1;
 }

@@ -17,12 +17,14 @@
 #include <unordered_map>
 
 #include "bioquant/core/error.h"
+#include "bioquant/tokenizer/unicode.h"
 
 namespace bioquant {
 
 namespace {
 
 using Json = nlohmann::ordered_json;
+using unicode::append_utf8;
 
 constexpr size_t kMaxOutput = size_t{256} << 20;  // guard against 'x' * 10**12 and friends
 constexpr int kMaxCallDepth = 256;                // recursive macros must not overflow the stack
@@ -68,24 +70,6 @@ std::u32string to_u32(std::string_view s) {
     i += n;
   }
   return out;
-}
-
-void append_utf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
 }
 
 std::string to_utf8(std::u32string_view s) {
