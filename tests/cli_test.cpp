@@ -150,6 +150,11 @@ TEST(Cli, BenchMeasuresAtADepth) {
   EXPECT_NE(table.out.find("| tg4 @ d24 |"), std::string::npos) << table.out;
   expect_clean_error(run_cli({"bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "-d", "24", "--ctx", "30"}),
                      "--ctx 30 is smaller than the 33 positions the test needs");
+  expect_clean_error(run_cli({"bench", "--synthetic", "tiny", "-p", "0", "-n", "0"}), "-p and -n are both 0");
+  // A bad --quant fails before the (possibly large) synthetic model is built.
+  const auto bad_quant = run_cli({"bench", "--synthetic", "tiny", "--quant", "q9"});
+  expect_clean_error(bad_quant, "unknown quant type 'q9'");
+  EXPECT_EQ(bad_quant.err.find("building synthetic"), std::string::npos) << bad_quant.err;
 }
 
 TEST(Cli, GpuMemoryLimitNeedsTheGpu) {

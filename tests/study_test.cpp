@@ -216,6 +216,7 @@ TEST(StudyPlan, CliErrorsAreOneLine) {
   test::write_file(dir.file("broken.json"), "{\"models\": [");
   expect_one_line_error(test::run_cli({"sweep", dir.file("broken.json")}), "not valid JSON");
   expect_one_line_error(test::run_cli({"sweep", dir.file("missing.json")}), "no such plan file");
+  expect_one_line_error(test::run_cli({"sweep", dir.path()}), "not a plan file (not a regular file)");
   test::write_file(dir.file("ok.json"), small_plan().dump());
   expect_one_line_error(test::run_cli({"sweep", dir.file("ok.json"), "--shard", "3/2"}), "--shard");
   expect_one_line_error(test::run_cli({"sweep", dir.file("ok.json"), "--db", dir.file("r.sqlite"), "--data-dir",
@@ -972,6 +973,16 @@ TEST(StudyEstimate, FromConfigJsonAloneWithTheRealLoadsPlanAndFallbacks) {
   EXPECT_LT(j["weights"].get<double>(), 44e9);
   EXPECT_EQ(j["kv_cache"].get<double>(), 2.0 * 80 * 1024 * 4 * 8192);
   EXPECT_GT(j["total"].get<double>(), j["weights"].get<double>() + j["kv_cache"].get<double>());
+  EXPECT_EQ(j["trained_context"], 8192);
+  EXPECT_EQ(j["beyond_trained_context"], false);
+  // A cache longer than the model was trained for is sized, and said to be beyond it.
+  r = test::run_cli({"estimate", "--synthetic", "llama3-70b", "--quant", "nf4", "--ctx", "8193", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["beyond_trained_context"], true);
+  EXPECT_EQ(json::parse(r.out)["kv_cache"].get<double>(), 2.0 * 80 * 1024 * 4 * 8193);
+  r = test::run_cli({"estimate", "--synthetic", "llama3-70b", "--ctx", "8193"});
+  EXPECT_NE(r.out.find("note         ctx 8193 is beyond the model's trained context (8192 positions)"), std::string::npos)
+      << r.out;
   r = test::run_cli({"estimate", "--model", dir.file("only-config"), "--quant", "q4_k", "--ctx", "1024"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("peak estimate"), std::string::npos);

@@ -711,15 +711,16 @@ Run add_bench(CLI::App& app) {
     const int64_t needed = *depth + std::max<int64_t>(*n_prompt, *n_gen) + 1;
     check(*ctx == 0 || *ctx >= needed, "--ctx " + std::to_string(*ctx) + " is smaller than the " + std::to_string(needed) +
                                            " positions the test needs");
+    check(*n_prompt > 0 || *n_gen > 0, "-p and -n are both 0: nothing to measure");
     ThreadPool pool(opts->threads);
     std::unique_ptr<Model> model;
     std::string name;
     if (!synthetic->empty()) {
       const ModelConfig config = synthetic_config(*synthetic);
       const DType dt = *dtype == "f32" ? DType::F32 : *dtype == "f16" ? DType::F16 : DType::BF16;
+      const auto recipe = recipe_of(*opts);
       std::fprintf(stderr, "building synthetic %s (%s, %.2f B parameters)...\n", synthetic->c_str(), dtype->c_str(),
                    static_cast<double>(config.parameter_count()) / 1e9);
-      const auto recipe = recipe_of(*opts);
       const SyntheticWeights how = device >= 0   ? SyntheticWeights::RandomRowsOnGpu
                                    : *random_rows ? SyntheticWeights::RandomRows
                                                   : SyntheticWeights::Quantized;

@@ -159,6 +159,8 @@ Run add_estimate(CLI::App& app) {
     const EstimateOptions& o = f->o;
     const MemoryEstimate e = estimate_memory(shape, o);
     const ModelConfig& c = shape.config;
+    // The memory of a longer cache is real, but the model was not trained to attend that far.
+    const bool beyond_trained = c.max_positions > 0 && o.ctx > c.max_positions;
     if (f->json_out) {
       json out = e.to_json();
       out["model"] = shape.path;
@@ -169,6 +171,8 @@ Run add_estimate(CLI::App& app) {
       out["device"] = o.device;
       if (o.device == "cuda") out["kv_cache_type"] = o.kv_cache.empty() ? "bf16" : o.kv_cache;
       out["parameters"] = c.parameter_count();
+      out["trained_context"] = c.max_positions;
+      out["beyond_trained_context"] = beyond_trained;
       std::printf("%s\n", out.dump().c_str());
       return 0;
     }
@@ -186,6 +190,9 @@ Run add_estimate(CLI::App& app) {
       std::printf("precision    %s on %s, %d threads, ctx %lld, batch %lld\n",
                   o.quant.empty() ? "as stored" : (o.quant + (o.double_quant ? "+dq" : "")).c_str(), o.device.c_str(),
                   e.threads, (long long)o.ctx, (long long)o.batch);
+    if (beyond_trained)
+      std::printf("note         ctx %lld is beyond the model's trained context (%lld positions)\n", (long long)o.ctx,
+                  (long long)c.max_positions);
     for (const auto& [fmt, b] : e.weights_by_format)
       std::printf("  weights %-8s %12s  (%.0f parameters, %.3f bits/weight)\n", fmt.c_str(),
                   format_bytes(b.bytes).c_str(), b.parameters, 8.0 * b.bytes / b.parameters);

@@ -173,7 +173,8 @@ SweepPlan parse_sweep_plan(const json& plan, const std::string& where, const std
 }
 
 SweepPlan load_sweep_plan(const std::string& path) {
-  check(fs::is_regular_file(path), path + ": no such plan file");
+  check(fs::exists(path), path + ": no such plan file");
+  check(fs::is_regular_file(path), path + ": not a plan file (not a regular file)");
   json j;
   try {
     j = json::parse(read_text_file(path));
