@@ -847,6 +847,12 @@ TEST(StudyRecommend, RanksTheCraftedDatabaseAndSaysWhy) {
   expect_one_line_error(test::run_cli({"recommend", "--budget", "lots", "--db", db}), "not a memory size");
   expect_one_line_error(test::run_cli({"recommend", "--budget", "4 parsecs", "--db", db}), "unknown unit 'parsecs'");
   expect_one_line_error(test::run_cli({"recommend", "--budget", "4GiB", "--db", dir.file("none.sqlite")}), "does not exist");
+  // SQLite's own reason, not "not an error" (the message read before the failing call ran).
+  test::write_file(dir.file("garbage.sqlite"), std::string(4096, 'x'));
+  expect_one_line_error(test::run_cli({"recommend", "--budget", "4GiB", "--db", dir.file("garbage.sqlite")}),
+                        "garbage.sqlite: file is not a database");
+  expect_one_line_error(test::run_cli({"report", "--db", dir.file("garbage.sqlite"), "--out", dir.file("r")}),
+                        "garbage.sqlite: file is not a database");
   expect_one_line_error(test::run_cli({"recommend", "--budget", "4GiB", "--db", db, "--tasks", "medqaa"}), "medqaa");
 }
 

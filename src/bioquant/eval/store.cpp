@@ -58,6 +58,12 @@ Db open_db(const std::string& path, bool create) {
   return db;
 }
 
+// SQLite's message for a failed call. The call must run before its message is read: as one argument of
+// check(call() == OK, ... + sqlite3_errmsg(db)) the message may be built first ("not an error").
+void check_sql(int rc, int want, sqlite3* db, const std::string& path) {
+  if (rc != want) throw Error("results database " + path + ": " + sqlite3_errmsg(db));
+}
+
 void exec(sqlite3* db, const std::string& sql, const std::string& path) {
   char* message = nullptr;
   if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &message) != SQLITE_OK) {
@@ -87,8 +93,9 @@ void record_runs(const std::string& db_path, const std::vector<json>& rows) {
   // Databases made by an older BioQuant gain the columns added since.
   {
     sqlite3_stmt* raw = nullptr;
-    sqlite3_prepare_v2(db.get(), "PRAGMA table_info(runs)", -1, &raw, nullptr);
+    const int rc = sqlite3_prepare_v2(db.get(), "PRAGMA table_info(runs)", -1, &raw, nullptr);
     Stmt info(raw);
+    check_sql(rc, SQLITE_OK, db.get(), db_path);
     std::vector<std::string> have;
     while (sqlite3_step(info.get()) == SQLITE_ROW)
       have.emplace_back(reinterpret_cast<const char*>(sqlite3_column_text(info.get(), 1)));
@@ -106,9 +113,9 @@ void record_runs(const std::string& db_path, const std::vector<json>& rows) {
   exec(db.get(), "BEGIN IMMEDIATE", db_path);
   try {
     sqlite3_stmt* raw = nullptr;
-    check(sqlite3_prepare_v2(db.get(), insert.c_str(), -1, &raw, nullptr) == SQLITE_OK,
-          "results database " + db_path + ": " + sqlite3_errmsg(db.get()));
+    const int rc = sqlite3_prepare_v2(db.get(), insert.c_str(), -1, &raw, nullptr);
     Stmt stmt(raw);
+    check_sql(rc, SQLITE_OK, db.get(), db_path);
     for (const json& row : rows) {
       sqlite3_reset(stmt.get());
       sqlite3_clear_bindings(stmt.get());
@@ -128,7 +135,7 @@ void record_runs(const std::string& db_path, const std::vector<json>& rows) {
           sqlite3_bind_text(stmt.get(), at, text.c_str(), static_cast<int>(text.size()), SQLITE_TRANSIENT);
         }
       }
-      check(sqlite3_step(stmt.get()) == SQLITE_DONE, "results database " + db_path + ": " + sqlite3_errmsg(db.get()));
+      check_sql(sqlite3_step(stmt.get()), SQLITE_DONE, db.get(), db_path);
     }
     exec(db.get(), "COMMIT", db_path);
   } catch (...) {
@@ -141,9 +148,9 @@ std::vector<json> read_runs(const std::string& db_path) {
   check(std::filesystem::is_regular_file(db_path), "results database " + db_path + " does not exist");
   Db db = open_db(db_path, false);
   sqlite3_stmt* raw = nullptr;
-  check(sqlite3_prepare_v2(db.get(), "SELECT * FROM runs ORDER BY id", -1, &raw, nullptr) == SQLITE_OK,
-        "results database " + db_path + ": " + sqlite3_errmsg(db.get()));
+  const int prepared = sqlite3_prepare_v2(db.get(), "SELECT * FROM runs ORDER BY id", -1, &raw, nullptr);
   Stmt stmt(raw);
+  check_sql(prepared, SQLITE_OK, db.get(), db_path);
   std::vector<json> out;
   int rc;
   while ((rc = sqlite3_step(stmt.get())) == SQLITE_ROW) {
@@ -159,7 +166,7 @@ std::vector<json> read_runs(const std::string& db_path) {
     }
     out.push_back(std::move(row));
   }
-  check(rc == SQLITE_DONE, "results database " + db_path + ": " + sqlite3_errmsg(db.get()));
+  check_sql(rc, SQLITE_DONE, db.get(), db_path);
   return out;
 }
 
