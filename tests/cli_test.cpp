@@ -65,6 +65,17 @@ TEST(Cli, LogitsAndGenerateFollowTheContract) {
                                            "8", "--ignore-eos", "--temperature", "1.5", "--top-k", "20",
                                            "--top-p", "0.9", "--seed", "7", "--json"};
   EXPECT_EQ(run_cli(sample).out, run_cli(sample).out);
+
+  // Past the trained context (128 positions): generated, with a warning.
+  EXPECT_EQ(g.err.find("warning"), std::string::npos) << g.err;
+  const auto past = run_cli({"generate", "--model", dir.path(), "--tokens", "1,5", "--max-new-tokens", "130",
+                             "--ignore-eos", "--json"});
+  ASSERT_EQ(past.exit_code, 0) << past.err;
+  EXPECT_EQ(json::parse(past.out)["tokens"].size(), 130u);
+  EXPECT_NE(past.err.find("warning: the prompt (2 tokens) and --max-new-tokens 130 need 132 positions, more than the "
+                          "model's 128"),
+            std::string::npos)
+      << past.err;
 }
 
 TEST(Cli, BadInputGivesOneLineErrors) {

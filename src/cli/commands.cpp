@@ -469,6 +469,14 @@ Run add_generate(CLI::App& app) {
       ids = parse_token_list(*tokens);
     }
     check(!ids.empty(), "the prompt encodes to no tokens");
+    // As eval does: past the trained context the positions are valid for the cache but the answers unreliable.
+    const int64_t trained = model->config().max_positions,
+                  positions = static_cast<int64_t>(ids.size()) + static_cast<int64_t>(gen->max_new_tokens);
+    if (trained > 0 && positions > trained)
+      std::fprintf(stderr, "warning: the prompt (%zu tokens) and --max-new-tokens %lld need %lld positions, more than the "
+                   "model's %lld; tokens past that point are unreliable\n", ids.size(),
+                   static_cast<long long>(gen->max_new_tokens), static_cast<long long>(positions),
+                   static_cast<long long>(trained));
     Decoder decoder(*model, pool, device, apply_gpu_flags(*opts, device), opts->exact);
     GenerateOptions options = *gen;
     options.stop_at_eos = !*ignore_eos;
