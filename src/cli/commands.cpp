@@ -15,6 +15,7 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/memory.h"
 #include "bioquant/core/mapped_file.h"
+#include "bioquant/core/progress.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/engine/fidelity.h"
 #include "bioquant/engine/generator.h"
@@ -596,12 +597,12 @@ Run add_kld(CLI::App& app) {
     const KvType kv = apply_gpu_flags(*base, device);
     Decoder d_ref(*reference, pool, device, kv, base->exact), d_model(*model, pool, device, kv, base->exact);
     const auto t0 = std::chrono::steady_clock::now();
+    ProgressLine progress(true, "kld", "tokens", "tok/s", ids.size());
     const FidelityStats s = compare_models(d_ref, d_model, ids, *chunk, tok->bos_id() ? *tok->bos_id() : -1,
-                                           [](int64_t done, int64_t total) {
-                                             std::fprintf(stderr, "\rkld: %lld/%lld tokens", (long long)done, (long long)total);
+                                           [&](int64_t done, int64_t total) {
+                                             progress.update(static_cast<size_t>(done), "", done == total);
                                            });
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::fprintf(stderr, "\n");
     json out = {{"base", base->model},
                 {"model", other->empty() ? base->model : *other},
                 {"quant", base->quant.empty() ? json(nullptr) : json(base->quant)},

@@ -33,7 +33,7 @@ double kl_divergence(const float* logits_p, const float* logits_q, int64_t n) {
 }
 
 FidelityStats compare_models(Decoder& base, Decoder& model, const std::vector<int32_t>& tokens, int64_t chunk,
-                             int32_t bos, void (*progress)(int64_t, int64_t)) {
+                             int32_t bos, const std::function<void(int64_t, int64_t)>& progress) {
   const int64_t vocab = base.model().config().vocab;
   check(model.model().config().vocab == vocab, "the two models have different vocabularies");
   check(chunk >= 2, "chunk must be at least 2 tokens");

@@ -3,6 +3,7 @@
 // both, as llama.cpp's perplexity tool reports them (`--kl-divergence`).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "bioquant/model/decoder.h"
@@ -19,7 +20,7 @@ struct FidelityStats {
 // Runs both models over `tokens` in chunks of `chunk` tokens (each chunk starting with `bos` when
 // given, as llama.cpp does) and compares every position. `progress` (optional) gets (done, total).
 FidelityStats compare_models(Decoder& base, Decoder& model, const std::vector<int32_t>& tokens, int64_t chunk,
-                             int32_t bos, void (*progress)(int64_t, int64_t) = nullptr);
+                             int32_t bos, const std::function<void(int64_t, int64_t)>& progress = {});
 
 // KL(p || q) of two logit rows (softmax taken here), in nats.
 double kl_divergence(const float* logits_p, const float* logits_q, int64_t n);

@@ -1,7 +1,5 @@
 #include "bioquant/eval/runner.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,6 +14,7 @@
 #include "bioquant/core/hash.h"
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/memory.h"
+#include "bioquant/core/progress.h"
 #include "bioquant/eval/store.h"
 
 namespace bioquant::eval {
@@ -34,49 +33,6 @@ std::string utc_now() {
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
   return buf;
 }
-
-std::string format_seconds(double s) {
-  if (!(s >= 0) || s > 1e7) return "?";
-  const long total = static_cast<long>(s + 0.5);
-  char buf[32];
-  if (total >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", total / 3600, (total % 3600) / 60);
-  else if (total >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", total / 60, total % 60);
-  else std::snprintf(buf, sizeof buf, "%lds", total);
-  return buf;
-}
-
-// examples/s and ETA on stderr: rewritten in place on a terminal, every ~10% (or 30 s) otherwise.
-class Progress {
- public:
-  Progress(bool enabled, std::string task, size_t total, size_t done)
-      : enabled_(enabled), tty_(isatty(2) != 0), task_(std::move(task)), total_(total), start_done_(done),
-        start_(Clock::now()), last_(start_) {}
-  void update(size_t done, int64_t unparsed, bool final = false) {
-    if (!enabled_ || (final && printed_ == done)) return;
-    const auto now = Clock::now();
-    const double elapsed = std::chrono::duration<double>(now - start_).count();
-    const double rate = elapsed > 0 ? static_cast<double>(done - start_done_) / elapsed : 0;
-    const double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : -1;
-    const bool step = total_ >= 10 ? (done * 10 / total_ != last_decile_) : true;
-    const bool slow = std::chrono::duration<double>(now - last_).count() > 30;
-    if (!tty_ && !final && !step && !slow) return;
-    last_decile_ = total_ ? done * 10 / total_ : 0;
-    last_ = now;
-    printed_ = done;
-    std::fprintf(stderr, "%s[%s] %zu/%zu examples  %.2f ex/s  ETA %s  unparsed %lld%s", tty_ ? "\r" : "",
-                 task_.c_str(), done, total_, rate, final ? "0s" : format_seconds(eta).c_str(),
-                 static_cast<long long>(unparsed), tty_ && !final ? "   " : "\n");
-    std::fflush(stderr);
-  }
-
- private:
-  bool enabled_, tty_;
-  std::string task_;
-  size_t total_, start_done_;
-  Clock::time_point start_, last_;
-  size_t last_decile_ = 0;
-  size_t printed_ = static_cast<size_t>(-1);
-};
 
 struct SampleLine {
   json line;
@@ -324,7 +280,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
 
     const BackendCounters before = backend.counters();
     const auto t0 = Clock::now();
-    Progress progress(o.progress, task.name, examples.size(), resumed);
+    ProgressLine progress(o.progress, task.name, "examples", "ex/s", examples.size(), resumed);
     int64_t unparsed = 0;
     for (const auto& [id, line] : done)
       if (!line["parsed"].value("parsed", false)) ++unparsed;
@@ -379,10 +335,10 @@ json run_eval(const EvalOptions& o, Backend& backend) {
         append.flush();
         check(static_cast<bool>(append), samples_path + ": write failed (disk full?)");
         done[ex.id] = std::move(line);
-        progress.update(++count, unparsed);
+        progress.update(++count, "unparsed " + std::to_string(unparsed));
       }
     }
-    progress.update(examples.size(), unparsed, true);
+    progress.update(examples.size(), "unparsed " + std::to_string(unparsed), true);
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
     std::vector<const json*> ordered;

@@ -16,6 +16,7 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/hash.h"
 #include "bioquant/core/mapped_file.h"
+#include "bioquant/core/progress.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/eval/backend.h"
 #include "bioquant/eval/prompts.h"
@@ -90,15 +91,6 @@ std::string model_label(const std::string& path) {
   std::string name = p.filename().string();
   if (name.size() > 5 && name.compare(name.size() - 5, 5, ".gguf") == 0) name.resize(name.size() - 5);
   return name.empty() ? "model" : name;
-}
-
-std::string format_seconds(double s) {
-  char buf[32];
-  const long total = static_cast<long>(s + 0.5);
-  if (total >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", total / 3600, (total % 3600) / 60);
-  else if (total >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", total / 60, total % 60);
-  else std::snprintf(buf, sizeof buf, "%.1fs", s);
-  return buf;
 }
 
 }  // namespace
