@@ -62,6 +62,39 @@ __device__ __forceinline__ Bnb4PermuteTables lane_permute_tables(const uint32_t*
   return tables;
 }
 
+// The warp's first row's first block (lane < nb), loaded before the dependent-launch wait: the weights are never
+// written by kernels. 0 and nothing loaded for a warp without rows.
+__device__ __forceinline__ float bnb4_first_block(const QJobs& jobs, int64_t first, int lane, int nb, int64_t cols,
+                                                  uint32_t (&next)[8]) {
+  int64_t row = first;
+  QJob job;
+  if (first < jobs.total_rows && locate_row(jobs, row, job) && lane < nb)
+    return bnb4_block<8>(job.w + row * job.row_bytes, cols, job.dq, lane, 0, next);
+  return 0.0f;
+}
+
+// Block p's 32 code bytes into w and its scale (absmax / 16384). kPipelined: its words were loaded last time
+// (next, next_absmax), and block p + 32's loads go out now.
+template <bool kPipelined>
+__device__ __forceinline__ float bnb4_take_block(const uint8_t* wr, int64_t cols, bool dq, int p, int nb, uint32_t (&w)[8],
+                                                 uint32_t (&next)[8], float& next_absmax) {
+  if constexpr (kPipelined) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) w[k] = next[k];
+    const float scale = next_absmax * (1.0f / 16384.0f);
+    if (p + 32 < nb) next_absmax = bnb4_block<8>(wr, cols, dq, p + 32, 0, next);
+    return scale;
+  } else {
+    return bnb4_block<8>(wr, cols, dq, p, 0, w) * (1.0f / 16384.0f);
+  }
+}
+
+// Each pair of activation bytes swapped, as the permuted codes' byte order wants.
+__device__ __forceinline__ int4 swap_byte_pairs(int4 v) {
+  return make_int4(static_cast<int>(__byte_perm(v.x, 0, 0x2301)), static_cast<int>(__byte_perm(v.y, 0, 0x2301)),
+                   static_cast<int>(__byte_perm(v.z, 0, 0x2301)), static_cast<int>(__byte_perm(v.w, 0, 0x2301)));
+}
+
 // kPipelined: each lane's next block is loaded while it multiplies the current one, and the warp's
 // first row's first block before the wait (the weights are never written by kernels; +1-2%).
 // At most 64 registers (four blocks per SM): unbounded, the compiler took 90 (two blocks) and nf4
@@ -76,25 +109,13 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   uint32_t next[8];
   float next_absmax = 0.0f;
-  if constexpr (kPipelined) {
-    int64_t row = first;
-    QJob job;
-    if (first < jobs.total_rows && locate_row(jobs, row, job) && lane < nb)
-      next_absmax = bnb4_block<8>(job.w + row * job.row_bytes, cols, job.dq, lane, 0, next);
-  }
+  if constexpr (kPipelined) next_absmax = bnb4_first_block(jobs, first, lane, nb, cols, next);
   await_inputs();
   extern __shared__ int4 act_shared[];
   __shared__ uint32_t tables_shared[kBnb4PermuteWords * 32];  // a copy per lane: see below
   {
     const int4* src = reinterpret_cast<const int4*>(q);
-    for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) {
-      int4 v = src[c];
-      v.x = static_cast<int>(__byte_perm(v.x, 0, 0x2301));
-      v.y = static_cast<int>(__byte_perm(v.y, 0, 0x2301));
-      v.z = static_cast<int>(__byte_perm(v.z, 0, 0x2301));
-      v.w = static_cast<int>(__byte_perm(v.w, 0, 0x2301));
-      act_shared[act_chunk_slot(c)] = v;
-    }
+    for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) act_shared[act_chunk_slot(c)] = swap_byte_pairs(src[c]);
     const uint32_t* permute = T == static_cast<int>(QuantType::NF4) ? c_nf4_permute : c_fp4_permute;
     for (int i = threadIdx.x; i < kBnb4PermuteWords * 32; i += blockDim.x) tables_shared[i] = permute[i / 32];
     __syncthreads();
@@ -112,15 +133,7 @@ __global__ void __launch_bounds__(256, 4) bnb4_decode_kernel(QJobs jobs, int64_t
     preloaded = false;
     for (int p = lane; p < nb; p += 32) {  // 32-bit index arithmetic (cols <= 32K here)
       uint32_t w[8];
-      float scale;
-      if constexpr (kPipelined) {  // this block's words were loaded last iteration; the next one's go out now
-#pragma unroll
-        for (int k = 0; k < 8; ++k) w[k] = next[k];
-        scale = next_absmax * (1.0f / 16384.0f);
-        if (p + 32 < nb) next_absmax = bnb4_block<8>(wr, cols, job.dq, p + 32, 0, next);
-      } else {
-        scale = bnb4_block<8>(wr, cols, job.dq, p, 0, w) * (1.0f / 16384.0f);
-      }
+      const float scale = bnb4_take_block<kPipelined>(wr, cols, job.dq, p, nb, w, next, next_absmax);
       const int4* a = act_shared + act_chunk_slot(4 * p);
       const int4 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
       const int x[16] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w, a2.x, a2.y, a2.z, a2.w, a3.x, a3.y, a3.z, a3.w};
@@ -176,12 +189,7 @@ __global__ void __launch_bounds__(256, 3) bnb4_decode_tokens_kernel(QJobs jobs, 
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   uint32_t next[8];
   float next_absmax = 0.0f;
-  if constexpr (kPipelined) {
-    int64_t row = first;
-    QJob job;
-    if (first < jobs.total_rows && locate_row(jobs, row, job) && lane < nb)
-      next_absmax = bnb4_block<8>(job.w + row * job.row_bytes, cols, job.dq, lane, 0, next);
-  }
+  if constexpr (kPipelined) next_absmax = bnb4_first_block(jobs, first, lane, nb, cols, next);
   await_inputs();
   extern __shared__ int4 act_shared[];
   __shared__ uint32_t tables_shared[kBnb4PermuteWords * 32];
@@ -190,12 +198,7 @@ __global__ void __launch_bounds__(256, 3) bnb4_decode_tokens_kernel(QJobs jobs, 
     const int4* src = reinterpret_cast<const int4*>(q);
     for (int64_t i = threadIdx.x; i < NT * chunks; i += blockDim.x) {
       const int64_t tk = i / chunks, c = i % chunks;
-      int4 v = src[tk * (nblk * 2) + c];
-      v.x = static_cast<int>(__byte_perm(v.x, 0, 0x2301));
-      v.y = static_cast<int>(__byte_perm(v.y, 0, 0x2301));
-      v.z = static_cast<int>(__byte_perm(v.z, 0, 0x2301));
-      v.w = static_cast<int>(__byte_perm(v.w, 0, 0x2301));
-      act_shared[tk * slots + act_chunk_slot(static_cast<int>(c))] = v;
+      act_shared[tk * slots + act_chunk_slot(static_cast<int>(c))] = swap_byte_pairs(src[tk * (nblk * 2) + c]);
     }
     const uint32_t* permute = T == static_cast<int>(QuantType::NF4) ? c_nf4_permute : c_fp4_permute;
     for (int i = threadIdx.x; i < kBnb4PermuteWords * 32; i += blockDim.x) tables_shared[i] = permute[i / 32];
@@ -214,15 +217,7 @@ __global__ void __launch_bounds__(256, 3) bnb4_decode_tokens_kernel(QJobs jobs, 
     preloaded = false;
     for (int p = lane; p < nb; p += 32) {
       uint32_t w[8];
-      float scale;
-      if constexpr (kPipelined) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) w[k] = next[k];
-        scale = next_absmax * (1.0f / 16384.0f);
-        if (p + 32 < nb) next_absmax = bnb4_block<8>(wr, cols, job.dq, p + 32, 0, next);
-      } else {
-        scale = bnb4_block<8>(wr, cols, job.dq, p, 0, w) * (1.0f / 16384.0f);
-      }
+      const float scale = bnb4_take_block<kPipelined>(wr, cols, job.dq, p, nb, w, next, next_absmax);
       const int* xs[NT];  // each token's 16 activation words of this block
 #pragma unroll
       for (int k = 0; k < NT; ++k) xs[k] = reinterpret_cast<const int*>(act_shared + k * slots + act_chunk_slot(4 * p));
