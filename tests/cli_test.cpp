@@ -78,6 +78,26 @@ TEST(Cli, LogitsAndGenerateFollowTheContract) {
       << past.err;
 }
 
+// llama.cpp's files are often named *.bin: a file that starts with GGUF's magic is read as GGUF whatever its name,
+// and any other file gets an error that says what was expected.
+TEST(Cli, GgufFilesAreKnownByTheirMagic) {
+  TempDir dir;
+  test::write_tiny_llama(dir.path());
+  const std::string gguf = dir.file("m.gguf"), bin = dir.file("m.bin");
+  ASSERT_EQ(run_cli({"quantize", "--model", dir.path(), "--type", "q8_0", "--out", gguf}).exit_code, 0);
+  test::copy_file(gguf, bin);
+  const auto a = run_cli({"logits", "--model", gguf, "--tokens", "1,5,9", "--last", "1"});
+  const auto b = run_cli({"logits", "--model", bin, "--tokens", "1,5,9", "--last", "1"});
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  EXPECT_EQ(a.out, b.out);
+  test::write_file(dir.file("notes.txt"), "not a model");
+  expect_clean_error(run_cli({"info", "--model", dir.file("notes.txt")}),
+                     "notes.txt: neither a GGUF file (it does not start with GGUF's magic) nor a Hugging Face model "
+                     "directory");
+  expect_clean_error(run_cli({"info", "--model", dir.file("gone")}), "gone: no such file or directory");
+}
+
 TEST(Cli, BadInputGivesOneLineErrors) {
   TempDir empty;
   expect_clean_error(run_cli({"info", "--model", empty.path()}), "no config.json");

@@ -30,6 +30,10 @@ struct GgufTensorInfo {
 bool ggml_type_layout(uint32_t ggml_type, int64_t* block_elems, int64_t* block_bytes);
 const char* ggml_type_name(uint32_t ggml_type);
 
+// A path to read as GGUF: one ending in .gguf (missing or not, so that its reader says what is wrong), or a
+// regular file that starts with GGUF's magic whatever its name (llama.cpp's files are often named *.bin).
+bool is_gguf_path(const std::string& path);
+
 class GgufFile {
  public:
   explicit GgufFile(const std::string& path);  // throws Error on any inconsistency

@@ -2,10 +2,12 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
 #include "bioquant/io/bnb_checkpoint.h"
+#include "bioquant/io/gguf.h"
 #include "bioquant/io/gguf_model.h"
 #include "bioquant/io/hf_config.h"
 
@@ -135,6 +137,10 @@ LayerWeights bind_layer(const ModelConfig& c, const Binder& b, int64_t i) {
 
 ModelConfig load_model_config(const std::string& dir) {
   const std::string config_path = dir + "/config.json";
+  std::error_code ec;
+  check(std::filesystem::exists(dir, ec), dir + ": no such file or directory");
+  check(!std::filesystem::is_regular_file(dir, ec),
+        dir + ": neither a GGUF file (it does not start with GGUF's magic) nor a Hugging Face model directory");
   check(file_exists(config_path), dir + ": no config.json (not a Hugging Face model directory)");
   ModelConfig config = parse_hf_config(read_text_file(config_path), config_path);
   const std::string gen_path = dir + "/generation_config.json";
@@ -143,7 +149,7 @@ ModelConfig load_model_config(const std::string& dir) {
 }
 
 std::unique_ptr<Model> Model::load(const std::string& dir) {
-  if (dir.size() > 5 && dir.compare(dir.size() - 5, 5, ".gguf") == 0) {
+  if (is_gguf_path(dir)) {
     auto gguf = std::make_shared<const GgufFile>(dir);
     ModelConfig config = config_from_gguf(*gguf);
     auto source = std::make_unique<GgufTensorSource>(gguf, config);

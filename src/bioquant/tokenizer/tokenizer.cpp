@@ -976,7 +976,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
     }
   }
   check(is_file(file), file + ": no such file");
-  if (ends_with(file, ".gguf")) return tokenizer_from_gguf(GgufFile(file));
+  if (is_gguf_path(file)) return tokenizer_from_gguf(GgufFile(file));
   if (ends_with(file, ".bin")) {
     tok->impl_ = impl_from_llama2c(file);
     tok->kind_ = "llama2.c tokenizer.bin (SentencePiece BPE)";
