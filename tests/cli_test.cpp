@@ -99,6 +99,8 @@ TEST(Cli, GgufFilesAreKnownByTheirMagic) {
 }
 
 TEST(Cli, BadInputGivesOneLineErrors) {
+  expect_clean_error(run_cli({"evaluate", "--model", "x"}), "unknown command 'evaluate' (commands: demo, info,");
+  expect_clean_error(run_cli({}), "A subcommand is required");
   TempDir empty;
   expect_clean_error(run_cli({"info", "--model", empty.path()}), "no config.json");
 

@@ -62,6 +62,19 @@ int main(int argc, char** argv) {
   for (const auto& r : bioquant::cli::registered_commands()) all.push_back(r);
   std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.order < b.order; });
   for (const auto& r : all) add(r.name, r.about, r.add);
+  // CLI11 would call a mistyped command "A subcommand is required": name it, and the commands there are.
+  if (argc > 1 && argv[1][0] != '-') {
+    std::string known;
+    bool found = false;
+    for (const auto& r : all) {
+      known += (known.empty() ? "" : ", ") + std::string(r.name);
+      found = found || r.name == std::string(argv[1]);
+    }
+    if (!found) {
+      std::fprintf(stderr, "error: unknown command '%s' (commands: %s)\n", one_line(argv[1]).c_str(), known.c_str());
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
