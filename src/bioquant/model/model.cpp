@@ -138,7 +138,7 @@ LayerWeights bind_layer(const ModelConfig& c, const Binder& b, int64_t i) {
 ModelConfig load_model_config(const std::string& dir) {
   const std::string config_path = dir + "/config.json";
   std::error_code ec;
-  check(std::filesystem::exists(dir, ec), dir + ": no such file or directory");
+  check(std::filesystem::exists(dir, ec), dir + ": no such file or directory (no config.json to read)");
   check(!std::filesystem::is_regular_file(dir, ec),
         dir + ": neither a GGUF file (it does not start with GGUF's magic) nor a Hugging Face model directory");
   check(file_exists(config_path), dir + ": no config.json (not a Hugging Face model directory)");
