@@ -91,6 +91,7 @@ TEST(Cli, GgufFilesAreKnownByTheirMagic) {
   ASSERT_EQ(a.exit_code, 0) << a.err;
   ASSERT_EQ(b.exit_code, 0) << b.err;
   EXPECT_EQ(a.out, b.out);
+  expect_clean_error(run_cli({"estimate", "--model", bin}), "for a GGUF file use bioquant info");
   test::write_file(dir.file("notes.txt"), "not a model");
   expect_clean_error(run_cli({"info", "--model", dir.file("notes.txt")}),
                      "notes.txt: neither a GGUF file (it does not start with GGUF's magic) nor a Hugging Face model "

@@ -10,6 +10,7 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
+#include "bioquant/io/gguf.h"
 #include "bioquant/io/tensor_source.h"
 #include "bioquant/kernels/cuda/gpu_memory_plan.h"
 #include "bioquant/model/model.h"
@@ -140,7 +141,7 @@ ModelShape model_shape_from_path(const std::string& path, const std::string& dty
   s.path = path;
   // GGUF files hold no config.json, and loading one copies its Q/K rows (gguf_model.h): not
   // something to size without loading.
-  check(!(path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0),
+  check(!is_gguf_path(path),
         path + ": estimate sizes a Hugging Face model from its config.json; for a GGUF file use bioquant info "
                "--model FILE.gguf (it maps the file)");
   s.config = load_model_config(path);
