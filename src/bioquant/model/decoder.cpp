@@ -115,12 +115,14 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     check(sg.cache != nullptr, "forward: no KV cache");
     for (size_t sj = 0; sj < si; ++sj) check(segments[sj].cache != sg.cache, "forward: two sequences share a KV cache");
     const int64_t pos0 = sg.cache->size();
-    check(pos0 + sg.n <= sg.cache->capacity(), "context full: " + std::to_string(pos0 + sg.n) +
-                                                   " positions exceed the KV cache of " +
-                                                   std::to_string(sg.cache->capacity()));
+    // Messages built only on failure: these run for every token of every step.
+    if (pos0 + sg.n > sg.cache->capacity())
+      throw Error("context full: " + std::to_string(pos0 + sg.n) + " positions exceed the KV cache of " +
+                  std::to_string(sg.cache->capacity()));
     for (int64_t t = 0; t < sg.n; ++t) {
-      check(sg.tokens[t] >= 0 && sg.tokens[t] < c.vocab, "token id " + std::to_string(sg.tokens[t]) +
-                                                             " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+      if (sg.tokens[t] < 0 || sg.tokens[t] >= c.vocab)
+        throw Error("token id " + std::to_string(sg.tokens[t]) + " is outside the vocabulary [0, " +
+                    std::to_string(c.vocab) + ")");
     }
     n += sg.n;
     n_out += sg.n_logits;
