@@ -101,7 +101,7 @@ TEST(Cli, GgufFilesAreKnownByTheirMagic) {
 
 TEST(Cli, BadInputGivesOneLineErrors) {
   expect_clean_error(run_cli({"evaluate", "--model", "x"}), "unknown command 'evaluate' (commands: demo, info,");
-  expect_clean_error(run_cli({}), "A subcommand is required");
+  expect_clean_error(run_cli({}), "give a command (commands: demo, info,");
   TempDir empty;
   expect_clean_error(run_cli({"info", "--model", empty.path()}), "no config.json");
 

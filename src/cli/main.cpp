@@ -62,13 +62,17 @@ int main(int argc, char** argv) {
   for (const auto& r : bioquant::cli::registered_commands()) all.push_back(r);
   std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.order < b.order; });
   for (const auto& r : all) add(r.name, r.about, r.add);
-  // CLI11 would call a mistyped command "A subcommand is required": name it, and the commands there are.
-  if (argc > 1 && argv[1][0] != '-') {
+  // CLI11 would say "A subcommand is required" to a missing or mistyped command: name the commands there are.
+  if (argc == 1 || argv[1][0] != '-') {
     std::string known;
     bool found = false;
     for (const auto& r : all) {
       known += (known.empty() ? "" : ", ") + std::string(r.name);
-      found = found || r.name == std::string(argv[1]);
+      found = found || (argc > 1 && r.name == std::string(argv[1]));
+    }
+    if (argc == 1) {
+      std::fprintf(stderr, "error: give a command (commands: %s; bioquant COMMAND --help)\n", known.c_str());
+      return 2;
     }
     if (!found) {
       std::fprintf(stderr, "error: unknown command '%s' (commands: %s)\n", one_line(argv[1]).c_str(), known.c_str());
