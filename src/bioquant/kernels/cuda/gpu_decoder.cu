@@ -1004,10 +1004,7 @@ struct GpuDecoder::Impl {
   // Gemma 2 q4_k 361 / 369 but Qwen2.5-7B q4_k 506 / 480 (its 3584-row matrices left 112-144 blocks).
   static bool q4k_flat_fills(const QJobs& group, int64_t pairs) {
     const int64_t lane_rounds = (pairs + 31) / 32, two_row_rounds = (2 * pairs + 31) / 32;
-    if (pairs >= 64 || two_row_rounds >= 2 * lane_rounds) return false;
-    for (int i = 0; i < group.count; ++i)
-      if (group.job[i].rows % 2 != 0) return false;
-    return true;
+    return pairs < 64 && two_row_rounds < 2 * lane_rounds && rows_multiple_of(group, 2);
   }
 
   void launch_q4k_decode(const QJobs& group, unsigned grid, int64_t cols, const int8_t* q, const float* d, const int* s,

@@ -202,25 +202,22 @@ __global__ void q4k_decode_flat_kernel(QJobs jobs, int64_t cols, const int8_t* q
   QJob job;
   const bool have = locate_row(jobs, row, job);
   const uint8_t* w0 = have ? job.w + row * job.row_bytes : nullptr;
-  int ru = lane / pairs, pu = lane % pairs;  // this lane's unit: its row among the R, and pair
-  const auto next_unit = [&] {
-    pu += 32;
-    while (pu >= pairs) {
-      pu -= pairs;
-      ++ru;
+  const auto advance = [pairs](int& r, int& p) {  // the unit 32 on: same row or a later one
+    p += 32;
+    while (p >= pairs) {
+      p -= pairs;
+      ++r;
     }
   };
+  int ru = lane / pairs, pu = lane % pairs;  // this lane's unit: its row among the R, and pair
+  const auto next_unit = [&] { advance(ru, pu); };
   Q4kPairWeights pre[kQ4kPreload];
   {
     int r = ru, p = pu;
 #pragma unroll
     for (int k = 0; k < kQ4kPreload; ++k) {
       if (have && lane + 32 * k < units) pre[k] = load_q4k_pair(w0 + r * job.row_bytes, p);
-      p += 32;
-      while (p >= pairs) {
-        p -= pairs;
-        ++r;
-      }
+      advance(r, p);
     }
   }
   await_inputs();
