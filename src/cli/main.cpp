@@ -1,8 +1,9 @@
 // bioquant: command-line front end. Thin: parse flags, call the library, print.
 #include <CLI/CLI.hpp>
+
+#include <algorithm>
 #include <cstdio>
 #include <exception>
-#include <algorithm>
 #include <map>
 #include <string>
 #include <unistd.h>
@@ -65,16 +66,12 @@ int main(int argc, char** argv) {
   // CLI11 would say "A subcommand is required" to a missing or mistyped command: name the commands there are.
   if (argc == 1 || argv[1][0] != '-') {
     std::string known;
-    bool found = false;
-    for (const auto& r : all) {
-      known += (known.empty() ? "" : ", ") + std::string(r.name);
-      found = found || (argc > 1 && r.name == std::string(argv[1]));
-    }
+    for (const auto& r : all) known += (known.empty() ? "" : ", ") + std::string(r.name);
     if (argc == 1) {
       std::fprintf(stderr, "error: give a command (commands: %s; bioquant COMMAND --help)\n", known.c_str());
       return 2;
     }
-    if (!found) {
+    if (std::none_of(all.begin(), all.end(), [&](const auto& r) { return r.name == std::string(argv[1]); })) {
       std::fprintf(stderr, "error: unknown command '%s' (commands: %s)\n", one_line(argv[1]).c_str(), known.c_str());
       return 2;
     }
