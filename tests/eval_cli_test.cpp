@@ -18,6 +18,8 @@
 #include <nlohmann/json.hpp>
 
 #include "bioquant/eval/prompts.h"
+#include "bioquant/eval/scoring.h"
+#include "bioquant/eval/stats.h"
 #include "bioquant/eval/store.h"
 #include "bioquant/eval/task.h"
 #include "bioquant/kernels/cuda/gpu_decoder.h"
@@ -482,12 +484,45 @@ TEST(EvalCli, CompareRunsGivesPairedDifferenceAndFlips) {
     EXPECT_EQ(t["wrong_to_right"], w2r) << name;
     EXPECT_EQ(t["n"], 12);
   }
+  // The mean over the two tasks: the stratified paired bootstrap of the sample files, tasks in name order.
+  std::vector<eval::PairedTask> tasks;
+  for (const char* name : {"medqa", "pubmedqa"}) {
+    eval::PairedTask t{eval::MetricKind::accuracy, {}, {}, {}, {}};
+    const auto la = read_lines(dir.file(std::string("a/samples/") + name + ".jsonl"));
+    const auto lb = read_lines(dir.file(std::string("b/samples/") + name + ".jsonl"));
+    for (size_t i = 0; i < la.size(); ++i) {
+      t.gold.push_back(eval::gold_from_json(la[i]["gold"]));
+      t.a.push_back(eval::prediction_from_json(la[i]["parsed"]));
+      t.b.push_back(eval::prediction_from_json(lb[i]["parsed"]));
+    }
+    tasks.push_back(std::move(t));
+  }
+  const eval::MeanDifference expected = eval::compare_paired_mean(tasks, 1000, 1234);
+  const json& mean = c["mean"];
+  EXPECT_EQ(mean["tasks"], 2);
+  EXPECT_EQ(mean["n"], 24);
+  EXPECT_EQ(mean["diff"].get<double>(), expected.diff);
+  EXPECT_EQ(mean["ci95"][0].get<double>(), expected.ci.low);
+  EXPECT_EQ(mean["ci95"][1].get<double>(), expected.ci.high);
+  EXPECT_EQ(mean["p_value"].get<double>(), expected.p_value);
+  const json& mq = c["tasks"]["medqa"];
+  const json& pq = c["tasks"]["pubmedqa"];
+  EXPECT_NEAR(mean["diff"].get<double>(), (mq["diff"].get<double>() + pq["diff"].get<double>()) / 2, 1e-12);
+  EXPECT_NEAR(mean["score_b"].get<double>(), (mq["score_b"].get<double>() + pq["score_b"].get<double>()) / 2, 1e-12);
+  r = test::run_cli({"compare-runs", dir.file("a"), dir.file("b")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\nmean of 2 "), std::string::npos) << r.out;
+  // One task: no mean.
+  r = test::run_cli({"compare-runs", dir.file("a"), dir.file("b"), "--tasks", "medqa", "--json"});
+  EXPECT_FALSE(json::parse(r.out).contains("mean"));
   // A run against itself: no difference, no flips.
   r = test::run_cli({"compare-runs", dir.file("a"), dir.file("a"), "--json"});
   const json same = json::parse(r.out);
   EXPECT_EQ(same["tasks"]["medqa"]["diff"], 0.0);
   EXPECT_EQ(same["tasks"]["medqa"]["right_to_wrong"], 0);
   EXPECT_EQ(same["tasks"]["medqa"]["p_value"], 1.0);
+  EXPECT_EQ(same["mean"]["diff"], 0.0);
+  EXPECT_EQ(same["mean"]["p_value"], 1.0);
 }
 
 void expect_error(const test::CliResult& r, const std::string& fragment) {

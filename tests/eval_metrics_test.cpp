@@ -602,17 +602,21 @@ TEST(EvalStats, PairedIdenticalRuns) {
   EXPECT_TRUE(c.wrong_to_right_indices.empty());
 }
 
-TEST(EvalStats, PairedKnownFlips) {
-  // 10 questions. Run a is right on 0-5, run b on 2-8:
-  //   both right 2,3,4,5 (4); right->wrong 0,1 (2); wrong->right 6,7,8 (3); both wrong 9 (1).
-  //   accuracy a = 6/10, b = 7/10 -> diff = 0.1.
-  std::vector<Gold> gold;
-  std::vector<Prediction> a, b;
+// 10 questions. Run a is right on 0-5, run b on 2-8:
+//   both right 2,3,4,5 (4); right->wrong 0,1 (2); wrong->right 6,7,8 (3); both wrong 9 (1).
+//   accuracy a = 6/10, b = 7/10 -> diff = 0.1.
+void known_flips(std::vector<Gold>& gold, std::vector<Prediction>& a, std::vector<Prediction>& b) {
   for (size_t i = 0; i < 10; ++i) {
     gold.push_back(one("yes"));
     a.push_back(i <= 5 ? plabel("yes") : plabel("no"));
     b.push_back(i >= 2 && i <= 8 ? plabel("yes") : (i == 9 ? unparsed() : plabel("maybe")));
   }
+}
+
+TEST(EvalStats, PairedKnownFlips) {
+  std::vector<Gold> gold;
+  std::vector<Prediction> a, b;
+  known_flips(gold, a, b);
   const auto c = compare_paired(MetricKind::accuracy, kYesNoMaybe, gold, a, b);
   EXPECT_DOUBLE_EQ(c.score_a, 0.6);
   EXPECT_DOUBLE_EQ(c.score_b, 0.7);
@@ -679,6 +683,67 @@ TEST(EvalStats, PairedNerDifference) {
   // b is never worse on any sentence, so d* >= 0 in every replicate: the CI starts at >= 0.
   EXPECT_GE(c.ci.low, 0.0);
   EXPECT_GT(c.ci.high, c.diff);
+}
+
+TEST(EvalStats, PairedMeanOfOneTaskIsComparePaired) {
+  // One task draws as compare_paired does (seed + 0), and a mean over one task is that task's difference.
+  std::vector<Gold> gold;
+  std::vector<Prediction> a, b;
+  for (size_t i = 0; i < 30; ++i) {
+    gold.push_back(one("yes"));
+    a.push_back(i % 3 == 0 ? plabel("no") : plabel("yes"));
+    b.push_back(i % 5 == 0 ? plabel("no") : plabel("yes"));
+  }
+  const auto c = compare_paired(MetricKind::accuracy, kYesNoMaybe, gold, a, b, 500, 77);
+  const auto m = compare_paired_mean({{MetricKind::accuracy, kYesNoMaybe, gold, a, b}}, 500, 77);
+  EXPECT_EQ(m.diff, c.diff);
+  EXPECT_EQ(m.ci.low, c.ci.low);
+  EXPECT_EQ(m.ci.high, c.ci.high);
+  EXPECT_EQ(m.p_value, c.p_value);
+  EXPECT_EQ(m.n, 30);
+}
+
+TEST(EvalStats, PairedMeanAveragesTheTasksDifferences) {
+  // Task 0: the ten questions of known_flips (diff 0.1). Task 1: NER where b equals a (diff 0 in
+  // every replicate). The mean's replicates are task 0's halved, so its CI is task 0's halved; the
+  // p-value counts the same signs.
+  std::vector<Gold> gold;
+  std::vector<Prediction> a, b;
+  known_flips(gold, a, b);
+  const auto c = compare_paired(MetricKind::accuracy, kYesNoMaybe, gold, a, b);
+  const auto m = compare_paired_mean({{MetricKind::accuracy, kYesNoMaybe, gold, a, b},
+                                      {MetricKind::entity_f1, {}, ner_gold(), ner_pred(), ner_pred()}});
+  EXPECT_NEAR(m.diff, 0.05, 1e-15);
+  EXPECT_NEAR(m.ci.low, c.ci.low / 2, 1e-15);
+  EXPECT_NEAR(m.ci.high, c.ci.high / 2, 1e-15);
+  EXPECT_EQ(m.p_value, c.p_value);
+  EXPECT_EQ(m.n, 10 + static_cast<int64_t>(ner_gold().size()));
+
+  // Two one-question tasks: every replicate redraws the same question, so d* is fixed. b gains a
+  // question on the first (+1) and loses one on the second (-1): mean 0, CI [0, 0], p = 1; with the
+  // second tied instead, mean 0.5, CI [0.5, 0.5], p = 2/1001.
+  const std::vector<Gold> g1 = {one("A")};
+  const auto tied = compare_paired_mean({{MetricKind::accuracy, {}, g1, {plabel("B")}, {plabel("A")}},
+                                         {MetricKind::accuracy, {}, g1, {plabel("A")}, {plabel("B")}}});
+  EXPECT_EQ(tied.diff, 0.0);
+  EXPECT_EQ(tied.ci.low, 0.0);
+  EXPECT_EQ(tied.ci.high, 0.0);
+  EXPECT_EQ(tied.p_value, 1.0);
+  const auto gain = compare_paired_mean({{MetricKind::accuracy, {}, g1, {plabel("B")}, {plabel("A")}},
+                                         {MetricKind::accuracy, {}, g1, {plabel("A")}, {plabel("A")}}});
+  EXPECT_EQ(gain.diff, 0.5);
+  EXPECT_EQ(gain.ci.low, 0.5);
+  EXPECT_EQ(gain.ci.high, 0.5);
+  EXPECT_DOUBLE_EQ(gain.p_value, 2.0 / 1001.0);
+}
+
+TEST(EvalStats, PairedMeanRefusesNoTasksAndMismatchedRuns) {
+  EXPECT_NE(error_of([] { compare_paired_mean({}); }).find("no tasks"), std::string::npos);
+  EXPECT_NE(error_of([] { compare_paired_mean({{MetricKind::accuracy, {}, {one("A")}, {plabel("A")}, {}}}); })
+                .find("run b 0"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { compare_paired_mean({{MetricKind::accuracy, {}, {}, {}, {}}}); }).find("n = 0"),
+            std::string::npos);
 }
 
 }  // namespace

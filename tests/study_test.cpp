@@ -794,7 +794,10 @@ TEST(StudyRecommend, RanksTheCraftedDatabaseAndSaysWhy) {
             0u)
       << r.ranked[0].reason;
   EXPECT_EQ(r.ranked[2].reason,
-            "fits (16.00 GiB measured); mean score 0.6250, 0.1250 below the best (tied with #2, which uses less memory)");
+            "fits (16.00 GiB measured); mean score 0.6250, 0.1250 below #1 (not compared: no per-example samples for "
+            "medqa); tied with #2, which uses less memory");
+  EXPECT_FALSE(r.ranked[2].vs_best.has_value());
+  EXPECT_FALSE(r.smaller_within_noise.has_value());
   EXPECT_EQ(r.ranked[4].memory_source, "estimated");
   EXPECT_LT(*r.ranked[4].memory_bytes, 1 * GiB);
   std::map<std::string, std::string> excluded;
@@ -854,6 +857,116 @@ TEST(StudyRecommend, RanksTheCraftedDatabaseAndSaysWhy) {
   expect_one_line_error(test::run_cli({"report", "--db", dir.file("garbage.sqlite"), "--out", dir.file("r")}),
                         "garbage.sqlite: file is not a database");
   expect_one_line_error(test::run_cli({"recommend", "--budget", "4GiB", "--db", db, "--tasks", "medqaa"}), "medqaa");
+}
+
+// Each ranked pair is compared with the first on the examples their runs share (the samples files),
+// and the smallest pair within noise of the first is named.
+TEST(StudyRecommend, ComparesEachPairWithTheFirstOnTheirSamples) {
+  test::TempDir dir;
+  const double GiB = 1024.0 * 1024 * 1024;
+  const std::vector<std::string> tasks = {"medqa", "pubmedqa"};
+  // Per task, 40 questions whose gold answer is A; a run is right on the questions right(i) says.
+  auto predictions = [](const std::function<bool(int)>& right, int n) {
+    std::vector<eval::Prediction> p(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      p[static_cast<size_t>(i)].labels = {right(i) ? "A" : "B"};
+      p[static_cast<size_t>(i)].parsed = true;
+    }
+    return p;
+  };
+  std::vector<json> rows;
+  auto run = [&](const std::string& model, const std::string& quant, double peak, const std::function<bool(int)>& right,
+                 int n) {
+    const auto pred = predictions(right, n);
+    for (const auto& task : tasks) {
+      const std::string path = dir.file(model + "-" + quant + "-" + task + ".jsonl");
+      std::string text;
+      int correct = 0;
+      for (int i = 0; i < n; ++i) {
+        const bool ok = right(i);
+        correct += ok ? 1 : 0;
+        text += json{{"id", std::to_string(i)},
+                     {"parsed", {{"labels", pred[static_cast<size_t>(i)].labels}, {"parsed", true}}},
+                     {"gold", {{"labels", {"A"}}}}}
+                    .dump() +
+                "\n";
+      }
+      test::write_file(path, text);
+      rows.push_back({{"model", "/models/" + model}, {"model_hash", model}, {"quant", quant}, {"task", task},
+                      {"method", "zero-shot"}, {"shots", 0}, {"scoring", "generate"}, {"split", "sample200"},
+                      {"metric", "accuracy"}, {"score", static_cast<double>(correct) / n}, {"n", n},
+                      {"peak_rss_bytes", peak}, {"samples", path}});
+    }
+  };
+  const auto best = [](int i) { return i % 10 != 0; };  // 36 of 40
+  // 34 of 40: right on 2 questions #1 misses, wrong on 4 it gets.
+  const auto close = [](int i) { return i % 10 == 0 ? i < 20 : i % 10 != 1; };
+  const auto far = [](int i) { return i % 10 >= 6; };  // 16 of 40
+  run("big-70b", "bf16", 20 * GiB, best, 40);
+  run("mid-8b", "nf4", 5 * GiB, close, 40);
+  run("small-1b", "q4_k", 3 * GiB, far, 40);
+  run("few-1b", "int8", 1 * GiB, far, 3);  // 0 of 3; shares 3 questions with #1: too few to test
+  const std::string db = dir.file("paired.sqlite");
+  eval::record_runs(db, rows);
+
+  RecommendOptions o;
+  o.budget_bytes = 40 * GiB;
+  const Recommendation r = recommend(eval::read_runs(db), o);
+  std::vector<std::string> ranked;
+  for (const auto& c : r.ranked) ranked.push_back(c.model_name + " " + c.precision);
+  ASSERT_EQ(ranked, (std::vector<std::string>{"big-70b bf16", "mid-8b nf4", "small-1b q4_k", "few-1b int8"}));
+  EXPECT_FALSE(r.ranked[0].vs_best.has_value());
+
+  // The same comparison made by hand from the runs' predictions.
+  const std::vector<eval::Gold> gold(40, eval::Gold{{"A"}, {}});
+  auto expected = [&](const std::function<bool(int)>& right) {
+    const eval::PairedTask t{eval::MetricKind::accuracy, {}, gold, predictions(best, 40), predictions(right, 40)};
+    return eval::compare_paired_mean({t, t}, 1000, 1234);
+  };
+  const eval::MeanDifference near = expected(close), distant = expected(far);
+  ASSERT_TRUE(r.ranked[1].vs_best.has_value());
+  EXPECT_NEAR(r.ranked[1].vs_best->diff, -0.05, 1e-12);
+  EXPECT_EQ(r.ranked[1].vs_best->diff, near.diff);
+  EXPECT_EQ(r.ranked[1].vs_best->ci.low, near.ci.low);
+  EXPECT_EQ(r.ranked[1].vs_best->ci.high, near.ci.high);
+  EXPECT_EQ(r.ranked[1].vs_best->n, 80);
+  ASSERT_TRUE(r.ranked[2].vs_best.has_value());
+  EXPECT_NEAR(r.ranked[2].vs_best->diff, -0.5, 1e-12);
+  EXPECT_EQ(r.ranked[2].vs_best->ci.high, distant.ci.high);
+  // A net 2 of 40 questions lost on each task is within noise; 20 of 40 is not.
+  EXPECT_LT(near.ci.low, 0.0);
+  EXPECT_GT(near.ci.high, 0.0);
+  EXPECT_LT(distant.ci.high, 0.0);
+  EXPECT_TRUE(r.ranked[1].within_noise);
+  EXPECT_FALSE(r.ranked[2].within_noise);
+  EXPECT_NE(r.ranked[1].reason.find("within noise"), std::string::npos) << r.ranked[1].reason;
+  EXPECT_NE(r.ranked[2].reason.find("beyond noise"), std::string::npos) << r.ranked[2].reason;
+  EXPECT_FALSE(r.ranked[3].vs_best.has_value());
+  EXPECT_EQ(r.ranked[3].untested, "fewer than 5 examples of medqa shared with #1");
+  ASSERT_TRUE(r.smaller_within_noise.has_value());
+  EXPECT_EQ(*r.smaller_within_noise, 1u);
+
+  auto cli = test::run_cli({"recommend", "--budget", "40GiB", "--db", db});
+  ASSERT_EQ(cli.exit_code, 0) << cli.err;
+  EXPECT_NE(cli.out.find("within noise of #1 and smaller: #2 mid-8b nf4 (5.00 GiB measured against 20.00 GiB)"),
+            std::string::npos)
+      << cli.out;
+  cli = test::run_cli({"recommend", "--budget", "40GiB", "--db", db, "--json"});
+  ASSERT_EQ(cli.exit_code, 0) << cli.err;
+  const json j = json::parse(cli.out);
+  EXPECT_EQ(j["smaller_within_noise"]["model_name"], "mid-8b");
+  EXPECT_EQ(j["ranked"][1]["vs_best"]["within_noise"], true);
+  EXPECT_EQ(j["ranked"][1]["vs_best"]["examples"], 80);
+  EXPECT_EQ(j["ranked"][2]["vs_best"]["within_noise"], false);
+  EXPECT_EQ(j["ranked"][3]["vs_best"]["untested"], "fewer than 5 examples of medqa shared with #1");
+  EXPECT_FALSE(j["ranked"][0].contains("vs_best"));
+
+  // A budget only the smallest pairs fit: no smaller pair is within noise of the new first.
+  o.budget_bytes = 4 * GiB;
+  const Recommendation tight = recommend(eval::read_runs(db), o);
+  ASSERT_EQ(tight.ranked.size(), 2u);
+  EXPECT_EQ(tight.ranked[0].model_name, "small-1b");
+  EXPECT_FALSE(tight.smaller_within_noise.has_value());
 }
 
 // A GPU budget is held against what runs on a GPU used of their card (the runs table's gpu_peak_bytes),

@@ -14,12 +14,12 @@
 
 #include "bioquant/core/atomic_file.h"
 #include "bioquant/core/error.h"
-#include "bioquant/core/mapped_file.h"
 #include "bioquant/core/memory.h"
 #include "bioquant/eval/runner.h"
 #include "bioquant/eval/stats.h"
 #include "bioquant/eval/store.h"
 #include "bioquant/report/report.h"
+#include "bioquant/report/results.h"
 #include "bioquant/tokenizer/tokenizer.h"
 #include "cli/commands.h"
 #include "cli/common.h"
@@ -53,19 +53,6 @@ std::string cell(const json& t) {
   std::snprintf(buf, sizeof buf, "%.3f [%.2f,%.2f]", t["score"].get<double>(), t["ci95"][0].get<double>(),
                 t["ci95"][1].get<double>());
   return buf;
-}
-
-std::vector<json> read_sample_lines(const std::string& path) {
-  std::vector<json> out;
-  const std::string text = read_text_file(path);
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t nl = text.find('\n', pos);
-    if (nl == std::string::npos) nl = text.size();
-    if (nl > pos) out.push_back(json::parse(text.substr(pos, nl - pos)));
-    pos = nl + 1;
-  }
-  return out;
 }
 
 }  // namespace
@@ -176,21 +163,20 @@ Run add_demo(CLI::App& app) {
         std::string text = cell(tr);
         json entry = {{"score", tr["score"]}, {"ci95", tr["ci95"]}, {"unparsed", tr["unparsed"]}};
         if (i > 0) {
-          // Paired comparison on the same examples, from the two runs' sample files.
-          const auto a = read_sample_lines(first["samples"].get<std::string>());
-          const auto b = read_sample_lines(tr["samples"].get<std::string>());
-          std::vector<Gold> gold;
-          std::vector<Prediction> pa, pb;
-          for (size_t k = 0; k < a.size() && k < b.size(); ++k) {
-            gold.push_back(gold_from_json(a[k]["gold"]));
-            pa.push_back(prediction_from_json(a[k]["parsed"]));
-            pb.push_back(prediction_from_json(b[k]["parsed"]));
-          }
+          // Paired comparison on the same examples (by id), from the two runs' sample files.
+          const auto samples = [](const json& task_result) {
+            const std::string path = task_result["samples"].get<std::string>();
+            auto set = report::read_sample_set(path);
+            check(set.has_value(), path + ": not a samples file");
+            return *set;
+          };
+          const report::PairedSamples shared = report::pair_samples(samples(first), samples(tr));
           std::vector<std::string> labels;
           for (const auto& l : first["labels"]) labels.push_back(l.get<std::string>());
           const PairedComparison cmp = compare_paired(parse_metric_kind(first["metric"].get<std::string>()), labels,
-                                                      gold, pa, pb);
-          const bool significant = cmp.ci.low > 0 || cmp.ci.high < 0;
+                                                      shared.gold, shared.a, shared.b);
+          // As the report: a handful of examples is never called significant.
+          const bool significant = cmp.n >= report::kMinPairedExamples && (cmp.ci.low > 0 || cmp.ci.high < 0);
           if (significant) text += "*";
           entry["diff_vs_" + runs.front().name] = cmp.diff;
           entry["diff_ci95"] = {cmp.ci.low, cmp.ci.high};

@@ -16,6 +16,7 @@
 #include "bioquant/report/estimate.h"
 #include "bioquant/report/recommend.h"
 #include "bioquant/report/report.h"
+#include "bioquant/report/results.h"
 #include "bioquant/report/sweep.h"
 #include "cli/commands.h"
 #include "cli/common.h"
@@ -232,6 +233,7 @@ Run add_recommend(CLI::App& app) {
     std::string budget, tasks, db = "bioquant.sqlite", method = "best", precisions, device = "auto";
     std::vector<std::string> models;
     int64_t ctx = 4096;
+    int bootstrap = 1000;
     bool json_out = false;
   };
   auto f = std::make_shared<Flags>();
@@ -246,9 +248,12 @@ Run add_recommend(CLI::App& app) {
   app.add_option("--model", f->models, "also consider this model (repeatable); unmeasured pairs are sized by estimate");
   app.add_option("--precisions", f->precisions, "with --model: the precisions to consider (default bf16,int8,nf4,q4_k)");
   app.add_option("--ctx", f->ctx, "KV-cache positions for estimated memory (default 4096)")->check(positive_number());
+  app.add_option("--bootstrap", f->bootstrap, "replicates of each pair's comparison with #1 (default 1000)")
+      ->check(CLI::Range(1, 100000));
   app.add_flag("--json", f->json_out, "print one JSON object");
   return [=]() {
     RecommendOptions o;
+    o.bootstrap = f->bootstrap;
     o.budget_bytes = parse_byte_size(f->budget);
     if (!f->tasks.empty())
       for (const auto* t : eval::select_tasks(f->tasks)) o.tasks.push_back(t->name);
@@ -277,10 +282,18 @@ Run add_recommend(CLI::App& app) {
                 r.device == "cuda" ? " of GPU memory" : "", tasks.c_str());
     if (r.ranked.empty()) std::printf("nothing fits: no measured pair within the budget\n");
     for (const auto& c : r.ranked)
-      std::printf("%2d. %-24s %-8s score %.4f  memory %-11s %s\n", c.rank, c.model_name.c_str(), c.precision.c_str(),
+      std::printf("%2d. %-24s %-9s score %.4f  memory %-11s %s\n", c.rank, c.model_name.c_str(),
+                  report::precision_label(c.precision).c_str(),
                   *c.mean_score, format_bytes(*c.memory_bytes).c_str(), c.reason.c_str());
+    if (r.smaller_within_noise) {
+      const Candidate& c = r.ranked[*r.smaller_within_noise];
+      std::printf("within noise of #1 and smaller: #%d %s %s (%s %s against %s)\n", c.rank, c.model_name.c_str(),
+                  report::precision_label(c.precision).c_str(), format_bytes(*c.memory_bytes).c_str(),
+                  c.memory_source.c_str(), format_bytes(*r.ranked[0].memory_bytes).c_str());
+    }
     for (const auto& c : r.excluded)
-      std::printf(" -  %-24s %-8s excluded: %s\n", c.model_name.c_str(), c.precision.c_str(), c.reason.c_str());
+      std::printf(" -  %-24s %-9s excluded: %s\n", c.model_name.c_str(), report::precision_label(c.precision).c_str(),
+                  c.reason.c_str());
     return 0;
   };
 }

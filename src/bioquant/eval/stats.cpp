@@ -51,6 +51,19 @@ Interval percentile_interval(std::vector<double> values, double level) {
   return {quantile(values, tail), quantile(values, 1 - tail)};
 }
 
+// The percentile CI of paired differences d* and the two-sided p-value of compare_paired.
+void summarize_differences(std::vector<double> diffs, Interval& ci, double& p_value) {
+  int64_t at_most_0 = 0, at_least_0 = 0;
+  for (const double d : diffs) {
+    at_most_0 += d <= 0 ? 1 : 0;
+    at_least_0 += d >= 0 ? 1 : 0;
+  }
+  const double replicates = static_cast<double>(diffs.size());
+  ci = percentile_interval(std::move(diffs), 0.95);
+  const double tail = static_cast<double>(std::min(at_most_0, at_least_0) + 1) / (replicates + 1);
+  p_value = std::min(1.0, 2 * tail);
+}
+
 }  // namespace
 
 Interval bootstrap_ci(size_t n, const std::function<double(const std::vector<size_t>&)>& score, int replicates,
@@ -112,17 +125,38 @@ PairedComparison compare_paired(MetricKind kind, const std::vector<std::string>&
   std::vector<size_t> indices;
   std::vector<double> diffs;
   diffs.reserve(static_cast<size_t>(replicates));
-  int64_t at_most_0 = 0, at_least_0 = 0;
   for (int r = 0; r < replicates; ++r) {
     resampler.draw(indices);
-    const double d = tb.score(indices) - ta.score(indices);
-    at_most_0 += d <= 0 ? 1 : 0;
-    at_least_0 += d >= 0 ? 1 : 0;
-    diffs.push_back(d);
+    diffs.push_back(tb.score(indices) - ta.score(indices));
   }
-  out.ci = percentile_interval(std::move(diffs), 0.95);
-  const double tail = static_cast<double>(std::min(at_most_0, at_least_0) + 1) / static_cast<double>(replicates + 1);
-  out.p_value = std::min(1.0, 2 * tail);
+  summarize_differences(std::move(diffs), out.ci, out.p_value);
+  return out;
+}
+
+MeanDifference compare_paired_mean(const std::vector<PairedTask>& tasks, int replicates, uint64_t seed) {
+  check(!tasks.empty(), "compare_paired_mean: no tasks");
+  MeanDifference out;
+  std::vector<double> sums(static_cast<size_t>(std::max(replicates, 0)), 0.0);
+  for (size_t k = 0; k < tasks.size(); ++k) {
+    const PairedTask& t = tasks[k];
+    check(t.a.size() == t.b.size(), "compare_paired_mean: run a has " + std::to_string(t.a.size()) +
+                                        " predictions of a task, run b " + std::to_string(t.b.size()));
+    check_args("compare_paired_mean", t.gold.size(), replicates);
+    const MetricTable ta(t.kind, t.label_set, t.gold, t.a);
+    const MetricTable tb(t.kind, t.label_set, t.gold, t.b);
+    out.diff += tb.result().score - ta.result().score;
+    out.n += static_cast<int64_t>(ta.size());
+    Resampler resampler(ta.size(), seed + k);
+    std::vector<size_t> indices;
+    for (double& sum : sums) {
+      resampler.draw(indices);
+      sum += tb.score(indices) - ta.score(indices);
+    }
+  }
+  const double count = static_cast<double>(tasks.size());
+  out.diff /= count;
+  for (double& sum : sums) sum /= count;
+  summarize_differences(std::move(sums), out.ci, out.p_value);
   return out;
 }
 

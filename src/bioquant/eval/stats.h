@@ -55,4 +55,23 @@ PairedComparison compare_paired(MetricKind kind, const std::vector<std::string>&
                                 const std::vector<Gold>& gold, const std::vector<Prediction>& a,
                                 const std::vector<Prediction>& b, int replicates = 1000, uint64_t seed = 1234);
 
+// Two runs on several tasks, for comparing their mean score over the tasks (as `recommend` ranks).
+struct PairedTask {
+  MetricKind kind = MetricKind::accuracy;
+  std::vector<std::string> label_set;
+  std::vector<Gold> gold;
+  std::vector<Prediction> a, b;  // the same examples, in gold's order
+};
+struct MeanDifference {
+  double diff = 0;     // mean over the tasks of score_b - score_a
+  Interval ci;         // its 95% paired bootstrap CI
+  double p_value = 1;  // as compare_paired's
+  int64_t n = 0;       // examples over all tasks
+};
+// The paired bootstrap of the mean over tasks of score_b - score_a, stratified by task: each replicate
+// resamples every task's examples on their own (task k from seed + k, so a single task draws exactly
+// as compare_paired does) and takes the mean of the tasks' differences. Throws bioquant::Error for no
+// tasks or a task compare_paired would refuse.
+MeanDifference compare_paired_mean(const std::vector<PairedTask>& tasks, int replicates = 1000, uint64_t seed = 1234);
+
 }  // namespace bioquant::eval

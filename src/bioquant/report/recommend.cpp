@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "bioquant/core/error.h"
@@ -45,6 +46,47 @@ std::optional<double> estimated_memory(const std::string& model, const std::stri
   } catch (const Error&) {
     return std::nullopt;
   }
+}
+
+// The change of b's mean score against a's over the tasks, from the samples files of the runs that
+// gave each task's score; nullopt (and why) when a task has no samples or too few shared examples.
+std::optional<eval::MeanDifference> compare_with(const Candidate& a, const Candidate& b, const std::vector<std::string>& tasks,
+                                                 const std::map<int64_t, const RunResult*>& by_id,
+                                                 std::map<std::string, std::optional<SampleSet>>& cache,
+                                                 const RecommendOptions& o, std::string& why_not) {
+  auto samples = [&](const std::string& path) -> const std::optional<SampleSet>& {
+    auto it = cache.find(path);
+    if (it == cache.end()) it = cache.emplace(path, read_sample_set(path)).first;
+    return it->second;
+  };
+  // Tasks in name order, as compare-runs takes them: the same pair of runs gets the same interval.
+  std::vector<std::string> ordered = tasks;
+  std::sort(ordered.begin(), ordered.end());
+  std::vector<eval::PairedTask> paired;
+  for (const auto& t : ordered) {
+    const RunResult& ra = *by_id.at(a.task_row_ids.at(t));
+    const RunResult& rb = *by_id.at(b.task_row_ids.at(t));
+    const auto& sa = samples(ra.samples);
+    const auto& sb = samples(rb.samples);
+    if (!sa || !sb) {
+      why_not = "no per-example samples for " + t;
+      return std::nullopt;
+    }
+    PairedSamples shared;
+    try {
+      shared = pair_samples(*sa, *sb);
+    } catch (const std::exception&) {
+      why_not = "unreadable samples for " + t;
+      return std::nullopt;
+    }
+    if (static_cast<int64_t>(shared.gold.size()) < kMinPairedExamples) {
+      why_not = "fewer than " + std::to_string(kMinPairedExamples) + " examples of " + t + " shared with #1";
+      return std::nullopt;
+    }
+    paired.push_back({eval::parse_metric_kind(ra.metric), ra.labels, std::move(shared.gold), std::move(shared.a),
+                      std::move(shared.b)});
+  }
+  return eval::compare_paired_mean(paired, o.bootstrap, o.seed);
 }
 
 }  // namespace
@@ -169,6 +211,9 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
     if (*a.memory_bytes != *b.memory_bytes) return *a.memory_bytes < *b.memory_bytes;
     return a.model_name + " " + a.precision < b.model_name + " " + b.precision;
   });
+  std::map<int64_t, const RunResult*> by_id;
+  for (const auto& r : results) by_id[r.id] = &r;
+  std::map<std::string, std::optional<SampleSet>> sample_cache;
   for (size_t i = 0; i < rec.ranked.size(); ++i) {
     Candidate& c = rec.ranked[i];
     c.rank = static_cast<int>(i + 1);
@@ -181,10 +226,21 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
     } else {
       const double gap = *rec.ranked[0].mean_score - *c.mean_score;
       const Candidate& prev = rec.ranked[i - 1];
-      c.reason = "fits (" + mem + "); mean score " + fmt_score(*c.mean_score) + ", " + fmt_score(gap) + " below the best";
+      c.reason = "fits (" + mem + "); mean score " + fmt_score(*c.mean_score) + ", " + fmt_score(gap) + " below #1";
+      c.vs_best = compare_with(rec.ranked[0], c, rec.tasks, by_id, sample_cache, o, c.untested);
+      if (c.vs_best) {
+        c.within_noise = c.vs_best->ci.low <= 0 && c.vs_best->ci.high >= 0;
+        c.reason += " (95% CI of the change [" + fmt_score(c.vs_best->ci.low) + ", " + fmt_score(c.vs_best->ci.high) +
+                    "]: " + (c.within_noise ? "within noise)" : "beyond noise)");
+        const double least = rec.smaller_within_noise ? *rec.ranked[*rec.smaller_within_noise].memory_bytes
+                                                      : *rec.ranked[0].memory_bytes;
+        if (c.within_noise && *c.memory_bytes < least) rec.smaller_within_noise = i;
+      } else {
+        c.reason += " (not compared: " + c.untested + ")";
+      }
       if (*prev.mean_score == *c.mean_score)
-        c.reason += " (tied with #" + std::to_string(i) +
-                    (*prev.memory_bytes < *c.memory_bytes ? ", which uses less memory)" : ", ranked by name)");
+        c.reason += "; tied with #" + std::to_string(i) +
+                    (*prev.memory_bytes < *c.memory_bytes ? ", which uses less memory" : ", ranked by name");
     }
   }
   std::stable_sort(rec.excluded.begin(), rec.excluded.end(), [](const Candidate& a, const Candidate& b) {
@@ -199,22 +255,33 @@ json Recommendation::to_json(double budget_bytes) const {
   auto cand = [](const Candidate& c) {
     json scores = json::object();
     for (const auto& [t, s] : c.task_scores) scores[t] = {{"score", s}, {"method", c.task_methods.at(t)}};
-    return json{{"model", c.model},
-                {"model_name", c.model_name},
-                {"precision", c.precision},
-                {"rank", c.rank},
-                {"mean_score", c.mean_score ? json(*c.mean_score) : json(nullptr)},
-                {"memory_bytes", c.memory_bytes ? json(*c.memory_bytes) : json(nullptr)},
-                {"memory_source", c.memory_source.empty() ? json(nullptr) : json(c.memory_source)},
-                {"fits", c.fits},
-                {"task_scores", scores},
-                {"reason", c.reason}};
+    json j{{"model", c.model},
+           {"model_name", c.model_name},
+           {"precision", c.precision},
+           {"rank", c.rank},
+           {"mean_score", c.mean_score ? json(*c.mean_score) : json(nullptr)},
+           {"memory_bytes", c.memory_bytes ? json(*c.memory_bytes) : json(nullptr)},
+           {"memory_source", c.memory_source.empty() ? json(nullptr) : json(c.memory_source)},
+           {"fits", c.fits},
+           {"task_scores", scores},
+           {"reason", c.reason}};
+    if (c.vs_best)
+      j["vs_best"] = {{"diff", c.vs_best->diff},
+                      {"ci_low", c.vs_best->ci.low},
+                      {"ci_high", c.vs_best->ci.high},
+                      {"p_value", c.vs_best->p_value},
+                      {"examples", c.vs_best->n},
+                      {"within_noise", c.within_noise}};
+    else if (c.rank > 1)
+      j["vs_best"] = {{"untested", c.untested}};
+    return j;
   };
   json out = {{"budget_bytes", budget_bytes}, {"device", device}, {"tasks", tasks}, {"ranked", json::array()},
               {"excluded", json::array()}};
   for (const auto& c : ranked) out["ranked"].push_back(cand(c));
   for (const auto& c : excluded) out["excluded"].push_back(cand(c));
   out["recommended"] = ranked.empty() ? json(nullptr) : cand(ranked.front());
+  out["smaller_within_noise"] = smaller_within_noise ? cand(ranked[*smaller_within_noise]) : json(nullptr);
   return out;
 }
 

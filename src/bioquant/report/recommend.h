@@ -6,6 +6,10 @@
 // is the measured peak (the largest peak_rss_bytes of its runs), else the estimate from the model's
 // config.json (report/estimate.h). Pairs that fit are ranked by score (ties: less memory first,
 // then name); every other pair is listed with the reason it was left out.
+// Each ranked pair after the first is compared with the first: the paired bootstrap of the change in
+// mean score over the tasks' shared examples (eval::compare_paired_mean on the runs' samples files,
+// tasks in name order as compare-runs takes them), "within noise" when its 95% CI holds 0. Of the
+// pairs within noise of the first, the one needing the least memory is named when it needs less.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -14,6 +18,8 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "bioquant/eval/stats.h"
 
 namespace bioquant::report {
 
@@ -28,6 +34,8 @@ struct RecommendOptions {
   std::string device = "auto";
   // Pairs without runs to consider too (their memory is estimated; they cannot be ranked).
   std::vector<std::pair<std::string, std::string>> extra_pairs;  // (model path, precision)
+  int bootstrap = 1000;  // replicates of the comparison with the first pair
+  uint64_t seed = 1234;
 };
 
 struct Candidate {
@@ -41,6 +49,10 @@ struct Candidate {
   bool fits = false;
   int rank = 0;               // 1-based among the ranked; 0 = excluded
   std::string reason;         // why chosen, ranked where it is, or excluded
+  // Ranked after the first: the change in mean score against the first (this one's minus the first's).
+  std::optional<eval::MeanDifference> vs_best;
+  bool within_noise = false;  // vs_best's CI holds 0 (on at least kMinPairedExamples examples a task)
+  std::string untested;       // why vs_best is missing (no samples file, too few shared examples)
 };
 
 struct Recommendation {
@@ -48,6 +60,9 @@ struct Recommendation {
   std::vector<std::string> tasks;
   std::vector<Candidate> ranked;    // best first
   std::vector<Candidate> excluded;
+  // Index into ranked of the pair within noise of the first that needs the least memory, when that is
+  // less than the first needs.
+  std::optional<size_t> smaller_within_noise;
   nlohmann::json to_json(double budget_bytes) const;
 };
 

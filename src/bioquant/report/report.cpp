@@ -138,37 +138,12 @@ std::string setting_label(const RunResult& r) {
   return s;
 }
 
-constexpr int64_t kMinPaired = 5;
-
 int baseline_preference(const std::string& p) {
   if (p == "bf16") return 0;
   if (p == "f16") return 1;
   if (p == "none") return 2;
   if (p == "f32") return 3;
   return 100;
-}
-
-struct SampleSet {
-  std::map<std::string, json> by_id;
-  std::vector<std::string> order;
-};
-
-std::optional<SampleSet> read_samples(const std::string& path) {
-  if (path.empty() || !fs::is_regular_file(path)) return std::nullopt;
-  std::ifstream in(path);
-  SampleSet s;
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    json j = json::parse(line, nullptr, false);
-    if (!j.is_object() || !j.contains("id") || !j["id"].is_string() || !j.contains("parsed") || !j.contains("gold"))
-      return std::nullopt;
-    const std::string id = j["id"].get<std::string>();
-    if (!s.by_id.count(id)) s.order.push_back(id);
-    s.by_id[id] = std::move(j);
-  }
-  if (s.order.empty()) return std::nullopt;
-  return s;
 }
 
 }  // namespace
@@ -186,7 +161,7 @@ std::vector<Comparison> compare_with_16bit(const std::vector<RunResult>& results
   std::map<std::string, std::optional<SampleSet>> cache;
   auto samples = [&](const std::string& path) -> const std::optional<SampleSet>& {
     auto it = cache.find(path);
-    if (it == cache.end()) it = cache.emplace(path, read_samples(path)).first;
+    if (it == cache.end()) it = cache.emplace(path, read_sample_set(path)).first;
     return it->second;
   };
   std::vector<Comparison> out;
@@ -209,27 +184,19 @@ std::vector<Comparison> compare_with_16bit(const std::vector<RunResult>& results
     bool paired = false;
     if (sa && sb) {
       try {
-        std::vector<eval::Gold> gold;
-        std::vector<eval::Prediction> pa, pb;
-        for (const auto& id : sa->order) {
-          auto it = sb->by_id.find(id);
-          if (it == sb->by_id.end()) continue;
-          gold.push_back(eval::gold_from_json(sa->by_id.at(id)["gold"]));
-          pa.push_back(eval::prediction_from_json(sa->by_id.at(id)["parsed"]));
-          pb.push_back(eval::prediction_from_json(it->second["parsed"]));
-        }
-        if (!gold.empty()) {
+        const PairedSamples shared = pair_samples(*sa, *sb);
+        if (!shared.gold.empty()) {
           const auto kind = eval::parse_metric_kind(r.metric);
-          const auto p = eval::compare_paired(kind, base->labels, gold, pa, pb, bootstrap, seed);
+          const auto p = eval::compare_paired(kind, base->labels, shared.gold, shared.a, shared.b, bootstrap, seed);
           c.ci_low = p.ci.low;
           c.ci_high = p.ci.high;
           c.p_value = p.p_value;
           c.delta = p.diff;
           c.shared_examples = p.n;
-          // A percentile interval from a handful of examples means nothing: below kMinPaired shared
+          // A percentile interval from a handful of examples means nothing: below kMinPairedExamples shared
           // examples a change is reported but never called significant.
-          c.significant = p.n >= kMinPaired && (p.ci.low > 0 || p.ci.high < 0);
-          c.test = p.n >= kMinPaired ? "paired bootstrap" : "paired bootstrap (too few examples)";
+          c.significant = p.n >= kMinPairedExamples && (p.ci.low > 0 || p.ci.high < 0);
+          c.test = p.n >= kMinPairedExamples ? "paired bootstrap" : "paired bootstrap (too few examples)";
           paired = true;
         }
       } catch (const std::exception&) {
@@ -238,8 +205,8 @@ std::vector<Comparison> compare_with_16bit(const std::vector<RunResult>& results
     }
     if (!paired) {
       c.shared_examples = std::min(r.n, base->n);
-      c.test = c.shared_examples >= kMinPaired ? "CI overlap" : "CI overlap (too few examples)";
-      c.significant = c.shared_examples >= kMinPaired && (r.ci_low > base->ci_high || r.ci_high < base->ci_low);
+      c.test = c.shared_examples >= kMinPairedExamples ? "CI overlap" : "CI overlap (too few examples)";
+      c.significant = c.shared_examples >= kMinPairedExamples && (r.ci_low > base->ci_high || r.ci_high < base->ci_low);
     }
     out.push_back(c);
   }
@@ -403,7 +370,7 @@ std::string legend(const std::vector<std::string>& precisions) {
   double x = 4;
   for (const auto& p : precisions) {
     svg.rect(x, 5, 12, 12, precision_color(p));
-    svg.text(x + 16, 15, p == "none" ? "as stored" : p);
+    svg.text(x + 16, 15, precision_label(p));
     x += 30 + 7.0 * static_cast<double>(p.size());
   }
   return svg.str();
@@ -433,7 +400,7 @@ std::string bars_with_ci(const std::string& title, const std::vector<std::string
       const RunResult& r = *it->second;
       const double x = gx + bar * static_cast<double>(pi);
       svg.raw("<g><title>" +
-              html_escape(r.task + ", " + (r.precision == "none" ? "as stored" : r.precision) + ": " + r.metric + " " +
+              html_escape(r.task + ", " + precision_label(r.precision) + ": " + r.metric + " " +
                           fixed(r.score) + " [" + fixed(r.ci_low) + ", " + fixed(r.ci_high) + "], n " +
                           std::to_string(r.n)) +
               "</title>");
@@ -532,7 +499,7 @@ std::string memory_bars(const std::vector<MemoryRow>& rows) {
   for (size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
     const double y = T + (bar + gap) * static_cast<double>(i);
-    svg.text(L - 6, y + bar / 2 + 4, r.model_name + " " + (r.precision == "none" ? "as stored" : r.precision), "end", 11);
+    svg.text(L - 6, y + bar / 2 + 4, r.model_name + " " + precision_label(r.precision), "end", 11);
     if (const std::optional<double> peak = r.shown()) {
       svg.raw("<g><title>" + html_escape(r.model_name + " " + r.precision + ": peak " + format_bytes(*peak) +
                                          (r.gpu_peak ? " (GPU)" : " (RSS)") +
@@ -652,7 +619,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
       }
   std::vector<Field<PivotRow>> score_fields = {
       {"model", false, [](const PivotRow& r) { return r.model; }},
-      {"precision", false, [](const PivotRow& r) { return r.precision == "none" ? std::string("as stored") : r.precision; }},
+      {"precision", false, [](const PivotRow& r) { return precision_label(r.precision); }},
       {"setting", false, [](const PivotRow& r) { return r.setting; }}};
   for (const auto& t : tasks)
     score_fields.push_back({t, true, [t](const PivotRow& r) {
@@ -671,7 +638,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
       {"setting", false, [](const Comparison& c) { return setting_label(*c.run); }},
       {"task", false, [](const Comparison& c) { return c.run->task; }},
       {"precision", false, [](const Comparison& c) { return c.run->precision; }},
-      {"baseline", false, [](const Comparison& c) { return c.base->precision == "none" ? std::string("as stored") : c.base->precision; }},
+      {"baseline", false, [](const Comparison& c) { return precision_label(c.base->precision); }},
       {"score", true, [](const Comparison& c) { return fixed(c.run->score); }},
       {"baseline score", true, [](const Comparison& c) { return fixed(c.base->score); }},
       {"change", true, [](const Comparison& c) { return signed_fixed(c.delta); }},
@@ -685,7 +652,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
 
   const std::vector<Field<MemoryRow>> memory_fields = {
       {"model", false, [](const MemoryRow& r) { return r.model_name; }},
-      {"precision", false, [](const MemoryRow& r) { return r.precision == "none" ? std::string("as stored") : r.precision; }},
+      {"precision", false, [](const MemoryRow& r) { return precision_label(r.precision); }},
       {"peak RSS (MiB)", true, [](const MemoryRow& r) { return r.peak ? fixed(mib(*r.peak), 1) : std::string(); }},
       {"weights (MiB)", true, [](const MemoryRow& r) { return r.weights ? fixed(mib(*r.weights), 1) : std::string(); }},
       {"GPU peak (MiB)", true, [](const MemoryRow& r) { return r.gpu_peak ? fixed(mib(*r.gpu_peak), 1) : std::string(); }},
@@ -736,7 +703,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
       std::to_string(o.bootstrap) + " replicates, seed " + std::to_string(o.seed) +
       "; * = its 95% CI of the change excludes 0), " + std::to_string(summary.ci_based) +
       " by comparing the two runs' own 95% CIs because a samples file was missing († = the CIs do not overlap). "
-      "Significant cells have a black border. With fewer than " + std::to_string(kMinPaired) +
+      "Significant cells have a black border. With fewer than " + std::to_string(kMinPairedExamples) +
       " shared examples a change is shown but not tested.";
 
   // ---- HTML.
@@ -761,7 +728,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
         if (r.task != t || setting_key(r) != skey) continue;
         const auto peak = peak_of(r);
         if (!peak) continue;
-        points.push_back({*peak, r.score, r.model_name + " " + (r.precision == "none" ? "as stored" : r.precision), r.precision});
+        points.push_back({*peak, r.score, r.model_name + " " + precision_label(r.precision), r.precision});
       }
       if (!points.empty()) html += scatter_pareto(t, points, gib);
     }

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <tuple>
 
+#include "bioquant/eval/scoring.h"
 #include "bioquant/eval/task.h"
 
 namespace bioquant::report {
@@ -54,6 +56,39 @@ int precision_rank(const std::string& p) {
   auto it = std::find(order.begin(), order.end(), p);
   return it == order.end() ? 100 : static_cast<int>(it - order.begin());
 }
+
+std::optional<SampleSet> read_sample_set(const std::string& path) {
+  if (path.empty() || !fs::is_regular_file(path)) return std::nullopt;
+  std::ifstream in(path);
+  SampleSet s;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    json j = json::parse(line, nullptr, false);
+    if (!j.is_object() || !j.contains("id") || !j["id"].is_string() || !j.contains("parsed") || !j.contains("gold"))
+      return std::nullopt;
+    const std::string id = j["id"].get<std::string>();
+    if (!s.by_id.count(id)) s.order.push_back(id);
+    s.by_id[id] = std::move(j);
+  }
+  if (s.order.empty()) return std::nullopt;
+  return s;
+}
+
+PairedSamples pair_samples(const SampleSet& a, const SampleSet& b) {
+  PairedSamples out;
+  for (const auto& id : a.order) {
+    auto it = b.by_id.find(id);
+    if (it == b.by_id.end()) continue;
+    const json& line = a.by_id.at(id);
+    out.gold.push_back(eval::gold_from_json(line["gold"]));
+    out.a.push_back(eval::prediction_from_json(line["parsed"]));
+    out.b.push_back(eval::prediction_from_json(it->second["parsed"]));
+  }
+  return out;
+}
+
+std::string precision_label(const std::string& p) { return p == "none" ? "as stored" : p; }
 
 std::vector<RunResult> latest_results(const std::vector<json>& rows) {
   using Key = std::tuple<std::string, std::string, std::string, std::string, std::string, int64_t, std::string,

@@ -3,11 +3,14 @@
 // model named for people and the paths of its samples file.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "bioquant/eval/types.h"
 
 namespace bioquant::report {
 
@@ -33,5 +36,27 @@ std::vector<RunResult> latest_results(const std::vector<nlohmann::json>& rows);
 // 16-bit precisions in the order a baseline is chosen: bf16, f16, none (as stored), f32.
 bool is_16bit_or_stored(const std::string& precision);
 int precision_rank(const std::string& precision);  // display order: 16/32-bit first, then by bits
+// For people: "as stored" for "none" (the weights as the checkpoint holds them), else the name.
+std::string precision_label(const std::string& precision);
+
+// A run's samples file (eval/runner.h: a line per example with id, parsed, gold), by id in file order.
+struct SampleSet {
+  std::map<std::string, nlohmann::json> by_id;
+  std::vector<std::string> order;
+};
+// nullopt when the path is empty, missing, or not such a file (a report goes on without it).
+std::optional<SampleSet> read_sample_set(const std::string& path);
+
+// The examples two runs share (by id, in a's order): the gold answers from a, each run's prediction.
+// Throws when a shared line's gold or parsed answer is malformed.
+struct PairedSamples {
+  std::vector<eval::Gold> gold;
+  std::vector<eval::Prediction> a, b;
+};
+PairedSamples pair_samples(const SampleSet& a, const SampleSet& b);
+
+// Below this many shared examples a paired difference is shown but never called significant: a
+// percentile interval from a handful of examples means nothing.
+constexpr int64_t kMinPairedExamples = 5;
 
 }  // namespace bioquant::report
