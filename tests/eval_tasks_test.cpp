@@ -177,6 +177,24 @@ TEST(EvalTasks, MissingDataAndSplitsAreClearErrors) {
   }
   test::write_file(dir.file("HoC/test.tsv"), "pmid\ttext\tlabels\n1\t\"unterminated\tx\n");
   EXPECT_THROW(read_split(hoc, dir.path(), "test"), Error);
+
+  // MedQA's JSON lines: CRLF ends and blank lines are fine (ids count the questions); a broken line is named.
+  const TaskSpec& medqa = find_task("medqa");
+  const std::string file = dir.path() + "/" + medqa.data_dir + "/" + medqa.split("test").file;
+  std::filesystem::create_directories(std::filesystem::path(file).parent_path());
+  const std::string q = R"({"question": "Q?", "options": {"A": "yes", "B": "no"}, "answer_idx": "B"})";
+  test::write_file(file, q + "\r\n\r\n" + q + "\r\n");
+  const auto read = read_split(medqa, dir.path(), "test");
+  ASSERT_EQ(read.size(), 2u);
+  EXPECT_EQ(read[1].id, "1");
+  EXPECT_EQ(read[1].option_texts, (std::vector<std::string>{"yes", "no"}));
+  EXPECT_EQ(read[1].gold.labels, (std::vector<std::string>{"B"}));
+  test::write_file(file, q + "\n{\"question\": \n");
+  EXPECT_EQ(test::error_of([&] { read_split(medqa, dir.path(), "test"); }),
+            file + ":2: not valid JSON (expected {question, options: {A: ...}, answer_idx})");
+  test::write_file(file, q + "\n" + R"({"question": "Q?", "options": {"A": "yes"}, "answer_idx": "C"})");
+  EXPECT_EQ(test::error_of([&] { read_split(medqa, dir.path(), "test"); }),
+            file + ":2: answer_idx \"C\" is not one of the options");
 }
 
 TEST(EvalTasks, UserTaskFromADescriptionFile) {

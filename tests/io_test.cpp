@@ -7,6 +7,7 @@
 #include "bioquant/core/error.h"
 #include "bioquant/io/gguf.h"
 #include "bioquant/io/hf_config.h"
+#include "bioquant/io/json_lines.h"
 #include "bioquant/io/safetensors.h"
 #include "bioquant/kernels/cpu/ops.h"
 #include "test_util.h"
@@ -265,6 +266,32 @@ TEST(Gguf, SharedTinyLlamaModelLoadsAndRuns) {
   const auto t = test::run_cli({"tokenize", "--model", path, "--text", "Hello world", "--json"});
   ASSERT_EQ(t.exit_code, 0) << t.err;
   EXPECT_EQ(t.out, "{\"ids\":[1,15043,3186]}\n");
+}
+
+TEST(JsonLines, SkipsBlankLinesAcceptsCrlfAndNamesEachLine) {
+  std::vector<std::string> seen;
+  io::for_each_json_line("{\"a\": 1}\r\n\n  \t\r\n\"two\"\r\n[3]", "f.jsonl",
+                         [&](nlohmann::json& v, const std::string& where) { seen.push_back(where + " " + v.dump()); });
+  EXPECT_EQ(seen, (std::vector<std::string>{"f.jsonl:1 {\"a\":1}", "f.jsonl:4 \"two\"", "f.jsonl:5 [3]"}));
+  seen.clear();
+  io::for_each_json_line("", "empty.jsonl", [&](nlohmann::json&, const std::string& where) { seen.push_back(where); });
+  EXPECT_TRUE(seen.empty());
+}
+
+TEST(JsonLines, ABrokenLineIsAnErrorNamingItsPlace) {
+  const auto read = [](std::string_view text, std::string_view expected) {
+    return test::error_of([&] { io::for_each_json_line(text, "in.jsonl", [](nlohmann::json&, const std::string&) {}, expected); });
+  };
+  EXPECT_EQ(read("1\n\n{\"id\": 5,\n", ""), "in.jsonl:3: not valid JSON");
+  EXPECT_EQ(read("{\"text\": \"cut", "a string or {\"text\": string}"),
+            "in.jsonl:1: not valid JSON (expected a string or {\"text\": string})");
+  // The callback's own errors go through as they are.
+  EXPECT_EQ(test::error_of([] {
+              io::for_each_json_line("1\n2", "x", [](nlohmann::json& v, const std::string& where) {
+                check(v != 2, where + ": two");
+              });
+            }),
+            "x:2: two");
 }
 
 }  // namespace

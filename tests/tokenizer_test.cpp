@@ -143,6 +143,18 @@ TEST(Tokenizer, CliTokenizeJson) {
   EXPECT_EQ(r.out, "{\"ids\":[9,5,3,4,3,7]}\n");
   const auto plain = test::run_cli({"tokenize", "--model", dir.path(), "--text", "abc ab bc", "--no-special", "--json"});
   EXPECT_EQ(plain.out, "{\"ids\":[5,3,4,3,7]}\n");
+  // --file: JSON lines (CRLF too; blank lines skipped), each a string or {"text": ...}; an id list a line.
+  test::write_file(dir.file("texts.jsonl"), "\"abc ab bc\"\r\n\r\n{\"text\": \"ab\"}\r\n");
+  const auto lines = test::run_cli({"tokenize", "--model", dir.path(), "--file", dir.file("texts.jsonl"), "--no-special"});
+  ASSERT_EQ(lines.exit_code, 0) << lines.err;
+  EXPECT_EQ(lines.out, "{\"ids\":[5,3,4,3,7]}\n{\"ids\":[4]}\n");
+  test::write_file(dir.file("bad.jsonl"), "\"ab\"\n{\"text\": 5}\n");
+  auto bad = test::run_cli({"tokenize", "--model", dir.path(), "--file", dir.file("bad.jsonl")});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_EQ(bad.err, "error: " + dir.file("bad.jsonl") + ":2: not a string or {\"text\": string}\n");
+  test::write_file(dir.file("bad.jsonl"), "\"ab\"\n\n\"cut\n");
+  bad = test::run_cli({"tokenize", "--model", dir.path(), "--file", dir.file("bad.jsonl")});
+  EXPECT_EQ(bad.err, "error: " + dir.file("bad.jsonl") + ":3: not valid JSON (expected a string or {\"text\": string})\n");
 }
 
 }  // namespace

@@ -13,14 +13,15 @@
 #include <sstream>
 
 #include "bioquant/core/error.h"
-#include "bioquant/core/memory.h"
 #include "bioquant/core/mapped_file.h"
+#include "bioquant/core/memory.h"
 #include "bioquant/core/progress.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/engine/fidelity.h"
 #include "bioquant/engine/generator.h"
-#include "bioquant/io/gguf_export.h"
 #include "bioquant/io/gguf.h"
+#include "bioquant/io/gguf_export.h"
+#include "bioquant/io/json_lines.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
 #include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/decoder.h"
@@ -170,26 +171,15 @@ std::vector<int32_t> parse_token_list(const std::string& text) {
 
 // JSON lines, each a string or {"text": string}; blank lines are skipped.
 std::vector<std::string> read_json_lines_texts(const std::string& path) {
-  const std::string content = read_text_file(path);
   std::vector<std::string> texts;
-  size_t pos = 0, line_no = 0;
-  while (pos < content.size()) {
-    size_t nl = content.find('\n', pos);
-    if (nl == std::string::npos) nl = content.size();
-    const std::string line = content.substr(pos, nl - pos);
-    pos = nl + 1;
-    ++line_no;
-    if (line.empty()) continue;
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception&) {
-      throw Error(path + ": line " + std::to_string(line_no) + " is not valid JSON");
-    }
-    if (j.is_object() && j.contains("text")) j = j["text"];
-    check(j.is_string(), path + ": line " + std::to_string(line_no) + " is not a string or {\"text\": string}");
-    texts.push_back(j.get<std::string>());
-  }
+  io::for_each_json_line(
+      read_text_file(path), path,
+      [&](json& j, const std::string& where) {
+        if (j.is_object() && j.contains("text")) j = j["text"];
+        check(j.is_string(), where + ": not a string or {\"text\": string}");
+        texts.push_back(j.get<std::string>());
+      },
+      "a string or {\"text\": string}");
   return texts;
 }
 

@@ -17,6 +17,7 @@
 #include "bioquant/eval/runner.h"
 #include "bioquant/eval/scoring.h"
 #include "bioquant/eval/stats.h"
+#include "bioquant/io/json_lines.h"
 #include "bioquant/tokenizer/tokenizer.h"
 #include "cli/commands.h"
 #include "cli/common.h"
@@ -42,33 +43,21 @@ std::string fmt(double v, int digits = 4) {
 
 // JSON lines {"id": ..., "output": "..."}; ids may be strings or integers.
 std::vector<std::pair<std::string, std::string>> read_outputs(const std::string& path) {
-  const std::string content = read_text_file(path);
   std::vector<std::pair<std::string, std::string>> out;
   std::set<std::string> seen;
-  size_t pos = 0, line_no = 0;
-  while (pos < content.size()) {
-    size_t nl = content.find('\n', pos);
-    if (nl == std::string::npos) nl = content.size();
-    std::string line = content.substr(pos, nl - pos);
-    pos = nl + 1;
-    ++line_no;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = path + ":" + std::to_string(line_no);
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception&) {
-      throw Error(where + ": not valid JSON (expected {\"id\": ..., \"output\": \"...\"})");
-    }
-    check(j.is_object() && j.contains("id") && j.contains("output"), where + ": expected {\"id\": ..., \"output\": \"...\"}");
-    std::string id;
-    if (j["id"].is_string()) id = j["id"].get<std::string>();
-    else if (j["id"].is_number_integer()) id = std::to_string(j["id"].get<int64_t>());
-    else throw Error(where + ": \"id\" must be a string or an integer");
-    check(j["output"].is_string() || j["output"].is_null(), where + ": \"output\" must be a string");
-    check(seen.insert(id).second, where + ": id " + id + " appears twice");
-    out.emplace_back(id, j["output"].is_string() ? j["output"].get<std::string>() : "");
-  }
+  io::for_each_json_line(
+      read_text_file(path), path,
+      [&](json& j, const std::string& where) {
+        check(j.is_object() && j.contains("id") && j.contains("output"), where + ": expected {\"id\": ..., \"output\": \"...\"}");
+        std::string id;
+        if (j["id"].is_string()) id = j["id"].get<std::string>();
+        else if (j["id"].is_number_integer()) id = std::to_string(j["id"].get<int64_t>());
+        else throw Error(where + ": \"id\" must be a string or an integer");
+        check(j["output"].is_string() || j["output"].is_null(), where + ": \"output\" must be a string");
+        check(seen.insert(id).second, where + ": id " + id + " appears twice");
+        out.emplace_back(id, j["output"].is_string() ? j["output"].get<std::string>() : "");
+      },
+      "{\"id\": ..., \"output\": \"...\"}");
   check(!out.empty(), path + ": no outputs");
   return out;
 }
@@ -85,25 +74,12 @@ void print_summary_table(const std::vector<std::pair<std::string, json>>& tasks)
 
 json read_samples(const std::string& path) {
   check(fs::is_regular_file(path), "no samples file " + path);
-  const std::string content = read_text_file(path);
   json lines = json::array();
-  size_t pos = 0, line_no = 0;
-  while (pos < content.size()) {
-    size_t nl = content.find('\n', pos);
-    if (nl == std::string::npos) nl = content.size();
-    const std::string line = content.substr(pos, nl - pos);
-    pos = nl + 1;
-    ++line_no;
-    if (line.empty()) continue;
-    try {
-      lines.push_back(json::parse(line));
-    } catch (const json::exception&) {
-      throw Error(path + ":" + std::to_string(line_no) + ": not valid JSON");
-    }
-    const json& j = lines.back();
+  io::for_each_json_line(read_text_file(path), path, [&](json& j, const std::string& where) {
     check(j.is_object() && j.contains("id") && j["id"].is_string() && j.contains("parsed") && j.contains("gold"),
-          path + ":" + std::to_string(line_no) + ": not a BioQuant sample line (id, parsed, gold)");
-  }
+          where + ": not a BioQuant sample line (id, parsed, gold)");
+    lines.push_back(std::move(j));
+  });
   return lines;
 }
 
@@ -326,6 +302,7 @@ Run add_compare_runs(CLI::App& app) {
     if (!f->tasks.empty())
       for (const TaskSpec* t : select_tasks(f->tasks)) wanted.insert(t->name);
     json out = {{"a", f->a}, {"b", f->b}, {"tasks", json::object()}};
+    std::vector<PairedTask> paired;  // for the change in mean score over the tasks
     for (const auto& [name, ta] : res_a["tasks"].items()) {
       if (!wanted.empty() && !wanted.count(name)) continue;
       if (!res_b["tasks"].contains(name)) continue;
@@ -355,6 +332,7 @@ Run add_compare_runs(CLI::App& app) {
       for (const auto& l : ta.value("labels", json::array())) labels.push_back(l.get<std::string>());
       const MetricKind kind = parse_metric_kind(ta["metric"].get<std::string>());
       const PairedComparison p = compare_paired(kind, labels, gold, pa, pb, f->bootstrap, f->seed);
+      paired.push_back({kind, labels, gold, pa, pb});
       json r2w = json::array(), w2r = json::array();
       for (size_t i : p.right_to_wrong_indices) r2w.push_back(ids[i]);
       for (size_t i : p.wrong_to_right_indices) w2r.push_back(ids[i]);
@@ -368,6 +346,17 @@ Run add_compare_runs(CLI::App& app) {
     }
     check(!out["tasks"].empty(), "the two runs have no task in common" + std::string(f->tasks.empty() ? "" : " among --tasks"));
     out["bootstrap"] = {{"replicates", f->bootstrap}, {"seed", f->seed}};
+    if (paired.size() > 1) {  // the tasks in name order, task k resampled from seed + k
+      const MeanDifference m = compare_paired_mean(paired, f->bootstrap, f->seed);
+      double mean_a = 0, mean_b = 0;
+      for (const auto& [name, t] : out["tasks"].items()) {
+        mean_a += t["score_a"].get<double>();
+        mean_b += t["score_b"].get<double>();
+      }
+      const double count = static_cast<double>(paired.size());
+      out["mean"] = {{"tasks", paired.size()}, {"score_a", mean_a / count}, {"score_b", mean_b / count},
+                     {"diff", m.diff}, {"ci95", {m.ci.low, m.ci.high}}, {"p_value", m.p_value}, {"n", m.n}};
+    }
     if (f->json_out) {
       std::printf("%s\n", out.dump().c_str());
       return 0;
@@ -394,6 +383,15 @@ Run add_compare_runs(CLI::App& app) {
       };
       list("right>wrong", t["right_to_wrong_ids"]);
       list("wrong>right", t["wrong_to_right_ids"]);
+    }
+    if (out.contains("mean")) {
+      const json& m = out["mean"];
+      const std::string ci = "[" + fmt(m["ci95"][0].get<double>()) + ", " + fmt(m["ci95"][1].get<double>()) + "]";
+      const std::string label = "mean of " + std::to_string(m["tasks"].get<size_t>());
+      std::printf("%-14s %-8s %-8s %-9s %-21s %-7s %-11s %-11s %lld\n", label.c_str(),
+                  fmt(m["score_a"].get<double>()).c_str(), fmt(m["score_b"].get<double>()).c_str(),
+                  fmt(m["diff"].get<double>()).c_str(), ci.c_str(), fmt(m["p_value"].get<double>(), 3).c_str(), "", "",
+                  static_cast<long long>(m["n"].get<int64_t>()));
     }
     return 0;
   };

@@ -12,6 +12,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/mapped_file.h"
+#include "bioquant/io/json_lines.h"
 
 namespace bioquant::eval {
 
@@ -266,39 +267,28 @@ std::vector<Example> read_tsv(const TaskSpec& task, const std::string& path, std
 
 std::vector<Example> read_mcq_jsonl(const TaskSpec& task, const std::string& path, std::string_view data) {
   std::vector<Example> out;
-  size_t pos = 0, line_no = 0;
-  while (pos < data.size()) {
-    size_t end = data.find('\n', pos);
-    if (end == std::string_view::npos) end = data.size();
-    const std::string line = trim(data.substr(pos, end - pos));
-    ++line_no;
-    pos = end + 1;
-    if (line.empty()) continue;
-    const std::string where = path + ":" + std::to_string(line_no);
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception&) {
-      throw Error(where + ": not a JSON object");
-    }
-    check(j.is_object() && j.contains("question") && j["question"].is_string() && j.contains("options") &&
-              j["options"].is_object() && j.contains("answer_idx") && j["answer_idx"].is_string(),
-          where + ": expected {question, options: {A: ...}, answer_idx}");
-    Example ex;
-    ex.id = std::to_string(line_no - 1);
-    ex.text = trim(j["question"].get<std::string>());
-    for (const auto& [letter, text] : j["options"].items()) {
-      check(text.is_string(), where + ": option " + letter + " is not a string");
-      ex.option_letters.push_back(letter);
-      ex.option_texts.push_back(trim(text.get<std::string>()));
-    }
-    const std::string answer = j["answer_idx"].get<std::string>();
-    check(std::find(ex.option_letters.begin(), ex.option_letters.end(), answer) != ex.option_letters.end(),
-          where + ": answer_idx \"" + answer + "\" is not one of the options");
-    ex.gold.labels = {answer};
-    (void)task;
-    out.push_back(std::move(ex));
-  }
+  constexpr const char* kExpected = "{question, options: {A: ...}, answer_idx}";
+  io::for_each_json_line(
+      data, path,
+      [&](json& j, const std::string& where) {
+        check(j.is_object() && j.contains("question") && j["question"].is_string() && j.contains("options") &&
+                  j["options"].is_object() && j.contains("answer_idx") && j["answer_idx"].is_string(),
+              where + ": expected " + kExpected);
+        Example ex;
+        ex.text = trim(j["question"].get<std::string>());
+        for (const auto& [letter, text] : j["options"].items()) {
+          check(text.is_string(), where + ": option " + letter + " is not a string");
+          ex.option_letters.push_back(letter);
+          ex.option_texts.push_back(trim(text.get<std::string>()));
+        }
+        const std::string answer = j["answer_idx"].get<std::string>();
+        check(std::find(ex.option_letters.begin(), ex.option_letters.end(), answer) != ex.option_letters.end(),
+              where + ": answer_idx \"" + answer + "\" is not one of the options");
+        ex.gold.labels = {answer};
+        out.push_back(std::move(ex));
+      },
+      kExpected);
+  (void)task;
   // Ids are line positions among non-empty lines: a trailing blank line changes nothing.
   for (size_t i = 0; i < out.size(); ++i) out[i].id = std::to_string(i);
   return out;
