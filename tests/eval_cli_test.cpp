@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <regex>
 #include <set>
 #include <thread>
 
@@ -312,6 +313,18 @@ TEST(EvalCli, ExactRunsGiveTheSameSamplesBatchedAndOnEveryDevice) {
   r = run_eval(dir.file("bad"), {"--tasks", "hoc", "--quant", "int8", "--int8-threshold", "6", "--exact", "--no-db"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("--exact has no LLM.int8 outlier decomposition"), std::string::npos) << r.err;
+}
+
+// Progress on stderr: examples done of the total, their rate, the ETA and the tokens generated a second.
+TEST(EvalCli, ProgressShowsRateEtaAndTokensPerSecond) {
+  REQUIRE_DATA();
+  test::TempDir dir;
+  const auto r = test::run_cli({"eval", "--model", demo_model(), "--data-dir", data_dir(), "--out", dir.file("out"),
+                                "--threads", "2", "--tasks", "pubmedqa", "--limit", "3", "--no-db"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(std::regex_search(
+      r.err, std::regex(R"(\[pubmedqa\] 3/3 examples  [0-9.]+ ex/s  ETA 0s  unparsed [0-3]  gen [0-9.]+ tok/s\n)")))
+      << r.err;
 }
 
 TEST(EvalCli, InterruptedRunResumes) {

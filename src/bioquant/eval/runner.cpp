@@ -281,6 +281,15 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     const BackendCounters before = backend.counters();
     const auto t0 = Clock::now();
     ProgressLine progress(o.progress, task.name, "examples", "ex/s", examples.size(), resumed);
+    // Tokens generated (or scored) a second since the task started: the speed an LLM user watches.
+    const auto generation_rate = [&]() -> std::string {
+      const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+      const int64_t tokens = backend.counters().generated_tokens - before.generated_tokens;
+      if (s <= 0 || tokens <= 0) return "";
+      char buf[48];
+      std::snprintf(buf, sizeof buf, "  gen %.1f tok/s", static_cast<double>(tokens) / s);
+      return buf;
+    };
     int64_t unparsed = 0;
     for (const auto& [id, line] : done)
       if (!line["parsed"].value("parsed", false)) ++unparsed;
@@ -335,10 +344,10 @@ json run_eval(const EvalOptions& o, Backend& backend) {
         append.flush();
         check(static_cast<bool>(append), samples_path + ": write failed (disk full?)");
         done[ex.id] = std::move(line);
-        progress.update(++count, "unparsed " + std::to_string(unparsed));
+        progress.update(++count, "unparsed " + std::to_string(unparsed) + generation_rate());
       }
     }
-    progress.update(examples.size(), "unparsed " + std::to_string(unparsed), true);
+    progress.update(examples.size(), "unparsed " + std::to_string(unparsed) + generation_rate(), true);
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
     std::vector<const json*> ordered;
