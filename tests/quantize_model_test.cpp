@@ -89,6 +89,37 @@ TEST(QuantPlan, PolicyAndFallbacks) {
   EXPECT_THROW(parse_quant_recipe("q8_0", true), Error);
 }
 
+// A checkpoint stored quantized, given --quant: every matrix quantized again is counted in one warning.
+TEST(QuantPlan, QuantizingAQuantizedModelAgainIsSaidOnce) {
+  ThreadPool pool(1);
+  auto model = make_synthetic_model(synthetic_config("tiny"), DType::BF16, 1, pool);
+  EXPECT_EQ(requantization_note(plan_quantization(*model, parse_quant_recipe("nf4"))), "");  // from bf16
+  quantize_model(*model, plan_quantization(*model, parse_quant_recipe("q8_0")), pool);
+  const auto again = plan_quantization(*model, parse_quant_recipe("nf4"));
+  size_t changed = 0;
+  for (const TensorPlan& p : again) changed += p.to != p.from ? 1 : 0;
+  ASSERT_GT(changed, 0u);
+  EXPECT_EQ(requantization_note(again),
+            std::to_string(changed) + " of " + std::to_string(again.size()) +
+                " matrices are stored quantized already (q8_0); they are quantized again from their dequantized "
+                "values: two roundings, not what quantizing the original 16-bit weights gives");
+  EXPECT_EQ(requantization_note(plan_quantization(*model, parse_quant_recipe("q8_0"))), "");  // nothing changes
+
+  // On the command line: a warning on stderr, the run goes on.
+  test::TempDir dir;
+  const std::string gguf = dir.file("q8.gguf");
+  ASSERT_EQ(test::run_cli({"quantize", "--model", test::fixtures_dir() + "/models/llama/f32", "--type", "q8_0", "--out",
+                           gguf})
+                .exit_code,
+            0);
+  const auto r = test::run_cli({"logits", "--model", gguf, "--tokens", "1,2", "--quant", "int8"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("warning: "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("stored quantized already (q8_0)"), std::string::npos) << r.err;
+  const auto plain = test::run_cli({"logits", "--model", gguf, "--tokens", "1,2"});
+  EXPECT_EQ(plain.err.find("warning: "), std::string::npos) << plain.err;
+}
+
 TEST(QuantPlan, Q4KMMixFollowsLlamaCpp) {
   ThreadPool pool(1);
   ModelConfig c = synthetic_config("tiny");

@@ -96,6 +96,8 @@ std::optional<QuantRecipe> recipe_of(const Common& c) {
 void report_fallbacks(const std::vector<TensorPlan>& plan) {
   for (const TensorPlan& p : plan)
     if (!p.note.empty()) std::fprintf(stderr, "note: %s: %s\n", p.name.c_str(), p.note.c_str());
+  const std::string requantized = requantization_note(plan);
+  if (!requantized.empty()) std::fprintf(stderr, "warning: %s\n", requantized.c_str());
 }
 
 // Loads a model and quantizes it on load when --quant is given.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <set>
 
 #include "bioquant/core/error.h"
 #include "bioquant/model/model.h"
@@ -105,6 +106,22 @@ std::vector<TensorPlan> plan_quantization(const Model& model, const QuantRecipe&
     plan.push_back(p);
   }
   return plan;
+}
+
+std::string requantization_note(const std::vector<TensorPlan>& plan) {
+  size_t count = 0;
+  std::set<std::string> from;
+  for (const TensorPlan& p : plan) {
+    if (is_plain(p.from) || p.to == p.from) continue;
+    ++count;
+    from.insert(quant_traits(p.from).name);
+  }
+  if (count == 0) return "";
+  std::string formats;
+  for (const auto& f : from) formats += (formats.empty() ? "" : ", ") + f;
+  return std::to_string(count) + " of " + std::to_string(plan.size()) + " matrices are stored quantized already (" +
+         formats + "); they are quantized again from their dequantized values: two roundings, not what quantizing "
+         "the original 16-bit weights gives";
 }
 
 void quantize_matrix(Model& model, Matrix& m, const TensorPlan& p, ThreadPool& pool, bool release_source) {

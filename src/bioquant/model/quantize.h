@@ -57,6 +57,11 @@ struct TensorPlan {
 // The format of every matrix of `model` under `recipe` (nothing is changed).
 std::vector<TensorPlan> plan_quantization(const Model& model, const QuantRecipe& recipe);
 
+// "" unless the plan changes matrices that are stored quantized already (a GGUF or bitsandbytes
+// checkpoint given --quant): then a line saying how many, from which formats, and that their new
+// values come from dequantized ones (two roundings, not what the original weights would give).
+std::string requantization_note(const std::vector<TensorPlan>& plan);
+
 // Quantizes the model's matrices as planned, in parallel by rows. Source pages of mapped files
 // are released as each tensor is done, so peak memory stays near the quantized size.
 void quantize_model(Model& model, const std::vector<TensorPlan>& plan, ThreadPool& pool);
