@@ -463,6 +463,14 @@ TEST(EvalCli, OpenAIBackendAgainstALoopbackServer) {
                      "--limit", "1", "--data-dir", data_dir(), "--out", dir.file("o3"), "--no-db"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("HTTP 400"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("/v1"), std::string::npos) << r.err;  // not a 404: no hint
+  // The base URL without /v1: the server's 404, and the likely fix.
+  const std::string bare = "http://127.0.0.1:" + std::to_string(server.port());
+  r = test::run_cli({"eval", "--backend", "openai", "--endpoint", bare, "--tasks", "pubmedqa", "--limit", "1",
+                     "--data-dir", data_dir(), "--out", dir.file("o4"), "--no-db"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("HTTP 404"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("try --endpoint " + bare + "/v1)\n"), std::string::npos) << r.err;
 }
 
 TEST(EvalCli, CompareRunsGivesPairedDifferenceAndFlips) {

@@ -108,7 +108,13 @@ OpenAIBackend::Answer OpenAIBackend::request(const std::string& prompt, int max_
     std::string snippet = res->body.substr(0, 200);
     for (char& c : snippet)
       if (c == '\n' || c == '\r') c = ' ';
-    check(res->status == 200, options_.endpoint + ": HTTP " + std::to_string(res->status) + ": " + snippet);
+    // A base URL without /v1 is the usual slip: the servers answer 404 under the bare host.
+    const std::string& base = impl_->base_path;
+    std::string hint;
+    if (res->status == 404 && (base.size() < 3 || base.compare(base.size() - 3, 3, "/v1") != 0))
+      hint = " (OpenAI-compatible servers answer under /v1: try --endpoint " + options_.endpoint +
+             (options_.endpoint.back() == '/' ? "v1)" : "/v1)");
+    check(res->status == 200, options_.endpoint + ": HTTP " + std::to_string(res->status) + ": " + snippet + hint);
     json answer;
     try {
       answer = json::parse(res->body);
