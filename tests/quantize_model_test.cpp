@@ -120,6 +120,31 @@ TEST(QuantPlan, QuantizingAQuantizedModelAgainIsSaidOnce) {
   EXPECT_EQ(plain.err.find("warning: "), std::string::npos) << plain.err;
 }
 
+// quantize_model reports the weights it has quantized: 0 first, then after each matrix that changes.
+TEST(QuantPlan, QuantizingReportsItsProgressByWeights) {
+  ThreadPool pool(1);
+  auto model = make_synthetic_model(synthetic_config("tiny"), DType::BF16, 1, pool);
+  const auto plan = plan_quantization(*model, parse_quant_recipe("nf4"));  // embedding and output stay bf16
+  int64_t expected_total = 0;
+  size_t changing = 0;
+  for (const TensorPlan& p : plan)
+    if (p.to != QuantType::BF16) {
+      expected_total += p.rows * p.cols;
+      ++changing;
+    }
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  quantize_model(*model, plan, pool, [&](int64_t done, int64_t total) { calls.emplace_back(done, total); });
+  ASSERT_EQ(calls.size(), changing + 1);
+  EXPECT_EQ(calls.front(), std::make_pair(int64_t{0}, expected_total));
+  EXPECT_EQ(calls.back(), std::make_pair(expected_total, expected_total));
+  for (size_t i = 1; i < calls.size(); ++i) EXPECT_GT(calls[i].first, calls[i - 1].first);
+  // Nothing left to change: no calls at all.
+  calls.clear();
+  quantize_model(*model, plan_quantization(*model, parse_quant_recipe("nf4")), pool,
+                 [&](int64_t done, int64_t total) { calls.emplace_back(done, total); });
+  EXPECT_TRUE(calls.empty());
+}
+
 TEST(QuantPlan, Q4KMMixFollowsLlamaCpp) {
   ThreadPool pool(1);
   ModelConfig c = synthetic_config("tiny");

@@ -100,13 +100,24 @@ void report_fallbacks(const std::vector<TensorPlan>& plan) {
   if (!requantized.empty()) std::fprintf(stderr, "warning: %s\n", requantized.c_str());
 }
 
+void quantize_showing_progress(Model& model, const std::vector<TensorPlan>& plan, const std::string& format,
+                               ThreadPool& pool) {
+  // A large model takes a minute or more on a few cores; a small one would only add lines to logs.
+  constexpr int64_t kShowFrom = 200'000'000;  // weights to quantize
+  std::optional<ProgressLine> line;
+  quantize_model(model, plan, pool, [&](int64_t done, int64_t total) {
+    if (!line) line.emplace(total >= kShowFrom, "quantize " + format, "M weights", "M/s", static_cast<size_t>(total / 1'000'000));
+    else line->update(static_cast<size_t>(done / 1'000'000), "", done == total);
+  });
+}
+
 // Loads a model and quantizes it on load when --quant is given.
 std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool) {
   auto model = Model::load(c.model);
   if (const auto recipe = recipe_of(c)) {
     const auto plan = plan_quantization(*model, *recipe);
     report_fallbacks(plan);
-    quantize_model(*model, plan, pool);
+    quantize_showing_progress(*model, plan, recipe->name, pool);
   }
   return model;
 }
@@ -526,7 +537,7 @@ Run add_quantize(CLI::App& app) {
     const auto recipe = *recipe_of(c);
     const auto plan = plan_quantization(*model, recipe);
     report_fallbacks(plan);
-    quantize_model(*model, plan, pool);
+    quantize_showing_progress(*model, plan, recipe.name, pool);
     std::unique_ptr<Tokenizer> tok;
     try {
       tok = load_tokenizer(c.model);

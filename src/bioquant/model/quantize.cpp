@@ -147,15 +147,26 @@ void quantize_matrix(Model& model, Matrix& m, const TensorPlan& p, ThreadPool& p
   if (release_source) model.release_source_bytes(src.data, src.nbytes());
 }
 
-void quantize_model(Model& model, const std::vector<TensorPlan>& plan, ThreadPool& pool) {
+void quantize_model(Model& model, const std::vector<TensorPlan>& plan, ThreadPool& pool,
+                    const std::function<void(int64_t done, int64_t total)>& progress) {
   auto matrices = model.named_matrices();
   check(matrices.size() == plan.size(), "quantize_model: plan does not match the model");
   const bool tied_shared = model.config().tie_embeddings && model.weights().output.data == model.weights().embed.data;
+  const auto changes = [&](size_t i) {
+    const Matrix& m = *matrices[i].second;
+    return plan[i].to != m.type || plan[i].double_quant != m.double_quant;
+  };
+  int64_t total = 0, done = 0;
+  for (size_t i = 0; i < plan.size(); ++i)
+    if (changes(i)) total += plan[i].rows * plan[i].cols;
+  if (total > 0 && progress) progress(0, total);
   for (size_t i = 0; i < plan.size(); ++i) {
     check(matrices[i].first == plan[i].name, "quantize_model: plan order differs from the model");
+    const bool changed = changes(i);
     // The tied embedding's pages stay mapped: the output may still read them until it is retied.
     const bool keep = tied_shared && plan[i].name == "embedding";
     quantize_matrix(model, *matrices[i].second, plan[i], pool, !keep);
+    if (changed && progress) progress(done += plan[i].rows * plan[i].cols, total);
   }
   if (tied_shared) model.retie_output();
 }

@@ -15,6 +15,8 @@
 // (q4_k -> q4_0, q5_k/q6_k -> q8_0, nf4/fp4 -> int8, q8_0/q4_0 -> stored precision); every
 // fallback is listed in the plan and by `bioquant info`.
 #pragma once
+#include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -63,8 +65,11 @@ std::vector<TensorPlan> plan_quantization(const Model& model, const QuantRecipe&
 std::string requantization_note(const std::vector<TensorPlan>& plan);
 
 // Quantizes the model's matrices as planned, in parallel by rows. Source pages of mapped files
-// are released as each tensor is done, so peak memory stays near the quantized size.
-void quantize_model(Model& model, const std::vector<TensorPlan>& plan, ThreadPool& pool);
+// are released as each tensor is done, so peak memory stays near the quantized size. progress, when
+// given, is called with the weights done so far and their total: first with 0 done, then after each
+// matrix that changes.
+void quantize_model(Model& model, const std::vector<TensorPlan>& plan, ThreadPool& pool,
+                    const std::function<void(int64_t done, int64_t total)>& progress = {});
 // One matrix of `model` (the model adopts the new storage); optionally releases the source pages.
 struct Matrix;
 void quantize_matrix(Model& model, Matrix& m, const TensorPlan& p, ThreadPool& pool, bool release_source);
