@@ -538,6 +538,56 @@ TEST(StudyReport, ChangesVersus16BitUsePairedBootstrapOrSayTheyCouldNot) {
   }
 }
 
+// The mean over tasks: tested only when every task of the group was paired (hoc has no samples here).
+TEST(StudyReport, MeanChangeOverTasksIsTestedWhenEveryTaskIsPaired) {
+  test::TempDir dir;
+  const Crafted c = craft_database(dir);
+  const auto results = latest_results(eval::read_runs(c.db));
+  const auto comparisons = compare_with_16bit(results, 1000, 1234);
+  const auto with_hoc = mean_changes_vs_16bit(comparisons, 1000, 1234);
+  ASSERT_EQ(with_hoc.size(), 6u);  // 3 precisions x 2 methods
+  for (const auto& m : with_hoc) {
+    EXPECT_EQ(m.tasks, (std::vector<std::string>{"hoc", "medqa", "pubmedqa"}));
+    EXPECT_FALSE(m.paired.has_value());
+    EXPECT_FALSE(m.significant);
+    EXPECT_EQ(m.test, "not tested: no paired samples for hoc");
+    const double hoc = m.run->precision == "nf4" ? 0.30 - 0.62 : 0.0;
+    const double medqa = m.run->precision == "nf4" ? -0.5 : m.run->precision == "q4_k" ? -0.05 : 0.0;
+    EXPECT_NEAR(m.delta, (hoc + medqa) / 3, 1e-12) << m.run->precision;
+  }
+  std::vector<Comparison> paired_only;
+  for (const auto& k : comparisons)
+    if (k.run->task != "hoc") paired_only.push_back(k);
+  const auto means = mean_changes_vs_16bit(paired_only, 1000, 1234);
+  ASSERT_EQ(means.size(), 6u);
+  for (const auto& m : means) {
+    ASSERT_TRUE(m.paired.has_value()) << m.test;
+    EXPECT_EQ(m.test, "paired bootstrap, stratified by task");
+    EXPECT_EQ(m.paired->n, 40);
+    // The same as compare_paired_mean on the two tasks' paired examples, medqa first.
+    std::vector<eval::PairedTask> tasks;
+    for (const char* t : {"medqa", "pubmedqa"})
+      for (const auto& k : paired_only)
+        if (k.run->precision == m.run->precision && k.run->method == m.run->method && k.run->task == t)
+          tasks.push_back(*k.paired);
+    ASSERT_EQ(tasks.size(), 2u);
+    const eval::MeanDifference expected = eval::compare_paired_mean(tasks, 1000, 1234);
+    EXPECT_EQ(m.paired->ci.low, expected.ci.low);
+    EXPECT_EQ(m.paired->ci.high, expected.ci.high);
+    if (m.run->precision == "nf4") {
+      EXPECT_NEAR(m.delta, -0.25, 1e-12);  // medqa -0.5, pubmedqa 0
+      EXPECT_TRUE(m.significant);
+    } else if (m.run->precision == "int8") {
+      EXPECT_EQ(m.delta, 0.0);
+      EXPECT_EQ(m.paired->p_value, 1.0);
+      EXPECT_FALSE(m.significant);
+    } else {
+      EXPECT_NEAR(m.delta, -0.025, 1e-12);
+      EXPECT_FALSE(m.significant);
+    }
+  }
+}
+
 // Minimal PNG reader (8-bit RGB/RGBA, not interlaced: what Chromium writes) -> RGB pixels.
 struct Image {
   int width = 0, height = 0;
@@ -676,7 +726,7 @@ TEST(StudyReport, WritesEveryFileAndRendersInHeadlessChromiumWithCharts) {
   EXPECT_NE(r.err.find("24 results, 18 changes versus 16-bit (12 paired bootstrap, 6 CI-based), 4 significant"),
             std::string::npos)
       << r.err;
-  for (const char* f : {"index.html", "results.md", "scores.csv", "deltas.csv", "memory.csv", "results.csv"})
+  for (const char* f : {"index.html", "results.md", "scores.csv", "deltas.csv", "mean_deltas.csv", "memory.csv", "results.csv"})
     EXPECT_TRUE(fs::is_regular_file(dir.file(std::string("report/") + f))) << f;
   const std::string html = test::read_file(dir.file("report/index.html"));
   // Self-contained: nothing to fetch, no script.

@@ -197,6 +197,7 @@ std::vector<Comparison> compare_with_16bit(const std::vector<RunResult>& results
           // examples a change is reported but never called significant.
           c.significant = p.n >= kMinPairedExamples && (p.ci.low > 0 || p.ci.high < 0);
           c.test = p.n >= kMinPairedExamples ? "paired bootstrap" : "paired bootstrap (too few examples)";
+          if (p.n >= kMinPairedExamples) c.paired = eval::PairedTask{kind, base->labels, shared.gold, shared.a, shared.b};
           paired = true;
         }
       } catch (const std::exception&) {
@@ -548,6 +549,50 @@ th,td{border:1px solid #ddd;padding:3px 7px}th{background:#f1f1f1}td.num,th.num{
 
 }  // namespace
 
+std::vector<MeanComparison> mean_changes_vs_16bit(const std::vector<Comparison>& comparisons, int bootstrap,
+                                                  uint64_t seed) {
+  std::map<std::string, std::vector<const Comparison*>> groups;  // model|setting|precision -> by task name
+  std::vector<std::string> order;
+  for (const auto& c : comparisons) {
+    const std::string key = c.run->model + "@" + c.run->model_hash + "|" + setting_key(*c.run) + "|" + c.run->precision;
+    if (!groups.count(key)) order.push_back(key);
+    groups[key].push_back(&c);
+  }
+  std::vector<MeanComparison> out;
+  for (const auto& key : order) {
+    std::vector<const Comparison*> group = groups[key];
+    std::sort(group.begin(), group.end(), [](const Comparison* a, const Comparison* b) { return a->run->task < b->run->task; });
+    MeanComparison m;
+    m.run = group.front()->run;
+    m.base = group.front()->base;
+    std::vector<eval::PairedTask> paired;
+    std::vector<std::string> unpaired;
+    for (const Comparison* c : group) {
+      m.tasks.push_back(c->run->task);
+      m.base_mean += c->base->score;
+      m.mean += c->run->score;
+      if (c->paired) paired.push_back(*c->paired);
+      else unpaired.push_back(c->run->task);
+    }
+    const double count = static_cast<double>(group.size());
+    m.base_mean /= count;
+    m.mean /= count;
+    m.delta = m.mean - m.base_mean;
+    if (unpaired.empty()) {
+      m.paired = eval::compare_paired_mean(paired, bootstrap, seed);
+      m.delta = m.paired->diff;
+      m.significant = m.paired->ci.low > 0 || m.paired->ci.high < 0;
+      m.test = "paired bootstrap, stratified by task";
+    } else {
+      std::string list;
+      for (const auto& t : unpaired) list += (list.empty() ? "" : ", ") + t;
+      m.test = "not tested: no paired samples for " + list;
+    }
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------- the report
 
 ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o) {
@@ -649,6 +694,26 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
       {"test", false, [](const Comparison& c) { return c.test; }},
       {"n", true, [](const Comparison& c) { return std::to_string(c.shared_examples); }}};
   const Table deltas_table = make_table("Change versus 16-bit", delta_fields, comparisons);
+
+  const std::vector<MeanComparison> means = mean_changes_vs_16bit(comparisons, o.bootstrap, o.seed);
+  const std::vector<Field<MeanComparison>> mean_fields = {
+      {"model", false, [](const MeanComparison& m) { return m.run->model_name; }},
+      {"setting", false, [](const MeanComparison& m) { return setting_label(*m.run); }},
+      {"precision", false, [](const MeanComparison& m) { return precision_label(m.run->precision); }},
+      {"baseline", false, [](const MeanComparison& m) { return precision_label(m.base->precision); }},
+      {"tasks", true, [](const MeanComparison& m) { return std::to_string(m.tasks.size()); }},
+      {"mean", true, [](const MeanComparison& m) { return fixed(m.mean); }},
+      {"baseline mean", true, [](const MeanComparison& m) { return fixed(m.base_mean); }},
+      {"change", true, [](const MeanComparison& m) { return signed_fixed(m.delta); }},
+      {"change 95% CI", true,
+       [](const MeanComparison& m) {
+         return m.paired ? "[" + fixed(m.paired->ci.low) + ", " + fixed(m.paired->ci.high) + "]" : std::string();
+       }},
+      {"p", true, [](const MeanComparison& m) { return m.paired ? fixed(m.paired->p_value, 3) : std::string(); }},
+      {"significant", false, [](const MeanComparison& m) { return std::string(m.significant ? "yes" : "no"); }},
+      {"test", false, [](const MeanComparison& m) { return m.test; }},
+      {"n", true, [](const MeanComparison& m) { return m.paired ? std::to_string(m.paired->n) : std::string(); }}};
+  const Table mean_table = make_table("Change of the mean over tasks versus 16-bit", mean_fields, means);
 
   const std::vector<Field<MemoryRow>> memory_fields = {
       {"model", false, [](const MemoryRow& r) { return r.model_name; }},
@@ -771,13 +836,14 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
   html += "<p class=\"note\">Peak memory is the measured resident-set high-water mark of the run (for a sweep, of "
           "each model and precision from its load on), the largest over its tasks.</p>\n";
   html += "<h2>Tables</h2><p class=\"note\">" + html_escape(significance_note) + "</p>\n";
-  html += to_html(scores_table) + to_html(deltas_table) + to_html(memory_table);
+  html += to_html(scores_table) + to_html(mean_table) + to_html(deltas_table) + to_html(memory_table);
   html += "<details><summary>All results (" + std::to_string(results.size()) + ")</summary>" + to_html(results_table) +
           "</details>\n";
   html += "</body></html>\n";
 
   // ---- Markdown.
-  std::string md = "# " + o.title + "\n\n" + stamp + "\n\n" + to_markdown(scores_table) + "\n" + to_markdown(deltas_table) +
+  std::string md = "# " + o.title + "\n\n" + stamp + "\n\n" + to_markdown(scores_table) + "\n" + to_markdown(mean_table) +
+                   "\n" + to_markdown(deltas_table) +
                    "\n" + significance_note + "\n\n" + to_markdown(memory_table) + "\n";
 
   fs::create_directories(o.out_dir);
@@ -790,6 +856,7 @@ ReportSummary write_report(const std::vector<json>& rows, const ReportOptions& o
   write("results.md", md);
   write("scores.csv", to_csv(scores_table));
   write("deltas.csv", to_csv(deltas_table));
+  write("mean_deltas.csv", to_csv(mean_table));
   write("memory.csv", to_csv(memory_table));
   write("results.csv", to_csv(results_table));
   return summary;

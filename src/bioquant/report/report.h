@@ -8,6 +8,7 @@
 //   results.md    the same tables in Markdown.
 //   scores.csv    model x precision x setting (rows) by task (columns), the paper's main table.
 //   deltas.csv    every change versus 16-bit with its CI, p-value and test.
+//   mean_deltas.csv  the change of each model x setting x precision's mean score over its tasks.
 //   memory.csv    peak memory and weight bytes by model and precision.
 //   results.csv   every result, one row each.
 // Each table is one field list (Field) turned into Markdown, CSV and HTML by the same code.
@@ -26,6 +27,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bioquant/eval/stats.h"
 #include "bioquant/report/results.h"
 
 namespace bioquant::report {
@@ -73,7 +75,23 @@ struct Comparison {
   bool significant = false;
   std::string test;                 // "paired bootstrap" or "CI overlap"
   int64_t shared_examples = 0;
+  std::optional<eval::PairedTask> paired;  // the shared examples, when the paired bootstrap was used
 };
+
+// The change of the mean score over a (model, setting, precision)'s tasks versus 16-bit: its
+// comparisons' deltas averaged; when every task was paired (on kMinPairedExamples+ examples), the
+// stratified paired bootstrap of eval::compare_paired_mean (tasks in name order) gives its CI.
+struct MeanComparison {
+  const RunResult* run = nullptr;   // one of the group's runs (model, setting, precision)
+  const RunResult* base = nullptr;  // one of the baseline's
+  std::vector<std::string> tasks;   // in name order
+  double base_mean = 0, mean = 0, delta = 0;
+  std::optional<eval::MeanDifference> paired;  // absent: some task was not paired (test says which)
+  bool significant = false;
+  std::string test;
+};
+std::vector<MeanComparison> mean_changes_vs_16bit(const std::vector<Comparison>& comparisons, int bootstrap,
+                                                  uint64_t seed);
 
 struct ReportOptions {
   std::string out_dir = "bioquant-report";
