@@ -106,8 +106,9 @@ void quantize_showing_progress(Model& model, const std::vector<TensorPlan>& plan
   constexpr int64_t kShowFrom = 200'000'000;  // weights to quantize
   std::optional<ProgressLine> line;
   quantize_model(model, plan, pool, [&](int64_t done, int64_t total) {
-    if (!line) line.emplace(total >= kShowFrom, "quantize " + format, "M weights", "M/s", static_cast<size_t>(total / 1'000'000));
-    else line->update(static_cast<size_t>(done / 1'000'000), "", done == total);
+    const auto millions = [](int64_t weights) { return static_cast<size_t>(weights / 1'000'000); };
+    if (!line) line.emplace(total >= kShowFrom, "quantize " + format, "M weights", "M/s", millions(total));
+    else line->update(millions(done), "", done == total);
   });
 }
 
