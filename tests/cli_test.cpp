@@ -94,8 +94,8 @@ TEST(Cli, GgufFilesAreKnownByTheirMagic) {
   expect_clean_error(run_cli({"estimate", "--model", bin}), "for a GGUF file use bioquant info");
   test::write_file(dir.file("notes.txt"), "not a model");
   expect_clean_error(run_cli({"info", "--model", dir.file("notes.txt")}),
-                     "notes.txt: neither a GGUF file (it does not start with GGUF's magic) nor a Hugging Face model "
-                     "directory");
+                     "notes.txt: neither a GGUF file (it does not start with GGUF's magic), a llama2.c checkpoint (its "
+                     "header does not match its size) nor a Hugging Face model directory");
   expect_clean_error(run_cli({"info", "--model", dir.file("gone")}), "gone: no such file or directory");
 }
 

@@ -1,6 +1,7 @@
 // safetensors and config.json: valid files load, every malformed one is rejected with a message.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -8,6 +9,7 @@
 #include "bioquant/io/gguf.h"
 #include "bioquant/io/hf_config.h"
 #include "bioquant/io/json_lines.h"
+#include "bioquant/io/llama2c.h"
 #include "bioquant/io/safetensors.h"
 #include "bioquant/kernels/cpu/ops.h"
 #include "test_util.h"
@@ -266,6 +268,61 @@ TEST(Gguf, SharedTinyLlamaModelLoadsAndRuns) {
   const auto t = test::run_cli({"tokenize", "--model", path, "--text", "Hello world", "--json"});
   ASSERT_EQ(t.exit_code, 0) << t.err;
   EXPECT_EQ(t.out, "{\"ids\":[1,15043,3186]}\n");
+}
+
+// A real trained llama2.c checkpoint (../shared/models/aidreams260K, PROVENANCE.md): its greedy ids from
+// BOS are those of an independent float64 forward pass of run.c's arithmetic.
+TEST(Llama2c, TrainedCheckpointGivesTheReferenceGreedyIds) {
+  if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
+  const std::string dir = test::shared_dir() + "/models/aidreams260K";
+  const std::string model = dir + "/aidreams260K.bin";
+  ASSERT_TRUE(is_llama2c_checkpoint(model));
+  EXPECT_FALSE(is_llama2c_checkpoint(dir + "/tok512.bin"));
+  const std::vector<int> reference = {319, 459, 355, 260, 275, 429, 339, 315, 374, 327,
+                                      446, 262, 421, 392, 275, 280, 269, 440, 270, 283};
+  auto r = test::run_cli({"generate", "--model", model, "--tokens", "1", "--max-new-tokens", "20", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["tokens"].get<std::vector<int>>(), reference);
+  // The tokenizer beside it (tok512.bin) decodes them.
+  EXPECT_EQ(j["text"].get<std::string>().rfind("\"Echoes of vectors unfold, a gentle hum of precision", 0), 0u) << j["text"];
+  const auto info = test::run_cli({"info", "--model", model});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_NE(info.out.find("llama, 4 layers, hidden 64, ffn 172, heads 4/4 (head_dim 16), vocab 512"), std::string::npos)
+      << info.out;
+  // To GGUF (q8_0 where rows fill blocks) with its tokenizer embedded: the same ids, the same text.
+  test::TempDir tmp;
+  const auto q = test::run_cli({"quantize", "--model", model, "--type", "q8_0", "--out", tmp.file("aid.gguf")});
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_EQ(q.err.find("none embedded"), std::string::npos) << q.err;
+  r = test::run_cli({"generate", "--model", tmp.file("aid.gguf"), "--tokens", "1", "--max-new-tokens", "20", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json g = nlohmann::json::parse(r.out);
+  EXPECT_EQ(g["tokens"].get<std::vector<int>>(), reference);
+  EXPECT_EQ(g["text"], j["text"]);
+}
+
+TEST(Llama2c, BadCheckpointsAndMissingTokenizersAreOneLineErrors) {
+  if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
+  const std::string full = test::read_file(test::shared_dir() + "/models/aidreams260K/aidreams260K.bin");
+  test::TempDir dir;
+  // Cut short: its header no longer matches its size.
+  test::write_file(dir.file("cut.bin"), full.substr(0, full.size() - 4));
+  EXPECT_FALSE(is_llama2c_checkpoint(dir.file("cut.bin")));
+  auto r = test::run_cli({"info", "--model", dir.file("cut.bin")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("a llama2.c checkpoint (its header does not match its size)"), std::string::npos) << r.err;
+  // Whole, but no tokenizer beside it: the model runs on ids, text needs its tokenizer.bin.
+  test::write_file(dir.file("model.bin"), full);
+  r = test::run_cli({"logits", "--model", dir.file("model.bin"), "--tokens", "1,319", "--last", "1"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  r = test::run_cli({"generate", "--model", dir.file("model.bin"), "--prompt", "Echoes", "--max-new-tokens", "2"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("put its tokenizer.bin beside it"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  r = test::run_cli({"estimate", "--model", dir.file("model.bin")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("for a llama2.c checkpoint use bioquant info"), std::string::npos) << r.err;
 }
 
 TEST(JsonLines, SkipsBlankLinesAcceptsCrlfAndNamesEachLine) {

@@ -11,10 +11,13 @@
 #include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 #include "bioquant/core/hash.h"
+#include "bioquant/io/gguf.h"
 #include "bioquant/tokenizer/tokenizer.h"
+#include "bioquant/tokenizer/unicode.h"
 #include "test_util.h"
 
 namespace bioquant {
@@ -192,6 +195,36 @@ TEST_P(TokenizerParity, IdsEqualTheReference) {
   EXPECT_EQ(mismatches, 0u) << GetParam() << ": " << mismatches << " of " << checked << " encodings differ";
   EXPECT_EQ(roundtrip_failures, 0u);
   RecordProperty("texts", static_cast<int>(texts.size()));
+
+  // A tokenizer that `quantize` embeds in a GGUF file (one with a GGUF description) must come back
+  // from that file encoding the same, where GGUF's reading of a vocabulary is not llama.cpp's own:
+  // plain text (a GGUF vocabulary's control tokens are special text, where a raw SentencePiece model
+  // reads "<s>" as characters), NFC text (GGUF has no normalizer: a Qwen2 vocabulary from GGUF does
+  // not compose), and no user-defined pieces (llama.cpp starts the text after one with a space).
+  const auto metadata = tok->gguf_metadata();
+  if (metadata.empty()) return;
+  std::set<int32_t> user_defined;
+  for (const auto& [key, value] : metadata)
+    if (key == "tokenizer.ggml.token_type")
+      for (size_t id = 0; id < value.value.size(); ++id)
+        if (value.value[id] == 4) user_defined.insert(static_cast<int32_t>(id));
+  test::TempDir dir;
+  write_gguf(dir.file("vocab.gguf"), metadata, {});
+  auto again = load_tokenizer(dir.file("vocab.gguf"));
+  size_t differ = 0, compared = 0;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    const auto ids = tok->encode(texts[i], false);
+    if (unicode::nfc(texts[i]) != texts[i] ||
+        std::any_of(ids.begin(), ids.end(), [&](int32_t id) { return user_defined.count(id) > 0; }))
+      continue;
+    ++compared;
+    if (again->encode(texts[i], false) != ids && ++differ <= 3)
+      ADD_FAILURE() << GetParam() << " through GGUF, text " << i << " " << json(texts[i].substr(0, 120)).dump();
+  }
+  EXPECT_GT(compared, texts.size() * 9 / 10);
+  EXPECT_EQ(differ, 0u) << GetParam() << ": the GGUF copy encodes " << differ << " texts differently";
+  EXPECT_EQ(again->bos_id(), tok->bos_id());
+  EXPECT_EQ(again->eos_id(), tok->eos_id());
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, TokenizerParity, ::testing::ValuesIn(fixture_names()),

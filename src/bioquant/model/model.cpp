@@ -10,6 +10,7 @@
 #include "bioquant/io/gguf.h"
 #include "bioquant/io/gguf_model.h"
 #include "bioquant/io/hf_config.h"
+#include "bioquant/io/llama2c.h"
 
 namespace bioquant {
 namespace {
@@ -140,7 +141,8 @@ ModelConfig load_model_config(const std::string& dir) {
   std::error_code ec;
   check(std::filesystem::exists(dir, ec), dir + ": no such file or directory (no config.json to read)");
   check(!std::filesystem::is_regular_file(dir, ec),
-        dir + ": neither a GGUF file (it does not start with GGUF's magic) nor a Hugging Face model directory");
+        dir + ": neither a GGUF file (it does not start with GGUF's magic), a llama2.c checkpoint (its header does "
+              "not match its size) nor a Hugging Face model directory");
   check(file_exists(config_path), dir + ": no config.json (not a Hugging Face model directory)");
   ModelConfig config = parse_hf_config(read_text_file(config_path), config_path);
   const std::string gen_path = dir + "/generation_config.json";
@@ -153,6 +155,10 @@ std::unique_ptr<Model> Model::load(const std::string& dir) {
     auto gguf = std::make_shared<const GgufFile>(dir);
     ModelConfig config = config_from_gguf(*gguf);
     auto source = std::make_unique<GgufTensorSource>(gguf, config);
+    return from_source(std::move(config), std::move(source));
+  }
+  if (is_llama2c_checkpoint(dir)) {
+    auto [config, source] = load_llama2c(dir);
     return from_source(std::move(config), std::move(source));
   }
   ModelConfig config = load_model_config(dir);

@@ -11,6 +11,7 @@
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/io/gguf.h"
+#include "bioquant/io/llama2c.h"
 #include "bioquant/io/tensor_source.h"
 #include "bioquant/kernels/cuda/gpu_memory_plan.h"
 #include "bioquant/model/model.h"
@@ -144,6 +145,9 @@ ModelShape model_shape_from_path(const std::string& path, const std::string& dty
   check(!is_gguf_path(path),
         path + ": estimate sizes a Hugging Face model from its config.json; for a GGUF file use bioquant info "
                "--model FILE.gguf (it maps the file)");
+  check(!is_llama2c_checkpoint(path),
+        path + ": estimate sizes a Hugging Face model from its config.json; for a llama2.c checkpoint use bioquant "
+               "info --model FILE");
   s.config = load_model_config(path);
   const json raw = json::parse(read_text_file(path + "/config.json"), nullptr, false);
   check(!(raw.is_object() && raw.contains("quantization_config")),

@@ -5,13 +5,17 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/io/gguf.h"
+#include "bioquant/io/llama2c.h"
+#include "bioquant/io/llama2c.h"
 #include "bioquant/tokenizer/bpe.h"
 #include "bioquant/tokenizer/regex_split.h"
 #include "bioquant/tokenizer/unicode.h"
@@ -45,6 +49,58 @@ bool is_dir(const std::string& path) {
 bool is_file(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+// The type of each piece of a serialized SentencePiece ModelProto (field 1: repeated SentencePiece
+// {1: piece, 2: score, 3: type}; a type left out is NORMAL = 1). This library version has no
+// IsUserDefined(), and GGUF needs user-defined pieces (type 4) told apart. Empty when malformed.
+std::vector<int32_t> sentencepiece_piece_types(std::string_view proto) {
+  size_t pos = 0;
+  const auto varint = [](std::string_view b, size_t& at, uint64_t& v) {
+    v = 0;
+    for (int shift = 0; shift < 64 && at < b.size(); shift += 7) {
+      const auto byte = static_cast<uint8_t>(b[at++]);
+      v |= static_cast<uint64_t>(byte & 0x7F) << shift;
+      if (!(byte & 0x80)) return true;
+    }
+    return false;
+  };
+  // Skips a field's value of wire type `wire`; false when it runs past the end.
+  const auto skip = [&](std::string_view b, size_t& at, uint64_t wire) {
+    uint64_t n = 0;
+    switch (wire) {
+      case 0: return varint(b, at, n);
+      case 1: at += 8; return at <= b.size();
+      case 2: if (!varint(b, at, n) || n > b.size() - at) return false; at += n; return true;
+      case 5: at += 4; return at <= b.size();
+      default: return false;
+    }
+  };
+  std::vector<int32_t> types;
+  while (pos < proto.size()) {
+    uint64_t key = 0, len = 0;
+    if (!varint(proto, pos, key)) return {};
+    if (key != ((1u << 3) | 2)) {
+      if (!skip(proto, pos, key & 7)) return {};
+      continue;
+    }
+    if (!varint(proto, pos, len) || len > proto.size() - pos) return {};
+    const std::string_view piece = proto.substr(pos, len);
+    pos += len;
+    int32_t type = 1;
+    for (size_t at = 0; at < piece.size();) {
+      uint64_t k = 0, v = 0;
+      if (!varint(piece, at, k)) return {};
+      if (k == ((3u << 3) | 0)) {
+        if (!varint(piece, at, v)) return {};
+        type = static_cast<int32_t>(v);
+      } else if (!skip(piece, at, k & 7)) {
+        return {};
+      }
+    }
+    types.push_back(type);
+  }
+  return types;
 }
 
 bool ends_with(const std::string& s, std::string_view suffix) {
@@ -88,6 +144,15 @@ struct Tokenizer::Impl {
   std::vector<DecoderStep> decoders;
   std::vector<int32_t> prefix_ids, suffix_ids;                // post-processor (add_special)
   int64_t vocab_size = 0;
+  // SentencePiece BPE from pieces + scores (GGUF "llama" vocabularies, llama2.c): what a GGUF file
+  // needs to describe it again.
+  struct SentencePieceBpe {
+    std::vector<float> scores;
+    std::vector<int32_t> types;
+    bool add_space_prefix = true;
+  };
+  std::optional<SentencePieceBpe> sentencepiece_bpe;
+  std::string gguf_pre;  // a GGUF byte-level vocabulary's tokenizer.ggml.pre, as read
 
   void finish_added() {
     std::stable_sort(added.begin(), added.end(),
@@ -387,18 +452,28 @@ std::vector<std::pair<std::string, GgufWriteValue>> Tokenizer::gguf_metadata() c
   json tokens = json::array(), types = json::array(), scores = json::array();
   if (impl_->spm) {
     const auto& sp = *impl_->spm;
+    const std::vector<int32_t> proto_types = sentencepiece_piece_types(sp.serialized_model_proto());
     for (int i = 0; i < sp.GetPieceSize(); ++i) {
       tokens.push_back(sp.IdToPiece(i));
       scores.push_back(sp.GetScore(i));
-      types.push_back(sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : sp.IsUnused(i) ? 5 : sp.IsByte(i) ? 6 : 1);
+      const bool user_defined = static_cast<size_t>(i) < proto_types.size() && proto_types[static_cast<size_t>(i)] == 4;
+      types.push_back(sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : user_defined ? 4 : sp.IsUnused(i) ? 5 : sp.IsByte(i) ? 6 : 1);
     }
     md.push_back({"tokenizer.ggml.model", {T::STRING, T::U8, "llama"}});
     md.push_back({"tokenizer.ggml.tokens", {T::ARRAY, T::STRING, tokens}});
     md.push_back({"tokenizer.ggml.scores", {T::ARRAY, T::F32, scores}});
     md.push_back({"tokenizer.ggml.token_type", {T::ARRAY, T::I32, types}});
+  } else if (impl_->bpe && impl_->sentencepiece_bpe) {
+    const auto& d = *impl_->sentencepiece_bpe;
+    for (const std::string& piece : impl_->bpe->vocab()) tokens.push_back(piece);
+    md.push_back({"tokenizer.ggml.model", {T::STRING, T::U8, "llama"}});
+    md.push_back({"tokenizer.ggml.tokens", {T::ARRAY, T::STRING, tokens}});
+    md.push_back({"tokenizer.ggml.scores", {T::ARRAY, T::F32, json(d.scores)}});
+    md.push_back({"tokenizer.ggml.token_type", {T::ARRAY, T::I32, json(d.types)}});
+    md.push_back({"tokenizer.ggml.add_space_prefix", {T::BOOL, T::U8, d.add_space_prefix}});
   } else if (impl_->bpe) {
     bool byte_level = false;
-    std::string pre = "default";
+    std::string pre = impl_->gguf_pre.empty() ? "default" : impl_->gguf_pre;
     for (const PreTokenizerStep& p : impl_->pre_tokenizers) {
       if (p.kind == PreTokenizerStep::ByteLevel) byte_level = true;
       if (p.regex && p.regex->pattern() == kLlama3Pattern) pre = "llama-bpe";
@@ -896,6 +971,7 @@ std::unique_ptr<Tokenizer::Impl> impl_from_sentencepiece(const std::string& path
 // merges by piece score, byte fallback, "▁" for spaces and one leading "▁" per text segment.
 void setup_sentencepiece_bpe(Tokenizer::Impl& impl, const std::vector<float>& scores, const std::vector<int32_t>& types,
                              bool add_space_prefix) {
+  impl.sentencepiece_bpe = Tokenizer::Impl::SentencePieceBpe{scores, types, add_space_prefix};
   impl.bpe->set_scores(scores);
   impl.bpe->set_byte_fallback(true);
   for (size_t i = 0; i < types.size(); ++i)
@@ -959,6 +1035,27 @@ std::unique_ptr<Tokenizer::Impl> impl_from_llama2c(const std::string& path) {
 
 }  // namespace
 
+namespace {
+
+// A llama2.c checkpoint holds no vocabulary: run.c reads tokenizer.bin (or the file given with -z).
+// Beside the checkpoint: tokenizer.bin, else the one tok*.bin there.
+std::string llama2c_tokenizer_beside(const std::string& checkpoint) {
+  const std::filesystem::path dir = std::filesystem::path(checkpoint).parent_path();
+  const std::filesystem::path named = dir / "tokenizer.bin";
+  if (std::filesystem::is_regular_file(named)) return named.string();
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.empty() ? "." : dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.is_regular_file() && name.rfind("tok", 0) == 0 && ends_with(name, ".bin")) found.push_back(entry.path().string());
+  }
+  check(found.size() == 1, checkpoint + ": a llama2.c checkpoint has no vocabulary; put its tokenizer.bin beside it" +
+                               (found.size() > 1 ? " (found several tok*.bin)" : ""));
+  return found.front();
+}
+
+}  // namespace
+
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   auto tok = std::unique_ptr<Tokenizer>(new Tokenizer());
   std::string dir = dir_of(path);
@@ -977,6 +1074,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   }
   check(is_file(file), file + ": no such file");
   if (is_gguf_path(file)) return tokenizer_from_gguf(GgufFile(file));
+  if (is_llama2c_checkpoint(file)) file = llama2c_tokenizer_beside(file);
   if (ends_with(file, ".bin")) {
     tok->impl_ = impl_from_llama2c(file);
     tok->kind_ = "llama2.c tokenizer.bin (SentencePiece BPE)";
@@ -1055,6 +1153,7 @@ std::unique_ptr<Tokenizer> tokenizer_from_gguf(const GgufFile& g) {
     check(md.contains("tokenizer.ggml.merges") && md["tokenizer.ggml.merges"].is_array(), where + ": no tokenizer.ggml.merges");
     impl->bpe->set_merges(parse_merges(md["tokenizer.ggml.merges"], where));
     const std::string pre = md.value("tokenizer.ggml.pre", std::string("default"));
+    impl->gguf_pre = pre;
     std::vector<std::string> patterns;
     if (pre == "default" || pre == "gpt-2" || pre == "gpt2") {
       patterns = {kGpt2Pattern};
