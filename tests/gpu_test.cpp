@@ -1476,6 +1476,24 @@ TEST(GpuParity, LogitsReachPageLockedAndPageableMemoryAlike) {
 // logits, then 32 greedy steps, each step's logits equal and so the same continuation. This is
 // acceptance point 1's "greedy continuations identical"; the default (fast) kernels are held to the
 // tolerances above.
+// The trained llama2.c checkpoint (16-wide heads, 172-wide FFN rows, f32) on the GPU: PROVENANCE's
+// greedy ids from BOS, as on the CPU.
+TEST(GpuTrainedModel, Llama2cCheckpointGivesTheReferenceGreedyIds) {
+  SKIP_WITHOUT_GPU();
+  if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
+  const std::string model = test::shared_dir() + "/models/aidreams260K/aidreams260K.bin";
+  const std::vector<int> reference = {319, 459, 355, 260, 275, 429, 339, 315, 374, 327,
+                                      446, 262, 421, 392, 275, 280, 269, 440, 270, 283};
+  for (const std::vector<std::string> extra : {std::vector<std::string>{}, {"--exact"}, {"--quant", "bf16"}}) {
+    std::vector<std::string> args = {"generate", "--model", model, "--device", "cuda", "--tokens", "1",
+                                     "--max-new-tokens", "20", "--json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto r = test::run_cli(args);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(json::parse(r.out)["tokens"].get<std::vector<int>>(), reference) << (extra.empty() ? "" : extra[0]);
+  }
+}
+
 TEST(GpuParity, ExactNumericsAreBitIdenticalToTheCpuEngine) {
   SKIP_WITHOUT_GPU();
   ThreadPool pool(2);
