@@ -1478,13 +1478,13 @@ TEST(GpuParity, LogitsReachPageLockedAndPageableMemoryAlike) {
 // tolerances above.
 // The trained llama2.c checkpoint (16-wide heads, 172-wide FFN rows, f32) on the GPU: PROVENANCE's
 // greedy ids from BOS, as on the CPU.
-TEST(GpuTrainedModel, Llama2cCheckpointGivesTheReferenceGreedyIds) {
+TEST(GpuParity, Llama2cCheckpointGivesTheReferenceGreedyIds) {
   SKIP_WITHOUT_GPU();
   if (test::shared_dir().empty()) GTEST_SKIP() << "../shared not present";
   const std::string model = test::shared_dir() + "/models/aidreams260K/aidreams260K.bin";
   const std::vector<int> reference = {319, 459, 355, 260, 275, 429, 339, 315, 374, 327,
                                       446, 262, 421, 392, 275, 280, 269, 440, 270, 283};
-  for (const std::vector<std::string> extra : {std::vector<std::string>{}, {"--exact"}, {"--quant", "bf16"}}) {
+  for (const std::vector<std::string>& extra : {std::vector<std::string>{}, {"--exact"}, {"--quant", "bf16"}}) {
     std::vector<std::string> args = {"generate", "--model", model, "--device", "cuda", "--tokens", "1",
                                      "--max-new-tokens", "20", "--json"};
     args.insert(args.end(), extra.begin(), extra.end());
