@@ -100,7 +100,16 @@ TEST(Cli, GgufFilesAreKnownByTheirMagic) {
 }
 
 TEST(Cli, BadInputGivesOneLineErrors) {
-  expect_clean_error(run_cli({"evaluate", "--model", "x"}), "unknown command 'evaluate' (commands: demo, info,");
+  expect_clean_error(run_cli({"evaluate", "--model", "x"}),
+                     "unknown command 'evaluate' (did you mean eval?) (commands: demo, info,");
+  expect_clean_error(run_cli({"frobnicate"}), "unknown command 'frobnicate' (commands: demo, info,");
+  // A mistyped option is named (before CLI11 would call a required option missing), with its likely spelling.
+  expect_clean_error(run_cli({"info", "--modle", "x"}),
+                     "unknown option '--modle' for bioquant info: did you mean --model? (bioquant info --help)");
+  expect_clean_error(run_cli({"eval", "--model", "x", "--tasks", "hoc", "--limt=3"}),
+                     "unknown option '--limt' for bioquant eval: did you mean --limit?");
+  expect_clean_error(run_cli({"bench", "--synthetic", "tiny", "--frobnicate"}),
+                     "unknown option '--frobnicate' for bioquant bench (bioquant bench --help)");
   expect_clean_error(run_cli({}), "give a command (commands: demo, info,");
   TempDir empty;
   expect_clean_error(run_cli({"info", "--model", empty.path()}), "no config.json");

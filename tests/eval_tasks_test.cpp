@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bioquant/core/closest_name.h"
 #include "bioquant/core/error.h"
 #include "bioquant/eval/prompts.h"
 #include "bioquant/eval/runner.h"
@@ -55,6 +56,21 @@ TEST(EvalTasks, UnknownTaskSuggestsTheClosestName) {
   EXPECT_NE(message("litcov1d").find("did you mean litcovid?"), std::string::npos) << message("litcov1d");
   EXPECT_EQ(message("nope").find("did you mean"), std::string::npos) << message("nope");  // 3 edits from hoc
   EXPECT_EQ(message("xyz").find("did you mean"), std::string::npos) << message("xyz");
+}
+
+TEST(ClosestName, FewEditsOrAPrefixEitherWay) {
+  EXPECT_EQ(edit_distance("kitten", "sitting"), 3u);
+  EXPECT_EQ(edit_distance("", "abc"), 3u);
+  EXPECT_EQ(edit_distance("same", "same"), 0u);
+  const std::vector<std::string> commands = {"eval", "estimate", "info", "serve", "score"};
+  EXPECT_EQ(closest_name("evaluate", commands), "eval");   // begins with a command
+  EXPECT_EQ(closest_name("esti", commands), "estimate");   // a command begins with it
+  EXPECT_EQ(closest_name("servr", commands), "serve");     // 1 edit of 5
+  EXPECT_EQ(closest_name("sevre", commands), "");          // 2 edits of 5 are too many
+  EXPECT_EQ(closest_name("nfo", commands), "info");        // 1 edit (at least one allowed)
+  EXPECT_EQ(closest_name("xyz", commands), "");
+  EXPECT_EQ(closest_name("ev", commands), "");             // too short to be a prefix, 2 edits from eval
+  EXPECT_EQ(closest_name("--modle", {"--model", "--quant"}), "--model");
 }
 
 TEST(EvalTasks, NerReaderCountsSentencesAndEntities) {

@@ -6,8 +6,10 @@
 #include <exception>
 #include <map>
 #include <string>
+#include <vector>
 #include <unistd.h>
 
+#include "bioquant/core/closest_name.h"
 #include "bioquant/core/error.h"
 #include "cli/commands.h"
 
@@ -72,7 +74,29 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (std::none_of(all.begin(), all.end(), [&](const auto& r) { return r.name == std::string(argv[1]); })) {
-      std::fprintf(stderr, "error: unknown command '%s' (commands: %s)\n", one_line(argv[1]).c_str(), known.c_str());
+      std::vector<std::string> names;
+      for (const auto& r : all) names.emplace_back(r.name);
+      const std::string near = bioquant::closest_name(argv[1], names);
+      std::fprintf(stderr, "error: unknown command '%s'%s (commands: %s)\n", one_line(argv[1]).c_str(),
+                   near.empty() ? "" : (" (did you mean " + near + "?)").c_str(), known.c_str());
+      return 2;
+    }
+    // A mistyped option: CLI11 would first report a required option as missing ("--modle x" said
+    // "--model is required"). Name the unknown one, and the option it probably was.
+    CLI::App* sub = app.get_subcommand(argv[1]);
+    std::vector<std::string> options;
+    for (const CLI::Option* o : sub->get_options())
+      for (const std::string& n : o->get_lnames()) options.push_back("--" + n);
+    for (int i = 2; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg == "--") break;
+      if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) continue;
+      const std::string name = arg.substr(0, arg.find('='));
+      if (std::find(options.begin(), options.end(), name) != options.end()) continue;
+      const std::string near = bioquant::closest_name(name, options);
+      std::fprintf(stderr, "error: unknown option '%s' for bioquant %s%s (bioquant %s --help)\n",
+                   one_line(name).c_str(), argv[1], near.empty() ? "" : (": did you mean " + near + "?").c_str(),
+                   argv[1]);
       return 2;
     }
   }

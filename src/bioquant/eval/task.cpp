@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bioquant/core/closest_name.h"
 #include "bioquant/core/error.h"
 #include "bioquant/core/mapped_file.h"
 #include "bioquant/io/json_lines.h"
@@ -37,21 +38,6 @@ std::string get_string(const json& j, const char* key, const std::string& source
   }
   check(it->is_string(), "task description " + source + ": \"" + key + "\" must be a string");
   return it->get<std::string>();
-}
-
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diag = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diag = up;
-    }
-  }
-  return row[b.size()];
 }
 
 std::vector<TaskSpec>& registry() {
@@ -451,17 +437,8 @@ const TaskSpec& find_task(const std::string& name) {
   for (const auto& t : all_tasks())
     if (t.name == name) return t;
   std::vector<std::string> names;
-  // Suggest only a close name: a few edits for its length (a third of it, at least one), or one the
-  // given name begins (3+ characters). "nope" was "did you mean hoc?" with a flat bound of 3 edits.
-  std::string best;
-  size_t best_distance = SIZE_MAX;
-  for (const auto& t : all_tasks()) {
-    names.push_back(t.name);
-    const size_t d = edit_distance(name, t.name);
-    const bool close = d <= std::max<size_t>(1, std::min(name.size(), t.name.size()) / 3) ||
-                       (name.size() >= 3 && t.name.rfind(name, 0) == 0);
-    if (close && d < best_distance) best_distance = d, best = t.name;
-  }
+  for (const auto& t : all_tasks()) names.push_back(t.name);
+  const std::string best = closest_name(name, names);
   throw Error("unknown task \"" + name + "\"" + (best.empty() ? "" : " (did you mean " + best + "?)") +
               "; tasks: " + join(names, ", "));
 }
