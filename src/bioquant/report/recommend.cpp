@@ -52,13 +52,8 @@ std::optional<double> estimated_memory(const std::string& model, const std::stri
 // gave each task's score; nullopt (and why) when a task has no samples or too few shared examples.
 std::optional<eval::MeanDifference> compare_with(const Candidate& a, const Candidate& b, const std::vector<std::string>& tasks,
                                                  const std::map<int64_t, const RunResult*>& by_id,
-                                                 std::map<std::string, std::optional<SampleSet>>& cache,
-                                                 const RecommendOptions& o, std::string& why_not) {
-  auto samples = [&](const std::string& path) -> const std::optional<SampleSet>& {
-    auto it = cache.find(path);
-    if (it == cache.end()) it = cache.emplace(path, read_sample_set(path)).first;
-    return it->second;
-  };
+                                                 SampleFiles& samples, const RecommendOptions& o,
+                                                 std::string& why_not) {
   // Tasks in name order, as compare-runs takes them: the same pair of runs gets the same interval.
   std::vector<std::string> ordered = tasks;
   std::sort(ordered.begin(), ordered.end());
@@ -66,8 +61,8 @@ std::optional<eval::MeanDifference> compare_with(const Candidate& a, const Candi
   for (const auto& t : ordered) {
     const RunResult& ra = *by_id.at(a.task_row_ids.at(t));
     const RunResult& rb = *by_id.at(b.task_row_ids.at(t));
-    const auto& sa = samples(ra.samples);
-    const auto& sb = samples(rb.samples);
+    const auto& sa = samples.get(ra.samples);
+    const auto& sb = samples.get(rb.samples);
     if (!sa || !sb) {
       why_not = "no per-example samples for " + t;
       return std::nullopt;
@@ -213,7 +208,7 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
   });
   std::map<int64_t, const RunResult*> by_id;
   for (const auto& r : results) by_id[r.id] = &r;
-  std::map<std::string, std::optional<SampleSet>> sample_cache;
+  SampleFiles samples;
   for (size_t i = 0; i < rec.ranked.size(); ++i) {
     Candidate& c = rec.ranked[i];
     c.rank = static_cast<int>(i + 1);
@@ -227,7 +222,7 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
       const double gap = *rec.ranked[0].mean_score - *c.mean_score;
       const Candidate& prev = rec.ranked[i - 1];
       c.reason = "fits (" + mem + "); mean score " + fmt_score(*c.mean_score) + ", " + fmt_score(gap) + " below #1";
-      c.vs_best = compare_with(rec.ranked[0], c, rec.tasks, by_id, sample_cache, o, c.untested);
+      c.vs_best = compare_with(rec.ranked[0], c, rec.tasks, by_id, samples, o, c.untested);
       if (c.vs_best) {
         c.within_noise = c.vs_best->ci.low <= 0 && c.vs_best->ci.high >= 0;
         c.reason += " (95% CI of the change [" + fmt_score(c.vs_best->ci.low) + ", " + fmt_score(c.vs_best->ci.high) +

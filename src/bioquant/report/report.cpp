@@ -158,12 +158,7 @@ std::vector<Comparison> compare_with_16bit(const std::vector<RunResult>& results
     if (it == baseline.end() || baseline_preference(r.precision) < baseline_preference(it->second))
       baseline[key] = r.precision;
   }
-  std::map<std::string, std::optional<SampleSet>> cache;
-  auto samples = [&](const std::string& path) -> const std::optional<SampleSet>& {
-    auto it = cache.find(path);
-    if (it == cache.end()) it = cache.emplace(path, read_sample_set(path)).first;
-    return it->second;
-  };
+  SampleFiles samples;
   std::vector<Comparison> out;
   for (const auto& r : results) {
     const std::string key = r.model + "@" + r.model_hash + "|" + setting_key(r);
@@ -179,8 +174,8 @@ std::vector<Comparison> compare_with_16bit(const std::vector<RunResult>& results
     c.base = base;
     c.run = &r;
     c.delta = r.score - base->score;
-    const auto& sa = samples(base->samples);
-    const auto& sb = samples(r.samples);
+    const auto& sa = samples.get(base->samples);
+    const auto& sb = samples.get(r.samples);
     bool paired = false;
     if (sa && sb) {
       try {

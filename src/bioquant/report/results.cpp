@@ -75,6 +75,12 @@ std::optional<SampleSet> read_sample_set(const std::string& path) {
   return s;
 }
 
+const std::optional<SampleSet>& SampleFiles::get(const std::string& path) {
+  auto it = read_.find(path);
+  if (it == read_.end()) it = read_.emplace(path, read_sample_set(path)).first;
+  return it->second;
+}
+
 PairedSamples pair_samples(const SampleSet& a, const SampleSet& b) {
   PairedSamples out;
   for (const auto& id : a.order) {

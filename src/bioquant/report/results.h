@@ -47,6 +47,15 @@ struct SampleSet {
 // nullopt when the path is empty, missing, or not such a file (a report goes on without it).
 std::optional<SampleSet> read_sample_set(const std::string& path);
 
+// Samples files read once each: a report or a ranking compares one run with many others.
+class SampleFiles {
+ public:
+  const std::optional<SampleSet>& get(const std::string& path);
+
+ private:
+  std::map<std::string, std::optional<SampleSet>> read_;
+};
+
 // The examples two runs share (by id, in a's order): the gold answers from a, each run's prediction.
 // Throws when a shared line's gold or parsed answer is malformed.
 struct PairedSamples {
