@@ -1494,6 +1494,87 @@ TEST(GpuParity, Llama2cCheckpointGivesTheReferenceGreedyIds) {
   }
 }
 
+// Longrope (Phi-3.5, Phi-4-mini) on the GPU. The fixture (16-wide heads: the unfused decode path)
+// against HF's references on both sides of its 16-position original context, and a 64-wide-head model
+// (the fused decode attention, one launch for a batch too) against the CPU engine, decoding across it,
+// in the default kernels and in exact numerics.
+TEST(GpuParity, LongRopeMatchesOnBothSidesOfTheOriginalContext) {
+  SKIP_WITHOUT_GPU();
+  ThreadPool pool(2);
+  const std::string dir = test::fixtures_dir() + "/models/phi3longrope";
+  const json ref = json::parse(test::read_file(dir + "/reference.json"));
+  const std::vector<int32_t> all = ref["tokens"].get<std::vector<int32_t>>();
+  const json& lr = ref["longrope"];
+  auto fixture = Model::load(dir + "/f32");
+  ASSERT_EQ(fixture->config().rope.type, RopeType::LongRope);
+  GenerateOptions options;
+  options.max_new_tokens = 20;
+  options.stop_at_eos = false;
+  for (const int64_t n : {lr["short_tokens"].get<int64_t>(), static_cast<int64_t>(all.size())}) {
+    const Compared f = compare_logits(*fixture, std::vector<int32_t>(all.begin(), all.begin() + n), KvType::F32);
+    EXPECT_LE(f.max_err, 1e-3f * std::max(1.0f, f.max_ref)) << n << " tokens";
+    EXPECT_EQ(f.argmax_mismatches, 0) << n << " tokens";
+    std::printf("longrope fixture, %2lld tokens: max|gpu-cpu| %.2e (max|logit| %.2f)\n", static_cast<long long>(n),
+                f.max_err, f.max_ref);
+  }
+  Decoder fixture_gpu(*fixture, pool, 0);
+  EXPECT_EQ(generate(fixture_gpu, all, options).tokens, ref["f32"]["greedy"].get<std::vector<int32_t>>());
+  const std::vector<int32_t> prompt(all.begin(), all.begin() + lr["cached_prompt_tokens"].get<int64_t>());
+  EXPECT_EQ(generate(fixture_gpu, prompt, options).tokens, lr["cached_greedy"].get<std::vector<int32_t>>());
+
+  // 64-wide heads, half of them rotated (16 pairs), an original context of 12 positions.
+  ModelConfig c = tiny_config(4, 2, 64);
+  c.model_type = "phi3";
+  c.rope.partial_rotary_factor = 0.5f;
+  c.rope.type = RopeType::LongRope;
+  c.rope.original_max_positions = 12;
+  c.rope.attention_factor = 1.25f;
+  for (int i = 0; i < 16; ++i) {
+    c.rope.short_factor.push_back(1.0f + 0.25f * static_cast<float>(i));
+    c.rope.long_factor.push_back(1.0f + 2.0f * static_cast<float>(i));
+  }
+  auto model = make_synthetic_model(c, DType::F32, 5, pool, nullptr);
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 24; ++i) tokens.push_back((i * 53 + 7) % 512);
+  const std::vector<int32_t> head(tokens.begin(), tokens.begin() + 6), rest(tokens.begin() + 6, tokens.end());
+  for (const bool exact : {false, true}) {
+    Decoder cpu(*model, pool, -1, KvType::F32, exact), gpu(*model, pool, 0, KvType::F32, exact);
+    const Compared d = compare_decode(cpu, gpu, c, head, rest);  // positions 6..22: the switch at 12
+    if (exact) {
+      EXPECT_EQ(d.max_err, 0.0f);
+    } else {
+      EXPECT_LE(d.max_err, 1e-3f * std::max(1.0f, d.max_ref));
+      EXPECT_LE(d.argmax_mismatches, 1);  // random weights: near-ties
+    }
+    std::printf("longrope 64-wide heads, decode across the original context%s: max|gpu-cpu| %.2e (max|logit| %.2f)\n",
+                exact ? " (exact)" : "", d.max_err, d.max_ref);
+  }
+  // Two sequences decoding together (one attention launch for both), one on each side of the switch.
+  Decoder cpu(*model, pool), gpu(*model, pool, 0, KvType::F32);
+  KVCache c1(c, 32), c2(c, 32), g1(c, 32), g2(c, 32);
+  const int64_t vocab = c.vocab;
+  std::vector<float> a(static_cast<size_t>(2 * vocab)), b(a.size());
+  cpu.forward(tokens.data(), 4, c1, 1, a.data());
+  cpu.forward(tokens.data(), 14, c2, 1, a.data());
+  gpu.forward(tokens.data(), 4, g1, 1, b.data());
+  gpu.forward(tokens.data(), 14, g2, 1, b.data());
+  Compared batch;
+  for (int step = 0; step < 4; ++step) {
+    const int32_t next[2] = {tokens[static_cast<size_t>(4 + step)], tokens[static_cast<size_t>(14 + step)]};
+    std::vector<DecodeSegment> cs(2), gs(2);
+    for (int i = 0; i < 2; ++i) {
+      cs[i] = {&next[i], 1, i == 0 ? &c1 : &c2, 1, a.data() + i * vocab, nullptr};
+      gs[i] = {&next[i], 1, i == 0 ? &g1 : &g2, 1, b.data() + i * vocab, nullptr};
+    }
+    cpu.forward_batch(cs);
+    gpu.forward_batch(gs);
+    for (int i = 0; i < 2; ++i) batch.add(a.data() + i * vocab, b.data() + i * vocab, vocab);
+  }
+  EXPECT_LE(batch.max_err, 1e-3f * std::max(1.0f, batch.max_ref));
+  EXPECT_LE(batch.argmax_mismatches, 1);
+  std::printf("longrope 64-wide heads, two sequences a step (positions 4-7 and 14-17): max|gpu-cpu| %.2e\n", batch.max_err);
+}
+
 TEST(GpuParity, ExactNumericsAreBitIdenticalToTheCpuEngine) {
   SKIP_WITHOUT_GPU();
   ThreadPool pool(2);

@@ -184,6 +184,46 @@ TEST(HfConfig, RejectsBadConfigs) {
     "num_attention_heads":4,"num_key_value_heads":3,"vocab_size":512})")
                 .find("multiple"),
             std::string::npos);
+  // longrope: both factor lists, one value per rotated pair (head_dim 16 at factor 0.5: 4 pairs).
+  const std::string phi = R"({"model_type":"phi3","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+    "num_attention_heads":4,"vocab_size":512,"partial_rotary_factor":0.5,"original_max_position_embeddings":16,
+    "rope_scaling":)";
+  EXPECT_EQ(error_of(phi + R"({"type":"longrope","short_factor":[1,1,1,1]}})"),
+            "config.json: longrope needs a list 'long_factor'");
+  EXPECT_EQ(error_of(phi + R"({"type":"longrope","short_factor":[1,1,1,1],"long_factor":[1,2,0,4]}})"),
+            "config.json: 'long_factor' must hold positive numbers");
+  EXPECT_EQ(error_of(phi + R"({"type":"longrope","short_factor":[1,1,1,1],"long_factor":[1,2,4]}})"),
+            "config.json: longrope short_factor and long_factor need 4 values each (rotary dimension / 2), not 4 and 3");
+}
+
+// Phi-3.5 / Phi-4-mini longrope: the scale of the context (max / original) sets the attention factor
+// unless the config gives it; "su" is its first name; each factor divides its pair's frequency.
+TEST(HfConfig, LongRopeFactorsAndAttentionFactor) {
+  const std::string head = R"({"model_type":"phi3","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+    "num_attention_heads":4,"vocab_size":512,"max_position_embeddings":131072,"original_max_position_embeddings":4096,
+    "rope_theta":10000.0,"rope_scaling":{"type":")";
+  const std::string lists = R"(","short_factor":[1,1.5,2,2.5,3,3.5,4,4.5],"long_factor":[2,3,4,5,6,7,8,9])";
+  const ModelConfig c = parse_hf_config(head + "longrope" + lists + "}}", "c");
+  ASSERT_EQ(c.rope.type, RopeType::LongRope);
+  EXPECT_EQ(c.rope.original_max_positions, 4096);
+  EXPECT_FLOAT_EQ(c.rope.attention_factor, static_cast<float>(std::sqrt(1.0 + std::log(32.0) / std::log(4096.0))));
+  EXPECT_NEAR(c.rope.attention_factor, 1.19024f, 1e-5f);  // Phi-3.5-mini's, as llama.cpp's converter writes it
+  EXPECT_EQ(parse_hf_config(head + "su" + lists + "}}", "c").rope.type, RopeType::LongRope);
+  EXPECT_FLOAT_EQ(parse_hf_config(head + "longrope" + lists + R"(,"attention_factor":1.5}})", "c").rope.attention_factor,
+                  1.5f);
+  float short_freq[8], long_freq[8];
+  rope_inv_freq(c.rope, 16, short_freq);
+  rope_inv_freq(c.rope, 16, long_freq, true);
+  for (int i = 0; i < 8; ++i) {
+    const double base = std::pow(10000.0, 2.0 * i / 16.0);
+    EXPECT_NEAR(short_freq[i], 1.0 / ((1.0 + 0.5 * i) * base), 1e-6 / base) << i;
+    EXPECT_NEAR(long_freq[i], 1.0 / ((2.0 + i) * base), 1e-6 / base) << i;
+  }
+  // The long factors from the step whose last position + 1 passes the original context.
+  EXPECT_FALSE(rope_long_step(c.rope, 4095));
+  EXPECT_TRUE(rope_long_step(c.rope, 4096));
+  RopeParams plain;
+  EXPECT_FALSE(rope_long_step(plain, 1 << 20));
 }
 
 }  // namespace

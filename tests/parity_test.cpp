@@ -91,6 +91,73 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, Parity,
                                             ::testing::Values("f32", "bf16", "f16")),
                          [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
 
+// Longrope (Phi-3.5, Phi-4-mini) on its long side: the fixture's 32-token prompt is past its 16-position
+// original context. f32 only (the 16-bit roundings are the phi3 variant's).
+INSTANTIATE_TEST_SUITE_P(LongRope, Parity, ::testing::Combine(::testing::Values("phi3longrope"), ::testing::Values("f32")),
+                         [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
+
+// Its short side and the switch: a 16-token forward takes the short factors; a greedy continuation of 8
+// tokens through the KV cache takes them until its step's position passes 16, then the long ones, and
+// the cached positions keep theirs, as HF's cached generation does. Also through a GGUF file, where the
+// factors travel as llama.cpp's rope_factors_long / rope_factors_short tensors.
+TEST(ParityVariants, LongRopeShortContextAndCachedCrossing) {
+  const std::string variant_dir = models_dir() + "/phi3longrope";
+  const json ref = json::parse(test::read_file(variant_dir + "/reference.json"));
+  const json& lr = ref["longrope"];
+  const std::vector<int32_t> all = ref["tokens"].get<std::vector<int32_t>>();
+  const int64_t n_short = lr["short_tokens"].get<int64_t>(), n_prompt = lr["cached_prompt_tokens"].get<int64_t>();
+  const std::vector<int32_t> short_tokens(all.begin(), all.begin() + n_short), prompt(all.begin(), all.begin() + n_prompt);
+  const std::vector<float> want = read_logits(variant_dir + "/" + lr["short_logits_file"].get<std::string>());
+  const std::vector<int32_t> want_argmax = lr["short_argmax"].get<std::vector<int32_t>>();
+  const std::vector<int32_t> want_cached = lr["cached_greedy"].get<std::vector<int32_t>>();
+  ASSERT_NE(want_cached, lr["reforward_greedy"].get<std::vector<int32_t>>());  // the cache's factors matter here
+
+  test::TempDir dir;
+  const auto w = test::run_cli({"quantize", "--model", variant_dir + "/f32", "--type", "f32", "--out", dir.file("m.gguf")});
+  ASSERT_EQ(w.exit_code, 0) << w.err;
+  for (const std::string& path : {variant_dir + "/f32", dir.file("m.gguf")}) {
+    auto model = Model::load(path);
+    ASSERT_EQ(model->config().rope.type, RopeType::LongRope) << path;
+    EXPECT_NEAR(model->config().rope.attention_factor, std::sqrt(2.0f), 1e-6f) << path;
+    const int64_t vocab = model->config().vocab;
+    ASSERT_EQ(want.size(), static_cast<size_t>(n_short * vocab));
+    ThreadPool pool(2);
+    Decoder decoder(*model, pool);
+    KVCache cache(model->config(), n_short);
+    std::vector<float> got(want.size());
+    decoder.forward(short_tokens.data(), n_short, cache, n_short, got.data());
+    for (int64_t t = 0; t < n_short; ++t) {
+      float max_ref = 0.0f, max_err = 0.0f;
+      for (int64_t i = 0; i < vocab; ++i) {
+        max_ref = std::max(max_ref, std::fabs(want[t * vocab + i]));
+        max_err = std::max(max_err, std::fabs(got[t * vocab + i] - want[t * vocab + i]));
+      }
+      EXPECT_LE(max_err, 1e-3f * std::max(1.0f, max_ref)) << path << " position " << t;
+      EXPECT_EQ(top_token(got.data() + t * vocab, vocab), want_argmax[static_cast<size_t>(t)]) << path << " position " << t;
+    }
+    GenerateOptions options;
+    options.max_new_tokens = static_cast<int64_t>(want_cached.size());
+    options.stop_at_eos = false;
+    EXPECT_EQ(generate(decoder, prompt, options).tokens, want_cached) << path;
+  }
+  const auto info = test::run_cli({"info", "--model", dir.file("m.gguf")});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_NE(info.out.find("rope         longrope, theta 10000, rotary dim 8 (long factors past 16 positions, attention "
+                          "factor 1.4142)"),
+            std::string::npos)
+      << info.out;
+  // A file with one of the two factor tensors is refused by name, not run with half a RoPE.
+  std::string bytes = test::read_file(dir.file("m.gguf"));
+  const size_t at = bytes.find("rope_factors_short.weight");
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + 13] = 'X';
+  test::write_file(dir.file("half.gguf"), bytes);
+  const auto half = test::run_cli({"info", "--model", dir.file("half.gguf")});
+  EXPECT_NE(half.exit_code, 0);
+  EXPECT_NE(half.err.find("rope_factors_long.weight and rope_factors_short.weight come together"), std::string::npos)
+      << half.err;
+}
+
 TEST(ParityVariants, ShardedCheckpoint) {
   check_parity(models_dir() + "/llama-sharded", "llama", "f32");
 }
@@ -112,7 +179,8 @@ TEST_P(ParityOtherSpelling, MatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ParityOtherSpelling,
-                         ::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"));
+                         ::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3",
+                                           "phi3longrope"));
 
 }  // namespace
 }  // namespace bioquant

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate tiny random-initialised HF decoder models + reference logits for BioQuant tests.
 
-usage: python3 tools/make_model_fixtures.py OUTDIR
+usage: python3 tools/make_model_fixtures.py OUTDIR [VARIANT...]
 
 Needs torch, transformers (5.x expected), safetensors, numpy.  Runs on CPU in float32 and is
 deterministic (fixed seeds everywhere, no Python hash()).  For each variant it writes
@@ -61,7 +61,14 @@ BASE_SEEDS = {
     "qwen3": 5000,
     "gemma2": 6000,
     "phi3": 7000,
+    "phi3longrope": 8000,
 }
+# phi3longrope: Phi-3.5 / Phi-4-mini style longrope with a 16-position original context, so the 32-token
+# prompt takes the long factors and a 16-token one the short; f32 only (the rounding is the phi3 variant's).
+LONGROPE_ORIGINAL = 16
+LONGROPE_SHORT_TOKENS = 16
+LONGROPE_CACHED_PROMPT = 8
+LONGROPE = {"short_factor": [1.0, 1.25, 1.5, 2.0], "long_factor": [1.0, 3.0, 6.0, 12.0]}
 
 FAILED_CHECKS = []
 
@@ -196,6 +203,12 @@ def make_config(variant, phi3_mode=0):
             cfg = transformers.Phi3Config(**kw, rope_parameters=default_rope(), partial_rotary_factor=0.5)
         else:                 # not supported: full rotary
             cfg = transformers.Phi3Config(**kw, rope_parameters=default_rope())
+    elif variant == "phi3longrope":
+        kw = dict(COMMON)
+        kw.update(sliding_window=None, original_max_position_embeddings=LONGROPE_ORIGINAL)
+        cfg = transformers.Phi3Config(**kw, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": LONGROPE_ORIGINAL, **LONGROPE})
     else:
         raise ValueError(variant)
     return cfg, info
@@ -290,6 +303,38 @@ def reference(m, tokens):
         "min_rel_margin_prompt": prompt_rel,
         "min_rel_margin_greedy": greedy_rel,
         "ok": prompt_rel >= MARGIN_REL and greedy_rel >= MARGIN_REL,
+    }
+
+
+@torch.no_grad()
+def cached_greedy(m, prompt, n):
+    """Greedy continuation through HF's KV cache, one forward per token (as generate does): longrope
+    picks its factors per forward, so cached positions keep the factors they were computed with."""
+    out = m(input_ids=torch.tensor([prompt], dtype=torch.long), use_cache=True)
+    past, row = out.past_key_values, out.logits[0, -1]
+    toks, rel = [], float("inf")
+    for _ in range(n):
+        rel = min(rel, top_margin(row) / max(1.0, float(row.abs().max())))
+        nxt = int(torch.argmax(row))
+        toks.append(nxt)
+        out = m(input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=past, use_cache=True)
+        past, row = out.past_key_values, out.logits[0, -1]
+    return toks, rel
+
+
+def longrope_extras(m):
+    """The short-context regime and the switch inside a cached generation."""
+    short = logits_of(m, TOKENS[:LONGROPE_SHORT_TOKENS])
+    scale = max(1.0, float(short.abs().max()))
+    short_rel = min(top_margin(short[i]) for i in range(short.shape[0])) / scale
+    greedy, greedy_rel = cached_greedy(m, TOKENS[:LONGROPE_CACHED_PROMPT], N_GREEDY)
+    return {
+        "short_logits": short,
+        "short_argmax": [int(i) for i in torch.argmax(short, dim=-1).tolist()],
+        "cached_greedy": greedy,
+        "min_rel_margin_short": short_rel,
+        "min_rel_margin_cached": greedy_rel,
+        "ok": short_rel >= MARGIN_REL and greedy_rel >= MARGIN_REL,
     }
 
 
@@ -482,6 +527,22 @@ def variant_checks(variant, cfg, m, lg_ref, info):
         info["diff_vs_full_rotary"] = d
         if info.get("partial_rotary_factor", 1.0) != 1.0:
             check(d > 10 * tol, f"phi3 partial rotary changes logits vs full rotary (max diff {d:.4g})")
+    if variant == "phi3longrope":
+        rot = m.model.rotary_emb
+        want = math.sqrt(1 + math.log(256 / LONGROPE_ORIGINAL) / math.log(LONGROPE_ORIGINAL))
+        check(abs(float(rot.attention_scaling) - want) < 1e-6,
+              f"longrope attention_scaling {rot.attention_scaling} = sqrt(1 + ln(256/16) / ln 16) = {want}")
+        info["attention_scaling"] = float(rot.attention_scaling)
+        ex = longrope_extras(m)
+        first = lg_ref[:LONGROPE_SHORT_TOKENS]
+        d = float((ex["short_logits"] - first).abs().max())
+        check(d > 10 * tol, f"the 16-token forward (short factors) differs from the 32-token one's first 16 rows "
+                            f"(long factors): max diff {d:.4g}")
+        info["short_vs_long_first_rows_diff"] = d
+        lg2 = with_cfg(lambda c: setattr(c, "rope_parameters", {**default_rope(), "partial_rotary_factor": 0.5}))
+        d2 = float((lg2 - lg_ref).abs().max())
+        check(d2 > 10 * tol, f"longrope changes logits vs plain partial rotary (max diff {d2:.4g})")
+        info["diff_vs_plain_rope"] = d2
     if variant == "qwen2":
         att = m.model.layers[0].self_attn
         has_b = all(getattr(p, "bias", None) is not None for p in (att.q_proj, att.k_proj, att.v_proj))
@@ -505,6 +566,8 @@ def variant_checks(variant, cfg, m, lg_ref, info):
 def do_variant(variant, outroot):
     print(f"\n=== {variant} ===", flush=True)
     gemma = variant == "gemma2"
+    longrope = variant == "phi3longrope"
+    dtypes = [d for d in DTYPES if not longrope or d[0] == "f32"]
     info = {}
     # ---- config (phi3: probe partial_rotary_factor support) ----
     if variant == "phi3":
@@ -541,11 +604,11 @@ def do_variant(variant, outroot):
         sd = {k: v.clone() for k, v in m.state_dict().items()}
         refs = {}
         ok = True
-        for tag, dt in DTYPES:
+        for tag, dt in dtypes:
             work.load_state_dict(rounded_state(sd, dt) if dt != torch.float32 else sd, strict=True)
             r = reference(work, TOKENS)
             refs[tag] = r
-            if not r["ok"]:
+            if not r["ok"] or (longrope and not longrope_extras(work)["ok"]):
                 ok = False
                 break
         if ok:
@@ -553,7 +616,7 @@ def do_variant(variant, outroot):
             print(f"  seed {seed} accepted after {attempt + 1} attempt(s); "
                   + ", ".join(f"{t}: max|l|={refs[t]['max_abs_logit']:.3f} margins "
                               f"{refs[t]['min_rel_margin_prompt']:.2e}/{refs[t]['min_rel_margin_greedy']:.2e}"
-                              for t, _ in DTYPES), flush=True)
+                              for t, _ in dtypes), flush=True)
             break
     assert chosen is not None, f"{variant}: no seed passed the ambiguity guard"
     reinit(m, chosen, gemma)
@@ -567,7 +630,7 @@ def do_variant(variant, outroot):
 
     final = {}
     files = {}
-    for tag, dt in DTYPES:
+    for tag, dt in dtypes:
         d = os.path.join(vdir, tag)
         files[tag] = save_model(m, d, dt)
         mm, fdt = load_saved(d, tied)
@@ -599,6 +662,16 @@ def do_variant(variant, outroot):
 
     mf32, _ = load_saved(os.path.join(vdir, "f32"), tied)
     variant_checks(variant, mf32.config, mf32, final["f32"]["logits"], info)
+    extras = None
+    if longrope:
+        extras = longrope_extras(mf32)
+        check(extras["ok"], f"longrope extras pass the ambiguity guard ({extras['min_rel_margin_short']:.2e} / "
+                            f"{extras['min_rel_margin_cached']:.2e})")
+        a = np.ascontiguousarray(extras["short_logits"].numpy().astype("<f4"))
+        assert a.shape == (LONGROPE_SHORT_TOKENS, VOCAB), a.shape
+        a.tofile(os.path.join(vdir, "logits_short_f32.bin"))
+        reforward = reference(mf32, TOKENS[:LONGROPE_CACHED_PROMPT])["greedy"]
+        print(f"  longrope cached greedy {extras['cached_greedy']}; full re-forward greedy {reforward}")
 
     # ---- config spellings ----
     with open(os.path.join(vdir, "f32", "config.json")) as fh:
@@ -649,12 +722,12 @@ def do_variant(variant, outroot):
         "torch": torch.__version__,
         "tokens": TOKENS,
         "vocab_size": VOCAB,
-        "logits_files": {t: f"logits_{t}.bin" for t, _ in DTYPES},
+        "logits_files": {t: f"logits_{t}.bin" for t, _ in dtypes},
         "logits_layout": "little-endian float32, shape [32, vocab_size], row-major (row = position)",
         "config_json_spelling": spelling,
         "alt_config": alt_name,
     }
-    for tag, _ in DTYPES:
+    for tag, _ in dtypes:
         r = final[tag]
         ref[tag] = {
             "argmax": r["argmax"],
@@ -662,6 +735,17 @@ def do_variant(variant, outroot):
             "max_abs_logit": r["max_abs_logit"],
             "min_rel_margin_prompt": r["min_rel_margin_prompt"],
             "min_rel_margin_greedy": r["min_rel_margin_greedy"],
+        }
+    if extras is not None:
+        ref["longrope"] = {
+            "short_tokens": LONGROPE_SHORT_TOKENS,
+            "short_logits_file": "logits_short_f32.bin",
+            "short_argmax": extras["short_argmax"],
+            "min_rel_margin_short": extras["min_rel_margin_short"],
+            "cached_prompt_tokens": LONGROPE_CACHED_PROMPT,
+            "cached_greedy": extras["cached_greedy"],
+            "min_rel_margin_cached": extras["min_rel_margin_cached"],
+            "reforward_greedy": reforward,
         }
     ref["notes"] = notes
     ref["checks"] = info
@@ -700,6 +784,15 @@ NOTES = {
                "MLP = down(gelu_tanh(gate(x)) * up(x)); layer_types in config.json: sliding_attention for layers "
                "0 and 2, full_attention for layer 1; sliding_window 8 means query i attends keys j with i-8 < j <= i. "
                "tie_word_embeddings=true (no lm_head.weight tensor)."),
+    "phi3longrope": COMMON_NOTE + " Phi3 (as phi3, partial_rotary_factor 0.5) with longrope scaling as Phi-3.5 and "
+                                  "Phi-4-mini have it: original_max_position_embeddings 16, max_position_embeddings 256, "
+                                  "short_factor [1, 1.25, 1.5, 2], long_factor [1, 3, 6, 12]; each forward rotates with "
+                                  "1 / (factor[i] * 10000^(2i/8)), the long factors when its largest position + 1 > 16, "
+                                  "and cos/sin scaled by attention_scaling = sqrt(1 + ln(256/16) / ln 16) = sqrt(2). So the "
+                                  "32-token prompt and its greedy steps take the long factors. f32 only. longrope: "
+                                  "logits_short_f32.bin is [16, vocab], a forward over the first 16 tokens (short "
+                                  "factors); cached_greedy continues the first 8 tokens through HF's KV cache, one "
+                                  "forward per token, so positions < 16 keep the short factors they were cached with.",
     "phi3": COMMON_NOTE + " Phi3: fused self_attn.qkv_proj weight [(4+2+2)*16=128, 64], rows split in order "
                           "q (64 rows), k (32), v (32); fused mlp.gate_up_proj weight [256, 64], first 128 rows = "
                           "gate, last 128 = up, out = down(silu(gate) * up). With partial rotary only the first "
@@ -764,15 +857,19 @@ Per variant `<v>/`:
   the architecture. Every prompt position and greedy step has top1-top2 >= 2e-3*max(1, max|logit|).
 
 `llama-sharded/` is `llama/f32` saved in several shards with `model.safetensors.index.json`.
+`phi3longrope/` (f32 only) adds longrope scaling with a 16-position original context: its 32-token references take
+the long factors; `logits_short_f32.bin` ([16, vocab]) and `reference.json` `longrope` hold the short-context
+forward and a greedy continuation through HF's KV cache that crosses from short to long factors.
 Test tolerance intended: |logit - ref| <= 1e-3*max(1, max|ref|), argmax identical.
 """
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         print(__doc__)
         sys.exit(2)
     outroot = sys.argv[1]
+    only = sys.argv[2:]  # variants to (re)make; all (and the sharded copy and README) when none
     os.makedirs(outroot, exist_ok=True)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float32)
@@ -787,7 +884,7 @@ def main():
     summary = []
     spellings = {}
     llama_model = llama_ref = None
-    for variant in ["llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3"]:
+    for variant in only or ["llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "phi3longrope"]:
         m, ref, spelling, cj = do_variant(variant, outroot)
         spellings[variant] = spelling
         if variant == "llama":
@@ -801,10 +898,12 @@ def main():
             print("\n--- phi3/f32/config.json ---")
             print(json.dumps(cj, indent=2, sort_keys=True))
         summary.append((variant, ref["seed"], ref["f32"]["max_abs_logit"], ref["f32"]["greedy"][:6],
-                        ref["bf16"]["greedy"] == ref["f32"]["greedy"], ref["f16"]["greedy"] == ref["f32"]["greedy"]))
-    make_sharded(llama_model, llama_ref, outroot)
-    with open(os.path.join(outroot, "README.md"), "w") as fh:
-        fh.write(README)
+                        ref.get("bf16", ref["f32"])["greedy"] == ref["f32"]["greedy"],
+                        ref.get("f16", ref["f32"])["greedy"] == ref["f32"]["greedy"]))
+    if not only:
+        make_sharded(llama_model, llama_ref, outroot)
+        with open(os.path.join(outroot, "README.md"), "w") as fh:
+            fh.write(README)
 
     total = 0
     for root, _, fs in os.walk(outroot):

@@ -202,8 +202,19 @@ const char* rope_type_name(RopeType t) {
     case RopeType::Default: return "default";
     case RopeType::Linear: return "linear";
     case RopeType::Llama3: return "llama3";
+    case RopeType::LongRope: return "longrope";
   }
   return "?";
+}
+
+json rope_json(const ModelConfig& c) {
+  json r = {{"theta", c.rope.theta}, {"type", rope_type_name(c.rope.type)}, {"factor", c.rope.factor},
+            {"rotary_dim", c.rotary_dim()}};
+  if (c.rope.type == RopeType::LongRope) {
+    r["original_max_position_embeddings"] = c.rope.original_max_positions;
+    r["attention_factor"] = c.rope.attention_factor;
+  }
+  return r;
 }
 
 json config_json(const ModelConfig& c) {
@@ -220,8 +231,7 @@ json config_json(const ModelConfig& c) {
           {"max_position_embeddings", c.max_positions},
           {"rms_norm_eps", c.norm_eps},
           {"tie_word_embeddings", c.tie_embeddings},
-          {"rope", {{"theta", c.rope.theta}, {"type", rope_type_name(c.rope.type)}, {"factor", c.rope.factor},
-                    {"rotary_dim", c.rotary_dim()}}},
+          {"rope", rope_json(c)},
           {"sliding_window", c.sliding_window},
           {"layer_types", layer_types},
           {"attn_logit_softcapping", c.attn_softcap},
@@ -312,8 +322,12 @@ Run add_info(CLI::App& app) {
                 (long long)c.n_heads, (long long)c.n_kv_heads, (long long)c.head_dim, (long long)c.vocab);
     std::printf("parameters   %.0f (%.3f B)\n", params, params / 1e9);
     std::printf("tokenizer    %s\n", tokenizer.c_str());
-    std::printf("rope         %s, theta %g, rotary dim %lld\n", rope_type_name(c.rope.type), c.rope.theta,
+    std::printf("rope         %s, theta %g, rotary dim %lld", rope_type_name(c.rope.type), c.rope.theta,
                 (long long)c.rotary_dim());
+    if (c.rope.type == RopeType::LongRope)
+      std::printf(" (long factors past %lld positions, attention factor %.4f)", (long long)c.rope.original_max_positions,
+                  c.rope.attention_factor);
+    std::printf("\n");
     if (c.sliding_window > 0) std::printf("sliding      window %lld\n", (long long)c.sliding_window);
     std::printf("memory%s (estimate; runs report their measured peak):\n",
                 opts->quant.empty() ? "" : (" at --quant " + opts->quant).c_str());

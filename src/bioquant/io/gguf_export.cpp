@@ -99,6 +99,10 @@ void write_model_gguf(const Model& model, const std::string& path, const std::st
     out.metadata.push_back({key("rope.scaling.type"), str("linear")});
     out.metadata.push_back({key("rope.scaling.factor"), f32(c.rope.factor)});
   }
+  if (c.rope.type == RopeType::LongRope) {  // as llama.cpp's converter writes Phi-3 (the factors: tensors below)
+    out.metadata.push_back({key("rope.scaling.attn_factor"), f32(c.rope.attention_factor)});
+    out.metadata.push_back({key("rope.scaling.original_context_length"), u32(c.rope.original_max_positions)});
+  }
   if (c.model_type == "gemma2") {
     out.metadata.push_back({key("attn_logit_softcapping"), f32(c.attn_softcap)});
     out.metadata.push_back({key("final_logit_softcapping"), f32(c.final_softcap)});
@@ -130,6 +134,10 @@ void write_model_gguf(const Model& model, const std::string& path, const std::st
     for (size_t i = 0; i < base.size(); ++i) factors.push_back(base[i] / scaled[i]);
   }
   if (!factors.empty()) out.vector("rope_freqs.weight", factors);
+  if (c.rope.type == RopeType::LongRope) {
+    out.vector("rope_factors_long.weight", c.rope.long_factor);
+    out.vector("rope_factors_short.weight", c.rope.short_factor);
+  }
 
   // Norms are held with Gemma's (1 + w) already folded in, which is what llama.cpp stores.
   out.matrix("token_embd.weight", w.embed);

@@ -65,14 +65,42 @@ ModelConfig config_from_gguf(const GgufFile& g) {
   c.rope.theta = get_float_or(g, key("rope.freq_base"), 10000.0f);
   const int64_t rot = get_int_or(g, key("rope.dimension_count"), c.head_dim);
   c.rope.partial_rotary_factor = static_cast<float>(rot) / static_cast<float>(c.head_dim);
+  const GgufTensorInfo* long_factors = g.find_tensor("rope_factors_long.weight");
+  const GgufTensorInfo* short_factors = g.find_tensor("rope_factors_short.weight");
   if (g.has(key("rope.scaling.type"))) {
     const std::string type = g.get_string(key("rope.scaling.type"));
     if (type == "linear") {
       c.rope.type = RopeType::Linear;
       c.rope.factor = get_float_or(g, key("rope.scaling.factor"), 1.0f);
+    } else if (type == "longrope") {
+      check(long_factors != nullptr && short_factors != nullptr,
+            where + ": longrope scaling without rope_factors_long.weight and rope_factors_short.weight");
     } else {
       check(type == "none", where + ": unsupported rope scaling '" + type + "'");
     }
+  }
+  if (long_factors != nullptr || short_factors != nullptr) {
+    // llama.cpp's Phi-3 files: the two factor lists as tensors, the attention factor as attn_factor.
+    check(long_factors != nullptr && short_factors != nullptr,
+          where + ": rope_factors_long.weight and rope_factors_short.weight come together");
+    const size_t pairs = static_cast<size_t>(rot / 2);
+    auto factors = [&](const GgufTensorInfo* f) {
+      check(f->ggml_type == kGgmlF32 && f->dims.size() == 1 && f->dims[0] == pairs,
+            where + ": " + f->name + " must be F32 with " + std::to_string(pairs) + " values (rotary dimension / 2)");
+      const float* v = reinterpret_cast<const float*>(f->data);
+      for (size_t i = 0; i < pairs; ++i) check(v[i] > 0.0f, where + ": " + f->name + " must hold positive values");
+      return std::vector<float>(v, v + pairs);
+    };
+    c.rope.type = RopeType::LongRope;
+    c.rope.long_factor = factors(long_factors);
+    c.rope.short_factor = factors(short_factors);
+    c.rope.original_max_positions = get_int_or(g, key("rope.scaling.original_context_length"), c.max_positions);
+    check(c.rope.original_max_positions > 1, where + ": rope.scaling.original_context_length must be above 1");
+    const double scale = static_cast<double>(c.max_positions) / static_cast<double>(c.rope.original_max_positions);
+    const double attention =
+        scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(static_cast<double>(c.rope.original_max_positions)));
+    c.rope.attention_factor = get_float_or(g, key("rope.scaling.attn_factor"), static_cast<float>(attention));
+    check(c.rope.attention_factor > 0.0f, where + ": rope.scaling.attn_factor must be positive");
   }
   const GgufTensorInfo* embd = g.find_tensor("token_embd.weight");
   check(embd != nullptr && embd->dims.size() == 2, where + ": no token_embd.weight");

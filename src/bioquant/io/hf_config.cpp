@@ -1,6 +1,7 @@
 #include "bioquant/io/hf_config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "bioquant/core/error.h"
@@ -38,6 +39,16 @@ float get_float(const json& j, const char* key, const std::string& where, float 
   return j[key].get<float>();
 }
 
+std::vector<float> get_positive_floats(const json& j, const char* key, const std::string& where) {
+  check(j.contains(key) && j[key].is_array() && !j[key].empty(), where + ": longrope needs a list '" + key + "'");
+  std::vector<float> out;
+  for (const json& v : j[key]) {
+    check(v.is_number() && v.get<double>() > 0.0, where + ": '" + key + "' must hold positive numbers");
+    out.push_back(v.get<float>());
+  }
+  return out;
+}
+
 void read_ids(const json& value, const std::string& what, std::vector<int32_t>& out) {
   if (value.is_null()) return;
   if (value.is_number_integer()) {
@@ -52,7 +63,8 @@ void read_ids(const json& value, const std::string& what, std::vector<int32_t>& 
 }
 
 // RoPE: 5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling` (key `rope_type`, older `type`).
-void read_rope(const json& j, const std::string& where, RopeParams& rope) {
+// max_positions: max_position_embeddings (longrope's scale is it over the original context).
+void read_rope(const json& j, const std::string& where, int64_t max_positions, RopeParams& rope) {
   json params = json::object();
   if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
     params = j["rope_parameters"];
@@ -87,8 +99,23 @@ void read_rope(const json& j, const std::string& where, RopeParams& rope) {
     rope.high_freq_factor = get_float(params, "high_freq_factor", where, 4.0f);
     rope.original_max_positions = get_int(params, "original_max_position_embeddings", where, 8192);
     check(rope.high_freq_factor > rope.low_freq_factor, where + ": llama3 RoPE needs high_freq_factor > low_freq_factor");
+  } else if (type == "longrope" || type == "su") {  // "su": its name in the first Phi-3 configs
+    // As transformers computes it: each step's frequencies are theta^(-2i/d) / factor[i], with the long
+    // factors once the step reaches past the original context; cos and sin are scaled by
+    // attention_factor (given, or sqrt(1 + ln(scale) / ln(original)) for scale = max / original > 1).
+    rope.type = RopeType::LongRope;
+    rope.short_factor = get_positive_floats(params, "short_factor", where);
+    rope.long_factor = get_positive_floats(params, "long_factor", where);
+    rope.original_max_positions = get_int(params, "original_max_position_embeddings", where,
+                                          get_int(j, "original_max_position_embeddings", where, max_positions));
+    check(rope.original_max_positions > 1, where + ": longrope needs original_max_position_embeddings > 1");
+    const double original = static_cast<double>(rope.original_max_positions);
+    const double scale = get_float(params, "factor", where, static_cast<float>(static_cast<double>(max_positions) / original));
+    const double attention = scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(original));
+    rope.attention_factor = get_float(params, "attention_factor", where, static_cast<float>(attention));
+    check(rope.attention_factor > 0.0f, where + ": longrope attention_factor must be positive");
   } else {
-    throw Error(where + ": unsupported RoPE type '" + type + "' (supported: default, linear, llama3)");
+    throw Error(where + ": unsupported RoPE type '" + type + "' (supported: default, linear, llama3, longrope)");
   }
   // partial_rotary_factor sits at top level in 4.x and may sit in rope_parameters in 5.x.
   rope.partial_rotary_factor = get_float(params, "partial_rotary_factor", where, 1.0f);
@@ -151,8 +178,15 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& whe
   if (j.contains("torch_dtype") && j["torch_dtype"].is_string()) c.dtype = j["torch_dtype"].get<std::string>();
   if (j.contains("dtype") && j["dtype"].is_string()) c.dtype = j["dtype"].get<std::string>();
 
-  read_rope(j, where, c.rope);
+  read_rope(j, where, c.max_positions, c.rope);
   check(c.rotary_dim() > 0, where + ": rotary dimension is zero");
+  if (c.rope.type == RopeType::LongRope) {
+    const size_t pairs = static_cast<size_t>(c.rotary_dim() / 2);
+    check(c.rope.short_factor.size() == pairs && c.rope.long_factor.size() == pairs,
+          where + ": longrope short_factor and long_factor need " + std::to_string(pairs) +
+              " values each (rotary dimension / 2), not " + std::to_string(c.rope.short_factor.size()) + " and " +
+              std::to_string(c.rope.long_factor.size()));
+  }
 
   if (c.model_type == "llama" || c.model_type == "mistral") {
     c.attn_qkv_bias = c.attn_out_bias = j.value("attention_bias", false);

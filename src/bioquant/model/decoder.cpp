@@ -26,8 +26,10 @@ void KVCache::ensure_host() {
 Decoder::Decoder(const Model& model, ThreadPool& pool, int device, KvType kv, bool exact)
     : model_(model), pool_(pool), exact_(exact) {
   const ModelConfig& c = model.config();
-  inv_freq_.resize(static_cast<size_t>(c.rotary_dim() / 2));
+  const size_t half = static_cast<size_t>(c.rotary_dim() / 2);
+  inv_freq_.resize(2 * half);
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data());
+  rope_inv_freq(c.rope, c.rotary_dim(), inv_freq_.data() + half, true);
   if (device >= 0) {
     gpu_ = std::make_unique<GpuDecoder>(model, device, kv, exact);
     gpu_->set_host_pool(&pool);
@@ -133,6 +135,7 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     // the caches back to where they were.
     const int64_t chunk = gpu_->prompt_chunk(segments);
     std::vector<DecodeSegment> rest(segments.begin(), segments.end());
+    for (DecodeSegment& sg : rest) sg.long_rope = sg.long_rope || rope_long_step(c.rope, sg.cache->size() + sg.n - 1);
     std::vector<int64_t> sizes;
     for (const DecodeSegment& sg : segments) sizes.push_back(sg.cache->size());
     try {
@@ -165,8 +168,10 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   // Row r of the stack: its sequence's cache and position.
   std::vector<Row> rows;
   rows.reserve(static_cast<size_t>(n));
-  for (const DecodeSegment& sg : segments)
-    for (int64_t t = 0; t < sg.n; ++t) rows.push_back({sg.cache, sg.cache->size() + t});
+  for (const DecodeSegment& sg : segments) {
+    const bool long_rope = sg.long_rope || rope_long_step(c.rope, sg.cache->size() + sg.n - 1);
+    for (int64_t t = 0; t < sg.n; ++t) rows.push_back({sg.cache, sg.cache->size() + t, long_rope});
+  }
 
   const int64_t hd = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate, d = c.head_dim;
   std::vector<float> x(static_cast<size_t>(n * hd)), h(x.size()), q(static_cast<size_t>(n * qd)),
@@ -189,16 +194,18 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   // cos/sin per row (each at its own sequence's position).
   const int64_t half = c.rotary_dim() / 2;
   std::vector<float> cos_tab(static_cast<size_t>(n * half)), sin_tab(cos_tab.size());
+  const float rope_scale = c.rope.attention_factor;  // 1 but for longrope (x * 1 is exact)
   for (int64_t t = 0; t < n; ++t) {
+    const Row& row = rows[static_cast<size_t>(t)];
+    const float* inv_freq = inv_freq_.data() + (row.long_rope ? half : 0);
     if (exact_) {
-      exact::rope_table(rows[static_cast<size_t>(t)].pos, inv_freq_.data(), half, cos_tab.data() + t * half,
-                        sin_tab.data() + t * half);
+      exact::rope_table(row.pos, inv_freq, half, rope_scale, cos_tab.data() + t * half, sin_tab.data() + t * half);
       continue;
     }
     for (int64_t i = 0; i < half; ++i) {
-      const float angle = static_cast<float>(rows[static_cast<size_t>(t)].pos) * inv_freq_[i];
-      cos_tab[t * half + i] = std::cos(angle);
-      sin_tab[t * half + i] = std::sin(angle);
+      const float angle = static_cast<float>(row.pos) * inv_freq[i];
+      cos_tab[t * half + i] = std::cos(angle) * rope_scale;
+      sin_tab[t * half + i] = std::sin(angle) * rope_scale;
     }
   }
   // The steps, in the default kernels or in exact numerics (kernels/exact.h).

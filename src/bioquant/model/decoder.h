@@ -58,6 +58,9 @@ struct DecodeSegment {
   int64_t n_logits = 0;
   float* logits = nullptr;
   int32_t* top = nullptr;
+  // longrope: rotate with the long factors even where this segment's own last position stays within the
+  // original context (Decoder sets it on the rounds of a prompt it splits, so they rotate as the whole).
+  bool long_rope = false;
 };
 
 // The id of the largest of n logits, the lowest among equal ones (std::max_element's, for logits
@@ -96,15 +99,16 @@ class Decoder {
   GpuDecoder* gpu() const { return gpu_.get(); }
 
  private:
-  struct Row {  // one stacked row: where its K/V go and which position it is
+  struct Row {  // one stacked row: where its K/V go, which position it is, which RoPE factors it takes
     KVCache* cache;
     int64_t pos;
+    bool long_rope;
   };
   void attention(int64_t layer, const float* q, const std::vector<Row>& rows, float* out);
 
   const Model& model_;
   ThreadPool& pool_;
-  std::vector<float> inv_freq_;
+  std::vector<float> inv_freq_;  // rotary_dim / 2 frequencies, then longrope's long ones (a copy otherwise)
   bool exact_ = false;
   std::unique_ptr<GpuDecoder> gpu_;
 };

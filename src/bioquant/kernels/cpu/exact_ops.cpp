@@ -88,8 +88,12 @@ void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadP
   });
 }
 
-void rope_table(int64_t pos, const float* inv_freq, int64_t half, float* cos, float* sin) {
-  for (int64_t i = 0; i < half; ++i) sin_cos(mul(to_float(pos), inv_freq[i]), &sin[i], &cos[i]);
+void rope_table(int64_t pos, const float* inv_freq, int64_t half, float scale, float* cos, float* sin) {
+  for (int64_t i = 0; i < half; ++i) {
+    sin_cos(mul(to_float(pos), inv_freq[i]), &sin[i], &cos[i]);
+    sin[i] = mul(sin[i], scale);
+    cos[i] = mul(cos[i], scale);
+  }
 }
 
 void rope(float* head, int64_t rotary_dim, const float* cos, const float* sin) {

@@ -15,8 +15,8 @@ void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n
 // integer block sums, block terms summed in canonical order. Throws Error for LLM.int8's outlier
 // decomposition (no exact form on the GPU).
 void matmul(const float* x, int64_t n_tokens, const Matrix& w, float* y, ThreadPool& pool);
-// cos/sin of position pos at each of the rotary frequencies.
-void rope_table(int64_t pos, const float* inv_freq, int64_t half, float* cos, float* sin);
+// cos/sin of position pos at each of the rotary frequencies, times scale (longrope's attention factor).
+void rope_table(int64_t pos, const float* inv_freq, int64_t half, float scale, float* cos, float* sin);
 void rope(float* head, int64_t rotary_dim, const float* cos, const float* sin);
 // One query head over `len` cached positions (K/V rows kv_stride floats apart): scores, softcap,
 // softmax, weighted sum of V. scores: scratch of len floats.

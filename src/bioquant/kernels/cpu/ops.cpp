@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "bioquant/core/error.h"
 #include "bioquant/model/config.h"
 
 namespace bioquant {
@@ -18,8 +19,21 @@ void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n
   }
 }
 
-void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq) {
+bool rope_long_step(const RopeParams& p, int64_t last_pos) {
+  return p.type == RopeType::LongRope && last_pos + 1 > p.original_max_positions;
+}
+
+void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq, bool long_factors) {
   const int64_t half = rotary_dim / 2;
+  if (p.type == RopeType::LongRope) {  // as HF: 1 / (factor[i] * base ** (2i / dim)), in float32
+    const std::vector<float>& f = long_factors ? p.long_factor : p.short_factor;
+    check(static_cast<int64_t>(f.size()) == half, "longrope: the factor lists must hold rotary_dim / 2 values");
+    for (int64_t i = 0; i < half; ++i) {
+      const float exponent = static_cast<float>(2 * i) / static_cast<float>(rotary_dim);
+      inv_freq[i] = 1.0f / (f[static_cast<size_t>(i)] * std::pow(p.theta, exponent));
+    }
+    return;
+  }
   for (int64_t i = 0; i < half; ++i) {
     // As HF computes it: base ** (2i / dim) in float32.
     const float exponent = static_cast<float>(2 * i) / static_cast<float>(rotary_dim);

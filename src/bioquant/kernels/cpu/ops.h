@@ -7,9 +7,14 @@ namespace bioquant {
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, for `rows` rows of `n` (in place allowed).
 void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, float* out);
 
-// Inverse frequencies of the rotated pairs (rotary_dim / 2 values).
+// Inverse frequencies of the rotated pairs (rotary_dim / 2 values). longrope: with its short factors, or
+// with its long ones when `long_factors`.
 struct RopeParams;
-void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq);
+void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq, bool long_factors = false);
+// Whether one sequence's step whose last position is last_pos rotates with longrope's long factors. As
+// transformers decides it for each forward: when the step's largest position + 1 exceeds the original
+// context (so a prompt past it takes them at every position, and cached positions keep theirs).
+bool rope_long_step(const RopeParams& p, int64_t last_pos);
 
 // HF "rotate_half" RoPE on one head vector: element i pairs with i + rotary_dim / 2;
 // elements at and past rotary_dim are left alone.

@@ -17,7 +17,9 @@ namespace bioquant {
 namespace {
 
 // RoPE (rotate-half over the first rotary_dim of each head) for q and k of every token, then K and V
-// stored into the cache at their positions. Grid: tokens; threads over (head, i).
+// stored into the cache at their positions. Grid: tokens; threads over (head, i). inv_freq holds
+// rotary_dim / 2 frequencies, then longrope's long ones, which a launch whose last token is at or past
+// long_from takes; cos and sin are scaled by rope_scale (longrope's attention factor, else 1).
 template <class KV>
 __device__ __forceinline__ KV to_kv(float v);
 template <>
@@ -29,11 +31,13 @@ __device__ __forceinline__ float from_kv(__nv_bfloat16 v) { return __bfloat162fl
 
 template <class KV>
 __global__ void rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, const int64_t* pos0_ptr, int n_heads,
-                                  int n_kv_heads, int head_dim, int rotary_dim, KV* k_cache, KV* v_cache, __half* k_scale,
-                                  __half* v_scale, __nv_bfloat16* q_heads, int64_t n_tokens) {
+                                  int n_kv_heads, int head_dim, int rotary_dim, int64_t long_from, float rope_scale,
+                                  KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale, __nv_bfloat16* q_heads,
+                                  int64_t n_tokens) {
   const int64_t t = blockIdx.x;
   const int64_t pos = *pos0_ptr + t;
   const int half = rotary_dim / 2;
+  if (*pos0_ptr + n_tokens - 1 >= long_from) inv_freq += half;  // longrope's long factors (rope_frequencies)
   const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
   for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * half; j += blockDim.x) {
     const int h = j / half, i = j % half;
@@ -41,6 +45,8 @@ __global__ void rope_store_kernel(float* q, float* k, const float* v, const floa
     const float angle = static_cast<float>(pos) * inv_freq[i];
     float s, c;
     sincosf(angle, &s, &c);
+    s *= rope_scale;
+    c *= rope_scale;
     const float x1 = head[i], x2 = head[i + half];
     head[i] = x1 * c - x2 * s;
     head[i + half] = x2 * c + x1 * s;
@@ -206,6 +212,7 @@ template <class KV, int kChunks>
 __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
     attention_decode_kernel(const float* q, const float* k, const float* v, const float* inv_freq,
                             const int64_t* pos0_ptr, int n_heads, int n_kv_heads, int head_dim, int rotary_dim,
+                            int64_t long_from, float rope_scale,
                             KV* k_cache, KV* v_cache, __half* k_scale, __half* v_scale, int64_t window, float scale,
                             float softcap, float* out, int8_t* aq, float* ad, int* as, int min_chunk, float* part,
                             int* done, int stage_len, int score_ld, const DevKv* refs, int layer) {
@@ -307,7 +314,9 @@ __global__ void __launch_bounds__(kDecodeHeadThreads * kDecodeMaxHeads)
     if (i < 2 * half) {
       const int j = i < half ? i : i - half;
       float sn, cs;
-      sincosf(static_cast<float>(pos) * inv_freq[j], &sn, &cs);
+      sincosf(static_cast<float>(pos) * inv_freq[pos >= long_from ? j + half : j], &sn, &cs);
+      sn *= rope_scale;
+      cs *= rope_scale;
       const float q1 = qh[j], q2 = qh[j + half], k1 = kh[j], k2 = kh[j + half];
       qv = i < half ? q1 * cs - q2 * sn : q2 * cs + q1 * sn;
       kv = i < half ? k1 * cs - k2 * sn : k2 * cs + k1 * sn;

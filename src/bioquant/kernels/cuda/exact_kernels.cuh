@@ -117,8 +117,9 @@ __global__ void exact_plain_matvec_kernel(QuantType type, const uint8_t* w, size
 }
 
 // A block per token: RoPE of its q and k heads at position pos0 + token, then K and V into the f32 cache.
-__global__ void exact_rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, int64_t pos0, int n_heads,
-                                        int n_kv_heads, int head_dim, int rotary_dim, float* k_cache, float* v_cache) {
+__global__ void exact_rope_store_kernel(float* q, float* k, const float* v, const float* inv_freq, float rope_scale,
+                                        int64_t pos0, int n_heads, int n_kv_heads, int head_dim, int rotary_dim,
+                                        float* k_cache, float* v_cache) {
   const int64_t t = blockIdx.x, pos = pos0 + t;
   const int half = rotary_dim / 2, kvd = n_kv_heads * head_dim;
   float* qt = q + t * n_heads * head_dim;
@@ -128,7 +129,7 @@ __global__ void exact_rope_store_kernel(float* q, float* k, const float* v, cons
     float* x = head < n_heads ? qt + head * head_dim : kt + (head - n_heads) * head_dim;
     float s, c;
     exact::sin_cos(exact::mul(exact::to_float(pos), inv_freq[i]), &s, &c);
-    exact::rope_pair(x[i], x[i + half], c, s);
+    exact::rope_pair(x[i], x[i + half], exact::mul(c, rope_scale), exact::mul(s, rope_scale));
   }
   __syncthreads();
   for (int j = threadIdx.x; j < kvd; j += blockDim.x) {

@@ -33,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <dlfcn.h>
 #include <initializer_list>
 #include <map>
@@ -87,7 +88,16 @@ struct GpuDecoder::Impl {
   std::vector<DevLayer> layers;
   DevMatrix output;
   const float* final_norm = nullptr;
-  const float* inv_freq = nullptr;
+  const float* inv_freq = nullptr;  // rotary_dim / 2 frequencies, then longrope's long ones
+  // The position from which a launch's last token makes it rotate with longrope's long factors: the
+  // original context (as transformers decides each forward), or 0 for a round of a prompt whose whole
+  // step takes them. Decode steps (one token) always get the original context, so a captured graph
+  // decides by the position it reads.
+  int64_t rope_long_from(const DecodeSegment& s) const {
+    const RopeParams& r = model.config().rope;
+    if (r.type != RopeType::LongRope) return std::numeric_limits<int64_t>::max();
+    return s.long_rope && s.n > 1 ? 0 : r.original_max_positions;
+  }
   std::map<const KVCache*, DevKv> caches;
   size_t device_used_peak = 0, device_total = 0, device_used_at_start = 0;
   size_t blas_bytes = 0;  // device memory cuBLAS's handle took when opened
@@ -1273,8 +1283,10 @@ struct GpuDecoder::Impl {
         float* kc = static_cast<float*>(sg.kv->k) + li * layer_elems;
         float* vc = static_cast<float*>(sg.kv->v) + li * layer_elems;
         const int64_t pos0 = work.host_pos[sg.index];
+        const bool long_rope = sg.segment->long_rope || rope_long_step(c.rope, pos0 + sg.n - 1);
         launch(exact_rope_store_kernel, static_cast<unsigned>(sg.n), 256, 0, work.q + sg.row0 * qd, work.k + sg.row0 * kvd,
-               work.v + sg.row0 * kvd, inv_freq, pos0, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
+               work.v + sg.row0 * kvd, inv_freq + (long_rope ? c.rotary_dim() / 2 : 0), c.rope.attention_factor, pos0,
+               static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads),
                static_cast<int>(c.head_dim), static_cast<int>(c.rotary_dim()), kc, vc);
         launch(exact_attention_kernel, dim3(static_cast<unsigned>(c.n_heads), static_cast<unsigned>(sg.n)), 128,
                exact_score_bytes(pos0 + sg.n), work.q + sg.row0 * qd, kc, vc, pos0, static_cast<int>(c.n_heads),
@@ -1505,6 +1517,8 @@ struct GpuDecoder::Impl {
       bool attn_bf16 = false;  // the attention output is in step_bf16 too
       // The fused decode attention's shape for the step (its longest sequence).
       const int64_t nblk_o = qd / 32;
+      const int64_t decode_long_from = c.rope.type == RopeType::LongRope ? c.rope.original_max_positions
+                                                                         : std::numeric_limits<int64_t>::max();
       const auto decode_attention = [&](const float* q, const float* k_new, const float* v_new, const int64_t* pos,
                                         KV* kc, KV* vc, __half* ks, __half* vs, float* out, int8_t* aq, float* ad, int* as,
                                         float* part, int* done, const DevKv* refs, unsigned sequences) {
@@ -1521,7 +1535,7 @@ struct GpuDecoder::Impl {
                dim3(static_cast<unsigned>(c.n_kv_heads * blocks_per_group), static_cast<unsigned>(split_blocks), sequences),
                heads_per_block * kDecodeHeadThreads, decode_smem(split_len), q, k_new, v_new, inv_freq, pos,
                static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
-               static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, window, c.attention_scale(), c.attn_softcap, out, aq, ad,
+               static_cast<int>(c.rotary_dim()), decode_long_from, c.rope.attention_factor, kc, vc, ks, vs, window, c.attention_scale(), c.attn_softcap, out, aq, ad,
                as, attention_min_chunk, part, done, stage_len(split_len), static_cast<int>(decode_score_ld(split_len)), refs,
                static_cast<int>(li));
       };
@@ -1569,7 +1583,8 @@ struct GpuDecoder::Impl {
           q_heads = static_cast<__nv_bfloat16*>(grow(gemm_x, static_cast<size_t>(c.n_heads * sg.n * c.head_dim) * 2));
         launch(rope_store_kernel<KV>, static_cast<unsigned>(sg.n), 1024, 0, q, work.k + sg.row0 * kvd, work.v + sg.row0 * kvd,
                inv_freq, pos, static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
-               static_cast<int>(c.rotary_dim()), kc, vc, ks, vs, q_heads, sg.n);
+               static_cast<int>(c.rotary_dim()), rope_long_from(*sg.segment), c.rope.attention_factor, kc, vc, ks, vs,
+               q_heads, sg.n);
         if (tensor_attention) {
           const int64_t d = c.head_dim, rows = group * sg.n;  // one KV head's query rows
           const auto* kb = reinterpret_cast<const __nv_bfloat16*>(kc);
@@ -1846,8 +1861,11 @@ GpuDecoder::GpuDecoder(const Model& model, int device, KvType kv, bool exact)
   }
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
-  std::vector<float> inv_freq(static_cast<size_t>(c.rotary_dim() / 2));
+  // The rotary frequencies, then longrope's long ones (a copy for the other RoPE types).
+  const size_t half = static_cast<size_t>(c.rotary_dim() / 2);
+  std::vector<float> inv_freq(2 * half);
   rope_inv_freq(c.rope, c.rotary_dim(), inv_freq.data());
+  rope_inv_freq(c.rope, c.rotary_dim(), inv_freq.data() + half, true);
   {
     const size_t total = gpu_weight_bytes(model, [](const Matrix& m) { return m.nbytes(); });
     impl_->reserve_weights(total);
