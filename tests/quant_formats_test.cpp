@@ -12,6 +12,7 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
 #include "bioquant/quant/quant.h"
+#include "test_util.h"
 
 namespace bioquant {
 namespace {
@@ -629,6 +630,76 @@ TEST(QuantFormats, ZeroRowsQuantizeToZero) {
       for (float v : y) ASSERT_EQ(v, 0.0f) << quant_traits(t).name;
     }
   }
+}
+
+// llama.cpp's q5_0 and q3_k, read from GGUF files and held as q8_0 and q6_k: blocks packed from
+// chosen levels as llama.cpp's quantizers pack them give llama.cpp's values (computed here from the
+// levels, in its order of operations), and the widened rows give the very same floats.
+TEST(QuantFormats, GgufFormatsHeldWiderKeepEveryWeight) {
+  std::mt19937 rng(27);
+  const auto fp16_scale = [&] {
+    const float d = std::uniform_real_distribution<float>(0.001f, 0.1f)(rng) * (rng() % 2 ? 1.0f : -1.0f);
+    return f32_to_f16(d);
+  };
+  EXPECT_FALSE(ggml_widening("q2_k").has_value());
+  EXPECT_FALSE(ggml_widening("q4_k").has_value());  // computed as it is
+  {
+    const auto w = *ggml_widening("q5_0");
+    EXPECT_EQ(w.held, QuantType::Q8_0);
+    const int64_t cols = 96;
+    std::vector<uint8_t> row;
+    std::vector<float> want;
+    for (int b = 0; b < cols / 32; ++b) {
+      uint8_t levels[32];
+      for (uint8_t& l : levels) l = static_cast<uint8_t>(rng() % 32);
+      levels[0] = 0;
+      levels[31] = 31;  // both ends
+      const uint16_t d = fp16_scale();
+      const auto blk = test::pack_q5_0_block(levels, d);
+      row.insert(row.end(), blk.begin(), blk.end());
+      for (const uint8_t l : levels) want.push_back(static_cast<float>(l - 16) * f16_to_f32(d));
+    }
+    std::vector<float> got(cols);
+    dequantize_ggml_row("q5_0", row.data(), cols, got.data());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * cols), 0);
+    std::vector<uint8_t> held(quant_row_bytes(QuantType::Q8_0, cols));
+    widen_ggml_rows("q5_0", row.data(), 1, cols, held.data());
+    EXPECT_EQ(std::memcmp(dequant(QuantType::Q8_0, held, cols).data(), want.data(), sizeof(float) * cols), 0);
+  }
+  {
+    const auto w = *ggml_widening("q3_k");
+    EXPECT_EQ(w.held, QuantType::Q6_K);
+    const int64_t cols = 512, rows = 2;
+    std::vector<uint8_t> data;
+    std::vector<float> want;
+    for (int b = 0; b < rows * cols / 256; ++b) {
+      uint8_t levels[256], scales[16];
+      for (uint8_t& l : levels) l = static_cast<uint8_t>(rng() % 8);
+      for (uint8_t& s : scales) s = static_cast<uint8_t>(rng() % 64);
+      scales[0] = 0;
+      scales[15] = 63;  // both ends: scale -32 and 31
+      const uint16_t d = fp16_scale();
+      const auto blk = test::pack_q3_k_block(levels, scales, d);
+      data.insert(data.end(), blk.begin(), blk.end());
+      for (int j = 0; j < 256; ++j) {
+        const float dl = f16_to_f32(d) * static_cast<float>(scales[j / 16] - 32);
+        want.push_back(dl * static_cast<float>(levels[j] - 4));
+      }
+    }
+    std::vector<float> got(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+      dequantize_ggml_row("q3_k", data.data() + r * 2 * 110, cols, got.data() + r * cols);
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * got.size()), 0);
+    const size_t rb = quant_row_bytes(QuantType::Q6_K, cols);
+    std::vector<uint8_t> held(rows * rb);
+    widen_ggml_rows("q3_k", data.data(), rows, cols, held.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<uint8_t> row(held.begin() + r * rb, held.begin() + (r + 1) * rb);
+      EXPECT_EQ(std::memcmp(dequant(QuantType::Q6_K, row, cols).data(), want.data() + r * cols, sizeof(float) * cols), 0)
+          << "row " << r;
+    }
+  }
+  EXPECT_THROW(widen_ggml_rows("q3_k", nullptr, 1, 128, nullptr), Error);  // rows must fill 256-blocks
 }
 
 }  // namespace

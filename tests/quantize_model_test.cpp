@@ -3,10 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <random>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
+#include "bioquant/io/gguf.h"
 #include "bioquant/kernels/cuda/gpu_decoder.h"
 #include "bioquant/model/model.h"
 #include "bioquant/model/quantize.h"
@@ -434,6 +437,138 @@ TEST(QuantFidelity, KlDivergenceOrdersTheFormats) {
   EXPECT_GT(g["kld_mean"].get<double>(), 0.0);
   EXPECT_LT(g["kld_mean"].get<double>(), 4.0 * kld("q4_k") + 0.01);
   EXPECT_GE(g["same_top_rate"].get<double>(), 0.8);
+}
+
+// A GGUF file with llama.cpp's q3_k and q5_0 matrices (as in its Q3_K_* files, and Q4_K_M files of
+// models whose rows do not fill 256-blocks) loads with them held as q6_k and q8_0, says so, and holds
+// exactly the values of the same file stored in f32; it runs as that file does within the integer
+// kernels' bound.
+TEST(GgufWidening, Q3kAndQ5_0MatricesHoldTheFileValues) {
+  const int64_t hidden = 256, ff = 512, vocab = 64, kvd = 128;
+  std::mt19937 rng(11);
+  const auto uniform = [&](float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); };
+  struct Spec {
+    std::string name;
+    int64_t rows, cols;
+    std::string format;  // "" = f32
+  };
+  const std::vector<Spec> specs = {
+      {"token_embd.weight", vocab, hidden, ""},    {"output.weight", vocab, hidden, ""},
+      {"output_norm.weight", 1, hidden, ""},       {"blk.0.attn_norm.weight", 1, hidden, ""},
+      {"blk.0.ffn_norm.weight", 1, hidden, ""},    {"blk.0.attn_q.weight", hidden, hidden, "q3_k"},
+      {"blk.0.attn_k.weight", kvd, hidden, "q3_k"}, {"blk.0.attn_v.weight", kvd, hidden, "q5_0"},
+      {"blk.0.attn_output.weight", hidden, hidden, "q3_k"}, {"blk.0.ffn_gate.weight", ff, hidden, "q3_k"},
+      {"blk.0.ffn_up.weight", ff, hidden, "q5_0"}, {"blk.0.ffn_down.weight", hidden, ff, "q5_0"}};
+  std::vector<std::vector<uint8_t>> quantized, plain;
+  for (const Spec& sp : specs) {
+    std::vector<float> values;
+    std::vector<uint8_t> bytes;
+    if (sp.format.empty()) {
+      for (int64_t i = 0; i < sp.rows * sp.cols; ++i) values.push_back(sp.rows == 1 ? uniform(0.8f, 1.2f) : uniform(-0.5f, 0.5f));
+    } else {
+      const bool k = sp.format == "q3_k";
+      const int64_t block = k ? 256 : 32;
+      for (int64_t b = 0; b < sp.rows * sp.cols / block; ++b) {
+        uint8_t levels[256], scales[16];
+        for (int64_t j = 0; j < block; ++j) levels[j] = static_cast<uint8_t>(rng() % (k ? 8 : 32));
+        for (uint8_t& x : scales) x = static_cast<uint8_t>(rng() % 64);
+        const uint16_t d = f32_to_f16(k ? uniform(0.0005f, 0.002f) : uniform(0.002f, 0.006f));
+        const auto blk = k ? test::pack_q3_k_block(levels, scales, d) : test::pack_q5_0_block(levels, d);
+        bytes.insert(bytes.end(), blk.begin(), blk.end());
+      }
+      values.resize(static_cast<size_t>(sp.rows * sp.cols));
+      const size_t row_bytes = bytes.size() / static_cast<size_t>(sp.rows);
+      for (int64_t r = 0; r < sp.rows; ++r)
+        dequantize_ggml_row(sp.format, bytes.data() + r * row_bytes, sp.cols, values.data() + r * sp.cols);
+    }
+    std::vector<uint8_t> f32(values.size() * sizeof(float));
+    std::memcpy(f32.data(), values.data(), f32.size());
+    plain.push_back(f32);
+    quantized.push_back(sp.format.empty() ? f32 : bytes);
+  }
+  const auto u32 = [](int64_t v) { return GgufWriteValue{GgufValueType::U32, GgufValueType::U8, v}; };
+  const std::vector<std::pair<std::string, GgufWriteValue>> metadata = {
+      {"general.architecture", {GgufValueType::STRING, GgufValueType::U8, "llama"}},
+      {"llama.embedding_length", u32(hidden)},
+      {"llama.feed_forward_length", u32(ff)},
+      {"llama.block_count", u32(1)},
+      {"llama.attention.head_count", u32(4)},
+      {"llama.attention.head_count_kv", u32(2)},
+      {"llama.context_length", u32(64)}};
+  test::TempDir dir;
+  for (const bool as_f32 : {false, true}) {
+    std::vector<GgufWriteTensor> tensors;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const Spec& sp = specs[i];
+      const auto& bytes = as_f32 ? plain[i] : quantized[i];
+      const uint32_t type = as_f32 || sp.format.empty() ? 0 : sp.format == "q3_k" ? 11 : 6;
+      std::vector<uint64_t> dims = {static_cast<uint64_t>(sp.cols)};
+      if (sp.rows > 1) dims.push_back(static_cast<uint64_t>(sp.rows));
+      tensors.push_back({sp.name, dims, type, bytes.data(), bytes.size()});
+    }
+    write_gguf(dir.file(as_f32 ? "f32.gguf" : "q.gguf"), metadata, tensors);
+  }
+  auto held = Model::load(dir.file("q.gguf"));
+  auto reference = Model::load(dir.file("f32.gguf"));
+  EXPECT_EQ(held->load_notes(),
+            (std::vector<std::string>{"4 q3_k matrices are held as q6_k: the same weights, bit for bit, at 6.56 bits per "
+                                      "weight instead of 3.44 (BioQuant has no q3_k kernels)",
+                                      "3 q5_0 matrices are held as q8_0: the same weights, bit for bit, at 8.50 bits per "
+                                      "weight instead of 5.50 (BioQuant has no q5_0 kernels)"}));
+  EXPECT_TRUE(reference->load_notes().empty());
+  const LayerWeights& l = held->weights().layers[0];
+  EXPECT_EQ(l.wq.type, QuantType::Q6_K);
+  EXPECT_EQ(l.wv.type, QuantType::Q8_0);
+  EXPECT_EQ(l.w_down.type, QuantType::Q8_0);
+  const auto a = held->named_matrices();
+  const auto b = reference->named_matrices();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    const Matrix& m = *a[i].second;
+    std::vector<float> x(static_cast<size_t>(m.cols)), y(x.size());
+    for (int64_t r = 0; r < m.rows; ++r) {
+      m.row_to_f32(r, x.data());
+      b[i].second->row_to_f32(r, y.data());
+      ASSERT_EQ(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)), 0) << a[i].first << " row " << r;
+    }
+  }
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 12; ++i) tokens.push_back((i * 17 + 3) % static_cast<int32_t>(vocab));
+  ThreadPool pool(2);
+  Decoder da(*held, pool), db(*reference, pool);
+  KVCache ca(held->config(), 12), cb(reference->config(), 12);
+  std::vector<float> la(static_cast<size_t>(12 * vocab)), lb(la.size());
+  da.forward(tokens.data(), 12, ca, 12, la.data());
+  db.forward(tokens.data(), 12, cb, 12, lb.data());
+  float max_ref = 0.0f, max_err = 0.0f;
+  for (size_t i = 0; i < la.size(); ++i) {
+    max_ref = std::max(max_ref, std::fabs(lb[i]));
+    max_err = std::max(max_err, std::fabs(la[i] - lb[i]));
+  }
+  EXPECT_LE(max_err, 5e-2f * std::max(1.0f, max_ref));
+  EXPECT_GT(max_ref, 0.1f);  // logits that say something
+  const auto info = test::run_cli({"info", "--model", dir.file("q.gguf")});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_NE(info.err.find("note: 4 q3_k matrices are held as q6_k"), std::string::npos) << info.err;
+
+  // Formats without kernels or an exact wider form are refused by name.
+  for (const auto& [type, name, block_bytes] : {std::tuple<uint32_t, std::string, size_t>{10, "q2_k", 84},
+                                                {23, "iq4_xs", 136}, {3, "q4_1", 20}}) {
+    std::vector<GgufWriteTensor> tensors;
+    const std::vector<uint8_t> zeros(static_cast<size_t>(hidden * hidden / (type == 3 ? 32 : 256)) * block_bytes, 0);
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const Spec& sp = specs[i];
+      std::vector<uint64_t> dims = {static_cast<uint64_t>(sp.cols)};
+      if (sp.rows > 1) dims.push_back(static_cast<uint64_t>(sp.rows));
+      if (sp.name == "blk.0.attn_q.weight") tensors.push_back({sp.name, dims, type, zeros.data(), zeros.size()});
+      else tensors.push_back({sp.name, dims, 0, plain[i].data(), plain[i].size()});
+    }
+    write_gguf(dir.file(name + ".gguf"), metadata, tensors);
+    EXPECT_NE(test::error_of([&] { Model::load(dir.file(name + ".gguf")); })
+                  .find("tensor 'model.layers.0.self_attn.q_proj.weight' has unsupported format '" + name + "'"),
+              std::string::npos)
+        << name;
+  }
 }
 
 }  // namespace

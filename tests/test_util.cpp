@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -117,6 +118,53 @@ CliResult run_cli(const std::vector<std::string>& args) {
   r.out = read_file(tmp.file("out"));
   r.err = read_file(tmp.file("err"));
   return r;
+}
+
+std::vector<uint8_t> pack_q5_0_block(const uint8_t* levels, uint16_t d) {
+  std::vector<uint8_t> b(22, 0);
+  std::memcpy(b.data(), &d, 2);
+  uint32_t qh = 0;
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t x0 = levels[j], x1 = levels[j + 16];
+    b[6 + j] = static_cast<uint8_t>((x0 & 0x0F) | ((x1 & 0x0F) << 4));
+    qh |= ((x0 & 0x10u) >> 4) << (j + 0);
+    qh |= ((x1 & 0x10u) >> 4) << (j + 16);
+  }
+  std::memcpy(b.data() + 2, &qh, 4);
+  return b;
+}
+
+std::vector<uint8_t> pack_q3_k_block(const uint8_t* levels, const uint8_t* scales, uint16_t d) {
+  std::vector<uint8_t> b(110, 0);
+  uint8_t* hmask = b.data();
+  uint8_t* qs = b.data() + 32;
+  uint8_t* sc = b.data() + 96;
+  for (int j = 0; j < 16; ++j) {
+    int l = scales[j];
+    if (j < 8) sc[j] = static_cast<uint8_t>(l & 0xF);
+    else sc[j - 8] = static_cast<uint8_t>(sc[j - 8] | ((l & 0xF) << 4));
+    l >>= 4;
+    sc[j % 4 + 8] = static_cast<uint8_t>(sc[j % 4 + 8] | (l << (2 * (j / 4))));
+  }
+  int L[256];
+  for (int j = 0; j < 256; ++j) L[j] = levels[j];
+  int m = 0;
+  uint8_t hm = 1;
+  for (int j = 0; j < 256; ++j) {  // the third bit of the first 32 levels in bit 0, the next 32 in bit 1, ...
+    if (L[j] > 3) {
+      hmask[m] = static_cast<uint8_t>(hmask[m] | hm);
+      L[j] -= 4;
+    }
+    if (++m == 32) {
+      m = 0;
+      hm = static_cast<uint8_t>(hm << 1);
+    }
+  }
+  for (int j = 0; j < 256; j += 128)
+    for (int l = 0; l < 32; ++l)
+      qs[j / 4 + l] = static_cast<uint8_t>(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+  std::memcpy(b.data() + 108, &d, 2);
+  return b;
 }
 
 std::string fixtures_dir() { return BIOQUANT_FIXTURES; }

@@ -53,6 +53,13 @@ struct CliResult {
 // Runs the built `bioquant` binary with the given arguments (shell-quoted here).
 CliResult run_cli(const std::vector<std::string>& args);
 
+// ggml blocks packed as llama.cpp's reference quantizers pack them (quantize_row_q5_0_ref,
+// quantize_row_q3_K_ref), from chosen levels: the other direction from the library's readers.
+// q5_0: 32 levels 0..31 (value (q - 16) * d), 22 bytes. q3_k: 256 levels 0..7 (value q - 4) and 16
+// scales 0..63 (each 16 values' scale d * (s - 32)), 110 bytes.
+std::vector<uint8_t> pack_q5_0_block(const uint8_t* levels, uint16_t d);
+std::vector<uint8_t> pack_q3_k_block(const uint8_t* levels, const uint8_t* scales, uint16_t d);
+
 std::string fixtures_dir();  // tests/fixtures in the source tree
 std::string shared_dir();    // ../shared beside the checkout ("" when absent)
 

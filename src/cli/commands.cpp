@@ -113,8 +113,14 @@ void quantize_showing_progress(Model& model, const std::vector<TensorPlan>& plan
 }
 
 // Loads a model and quantizes it on load when --quant is given.
+std::unique_ptr<Model> load_model(const std::string& path) {
+  auto model = Model::load(path);
+  for (const std::string& note : model->load_notes()) std::fprintf(stderr, "note: %s\n", note.c_str());
+  return model;
+}
+
 std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool) {
-  auto model = Model::load(c.model);
+  auto model = load_model(c.model);
   if (const auto recipe = recipe_of(c)) {
     const auto plan = plan_quantization(*model, *recipe);
     report_fallbacks(plan);
@@ -261,7 +267,7 @@ Run add_info(CLI::App& app) {
   app.add_option("--batch", *batch, "tokens per forward pass for the activation estimate (default 512)")
       ->check(positive_number());
   return [=]() {
-    auto model = Model::load(opts->model);
+    auto model = load_model(opts->model);
     const ModelConfig& c = model->config();
     const double params = static_cast<double>(c.parameter_count());
     const double kv_per_token = 2.0 * static_cast<double>(c.n_layers * c.kv_dim()) * sizeof(float);
@@ -548,7 +554,7 @@ Run add_quantize(CLI::App& app) {
     Common c = *opts;
     c.quant = *type;
     ThreadPool pool(c.threads);
-    auto model = Model::load(c.model);
+    auto model = load_model(c.model);
     const auto recipe = *recipe_of(c);
     const auto plan = plan_quantization(*model, recipe);
     report_fallbacks(plan);

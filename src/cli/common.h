@@ -34,7 +34,9 @@ struct Common {
 
 void add_model_flags(CLI::App& app, Common& c, bool required = true);
 std::optional<QuantRecipe> recipe_of(const Common& c);
-// Loads a model and quantizes it on load when --quant is given (fallbacks reported on stderr).
+// Loads a model, noting on stderr what loading changed (GGUF formats held wider: Model::load_notes).
+std::unique_ptr<Model> load_model(const std::string& path);
+// load_model, then quantizes on load when --quant is given (fallbacks reported on stderr).
 std::unique_ptr<Model> open_model(const Common& c, ThreadPool& pool);
 void report_peak_memory();
 // -1 for the CPU, N for CUDA device N (--device); throws Error for an unknown or absent device, or for

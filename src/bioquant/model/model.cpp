@@ -1,6 +1,7 @@
 #include "bioquant/model/model.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -37,9 +38,12 @@ class Binder {
     }
     const TensorView& v = require(name, {rows, cols});
     if (!v.format.empty()) {  // quantized storage (GGUF files)
+      if (const auto w = ggml_widening(v.format)) return widened(name, v, *w, rows, cols);
       const bool dq = v.format.size() > 3 && v.format.compare(v.format.size() - 3, 3, "+dq") == 0;
       const auto type = parse_quant_type(dq ? v.format.substr(0, v.format.size() - 3) : v.format);
-      check(type.has_value(), "tensor '" + name + "' has unsupported format '" + v.format + "'");
+      check(type.has_value(), "tensor '" + name + "' has unsupported format '" + v.format +
+                                  "' (GGUF formats that load: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, and q3_k, "
+                                  "q5_0 held wider; quantize the original model with `bioquant quantize`)");
       Matrix m{*type, rows, cols, v.data, dq};
       check(v.nbytes == m.nbytes(), "tensor '" + name + "' holds " + std::to_string(v.nbytes) + " bytes, " + v.format +
                                         " rows of " + std::to_string(cols) + " need " + std::to_string(m.nbytes()));
@@ -48,6 +52,21 @@ class Binder {
     check(v.dtype == DType::F32 || v.dtype == DType::F16 || v.dtype == DType::BF16,
           "tensor '" + name + "' has dtype " + dtype_name(v.dtype) + "; expected F32, F16 or BF16");
     return Matrix::plain(v.dtype, rows, cols, aligned(v));
+  }
+
+  // A GGUF format held in a wider one (quant.h): the same weights in a format the kernels compute in.
+  Matrix widened(const std::string& name, const TensorView& v, const GgmlWidening& w, int64_t rows, int64_t cols) const {
+    check(cols % w.block_elems == 0, "tensor '" + name + "': " + v.format + " rows of " + std::to_string(cols) +
+                                         " columns do not fill its blocks of " + std::to_string(w.block_elems));
+    const size_t want = static_cast<size_t>(rows * (cols / w.block_elems) * w.block_bytes);
+    check(v.nbytes == want, "tensor '" + name + "' holds " + std::to_string(v.nbytes) + " bytes, " + v.format +
+                                " rows of " + std::to_string(cols) + " need " + std::to_string(want));
+    auto bytes = std::make_unique<uint8_t[]>(static_cast<size_t>(rows) * quant_row_bytes(w.held, cols));
+    widen_ggml_rows(v.format, v.data, rows, cols, bytes.get());
+    const Matrix m{w.held, rows, cols, bytes.get()};
+    owner_->adopt(std::move(bytes));
+    owner_->count_widened(v.format);
+    return m;
   }
 
   // safetensors does not promise aligned tensor data: misaligned elements are copied once, so every
@@ -209,6 +228,22 @@ std::vector<std::pair<std::string, const Matrix*>> Model::named_matrices() const
   std::vector<std::pair<std::string, const Matrix*>> out;
   for (auto& [name, m] : const_cast<Model*>(this)->named_matrices()) out.emplace_back(name, m);
   return out;
+}
+
+std::vector<std::string> Model::load_notes() const {
+  std::vector<std::string> notes;
+  for (const auto& [format, count] : widened_) {
+    const GgmlWidening w = *ggml_widening(format);
+    const QuantTraits& held = quant_traits(w.held);
+    const double held_bits = 8.0 * static_cast<double>(held.block_bytes) / static_cast<double>(held.block_elems);
+    char buf[320];
+    std::snprintf(buf, sizeof buf,
+                  "%lld %s matrices are held as %s: the same weights, bit for bit, at %.2f bits per weight instead of "
+                  "%.2f (BioQuant has no %s kernels)",
+                  static_cast<long long>(count), format.c_str(), held.name, held_bits, w.bits_per_weight, format.c_str());
+    notes.push_back(buf);
+  }
+  return notes;
 }
 
 size_t Model::weight_bytes() const {

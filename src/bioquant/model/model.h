@@ -1,6 +1,7 @@
 // A loaded decoder: its config, its weights bound by role, and whatever keeps them alive.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,6 +53,10 @@ class Model {
   }
   // Takes ownership of storage that a Matrix of this model now points into.
   void adopt(std::unique_ptr<uint8_t[]> storage) { owned_.push_back(std::move(storage)); }
+  // Matrices read in a GGUF format held in a wider one (quant.h: ggml_widening), by format.
+  void count_widened(const std::string& format) { ++widened_[format]; }
+  // What loading did that a user should know about: one line per widened format ("" when none).
+  std::vector<std::string> load_notes() const;
   // Lets the OS drop pages of a mapped source tensor that is no longer used (no-op for owned data).
   void release_source_bytes(const uint8_t* data, size_t nbytes) const;
 
@@ -60,6 +65,7 @@ class Model {
   std::unique_ptr<TensorSource> source_;
   ModelWeights weights_;
   std::vector<std::unique_ptr<uint8_t[]>> owned_;  // quantized copies
+  std::map<std::string, int64_t> widened_;
 };
 
 // Reads config.json (+ generation_config.json) of a model directory.

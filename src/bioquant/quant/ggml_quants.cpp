@@ -1,4 +1,5 @@
-// ggml formats (q8_0, q4_0, q4_k, q5_k, q6_k): scalar reference quantizers and dequantizers.
+// ggml formats (q8_0, q4_0, q4_k, q5_k, q6_k): scalar reference quantizers and dequantizers; and the
+// GGUF formats held in a wider one on load (q5_0, q3_k: ggml_widening).
 //
 // Byte layouts are ggml's (formats.md §2). The quantizers follow the algorithms of llama.cpp's
 // reference quantizers (ggml-quants.c, quantize_row_*_ref, no importance matrix):
@@ -319,6 +320,20 @@ void dequantize_q5_k(const BlockQ5_K* in, int64_t cols, float* y) {
   }
 }
 
+// Packs 256 levels 0..63 (the value's q + 32) into a Q6_K block's ql and qh.
+void pack_q6_k_levels(const int8_t* L, BlockQ6_K& blk) {
+  uint8_t* ql = blk.ql;
+  uint8_t* qh = blk.qh;
+  for (int j = 0; j < 256; j += 128, ql += 64, qh += 32) {
+    for (int l = 0; l < 32; ++l) {
+      const int q1 = L[j + l], q2 = L[j + l + 32], q3 = L[j + l + 64], q4 = L[j + l + 96];
+      ql[l] = static_cast<uint8_t>((q1 & 0xF) | ((q3 & 0xF) << 4));
+      ql[l + 32] = static_cast<uint8_t>((q2 & 0xF) | ((q4 & 0xF) << 4));
+      qh[l] = static_cast<uint8_t>((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
+    }
+  }
+}
+
 void quantize_q6_k(const float* x, int64_t cols, BlockQ6_K* y) {
   int8_t L[256];
   float scales[16];
@@ -347,16 +362,7 @@ void quantize_q6_k(const float* x, int64_t cols, BlockQ6_K* y) {
       if (d == 0.0f) continue;
       for (int i = 0; i < 16; ++i) L[16 * j + i] = static_cast<int8_t>(clampi(nearest_int(x[16 * j + i] / d), -32, 31) + 32);
     }
-    uint8_t* ql = blk.ql;
-    uint8_t* qh = blk.qh;
-    for (int j = 0; j < 256; j += 128, ql += 64, qh += 32) {
-      for (int l = 0; l < 32; ++l) {
-        const int q1 = L[j + l], q2 = L[j + l + 32], q3 = L[j + l + 64], q4 = L[j + l + 96];
-        ql[l] = static_cast<uint8_t>((q1 & 0xF) | ((q3 & 0xF) << 4));
-        ql[l + 32] = static_cast<uint8_t>((q2 & 0xF) | ((q4 & 0xF) << 4));
-        qh[l] = static_cast<uint8_t>((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
-      }
-    }
+    pack_q6_k_levels(L, blk);
   }
 }
 
@@ -382,7 +388,98 @@ void dequantize_q6_k(const BlockQ6_K* in, int64_t cols, float* y) {
   }
 }
 
+// ---- GGUF formats held in a wider one (quant.h: ggml_widening) ----
+
+constexpr int64_t kQ5_0Bytes = 22, kQ3_KBytes = 110;
+
+// Q5_0 (ggml block_q5_0: d, qh[4], qs[16]): element j < 16 is the low nibble of qs[j] with bit j of qh
+// as its fifth bit, element j + 16 the high nibble with bit j + 16; value d * (q - 16).
+void q5_0_levels(const uint8_t* blk, int8_t* q) {
+  uint32_t qh;
+  std::memcpy(&qh, blk + 2, 4);
+  const uint8_t* qs = blk + 6;
+  for (int j = 0; j < 16; ++j) {
+    q[j] = static_cast<int8_t>(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
+    q[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+  }
+}
+
+// Q3_K (ggml block_q3_K: hmask[32], qs[64], scales[12], d): 16 six-bit scales s (value d * (s - 32) for
+// each 16 elements) and 256 levels -4..3. In each half of 128 elements, group j (0..3) of 32 takes bits
+// 2j of qs[32 half + l] and bit (4 half + j) of hmask[l] (set: +0, clear: -4) for its element l.
+void q3_k_levels(const uint8_t* blk, int8_t* q, int8_t* scales) {
+  const uint8_t* hmask = blk;
+  const uint8_t* qs = blk + 32;
+  const uint8_t* sc = blk + 96;
+  for (int i = 0; i < 16; ++i) {
+    const int low = i < 8 ? sc[i] & 0xF : sc[i - 8] >> 4;
+    const int high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+    scales[i] = static_cast<int8_t>((low | (high << 4)) - 32);
+  }
+  for (int half = 0; half < 2; ++half) {
+    for (int j = 0; j < 4; ++j) {
+      for (int l = 0; l < 32; ++l) {
+        const int bits = (qs[32 * half + l] >> (2 * j)) & 3;
+        const bool high = (hmask[l] >> (4 * half + j)) & 1;
+        q[128 * half + 32 * j + l] = static_cast<int8_t>(bits - (high ? 0 : 4));
+      }
+    }
+  }
+}
+
 }  // namespace
+
+std::optional<GgmlWidening> ggml_widening(std::string_view format) {
+  if (format == "q5_0") return GgmlWidening{QuantType::Q8_0, kQK, kQ5_0Bytes, 5.5};
+  if (format == "q3_k") return GgmlWidening{QuantType::Q6_K, kQKK, kQ3_KBytes, 3.4375};
+  return std::nullopt;
+}
+
+void widen_ggml_rows(std::string_view format, const uint8_t* in, int64_t rows, int64_t cols, uint8_t* out) {
+  const auto w = ggml_widening(format);
+  check(w.has_value() && cols > 0 && cols % w->block_elems == 0,
+        "widen_ggml_rows: " + std::string(format) + " rows of " + std::to_string(cols) + " columns");
+  const int64_t blocks = rows * (cols / w->block_elems);
+  if (w->held == QuantType::Q8_0) {
+    auto* y = reinterpret_cast<BlockQ8_0*>(out);
+    for (int64_t b = 0; b < blocks; ++b, in += kQ5_0Bytes) {
+      std::memcpy(&y[b].d, in, 2);  // the same fp16 scale: d * (q - 16) is d * q8
+      q5_0_levels(in, y[b].qs);
+    }
+    return;
+  }
+  auto* y = reinterpret_cast<BlockQ6_K*>(out);
+  int8_t q[256];
+  for (int64_t b = 0; b < blocks; ++b, in += kQ3_KBytes) {
+    q3_k_levels(in, q, y[b].scales);  // Q6_K's int8 scales take s - 32 (-32..31) as they are
+    for (int8_t& level : q) level = static_cast<int8_t>(level + 32);
+    pack_q6_k_levels(q, y[b]);
+    std::memcpy(&y[b].d, in + 108, 2);
+  }
+}
+
+void dequantize_ggml_row(std::string_view format, const uint8_t* in, int64_t cols, float* out) {
+  const auto w = ggml_widening(format);
+  check(w.has_value() && cols > 0 && cols % w->block_elems == 0,
+        "dequantize_ggml_row: " + std::string(format) + " rows of " + std::to_string(cols) + " columns");
+  int8_t q[256], scales[16];
+  for (int64_t b = 0; b < cols / w->block_elems; ++b) {
+    if (w->held == QuantType::Q8_0) {
+      const uint8_t* blk = in + b * kQ5_0Bytes;
+      uint16_t d;
+      std::memcpy(&d, blk, 2);
+      q5_0_levels(blk, q);
+      for (int j = 0; j < 32; ++j) out[32 * b + j] = static_cast<float>(q[j]) * f16_to_f32(d);
+    } else {
+      const uint8_t* blk = in + b * kQ3_KBytes;
+      uint16_t d;
+      std::memcpy(&d, blk + 108, 2);
+      q3_k_levels(blk, q, scales);
+      for (int j = 0; j < 256; ++j)  // as llama.cpp: (d * (s - 32)) * q
+        out[256 * b + j] = f16_to_f32(d) * static_cast<float>(scales[j / 16]) * static_cast<float>(q[j]);
+    }
+  }
+}
 
 namespace detail {
 

@@ -84,6 +84,22 @@ bool quant_gemm_isa(const char* isa, const float* x, int64_t ldx, int64_t n_toke
 // The ISA quant_gemm uses in this process ("scalar", "avx2" or "avx512").
 const char* quant_gemm_isa_name();
 
+// GGUF formats BioQuant reads but does not compute in. It holds them in a wider format it does, with
+// the very same weights (each element's value bit for bit): q5_0 as q8_0 (levels -16..15 under the
+// block's fp16 scale), q3_k as q6_k (levels -4..3; each 16 elements' scale d * (s - 32), s - 32 being an
+// int8 as q6_k's scales are). llama.cpp writes q3_k in its Q3_K_* files, and q5_0 where rows do not fill
+// a 256-block (Qwen2.5-0.5B's 896-wide rows in its Q4_K_M file).
+struct GgmlWidening {
+  QuantType held;
+  int64_t block_elems, block_bytes;  // of the format read
+  double bits_per_weight;            // of the format read
+};
+std::optional<GgmlWidening> ggml_widening(std::string_view format);  // "q5_0", "q3_k"; else nothing
+// Rewrites `rows` rows of `cols` (a multiple of the block) into the held format (quant_row_bytes each).
+void widen_ggml_rows(std::string_view format, const uint8_t* in, int64_t rows, int64_t cols, uint8_t* out);
+// Their values, as llama.cpp's dequantize_row_q5_0 / dequantize_row_q3_K compute them.
+void dequantize_ggml_row(std::string_view format, const uint8_t* in, int64_t cols, float* out);
+
 // Codebooks (16 floats, index = 4-bit code) and bitsandbytes' signed 8-bit dynamic map
 // (create_dynamic_map(signed=True), 256 floats ascending; [127] = 0, [255] = 1).
 const float* nf4_codebook();
