@@ -1494,11 +1494,11 @@ TEST(GpuParity, Llama2cCheckpointGivesTheReferenceGreedyIds) {
   }
 }
 
-// Longrope (Phi-3.5, Phi-4-mini) on the GPU. The fixture (16-wide heads: the unfused decode path)
+// Longrope (Phi-3.5, Phi-4-mini) and YaRN (the qwen2yarn fixture) on the GPU. The longrope fixture (16-wide heads: the unfused decode path)
 // against HF's references on both sides of its 16-position original context, and a 64-wide-head model
 // (the fused decode attention, one launch for a batch too) against the CPU engine, decoding across it,
 // in the default kernels and in exact numerics.
-TEST(GpuParity, LongRopeMatchesOnBothSidesOfTheOriginalContext) {
+TEST(GpuParity, ScaledRopeMatchesOnBothSidesOfTheOriginalContext) {
   SKIP_WITHOUT_GPU();
   ThreadPool pool(2);
   const std::string dir = test::fixtures_dir() + "/models/phi3longrope";
@@ -1519,6 +1519,17 @@ TEST(GpuParity, LongRopeMatchesOnBothSidesOfTheOriginalContext) {
   }
   Decoder fixture_gpu(*fixture, pool, 0);
   EXPECT_EQ(generate(fixture_gpu, all, options).tokens, ref["f32"]["greedy"].get<std::vector<int32_t>>());
+  {  // YaRN's frequencies and attention factor take the same path
+    const std::string yarn_dir = test::fixtures_dir() + "/models/qwen2yarn";
+    const json yarn_ref = json::parse(test::read_file(yarn_dir + "/reference.json"));
+    auto yarn = Model::load(yarn_dir + "/f32");
+    const Compared y = compare_logits(*yarn, all, KvType::F32);
+    EXPECT_LE(y.max_err, 1e-3f * std::max(1.0f, y.max_ref));
+    EXPECT_EQ(y.argmax_mismatches, 0);
+    Decoder yarn_gpu(*yarn, pool, 0);
+    EXPECT_EQ(generate(yarn_gpu, all, options).tokens, yarn_ref["f32"]["greedy"].get<std::vector<int32_t>>());
+    std::printf("yarn fixture, 32 tokens: max|gpu-cpu| %.2e (max|logit| %.2f)\n", y.max_err, y.max_ref);
+  }
   const std::vector<int32_t> prompt(all.begin(), all.begin() + lr["cached_prompt_tokens"].get<int64_t>());
   EXPECT_EQ(generate(fixture_gpu, prompt, options).tokens, lr["cached_greedy"].get<std::vector<int32_t>>());
 

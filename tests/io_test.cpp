@@ -177,8 +177,8 @@ TEST(HfConfig, RejectsBadConfigs) {
   EXPECT_NE(error_of(R"({"model_type":"gpt_neox"})").find("unsupported model_type 'gpt_neox'"), std::string::npos);
   EXPECT_NE(error_of(R"({"model_type":"llama","hidden_size":64})").find("missing 'intermediate_size'"), std::string::npos);
   EXPECT_NE(error_of(R"({"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
-    "num_attention_heads":4,"vocab_size":512,"rope_scaling":{"rope_type":"yarn","factor":4}})")
-                .find("unsupported RoPE type 'yarn'"),
+    "num_attention_heads":4,"vocab_size":512,"rope_scaling":{"rope_type":"dynamic","factor":4}})")
+                .find("unsupported RoPE type 'dynamic'"),
             std::string::npos);
   EXPECT_NE(error_of(R"({"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
     "num_attention_heads":4,"num_key_value_heads":3,"vocab_size":512})")
@@ -219,6 +219,15 @@ TEST(HfConfig, LongRopeFactorsAndAttentionFactor) {
     EXPECT_NEAR(short_freq[i], 1.0 / ((1.0 + 0.5 * i) * base), 1e-6 / base) << i;
     EXPECT_NEAR(long_freq[i], 1.0 / ((2.0 + i) * base), 1e-6 / base) << i;
   }
+  // YaRN: a factor is required; DeepSeek-style mscale / mscale_all_dim set the attention factor's ratio.
+  const std::string yarn = R"({"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+    "num_attention_heads":4,"vocab_size":512,"max_position_embeddings":32768,"rope_scaling":{"type":"yarn")";
+  EXPECT_EQ(test::error_of([&] { parse_hf_config(yarn + "}}", "config.json"); }),
+            "config.json: yarn needs a positive 'factor'");
+  const ModelConfig y = parse_hf_config(yarn + R"(,"factor":4,"mscale":1,"mscale_all_dim":0.5}})", "c");
+  EXPECT_EQ(y.rope.type, RopeType::Yarn);
+  EXPECT_EQ(y.rope.original_max_positions, 32768);  // max_position_embeddings when not given
+  EXPECT_FLOAT_EQ(y.rope.attention_factor, static_cast<float>((0.1 * std::log(4.0) + 1) / (0.05 * std::log(4.0) + 1)));
   // The long factors from the step whose last position + 1 passes the original context.
   EXPECT_FALSE(rope_long_step(c.rope, 4095));
   EXPECT_TRUE(rope_long_step(c.rope, 4096));

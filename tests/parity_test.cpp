@@ -16,7 +16,9 @@
 #include "bioquant/core/error.h"
 #include "bioquant/core/thread_pool.h"
 #include "bioquant/kernels/cpu/cpu_kernels.h"
+#include "bioquant/kernels/cpu/ops.h"
 #include "bioquant/engine/generator.h"
+#include "bioquant/io/hf_config.h"
 #include "bioquant/model/decoder.h"
 #include "bioquant/tokenizer/tokenizer.h"
 #include "test_util.h"
@@ -93,8 +95,39 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, Parity,
 
 // Longrope (Phi-3.5, Phi-4-mini) on its long side: the fixture's 32-token prompt is past its 16-position
 // original context. f32 only (the 16-bit roundings are the phi3 variant's).
-INSTANTIATE_TEST_SUITE_P(LongRope, Parity, ::testing::Combine(::testing::Values("phi3longrope"), ::testing::Values("f32")),
+// And YaRN (Qwen2.5, Qwen3 long-context configs): factor 4 over a 64-position original context.
+INSTANTIATE_TEST_SUITE_P(ScaledRope, Parity,
+                         ::testing::Combine(::testing::Values("phi3longrope", "qwen2yarn"), ::testing::Values("f32")),
                          [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
+
+// YaRN's frequencies (the ramp between kept and divided ones) and attention factor are transformers' own:
+// its inv_freq buffer is in the fixture.
+TEST(ParityVariants, YarnFrequenciesAreTransformers) {
+  const json ref = json::parse(test::read_file(models_dir() + "/qwen2yarn/reference.json"));
+  auto model = Model::load(models_dir() + "/qwen2yarn/f32");
+  const ModelConfig& c = model->config();
+  ASSERT_EQ(c.rope.type, RopeType::Yarn);
+  EXPECT_FLOAT_EQ(c.rope.attention_factor, ref["checks"]["attention_scaling"].get<float>());
+  const std::vector<float> want = ref["inv_freq"]["model.rotary_emb.inv_freq"].get<std::vector<float>>();
+  std::vector<float> got(static_cast<size_t>(c.rotary_dim() / 2));
+  rope_inv_freq(c.rope, c.rotary_dim(), got.data());
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-7f * want[i]) << "pair " << i;
+
+  // A config whose max_position_embeddings equals the original context (as Qwen's model cards have
+  // it): transformers keeps the factor, and so does BioQuant.
+  const json& probe = ref["checks"]["probe_max_equals_original"];
+  std::string config = test::read_file(models_dir() + "/qwen2yarn/f32/config.json");
+  const std::string from = "\"max_position_embeddings\": 256";
+  ASSERT_NE(config.find(from), std::string::npos);
+  config.replace(config.find(from), from.size(), "\"max_position_embeddings\": 64");
+  const ModelConfig same = parse_hf_config(config, "config.json");
+  EXPECT_FLOAT_EQ(same.rope.factor, 4.0f);
+  EXPECT_FLOAT_EQ(same.rope.attention_factor, probe["attention_scaling"].get<float>());
+  const std::vector<float> probe_freq = probe["inv_freq"].get<std::vector<float>>();
+  rope_inv_freq(same.rope, same.rotary_dim(), got.data());
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], probe_freq[i], 2e-7f * probe_freq[i]) << "pair " << i;
+}
 
 // Its short side and the switch: a 16-token forward takes the short factors; a greedy continuation of 8
 // tokens through the KV cache takes them until its step's position passes 16, then the long ones, and
@@ -180,7 +213,7 @@ TEST_P(ParityOtherSpelling, MatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ParityOtherSpelling,
                          ::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3",
-                                           "phi3longrope"));
+                                           "phi3longrope", "qwen2yarn"));
 
 }  // namespace
 }  // namespace bioquant

@@ -61,7 +61,7 @@ TEST_P(GgufRoundTrip, ReloadsWithTheLogitsOfQuantizeOnLoad) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufRoundTrip,
                          ::testing::Combine(::testing::Values("llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3",
-                                                              "phi3longrope"),
+                                                              "phi3longrope", "qwen2yarn"),
                                             ::testing::Values("f32", "q8_0", "q4_k_m", "int8", "nf4")),
                          [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
 

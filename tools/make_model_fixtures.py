@@ -62,7 +62,11 @@ BASE_SEEDS = {
     "gemma2": 6000,
     "phi3": 7000,
     "phi3longrope": 8000,
+    "qwen2yarn": 9000,
 }
+# qwen2yarn: YaRN as Qwen2.5 / Qwen3 configs enable it for long contexts (factor 4 over a 64-position
+# original context, max_position_embeddings = factor x original so every transformers spelling agrees).
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 # phi3longrope: Phi-3.5 / Phi-4-mini style longrope with a 16-position original context, so the 32-token
 # prompt takes the long factors and a 16-token one the short; f32 only (the rounding is the phi3 variant's).
 LONGROPE_ORIGINAL = 16
@@ -203,6 +207,10 @@ def make_config(variant, phi3_mode=0):
             cfg = transformers.Phi3Config(**kw, rope_parameters=default_rope(), partial_rotary_factor=0.5)
         else:                 # not supported: full rotary
             cfg = transformers.Phi3Config(**kw, rope_parameters=default_rope())
+    elif variant == "qwen2yarn":
+        kw = dict(COMMON)
+        kw.update(tie_word_embeddings=True, max_position_embeddings=256)
+        cfg = transformers.Qwen2Config(**kw, rope_parameters=dict(YARN), use_sliding_window=False, sliding_window=None)
     elif variant == "phi3longrope":
         kw = dict(COMMON)
         kw.update(sliding_window=None, original_max_position_embeddings=LONGROPE_ORIGINAL)
@@ -543,6 +551,23 @@ def variant_checks(variant, cfg, m, lg_ref, info):
         d2 = float((lg2 - lg_ref).abs().max())
         check(d2 > 10 * tol, f"longrope changes logits vs plain partial rotary (max diff {d2:.4g})")
         info["diff_vs_plain_rope"] = d2
+    if variant == "qwen2yarn":
+        rot = m.model.rotary_emb
+        want = 0.1 * math.log(4.0) + 1.0
+        check(abs(float(rot.attention_scaling) - want) < 1e-6,
+              f"yarn attention_scaling {rot.attention_scaling} = 0.1 ln 4 + 1 = {want}")
+        info["attention_scaling"] = float(rot.attention_scaling)
+        lg2 = with_cfg(lambda c: setattr(c, "rope_parameters", default_rope()))
+        d2 = float((lg2 - lg_ref).abs().max())
+        check(d2 > 10 * tol, f"yarn changes logits vs plain rope (max diff {d2:.4g})")
+        info["diff_vs_plain_rope"] = d2
+        # How this transformers reads a Qwen-card config (max_position_embeddings == original, factor 4).
+        c2 = copy.deepcopy(cfg)
+        c2.max_position_embeddings = 64
+        probe = build(c2).model.rotary_emb
+        info["probe_max_equals_original"] = {"inv_freq": probe.inv_freq.tolist(),
+                                             "attention_scaling": float(probe.attention_scaling)}
+        print(f"  yarn probe, max_position_embeddings == original: {info['probe_max_equals_original']}")
     if variant == "qwen2":
         att = m.model.layers[0].self_attn
         has_b = all(getattr(p, "bias", None) is not None for p in (att.q_proj, att.k_proj, att.v_proj))
@@ -567,7 +592,7 @@ def do_variant(variant, outroot):
     print(f"\n=== {variant} ===", flush=True)
     gemma = variant == "gemma2"
     longrope = variant == "phi3longrope"
-    dtypes = [d for d in DTYPES if not longrope or d[0] == "f32"]
+    dtypes = [d for d in DTYPES if variant not in ("phi3longrope", "qwen2yarn") or d[0] == "f32"]
     info = {}
     # ---- config (phi3: probe partial_rotary_factor support) ----
     if variant == "phi3":
@@ -784,6 +809,12 @@ NOTES = {
                "MLP = down(gelu_tanh(gate(x)) * up(x)); layer_types in config.json: sliding_attention for layers "
                "0 and 2, full_attention for layer 1; sliding_window 8 means query i attends keys j with i-8 < j <= i. "
                "tie_word_embeddings=true (no lm_head.weight tensor)."),
+    "qwen2yarn": COMMON_NOTE + " Qwen2 (as qwen2: q/k/v biases, tied embeddings) with YaRN scaling as Qwen2.5 and Qwen3 "
+                               "configs enable it: factor 4, original_max_position_embeddings 64, max_position_embeddings "
+                               "256, beta_fast 32 / beta_slow 1 (defaults): frequencies blend 1/(4 base^(2i/d)) and "
+                               "1/base^(2i/d) over a ramp of dimensions, cos/sin scaled by 0.1 ln 4 + 1. f32 only. "
+                               "checks.probe_max_equals_original records how this transformers reads a config whose "
+                               "max_position_embeddings equals the original (as Qwen's model cards suggest).",
     "phi3longrope": COMMON_NOTE + " Phi3 (as phi3, partial_rotary_factor 0.5) with longrope scaling as Phi-3.5 and "
                                   "Phi-4-mini have it: original_max_position_embeddings 16, max_position_embeddings 256, "
                                   "short_factor [1, 1.25, 1.5, 2], long_factor [1, 3, 6, 12]; each forward rotates with "
@@ -860,6 +891,7 @@ Per variant `<v>/`:
 `phi3longrope/` (f32 only) adds longrope scaling with a 16-position original context: its 32-token references take
 the long factors; `logits_short_f32.bin` ([16, vocab]) and `reference.json` `longrope` hold the short-context
 forward and a greedy continuation through HF's KV cache that crosses from short to long factors.
+`qwen2yarn/` (f32 only) is qwen2 with YaRN scaling (factor 4 over a 64-position original context).
 Test tolerance intended: |logit - ref| <= 1e-3*max(1, max|ref|), argmax identical.
 """
 
@@ -884,7 +916,8 @@ def main():
     summary = []
     spellings = {}
     llama_model = llama_ref = None
-    for variant in only or ["llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "phi3longrope"]:
+    for variant in only or ["llama", "llama3rope", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "phi3longrope",
+                            "qwen2yarn"]:
         m, ref, spelling, cj = do_variant(variant, outroot)
         spellings[variant] = spelling
         if variant == "llama":

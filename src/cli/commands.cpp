@@ -209,6 +209,7 @@ const char* rope_type_name(RopeType t) {
     case RopeType::Linear: return "linear";
     case RopeType::Llama3: return "llama3";
     case RopeType::LongRope: return "longrope";
+    case RopeType::Yarn: return "yarn";
   }
   return "?";
 }
@@ -216,7 +217,7 @@ const char* rope_type_name(RopeType t) {
 json rope_json(const ModelConfig& c) {
   json r = {{"theta", c.rope.theta}, {"type", rope_type_name(c.rope.type)}, {"factor", c.rope.factor},
             {"rotary_dim", c.rotary_dim()}};
-  if (c.rope.type == RopeType::LongRope) {
+  if (c.rope.type == RopeType::LongRope || c.rope.type == RopeType::Yarn) {
     r["original_max_position_embeddings"] = c.rope.original_max_positions;
     r["attention_factor"] = c.rope.attention_factor;
   }
@@ -333,6 +334,9 @@ Run add_info(CLI::App& app) {
     if (c.rope.type == RopeType::LongRope)
       std::printf(" (long factors past %lld positions, attention factor %.4f)", (long long)c.rope.original_max_positions,
                   c.rope.attention_factor);
+    if (c.rope.type == RopeType::Yarn)
+      std::printf(" (factor %g over %lld positions, attention factor %.4f)", c.rope.factor,
+                  (long long)c.rope.original_max_positions, c.rope.attention_factor);
     std::printf("\n");
     if (c.sliding_window > 0) std::printf("sliding      window %lld\n", (long long)c.sliding_window);
     std::printf("memory%s (estimate; runs report their measured peak):\n",

@@ -72,6 +72,20 @@ ModelConfig config_from_gguf(const GgufFile& g) {
     if (type == "linear") {
       c.rope.type = RopeType::Linear;
       c.rope.factor = get_float_or(g, key("rope.scaling.factor"), 1.0f);
+    } else if (type == "yarn") {
+      // llama.cpp scales cos and sin by attn_factor * (0.1 ln(factor) + 1), as transformers' default does.
+      c.rope.type = RopeType::Yarn;
+      c.rope.factor = get_float_or(g, key("rope.scaling.factor"), 0.0f);
+      check(c.rope.factor > 0.0f, where + ": yarn scaling needs a positive rope.scaling.factor");
+      c.rope.original_max_positions = get_int_or(g, key("rope.scaling.original_context_length"), c.max_positions);
+      check(c.rope.original_max_positions > 0, where + ": rope.scaling.original_context_length must be positive");
+      const double mscale = c.rope.factor <= 1.0f ? 1.0 : 0.1 * std::log(static_cast<double>(c.rope.factor)) + 1.0;
+      c.rope.attention_factor = static_cast<float>(get_float_or(g, key("rope.scaling.attn_factor"), 1.0f) * mscale);
+      c.rope.beta_fast = get_float_or(g, key("rope.scaling.yarn_beta_fast"), 32.0f);
+      c.rope.beta_slow = get_float_or(g, key("rope.scaling.yarn_beta_slow"), 1.0f);
+      c.rope.yarn_truncate = !g.has("bioquant.rope.yarn_no_truncate");
+      check(c.rope.attention_factor > 0.0f && c.rope.beta_fast > 0.0f && c.rope.beta_slow > 0.0f,
+            where + ": yarn attention factor and betas must be positive");
     } else if (type == "longrope") {
       check(long_factors != nullptr && short_factors != nullptr,
             where + ": longrope scaling without rope_factors_long.weight and rope_factors_short.weight");

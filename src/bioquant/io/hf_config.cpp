@@ -114,8 +114,31 @@ void read_rope(const json& j, const std::string& where, int64_t max_positions, R
     const double attention = scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(original));
     rope.attention_factor = get_float(params, "attention_factor", where, static_cast<float>(attention));
     check(rope.attention_factor > 0.0f, where + ": longrope attention_factor must be positive");
+  } else if (type == "yarn") {
+    // As transformers 5.17 computes it (rope_inv_freq has the ramp over the original context): the
+    // factor as given, also where max_position_embeddings equals the original context (Qwen's model
+    // cards add yarn so: measured, checks.probe_max_equals_original in the qwen2yarn fixture); the
+    // attention factor (on cos and sin) 0.1 ln(factor) + 1, or mscale's ratio, unless given.
+    rope.type = RopeType::Yarn;
+    rope.factor = get_float(params, "factor", where, 0.0f);
+    check(rope.factor > 0.0f, where + ": yarn needs a positive 'factor'");
+    rope.original_max_positions = get_int(params, "original_max_position_embeddings", where, max_positions);
+    check(rope.original_max_positions > 0, where + ": yarn needs original_max_position_embeddings > 0");
+    const auto mscale_of = [](double scale, double m) { return scale <= 1.0 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+    const double mscale = get_float(params, "mscale", where, 0.0f), mscale_all = get_float(params, "mscale_all_dim", where, 0.0f);
+    const double attention = mscale != 0.0 && mscale_all != 0.0 ? mscale_of(rope.factor, mscale) / mscale_of(rope.factor, mscale_all)
+                                                                : mscale_of(rope.factor, 1.0);
+    rope.attention_factor = get_float(params, "attention_factor", where, static_cast<float>(attention));
+    check(rope.attention_factor > 0.0f, where + ": yarn attention_factor must be positive");
+    rope.beta_fast = get_float(params, "beta_fast", where, 32.0f);
+    rope.beta_slow = get_float(params, "beta_slow", where, 1.0f);
+    check(rope.beta_fast > 0.0f && rope.beta_slow > 0.0f, where + ": yarn beta_fast and beta_slow must be positive");
+    if (params.contains("truncate")) {
+      check(params["truncate"].is_boolean(), where + ": yarn 'truncate' must be true or false");
+      rope.yarn_truncate = params["truncate"].get<bool>();
+    }
   } else {
-    throw Error(where + ": unsupported RoPE type '" + type + "' (supported: default, linear, llama3, longrope)");
+    throw Error(where + ": unsupported RoPE type '" + type + "' (supported: default, linear, llama3, longrope, yarn)");
   }
   // partial_rotary_factor sits at top level in 4.x and may sit in rope_parameters in 5.x.
   rope.partial_rotary_factor = get_float(params, "partial_rotary_factor", where, 1.0f);

@@ -8,21 +8,25 @@
 namespace bioquant {
 
 enum class Activation { Silu, GeluTanh };
-enum class RopeType { Default, Linear, Llama3, LongRope };
+enum class RopeType { Default, Linear, Llama3, LongRope, Yarn };
 
 struct RopeParams {
   float theta = 10000.0f;
   RopeType type = RopeType::Default;
-  float factor = 1.0f;                   // linear, llama3
+  float factor = 1.0f;                   // linear, llama3, yarn
   float low_freq_factor = 1.0f;          // llama3
   float high_freq_factor = 4.0f;         // llama3
-  int64_t original_max_positions = 8192; // llama3; longrope: steps whose last position is past it take long_factor
+  int64_t original_max_positions = 8192; // llama3, yarn; longrope: steps whose last position is past it take long_factor
   float partial_rotary_factor = 1.0f;    // fraction of head_dim that is rotated (phi3/phi4-mini)
   std::vector<float> freq_factors;       // GGUF rope_freqs: inv_freq[i] /= freq_factors[i] (instead of `type`)
   // longrope (Phi-3.5, Phi-3 128K, Phi-4-mini): per-frequency divisors, and the factor cos and sin are
   // scaled by at every position (HF's attention_scaling).
   std::vector<float> short_factor, long_factor;
-  float attention_factor = 1.0f;
+  float attention_factor = 1.0f;  // longrope, yarn
+  // yarn (Qwen2.5, Qwen3 long-context configs): the rotations bounding the ramp from extrapolated to
+  // interpolated frequencies, and whether its ends are rounded to whole dimensions.
+  float beta_fast = 32.0f, beta_slow = 1.0f;
+  bool yarn_truncate = true;
 };
 
 struct ModelConfig {

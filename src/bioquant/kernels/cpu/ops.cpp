@@ -43,7 +43,30 @@ void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq, boo
     for (int64_t i = 0; i < half && i < static_cast<int64_t>(p.freq_factors.size()); ++i) inv_freq[i] /= p.freq_factors[static_cast<size_t>(i)];
     return;
   }
-  if (p.type == RopeType::Linear) {
+  if (p.type == RopeType::Yarn) {
+    // As transformers computes it: the dimension whose wavelength turns `rotations` times over the
+    // original context bounds a linear ramp; below it the frequencies are kept (extrapolated), above
+    // it divided by the factor (interpolated), blended on the ramp. Products in float32, bounds in double.
+    const double dim = static_cast<double>(rotary_dim), original = static_cast<double>(p.original_max_positions);
+    const auto correction_dim = [&](double rotations) {
+      return dim * std::log(original / (rotations * 2.0 * M_PI)) / (2.0 * std::log(static_cast<double>(p.theta)));
+    };
+    double low = correction_dim(p.beta_fast), high = correction_dim(p.beta_slow);
+    if (p.yarn_truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, dim - 1.0);
+    if (low == high) high += 0.001;
+    for (int64_t i = 0; i < half; ++i) {
+      const float pos_freq = std::pow(p.theta, static_cast<float>(2 * i) / static_cast<float>(rotary_dim));
+      const float extrapolated = 1.0f / pos_freq, interpolated = 1.0f / (p.factor * pos_freq);
+      const float ramp = std::clamp((static_cast<float>(i) - static_cast<float>(low)) / static_cast<float>(high - low), 0.0f, 1.0f);
+      const float keep = 1.0f - ramp;
+      inv_freq[i] = interpolated * (1.0f - keep) + extrapolated * keep;
+    }
+  } else if (p.type == RopeType::Linear) {
     for (int64_t i = 0; i < half; ++i) inv_freq[i] /= p.factor;
   } else if (p.type == RopeType::Llama3) {
     // Wavelength bands: long wavelengths are slowed by `factor`, short ones kept, the middle blended.
