@@ -127,6 +127,25 @@ TEST(ParityVariants, YarnFrequenciesAreTransformers) {
   const std::vector<float> probe_freq = probe["inv_freq"].get<std::vector<float>>();
   rope_inv_freq(same.rope, same.rotary_dim(), got.data());
   for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], probe_freq[i], 2e-7f * probe_freq[i]) << "pair " << i;
+
+  // In a GGUF file (llama.cpp's keys); one without its factor is refused by name.
+  test::TempDir dir;
+  const auto w = test::run_cli({"quantize", "--model", models_dir() + "/qwen2yarn/f32", "--type", "f32", "--out",
+                                dir.file("m.gguf")});
+  ASSERT_EQ(w.exit_code, 0) << w.err;
+  const auto info = test::run_cli({"info", "--model", dir.file("m.gguf")});
+  EXPECT_NE(info.out.find("rope         yarn, theta 10000, rotary dim 16 (factor 4 over 64 positions, attention factor "
+                          "1.1386)"),
+            std::string::npos)
+      << info.out;
+  std::string bytes = test::read_file(dir.file("m.gguf"));
+  const size_t at = bytes.find("qwen2.rope.scaling.factor");
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + 20] = 'X';  // "qwen2.rope.scaling.fXctor"
+  test::write_file(dir.file("no_factor.gguf"), bytes);
+  const auto bad = test::run_cli({"info", "--model", dir.file("no_factor.gguf")});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("yarn scaling needs a positive rope.scaling.factor"), std::string::npos) << bad.err;
 }
 
 // Its short side and the switch: a 16-token forward takes the short factors; a greedy continuation of 8

@@ -194,7 +194,7 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   // cos/sin per row (each at its own sequence's position).
   const int64_t half = c.rotary_dim() / 2;
   std::vector<float> cos_tab(static_cast<size_t>(n * half)), sin_tab(cos_tab.size());
-  const float rope_scale = c.rope.attention_factor;  // 1 but for longrope (x * 1 is exact)
+  const float rope_scale = c.rope.attention_factor;  // 1 but for longrope and yarn (x * 1 is exact)
   for (int64_t t = 0; t < n; ++t) {
     const Row& row = rows[static_cast<size_t>(t)];
     const float* inv_freq = inv_freq_.data() + (row.long_rope ? half : 0);

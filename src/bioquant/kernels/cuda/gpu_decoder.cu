@@ -1535,8 +1535,8 @@ struct GpuDecoder::Impl {
                dim3(static_cast<unsigned>(c.n_kv_heads * blocks_per_group), static_cast<unsigned>(split_blocks), sequences),
                heads_per_block * kDecodeHeadThreads, decode_smem(split_len), q, k_new, v_new, inv_freq, pos,
                static_cast<int>(c.n_heads), static_cast<int>(c.n_kv_heads), static_cast<int>(c.head_dim),
-               static_cast<int>(c.rotary_dim()), decode_long_from, c.rope.attention_factor, kc, vc, ks, vs, window, c.attention_scale(), c.attn_softcap, out, aq, ad,
-               as, attention_min_chunk, part, done, stage_len(split_len), static_cast<int>(decode_score_ld(split_len)), refs,
+               static_cast<int>(c.rotary_dim()), decode_long_from, c.rope.attention_factor, kc, vc, ks, vs, window,
+               c.attention_scale(), c.attn_softcap, out, aq, ad, as, attention_min_chunk, part, done, stage_len(split_len), static_cast<int>(decode_score_ld(split_len)), refs,
                static_cast<int>(li));
       };
       if (batch.refs != nullptr) {
