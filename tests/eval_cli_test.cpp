@@ -13,6 +13,7 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include <httplib.h>
@@ -226,6 +227,53 @@ TEST(EvalCli, FewShotReusesTheSharedPrefix) {
   const int64_t reused = t["prompt_tokens_reused"], computed = t["prompt_tokens_computed"];
   // The instruction + 3 shots are computed once and reused by the 5 later examples: reuse dominates.
   EXPECT_GT(reused, computed) << "reused " << reused << " computed " << computed;
+}
+
+// few-shot-similar: each example is shown its own most similar training examples; `prompts` shows the
+// very prompts and shots that `eval` feeds and records, and the run is told apart from few-shot's.
+TEST(EvalCli, FewShotSimilarShowsEachExampleItsOwnClosestExamples) {
+  REQUIRE_DATA();
+  const auto p = test::run_cli({"prompts", "--task", "hoc", "--data-dir", data_dir(), "--method", "few-shot-similar",
+                                "--shots", "2", "--limit", "3", "--model", demo_model()});  // its chat setting, as eval
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  std::vector<json> shown;
+  std::istringstream lines(p.out);
+  for (std::string line; std::getline(lines, line);) shown.push_back(json::parse(line));
+  ASSERT_EQ(shown.size(), 3u);
+  std::set<std::vector<std::string>> distinct;
+  const TaskSpec& task = find_task("hoc");
+  std::map<std::string, Example> train;
+  for (const Example& e : read_split(task, data_dir(), task.split("sample200").fewshot)) train[e.id] = e;
+  for (const json& l : shown) {
+    const auto ids = l["shots"].get<std::vector<std::string>>();
+    ASSERT_EQ(ids.size(), 2u);
+    distinct.insert(ids);
+    for (const std::string& id : ids) {
+      ASSERT_TRUE(train.count(id)) << id;
+      EXPECT_NE(l["prompt"].get<std::string>().find(train[id].text), std::string::npos) << id;
+    }
+  }
+  EXPECT_GT(distinct.size(), 1u);  // chosen per example, not one draw
+
+  test::TempDir dir;
+  auto r = run_eval(dir.file("similar"), {"--tasks", "hoc", "--limit", "3", "--method", "few-shot-similar", "--shots",
+                                          "2", "--scoring", "loglik", "--no-db"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto samples = read_lines(dir.file("similar/samples/hoc.jsonl"));
+  ASSERT_EQ(samples.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(samples[i]["id"], shown[i]["id"]);
+    EXPECT_EQ(samples[i]["shots"], shown[i]["shots"]);
+    EXPECT_EQ(samples[i]["prompt"], shown[i]["prompt"]);
+  }
+  r = run_eval(dir.file("drawn"), {"--tasks", "hoc", "--limit", "3", "--method", "few-shot", "--shots", "2",
+                                   "--scoring", "loglik", "--no-db"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json a = json::parse(test::read_file(dir.file("similar/results.json")))["tasks"]["hoc"];
+  const json b = json::parse(test::read_file(dir.file("drawn/results.json")))["tasks"]["hoc"];
+  EXPECT_EQ(a["method"], "few-shot-similar");
+  EXPECT_EQ(a["shots"], 2);
+  EXPECT_NE(a["config_hash"], b["config_hash"]);
 }
 
 // --batch answers examples together; on the shipped (32-bit) model on the CPU the samples, scores

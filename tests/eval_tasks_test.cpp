@@ -11,6 +11,7 @@
 #include "bioquant/core/error.h"
 #include "bioquant/eval/prompts.h"
 #include "bioquant/eval/runner.h"
+#include "bioquant/eval/similar_shots.h"
 #include "bioquant/eval/task.h"
 #include "test_util.h"
 
@@ -265,6 +266,34 @@ TEST(EvalPrompts, FewShotDrawIsSeededAndNeverAnEvaluatedExample) {
   EXPECT_NE(ia, ic);
   EXPECT_EQ(std::set<std::string>(ia.begin(), ia.end()).size(), 5u);
   EXPECT_THROW(choose_fewshot(pool, 41, 7, evaluated), Error);
+}
+
+// few-shot-similar's retrieval: BM25 (k1 1.2, b 0.75). By hand for "Aspirin-induced asthma" over the
+// pool below (5 texts, mean length 3.8 words): idf aspirin ln(1 + 1.5/4.5) = 0.2877, induced ln(2.4) =
+// 0.8755, asthma ln(1 + 2.5/3.5) = 0.5390; a 3-word text's matches weigh 2.2 / (1 + 1.2 (0.25 + 0.75 *
+// 3/3.8)) = 1.0942, a 6-word one's 0.8085. So p0 = p4 = 1.8626 (a tie: the earlier first), p3 = 0.6684,
+// p2 = 0.3148, p1 = 0.
+TEST(EvalPrompts, SimilarShotsAreTheBm25Closest) {
+  EXPECT_EQ(similarity_words("IL-6 Receptor (IL6R), \xce\xb1-synuclein"),
+            (std::vector<std::string>{"il", "6", "receptor", "il6r", "\xce\xb1", "synuclein"}));
+  const std::vector<std::string> texts = {"aspirin induced asthma", "cisplatin nephrotoxicity in rats",
+                                          "aspirin and bleeding", "asthma after aspirin use in adults",
+                                          "Aspirin induced asthma"};
+  std::vector<Example> pool(texts.size());
+  const char* const names[] = {"p0", "p1", "p2", "p3", "p4"};
+  for (size_t i = 0; i < pool.size(); ++i) pool[i].id = names[i];
+  const SimilarShots similar(pool, texts);
+  const auto ids = [&](const std::string& query, int k, const std::set<std::string>& exclude) {
+    std::vector<std::string> out;
+    for (const Example& e : similar.choose(query, k, exclude)) out.push_back(e.id);
+    return out;
+  };
+  EXPECT_EQ(ids("Aspirin-induced asthma", 3, {}), (std::vector<std::string>{"p3", "p4", "p0"}));  // closest last
+  EXPECT_EQ(ids("Aspirin-induced asthma", 2, {"p0"}), (std::vector<std::string>{"p3", "p4"}));
+  EXPECT_EQ(ids("Aspirin-induced asthma", 5, {}), (std::vector<std::string>{"p1", "p2", "p3", "p4", "p0"}));
+  EXPECT_EQ(ids("zzz", 2, {}), (std::vector<std::string>{"p1", "p0"}));  // nothing shared: pool order
+  EXPECT_THROW(similar.choose("aspirin", 6, {}), Error);
+  EXPECT_THROW(similar.choose("aspirin", 5, {"p1"}), Error);
 }
 
 TEST(EvalPrompts, PromptsShareTheirPrefixAndEndWithTheCue) {

@@ -119,7 +119,9 @@ Run add_eval(CLI::App& app) {
   app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
   app.add_option("--data-dir", f->data_dir, "benchmark data (default: $BIOQUANT_DATA, else ../shared/bionlp)");
   app.add_option("--split", f->split, "split to evaluate (default: each task's, sample200 where it exists)");
-  app.add_option("--method", f->method, "zero-shot (default), few-shot or cot");
+  app.add_option("--method", f->method,
+                 "zero-shot (default), few-shot, few-shot-similar (each example's most similar training examples, "
+                 "BM25) or cot");
   app.add_option("--shots", f->shots, "few-shot examples (default 5)")->check(CLI::Range(1, 64));
   app.add_option("--seed", f->seed, "seed of the few-shot draw (default 1234; recorded)");
   app.add_option("--scoring", f->scoring, "generate (free text + parser, default), constrained or loglik");
@@ -413,7 +415,9 @@ Run add_prompts(CLI::App& app) {
   app.add_option("--task-file", f->task_files, "add a task from a JSON description (repeatable)");
   app.add_option("--data-dir", f->data_dir, "benchmark data (default: $BIOQUANT_DATA, else ../shared/bionlp)");
   app.add_option("--split", f->split, "split (default: the task's)");
-  app.add_option("--method", f->method, "zero-shot (default), few-shot or cot");
+  app.add_option("--method", f->method,
+                 "zero-shot (default), few-shot, few-shot-similar (each example's most similar training examples, "
+                 "BM25) or cot");
   app.add_option("--shots", f->shots, "few-shot examples (default 5)")->check(CLI::Range(1, 64));
   app.add_option("--seed", f->seed, "seed of the few-shot draw (default 1234)");
   app.add_option("--limit", f->limit, "first N examples (0 = all)")->check(non_negative_number());
@@ -442,13 +446,13 @@ Run add_prompts(CLI::App& app) {
     }
     PromptOptions po;
     po.method = parse_prompt_method(f->method);
-    std::vector<Example> shots;
-    if (po.method == PromptMethod::few_shot) {
+    FewShots shots;
+    if (uses_shots(po.method)) {
       const std::string fs_split = task.split(split).fewshot;
       check(!fs_split.empty(), "task " + task.name + " names no few-shot split");
-      // The same draw as eval: never an example of the evaluated split (by id within it, by input across files).
+      // The same choice as eval: never an example of the evaluated split (by id within it, by input across files).
       const std::vector<Example> pool = read_split(task, dir, fs_split);
-      shots = choose_fewshot(pool, f->shots, f->seed, fewshot_exclusions(examples, pool, fs_split == split));
+      shots = FewShots(task, po.method, f->shots, f->seed, pool, fewshot_exclusions(examples, pool, fs_split == split));
     }
     std::unique_ptr<Tokenizer> tok;
     if (!f->model.empty()) tok = load_tokenizer(f->model);
@@ -463,7 +467,12 @@ Run add_prompts(CLI::App& app) {
         ++dropped;
         continue;
       }
-      json line = {{"task", task.name}, {"split", split}, {"id", ex.id}, {"prompt", build_prompt(task, po, shots, ex)}};
+      const std::vector<Example> shown = shots.for_example(ex);
+      json line = {{"task", task.name}, {"split", split}, {"id", ex.id}, {"prompt", build_prompt(task, po, shown, ex)}};
+      if (shots.per_example()) {
+        line["shots"] = json::array();
+        for (const Example& s : shown) line["shots"].push_back(s.id);
+      }
       if (f->answers || f->ids) line["answer"] = render_gold_answer(task, ex);
       if (f->ids) {
         line["prompt_ids"] = encode_prompt_text(*tok, line["prompt"].get<std::string>(), po.chat);

@@ -243,7 +243,7 @@ Run add_recommend(CLI::App& app) {
                  "made on one; GPU estimates for the rest); default: where the measured runs ran");
   app.add_option("--tasks", f->tasks, "comma-separated tasks to average over (default: every task in the database)");
   app.add_option("--db", f->db, "SQLite results database (default bioquant.sqlite)");
-  app.add_option("--method", f->method, "score with this method only (zero-shot, few-shot, cot); default best: per task "
+  app.add_option("--method", f->method, "score with this method only (zero-shot, few-shot, few-shot-similar, cot); default best: per task "
                                         "the best method measured");
   app.add_option("--model", f->models, "also consider this model (repeatable); unmeasured pairs are sized by estimate");
   app.add_option("--precisions", f->precisions, "with --model: the precisions to consider (default bf16,int8,nf4,q4_k)");

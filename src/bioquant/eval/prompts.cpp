@@ -15,14 +15,16 @@ const char* const kChainOfThoughtInstruction =
 PromptMethod parse_prompt_method(const std::string& name) {
   if (name == "zero-shot") return PromptMethod::zero_shot;
   if (name == "few-shot") return PromptMethod::few_shot;
+  if (name == "few-shot-similar") return PromptMethod::few_shot_similar;
   if (name == "cot") return PromptMethod::cot;
-  throw Error("unknown method \"" + name + "\" (expected zero-shot, few-shot or cot)");
+  throw Error("unknown method \"" + name + "\" (expected zero-shot, few-shot, few-shot-similar or cot)");
 }
 
 const char* prompt_method_name(PromptMethod method) {
   switch (method) {
     case PromptMethod::zero_shot: return "zero-shot";
     case PromptMethod::few_shot: return "few-shot";
+    case PromptMethod::few_shot_similar: return "few-shot-similar";
     case PromptMethod::cot: return "cot";
   }
   return "?";
@@ -126,7 +128,7 @@ std::string build_prompt(const TaskSpec& task, const PromptOptions& options, con
     prompt = task.instruction;
     prompt += "\n\n";
   }
-  if (options.method == PromptMethod::few_shot) {
+  if (uses_shots(options.method)) {
     prompt += "Examples:\n\n";
     for (const auto& shot : shots) {
       prompt += render_input(task, shot, false);

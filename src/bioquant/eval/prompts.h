@@ -11,9 +11,12 @@
 
 namespace bioquant::eval {
 
-enum class PromptMethod { zero_shot, few_shot, cot };
-PromptMethod parse_prompt_method(const std::string& name);  // zero-shot | few-shot | cot
+// few_shot_similar: few-shot with each test item's most similar examples (similar_shots.h) rather
+// than one seeded draw for all.
+enum class PromptMethod { zero_shot, few_shot, few_shot_similar, cot };
+PromptMethod parse_prompt_method(const std::string& name);  // zero-shot | few-shot | few-shot-similar | cot
 const char* prompt_method_name(PromptMethod method);
+inline bool uses_shots(PromptMethod m) { return m == PromptMethod::few_shot || m == PromptMethod::few_shot_similar; }
 
 struct PromptOptions {
   PromptMethod method = PromptMethod::zero_shot;

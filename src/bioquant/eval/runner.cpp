@@ -94,7 +94,7 @@ json task_config(const EvalOptions& o, const TaskSpec& task, const std::string& 
                                 {"metric", task.metric}}},
           {"split", split},
           {"method", prompt_method_name(o.method)},
-          {"shots", o.method == PromptMethod::few_shot ? o.shots : 0},
+          {"shots", uses_shots(o.method) ? o.shots : 0},
           {"fewshot_seed", o.seed},
           {"fewshot_ids", shot_ids},
           {"scoring", scoring_mode_name(o.scoring)},
@@ -116,6 +116,24 @@ std::string cut_at_answer_marker(const std::string& reasoning) {
 }
 
 }  // namespace
+
+FewShots::FewShots(const TaskSpec& task, PromptMethod method, int k, uint64_t seed, const std::vector<Example>& pool,
+                   std::set<std::string> exclude)
+    : task_(&task), k_(k), exclude_(std::move(exclude)) {
+  if (method == PromptMethod::few_shot) {
+    drawn_ = choose_fewshot(pool, k, seed, exclude_);
+  } else if (method == PromptMethod::few_shot_similar) {
+    std::vector<std::string> texts;
+    for (const Example& ex : pool) texts.push_back(render_input(task, ex, false));
+    similar_ = std::make_shared<const SimilarShots>(pool, texts);
+    similar_->choose("", k, exclude_);  // enough examples to choose from: said before any is evaluated
+  }
+}
+
+std::vector<Example> FewShots::for_example(const Example& ex) const {
+  if (!similar_) return drawn_;
+  return similar_->choose(render_input(*task_, ex, false), k_, exclude_);
+}
 
 std::set<std::string> fewshot_exclusions(const std::vector<Example>& evaluated, const std::vector<Example>& pool,
                                          bool pool_is_evaluated_split) {
@@ -188,7 +206,8 @@ std::string model_fingerprint(const std::string& path) {
 
 json run_eval(const EvalOptions& o, Backend& backend) {
   check(!o.tasks.empty(), "no tasks to evaluate");
-  check(o.method != PromptMethod::few_shot || o.shots >= 1, "--method few-shot needs --shots >= 1");
+  check(!uses_shots(o.method) || o.shots >= 1,
+        std::string("--method ") + prompt_method_name(o.method) + " needs --shots >= 1");
   check(o.limit >= 0, "--limit must be >= 0");
   fs::create_directories(fs::path(o.out_dir) / "samples");
   const std::string results_path = (fs::path(o.out_dir) / "results.json").string();
@@ -241,16 +260,16 @@ json run_eval(const EvalOptions& o, Backend& backend) {
         style = "chen2023";
       }
     }
-    std::vector<Example> shots;
-    if (o.method == PromptMethod::few_shot) {
+    FewShots shots;
+    if (uses_shots(o.method)) {
       const std::string fewshot_split = task.split(split).fewshot;
       check(!fewshot_split.empty(), "task " + task.name + " names no split to draw few-shot examples from");
       const std::vector<Example> pool =
           fewshot_split == split ? read_split(task, data_dir, split) : read_split(task, data_dir, fewshot_split);
-      const std::set<std::string> exclude =
+      std::set<std::string> exclude =
           fewshot_split == split ? split_ids
                                  : fewshot_exclusions(read_split(task, data_dir, split), pool, /*same split*/ false);
-      shots = choose_fewshot(pool, o.shots, o.seed, exclude);
+      shots = FewShots(task, o.method, o.shots, o.seed, pool, std::move(exclude));
     }
     const bool cot = o.method == PromptMethod::cot;
     int max_new = o.max_new_tokens > 0 ? o.max_new_tokens : task.max_new_tokens + (cot ? 384 : 0);
@@ -262,7 +281,9 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     }
     if (scoring != ScoringMode::generate) check(backend.can_choose(), backend.describe() + " only generates text; --scoring " +
                                                                           scoring_mode_name(scoring) + " needs a local model (--model)");
-    json config = task_config(o, task, split, style, max_new, shots);
+    json config = task_config(o, task, split, style, max_new, shots.drawn());
+    // Absent for the other methods, so earlier runs' hashes stay valid.
+    if (shots.per_example()) config["shot_selection"] = SimilarShots::kDescription;
     if (o.exact) config["numerics"] = "exact";  // absent by default: earlier runs' hashes stay valid
     const std::string config_hash = sha256_hex(config.dump()).substr(0, 16);
 
@@ -310,7 +331,8 @@ json run_eval(const EvalOptions& o, Backend& backend) {
         if (slot == 0) {
           const size_t end = std::min(todo.size(), next + group);
           texts.clear();
-          for (size_t i = next; i < end; ++i) texts.push_back(build_prompt(task, prompt, shots, *todo[i]));
+          for (size_t i = next; i < end; ++i)
+            texts.push_back(build_prompt(task, prompt, shots.for_example(*todo[i]), *todo[i]));
           if (scoring == ScoringMode::generate) {
             outputs = backend.generate_batch(texts, max_new);
             check(outputs.size() == texts.size(), "internal: the backend answered " + std::to_string(outputs.size()) +
@@ -339,6 +361,11 @@ json run_eval(const EvalOptions& o, Backend& backend) {
                      {"gold", gold_to_json(task, ex)},
                      {"correct", correct},
                      {"config_hash", config_hash}};
+        if (shots.per_example()) {  // which examples this one was shown
+          json ids = json::array();
+          for (const Example& s : shots.for_example(ex)) ids.push_back(s.id);
+          line["shots"] = std::move(ids);
+        }
         if (!pred.parsed) ++unparsed;
         append << line.dump() << '\n';
         append.flush();
@@ -367,7 +394,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
     const int64_t generated = after.generated_tokens - before.generated_tokens;
     const size_t fresh = examples.size() - resumed;
     summary["method"] = prompt_method_name(o.method);
-    summary["shots"] = o.method == PromptMethod::few_shot ? o.shots : 0;
+    summary["shots"] = uses_shots(o.method) ? o.shots : 0;
     summary["fewshot_seed"] = o.seed;
     summary["fewshot_ids"] = config["fewshot_ids"];
     summary["scoring"] = scoring_mode_name(scoring);

@@ -4,6 +4,7 @@
 // results database.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -14,6 +15,7 @@
 #include "bioquant/eval/backend.h"
 #include "bioquant/eval/prompts.h"
 #include "bioquant/eval/scoring.h"
+#include "bioquant/eval/similar_shots.h"
 #include "bioquant/eval/task.h"
 
 namespace bioquant::eval {
@@ -62,6 +64,26 @@ std::string model_fingerprint(const std::string& path);
 // (readers without an id column number the rows, so MedQA's dev row 3 and test row 3 share an id).
 std::set<std::string> fewshot_exclusions(const std::vector<Example>& evaluated, const std::vector<Example>& pool,
                                          bool pool_is_evaluated_split);
+
+// The few-shot examples of a run: one seeded draw shown with every example (few-shot), or each
+// example's most similar pool examples (few-shot-similar: similar_shots.h, over render_input's text);
+// none for the other methods. `exclude`: ids never shown (fewshot_exclusions).
+class FewShots {
+ public:
+  FewShots() = default;
+  FewShots(const TaskSpec& task, PromptMethod method, int k, uint64_t seed, const std::vector<Example>& pool,
+           std::set<std::string> exclude);
+  std::vector<Example> for_example(const Example& ex) const;
+  const std::vector<Example>& drawn() const { return drawn_; }  // few-shot's draw (empty otherwise)
+  bool per_example() const { return similar_ != nullptr; }
+
+ private:
+  const TaskSpec* task_ = nullptr;
+  int k_ = 0;
+  std::vector<Example> drawn_;
+  std::shared_ptr<const SimilarShots> similar_;
+  std::set<std::string> exclude_;
+};
 
 // The answer plan for constrained / loglik scoring (empty for NER: free text only).
 std::vector<AnswerSegment> answer_plan(const TaskSpec& task, const Example& ex);

@@ -146,7 +146,7 @@ Recommendation recommend(const std::vector<json>& rows, const RecommendOptions& 
     if (take) {
       c.task_scores[r.task] = r.score;
       c.task_row_ids[r.task] = r.id;
-      c.task_methods[r.task] = r.method + (r.method == "few-shot" ? " (" + std::to_string(r.shots) + " shots)" : "");
+      c.task_methods[r.task] = r.method + (r.method.rfind("few-shot", 0) == 0 ? " (" + std::to_string(r.shots) + " shots)" : "");
     }
   }
   for (const auto& [model, precision] : o.extra_pairs) {

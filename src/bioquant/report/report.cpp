@@ -131,7 +131,7 @@ std::string setting_key(const RunResult& r) {
 
 std::string setting_label(const RunResult& r) {
   std::string s = r.method;
-  if (r.method == "few-shot") s += " (" + std::to_string(r.shots) + (r.shots == 1 ? " shot)" : " shots)");
+  if (r.method.rfind("few-shot", 0) == 0) s += " (" + std::to_string(r.shots) + (r.shots == 1 ? " shot)" : " shots)");
   if (!r.scoring.empty() && r.scoring != "generate") s += ", " + r.scoring;
   if (!r.prompt_style.empty() && r.prompt_style != "bioquant") s += ", " + r.prompt_style + " prompt";
   if (!split_tag(r).empty()) s += ", split " + split_tag(r);

@@ -202,7 +202,7 @@ std::vector<SweepCell> enumerate_cells(const SweepPlan& plan, const std::vector<
     const std::string name = model_label(plan.models[mi]);
     for (const auto& precision : plan.precisions) {
       for (const auto& method : plan.methods) {
-        const bool few = eval::parse_prompt_method(method) == eval::PromptMethod::few_shot;
+        const bool few = eval::uses_shots(eval::parse_prompt_method(method));
         // What makes a cell's outputs (the examples it covers aside): its directory holds them, so
         // a larger limit resumes a smaller one.
         json variant = {{"model_hash", model_hashes[mi]}, {"precision", precision},
