@@ -1157,6 +1157,67 @@ TEST(ServeScheduler, ChunkedPrefillGivesEvalsAnswerOnQuantizedWeights) {
   }
 }
 
+// A longrope model's prompt past its original context, prefilled in chunks, rotates as one pass does
+// (transformers' choice for the whole prompt): the fixture's HF greedy continuation, every chunk size.
+TEST(ServeScheduler, ChunkedPrefillOfALongropePromptRotatesAsOnePass) {
+  const std::string dir = test::fixtures_dir() + "/models/phi3longrope";
+  const json ref = json::parse(test::read_file(dir + "/reference.json"));
+  auto model = Model::load(dir + "/f32");
+  ThreadPool pool(2);
+  for (int64_t chunk : {2, 6, 256}) {
+    SchedulerOptions o;
+    o.prefill_chunk = chunk;
+    Scheduler s(*model, pool, o);
+    GenerationRequest r;
+    r.prompt = ref["tokens"].get<std::vector<int32_t>>();
+    r.max_tokens = 20;
+    r.sampling.temperature = 0.0f;
+    auto g = s.submit(r);
+    std::vector<TokenOut> batch;
+    std::vector<int32_t> ids;
+    while (g->next(batch))
+      for (const auto& t : batch) ids.push_back(t.id);
+    EXPECT_EQ(ids, ref["f32"]["greedy"].get<std::vector<int32_t>>()) << "prefill chunk " << chunk;
+  }
+}
+
+// eval's prompt cache and longrope: rows cached by a prompt within the original context are not
+// reused by one past it (nor the other way), so each is rotated as transformers rotates it alone.
+TEST(EvalBackend, LongropePromptsReuseOnlyRowsRotatedAlike) {
+  test::TempDir dir;
+  for (const auto& e : std::filesystem::directory_iterator(demo_model()))
+    if (e.path().filename() != "config.json") std::filesystem::create_symlink(e.path(), dir.file(e.path().filename().string()));
+  json config = json::parse(test::read_file(demo_model() + "/config.json"));
+  json rope = {{"rope_type", "longrope"}, {"rope_theta", 10000.0}, {"original_max_position_embeddings", 16},
+               {"short_factor", json::array()}, {"long_factor", json::array()}};
+  for (int i = 0; i < 16; ++i) {
+    rope["short_factor"].push_back(1.0);
+    rope["long_factor"].push_back(1.0 + 0.5 * i);
+  }
+  config["rope_parameters"] = rope;
+  test::write_file(dir.file("config.json"), config.dump());
+  auto model = Model::load(dir.path());
+  auto tokenizer = load_tokenizer(dir.path());
+  ThreadPool pool(1);
+  const std::string short_prompt = "Aspirin", long_prompt = "Aspirin induced asthma in adults with nasal polyps and "
+                                                            "chronic rhinosinusitis was treated with a leukotriene receptor antagonist.";
+  eval::LocalBackend a(*model, *tokenizer, pool, false), fresh(*model, *tokenizer, pool, false);
+  ASSERT_LE(a.encode_prompt(short_prompt).size(), 16u);
+  ASSERT_GT(a.encode_prompt(long_prompt).size(), 16u);
+  a.generate(short_prompt, 2);
+  int64_t reused = a.counters().prompt_tokens_reused;
+  EXPECT_EQ(a.generate(long_prompt, 8), fresh.generate(long_prompt, 8));
+  EXPECT_EQ(a.counters().prompt_tokens_reused, reused);  // the short prompt's rows: not for the long one
+  EXPECT_EQ(a.generate(short_prompt + " induced", 2), fresh.generate(short_prompt + " induced", 2));
+  EXPECT_EQ(a.counters().prompt_tokens_reused, reused);  // nor the long one's for a short one
+  a.generate(short_prompt + " induced asthma", 2);
+  EXPECT_GT(a.counters().prompt_tokens_reused, reused);  // two short prompts share rows as before
+  reused = a.counters().prompt_tokens_reused;
+  EXPECT_EQ(a.generate_batch({long_prompt, long_prompt + " Outcomes"}, 4),
+            (std::vector<std::string>{fresh.generate(long_prompt, 4), fresh.generate(long_prompt + " Outcomes", 4)}));
+  EXPECT_EQ(a.counters().prompt_tokens_reused, reused);  // a batch past the context shares no prefix pass
+}
+
 TEST(ServeHttp, DeadlinesAnswer503) {
   ServerOptions o;
   o.timeout_seconds = 0.001;

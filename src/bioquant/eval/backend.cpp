@@ -7,6 +7,7 @@
 #include <span>
 
 #include "bioquant/core/error.h"
+#include "bioquant/kernels/cpu/ops.h"
 #include "bioquant/tokenizer/chat_template.h"
 #include "bioquant/tokenizer/tokenizer.h"
 
@@ -93,6 +94,9 @@ void LocalBackend::ensure_capacity(int64_t tokens) {
 size_t LocalBackend::keep_cached_prefix(const std::vector<int32_t>& tokens, size_t limit, int64_t capacity) {
   // A cache too small is replaced; what it held is not worth recomputing into the new one.
   if (!cache_ || cache_->capacity() < capacity) sequence_.clear();
+  if (!may_reuse_rows(tokens.size())) limit = 0;
+  // The caller computes the rest of `tokens` in one step: the rows' factors are that step's.
+  cached_rows_long_ = rope_long_step(model_.config().rope, static_cast<int64_t>(tokens.size()) - 1);
   ensure_capacity(capacity);
   size_t common = 0;
   const size_t n = std::min(sequence_.size(), limit);
@@ -100,6 +104,12 @@ size_t LocalBackend::keep_cached_prefix(const std::vector<int32_t>& tokens, size
   cache_->truncate(static_cast<int64_t>(common));
   sequence_.resize(common);
   return common;
+}
+
+bool LocalBackend::may_reuse_rows(size_t prompt_tokens) const {
+  const RopeParams& rope = model_.config().rope;
+  return rope.type != RopeType::LongRope ||
+         (!rope_long_step(rope, static_cast<int64_t>(prompt_tokens) - 1) && !cached_rows_long_);
 }
 
 void LocalBackend::run(const std::vector<int32_t>& ids, int32_t* top) {
@@ -162,7 +172,9 @@ std::vector<std::string> LocalBackend::generate_batch(const std::vector<std::str
   const int64_t budget = std::max(max_new_tokens, 0);
   // The prefix every prompt shares, less at least its last token (whose logits each sequence needs).
   size_t prefix = 0;
-  while (prefix + 1 < shortest &&
+  bool reuse = true;
+  for (const auto& v : ids) reuse = reuse && may_reuse_rows(v.size());
+  while (reuse && prefix + 1 < shortest &&
          std::all_of(ids.begin(), ids.end(), [&](const auto& v) { return v[prefix] == ids[0][prefix]; }))
     ++prefix;
 

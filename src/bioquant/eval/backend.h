@@ -86,6 +86,10 @@ class LocalBackend : public Backend {
   // one-token kernels sum in another order than the many-token ones) and GPUs (tensor cores for
   // long batches) round differently, so an answer may differ where two tokens nearly tie.
   std::vector<std::string> generate_batch(const std::vector<std::string>& prompts, int max_new_tokens) override;
+  // Whether a prompt of this many tokens may start from rows computed before it. For a longrope model,
+  // not when it or the cached prompt reaches past the original context: transformers rotates a whole
+  // prompt with the factors its length calls for, and the cached rows may hold the others.
+  bool may_reuse_rows(size_t prompt_tokens) const;
   bool can_choose() const override { return true; }
   std::string choose(const std::string& prompt, const std::vector<AnswerSegment>& plan, ScoringMode mode) override;
 
@@ -109,6 +113,7 @@ class LocalBackend : public Backend {
   bool is_eos(int32_t id) const;
 
   const Model& model_;
+  bool cached_rows_long_ = false;  // longrope: cache_'s prompt rows were rotated with the long factors
   const Tokenizer& tokenizer_;
   Decoder decoder_;
   bool chat_ = false;

@@ -5,6 +5,7 @@
 #include <exception>
 #include <numeric>
 
+#include "bioquant/kernels/cpu/ops.h"
 #include "bioquant/kernels/cuda/gpu_decoder.h"
 
 namespace bioquant::serve {
@@ -237,6 +238,8 @@ void Scheduler::loop() {
         const int64_t n_logits = take == left ? 1 : 0;
         segments.push_back({s.req.prompt.data() + s.prefilled, take, s.cache.get(), n_logits, s.logits.data(),
                             s.greedy() && n_logits > 0 ? &s.top : nullptr});
+        // longrope: every chunk rotates as the whole prompt's one pass would (transformers' choice).
+        segments.back().long_rope = rope_long_step(model_.config().rope, static_cast<int64_t>(s.req.prompt.size()) - 1);
       } else {
         segments.push_back({&s.last, 1, s.cache.get(), 1, s.logits.data(), s.greedy() ? &s.top : nullptr});
       }
