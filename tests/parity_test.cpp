@@ -37,6 +37,40 @@ std::vector<float> read_logits(const std::string& path) {
   return out;
 }
 
+// Every position's logits within 1e-3 * max(1, max|ref|) of the reference's, and the same argmax.
+void expect_logits_match(const std::vector<float>& got, const std::vector<float>& want,
+                         const std::vector<int32_t>& want_argmax, int64_t n, int64_t vocab, const std::string& where) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* g = got.data() + t * vocab;
+    const float* w = want.data() + t * vocab;
+    float max_ref = 0.0f, max_err = 0.0f;
+    for (int64_t i = 0; i < vocab; ++i) {
+      max_ref = std::max(max_ref, std::fabs(w[i]));
+      max_err = std::max(max_err, std::fabs(g[i] - w[i]));
+    }
+    EXPECT_LE(max_err, 1e-3f * std::max(1.0f, max_ref)) << where << " position " << t;
+    EXPECT_EQ(top_token(g, vocab), want_argmax[static_cast<size_t>(t)]) << where << " position " << t;
+  }
+}
+
+// `quantize --type f32` of a model directory, written into dir.
+std::string f32_gguf(const std::string& model_dir, const test::TempDir& dir) {
+  const auto w = test::run_cli({"quantize", "--model", model_dir, "--type", "f32", "--out", dir.file("m.gguf")});
+  EXPECT_EQ(w.exit_code, 0) << w.err;
+  return dir.file("m.gguf");
+}
+
+// `info` on a copy of a GGUF file whose `name` (a key or tensor name) has its letter `at` replaced, so
+// the file no longer holds it.
+test::CliResult info_without(const std::string& gguf, const std::string& name, size_t at, const test::TempDir& dir) {
+  std::string bytes = test::read_file(gguf);
+  const size_t where = bytes.find(name);
+  EXPECT_NE(where, std::string::npos) << name;
+  if (where != std::string::npos) bytes[where + at] = 'X';
+  test::write_file(dir.file("damaged.gguf"), bytes);
+  return test::run_cli({"info", "--model", dir.file("damaged.gguf")});
+}
+
 // Checks one model directory against one reference (variant's reference.json + dtype key).
 void check_parity(const std::string& model_dir, const std::string& variant, const std::string& dtype) {
   try {
@@ -60,17 +94,7 @@ void check_parity(const std::string& model_dir, const std::string& variant, cons
   std::vector<float> got(static_cast<size_t>(n * vocab));
   decoder.forward(tokens.data(), n, cache, n, got.data());
 
-  for (int64_t t = 0; t < n; ++t) {
-    const float* g = got.data() + t * vocab;
-    const float* w = want.data() + t * vocab;
-    float max_ref = 0.0f, max_err = 0.0f;
-    for (int64_t i = 0; i < vocab; ++i) {
-      max_ref = std::max(max_ref, std::fabs(w[i]));
-      max_err = std::max(max_err, std::fabs(g[i] - w[i]));
-    }
-    EXPECT_LE(max_err, 1e-3f * std::max(1.0f, max_ref)) << model_dir << " position " << t;
-    EXPECT_EQ(top_token(g, vocab), want_argmax[static_cast<size_t>(t)]) << model_dir << " position " << t;
-  }
+  expect_logits_match(got, want, want_argmax, n, vocab, model_dir);
 
   // Greedy continuation through the KV cache, one token at a time.
   GenerateOptions options;
@@ -130,20 +154,13 @@ TEST(ParityVariants, YarnFrequenciesAreTransformers) {
 
   // In a GGUF file (llama.cpp's keys); one without its factor is refused by name.
   test::TempDir dir;
-  const auto w = test::run_cli({"quantize", "--model", models_dir() + "/qwen2yarn/f32", "--type", "f32", "--out",
-                                dir.file("m.gguf")});
-  ASSERT_EQ(w.exit_code, 0) << w.err;
-  const auto info = test::run_cli({"info", "--model", dir.file("m.gguf")});
+  const std::string gguf = f32_gguf(models_dir() + "/qwen2yarn/f32", dir);
+  const auto info = test::run_cli({"info", "--model", gguf});
   EXPECT_NE(info.out.find("rope         yarn, theta 10000, rotary dim 16 (factor 4 over 64 positions, attention factor "
                           "1.1386)"),
             std::string::npos)
       << info.out;
-  std::string bytes = test::read_file(dir.file("m.gguf"));
-  const size_t at = bytes.find("qwen2.rope.scaling.factor");
-  ASSERT_NE(at, std::string::npos);
-  bytes[at + 20] = 'X';  // "qwen2.rope.scaling.fXctor"
-  test::write_file(dir.file("no_factor.gguf"), bytes);
-  const auto bad = test::run_cli({"info", "--model", dir.file("no_factor.gguf")});
+  const auto bad = info_without(gguf, "qwen2.rope.scaling.factor", 20, dir);  // "...fXctor"
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("yarn scaling needs a positive rope.scaling.factor"), std::string::npos) << bad.err;
 }
@@ -165,9 +182,8 @@ TEST(ParityVariants, LongRopeShortContextAndCachedCrossing) {
   ASSERT_NE(want_cached, lr["reforward_greedy"].get<std::vector<int32_t>>());  // the cache's factors matter here
 
   test::TempDir dir;
-  const auto w = test::run_cli({"quantize", "--model", variant_dir + "/f32", "--type", "f32", "--out", dir.file("m.gguf")});
-  ASSERT_EQ(w.exit_code, 0) << w.err;
-  for (const std::string& path : {variant_dir + "/f32", dir.file("m.gguf")}) {
+  const std::string gguf = f32_gguf(variant_dir + "/f32", dir);
+  for (const std::string& path : {variant_dir + "/f32", gguf}) {
     auto model = Model::load(path);
     ASSERT_EQ(model->config().rope.type, RopeType::LongRope) << path;
     EXPECT_NEAR(model->config().rope.attention_factor, std::sqrt(2.0f), 1e-6f) << path;
@@ -178,33 +194,20 @@ TEST(ParityVariants, LongRopeShortContextAndCachedCrossing) {
     KVCache cache(model->config(), n_short);
     std::vector<float> got(want.size());
     decoder.forward(short_tokens.data(), n_short, cache, n_short, got.data());
-    for (int64_t t = 0; t < n_short; ++t) {
-      float max_ref = 0.0f, max_err = 0.0f;
-      for (int64_t i = 0; i < vocab; ++i) {
-        max_ref = std::max(max_ref, std::fabs(want[t * vocab + i]));
-        max_err = std::max(max_err, std::fabs(got[t * vocab + i] - want[t * vocab + i]));
-      }
-      EXPECT_LE(max_err, 1e-3f * std::max(1.0f, max_ref)) << path << " position " << t;
-      EXPECT_EQ(top_token(got.data() + t * vocab, vocab), want_argmax[static_cast<size_t>(t)]) << path << " position " << t;
-    }
+    expect_logits_match(got, want, want_argmax, n_short, vocab, path);
     GenerateOptions options;
     options.max_new_tokens = static_cast<int64_t>(want_cached.size());
     options.stop_at_eos = false;
     EXPECT_EQ(generate(decoder, prompt, options).tokens, want_cached) << path;
   }
-  const auto info = test::run_cli({"info", "--model", dir.file("m.gguf")});
+  const auto info = test::run_cli({"info", "--model", gguf});
   ASSERT_EQ(info.exit_code, 0) << info.err;
   EXPECT_NE(info.out.find("rope         longrope, theta 10000, rotary dim 8 (long factors past 16 positions, attention "
                           "factor 1.4142)"),
             std::string::npos)
       << info.out;
   // A file with one of the two factor tensors is refused by name, not run with half a RoPE.
-  std::string bytes = test::read_file(dir.file("m.gguf"));
-  const size_t at = bytes.find("rope_factors_short.weight");
-  ASSERT_NE(at, std::string::npos);
-  bytes[at + 13] = 'X';
-  test::write_file(dir.file("half.gguf"), bytes);
-  const auto half = test::run_cli({"info", "--model", dir.file("half.gguf")});
+  const auto half = info_without(gguf, "rope_factors_short.weight", 13, dir);
   EXPECT_NE(half.exit_code, 0);
   EXPECT_NE(half.err.find("rope_factors_long.weight and rope_factors_short.weight come together"), std::string::npos)
       << half.err;

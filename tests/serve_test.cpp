@@ -1129,6 +1129,16 @@ TEST(ServeHttp, RequestTextIsNeverLoggedUnlessAskedFor) {
   }
 }
 
+// Every token a scheduler streams for one request.
+std::vector<int32_t> served_tokens(Scheduler& s, const GenerationRequest& r) {
+  auto g = s.submit(r);
+  std::vector<TokenOut> batch;
+  std::vector<int32_t> ids;
+  while (g->next(batch))
+    for (const auto& t : batch) ids.push_back(t.id);
+  return ids;
+}
+
 // A served prompt, prefilled in small chunks between other work, gives eval's greedy answer token
 // for token even on quantized weights (chunks never shrink to the one-token kernel path).
 TEST(ServeScheduler, ChunkedPrefillGivesEvalsAnswerOnQuantizedWeights) {
@@ -1148,12 +1158,7 @@ TEST(ServeScheduler, ChunkedPrefillGivesEvalsAnswerOnQuantizedWeights) {
     r.prompt = local.encode_prompt(prompt);
     r.max_tokens = 40;
     r.sampling.temperature = 0.0f;
-    auto g = s.submit(r);
-    std::vector<TokenOut> batch;
-    std::vector<int32_t> ids;
-    while (g->next(batch))
-      for (const auto& t : batch) ids.push_back(t.id);
-    EXPECT_EQ(demo().tokenizer->decode(ids, true), want) << "prefill chunk " << chunk;
+    EXPECT_EQ(demo().tokenizer->decode(served_tokens(s, r), true), want) << "prefill chunk " << chunk;
   }
 }
 
@@ -1172,12 +1177,7 @@ TEST(ServeScheduler, ChunkedPrefillOfALongropePromptRotatesAsOnePass) {
     r.prompt = ref["tokens"].get<std::vector<int32_t>>();
     r.max_tokens = 20;
     r.sampling.temperature = 0.0f;
-    auto g = s.submit(r);
-    std::vector<TokenOut> batch;
-    std::vector<int32_t> ids;
-    while (g->next(batch))
-      for (const auto& t : batch) ids.push_back(t.id);
-    EXPECT_EQ(ids, ref["f32"]["greedy"].get<std::vector<int32_t>>()) << "prefill chunk " << chunk;
+    EXPECT_EQ(served_tokens(s, r), ref["f32"]["greedy"].get<std::vector<int32_t>>()) << "prefill chunk " << chunk;
   }
 }
 

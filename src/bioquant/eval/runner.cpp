@@ -325,14 +325,18 @@ json run_eval(const EvalOptions& o, Backend& backend) {
       // flushed) in the examples' order, so an interrupted run resumes where it stopped.
       const size_t group = scoring == ScoringMode::generate ? static_cast<size_t>(std::max(o.batch, 1)) : 1;
       std::vector<std::string> texts, outputs;
+      std::vector<std::vector<Example>> shown;  // each text's few-shot examples
       for (size_t next = 0; next < todo.size(); ++next) {
         const Example& ex = *todo[next];
         const size_t slot = next % group;
         if (slot == 0) {
           const size_t end = std::min(todo.size(), next + group);
           texts.clear();
-          for (size_t i = next; i < end; ++i)
-            texts.push_back(build_prompt(task, prompt, shots.for_example(*todo[i]), *todo[i]));
+          shown.clear();
+          for (size_t i = next; i < end; ++i) {
+            shown.push_back(shots.for_example(*todo[i]));
+            texts.push_back(build_prompt(task, prompt, shown.back(), *todo[i]));
+          }
           if (scoring == ScoringMode::generate) {
             outputs = backend.generate_batch(texts, max_new);
             check(outputs.size() == texts.size(), "internal: the backend answered " + std::to_string(outputs.size()) +
@@ -363,7 +367,7 @@ json run_eval(const EvalOptions& o, Backend& backend) {
                      {"config_hash", config_hash}};
         if (shots.per_example()) {  // which examples this one was shown
           json ids = json::array();
-          for (const Example& s : shots.for_example(ex)) ids.push_back(s.id);
+          for (const Example& s : shown[slot]) ids.push_back(s.id);
           line["shots"] = std::move(ids);
         }
         if (!pred.parsed) ++unparsed;

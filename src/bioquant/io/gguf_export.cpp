@@ -103,8 +103,8 @@ void write_model_gguf(const Model& model, const std::string& path, const std::st
     out.metadata.push_back({key("rope.scaling.type"), str("yarn")});
     out.metadata.push_back({key("rope.scaling.factor"), f32(c.rope.factor)});
     out.metadata.push_back({key("rope.scaling.original_context_length"), u32(c.rope.original_max_positions)});
-    const double mscale = c.rope.factor <= 1.0f ? 1.0 : 0.1 * std::log(static_cast<double>(c.rope.factor)) + 1.0;
-    out.metadata.push_back({key("rope.scaling.attn_factor"), f32(static_cast<float>(c.rope.attention_factor / mscale))});
+    out.metadata.push_back(
+        {key("rope.scaling.attn_factor"), f32(static_cast<float>(c.rope.attention_factor / yarn_mscale(c.rope.factor)))});
     out.metadata.push_back({key("rope.scaling.yarn_beta_fast"), f32(c.rope.beta_fast)});
     out.metadata.push_back({key("rope.scaling.yarn_beta_slow"), f32(c.rope.beta_slow)});
     if (!c.rope.yarn_truncate) out.metadata.push_back({"bioquant.rope.yarn_no_truncate", u32(1)});

@@ -6,6 +6,7 @@
 
 #include "bioquant/core/error.h"
 #include "bioquant/core/half.h"
+#include "bioquant/kernels/cpu/ops.h"
 
 namespace bioquant {
 
@@ -79,8 +80,8 @@ ModelConfig config_from_gguf(const GgufFile& g) {
       check(c.rope.factor > 0.0f, where + ": yarn scaling needs a positive rope.scaling.factor");
       c.rope.original_max_positions = get_int_or(g, key("rope.scaling.original_context_length"), c.max_positions);
       check(c.rope.original_max_positions > 0, where + ": rope.scaling.original_context_length must be positive");
-      const double mscale = c.rope.factor <= 1.0f ? 1.0 : 0.1 * std::log(static_cast<double>(c.rope.factor)) + 1.0;
-      c.rope.attention_factor = static_cast<float>(get_float_or(g, key("rope.scaling.attn_factor"), 1.0f) * mscale);
+      c.rope.attention_factor =
+          static_cast<float>(get_float_or(g, key("rope.scaling.attn_factor"), 1.0f) * yarn_mscale(c.rope.factor));
       c.rope.beta_fast = get_float_or(g, key("rope.scaling.yarn_beta_fast"), 32.0f);
       c.rope.beta_slow = get_float_or(g, key("rope.scaling.yarn_beta_slow"), 1.0f);
       c.rope.yarn_truncate = !g.has("bioquant.rope.yarn_no_truncate");
@@ -111,8 +112,7 @@ ModelConfig config_from_gguf(const GgufFile& g) {
     c.rope.original_max_positions = get_int_or(g, key("rope.scaling.original_context_length"), c.max_positions);
     check(c.rope.original_max_positions > 1, where + ": rope.scaling.original_context_length must be above 1");
     const double scale = static_cast<double>(c.max_positions) / static_cast<double>(c.rope.original_max_positions);
-    const double attention =
-        scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(static_cast<double>(c.rope.original_max_positions)));
+    const double attention = longrope_attention_factor(scale, static_cast<double>(c.rope.original_max_positions));
     c.rope.attention_factor = get_float_or(g, key("rope.scaling.attn_factor"), static_cast<float>(attention));
     check(c.rope.attention_factor > 0.0f, where + ": rope.scaling.attn_factor must be positive");
   }

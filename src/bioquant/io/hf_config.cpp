@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bioquant/core/error.h"
+#include "bioquant/kernels/cpu/ops.h"
 
 namespace bioquant {
 
@@ -111,8 +112,8 @@ void read_rope(const json& j, const std::string& where, int64_t max_positions, R
     check(rope.original_max_positions > 1, where + ": longrope needs original_max_position_embeddings > 1");
     const double original = static_cast<double>(rope.original_max_positions);
     const double scale = get_float(params, "factor", where, static_cast<float>(static_cast<double>(max_positions) / original));
-    const double attention = scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(original));
-    rope.attention_factor = get_float(params, "attention_factor", where, static_cast<float>(attention));
+    rope.attention_factor =
+        get_float(params, "attention_factor", where, static_cast<float>(longrope_attention_factor(scale, original)));
     check(rope.attention_factor > 0.0f, where + ": longrope attention_factor must be positive");
   } else if (type == "yarn") {
     // As transformers 5.17 computes it (rope_inv_freq has the ramp over the original context): the
@@ -124,10 +125,9 @@ void read_rope(const json& j, const std::string& where, int64_t max_positions, R
     check(rope.factor > 0.0f, where + ": yarn needs a positive 'factor'");
     rope.original_max_positions = get_int(params, "original_max_position_embeddings", where, max_positions);
     check(rope.original_max_positions > 0, where + ": yarn needs original_max_position_embeddings > 0");
-    const auto mscale_of = [](double scale, double m) { return scale <= 1.0 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
     const double mscale = get_float(params, "mscale", where, 0.0f), mscale_all = get_float(params, "mscale_all_dim", where, 0.0f);
-    const double attention = mscale != 0.0 && mscale_all != 0.0 ? mscale_of(rope.factor, mscale) / mscale_of(rope.factor, mscale_all)
-                                                                : mscale_of(rope.factor, 1.0);
+    const double attention = mscale != 0.0 && mscale_all != 0.0 ? yarn_mscale(rope.factor, mscale) / yarn_mscale(rope.factor, mscale_all)
+                                                                : yarn_mscale(rope.factor);
     rope.attention_factor = get_float(params, "attention_factor", where, static_cast<float>(attention));
     check(rope.attention_factor > 0.0f, where + ": yarn attention_factor must be positive");
     rope.beta_fast = get_float(params, "beta_fast", where, 32.0f);

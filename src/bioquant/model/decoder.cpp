@@ -23,6 +23,13 @@ void KVCache::ensure_host() {
   v_.resize(n);
 }
 
+namespace {
+// longrope: whether a segment's step rotates with the long factors (forced, or by its last position).
+bool takes_long_rope(const RopeParams& rope, const DecodeSegment& sg) {
+  return sg.long_rope || rope_long_step(rope, sg.cache->size() + sg.n - 1);
+}
+}  // namespace
+
 Decoder::Decoder(const Model& model, ThreadPool& pool, int device, KvType kv, bool exact)
     : model_(model), pool_(pool), exact_(exact) {
   const ModelConfig& c = model.config();
@@ -135,7 +142,7 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
     // the caches back to where they were.
     const int64_t chunk = gpu_->prompt_chunk(segments);
     std::vector<DecodeSegment> rest(segments.begin(), segments.end());
-    for (DecodeSegment& sg : rest) sg.long_rope = sg.long_rope || rope_long_step(c.rope, sg.cache->size() + sg.n - 1);
+    for (DecodeSegment& sg : rest) sg.long_rope = takes_long_rope(c.rope, sg);
     std::vector<int64_t> sizes;
     for (const DecodeSegment& sg : segments) sizes.push_back(sg.cache->size());
     try {
@@ -169,7 +176,7 @@ void Decoder::forward_batch(std::span<const DecodeSegment> segments) {
   std::vector<Row> rows;
   rows.reserve(static_cast<size_t>(n));
   for (const DecodeSegment& sg : segments) {
-    const bool long_rope = sg.long_rope || rope_long_step(c.rope, sg.cache->size() + sg.n - 1);
+    const bool long_rope = takes_long_rope(c.rope, sg);
     for (int64_t t = 0; t < sg.n; ++t) rows.push_back({sg.cache, sg.cache->size() + t, long_rope});
   }
 

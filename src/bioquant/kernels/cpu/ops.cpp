@@ -23,6 +23,12 @@ bool rope_long_step(const RopeParams& p, int64_t last_pos) {
   return p.type == RopeType::LongRope && last_pos + 1 > p.original_max_positions;
 }
 
+double longrope_attention_factor(double scale, double original) {
+  return scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(original));
+}
+
+double yarn_mscale(double scale, double m) { return scale <= 1.0 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; }
+
 void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq, bool long_factors) {
   const int64_t half = rotary_dim / 2;
   if (p.type == RopeType::LongRope) {  // as HF: 1 / (factor[i] * base ** (2i / dim)), in float32

@@ -15,6 +15,10 @@ void rope_inv_freq(const RopeParams& p, int64_t rotary_dim, float* inv_freq, boo
 // transformers decides it for each forward: when the step's largest position + 1 exceeds the original
 // context (so a prompt past it takes them at every position, and cached positions keep theirs).
 bool rope_long_step(const RopeParams& p, int64_t last_pos);
+// The factors cos and sin are scaled by when a config does not give one, for a context `scale` times the
+// original (both 1 when scale <= 1). longrope: sqrt(1 + ln(scale) / ln(original)). yarn: 0.1 m ln(scale) + 1.
+double longrope_attention_factor(double scale, double original);
+double yarn_mscale(double scale, double m = 1.0);
 
 // HF "rotate_half" RoPE on one head vector: element i pairs with i + rotary_dim / 2;
 // elements at and past rotary_dim are left alone.
